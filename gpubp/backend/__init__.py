@@ -1,0 +1,90 @@
+"""Backends: one object carries the array module (`xp`), memory helpers and the op set.
+
+`NumpyBackend` is the reference and runs anywhere. `CupyBackend`
+(gpubp/backend/cupy_backend.py) implements the same names with our CUDA kernels and
+cuBLAS. Nothing above this package imports cupy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DeviceError
+from . import numpy_ops
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class NumpyBackend:
+    """The CPU backend: NumPy arrays, the reference ops of numpy_ops."""
+
+    name = "cpu"
+    xp = np
+
+    # ops: the same names on every backend (see numpy_ops for shapes and formulas)
+    gemm = staticmethod(numpy_ops.gemm)
+    bias_act_forward = staticmethod(numpy_ops.bias_act_forward)
+    act_backward = staticmethod(numpy_ops.act_backward)
+    bias_grad = staticmethod(numpy_ops.bias_grad)
+    loss_forward_backward = staticmethod(numpy_ops.loss_forward_backward)
+    accuracy_count = staticmethod(numpy_ops.accuracy_count)
+    sgd_step = staticmethod(numpy_ops.sgd_step)
+    adam_step = staticmethod(numpy_ops.adam_step)
+    sum_squares = staticmethod(numpy_ops.sum_squares)
+    gather_rows = staticmethod(numpy_ops.gather_rows)
+
+    def describe(self) -> str:
+        return f"cpu (NumPy {np.__version__})"
+
+    def asarray(self, a, dtype=None):
+        """A contiguous backend array holding a copy of (or a view on) host data."""
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def to_numpy(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def to_float(self, a) -> float:
+        return float(a)
+
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU = NumpyBackend()
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when a GPU backend can be made here, else a one-line reason."""
+    try:
+        from . import cupy_backend
+    except ImportError:
+        return "the GPU backend is not part of this build"
+    return cupy_backend.unavailable_reason()
+
+
+def get_backend(device: str = "cpu"):
+    """The backend for `device` ("cpu", "gpu" or "auto"); raises DeviceError when
+    "gpu" cannot be had. For "auto" see `resolve_device`, which also says why."""
+    return resolve_device(device)[0]
+
+
+def resolve_device(device: str):
+    """(backend, note): note is None, or one line saying why "auto" fell back to the CPU."""
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return _CPU, None
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        from .cupy_backend import CupyBackend
+
+        return CupyBackend(), None
+    if device == "gpu":
+        raise DeviceError(f"--device gpu: no usable GPU ({reason}); use --device cpu or auto")
+    return _CPU, f"device auto: using the CPU ({reason})"

@@ -1,0 +1,303 @@
+"""The reference op set: readable NumPy, the specification every backend must match.
+
+Conventions (llm.c style, said once here):
+- Row-major batches: x is (N, n_in), W is (n_in, n_out), z = x W + b is (N, n_out).
+- Every op writes into `out` (preallocated by the caller) and allocates as little as
+  it can; activation gradients are overwritten (=), parameter gradients are
+  overwritten too unless `beta=1` asks gemm to accumulate (+=).
+- Scalars that change every step (learning rate, gradient scale) may be Python floats
+  or 0-d arrays of the backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..activations import Activation
+from ..losses import Loss
+
+# ---------------------------------------------------------------------------------------
+# matrix products (cuBLAS on the GPU)
+
+
+def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):
+    """out = op(a) @ op(b) + beta * out, op(m) = m.T if trans else m.
+
+    a: (M, K) or (K, M) if trans_a; b: (K, N) or (N, K) if trans_b; out: (M, N).
+    The transposes are views: no copy is made.
+    """
+    a = a.T if trans_a else a
+    b = b.T if trans_b else b
+    if beta == 0.0:
+        np.matmul(a, b, out=out)
+    else:
+        if beta != 1.0:
+            out *= beta
+        out += a @ b
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# activations: forward y = f(z) and local gradient D' = D * f'(.)
+
+
+def _sigmoid(z, out):
+    # sigmoid(z) = 1 / (1 + exp(-z)) for z >= 0, exp(z) / (1 + exp(z)) for z < 0:
+    # both branches only ever exponentiate -abs(z), so nothing overflows
+    e = np.exp(-np.abs(z))
+    np.divide(np.where(z >= 0, 1.0, e), 1.0 + e, out=out)
+    return out
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)  # the C library's erf, as CUDA's erf: no approximation
+
+
+def _std_normal_cdf(z):
+    # Phi(z) = (1 + erf(z / sqrt(2))) / 2, computed in float64
+    return 0.5 * (1.0 + _erf(np.asarray(z, dtype=np.float64) * (1.0 / math.sqrt(2.0))).astype(np.float64))
+
+
+GELU_TANH_C = math.sqrt(2.0 / math.pi)  # c in gelu_tanh
+GELU_TANH_K = 0.044715
+
+
+def act_forward(z, act: Activation, out):
+    """out = f(z), elementwise. z, out: (N, n); out may be z (in place)."""
+    name = act.name
+    if name == "identity":
+        if out is not z:
+            np.copyto(out, z)
+    elif name == "relu":
+        np.maximum(z, 0, out=out)
+    elif name == "leaky_relu":
+        # z if z > 0 else alpha z
+        np.copyto(out, np.where(z > 0, z, act.alpha * z))
+    elif name == "elu":
+        # z if z > 0 else exp(z) - 1   (alpha = 1)
+        np.copyto(out, np.where(z > 0, z, np.expm1(np.minimum(z, 0))))
+    elif name == "gelu":
+        # z Phi(z)
+        np.copyto(out, z * _std_normal_cdf(z))
+    elif name == "gelu_tanh":
+        # z/2 (1 + tanh(c (z + k z^3)))
+        np.copyto(out, 0.5 * z * (1.0 + np.tanh(GELU_TANH_C * (z + GELU_TANH_K * z * z * z))))
+    elif name == "silu":
+        # z sigmoid(z)
+        s = _sigmoid(z, np.empty_like(z))
+        np.multiply(z, s, out=out)
+    elif name == "tanh":
+        np.tanh(z, out=out)
+    elif name == "sigmoid":
+        _sigmoid(z, out)
+    elif name == "softplus":
+        # log(1 + exp(z)) = max(z, 0) + log(1 + exp(-abs(z)))
+        np.copyto(out, np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z))))
+    else:
+        raise ValueError(f"unknown activation {name!r}")
+    return out
+
+
+def act_backward(d, saved, act: Activation, out):
+    """out = d * f'(.), elementwise. d, saved, out: (N, n); out may be d (in place).
+
+    `saved` is y = f(z) for activations whose f' is read from the output (act.saves
+    == "output"), z for those that need the input ("input"), ignored for identity.
+    """
+    name = act.name
+    if name == "identity":
+        # f' = 1
+        if out is not d:
+            np.copyto(out, d)
+    elif name == "relu":
+        # f'(y) = [y > 0]
+        np.multiply(d, saved > 0, out=out)
+    elif name == "leaky_relu":
+        # f'(y) = 1 if y > 0 else alpha   (alpha >= 0, so y > 0 exactly when z > 0)
+        np.multiply(d, np.where(saved > 0, 1.0, act.alpha).astype(d.dtype), out=out)
+    elif name == "elu":
+        # f'(y) = 1 if y > 0 else y + 1   (exp(z) = y + 1 on the negative side)
+        np.multiply(d, np.where(saved > 0, 1.0, saved + 1.0).astype(d.dtype, copy=False), out=out)
+    elif name == "gelu":
+        # f'(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2/2) / sqrt(2 pi)
+        z = saved
+        phi = np.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        np.multiply(d, (_std_normal_cdf(z) + z * phi).astype(d.dtype, copy=False), out=out)
+    elif name == "gelu_tanh":
+        # u = c (z + k z^3), t = tanh(u)
+        # f'(z) = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 k z^2)
+        z = saved
+        t = np.tanh(GELU_TANH_C * (z + GELU_TANH_K * z * z * z))
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * GELU_TANH_C * (1.0 + 3.0 * GELU_TANH_K * z * z)
+        np.multiply(d, g, out=out)
+    elif name == "silu":
+        # s = sigmoid(z), f'(z) = s (1 + z (1 - s))
+        z = saved
+        s = _sigmoid(z, np.empty_like(z))
+        np.multiply(d, s * (1.0 + z * (1.0 - s)), out=out)
+    elif name == "tanh":
+        # f'(y) = 1 - y^2
+        np.multiply(d, 1.0 - saved * saved, out=out)
+    elif name == "sigmoid":
+        # f'(y) = y (1 - y)
+        np.multiply(d, saved * (1.0 - saved), out=out)
+    elif name == "softplus":
+        # f'(z) = sigmoid(z) = 1 - exp(-y), as -expm1(-y) to keep small values exact
+        np.multiply(d, -np.expm1(-saved), out=out)
+    else:
+        raise ValueError(f"unknown activation {name!r}")
+    return out
+
+
+def bias_act_forward(z, b, act: Activation, out):
+    """z += b (broadcast over rows), then out = f(z).
+
+    z: (N, n) the GEMM result x W, updated in place to the pre-activation x W + b;
+    b: (n,); out: (N, n), may be z itself when f' needs no z (act.saves != "input").
+    """
+    np.add(z, b, out=z)
+    return act_forward(z, act, out)
+
+
+def bias_grad(d, out):
+    """out = column sums of d: db = sum_i D'_i. d: (N, n); out: (n,)."""
+    np.sum(d, axis=0, out=out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# losses: value (0-d array) and gradient dL/dx in one call
+
+
+def loss_forward_backward(x, target, loss: Loss, grad=None):
+    """Mean loss over the batch, and grad = dL/dx when grad is not None.
+
+    x: (N, C) network output; target: (N,) integer labels for softmax_cross_entropy,
+    (N, C) values otherwise; grad: (N, C) or None. Returns a 0-d array of x.dtype.
+    """
+    n, c = x.shape
+    name = loss.name
+    if name == "softmax_cross_entropy":
+        # logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
+        # L = -(1/N) sum_i sum_c q_ic logp_ic;   dL/dx = (softmax(x) - q) / N
+        eps = loss.label_smoothing
+        m = x.max(axis=1, keepdims=True)
+        shifted = x - m
+        lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        logp = shifted - lse
+        rows = np.arange(n)
+        nll = -logp[rows, target]
+        per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=1) if eps else nll
+        value = per_row.sum() / n
+        if grad is not None:
+            np.exp(logp, out=grad)
+            grad -= eps / c
+            grad[rows, target] -= 1.0 - eps
+            grad *= 1.0 / n
+    elif name == "binary_cross_entropy":
+        # l = max(x, 0) - x t + log(1 + exp(-abs(x)));   dl/dx = sigmoid(x) - t
+        per = np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))
+        value = per.sum() / (n * c)
+        if grad is not None:
+            _sigmoid(x, grad)
+            grad -= target
+            grad *= 1.0 / (n * c)
+    elif name == "mse":
+        # l = r^2, r = x - t;   dl/dx = 2 r
+        r = x - target
+        value = (r * r).sum() / (n * c)
+        if grad is not None:
+            np.multiply(r, 2.0 / (n * c), out=grad)
+    elif name == "huber":
+        # l = r^2 / 2 if abs(r) < d else d (abs(r) - d / 2);  dl/dx = r if abs(r) < d else d sign(r)
+        delta = loss.huber_delta
+        r = x - target
+        a = np.abs(r)
+        quad = a < delta
+        per = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta))
+        value = per.sum() / (n * c)
+        if grad is not None:
+            np.multiply(np.where(quad, r, delta * np.sign(r)), 1.0 / (n * c), out=grad)
+    else:
+        raise ValueError(f"unknown loss {name!r}")
+    return np.asarray(value, dtype=x.dtype)
+
+
+def accuracy_count(x, labels, threshold=0.0):
+    """Number of rows classified right, as a 0-d int64 array.
+
+    x: (N, C) network output; labels: (N,) integer classes. C > 1: the class is
+    argmax_c x_ic. C == 1 (binary): the class is [x_i0 > threshold].
+    """
+    if x.shape[1] == 1:
+        pred = x[:, 0] > threshold
+    else:
+        pred = x.argmax(axis=1)
+    return np.asarray(np.count_nonzero(pred == labels), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# optimizers over the flat buffers (torch.optim's update rules, single-tensor path)
+
+
+def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale=1.0):
+    """One SGD step over flat buffers p, g, buf (momentum), scratch: all (P,).
+
+    d = s g + wd p             (s: gradient scale from clipping)
+    buf = d                    on the first step,
+    buf = mu buf + (1 - damp) d afterwards          (when mu != 0)
+    d = d + mu buf if nesterov else buf
+    p = p - lr d
+    """
+    d = scratch
+    np.multiply(g, grad_scale, out=d)
+    if weight_decay:
+        d += weight_decay * p
+    if momentum:
+        if first_step:
+            np.copyto(buf, d)
+        else:
+            buf *= momentum
+            buf += (1.0 - dampening) * d
+        if nesterov:
+            d += momentum * buf
+        else:
+            d = buf
+    p -= lr * d
+
+
+def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, grad_scale=1.0):
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step; t = step >= 1.
+
+    d = s g (+ wd p for Adam)          p = p (1 - lr wd)   for AdamW
+    m = m + (1 - b1) (d - m)           v = b2 v + (1 - b2) d^2
+    p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+    d = scratch
+    np.multiply(g, grad_scale, out=d)
+    if weight_decay:
+        if decoupled:
+            p *= 1.0 - lr * weight_decay
+        else:
+            d += weight_decay * p
+    m += (1.0 - beta1) * (d - m)
+    v *= beta2
+    v += (1.0 - beta2) * d * d
+    bias1 = 1.0 - beta1**step
+    bias2_sqrt = math.sqrt(1.0 - beta2**step)
+    np.sqrt(v, out=d)
+    d /= bias2_sqrt
+    d += eps
+    p -= (lr / bias1) * m / d
+
+
+def sum_squares(g):
+    """sum_j g_j^2 over a flat buffer (P,), as a 0-d array: the squared global norm."""
+    return np.asarray(np.dot(g, g))
+
+
+def gather_rows(src, idx, out):
+    """out[i] = src[idx[i]]. src: (M, ...); idx: (N,) integers; out: (N, ...)."""
+    np.take(src, idx, axis=0, out=out)
+    return out

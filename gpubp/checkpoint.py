@@ -1,0 +1,88 @@
+"""Checkpoints: one .npz file (no pickles) holding the flat parameters, the optimizer
+state, the standardisation statistics and a JSON `meta` record (config, step, RNG
+position, early-stopping state), sealed by a SHA-256 checksum over everything else.
+
+Writes are atomic: a temporary file in the same folder, fsync, rename, fsync of the
+folder. A reader sees the old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .errors import CheckpointError
+
+FORMAT = "gpubp-checkpoint"
+VERSION = 1
+
+
+def _digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, meta: dict, arrays: dict) -> None:
+    """Write arrays plus meta to `path` atomically."""
+    payload = {name: np.asarray(a) for name, a in arrays.items()}
+    payload["meta"] = np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}, sort_keys=True))
+    payload["checksum"] = np.array(_digest(payload))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict]:
+    """(meta, arrays) of a checkpoint, verified; CheckpointError otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} not found; give the path of a last.npz or best.npz")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory; give a .npz file inside it (last.npz or best.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zipfile.LargeZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable gpubp checkpoint (truncated or corrupt: {e})") from None
+    if "meta" not in arrays or "checksum" not in arrays:
+        raise CheckpointError(f"{path}: not a gpubp checkpoint (no meta/checksum records); was it written by gpubp?")
+    stored = str(arrays.pop("checksum"))
+    if _digest(arrays) != stored:
+        raise CheckpointError(
+            f"{path}: checksum mismatch: the file is corrupt; use another checkpoint (best.npz or last.npz)"
+        )
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the meta record is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a gpubp checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
+    if meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {meta.get('version')} is not supported (this gpubp reads {VERSION})"
+        )
+    return meta, arrays

@@ -1,0 +1,279 @@
+"""The command line: `gpubp train | eval | predict | config show | plot | ...`.
+
+Every command catches the project's errors once and prints them as one line,
+`gpubp: error: ...`, with exit code 2 (usage, config, input) or 1 (run time).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import DataError, GpubpError, UsageError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"gpubp: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn project errors into one line and an exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GpubpError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("gpubp: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpubp")
+def main():
+    """gpubp: train multilayer perceptrons with explicit backpropagation, on the GPU
+    (CuPy, our CUDA kernels, cuBLAS) or the CPU (NumPy)."""
+
+
+# --------------------------------------------------------------------------- train
+
+DEVICE = click.Choice(["auto", "cpu", "gpu"])
+
+
+def default_out_dir(config_path: str | None) -> str:
+    """runs/<config name>, or runs/<name>-2, -3, ... when that exists: never an old run."""
+    stem = os.path.splitext(os.path.basename(config_path))[0] if config_path else "run"
+    base = os.path.join("runs", stem)
+    candidate, n = base, 1
+    while os.path.exists(candidate) and (not os.path.isdir(candidate) or os.listdir(candidate)):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+@main.command()
+@click.option("--config", "config_path", type=str, help="TOML or JSON config file (see configs/).")
+@click.option("--device", type=DEVICE, default=None, help="Where to train (default: train.device, 'auto').")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value; repeatable."
+)
+@click.option("--out", "out_dir", type=str, default=None, help="Run directory (default: runs/<config name>[-N]).")
+@click.option("--resume", type=str, default=None, help="Continue from a checkpoint (last.npz of a run).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Shortcut for --set train.seed=N.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary is still printed.")
+@handle_errors
+def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quiet):
+    """Train a model from a config file."""
+    from .checkpoint import load_checkpoint
+    from .config import load_config, validate
+    from .trainer import Trainer, config_from_checkpoint
+
+    overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    if config_path is None and resume is None:
+        raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
+    if config_path is not None:
+        cfg = load_config(config_path, overrides)
+    else:
+        meta, _ = load_checkpoint(resume)
+        stored = config_from_checkpoint(meta, resume)
+        raw = stored.to_dict()
+        from .config import parse_override
+
+        for text in overrides:
+            section, key, value = parse_override(text)
+            raw.setdefault(section, {})[key] = value
+        cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
+    if out_dir is None:
+        out_dir = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
+    trainer = Trainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume)
+    if not quiet:
+        click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
+                   f"{trainer.total_steps} steps, run directory {out_dir}", err=True)  # fmt: skip
+    summary = trainer.train()
+    click.echo(json.dumps(summary, indent=2))
+
+
+# --------------------------------------------------------------------------- eval / predict
+
+
+def _load_for_inference(checkpoint: str, device: str, with_data: bool):
+    """(meta, config, model, run or None) rebuilt from a checkpoint."""
+    from .backend import resolve_device
+    from .checkpoint import load_checkpoint
+    from .data import Standardizer
+    from .trainer import build_model, config_from_checkpoint, prepare, restore_params
+
+    meta, arrays = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(meta, checkpoint)
+    std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"))
+    if with_data:
+        run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std)
+        model = run.model
+    else:
+        backend, note = resolve_device(device)
+        if note:
+            click.echo(note, err=True)
+        sizes = meta["model"]["sizes"]
+        model = build_model(cfg, sizes[0], sizes[-1], backend)
+        run = None
+    restore_params(model, arrays, checkpoint)
+    return meta, cfg, model, std, run
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@handle_errors
+def eval_cmd(checkpoint, split, device):
+    """Loss and accuracy of a checkpoint on its dataset's splits (JSON)."""
+    meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
+    from .trainer import evaluate_split
+
+    results = {"checkpoint": checkpoint, "step": meta["step"]}
+    for name in ("train", "val", "test") if split == "all" else (split,):
+        if run.splits[name] is None:
+            if split != "all":
+                raise UsageError(f"--split {name}: this run has no {name} split (its data.{name}_fraction is 0)")
+            continue
+        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size))
+    click.echo(json.dumps(results, indent=2))
+
+
+def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
+    """Features to predict on from .npy, .npz (array 'x') or .csv (header row; the
+    label column, if present, is ignored)."""
+    if not os.path.exists(path):
+        raise UsageError(f"--input {path!r} not found")
+    if path.endswith(".csv"):
+        import csv as _csv
+
+        from .data import load_csv
+
+        with open(path, newline="") as f:
+            header = next(_csv.reader(f), [])
+        if label_column in [h.strip() for h in header]:
+            x = load_csv(path, label_column, None).x
+        else:
+            x = _read_unlabelled_csv(path)
+    else:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"--input {path}: not a readable .npy/.npz/.csv file ({e})") from None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if "x" not in loaded.files:
+                    raise DataError(f"--input {path}: no array 'x' (found {loaded.files})")
+                x = loaded["x"]
+        else:
+            x = loaded
+    from .data import check_arrays
+
+    x, _, _ = check_arrays(x, np.zeros(len(x)), f"--input {path}", False)
+    if x.shape[1] != n_features:
+        raise DataError(f"--input {path}: {x.shape[1]} features per sample, but the model takes {n_features}")
+    return x
+
+
+def _read_unlabelled_csv(path: str) -> np.ndarray:
+    import csv as _csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in _csv.reader(f) if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise DataError(f"--input {path}: expected a header row and at least one data row")
+    out = np.empty((len(rows) - 1, len(rows[0])))
+    for r, row in enumerate(rows[1:]):
+        if len(row) != len(rows[0]):
+            raise DataError(f"--input {path}:{r + 2}: {len(row)} fields but the header has {len(rows[0])}")
+        for c, cell in enumerate(row):
+            try:
+                out[r, c] = float(cell)
+            except ValueError:
+                raise DataError(f"--input {path}:{r + 2}: column {rows[0][c]!r} holds {cell!r}, not a number") from None
+    return out
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
+@click.option("--input", "input_path", required=True, type=str, help="Features: .npy, .npz (array x) or .csv.")
+@click.option("--output", "output_path", required=True, type=str, help="Where to write: .npy (raw outputs) or .csv.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@handle_errors
+def predict(checkpoint, input_path, output_path, device, overwrite):
+    """Run a trained model on new data."""
+    if not (output_path.endswith(".npy") or output_path.endswith(".csv")):
+        raise UsageError(f"--output {output_path!r}: use a .npy or .csv file name")
+    if os.path.exists(output_path) and not overwrite:
+        raise UsageError(f"--output {output_path!r} exists; pass --overwrite to replace it")
+    meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
+    x = read_features(input_path, meta["n_features"], cfg.data.label_column)
+    xd = model.backend.asarray(std(x), dtype=model.dtype)
+    chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
+    out = np.concatenate(chunks).astype(np.float64)
+    tmp = output_path + ".tmp" + os.path.splitext(output_path)[1]
+    if output_path.endswith(".npy"):
+        np.save(tmp, out)
+    else:
+        header = [f"output_{j}" for j in range(out.shape[1])]
+        if meta["n_classes"] is not None:
+            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > model.decision_threshold).astype(int)
+            names = meta.get("class_names") or []
+            labels = np.array([names[p] for p in pred]) if names else pred
+            with open(tmp, "w") as f:
+                f.write(",".join(["prediction", *header]) + "\n")
+                for lab, row in zip(labels, out):
+                    f.write(",".join([str(lab), *(repr(float(v)) for v in row)]) + "\n")
+        else:
+            np.savetxt(tmp, out, delimiter=",", header=",".join(header), comments="")
+    os.replace(tmp, output_path)
+    click.echo(f"wrote {out.shape[0]} predictions to {output_path}", err=True)
+
+
+# --------------------------------------------------------------------------- config / plot
+
+
+@main.group()
+def config():
+    """Inspect configs."""
+
+
+@config.command("show")
+@click.argument("path", type=str)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@handle_errors
+def config_show(path, overrides):
+    """Print the resolved config (every default filled in) as TOML."""
+    from .config import dump_toml, load_config
+
+    click.echo(dump_toml(load_config(path, overrides)), nl=False)
+
+
+@main.command()
+@click.argument("run_dir", type=str)
+@click.option("--output", type=str, default=None, help="PNG file (default: RUN_DIR/curves.png).")
+@handle_errors
+def plot(run_dir, output):
+    """Loss and accuracy curves of a run (metrics.jsonl) as a PNG."""
+    from .plotting import plot_run
+
+    path = plot_run(run_dir, output)
+    click.echo(f"wrote {path}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The config schema (every key, its type, default, range and meaning in one place),
+loading from TOML or JSON, `--set section.key=value` overrides, and validation.
+
+Every problem raises ConfigError with one line that names the file, the key, what
+was expected and what was given, and, for a misspelt name, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from .activations import ACTIVATIONS
+from .data import DATASETS
+from .errors import ConfigError
+from .init import INITS
+from .losses import LOSSES
+from .model import DTYPES
+from .optim import OPTIMIZERS
+from .schedules import SCHEDULES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair"
+    default: Any
+    doc: str
+    choices: tuple = ()
+    min: float | None = None  # inclusive lower bound
+    max: float | None = None  # inclusive upper bound
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+
+def _f(kind, default, doc, choices=(), min=None, max=None, min_exclusive=False, max_exclusive=False):
+    return Field(kind, default, doc, tuple(choices), min, max, min_exclusive, max_exclusive)
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "data": {
+        "dataset": _f("str", "digits", "which data to train on", DATASETS),
+        "path": _f("str", "", "file (npz, csv) or folder (mnist); relative paths start at the config file's folder"),
+        "label_column": _f("str", "label", "csv: the column holding the targets"),
+        "task": _f(
+            "str",
+            "auto",
+            "auto: integer targets are classes, others are regression values",
+            ("auto", "classification", "regression"),
+        ),  # fmt: skip
+        "val_fraction": _f(
+            "float", 0.0, "share of the samples held out for validation", min=0.0, max=1.0, max_exclusive=True
+        ),
+        "test_fraction": _f(
+            "float",
+            0.25,
+            "share held out for testing (ignored when the data has its own test set)",
+            min=0.0,
+            max=1.0,
+            max_exclusive=True,
+        ),  # fmt: skip
+        "stratify": _f("bool", True, "split each class in the same proportions"),
+        "standardize": _f("bool", True, "scale features to mean 0, std 1 with training-split statistics"),
+        "n_samples": _f("int", 1500, "spirals, regression: number of samples", min=1),
+        "n_classes": _f("int", 3, "spirals: number of arms", min=2),
+        "n_features": _f("int", 2, "regression: input dimension", min=1),
+        "noise": _f("float", 0.1, "spirals, regression: noise level", min=0.0),
+    },
+    "model": {
+        "hidden": _f("int_list", [128], "widths of the hidden layers, e.g. [256, 128]; [] for a linear model", min=1),
+        "activation": _f("str", "relu", "hidden-layer activation", ACTIVATIONS),
+        "output_activation": _f(
+            "str", "identity", "activation of the last layer (the loss sees its output)", ACTIVATIONS
+        ),
+        "init": _f("str", "he_normal", "weight initialisation", INITS),
+        "leaky_relu_slope": _f("float", 0.01, "negative slope of leaky_relu", min=0.0),
+        "residual": _f("bool", False, "x_{k+1} = x_k + f(x_k W_k + b_k) between hidden layers of equal width"),
+        "dtype": _f("str", "float32", "parameter and compute precision", DTYPES),
+    },
+    "loss": {
+        "name": _f("str", "softmax_cross_entropy", "the loss (as PyTorch's functional, mean reduction)", LOSSES),
+        "label_smoothing": _f("float", 0.0, "softmax_cross_entropy: label smoothing", min=0.0, max=1.0),
+        "huber_delta": _f("float", 1.0, "huber: where the loss turns linear", min=0.0, min_exclusive=True),
+    },
+    "optimizer": {
+        "name": _f("str", "adam", "update rule (torch.optim's)", OPTIMIZERS),
+        "lr": _f("float", 1e-3, "learning rate", min=0.0, min_exclusive=True),
+        "momentum": _f("float", 0.0, "sgd: momentum", min=0.0),
+        "dampening": _f("float", 0.0, "sgd: dampening of the momentum", min=0.0, max=1.0),
+        "nesterov": _f("bool", False, "sgd: Nesterov momentum (needs momentum > 0, dampening 0)"),
+        "betas": _f(
+            "float_pair", [0.9, 0.999], "adam, adamw: moment decay rates", min=0.0, max=1.0, max_exclusive=True
+        ),
+        "eps": _f("float", 1e-8, "adam, adamw: denominator epsilon", min=0.0, min_exclusive=True),
+        "weight_decay": _f("float", 0.0, "L2 (sgd, adam) or decoupled (adamw) weight decay", min=0.0),
+        "clip_grad_norm": _f("float", 0.0, "clip gradients to this global 2-norm; 0 turns clipping off", min=0.0),
+    },
+    "schedule": {
+        "name": _f("str", "constant", "learning-rate schedule", SCHEDULES),
+        "warmup_steps": _f("int", 0, "linear warmup over this many steps", min=0),
+        "step_size": _f("int", 1000, "step: multiply the rate by gamma every step_size steps", min=1),
+        "gamma": _f("float", 0.1, "step: decay factor", min=0.0, min_exclusive=True),
+        "min_lr": _f("float", 0.0, "cosine: final learning rate", min=0.0),
+    },
+    "train": {
+        "epochs": _f("int", 20, "passes over the training split", min=1),
+        "steps": _f("int", 0, "train for this many steps instead of epochs; 0 uses epochs", min=0),
+        "batch_size": _f("int", 64, "samples per step (the last batch of an epoch may be smaller)", min=1),
+        "eval_every": _f("int", 0, "evaluate, log and checkpoint every N steps; 0 at the end of each epoch", min=0),
+        "early_stopping_patience": _f("int", 0, "stop after this many evaluations without improvement; 0 never", min=0),
+        "early_stopping_metric": _f(
+            "str", "val_loss", "what 'improvement' means (best checkpoint too)", ("val_loss", "val_accuracy")
+        ),  # fmt: skip
+        "eval_batch_size": _f("int", 4096, "rows per chunk when evaluating", min=1),
+        "seed": _f("int", 0, "seeds the split, the initial weights and the shuffle", min=0),
+        "device": _f("str", "auto", "auto, cpu or gpu (overridden by --device)", DEVICE_CHOICES),
+    },
+}
+
+
+class Section(dict):
+    """A config section: a dict whose keys also read as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Config:
+    """A validated config: every section and key present, defaults filled in.
+    `source` names where it came from; `base_dir` anchors relative paths."""
+
+    def __init__(self, sections: dict, source: str = "<defaults>", base_dir: str = "."):
+        self.sections = {name: Section(values) for name, values in sections.items()}
+        self.source = source
+        self.base_dir = base_dir
+
+    def __getattr__(self, name) -> Section:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
+
+    def to_dict(self) -> dict:
+        return {name: dict(values) for name, values in self.sections.items()}
+
+    def data_path(self) -> str:
+        """data.path resolved against the config file's folder ('' stays '')."""
+        path = self.data.path
+        if not path:
+            return ""
+        path = os.path.expanduser(path)
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+
+def _closest(word: str, options, prefix: str = "") -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_range(where: str, f: Field, v: float) -> None:
+    if f.min is not None and (v < f.min or (f.min_exclusive and v == f.min)):
+        raise ConfigError(f"{where}: must be {'>' if f.min_exclusive else '>='} {f.min:g}, got {v!r}")
+    if f.max is not None and (v > f.max or (f.max_exclusive and v == f.max)):
+        raise ConfigError(f"{where}: must be {'<' if f.max_exclusive else '<='} {f.max:g}, got {v!r}")
+
+
+def _coerce(where: str, f: Field, value):
+    """Check one value against its field; returns it in canonical form."""
+    kind = f.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+        _check_range(where, f, value)
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        _check_range(where, f, float(value))
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+        if f.choices and value not in f.choices:
+            raise ConfigError(
+                f"{where}: unknown value {value!r}{_closest(value, f.choices)} (choose one of: {', '.join(f.choices)})"
+            )
+        return value
+    if kind == "int_list":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of integers such as [128, 64], got {_describe(value)}")
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ConfigError(f"{where}[{i}]: expected an integer, got {_describe(item)}")
+            _check_range(f"{where}[{i}]", f, item)
+        return list(value)
+    if kind == "float_pair":
+        if not isinstance(value, list) or len(value) != 2:
+            raise ConfigError(f"{where}: expected a list of two numbers such as [0.9, 0.999], got {_describe(value)}")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise ConfigError(f"{where}[{i}]: expected a number, got {_describe(item)}")
+            _check_range(f"{where}[{i}]", f, float(item))
+            out.append(float(item))
+        return out
+    raise AssertionError(kind)
+
+
+def _cross_checks(cfg: Config, source: str) -> None:
+    """Rules that involve more than one key."""
+    o, d, t = cfg.optimizer, cfg.data, cfg.train
+    if o.nesterov and (o.name != "sgd" or o.momentum <= 0 or o.dampening != 0):
+        raise ConfigError(f"{source}: optimizer.nesterov needs optimizer.name = 'sgd', momentum > 0 and dampening = 0")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise ConfigError(
+            f"{source}: data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g} "
+            "leaves no training data; keep their sum below 1"
+        )
+    if d.dataset in ("mnist", "npz", "csv") and not d.path:
+        raise ConfigError(f"{source}: data.dataset = {d.dataset!r} needs data.path (the file or folder to read)")
+    if t.early_stopping_patience > 0 and d.val_fraction == 0:
+        raise ConfigError(
+            f"{source}: train.early_stopping_patience needs a validation split; set data.val_fraction > 0"
+        )
+    if cfg.loss.name == "softmax_cross_entropy" and d.task == "regression":
+        raise ConfigError(
+            f"{source}: loss.name 'softmax_cross_entropy' needs class labels, but data.task is 'regression'"
+        )
+
+
+def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
+    """Check a raw mapping against SCHEMA; fill defaults; raise ConfigError at the first fault."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a table of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SCHEMA:
+            raise ConfigError(
+                f"{source}: unknown section [{name}]{_closest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of keys, got {_describe(values)}")
+        for key in values:
+            if key not in SCHEMA[name]:
+                hint = _closest(key, SCHEMA[name], prefix=f"{name}.")
+                raise ConfigError(f"{source}: unknown key '{name}.{key}'{hint}")
+    for name, fields in SCHEMA.items():
+        given = raw.get(name, {})
+        sections[name] = {
+            key: _coerce(f"{source}: {name}.{key}", f, given[key]) if key in given else _copy_default(f.default)
+            for key, f in fields.items()
+        }
+    cfg = Config(sections, source, base_dir)
+    _cross_checks(cfg, source)
+    return cfg
+
+
+def _copy_default(value):
+    return list(value) if isinstance(value, list) else value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value); the value is read as a TOML value
+    (numbers, true/false, [lists], "strings"), and a bare word as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optimizer.lr=0.01")
+    path, _, value_text = text.partition("=")
+    path = path.strip()
+    if path.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. optimizer.lr")
+    section, key = path.split(".")
+    value_text = value_text.strip()
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return section, key, value
+
+
+def read_raw(path: str) -> dict:
+    """The raw mapping of a TOML (.toml) or JSON (.json) file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found; check the path (see configs/ for examples)")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a .toml or .json file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a config is a TOML or JSON text file") from None
+    if path.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_config(path: str | None, overrides=()) -> Config:
+    """Load, apply `--set` overrides, validate. path None gives the defaults."""
+    raw = read_raw(path) if path is not None else {}
+    source = path if path is not None else "<defaults>"
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SCHEMA:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}{_closest(section, SCHEMA)}")
+        if key not in SCHEMA[section]:
+            hint = _closest(key, SCHEMA[section], prefix=f"{section}.")
+            raise ConfigError(f"--set {text!r}: unknown key '{section}.{key}'{hint}")
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of keys")
+        raw.setdefault(section, {})[key] = value
+    base_dir = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
+    return validate(raw, source, base_dir)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string uses JSON's escapes
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def dump_toml(cfg: Config, comments: bool = True) -> str:
+    """The config as TOML, every key present; with comments giving each key's meaning."""
+    lines = []
+    for name, fields in SCHEMA.items():
+        lines.append(f"[{name}]")
+        for key, f in fields.items():
+            entry = f"{key} = {_toml_value(cfg.sections[name][key])}"
+            if comments:
+                entry = f"{entry:<40} # {f.doc}"
+            lines.append(entry)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The config reference as Markdown tables (README.md embeds it; a test keeps them equal)."""
+    out = []
+    for name, fields in SCHEMA.items():
+        out.append(f"**[{name}]**\n")
+        out.append("| key | default | allowed | meaning |")
+        out.append("|---|---|---|---|")
+        for key, f in fields.items():
+            allowed = ", ".join(f.choices) if f.choices else _allowed(f)
+            out.append(f"| `{key}` | `{_toml_value(f.default)}` | {allowed} | {f.doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _allowed(f: Field) -> str:
+    kind = {"int": "integer", "float": "number", "bool": "true/false", "str": "string",
+            "int_list": "list of integers", "float_pair": "two numbers"}[f.kind]  # fmt: skip
+    bounds = []
+    if f.min is not None:
+        bounds.append(f"{'>' if f.min_exclusive else '>='} {f.min:g}")
+    if f.max is not None:
+        bounds.append(f"{'<' if f.max_exclusive else '<='} {f.max:g}")
+    return kind + (f" ({', '.join(bounds)})" if bounds else "")

@@ -1,0 +1,346 @@
+"""Datasets, splits, standardisation and the per-epoch shuffle.
+
+Every loader returns a `Dataset` of float64 features (N, F) and targets: int64
+labels (N,) for classification, float64 values (N, T) for regression. Data leaves
+the host once: `DeviceSplit` holds a split on the backend, and batches are gathered
+there from a permutation drawn on the host from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from .errors import DataError
+
+DATASETS = ("digits", "mnist", "npz", "csv", "spirals", "regression")
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # (N, F) float64
+    y: np.ndarray  # (N,) int64 labels, or (N, T) float64 values
+    n_classes: int | None  # None for regression
+    name: str
+    test: Dataset | None = None  # a test split that comes with the data (MNIST's t10k)
+    class_names: list = field(default_factory=list)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.n_classes is not None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Validate and convert raw arrays; returns (x float64 (N, F), y, n_classes)."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.dtype == object or y.dtype == object:
+        raise DataError(f"{where}: arrays of Python objects are not supported; store numbers")
+    if x.ndim == 1:
+        x = x.reshape(-1, 1)
+    if x.ndim > 2:
+        x = x.reshape(x.shape[0], -1)
+    if x.shape[0] == 0:
+        raise DataError(f"{where}: the dataset is empty (0 samples)")
+    if x.shape[1] == 0:
+        raise DataError(f"{where}: the samples have no features")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(f"{where}: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{where}: features must be real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(f"{where}: feature {col} of sample {row} is {x[row, col]}; remove or impute non-finite values")
+    if classification is None:
+        classification = np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+    if classification:
+        if y.ndim != 1:
+            y = y.reshape(y.shape[0], -1)
+            if y.shape[1] != 1:
+                raise DataError(f"{where}: class labels must be one integer per sample, got shape {y.shape}")
+            y = y[:, 0]
+        if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
+            raise DataError(f"{where}: class labels must be integers, got dtype {y.dtype}")
+        yf = y.astype(np.float64)
+        if not np.all(np.isfinite(yf)):
+            raise DataError(f"{where}: a class label is NaN or infinite; labels must be integers 0..C-1")
+        if np.any(yf != np.round(yf)):
+            i = int(np.argmax(yf != np.round(yf)))
+            raise DataError(f"{where}: label {y[i]} of sample {i} is not an integer; class labels must be 0..C-1")
+        if yf.min() < 0:
+            i = int(np.argmin(yf))
+            raise DataError(f"{where}: label {y[i]} of sample {i} is negative; class labels must be 0..C-1")
+        y = yf.astype(np.int64)
+        return x, y, int(y.max()) + 1
+    if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
+        raise DataError(f"{where}: regression targets must be numbers, got dtype {y.dtype}")
+    y = y.astype(np.float64).reshape(y.shape[0], -1)
+    bad = ~np.isfinite(y)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataError(f"{where}: target of sample {row} is not finite; remove or fix it")
+    return x, y, None
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_digits() -> Dataset:
+    """The UCI optical-recognition digits (1797 8x8 images, pixels 0..16, 10 classes),
+    vendored as gpubp/vendored/digits.csv.gz (the copy scikit-learn ships; CC BY 4.0)."""
+    with resources.files("gpubp.vendored").joinpath("digits.csv.gz").open("rb") as raw:
+        table = np.loadtxt(gzip.open(raw, "rt"), delimiter=",", dtype=np.float64)
+    return Dataset(table[:, :-1], table[:, -1].astype(np.int64), 10, "digits")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(">" + "I" * ndim, data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise DataError(
+            f"{path}: expected {math.prod(shape)} bytes of data for shape {shape}, found {len(data) - header}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(
+        f"{directory}: MNIST file {stem}[.gz] not found; point data.path at the folder with the four IDX files"
+    )
+
+
+def load_mnist(directory: str) -> Dataset:
+    """MNIST (or Fashion-MNIST) from the four standard IDX files, gzipped or not.
+    Pixels are scaled to [0, 1]; the t10k files become the test split."""
+    if not os.path.isdir(directory):
+        raise DataError(f"data.path {directory!r} is not a directory; give the folder holding the MNIST IDX files")
+    parts = {}
+    for key, stem in [("xtr", "train-images-idx3-ubyte"), ("ytr", "train-labels-idx1-ubyte"),
+                      ("xte", "t10k-images-idx3-ubyte"), ("yte", "t10k-labels-idx1-ubyte")]:  # fmt: skip
+        parts[key] = _read_idx(_find_idx(directory, stem))
+    xtr, ytr, n_classes = check_arrays(parts["xtr"] / 255.0, parts["ytr"], directory, True)
+    xte, yte, _ = check_arrays(parts["xte"] / 255.0, parts["yte"], directory, True)
+    test = Dataset(xte, yte, n_classes, "mnist-test")
+    return Dataset(xtr, ytr, max(n_classes, int(yte.max()) + 1), "mnist", test=test)
+
+
+def load_npz(path: str, classification: bool | None) -> Dataset:
+    """Arrays x and y, or x_train, y_train, x_test, y_test."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(f"data.path {path!r}: file not found") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if {"x", "y"} <= arrays.keys():
+        x, y, n_classes = check_arrays(arrays["x"], arrays["y"], path, classification)
+        return Dataset(x, y, n_classes, os.path.basename(path))
+    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
+        x, y, n_classes = check_arrays(arrays["x_train"], arrays["y_train"], path + " (train)", classification)
+        xt, yt, nt = check_arrays(arrays["x_test"], arrays["y_test"], path + " (test)", classification)
+        if xt.shape[1] != x.shape[1]:
+            raise DataError(f"{path}: x_test has {xt.shape[1]} features but x_train has {x.shape[1]}")
+        if n_classes is not None:
+            n_classes = max(n_classes, nt)
+        return Dataset(x, y, n_classes, os.path.basename(path), test=Dataset(xt, yt, n_classes, "test"))
+    raise DataError(
+        f"{path}: expected arrays 'x' and 'y' (or x_train, y_train, x_test, y_test), found {sorted(arrays)}"
+    )
+
+
+def load_csv(path: str, label_column: str, classification: bool | None) -> Dataset:
+    """A CSV file with a header row; `label_column` holds the targets, every other
+    column is a numeric feature. Text labels become classes in sorted order."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise DataError(f"data.path {path!r}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read CSV ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty; expected a header row and data")
+    header = [h.strip() for h in rows[0]]
+    if label_column not in header:
+        raise DataError(f"{path}: no column named {label_column!r} (set data.label_column to one of {header})")
+    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
+    if not body:
+        raise DataError(f"{path}: no data rows after the header")
+    li = header.index(label_column)
+    features = [i for i in range(len(header)) if i != li]
+    x = np.empty((len(body), len(features)), dtype=np.float64)
+    labels = []
+    for r, row in enumerate(body):
+        line = r + 2
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
+        for j, i in enumerate(features):
+            cell = row[i].strip()
+            if cell == "":
+                raise DataError(f"{path}:{line}: missing value in column {header[i]!r}; fill or drop that row")
+            try:
+                x[r, j] = float(cell)
+            except ValueError:
+                raise DataError(f"{path}:{line}: column {header[i]!r} holds {cell!r}, not a number") from None
+        cell = row[li].strip()
+        if cell == "":
+            raise DataError(f"{path}:{line}: missing label in column {label_column!r}")
+        labels.append(cell)
+    class_names: list = []
+    try:
+        y = np.array([float(v) for v in labels])
+        if classification is None:
+            classification = bool(np.all(y == np.round(y)))  # whole numbers: class labels
+    except ValueError:
+        if classification is False:
+            raise DataError(
+                f"{path}: label column {label_column!r} holds text, but data.task is 'regression'"
+            ) from None
+        class_names = sorted(set(labels))
+        index = {name: i for i, name in enumerate(class_names)}
+        y = np.array([index[v] for v in labels], dtype=np.int64)
+        classification = True
+    x, y, n_classes = check_arrays(x, y, path, classification)
+    return Dataset(x, y, n_classes, os.path.basename(path), class_names=class_names)
+
+
+def make_spirals(n_samples: int, n_classes: int, noise: float, seed: int) -> Dataset:
+    """n_classes interleaved 2-D spiral arms (the CS231n toy problem)."""
+    rng = np.random.default_rng(seed)
+    per = np.full(n_classes, n_samples // n_classes)
+    per[: n_samples % n_classes] += 1
+    xs, ys = [], []
+    for c in range(n_classes):
+        r = np.linspace(0.05, 1.0, per[c])
+        theta = np.linspace(c * 2 * np.pi / n_classes, c * 2 * np.pi / n_classes + 4.0, per[c])
+        theta = theta + rng.normal(0.0, noise, per[c])
+        xs.append(np.stack([r * np.sin(theta), r * np.cos(theta)], axis=1))
+        ys.append(np.full(per[c], c))
+    return Dataset(np.concatenate(xs), np.concatenate(ys).astype(np.int64), n_classes, "spirals")
+
+
+def make_regression(n_samples: int, n_features: int, noise: float, seed: int) -> Dataset:
+    """y = sum_j sin(pi x_j) / sqrt(F) + 0.5 x_1 x_F + noise, x ~ U(-1, 1)^F: smooth,
+    nonlinear, with one interaction term."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 1.0, size=(n_samples, n_features))
+    y = np.sin(np.pi * x).sum(axis=1) / math.sqrt(n_features) + 0.5 * x[:, 0] * x[:, -1]
+    y = y + rng.normal(0.0, noise, n_samples)
+    return Dataset(x, y.reshape(-1, 1), None, "regression")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+
+
+def _subset(ds: Dataset, idx: np.ndarray, name: str) -> Dataset:
+    return Dataset(ds.x[idx], ds.y[idx], ds.n_classes, name, class_names=ds.class_names)
+
+
+def split_dataset(ds: Dataset, val_fraction: float, test_fraction: float, seed: int, stratify: bool = True) -> Splits:
+    """Seeded train/val/test split; stratified by class for classification (each
+    class split in the same proportions). A test split shipped with the data
+    (MNIST's t10k) is used as is, and test_fraction is then ignored."""
+    if ds.test is not None:
+        test_fraction = 0.0
+    rng = np.random.default_rng([seed, 0x5EED])
+    n = len(ds)
+    if ds.is_classification and stratify:
+        groups = [np.flatnonzero(ds.y == c) for c in range(ds.n_classes)]
+    else:
+        groups = [np.arange(n)]
+    tr, va, te = [], [], []
+    for g in groups:
+        g = rng.permutation(g)
+        n_test = int(round(test_fraction * len(g)))
+        n_val = int(round(val_fraction * len(g)))
+        te.append(g[:n_test])
+        va.append(g[n_test : n_test + n_val])
+        tr.append(g[n_test + n_val :])
+    # shuffle so that classes are interleaved (the order matters only for reading)
+    tr, va, te = (rng.permutation(np.concatenate(p)) for p in (tr, va, te))
+    if len(tr) == 0:
+        raise DataError(
+            f"the training split is empty: {n} samples with val_fraction {val_fraction} and test_fraction {test_fraction}"
+        )
+    val = _subset(ds, va, "val") if len(va) else None
+    test = ds.test if ds.test is not None else (_subset(ds, te, "test") if len(te) else None)
+    return Splits(_subset(ds, tr, "train"), val, test)
+
+
+@dataclass
+class Standardizer:
+    """x -> (x - mean) / std, with statistics from the training split only; a
+    constant feature (std 0) is only centred."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std[std < 1e-12] = 1.0
+        return cls(mean, std)
+
+    @classmethod
+    def identity(cls, n_features: int) -> Standardizer:
+        return cls(np.zeros(n_features), np.ones(n_features))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the training samples in epoch `epoch`: a function of (seed, epoch)
+    alone, so a resumed run sees the same batches as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class DeviceSplit:
+    """One split on the backend: features (N, F) in the model's dtype, loss targets,
+    and int32 labels for accuracy (classification only)."""
+
+    def __init__(self, model, ds: Dataset, standardizer: Standardizer, targets: np.ndarray):
+        be = model.backend
+        self.n = len(ds)
+        self.x = be.asarray(standardizer(ds.x), dtype=model.dtype)
+        self.target = model.as_target(targets, self.n)
+        self.labels = be.asarray(ds.y, dtype=np.int32) if ds.is_classification else None

@@ -1,0 +1,304 @@
+"""The multilayer perceptron and its backward pass, written once for every backend.
+
+A network of l layers is the composition x_{k+1} = L_k(x_k, theta_k) with
+theta_k = (W_k, b_k) and
+
+    z_k     = x_k W_k + b_k                       (gemm, then bias_act_forward)
+    x_{k+1} = f_k(z_k)                            plain layer
+    x_{k+1} = x_k + f_k(z_k)                      residual layer (equal widths)
+
+Reverse mode (backprop) starts with D = dLoss/dx_{l+1} and for k = l..1:
+
+    D'    = D * f_k'(.)                           act_backward
+    dW_k  = x_k^T D'                              gemm, x_k transposed in place
+    db_k  = sum over rows of D'                   bias_grad
+    D     = D' W_k^T  (+ D for a residual layer)  gemm
+
+Gradients come out in "denominator layout": dW_k has W_k's shape (see docs/backprop.md).
+Parameters and gradients each live in one flat buffer; W_k and b_k are views into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .activations import SAVES_INPUT, Activation, make_activation
+from .backend import get_backend
+from .init import init_weight
+from .losses import Loss, make_loss
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class _Workspace:
+    """Buffers for one batch size n, allocated once and reused by every step.
+
+    z[k]:  (n, n_{k+1}) pre-activation, kept only when f_k' needs it, else None
+    a[k]:  (n, n_{k+1}) f_k(z_k)
+    x[k]:  (n, n_k) layer inputs; x[0] is the batch itself, x[k+1] is a[k] unless residual
+    dx[k]: (n, n_k) dLoss/dx_k; dx[l] is the loss gradient
+    dz[k]: (n, n_{k+1}) D' = D * f_k'(.); the same buffer as dx[k+1] unless residual
+    """
+
+    z: list
+    a: list
+    x: list
+    dx: list
+    dz: list
+
+
+class MLP:
+    """A multilayer perceptron with explicit forward and backward passes.
+
+    sizes: [n_in, n_hidden..., n_out]. `activation` is used on every hidden layer,
+    `output_activation` on the last. The loss is part of the model so that
+    `loss_and_grads` is one call.
+    """
+
+    def __init__(
+        self,
+        sizes,
+        activation: str = "relu",
+        output_activation: str = "identity",
+        loss: str = "mse",
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+        init: str = "he_normal",
+        leaky_relu_slope: float = 0.01,
+        label_smoothing: float = 0.0,
+        huber_delta: float = 1.0,
+        residual: bool = False,
+        backend=None,
+    ):
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.backend = backend if backend is not None else get_backend(device)
+        self.xp = self.backend.xp
+        self.dtype = np.dtype(str(dtype))
+        self.sizes = sizes
+        self.seed = int(seed)
+        self.init = init
+        self.residual = bool(residual)
+        self.leaky_relu_slope = float(leaky_relu_slope)
+        hidden = make_activation(activation, leaky_relu_slope)
+        self.activations: list[Activation] = [hidden] * (len(sizes) - 2) + [
+            make_activation(output_activation, leaky_relu_slope)
+        ]
+        self.hidden_activation = hidden
+        self.loss: Loss = make_loss(loss, label_smoothing, huber_delta)
+        # a layer is residual when asked for, hidden, and width-preserving
+        self.is_residual = [
+            self.residual and k < self.n_layers - 1 and sizes[k] == sizes[k + 1] for k in range(self.n_layers)
+        ]
+        # accuracy for a one-unit output: logits are split at 0, probabilities at 0.5
+        self.decision_threshold = 0.0 if self.loss.name == "binary_cross_entropy" else 0.5
+
+        # one flat buffer each for parameters and gradients; W_k, b_k are views
+        self.layout = []  # (offset of W, offset of b, fan_in, fan_out)
+        offset = 0
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            self.layout.append((offset, offset + fan_in * fan_out, fan_in, fan_out))
+            offset += fan_in * fan_out + fan_out
+        self.n_params = offset
+        rng = np.random.default_rng(self.seed)
+        host = np.zeros(self.n_params, dtype=np.float64)
+        for w_off, b_off, fan_in, fan_out in self.layout:
+            host[w_off:b_off] = init_weight(rng, fan_in, fan_out, init).ravel()
+        self.flat_params = self.backend.asarray(host.astype(self.dtype))
+        self.flat_grads = self.backend.zeros(self.n_params, self.dtype)
+        self.params = self._views(self.flat_params)
+        self.grads = self._views(self.flat_grads)
+        self._workspaces: dict[int, _Workspace] = {}
+
+    # ---------------------------------------------------------------- structure
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def _views(self, flat):
+        """[W1, b1, W2, b2, ...] as views into a flat buffer."""
+        views = []
+        for w_off, b_off, fan_in, fan_out in self.layout:
+            views.append(flat[w_off:b_off].reshape(fan_in, fan_out))
+            views.append(flat[b_off : b_off + fan_out])
+        return views
+
+    def layer_params(self, k: int):
+        """(W_k, b_k) of layer k, 0-based."""
+        return self.params[2 * k], self.params[2 * k + 1]
+
+    def set_params(self, arrays) -> None:
+        """Copy values into the parameters, in `params` order (NumPy arrays accepted)."""
+        arrays = list(arrays)
+        if len(arrays) != len(self.params):
+            raise ValueError(f"set_params: expected {len(self.params)} arrays, got {len(arrays)}")
+        for k, (dst, src) in enumerate(zip(self.params, arrays)):
+            src = np.asarray(self.backend.to_numpy(src)) if not isinstance(src, np.ndarray) else src
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"set_params: array {k} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+            dst[...] = self.backend.asarray(src, dtype=self.dtype)
+
+    def set_flat_params(self, flat) -> None:
+        flat = np.asarray(flat)
+        if flat.shape != (self.n_params,):
+            raise ValueError(f"expected a flat vector of {self.n_params} parameters, got shape {flat.shape}")
+        self.flat_params[...] = self.backend.asarray(flat, dtype=self.dtype)
+
+    def config_dict(self) -> dict:
+        """What it takes to build this model again (stored in checkpoints)."""
+        return {
+            "sizes": list(self.sizes),
+            "activation": self.hidden_activation.name,
+            "output_activation": self.activations[-1].name,
+            "loss": self.loss.name,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+            "init": self.init,
+            "leaky_relu_slope": self.leaky_relu_slope,
+            "label_smoothing": self.loss.label_smoothing,
+            "huber_delta": self.loss.huber_delta,
+            "residual": self.residual,
+        }
+
+    # ---------------------------------------------------------------- buffers
+
+    def _workspace(self, n: int) -> _Workspace:
+        ws = self._workspaces.get(n)
+        if ws is not None:
+            return ws
+        if len(self._workspaces) >= 4:  # a few batch sizes at most (train, last partial, eval)
+            self._workspaces.pop(next(iter(self._workspaces)))
+        be, dt, sizes = self.backend, self.dtype, self.sizes
+        z, a, x, dx, dz = [], [], [None], [], []
+        for k, act in enumerate(self.activations):
+            width = sizes[k + 1]
+            z.append(be.empty((n, width), dt) if act.saves == SAVES_INPUT else None)
+            a.append(be.empty((n, width), dt))
+            x.append(be.empty((n, width), dt) if self.is_residual[k] else a[k])
+        for k in range(self.n_layers + 1):
+            if k > 0 and self.is_residual[k - 1]:
+                dx.append(dx[k - 1])  # D_prev = D' W^T + D accumulates into D's own buffer
+            else:
+                dx.append(be.empty((n, sizes[k]), dt))
+        for k in range(self.n_layers):
+            dz.append(be.empty((n, sizes[k + 1]), dt) if self.is_residual[k] else dx[k + 1])
+        ws = _Workspace(z, a, x, dx, dz)
+        self._workspaces[n] = ws
+        return ws
+
+    def as_input(self, x):
+        """A (N, n_in) contiguous backend array of the model's dtype."""
+        x = self.backend.asarray(x, dtype=self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.sizes[0]:
+            raise ValueError(f"input must have shape (batch, {self.sizes[0]}), got {tuple(x.shape)}")
+        return x
+
+    def as_target(self, y, n: int):
+        """Targets as the loss wants them: int32 labels (N,) or values (N, n_out)."""
+        if self.loss.info.target == "labels":
+            y = self.backend.asarray(y, dtype=np.int32)
+            if y.shape != (n,):
+                raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+            return y
+        y = self.backend.asarray(y, dtype=self.dtype)
+        if y.ndim == 1 and self.sizes[-1] == 1:
+            y = y.reshape(n, 1)
+        if tuple(y.shape) != (n, self.sizes[-1]):
+            raise ValueError(f"targets must have shape ({n}, {self.sizes[-1]}), got {tuple(y.shape)}")
+        return y
+
+    # ---------------------------------------------------------------- forward
+
+    def _forward(self, x, ws: _Workspace):
+        """x_{k+1} = f_k(x_k W_k + b_k) (+ x_k), saving what the backward pass reads."""
+        be = self.backend
+        ws.x[0] = x
+        for k, act in enumerate(self.activations):
+            W, b = self.layer_params(k)
+            z = ws.z[k] if ws.z[k] is not None else ws.a[k]
+            be.gemm(ws.x[k], W, out=z)  # z_k = x_k W_k          (n, n_{k+1})
+            be.bias_act_forward(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
+            if self.is_residual[k]:
+                self.xp.add(ws.x[k], ws.a[k], out=ws.x[k + 1])  # x_{k+1} = x_k + a_k
+        return ws.x[-1]
+
+    def forward(self, x):
+        """The network output (N, n_out) before the loss, as a new backend array."""
+        x = self.as_input(x)
+        return self._forward(x, self._workspace(x.shape[0])).copy()
+
+    # ---------------------------------------------------------------- backward
+
+    def _backward(self, ws: _Workspace, input_grad: bool = False) -> None:
+        """Reverse mode from D = ws.dx[l]: fills self.grads (overwriting), and
+        ws.dx[0] = dLoss/dx_0 when input_grad."""
+        be = self.backend
+        for k in reversed(range(self.n_layers)):
+            act = self.activations[k]
+            W, b = self.layer_params(k)
+            dW, db = self.grads[2 * k], self.grads[2 * k + 1]
+            saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
+            D, Dz = ws.dx[k + 1], ws.dz[k]
+            be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
+            be.gemm(ws.x[k], Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'         (n_k, n_{k+1})
+            be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                          (n_{k+1},)
+            if k > 0 or input_grad:
+                # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
+                beta = 1.0 if self.is_residual[k] else 0.0
+                be.gemm(Dz, W, out=ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
+
+    def forward_backward(self, x, target, input_grad: bool = False):
+        """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
+
+        x: (N, n_in) backend array of the model's dtype; target as from as_target.
+        """
+        ws = self._workspace(x.shape[0])
+        out = self._forward(x, ws)
+        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1])
+        self._backward(ws, input_grad=input_grad)
+        return loss
+
+    def loss_and_grads(self, x, y):
+        """(loss as a Python float, gradients in params order).
+
+        The gradients are views into the model's gradient buffer: the next call
+        overwrites them, as PyTorch's .grad is overwritten after zero_grad().
+        """
+        x = self.as_input(x)
+        loss = self.forward_backward(x, self.as_target(y, x.shape[0]))
+        return self.backend.to_float(loss), self.grads
+
+    def input_grad(self, x, y):
+        """dLoss/dx (N, n_in) as a new backend array."""
+        x = self.as_input(x)
+        self.forward_backward(x, self.as_target(y, x.shape[0]), input_grad=True)
+        return self._workspace(x.shape[0]).dx[0].copy()
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, x, y, labels=None, batch_size: int = 4096):
+        """(mean loss, correct count or None) over a dataset already on the device,
+        in chunks; nothing is copied to the host but the two numbers."""
+        n = x.shape[0]
+        xp = self.xp
+        total = xp.zeros((), dtype=np.float64)
+        correct = xp.zeros((), dtype=np.int64) if labels is not None else None
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            ws = self._workspace(stop - start)
+            out = self._forward(x[start:stop], ws)
+            value = self.backend.loss_forward_backward(out, y[start:stop], self.loss, grad=None)
+            total += value.astype(np.float64) * (stop - start)
+            if labels is not None:
+                correct += self.backend.accuracy_count(out, labels[start:stop], self.decision_threshold)
+        loss = self.backend.to_float(total) / max(n, 1)
+        return loss, (int(self.backend.to_float(correct)) if correct is not None else None)
