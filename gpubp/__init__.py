@@ -6,11 +6,34 @@
     opt = gpubp.Adam(model, lr=1e-3)
     loss, grads = model.loss_and_grads(x, y)
     opt.step(grads)
+
+The names below load on first use, so that `gpubp.kernels` and the CLI's --help do
+not pay for importing NumPy.
 """
 
 __version__ = "0.1.0"
 
-from .model import MLP  # noqa: E402
-from .optim import SGD, Adam, AdamW, clip_grad_norm  # noqa: E402
+_LAZY = {
+    "MLP": ("model", "MLP"),
+    "SGD": ("optim", "SGD"),
+    "Adam": ("optim", "Adam"),
+    "AdamW": ("optim", "AdamW"),
+    "clip_grad_norm": ("optim", "clip_grad_norm"),
+}
 
-__all__ = ["MLP", "SGD", "Adam", "AdamW", "clip_grad_norm", "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpubp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

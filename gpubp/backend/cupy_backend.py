@@ -1,0 +1,398 @@
+"""The GPU backend: the op set of numpy_ops implemented with our CUDA kernels
+(kernels/*.cu, compiled once per process through CuPy's RawModule) and cuBLAS.
+
+Every launcher checks what it is handed (device arrays, dtype, C-contiguity, shapes)
+before it launches; the kernels trust their launchers. Matrix products run on the
+original row-major buffers: a row-major (M, N) matrix is a column-major (N, M) one,
+so out = op(a) op(b) is computed as out^T = op(b)^T op(a)^T with no transposed copy.
+A product with a single row or column uses GEMV.
+
+This module imports cupy only inside functions, so importing it never fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from .. import kernels as K
+from ..activations import Activation
+from ..errors import DeviceRuntimeError
+from ..losses import Loss
+
+# every kernel this backend launches, by base name (each exists as _f32 and _f64)
+KERNELS_USED = (
+    "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum_partial",
+    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step",
+)  # fmt: skip
+
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+# cuBLAS / CUDA enums (cublas_api.h, library_types.h)
+_OP_N, _OP_T = 0, 1
+_CUDA_R_32F, _CUDA_R_64F = 0, 1
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
+_GEMM_DEFAULT = -1
+_POINTER_MODE_HOST = 0
+
+BLOCK = 256  # threads per block of the elementwise kernels
+
+
+def unavailable_reason() -> str | None:
+    """None when CuPy imports and a CUDA device answers, else why not (one line)."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed; pip install 'gpubp[cuda12]' or 'gpubp[cuda13]' to match your CUDA driver"
+    except Exception as e:  # a broken CUDA installation raises all sorts of things
+        return f"CuPy does not import ({type(e).__name__}: {e})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"no CUDA device answers ({type(e).__name__}: {e})"
+    return None if count > 0 else "no CUDA device found"
+
+
+class CupyBackend:
+    """The GPU backend: CuPy arrays, our kernels, cuBLAS."""
+
+    name = "gpu"
+
+    def __init__(self, device_id: int = 0):
+        import cupy
+        from cupy_backends.cuda.libs import cublas
+
+        self.xp = cupy
+        self._cupy = cupy
+        self._cublas = cublas
+        self.device = cupy.cuda.Device(device_id)
+        self.device.use()
+        self.out_of_memory_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
+        self.n_sm = self.device.attributes["MultiProcessorCount"]
+        self.handle = self.device.cublas_handle
+        cublas.setPointerMode(self.handle, _POINTER_MODE_HOST)
+        self.tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in)
+        self.bias_grad_impl = "kernel"  # or "gemv": column sums as ones^T D'
+        self._modules: dict[str, object] = {}
+        self._functions: dict[str, object] = {}
+        self._kernel_file = {n: f for f in K.KERNEL_FILES for n in K.kernel_names(f)}
+        self._ones: dict = {}  # (dtype, n) -> device vector of ones (GEMV column sums)
+        self._unit: dict = {}  # dtype -> device scalar 1 (the default gradient scale)
+        # host scalars for cuBLAS (pointer mode host): alpha = 1, beta in {0, 1}
+        self._alpha = {np.float32: np.ones(1, np.float32), np.float64: np.ones(1, np.float64)}
+        self._beta = {(t, b): np.full(1, b, t) for t in (np.float32, np.float64) for b in (0.0, 1.0)}
+
+    # ------------------------------------------------------------------ memory
+
+    def describe(self) -> str:
+        props = self._cupy.cuda.runtime.getDeviceProperties(self.device.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return f"gpu ({name}, CuPy {self._cupy.__version__})"
+
+    def asarray(self, a, dtype=None):
+        return self._cupy.ascontiguousarray(self._cupy.asarray(a, dtype=dtype))
+
+    def to_numpy(self, a) -> np.ndarray:
+        return self._cupy.asnumpy(a) if isinstance(a, self._cupy.ndarray) else np.asarray(a)
+
+    def to_float(self, a) -> float:
+        return float(a.item()) if isinstance(a, self._cupy.ndarray) else float(a)
+
+    def empty(self, shape, dtype):
+        return self._cupy.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self._cupy.zeros(shape, dtype=dtype)
+
+    def synchronize(self) -> None:
+        self._cupy.cuda.get_current_stream().synchronize()
+
+    # ------------------------------------------------------------------ kernels
+
+    def _function(self, base: str, dtype) -> object:
+        """The compiled kernel base_<f32|f64>, compiling its file on first use."""
+        name = f"{base}_{_SUFFIX[np.dtype(dtype)]}" if not base.endswith(("_i32", "_i64")) else base
+        fn = self._functions.get(name)
+        if fn is None:
+            file = self._kernel_file[name]
+            module = self._modules.get(file)
+            if module is None:
+                module = self._compile(file)
+                self._modules[file] = module
+            fn = self._functions[name] = module.get_function(name)
+        return fn
+
+    def _compile(self, file: str):
+        cupy = self._cupy
+        try:
+            module = cupy.RawModule(code=K.read_source(file), options=K.NVRTC_OPTIONS)
+            module.compile()
+            return module
+        except cupy.cuda.compiler.CompileException as e:
+            log = str(e)
+            fd, path = tempfile.mkstemp(prefix=f"gpubp-nvrtc-{file}-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(log)
+            first = next((line for line in log.splitlines() if "error" in line), log.splitlines()[0] if log else "")
+            raise DeviceRuntimeError(
+                f"kernels/{file}: NVRTC compile failed: {first.strip()} (full log: {path})"
+            ) from None
+
+    def _blocks(self, total: int, block: int = BLOCK) -> int:
+        # enough blocks to fill the GPU; the kernels' grid-stride loops cover the rest
+        return max(1, min(math.ceil(total / block), self.n_sm * 32))
+
+    def _check(self, op: str, dtype, **arrays) -> None:
+        """Every array is a C-contiguous CuPy array of `dtype`, and float dtypes are ours."""
+        cupy = self._cupy
+        if np.dtype(dtype).kind == "f" and np.dtype(dtype) not in _SUFFIX:
+            raise TypeError(f"{op}: dtype {np.dtype(dtype)} is not supported (float32, float64)")
+        for name, a in arrays.items():
+            if not isinstance(a, cupy.ndarray):
+                raise TypeError(f"{op}: {name} must be a CuPy array on the GPU, got {type(a).__name__}")
+            if a.dtype != dtype:
+                raise TypeError(f"{op}: {name} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+            if not a.flags.c_contiguous:
+                raise ValueError(f"{op}: {name} must be C-contiguous")
+
+    def _unit_scale(self, dtype):
+        one = self._unit.get(np.dtype(dtype))
+        if one is None:
+            one = self._unit[np.dtype(dtype)] = self._cupy.ones((), dtype=dtype)
+        return one
+
+    def _scale_array(self, grad_scale, dtype):
+        """A device scalar of `dtype` holding the gradient scale."""
+        if isinstance(grad_scale, self._cupy.ndarray):
+            if grad_scale.size != 1:
+                raise ValueError("grad_scale must hold one value")
+            return grad_scale if grad_scale.dtype == dtype else grad_scale.astype(dtype)
+        if grad_scale == 1.0:
+            return self._unit_scale(dtype)
+        return self._cupy.full((), grad_scale, dtype=dtype)
+
+    # ------------------------------------------------------------------ matrix products
+
+    def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
+        """out = op(a) @ op(b) + beta out with cuBLAS; see numpy_ops.gemm."""
+        dtype = out.dtype
+        self._check("gemm", dtype, a=a, b=b, out=out)
+        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if k != kb or out.shape != (m, n):
+            raise ValueError(f"gemm: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
+        if beta not in (0.0, 1.0):
+            raise ValueError("gemm: beta must be 0 or 1")
+        if m == 0 or n == 0:
+            return out
+        cublas, h = self._cublas, self.handle
+        if k == 0:
+            if beta == 0.0:
+                out.fill(0)
+            return out
+        if m == 1 or n == 1:
+            return self._gemv(a, b, out, trans_a, trans_b, beta, m, n, k)
+        t = dtype.type
+        # column-major: out^T (n x m) = op(b)^T (n x k) . op(a)^T (k x m)
+        compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if self.tf32 else _COMPUTE_32F)
+        data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
+        cublas.gemmEx(
+            h, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+            self._alpha[t].ctypes.data, b.data.ptr, data, b.shape[1], a.data.ptr, data, a.shape[1],
+            self._beta[(t, beta)].ctypes.data, out.data.ptr, data, n, compute, _GEMM_DEFAULT,
+        )  # fmt: skip
+        return out
+
+    def _gemv(self, a, b, out, trans_a, trans_b, beta, m, n, k):
+        """A product with one output row (x W: the vector-Jacobian product of a batch of
+        one) or one output column, as cuBLAS GEMV on the matrix operand."""
+        gemv = self._cublas.dgemv if out.dtype == np.float64 else self._cublas.sgemv
+        if m == 1:
+            # out (1, n) = v (1, k) op(b): y = op(b)^T v, b seen column-major as (b.shape[1], b.shape[0])
+            op = _OP_T if trans_b else _OP_N
+            gemv(self.handle, op, b.shape[1], b.shape[0], 1.0, b.data.ptr, b.shape[1], a.data.ptr, 1, beta,
+                 out.data.ptr, 1)  # fmt: skip
+        else:
+            # out (m, 1) = op(a) (m, k) v (k, 1)
+            op = _OP_N if trans_a else _OP_T
+            gemv(self.handle, op, a.shape[1], a.shape[0], 1.0, a.data.ptr, a.shape[1], b.data.ptr, 1, beta,
+                 out.data.ptr, 1)  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------ activations
+
+    def bias_act_forward(self, z, b, act: Activation, out):
+        """z += b, out = f(z); see numpy_ops.bias_act_forward."""
+        dtype = z.dtype
+        self._check("bias_act_forward", dtype, z=z, b=b, out=out)
+        if z.ndim != 2 or b.shape != (z.shape[1],) or out.shape != z.shape:
+            raise ValueError(f"bias_act_forward: z {z.shape}, b {b.shape}, out {out.shape} do not fit")
+        total = z.size
+        if total == 0:
+            return out
+        fn = self._function("bias_act_forward", dtype)
+        fn((self._blocks(total),), (BLOCK,),
+           (z, b, out, np.int64(total), np.int32(z.shape[1]), np.int32(act.info.kernel_id), dtype.type(act.alpha)))  # fmt: skip
+        return out
+
+    def act_backward(self, d, saved, act: Activation, out):
+        """out = d * f'(saved); see numpy_ops.act_backward."""
+        dtype = d.dtype
+        self._check("act_backward", dtype, d=d, saved=saved, out=out)
+        if saved.shape != d.shape or out.shape != d.shape:
+            raise ValueError(f"act_backward: d {d.shape}, saved {saved.shape}, out {out.shape} differ")
+        if act.name == "identity":  # f' = 1
+            if out is not d:
+                self._cupy.copyto(out, d)
+            return out
+        total = d.size
+        if total == 0:
+            return out
+        fn = self._function("act_backward", dtype)
+        fn((self._blocks(total),), (BLOCK,),
+           (d, saved, out, np.int64(total), np.int32(act.info.kernel_id), dtype.type(act.alpha)))  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------ reductions
+
+    def bias_grad(self, d, out):
+        """out = column sums of d; see numpy_ops.bias_grad. Deterministic: rows are cut
+        into chunks by the shape alone, each chunk summed in a fixed order."""
+        dtype = d.dtype
+        self._check("bias_grad", dtype, d=d, out=out)
+        n, m = d.shape
+        if out.shape != (m,):
+            raise ValueError(f"bias_grad: out {out.shape} does not fit d {d.shape}")
+        if m == 0:
+            return out
+        if n == 0:
+            out.fill(0)
+            return out
+        if self.bias_grad_impl == "gemv":
+            ones = self._ones.get((dtype, n))
+            if ones is None:
+                ones = self._ones[(dtype, n)] = self._cupy.ones((1, n), dtype=dtype)
+            return self.gemm(ones, d, out.reshape(1, m))[0]
+        chunks = max(1, min(64, n // 1024))
+        rows_per_chunk = math.ceil(n / chunks)
+        tiles = math.ceil(m / 32)
+        partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=dtype)
+        self._function("bias_grad_partial", dtype)(
+            (tiles, chunks), (32, 8), (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk))
+        )
+        if chunks > 1:
+            self._function("bias_grad_finish", dtype)(
+                (self._blocks(m),), (BLOCK,), (partial, out, np.int32(chunks), np.int32(m))
+            )
+        return out
+
+    def _sum(self, x, square: bool, divisor, out, partial_kernel: str, finish_kernel: str, acc_dtype):
+        """out (0-d) = sum of x (or x^2) / divisor, in two deterministic passes."""
+        n = x.size
+        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))  # a function of n only
+        partial = self._cupy.empty(blocks, dtype=acc_dtype)
+        self._function(partial_kernel, x.dtype)((blocks,), (BLOCK,), (x, np.int64(n), np.int32(square), partial))
+        self._function(finish_kernel, x.dtype)(
+            (1,), (1024,), (partial, np.int32(blocks), out, np.dtype(acc_dtype).type(divisor))
+        )
+        return out
+
+    def sum_squares(self, g):
+        """sum_j g_j^2 as a 0-d array; see numpy_ops.sum_squares."""
+        self._check("sum_squares", g.dtype, g=g)
+        out = self._cupy.empty((), dtype=g.dtype)
+        return self._sum(g, True, 1, out, "sum_partial", "sum_finish", g.dtype)
+
+    def loss_forward_backward(self, x, target, loss: Loss, grad=None):
+        """Mean loss (0-d) and grad = dL/dx; see numpy_ops.loss_forward_backward."""
+        dtype = x.dtype
+        n, c = x.shape
+        labels_kind = loss.info.target == "labels"
+        if labels_kind:
+            self._check("loss_forward_backward", np.int32, labels=target)
+            if target.shape != (n,):
+                raise ValueError(f"loss_forward_backward: labels {target.shape} do not fit x {x.shape}")
+            labels, targets = target, x  # targets unused: any valid pointer
+        else:
+            self._check("loss_forward_backward", dtype, targets=target)
+            if target.shape != x.shape:
+                raise ValueError(f"loss_forward_backward: targets {target.shape} differ from x {x.shape}")
+            labels, targets = self._unit_scale(np.int32), target
+        self._check("loss_forward_backward", dtype, x=x, **({"grad": grad} if grad is not None else {}))
+        if grad is not None and grad.shape != x.shape:
+            raise ValueError(f"loss_forward_backward: grad {grad.shape} differs from x {x.shape}")
+        divisor = n if labels_kind else n * c
+        out = self._cupy.empty((), dtype=dtype)
+        if n == 0:
+            out.fill(np.nan)
+            return out
+        row_loss = self._cupy.empty(n, dtype=dtype)
+        warps_per_block = BLOCK // 32
+        self._function("loss_rows", dtype)(
+            (self._blocks(n, warps_per_block),), (BLOCK,),
+            (x, labels, targets, grad if grad is not None else x, np.int32(grad is not None), row_loss,
+             np.int32(n), np.int32(c),
+             np.int32(loss.info.kernel_id), dtype.type(loss.label_smoothing), dtype.type(loss.huber_delta),
+             dtype.type(1.0 / divisor)),
+        )  # fmt: skip
+        return self._sum(row_loss, False, divisor, out, "sum_partial", "sum_finish", dtype)
+
+    def accuracy_count(self, x, labels, threshold=0.0):
+        """Rows classified right (0-d int64); see numpy_ops.accuracy_count."""
+        dtype = x.dtype
+        self._check("accuracy_count", dtype, x=x)
+        self._check("accuracy_count", np.int32, labels=labels)
+        n, c = x.shape
+        if labels.shape != (n,):
+            raise ValueError(f"accuracy_count: labels {labels.shape} do not fit x {x.shape}")
+        out = self._cupy.zeros((), dtype=np.int64)
+        if n == 0:
+            return out
+        correct = self._cupy.empty(n, dtype=np.int32)
+        self._function("accuracy_rows", dtype)(
+            (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), dtype.type(threshold))
+        )
+        return self._sum(correct, False, 1, out, "sum_partial_i32", "sum_finish_i64", np.int64)
+
+    # ------------------------------------------------------------------ optimizers
+
+    def sgd_step(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step,
+                 grad_scale=1.0):  # fmt: skip
+        """One fused SGD update; see numpy_ops.sgd_step (scratch is not needed here)."""
+        dtype = p.dtype
+        self._check("sgd_step", dtype, p=p, g=g, buf=buf)
+        if not (g.shape == p.shape == buf.shape):
+            raise ValueError("sgd_step: p, g and buf must have the same shape")
+        t = dtype.type
+        self._function("sgd_step", dtype)(
+            (self._blocks(p.size),), (BLOCK,),
+            (p, g, buf, np.int64(p.size), t(lr), t(momentum), t(1.0 - dampening), np.int32(bool(nesterov)),
+             t(weight_decay), np.int32(bool(first_step)), self._scale_array(grad_scale, dtype)),
+        )  # fmt: skip
+
+    def adam_step(self, p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled,
+                  grad_scale=1.0):  # fmt: skip
+        """One fused Adam/AdamW update; see numpy_ops.adam_step."""
+        dtype = p.dtype
+        self._check("adam_step", dtype, p=p, g=g, m=m, v=v)
+        if not (g.shape == p.shape == m.shape == v.shape):
+            raise ValueError("adam_step: p, g, m and v must have the same shape")
+        t = dtype.type
+        step_size = lr / (1.0 - beta1**step)
+        bias2_sqrt = math.sqrt(1.0 - beta2**step)
+        self._function("adam_step", dtype)(
+            (self._blocks(p.size),), (BLOCK,),
+            (p, g, m, v, np.int64(p.size), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(eps), t(weight_decay),
+             np.int32(bool(decoupled)), t(1.0 - lr * weight_decay), t(step_size), t(bias2_sqrt),
+             self._scale_array(grad_scale, dtype)),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ data
+
+    def gather_rows(self, src, idx, out):
+        """out[i] = src[idx[i]] on the device; see numpy_ops.gather_rows."""
+        self._cupy.take(src, idx, axis=0, out=out)
+        return out

@@ -1,0 +1,54 @@
+// common.cuh: what every kernel file shares: index types, the accumulator type of
+// each precision, the float-type instantiation list, and deterministic reductions.
+#pragma once
+
+// Each kernel is written once as a template and exported per precision as
+// extern "C" NAME_f32 / NAME_f64, so the Python side finds it by a plain name.
+#define FOR_FLOAT_TYPES(X) X(float, f32) X(double, f64)
+
+// sums of float run in float, of double in double, of int in long long
+template <typename T> struct Acc { typedef T type; };
+template <> struct Acc<int> { typedef long long type; };
+
+// inf and NaN without a math header (NVRTC has none)
+template <typename T> __device__ __forceinline__ T inf_value();
+template <> __device__ __forceinline__ float inf_value<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double inf_value<double>() { return __longlong_as_double(0x7ff0000000000000LL); }
+template <typename T> __device__ __forceinline__ T nan_value();
+template <> __device__ __forceinline__ float nan_value<float>() { return __int_as_float(0x7fc00000); }
+template <> __device__ __forceinline__ double nan_value<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// Grid-stride loop over [0, n): each thread visits i, i + stride, ...
+#define GRID_STRIDE_LOOP(i, n)                                              \
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+       i += (long long)gridDim.x * blockDim.x)
+
+// Sum of v over the block, in a fixed tree order (no atomics: the same inputs give
+// the same bits on every run). blockDim.x must be a power of two <= 1024; `shared`
+// holds blockDim.x values. The result is valid in thread 0.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Warp-level sum and max (all 32 lanes active), butterfly order: every lane gets the result.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    A o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = (o > v || o != o) ? o : v;  // NaN wins, as in NumPy's max
+  }
+  return v;
+}

@@ -1,0 +1,103 @@
+// loss.cu: each loss's value and gradient in one pass over the rows.
+//   row_loss[i] = the loss of row i (summed over its elements)
+//   grad[i, j]  = dL/dx[i, j] of the batch-mean loss (grad_scale = 1/N or 1/(N C))
+// The batch mean is then sum_i row_loss[i] times the same scale, by the deterministic
+// two-pass sum of reduce.cu. One warp per row; lanes stride the C columns.
+#include "common.cuh"
+#include "activations.cuh"
+
+// kind ids: LossInfo.kernel_id in gpubp/losses.py
+#define LOSS_SOFTMAX_CROSS_ENTROPY 0
+#define LOSS_BINARY_CROSS_ENTROPY 1
+#define LOSS_MSE 2
+#define LOSS_HUBER 3
+
+// Softmax cross-entropy of one row, label y, smoothing e:
+//   m = max_j x_j, lse = log sum_j exp(x_j - m), logp_j = (x_j - m) - lse
+//   loss = -(1 - e) logp_y - (e / C) sum_j logp_j
+//   grad_j = (exp(logp_j) - e / C - (1 - e) [j = y]) * grad_scale
+// A label outside [0, C) makes the row's loss and gradient NaN (visible, not silent).
+template <typename T>
+__device__ void cross_entropy_row(const T* x, int y, T* grad, T* row_loss, int c, T e, T grad_scale) {
+  const int lane = threadIdx.x % 32;
+  T m = -inf_value<T>();
+  for (int j = lane; j < c; j += 32) m = (x[j] > m || x[j] != x[j]) ? x[j] : m;
+  m = warp_max(m);
+  T sum_exp = T(0);
+  for (int j = lane; j < c; j += 32) sum_exp += m_exp(x[j] - m);
+  const T lse = m_log(warp_sum(sum_exp));
+  const bool valid = y >= 0 && y < c;
+  T sum_logp = T(0);
+  for (int j = lane; j < c; j += 32) {
+    T logp = (x[j] - m) - lse;
+    sum_logp += logp;
+    if (grad != nullptr) {
+      T g = m_exp(logp) - e / T(c);
+      if (j == y) g -= T(1) - e;
+      grad[j] = valid ? g * grad_scale : nan_value<T>();
+    }
+  }
+  sum_logp = warp_sum(sum_logp);
+  if (lane == 0) {
+    T nll = valid ? -((x[y] - m) - lse) : nan_value<T>();
+    row_loss[0] = e != T(0) ? (T(1) - e) * nll - (e / T(c)) * sum_logp : nll;
+  }
+}
+
+// Elementwise losses of one row: l_j and dl_j/dx_j (before grad_scale)
+template <typename T>
+__device__ __forceinline__ T elementwise_loss(int kind, T x, T t, T delta, T* dl) {
+  if (kind == LOSS_BINARY_CROSS_ENTROPY) {  // max(x, 0) - x t + log(1 + exp(-|x|)); sigmoid(x) - t
+    *dl = sigmoid(x) - t;
+    return (x > T(0) ? x : T(0)) - x * t + m_log1p(m_exp(-m_fabs(x)));
+  }
+  T r = x - t;
+  if (kind == LOSS_MSE) {  // r^2; 2 r
+    *dl = T(2) * r;
+    return r * r;
+  }
+  // LOSS_HUBER: r^2/2 if |r| < delta else delta (|r| - delta/2); r or delta sign(r)
+  T a = m_fabs(r);
+  if (a < delta) {
+    *dl = r;
+    return T(0.5) * r * r;
+  }
+  *dl = r > T(0) ? delta : (r < T(0) ? -delta : r);  // r is NaN here when neither
+  return delta * (a - T(0.5) * delta);
+}
+
+// x: (n, c) outputs; labels: (n,) for cross-entropy, else targets: (n, c);
+// grad: (n, c), written when write_grad (else the value alone); row_loss: (n,)
+template <typename T>
+__device__ void loss_rows(const T* x, const int* labels, const T* targets, T* grad, int write_grad, T* row_loss,
+                          int n, int c, int kind, T smoothing, T delta, T grad_scale) {
+  typedef typename Acc<T>::type A;
+  const int lane = threadIdx.x % 32;
+  const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const long long n_warps = ((long long)gridDim.x * blockDim.x) / 32;
+  for (long long r = warp; r < n; r += n_warps) {
+    const T* xr = x + r * c;
+    T* gr = write_grad ? grad + r * c : nullptr;
+    if (kind == LOSS_SOFTMAX_CROSS_ENTROPY) {
+      cross_entropy_row(xr, labels[r], gr, row_loss + r, c, smoothing, grad_scale);
+      continue;
+    }
+    const T* tr = targets + r * c;
+    A s = A(0);
+    for (int j = lane; j < c; j += 32) {
+      T dl;
+      s += A(elementwise_loss(kind, xr[j], tr[j], delta, &dl));
+      if (gr != nullptr) gr[j] = dl * grad_scale;
+    }
+    s = warp_sum(s);
+    if (lane == 0) row_loss[r] = T(s);
+  }
+}
+
+#define LOSS_KERNELS(T, S)                                                                                     \
+  extern "C" __global__ void loss_rows_##S(const T* x, const int* labels, const T* targets, T* grad,           \
+                                            int write_grad, T* row_loss, int n, int c, int kind, T smoothing,  \
+                                            T delta, T grad_scale) {                                           \
+    loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale);    \
+  }
+FOR_FLOAT_TYPES(LOSS_KERNELS)

@@ -1,0 +1,63 @@
+// optim.cu: one fused update per optimizer over the flat parameter, gradient and state
+// buffers (torch.optim's single-tensor rules; see gpubp/backend/numpy_ops.py).
+// grad_scale points to one device value (gradient clipping computes it on the device).
+#include "common.cuh"
+
+// d = s g + wd p; buf = d (first step) or mu buf + (1 - damp) d; d = d + mu buf (nesterov)
+// or buf; p = p - lr d
+template <typename T>
+__device__ void sgd_step(T* p, const T* g, T* buf, long long n, T lr, T momentum, T one_minus_dampening,
+                         int nesterov, T weight_decay, int first_step, const T* grad_scale) {
+  const T s = grad_scale[0];
+  GRID_STRIDE_LOOP(i, n) {
+    T d = g[i] * s;
+    if (weight_decay != T(0)) d += weight_decay * p[i];
+    if (momentum != T(0)) {
+      T b = first_step ? d : buf[i] * momentum + one_minus_dampening * d;
+      buf[i] = b;
+      d = nesterov ? d + momentum * b : b;
+    }
+    p[i] -= lr * d;
+  }
+}
+
+// d = s g (+ wd p, Adam) ; p = p decay, decay = 1 - lr wd (AdamW)
+// m = m + (1 - b1) (d - m); v = b2 v + (1 - b2) d^2
+// p = p - step_size m / (sqrt(v) / bias2_sqrt + eps), step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t)
+// (the host computes decay, step_size and bias2_sqrt in double, as the reference does)
+template <typename T>
+__device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus_beta1, T beta2,
+                          T one_minus_beta2, T eps, T weight_decay, int decoupled, T decay, T step_size,
+                          T bias2_sqrt, const T* grad_scale) {
+  const T s = grad_scale[0];
+  GRID_STRIDE_LOOP(i, n) {
+    T d = g[i] * s;
+    T pi = p[i];
+    if (weight_decay != T(0)) {
+      if (decoupled)
+        pi *= decay;
+      else
+        d += weight_decay * pi;
+    }
+    T mi = m[i] + one_minus_beta1 * (d - m[i]);
+    T vi = v[i] * beta2 + one_minus_beta2 * d * d;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi - step_size * mi / (sqrt(vi) / bias2_sqrt + eps);
+  }
+}
+
+#define OPTIM_KERNELS(T, S)                                                                                     \
+  extern "C" __global__ void sgd_step_##S(T* p, const T* g, T* buf, long long n, T lr, T momentum,              \
+                                           T one_minus_dampening, int nesterov, T weight_decay, int first_step, \
+                                           const T* grad_scale) {                                               \
+    sgd_step<T>(p, g, buf, n, lr, momentum, one_minus_dampening, nesterov, weight_decay, first_step,            \
+                grad_scale);                                                                                     \
+  }                                                                                                             \
+  extern "C" __global__ void adam_step_##S(T* p, const T* g, T* m, T* v, long long n, T one_minus_beta1,       \
+                                            T beta2, T one_minus_beta2, T eps, T weight_decay, int decoupled,   \
+                                            T decay, T step_size, T bias2_sqrt, const T* grad_scale) {          \
+    adam_step<T>(p, g, m, v, n, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decoupled, decay,   \
+                 step_size, bias2_sqrt, grad_scale);                                                            \
+  }
+FOR_FLOAT_TYPES(OPTIM_KERNELS)

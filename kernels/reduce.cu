@@ -1,0 +1,117 @@
+// reduce.cu: deterministic reductions (fixed partition, fixed tree order, no atomics).
+//   bias_grad:   db[j] = sum_i D'[i, j]                  column sums of (n_rows, n_cols)
+//   sum:         out = (sum_i x_i or x_i^2) / divisor    two passes: blocks, then one block
+//   accuracy:    correct[i] = [argmax_j x[i, j] == label_i]
+#include "common.cuh"
+
+// ---- column sums: pass 1 over row chunks, pass 2 over chunks -----------------------
+// block (32, 8): threadIdx.x picks the column of a 32-wide tile, threadIdx.y strides the
+// rows of chunk blockIdx.y; partial is (n_chunks, n_cols), or the output when n_chunks == 1.
+template <typename T>
+__device__ void bias_grad_partial(const T* d, T* partial, int n_rows, int n_cols, int rows_per_chunk) {
+  typedef typename Acc<T>::type A;
+  __shared__ A tile[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  const int row0 = blockIdx.y * rows_per_chunk;
+  const int row1 = min(n_rows, row0 + rows_per_chunk);
+  A s = A(0);
+  if (col < n_cols)
+    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += d[(long long)r * n_cols + col];
+  tile[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n_cols) {
+    A total = tile[0][threadIdx.x];
+    for (int k = 1; k < 8; ++k) total += tile[k][threadIdx.x];  // fixed order
+    partial[(long long)blockIdx.y * n_cols + col] = T(total);
+  }
+}
+
+// out[j] = sum_c partial[c, j], c in order
+template <typename T>
+__device__ void bias_grad_finish(const T* partial, T* out, int n_chunks, int n_cols) {
+  typedef typename Acc<T>::type A;
+  GRID_STRIDE_LOOP(j, n_cols) {
+    A s = A(0);
+    for (int c = 0; c < n_chunks; ++c) s += partial[(long long)c * n_cols + j];
+    out[j] = T(s);
+  }
+}
+
+// ---- sum of a flat buffer: pass 1 gives one partial per block, pass 2 sums them ------
+template <typename T>
+__device__ void sum_partial(const T* x, long long n, int square, typename Acc<T>::type* partial) {
+  typedef typename Acc<T>::type A;
+  __shared__ A shared[1024];
+  A s = A(0);
+  GRID_STRIDE_LOOP(i, n) {
+    A v = A(x[i]);
+    s += square ? v * v : v;
+  }
+  A total = block_sum(s, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// one block: out[0] = (sum of n_partial values) / divisor   (a mean when divisor = N)
+template <typename A, typename R>
+__device__ void sum_finish(const A* partial, int n_partial, R* out, A divisor) {
+  __shared__ A shared[1024];
+  A s = A(0);
+  for (int i = threadIdx.x; i < n_partial; i += blockDim.x) s += partial[i];
+  A total = block_sum(s, shared);
+  if (threadIdx.x == 0) out[0] = R(divisor == A(1) ? total : total / divisor);
+}
+
+// ---- accuracy: one thread per row ---------------------------------------------------
+// x: (n_rows, n_cols); labels: (n_rows,); correct: (n_rows,) 0/1.
+// n_cols > 1: class = first index of the maximum (NaN counts as the maximum, as NumPy's
+// argmax); n_cols == 1: class = [x > threshold].
+template <typename T>
+__device__ void accuracy_rows(const T* x, const int* labels, int* correct, int n_rows, int n_cols, T threshold) {
+  GRID_STRIDE_LOOP(r, n_rows) {
+    const T* row = x + r * n_cols;
+    int pred;
+    if (n_cols == 1) {
+      pred = row[0] > threshold ? 1 : 0;
+    } else {
+      pred = 0;
+      T best = row[0];
+      for (int j = 1; j < n_cols && best == best; ++j) {
+        T v = row[j];
+        if (v > best || v != v) {
+          best = v;
+          pred = j;
+        }
+      }
+    }
+    correct[r] = pred == labels[r] ? 1 : 0;
+  }
+}
+
+#define REDUCE_KERNELS(T, S)                                                                                      \
+  extern "C" __global__ void bias_grad_partial_##S(const T* d, T* partial, int n_rows, int n_cols,                \
+                                                    int rows_per_chunk) {                                         \
+    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk);                                             \
+  }                                                                                                               \
+  extern "C" __global__ void bias_grad_finish_##S(const T* partial, T* out, int n_chunks, int n_cols) {           \
+    bias_grad_finish<T>(partial, out, n_chunks, n_cols);                                                          \
+  }                                                                                                               \
+  extern "C" __global__ void sum_partial_##S(const T* x, long long n, int square, T* partial) {                   \
+    sum_partial<T>(x, n, square, partial);                                                                        \
+  }                                                                                                               \
+  extern "C" __global__ void sum_finish_##S(const T* partial, int n_partial, T* out, T divisor) {                \
+    sum_finish<T, T>(partial, n_partial, out, divisor);                                                           \
+  }                                                                                                               \
+  extern "C" __global__ void accuracy_rows_##S(const T* x, const int* labels, int* correct, int n_rows,           \
+                                                int n_cols, T threshold) {                                        \
+    accuracy_rows<T>(x, labels, correct, n_rows, n_cols, threshold);                                              \
+  }
+FOR_FLOAT_TYPES(REDUCE_KERNELS)
+
+// integer sums (accuracy counts): int inputs, long long partials and result
+extern "C" __global__ void sum_partial_i32(const int* x, long long n, int square, long long* partial) {
+  sum_partial<int>(x, n, square, partial);
+}
+extern "C" __global__ void sum_finish_i64(const long long* partial, int n_partial, long long* out,
+                                          long long divisor) {
+  sum_finish<long long, long long>(partial, n_partial, out, divisor);
+}

@@ -1,0 +1,25 @@
+// The kernels' __host__ __device__ math built for the host (g++ with the CUDA
+// qualifiers defined away, see tests/test_kernels_cpu.py), exported for ctypes.
+#include "activations.cuh"
+
+template <typename T>
+static void forward(int kind, T alpha, const T* z, T* y, long n) {
+  for (long i = 0; i < n; ++i) y[i] = act_forward<T>(kind, z[i], alpha);
+}
+
+template <typename T>
+static void backward(int kind, T alpha, const T* d, const T* saved, T* out, long n) {
+  // as act_backward in kernels/bias_act.cu: D' = D * f'(saved)
+  for (long i = 0; i < n; ++i) out[i] = d[i] * act_grad<T>(kind, saved[i], alpha);
+}
+
+extern "C" {
+void act_forward_f32(int kind, float alpha, const float* z, float* y, long n) { forward(kind, alpha, z, y, n); }
+void act_forward_f64(int kind, double alpha, const double* z, double* y, long n) { forward(kind, alpha, z, y, n); }
+void act_backward_f32(int kind, float alpha, const float* d, const float* s, float* out, long n) {
+  backward(kind, alpha, d, s, out, n);
+}
+void act_backward_f64(int kind, double alpha, const double* d, const double* s, double* out, long n) {
+  backward(kind, alpha, d, s, out, n);
+}
+}
