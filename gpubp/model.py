@@ -205,6 +205,10 @@ class MLP:
     def as_target(self, y, n: int):
         """Targets as the loss wants them: int32 labels (N,) or values (N, n_out)."""
         if self.loss.info.target == "labels":
+            if isinstance(y, (np.ndarray, list, tuple)):  # host labels: check the range here, once
+                host = np.asarray(y)
+                if host.size and (host.min() < 0 or host.max() >= self.sizes[-1]):
+                    raise ValueError(f"labels must lie in [0, {self.sizes[-1]}), got {host.min()}..{host.max()}")
             y = self.backend.asarray(y, dtype=np.int32)
             if y.shape != (n,):
                 raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")

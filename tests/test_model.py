@@ -107,3 +107,11 @@ def test_training_reduces_loss_with_each_optimizer():
             loss, grads = model.loss_and_grads(x, y)
             opt.step(grads)
         assert loss < 0.5 * first
+
+
+def test_labels_out_of_range_are_refused_on_the_host():
+    model = gpubp.MLP([3, 4], loss="softmax_cross_entropy")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got -1..2"):
+        model.loss_and_grads(np.zeros((2, 3)), np.array([-1, 2]))
+    with pytest.raises(ValueError, match=r"got 0..4"):
+        model.loss_and_grads(np.zeros((2, 3)), [0, 4])
