@@ -244,6 +244,45 @@ def predict(checkpoint, input_path, output_path, device, overwrite):
     click.echo(f"wrote {out.shape[0]} predictions to {output_path}", err=True)
 
 
+# --------------------------------------------------------------------------- bench
+
+
+@main.command()
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option(
+    "--case", "case_names", multiple=True, metavar="NAME", help="A case of configs/bench (repeatable; default all)."
+)
+@click.option("--json", "json_path", type=str, default=None, help="Write the full report as JSON.")
+@click.option("--markdown", "md_path", type=str, default=None, help="Write the table as Markdown (docs/benchmarks.md).")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch columns.")
+@click.option("--no-compile", is_flag=True, help="Skip torch.compile (it compiles for a while on the first step).")
+@click.option("--overwrite", is_flag=True, help="Replace existing --json / --markdown files.")
+@handle_errors
+def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrite):
+    """Training-step throughput of gpubp vs PyTorch, measured in the same run."""
+    from . import bench as B
+    from .backend import resolve_device
+
+    for path in (json_path, md_path):
+        if path and os.path.exists(path) and not overwrite:
+            raise UsageError(f"{path!r} exists; pass --overwrite to replace it")
+    cases = B.find_cases(case_names)
+    backend, note = resolve_device(device)
+    if note:
+        click.echo(note, err=True)
+    click.echo(f"gpubp bench on {backend.describe()}", err=True)
+    click.echo(B.HEADER)
+    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo)
+    summary = B.ratio_summary(report)
+    if summary:
+        click.echo(summary)
+    if json_path:
+        B.write_json(report, json_path)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(B.markdown(report))
+
+
 # --------------------------------------------------------------------------- config / plot
 
 

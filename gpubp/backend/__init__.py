@@ -55,6 +55,40 @@ class NumpyBackend:
     def synchronize(self) -> None:
         pass
 
+    def timer(self) -> HostTimer:
+        """A stopwatch for device work (here: the host clock, as NumPy runs synchronously)."""
+        return HostTimer()
+
+    def memory_reset(self) -> None:
+        """Start tracking the peak of memory allocated for arrays (tracemalloc on the CPU)."""
+        import tracemalloc
+
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        tracemalloc.start()
+
+    def memory_peak(self) -> int:
+        """Peak bytes allocated since memory_reset()."""
+        import tracemalloc
+
+        peak = tracemalloc.get_traced_memory()[1] if tracemalloc.is_tracing() else 0
+        tracemalloc.stop()
+        return peak
+
+
+class HostTimer:
+    """start() ... stop() -> milliseconds, by the host's monotonic clock."""
+
+    def start(self) -> None:
+        import time
+
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        import time
+
+        return (time.perf_counter() - self._t0) * 1e3
+
 
 _CPU = NumpyBackend()
 

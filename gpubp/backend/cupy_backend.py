@@ -56,6 +56,22 @@ def unavailable_reason() -> str | None:
     return None if count > 0 else "no CUDA device found"
 
 
+class EventTimer:
+    """start() ... stop() -> milliseconds between two CUDA events (stop() synchronizes)."""
+
+    def __init__(self, cupy):
+        self._cupy = cupy
+        self._start, self._stop = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def start(self) -> None:
+        self._start.record()
+
+    def stop(self) -> float:
+        self._stop.record()
+        self._stop.synchronize()
+        return float(self._cupy.cuda.get_elapsed_time(self._start, self._stop))
+
+
 class CupyBackend:
     """The GPU backend: CuPy arrays, our kernels, cuBLAS."""
 
@@ -109,6 +125,19 @@ class CupyBackend:
 
     def synchronize(self) -> None:
         self._cupy.cuda.get_current_stream().synchronize()
+
+    def timer(self) -> EventTimer:
+        """A stopwatch of CUDA events on the current stream: it times the device's work."""
+        return EventTimer(self._cupy)
+
+    def memory_reset(self) -> None:
+        """Release the memory pool's cached blocks, so that its size afterwards is the peak."""
+        self.synchronize()
+        self._cupy.get_default_memory_pool().free_all_blocks()
+
+    def memory_peak(self) -> int:
+        """Bytes the memory pool holds: what the work since memory_reset() needed at its peak."""
+        return int(self._cupy.get_default_memory_pool().total_bytes())
 
     # ------------------------------------------------------------------ kernels
 
