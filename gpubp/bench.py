@@ -436,7 +436,7 @@ def markdown(report: dict) -> str:
             continue
         s = g["share"]
 
-        def t(key):
+        def t(key, row=row):
             r = row[key]
             return _fmt(r.get("ms_per_step"), ".3f") if "skipped" not in r else "n/a"
 
