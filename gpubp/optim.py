@@ -27,7 +27,9 @@ class Optimizer:
         self.steps = 0  # updates taken so far
         for name in self.state_names:
             setattr(self, name, self.backend.zeros(model.n_params, model.dtype))
-        self._scratch = self.backend.empty(model.n_params, model.dtype)
+        # working space of the update: (2, P) on backends that need it (NumPy), else nothing
+        rows = getattr(self.backend, "optimizer_scratch_rows", 0)
+        self._scratch = self.backend.empty((rows, model.n_params), model.dtype) if rows else None
 
     def _flat_grads(self, grads):
         """The flat gradient buffer: the model's own, or `grads` copied into it."""

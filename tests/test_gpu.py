@@ -223,11 +223,13 @@ def test_optimizer_steps(gpu, kind, kw, dtype):
         for step in (1, 2, 3):
             g = rng.normal(size=total).astype(dtype)
             if kind == "sgd":
-                numpy_ops.sgd_step(p, g, *states, np.empty_like(p), first_step=step == 1, grad_scale=scale, **kw)
+                numpy_ops.sgd_step(
+                    p, g, *states, np.empty((2, total), dtype), first_step=step == 1, grad_scale=scale, **kw
+                )
                 gpu.sgd_step(pd, gpu.asarray(g), *sd, None, first_step=step == 1,
                              grad_scale=gpu.xp.full((), scale, dtype), **kw)  # fmt: skip
             else:
-                numpy_ops.adam_step(p, g, *states, np.empty_like(p), step=step, grad_scale=scale, **kw)
+                numpy_ops.adam_step(p, g, *states, np.empty((2, total), dtype), step=step, grad_scale=scale, **kw)
                 gpu.adam_step(pd, gpu.asarray(g), *sd, None, step=step, grad_scale=scale, **kw)
         # three steps of a few ulps each; atol: rtol * (|p| + lr)
         close(gpu.to_numpy(pd), p, dtype, magnitude=10 * (np.abs(p) + kw["lr"]), what=f"{kind} {total}")

@@ -20,6 +20,7 @@ class NumpyBackend:
 
     name = "cpu"
     xp = np
+    optimizer_scratch_rows = 2  # the NumPy updates work in two preallocated rows
 
     # ops: the same names on every backend (see numpy_ops for shapes and formulas)
     gemm = staticmethod(numpy_ops.gemm)

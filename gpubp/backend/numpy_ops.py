@@ -242,7 +242,7 @@ def accuracy_count(x, labels, threshold=0.0):
 
 
 def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale=1.0):
-    """One SGD step over flat buffers p, g, buf (momentum), scratch: all (P,).
+    """One SGD step over flat buffers p, g, buf (momentum): (P,); scratch: (2, P).
 
     d = s g + wd p             (s: gradient scale from clipping)
     buf = d                    on the first step,
@@ -250,46 +250,58 @@ def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_de
     d = d + mu buf if nesterov else buf
     p = p - lr d
     """
-    d = scratch
+    d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
     np.multiply(g, grad_scale, out=d)
     if weight_decay:
-        d += weight_decay * p
+        np.multiply(p, weight_decay, out=t)
+        d += t
     if momentum:
         if first_step:
             np.copyto(buf, d)
         else:
             buf *= momentum
-            buf += (1.0 - dampening) * d
+            np.multiply(d, 1.0 - dampening, out=t)
+            buf += t
         if nesterov:
-            d += momentum * buf
+            np.multiply(buf, momentum, out=t)
+            d += t
         else:
             d = buf
-    p -= lr * d
+    np.multiply(d, lr, out=t)
+    p -= t
 
 
 def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, grad_scale=1.0):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step; t = step >= 1.
+    p, g, m, v: (P,); scratch: (2, P).
 
     d = s g (+ wd p for Adam)          p = p (1 - lr wd)   for AdamW
     m = m + (1 - b1) (d - m)           v = b2 v + (1 - b2) d^2
     p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
-    d = scratch
+    d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
     np.multiply(g, grad_scale, out=d)
     if weight_decay:
         if decoupled:
             p *= 1.0 - lr * weight_decay
         else:
-            d += weight_decay * p
-    m += (1.0 - beta1) * (d - m)
-    v *= beta2
-    v += (1.0 - beta2) * d * d
-    bias1 = 1.0 - beta1**step
+            np.multiply(p, weight_decay, out=t)
+            d += t
+    np.subtract(d, m, out=t)  # m += (1 - b1) (d - m)
+    t *= 1.0 - beta1
+    m += t
+    v *= beta2  # v += (1 - b2) d d
+    np.multiply(d, 1.0 - beta2, out=t)
+    t *= d
+    v += t
+    step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
-    np.sqrt(v, out=d)
+    np.sqrt(v, out=d)  # denominator sqrt(v) / sqrt(1 - b2^t) + eps
     d /= bias2_sqrt
     d += eps
-    p -= (lr / bias1) * m / d
+    np.multiply(m, step_size, out=t)  # p -= step_size m / denominator
+    t /= d
+    p -= t
 
 
 def sum_squares(g):
