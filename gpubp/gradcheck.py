@@ -25,21 +25,28 @@ import numpy as np
 KINKED = {"relu", "leaky_relu", "elu"}  # kinks (or a jump in f'') at z = 0
 
 
-def numeric_grad(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
-    """d fn / d p by the fourth-order central difference; fn() reads p, which is
-    perturbed in place one entry at a time and restored."""
-    grad = np.empty(p.shape, dtype=np.float64)
+def numeric_jacobian(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+    """d fn / d p (m, p.size) for fn() returning (m,) (or a scalar: (p.size,)), by the
+    fourth-order central difference; fn() reads p, which is perturbed in place one
+    entry at a time and restored. Column i belongs to p.reshape(-1)[i]."""
     flat = p.reshape(-1)
-    out = grad.reshape(-1)
+    columns = []
     for i in range(flat.size):
         old = flat[i]
         values = []
         for step in (-2.0, -1.0, 1.0, 2.0):
             flat[i] = old + step * h
-            values.append(fn())
+            values.append(np.asarray(fn(), dtype=np.float64))
         flat[i] = old
-        out[i] = (values[0] - 8.0 * values[1] + 8.0 * values[2] - values[3]) / (12.0 * h)
-    return grad
+        columns.append((values[0] - 8.0 * values[1] + 8.0 * values[2] - values[3]) / (12.0 * h))
+    if not columns:
+        return np.empty(0, dtype=np.float64)
+    return np.stack(columns, axis=-1)
+
+
+def numeric_grad(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+    """d fn / d p, p's shape, for a scalar fn() (see numeric_jacobian)."""
+    return numeric_jacobian(fn, p, h).reshape(p.shape)
 
 
 def max_rel_error(analytic, numeric, floor: float = 1e-6) -> float:
