@@ -325,5 +325,44 @@ def gradcheck(config_path, device, samples, tol, overrides):
     click.echo(f"ok: max relative error {error:.3e} <= --tol {tol:g}")
 
 
+@main.command()
+@click.option("--config", "config_path", type=str, help="TOML or JSON config file (see configs/).")
+@click.option("--mode", type=click.Choice(["forward", "reverse", "both"]), default="both", show_default=True)
+@click.option("--device", type=DEVICE, default=None, help="Where to run (default: train.device, 'auto').")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per case.")
+@click.option("--max-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
+              help="Skip timing a case whose buffers would pass this many MiB.")  # fmt: skip
+@click.option("--json", "json_path", type=str, default=None, help="Also write the measurements here.")
+@click.option("--plot", "plot_path", type=str, default=None, help="Also draw them into this PNG (needs matplotlib).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@click.option("--overwrite", is_flag=True, help="Replace --json / --plot files that exist.")
+@handle_errors
+def jacobian(config_path, mode, device, repeats, max_mb, json_path, plot_path, overrides, overwrite):
+    """Forward- vs reverse-mode Jacobians: FLOPs and time as the output width and
+    the parameter count vary around the config's architecture."""
+    from . import jacobian_bench
+    from .config import load_config
+    from .plotting import pyplot
+
+    if config_path is None:
+        raise UsageError("give --config FILE (e.g. configs/digits.toml)")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and os.path.exists(path) and not overwrite:
+            raise UsageError(f"{option} {path!r} exists; pass --overwrite to replace it")
+    plt = pyplot("gpubp jacobian --plot") if plot_path is not None else None
+    cfg = load_config(config_path, overrides)
+    modes = ("forward", "reverse") if mode == "both" else (mode,)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    result = jacobian_bench.run_sweeps(cfg, device or cfg.train.device, modes, repeats, max_mb * 2**20, log)
+    click.echo(jacobian_bench.format_table(result, modes))
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump(jacobian_bench.as_json(result), f, indent=1)
+        log(f"wrote {json_path}")
+    if plt is not None:
+        jacobian_bench.plot(result, modes, plot_path, plt)
+        log(f"wrote {plot_path}")
+
+
 if __name__ == "__main__":
     main()

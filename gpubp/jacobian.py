@@ -129,6 +129,15 @@ def _reverse_mode(model, x, wrt: str):
     return J if J is not None else D  # (n_out, n_params) or (n_out, n_0)
 
 
+def device_jacobian(model, x, wrt: str = "params", mode: str = "reverse"):
+    """`jacobian` as a backend array (n_out, columns), left on the device: for forward
+    mode a transposed view of the tangent block, no copy."""
+    x = _check(model, x, wrt, mode)
+    if mode == "forward":
+        return _forward_mode(model, x, wrt).T
+    return _reverse_mode(model, x, wrt)
+
+
 def jacobian(model, x, wrt: str = "params", mode: str = "reverse") -> np.ndarray:
     """The Jacobian of the network output (before the loss) at one input x.
 
@@ -137,10 +146,7 @@ def jacobian(model, x, wrt: str = "params", mode: str = "reverse") -> np.ndarray
     (n_out, n_in). mode: "forward" (tangents, cost ~ number of columns) or "reverse"
     (adjoints, cost ~ number of outputs); both give the same matrix. Returns NumPy.
     """
-    x = _check(model, x, wrt, mode)
-    if mode == "forward":
-        return np.ascontiguousarray(model.backend.to_numpy(_forward_mode(model, x, wrt)).T)
-    return model.backend.to_numpy(_reverse_mode(model, x, wrt))
+    return np.ascontiguousarray(model.backend.to_numpy(device_jacobian(model, x, wrt, mode)))
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -190,3 +196,23 @@ def jacobian_flops(sizes, is_residual, wrt: str, mode: str) -> Flops:
             if k > 0 or not params:
                 gemm += 2 * n_out * n * n_k + r * n_out * n_k
     return Flops(gemm, elem)
+
+
+def jacobian_bytes(sizes, wrt: str, mode: str, itemsize: int) -> int:
+    """Roughly the largest memory `device_jacobian` holds at once, in bytes: forward
+    mode, the tangent blocks T_k (m_k, n_k) and T_{k+1} together; reverse mode, J
+    (n_out, P) and the W block's product (n_out, n_k, n_{k+1}) (D and f' are small)."""
+    params = wrt == "params"
+    largest = 0
+    if mode == "forward":
+        m = 0 if params else sizes[0]
+        for n_k, n in zip(sizes[:-1], sizes[1:]):
+            m_next = m + (n_k * n + n if params else 0)
+            largest = max(largest, m * n_k + m_next * n)
+            m = m_next
+    else:
+        n_out = sizes[-1]
+        n_params = sum(n_k * n + n for n_k, n in zip(sizes[:-1], sizes[1:]))
+        widest = max(n_k * n for n_k, n in zip(sizes[:-1], sizes[1:]))
+        largest = n_out * n_params + n_out * widest if params else n_out * max(sizes)
+    return largest * itemsize

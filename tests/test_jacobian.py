@@ -141,3 +141,24 @@ def test_flop_formulas_show_the_crossover_and_the_gap():
         r = jacobian_flops(sizes, [False] * 3, "params", "reverse").total
         ratios.append(f / r)
     assert 1 < ratios[0] < ratios[1] < ratios[2]
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_memory_estimate_matches_what_numpy_allocates(mode):
+    # gpubp jacobian skips cases over --max-mb by this estimate: it must hold the big
+    # buffers (tangent blocks, J). tracemalloc sees NumPy's allocations; the estimate
+    # leaves out small vectors, so it may fall short by those, never by half.
+    import tracemalloc
+
+    from gpubp.jacobian import device_jacobian, jacobian_bytes
+
+    model = gpubp.MLP([20, 64, 64, 64, 50], "tanh", dtype="float64", residual=True)
+    x = np.ones(20)
+    device_jacobian(model, x, "params", mode)  # workspaces are allocated once, before
+    tracemalloc.start()
+    try:
+        device_jacobian(model, x, "params", mode)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.9 * peak <= jacobian_bytes(model.sizes, "params", mode, 8) <= peak
