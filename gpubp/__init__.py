@@ -10,7 +10,7 @@
 
 __version__ = "0.1.0"
 
-from .jacobian import jacobian  # noqa: E402
+from .jacobians import jacobian  # noqa: E402
 from .model import MLP  # noqa: E402
 from .optim import SGD, Adam, AdamW, clip_grad_norm  # noqa: E402
 

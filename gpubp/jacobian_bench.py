@@ -21,7 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .jacobian import MODES, device_jacobian, jacobian_bytes, jacobian_flops
+from .jacobians import MODES, device_jacobian, jacobian_bytes, jacobian_flops
 
 OUTPUT_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8)
 HIDDEN_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1)

@@ -7,7 +7,7 @@ import pytest
 import gpubp
 from gpubp.activations import ACTIVATIONS
 from gpubp.gradcheck import kink_margin, numeric_jacobian
-from gpubp.jacobian import jacobian_flops
+from gpubp.jacobians import jacobian_flops
 
 from .conftest import assert_close
 
@@ -150,7 +150,7 @@ def test_memory_estimate_matches_what_numpy_allocates(mode):
     # leaves out small vectors, so it may fall short by those, never by half.
     import tracemalloc
 
-    from gpubp.jacobian import device_jacobian, jacobian_bytes
+    from gpubp.jacobians import device_jacobian, jacobian_bytes
 
     model = gpubp.MLP([20, 64, 64, 64, 50], "tanh", dtype="float64", residual=True)
     x = np.ones(20)
