@@ -65,7 +65,9 @@ def test_forward_equals_reverse_equals_finite_differences(act, residual, wrt, de
     model, x = problem(act, residual)  # the CPU model gives the finite-difference reference
     reference = finite_differences(model, x, wrt)
     if device != "cpu":
-        model, x = problem(act, residual, device)  # the same seed, weights and input
+        host_params, host_x = model.flat_params.copy(), x
+        model, x = problem(act, residual, device)
+        assert np.array_equal(model.backend.to_numpy(model.flat_params), host_params) and np.array_equal(x, host_x)
     assert model.is_residual == [False, residual, residual, False]
     fwd = gpubp.jacobian(model, x, wrt=wrt, mode="forward")
     rev = gpubp.jacobian(model, x, wrt=wrt, mode="reverse")
