@@ -19,6 +19,7 @@ _LAZY = {
     "Adam": ("optim", "Adam"),
     "AdamW": ("optim", "AdamW"),
     "clip_grad_norm": ("optim", "clip_grad_norm"),
+    "jacobian": ("jacobians", "jacobian"),
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -314,5 +314,94 @@ def plot(run_dir, output):
     click.echo(f"wrote {path}", err=True)
 
 
+# --------------------------------------------------------------------------- gradcheck / jacobian
+
+
+@main.command()
+@click.option("--config", "config_path", type=str, help="TOML or JSON config file (see configs/).")
+@click.option("--device", type=DEVICE, default=None, help="Where to check (default: train.device, 'auto').")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Training samples to use.")
+@click.option("--tol", type=click.FloatRange(min=0.0), default=1e-6, show_default=True, help="Largest relative error.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@handle_errors
+def gradcheck(config_path, device, samples, tol, overrides):
+    """Finite-difference check of the configured model's gradients (float64)."""
+    from .config import load_config
+    from .errors import GpubpError
+    from .gradcheck import check_model, pick_samples, rounding_floor
+    from .trainer import prepare
+
+    if config_path is None:
+        raise UsageError("give --config FILE (e.g. configs/digits.toml)")
+    # the configured model and data at its initial (seeded) parameters, in float64
+    cfg = load_config(config_path, [*overrides, "model.dtype=float64"])
+    run = prepare(cfg, device or cfg.train.device, log=lambda m: click.echo(m, err=True))
+    model, be, train = run.model, run.backend, run.splits["train"]
+    x, y = be.to_numpy(train.x), be.to_numpy(train.target)
+    rows, margin, seen = pick_samples(model, x, y, samples)
+    if not rows:
+        raise GpubpError(
+            f"gradcheck: none of the {seen} training samples keeps every pre-activation clear of a kink "
+            f"({model.hidden_activation.name}/{model.activations[-1].name} at 0, or huber at +-delta): "
+            "a finite-difference check is not meaningful here"
+        )
+    if len(rows) < samples:
+        click.echo(f"only {len(rows)} of {seen} training samples are clear of kinks; checking those", err=True)
+    floor = rounding_floor(model.loss_and_grads(x[rows], y[rows])[0])
+    clear = "no kinks" if margin == float("inf") else f"kink margin {margin:.3g}"
+    click.echo(f"gradcheck {config_path}: model {model.sizes}{' residual' if model.residual else ''}, "
+               f"float64 on {be.describe()}, {len(rows)} training samples ({clear}), "
+               f"{model.n_params} parameters, {4 * model.n_params} loss evaluations, error floor {floor:.2g}")  # fmt: skip
+    reports = check_model(model, x[rows], y[rows], floor=floor)
+    click.echo(f"{'layer':>5}  {'W shape':>12}  {'W max rel err':>13}  {'b max rel err':>13}")
+    for r in reports:
+        W = model.params[2 * (r.layer - 1)]
+        click.echo(f"{r.layer:>5}  {str(tuple(W.shape)):>12}  {r.weight_error:>13.3e}  {r.bias_error:>13.3e}")
+    worst = max(reports, key=lambda r: max(r.weight_error, r.bias_error))
+    error = max(worst.weight_error, worst.bias_error)
+    if not error <= tol:
+        raise GpubpError(f"gradcheck failed: layer {worst.layer} max relative error {error:.3e} > --tol {tol:g}")
+    click.echo(f"ok: max relative error {error:.3e} <= --tol {tol:g}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=str, help="TOML or JSON config file (see configs/).")
+@click.option("--mode", type=click.Choice(["forward", "reverse", "both"]), default="both", show_default=True)
+@click.option("--device", type=DEVICE, default=None, help="Where to run (default: train.device, 'auto').")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per case.")
+@click.option("--max-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
+              help="Skip timing a case whose buffers would pass this many MiB.")  # fmt: skip
+@click.option("--json", "json_path", type=str, default=None, help="Also write the measurements here.")
+@click.option("--plot", "plot_path", type=str, default=None, help="Also draw them into this PNG (needs matplotlib).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
+@click.option("--overwrite", is_flag=True, help="Replace --json / --plot files that exist.")
+@handle_errors
+def jacobian(config_path, mode, device, repeats, max_mb, json_path, plot_path, overrides, overwrite):
+    """Forward- vs reverse-mode Jacobians: FLOPs and time as the output width and
+    the parameter count vary around the config's architecture."""
+    from . import jacobian_bench
+    from .config import load_config
+    from .plotting import pyplot
+
+    if config_path is None:
+        raise UsageError("give --config FILE (e.g. configs/digits.toml)")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and os.path.exists(path) and not overwrite:
+            raise UsageError(f"{option} {path!r} exists; pass --overwrite to replace it")
+    plt = pyplot("gpubp jacobian --plot") if plot_path is not None else None
+    cfg = load_config(config_path, overrides)
+    modes = ("forward", "reverse") if mode == "both" else (mode,)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    result = jacobian_bench.run_sweeps(cfg, device or cfg.train.device, modes, repeats, max_mb * 2**20, log)
+    click.echo(jacobian_bench.format_table(result, modes))
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump(jacobian_bench.as_json(result), f, indent=1)
+        log(f"wrote {json_path}")
+    if plt is not None:
+        jacobian_bench.plot(result, modes, plot_path, plt)
+        log(f"wrote {plot_path}")
+
+
 if __name__ == "__main__":
     main()

@@ -25,21 +25,28 @@ import numpy as np
 KINKED = {"relu", "leaky_relu", "elu"}  # kinks (or a jump in f'') at z = 0
 
 
-def numeric_grad(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
-    """d fn / d p by the fourth-order central difference; fn() reads p, which is
-    perturbed in place one entry at a time and restored."""
-    grad = np.empty(p.shape, dtype=np.float64)
+def numeric_jacobian(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+    """d fn / d p (m, p.size) for fn() returning (m,) (or a scalar: (p.size,)), by the
+    fourth-order central difference; fn() reads p, which is perturbed in place one
+    entry at a time and restored. Column i belongs to p.reshape(-1)[i]."""
     flat = p.reshape(-1)
-    out = grad.reshape(-1)
+    columns = []
     for i in range(flat.size):
         old = flat[i]
         values = []
         for step in (-2.0, -1.0, 1.0, 2.0):
             flat[i] = old + step * h
-            values.append(fn())
+            values.append(np.asarray(fn(), dtype=np.float64))
         flat[i] = old
-        out[i] = (values[0] - 8.0 * values[1] + 8.0 * values[2] - values[3]) / (12.0 * h)
-    return grad
+        columns.append((values[0] - 8.0 * values[1] + 8.0 * values[2] - values[3]) / (12.0 * h))
+    if not columns:
+        return np.empty(0, dtype=np.float64)
+    return np.stack(columns, axis=-1)
+
+
+def numeric_grad(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+    """d fn / d p, p's shape, for a scalar fn() (see numeric_jacobian)."""
+    return numeric_jacobian(fn, p, h).reshape(p.shape)
 
 
 def max_rel_error(analytic, numeric, floor: float = 1e-6) -> float:
@@ -49,6 +56,14 @@ def max_rel_error(analytic, numeric, floor: float = 1e-6) -> float:
         return 0.0
     denom = np.maximum(np.maximum(np.abs(a), np.abs(n)), floor)
     return float(np.max(np.abs(a - n) / denom))
+
+
+def rounding_floor(loss: float, h: float = 1e-3, rel: float = 1e-7) -> float:
+    """A `floor` for max_rel_error at which rounding stays below rel: each of the four
+    values of L carries ~eps |L|, weighted 1, 8, 8, 1 over 12 h, so the difference
+    quotient is off by ~1.5 eps |L| / h (~1e-12 for |L| ~ 3) whatever the entry; an
+    entry smaller than that over rel is judged by its absolute error. At least 1e-6."""
+    return max(1e-6, 1.5 * float(np.finfo(np.float64).eps) * abs(loss) / h / rel)
 
 
 @dataclass
@@ -71,7 +86,7 @@ def check_model(model, x, y, h: float = 1e-3, floor: float = 1e-6) -> list[Layer
 
     def loss_at() -> float:
         model.set_flat_params(host)
-        return be.to_float(model.forward_backward(x, target))
+        return model.evaluate(x, target, batch_size=x.shape[0])[0]  # forward and loss only
 
     numeric_flat = numeric_grad(loss_at, host, h)
     model.set_flat_params(host)
@@ -109,3 +124,23 @@ def kink_margin(model, x, y=None) -> float:
         r = be.to_numpy(out) - np.asarray(y, dtype=np.float64).reshape(out.shape)
         margin = min(margin, float(np.min(np.abs(np.abs(r) - model.loss.huber_delta))))
     return margin
+
+
+def pick_samples(model, x, y, n: int, h: float = 1e-3):
+    """Up to n rows of (x, y), in order, whose kink margin (see kink_margin) exceeds
+    10 times the largest move of a first-layer pre-activation in the difference,
+    2h max(1, |x_i|): a difference across a kink would measure the jump, not f'.
+
+    x: (N, n_in) and y on the host. Returns (row indices, the smallest margin among
+    them, the number of rows looked at); every row counts when the model has no kinks."""
+    chosen, smallest, seen = [], np.inf, 0
+    for i in range(x.shape[0]):
+        if len(chosen) == n:
+            break
+        seen += 1
+        xi = x[i : i + 1]
+        margin = kink_margin(model, xi, None if y is None else y[i : i + 1])
+        if margin > 20.0 * h * max(1.0, float(np.max(np.abs(xi)))):
+            chosen.append(i)
+            smallest = min(smallest, margin)
+    return chosen, smallest, seen

@@ -20,15 +20,21 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
-def plot_run(run_dir: str, output: str | None = None) -> str:
-    records = read_metrics(run_dir)
+def pyplot(what: str):
+    """matplotlib.pyplot on the file-only Agg backend, or a UsageError saying how to get it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("gpubp plot needs matplotlib: pip install 'gpubp[plot]'") from None
+        raise UsageError(f"{what} needs matplotlib: pip install 'gpubp[plot]'") from None
+    return plt
+
+
+def plot_run(run_dir: str, output: str | None = None) -> str:
+    records = read_metrics(run_dir)
+    plt = pyplot("gpubp plot")
     steps = [r["step"] for r in records]
     acc_keys = [k for k in ("val_accuracy",) if any(k in r for r in records)]
     fig, axes = plt.subplots(1, 1 + len(acc_keys), figsize=(6 + 5 * len(acc_keys), 4), squeeze=False)
