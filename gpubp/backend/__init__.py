@@ -20,6 +20,9 @@ class NumpyBackend:
 
     name = "cpu"
     xp = np
+    # what this backend raises when its memory runs out; the trainer turns these into
+    # DeviceRuntimeError with the batch size and the memory needed
+    out_of_memory_errors = (MemoryError,)
 
     # ops: the same names on every backend (see numpy_ops for shapes and formulas)
     gemm = staticmethod(numpy_ops.gemm)
