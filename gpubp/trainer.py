@@ -200,13 +200,14 @@ def out_of_memory_errors(backend) -> tuple:
 
 def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int) -> dict:
     """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
-    gradients, optimizer state and its scratch buffer: one flat buffer each), `batch`
-    (the activations and their gradients that the forward and backward pass of one
-    training batch keep, and the gathered batch), `eval` (the same for one evaluation
-    chunk) and `data` (the splits: features, targets, labels)."""
+    gradients, optimizer state, its scratch buffer and FiniteGuard's copy of the
+    parameters: one flat buffer each), `batch` (the activations and their gradients
+    that the forward and backward pass of one training batch keep, and the gathered
+    batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
+    features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    n_buffers = 3 + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_buffers = 4 + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
     per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))
