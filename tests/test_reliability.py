@@ -346,3 +346,63 @@ def test_an_unexpected_exception_is_one_line_unless_debugging(tmp_path, debug):
         assert r.stderr.splitlines() == [
             "gpubp: internal error: RuntimeError: a bug over two lines (set GPUBP_DEBUG=1 for the traceback)"
         ]
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+KILL_CONFIG = """
+[data]
+dataset = "spirals"
+n_samples = 200
+val_fraction = 0.2
+[model]
+hidden = [8]
+[train]
+steps = 600
+batch_size = 16
+eval_every = 1   # evaluate and write last.npz (and often best.npz) after every step
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing(tmp_path):
+    """24 SIGKILLs at seeded random moments of a run that writes checkpoints after every
+    step (most kills land in a write). After each: every checkpoint on disk loads. Then
+    resuming reaches bitwise the run an uninterrupted process makes."""
+    import random
+
+    rng = random.Random(20240605)
+    config = tmp_path / "kill.toml"
+    config.write_text(KILL_CONFIG)
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "gpubp.cli", "train", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    kills, leftovers, started = 0, 0, time.monotonic()
+    while kills < 24:
+        if (out / "last.npz").exists():
+            cmd = base + ["--resume", str(out / "last.npz")]
+        else:
+            cmd = base + ["--config", str(config), "--out", str(out), "--overwrite"]
+        log = out / "metrics.jsonl"
+        size = log.stat().st_size if log.exists() else 0
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while not (log.exists() and log.stat().st_size > size) and proc.poll() is None:
+            time.sleep(0.001)  # until it is training: a new evaluation was logged
+        time.sleep(rng.uniform(0.0, 0.03))
+        assert proc.poll() is None, f"the run ended before kill {kills + 1}: {proc.stderr.read()}"
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        kills += 1
+        leftovers += len([n for n in os.listdir(out) if n.startswith(".tmp-")])
+        for name in ("last.npz", "best.npz"):
+            if (out / name).exists():
+                load_checkpoint(str(out / name))  # raises if half-written or corrupt
+    r = subprocess.run(base + ["--resume", str(out / "last.npz")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+    print(f"{kills} kills in {time.monotonic() - started:.1f} s, {leftovers} left a temporary file")
+    assert leftovers > 0  # some kills did land inside a checkpoint write
+    T.Trainer(load_config(str(config)), str(tmp_path / "ref"), device="cpu", quiet=True).train()
+    same_run(out, tmp_path / "ref")
