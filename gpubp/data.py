@@ -141,6 +141,8 @@ def read_numpy_file(path: str, error=DataError, what: str = ".npy/.npz file"):
         raise error(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
         raise error(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
+    except Exception as e:  # a damaged header trips NumPy's parser in many ways (TokenError, SyntaxError, ...)
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------- loaders
