@@ -333,7 +333,7 @@ class FiniteGuard:
         """Before the update of step `step` (0-based): loss and squared gradient norm (0-d)."""
         xp = self.xp
         bad = ~(xp.isfinite(loss) & xp.isfinite(grad_sq))
-        xp.copyto(self.first_bad, step, where=bad & (self.first_bad < 0))
+        self.first_bad = xp.where(bad & (self.first_bad < 0), step, self.first_bad)
         xp.copyto(self._held, self.params)
 
     def hold(self) -> None:

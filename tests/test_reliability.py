@@ -32,8 +32,8 @@ SMALL = ["data.dataset=spirals", "data.n_samples=300", "data.val_fraction=0.2", 
 STEPS_PER_EPOCH = 8
 
 
-def trainer(path, overrides=(), **kw) -> T.Trainer:
-    return T.Trainer(load_config(None, SMALL + list(overrides)), str(path), device="cpu", quiet=True, **kw)
+def trainer(path, overrides=(), device="cpu", **kw) -> T.Trainer:
+    return T.Trainer(load_config(None, SMALL + list(overrides)), str(path), device=device, quiet=True, **kw)
 
 
 def metrics(path):
@@ -81,10 +81,11 @@ def poison_step(monkeypatch, step: int, what: str):
     monkeypatch.setattr(MLP, "forward_backward", forward_backward)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("what", ["loss", "gradient"])
-def test_divergence_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what):
+def test_divergence_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what, device):
     poison_step(monkeypatch, 23, what)
-    bad = trainer(tmp_path / "bad")
+    bad = trainer(tmp_path / "bad", device=device)
     with pytest.raises(TrainingError) as e:
         bad.train()
     monkeypatch.undo()
@@ -96,15 +97,16 @@ def test_divergence_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(
         "optimizer.clip_grad_norm (e.g. 1.0)"
     )
     # the parameters stopped at their values after step 22: those of a clean 22-step run
-    clean22 = trainer(tmp_path / "clean22", ["train.steps=22"])
+    host = bad.run.backend.to_numpy
+    clean22 = trainer(tmp_path / "clean22", ["train.steps=22"], device=device)
     clean22.train()
-    assert np.array_equal(bad.model.flat_params, clean22.model.flat_params)
+    assert np.array_equal(host(bad.model.flat_params), host(clean22.model.flat_params))
     # last.npz is the good one from step 20, as a clean run writes it; nothing after it was logged
-    clean20 = trainer(tmp_path / "clean20", ["train.steps=20"])
+    clean20 = trainer(tmp_path / "clean20", ["train.steps=20"], device=device)
     clean20.train()
     meta, arrays = load_checkpoint(str(last))
     assert meta["step"] == 20
-    assert np.array_equal(arrays["params"], clean20.model.flat_params)
+    assert np.array_equal(arrays["params"], host(clean20.model.flat_params))
     assert [r["step"] for r in metrics(last.parent / "metrics.jsonl")] == [10, 20]
 
 
