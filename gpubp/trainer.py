@@ -198,16 +198,17 @@ def out_of_memory_errors(backend) -> tuple:
     return getattr(backend, "out_of_memory_errors", (MemoryError,))
 
 
-def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int) -> dict:
+def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) -> dict:
     """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
-    gradients, optimizer state, its scratch buffer and FiniteGuard's copy of the
+    gradients, optimizer state, its scratch rows and FiniteGuard's copy of the
     parameters: one flat buffer each), `batch` (the activations and their gradients
     that the forward and backward pass of one training batch keep, and the gathered
     batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
     features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    n_buffers = 4 + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    scratch = getattr(backend, "optimizer_scratch_rows", 1)  # the optimizer's working rows of P
+    n_buffers = 3 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
     per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))
@@ -230,7 +231,7 @@ def _bytes(n: float) -> str:
 
 
 def out_of_memory(backend, cfg: Config, sizes: list, batch: int, n_rows: int) -> DeviceRuntimeError:
-    est = memory_estimate(cfg, sizes, batch, n_rows)
+    est = memory_estimate(cfg, sizes, batch, n_rows, backend)
     smaller = f"e.g. {max(1, batch // 4)}" if batch > 1 else "or narrower model.hidden layers"
     return DeviceRuntimeError(
         f"out of memory on {backend.describe()} with train.batch_size = {batch} and model {sizes}: "

@@ -272,7 +272,7 @@ def test_out_of_memory_names_batch_size_and_memory_needed(tmp_path, monkeypatch)
     t = trainer(tmp_path / "a", ["train.batch_size=64"])
     with pytest.raises(DeviceRuntimeError) as e:
         t.train()
-    est = T.memory_estimate(t.cfg, t.model.sizes, 64, 300)
+    est = T.memory_estimate(t.cfg, t.model.sizes, 64, 300, t.run.backend)
     assert str(e.value).startswith(
         f"out of memory on cpu (NumPy {np.__version__}) with train.batch_size = 64 and model [2, 8, 3]: "
         f"the run needs about {T._bytes(sum(est.values()))} ("
@@ -304,7 +304,7 @@ def test_memory_estimate_matches_what_numpy_allocates(tmp_path, overrides, domin
     finally:
         tracemalloc.stop()
     n_rows = sum(part.n for part in t.run.splits.values() if part is not None)
-    est = T.memory_estimate(cfg, t.model.sizes, min(cfg.train.batch_size, t.n_train), n_rows)
+    est = T.memory_estimate(cfg, t.model.sizes, min(cfg.train.batch_size, t.n_train), n_rows, t.run.backend)
     assert max(est, key=est.get) == dominant
     assert 0.8 <= sum(est.values()) / held <= 1.25, (est, held)
 

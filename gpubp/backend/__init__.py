@@ -20,9 +20,6 @@ class NumpyBackend:
 
     name = "cpu"
     xp = np
-    # what this backend raises when its memory runs out; the trainer turns these into
-    # DeviceRuntimeError with the batch size and the memory needed
-    out_of_memory_errors = (MemoryError,)
 
     # ops: the same names on every backend (see numpy_ops for shapes and formulas)
     gemm = staticmethod(numpy_ops.gemm)
@@ -35,6 +32,10 @@ class NumpyBackend:
     adam_step = staticmethod(numpy_ops.adam_step)
     sum_squares = staticmethod(numpy_ops.sum_squares)
     gather_rows = staticmethod(numpy_ops.gather_rows)
+
+    # what this backend raises when its memory runs out; the trainer turns these into
+    # DeviceRuntimeError with the batch size and the memory needed
+    out_of_memory_errors = (MemoryError,)
 
     def describe(self) -> str:
         return f"cpu (NumPy {np.__version__})"
