@@ -3,11 +3,11 @@ relative paths start at the config's folder; checkpoints detect any damaged byte
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
 import random
-import re
 
 import numpy as np
 import pytest
@@ -121,20 +121,55 @@ def test_config_names_are_registry_keys_not_code(tmp_path, monkeypatch, key, val
     assert not (tmp_path / "pwned").exists()
 
 
-def test_the_package_never_evaluates_imports_or_unpickles():
-    """The source pins it: no eval/exec, no import by name, no pickle, no allow_pickle=True."""
-    forbidden = re.compile(
-        r"\b(eval|exec|__import__|compile|import_module)\(|\bpickle\.|import pickle|allow_pickle=True"
-    )
+def test_the_package_never_evaluates_or_unpickles():
+    """The source pins it (by its syntax tree): no call of the builtins eval, exec,
+    compile or __import__; no pickle-like module imported; never allow_pickle=True."""
+    unsafe_calls = {"eval", "exec", "compile", "__import__"}
+    unsafe_modules = {"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
     hits = []
     for folder, _, files in os.walk(os.path.join(ROOT, "gpubp")):
-        for name in files:
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name)) as f:
-                    for n, line in enumerate(f, 1):
-                        if forbidden.search(line):
-                            hits.append(f"{name}:{n}: {line.strip()}")
+        for name in (n for n in files if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in unsafe_calls:
+                    hits.append(f"{name}:{node.lineno}: {node.func.id}()")
+                if isinstance(node, ast.keyword) and node.arg == "allow_pickle":
+                    if not (isinstance(node.value, ast.Constant) and node.value.value is False):
+                        hits.append(f"{name}:{node.value.lineno}: allow_pickle not False")
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                    hits += [
+                        f"{name}:{node.lineno}: import {n}" for n in names if n and n.split(".")[0] in unsafe_modules
+                    ]
     assert hits == []
+
+
+def test_a_config_value_never_imports_the_module_it_names(tmp_path):
+    """Every string key set to the name of a real module that nothing has imported: each
+    is refused as an unknown value, and the module is still not imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gpubp.config as c\n"
+        "from gpubp.errors import ConfigError\n"
+        "for s, fields in c.SCHEMA.items():\n"
+        "    for k, f in fields.items():\n"
+        "        if f.choices:\n"
+        "            try:\n"
+        "                c.load_config(None, [f'{s}.{k}=colorsys'])\n"
+        "            except ConfigError:\n"
+        "                pass\n"
+        "            else:\n"
+        "                raise SystemExit(f'{s}.{k} accepted a module name')\n"
+        "print('colorsys' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
 
 
 def test_relative_paths_start_at_the_config_folder_not_the_working_directory(tmp_path):
