@@ -406,11 +406,11 @@ class Trainer:
         self.guard = FiniteGuard(self.run.backend, self.model.flat_params)
         if resume is not None:
             self._restore(resume, resume_arrays)
-            if not os.path.isdir(out_dir):
-                os.makedirs(out_dir)
+        if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
             for name in remove_temporaries(out_dir):
                 self.log(f"removed {name}, left in {out_dir} by an interrupted write")
-        else:
+            self._trim_log()
+        else:  # a new run, or a resumed one continued in another directory
             prepare_out_dir(out_dir, overwrite)
         atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(cfg))
 
@@ -431,7 +431,9 @@ class Trainer:
         if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
             self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
             self.n_running = int(meta["running_steps"])
-        # drop log lines past the checkpoint (they will be written again) and a line torn by a crash
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the checkpoint (they will be written again) and a line torn by a crash."""
         metrics = os.path.join(self.out_dir, "metrics.jsonl")
         if os.path.exists(metrics):
             with open(metrics) as f:
@@ -622,6 +624,10 @@ class Trainer:
     def _monitor_name(self) -> str:
         metric = self.cfg.train.early_stopping_metric
         return metric if self.run.splits["val"] is not None else "train_loss"
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 def _logged_step(line: str) -> float:
