@@ -437,7 +437,7 @@ class Trainer:
         metrics = os.path.join(self.out_dir, "metrics.jsonl")
         if os.path.exists(metrics):
             with open(metrics) as f:
-                keep = [line for line in f if _logged_step(line) <= self.step]
+                keep = [line for line in f if line.endswith("\n") and _logged_step(line) <= self.step]
             atomic_write_text(metrics, "".join(keep))
 
     def _meta(self) -> dict:
@@ -631,7 +631,8 @@ def _same_dir(a: str, b: str) -> bool:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line that a crash tore."""
+    """The step of a metrics.jsonl line; infinity for one a crash tore (a torn line that
+    still parses lacks its newline, which the caller checks)."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):

@@ -246,12 +246,16 @@ def test_a_crash_in_any_checkpoint_write_resumes_to_the_same_run(tmp_path, monke
         same_run(run, tmp_path / "ref")
 
 
-def test_resume_drops_temporaries_and_a_torn_log_line(tmp_path):
+@pytest.mark.parametrize("torn", ['{"step": 30, "epoch": 4, "tra', '{"step": 30, "epoch": 4}'])
+def test_resume_drops_temporaries_and_a_torn_log_line(tmp_path, torn):
+    from gpubp.plotting import read_metrics
+
     trainer(tmp_path / "a", ["train.steps=20"]).train()
     run = tmp_path / "a"
     (run / ".tmp-last.npz-k1ll3d").write_bytes(b"PK\x03\x04 half a checkpoint")
     with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 30, "epoch": 4, "tra')  # a line the crash cut short
+        f.write(torn)  # a line the crash cut short, maybe just before its newline
+    assert [r["step"] for r in read_metrics(str(run))] == [10, 20]  # gpubp plot reads the run as it is
     logged = []
     t = trainer(run, resume=str(run / "last.npz"), log=logged.append)
     assert logged == [f"removed .tmp-last.npz-k1ll3d, left in {run} by an interrupted write"]
