@@ -498,52 +498,50 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
+        scope = contextlib.ExitStack()
+        interrupted = scope.enter_context(catch_sigint())
+        scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
-            # NumPy's overflow warnings would only repeat what the guard reports as one line
-            with catch_sigint() as interrupted, np.errstate(all="ignore"):
-                while self.step < self.total_steps:
-                    epoch, b = divmod(self.step, self.steps_per_epoch)
-                    if perm_epoch != epoch:
-                        perm = be.asarray(D.epoch_permutation(t.seed, epoch, self.n_train))
-                        perm_epoch = epoch
-                    idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
-                    xb = be.gather_rows(train.x, idx, self._batch_buffer("x", train.x, idx.shape[0]))
-                    yb = be.gather_rows(train.target, idx, self._batch_buffer("y", train.target, idx.shape[0]))
-                    opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
-                                   sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
-                    loss = model.forward_backward(xb, yb)
-                    if clip > 0:
-                        norm, scale = clip_scale(be, model.flat_grads, clip)
-                    else:
-                        norm, scale = be.sum_squares(model.flat_grads), 1.0
-                    self.guard.check(self.step, loss, norm)
-                    opt.step(grad_scale=scale)
-                    self.guard.hold()
-                    self.running_loss += loss
-                    self.n_running += 1
-                    self.step += 1
-                    bar.update(1)
-                    if self.step % eval_every == 0 or self.step == self.total_steps:
-                        record = self._log_eval(epoch, start)
-                        bar.set_postfix(
-                            {
-                                k: f"{v:.4g}"
-                                for k, v in record.items()
-                                if k in ("train_loss", "val_loss", "val_accuracy")
-                            }
+            while self.step < self.total_steps:
+                epoch, b = divmod(self.step, self.steps_per_epoch)
+                if perm_epoch != epoch:
+                    perm = be.asarray(D.epoch_permutation(t.seed, epoch, self.n_train))
+                    perm_epoch = epoch
+                idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
+                xb = be.gather_rows(train.x, idx, self._batch_buffer("x", train.x, idx.shape[0]))
+                yb = be.gather_rows(train.target, idx, self._batch_buffer("y", train.target, idx.shape[0]))
+                opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
+                               sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
+                loss = model.forward_backward(xb, yb)
+                if clip > 0:
+                    grad_norm, scale = clip_scale(be, model.flat_grads, clip)
+                else:  # its square: finite exactly when the norm is
+                    grad_norm, scale = be.sum_squares(model.flat_grads), 1.0
+                self.guard.check(self.step, loss, grad_norm)
+                opt.step(grad_scale=scale)
+                self.guard.hold()
+                self.running_loss += loss
+                self.n_running += 1
+                self.step += 1
+                bar.update(1)
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    record = self._log_eval(epoch, start)
+                    bar.set_postfix(
+                        {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
+                    )
+                    if self._early_stop(record):
+                        stopped_early = True
+                        self.log(
+                            f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations without improvement"
                         )
-                        if self._early_stop(record):
-                            stopped_early = True
-                            self.log(
-                                f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations without improvement"
-                            )
-                            break
-                    if interrupted():
-                        raise self._interrupt()
+                        break
+                if interrupted():
+                    raise self._interrupt()
         except out_of_memory_errors(be):
             n_rows = sum(part.n for part in self.run.splits.values() if part is not None)
             raise out_of_memory(be, cfg, model.sizes, min(t.batch_size, self.n_train), n_rows) from None
         finally:
+            scope.close()
             bar.close()
         return self._finish(stopped_early, time.perf_counter() - start)
 
