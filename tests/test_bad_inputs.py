@@ -123,8 +123,7 @@ def outcomes(request, tmp_path_factory):
                 if getattr(item, "originalname", None) == "test_bad_input"]  # fmt: skip
     gpu = has_gpu()
 
-    def launch(case):
-        folder = str(tmp_path_factory.mktemp(case["id"]))
+    def launch(case, folder):
         build_case(case, folder)
         before = snapshot(folder)
         return folder, before, run_cli(*shlex.split(case["args"]), cwd=folder)
@@ -132,7 +131,8 @@ def outcomes(request, tmp_path_factory):
     runnable = [c for c in selected if not (c.get("when") == "no_gpu" and gpu)]
     # in-process training (case.runs) happens in launch(), on the worker threads
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {c["id"]: pool.submit(launch, c) for c in runnable}
+        # folders made here, in this thread: tmp_path_factory is not thread-safe
+        futures = {c["id"]: pool.submit(launch, c, str(tmp_path_factory.mktemp(c["id"]))) for c in runnable}
         yield futures
 
 
