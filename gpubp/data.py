@@ -138,11 +138,21 @@ def read_numpy_file(path: str, error=DataError, what: str = ".npy/.npz file"):
                 is_pickle = f.read(1) == b"\x80"
             detail = "it is a Python pickle, which gpubp never loads" if is_pickle else "not a NumPy or zip file"
             raise error(f"{path}: not a readable {what} ({detail})") from None
-        raise error(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {_one_line(e)})") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
-        raise error(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {_one_line(e)})") from None
     except Exception as e:  # a damaged header trips NumPy's parser in many ways (TokenError, SyntaxError, ...)
-        raise error(f"{path}: not a readable {what} (truncated or corrupt: {type(e).__name__}: {e})") from None
+        raise error(
+            f"{path}: not a readable {what} (truncated or corrupt: {type(e).__name__}: {_one_line(e)})"
+        ) from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _not_found(path: str) -> DataError:
+    return DataError(f"data.path {path!r}: file not found; relative paths start at the config file's folder")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -205,7 +215,7 @@ def load_mnist(directory: str) -> Dataset:
 def load_npz(path: str, classification: bool | None) -> Dataset:
     """Arrays x and y, or x_train, y_train, x_test, y_test."""
     if not os.path.exists(path):
-        raise DataError(f"data.path {path!r}: file not found; relative paths start at the config file's folder")
+        raise _not_found(path)
     arrays = read_numpy_file(path, DataError, ".npz file")
     if not isinstance(arrays, dict):
         raise DataError(f"{path}: a single .npy array; data.dataset 'npz' needs an .npz file with arrays x and y")
@@ -232,9 +242,7 @@ def load_csv(path: str, label_column: str, classification: bool | None) -> Datas
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except FileNotFoundError:
-        raise DataError(
-            f"data.path {path!r}: file not found; relative paths start at the config file's folder"
-        ) from None
+        raise _not_found(path) from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read CSV ({e})") from None
     if not rows:
