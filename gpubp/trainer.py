@@ -231,10 +231,12 @@ def _bytes(n: float) -> str:
 
 
 def out_of_memory(backend, cfg: Config, sizes: list, batch: int, n_rows: int) -> DeviceRuntimeError:
+    """The error for running out of device memory; `batch`: the rows of a training batch
+    (train.batch_size, or fewer when the training split is smaller)."""
     est = memory_estimate(cfg, sizes, batch, n_rows, backend)
     smaller = f"e.g. {max(1, batch // 4)}" if batch > 1 else "or narrower model.hidden layers"
     return DeviceRuntimeError(
-        f"out of memory on {backend.describe()} with train.batch_size = {batch} and model {sizes}: "
+        f"out of memory on {backend.describe()} with train.batch_size = {cfg.train.batch_size} and model {sizes}: "
         f"the run needs about {_bytes(sum(est.values()))} ({_bytes(est['batch'])} for one batch's activations, "
         f"{_bytes(est['params'])} for parameters, gradients and optimizer state, {_bytes(est['data'])} for the data, "
         f"{_bytes(est['eval'])} for evaluation); use a smaller train.batch_size ({smaller})"

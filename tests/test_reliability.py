@@ -315,14 +315,16 @@ def test_memory_estimate_matches_what_numpy_allocates(tmp_path, overrides, domin
 
 @pytest.mark.gpu
 def test_gpu_out_of_memory_gives_batch_size_and_advice(tmp_path):
-    """A batch whose activations (2**22 rows x 3 x 16384 x 4 bytes = 768 GiB) fit on no GPU."""
+    """A batch whose activations (2**22 rows x 2 x 16384 x 4 bytes = 512 GiB) fit on no GPU."""
     r = run_cli("train", "--config", "configs/regression.toml", "--device", "gpu", "--quiet", "--out",
-                str(tmp_path / "o"), "--set", "data.n_samples=4194304", "--set", "model.hidden=[16384]",
+                str(tmp_path / "o"), "--set", "data.n_samples=8388608", "--set", "model.hidden=[16384]",
                 "--set", "train.batch_size=4194304", "--set", "data.test_fraction=0.0")  # fmt: skip
     assert r.returncode == 1, r.stderr
     (line,) = r.stderr.splitlines()
     assert line.startswith("gpubp: error: out of memory on ") and "train.batch_size = 4194304" in line
-    assert "GiB" in line and line.endswith("use a smaller train.batch_size (e.g. 1048576)")
+    assert line.endswith("use a smaller train.batch_size (e.g. 1048576)")
+    needed = float(re.search(r"the run needs about ([0-9.]+) GiB", line)[1])
+    assert 512 <= needed < 600  # a_k and D_k of the hidden layer: 2 x 2**22 x 16384 x 4 bytes, plus a little
 
 
 # --------------------------------------------------------------------------- unexpected errors
