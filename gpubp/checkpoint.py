@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 
+from .data import read_numpy_file
 from .errors import CheckpointError
 
 FORMAT = "gpubp-checkpoint"
@@ -31,16 +31,21 @@ def _digest(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str, meta: dict, arrays: dict) -> None:
-    """Write arrays plus meta to `path` atomically."""
-    payload = {name: np.asarray(a) for name, a in arrays.items()}
-    payload["meta"] = np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}, sort_keys=True))
-    payload["checksum"] = np.array(_digest(payload))
+TMP_PREFIX = ".tmp-"  # temporaries of atomic_write: .tmp-<name>-<random>
+
+
+def atomic_write(path: str, write) -> None:
+    """Replace `path` atomically: `write(f)` fills a temporary file (binary) in the same
+    folder, which is flushed, fsynced and renamed over `path`; then the folder is fsynced.
+    A reader sees the old file or the new one, never half of one. On any failure (or
+    Ctrl-C) the temporary is removed; only a killed process leaves one behind, and
+    `remove_temporaries` clears those."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + "-", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode a plain open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,18 +60,40 @@ def save_checkpoint(path: str, meta: dict, arrays: dict) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete the temporaries that killed writes left in `folder`; returns their names."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith(TMP_PREFIX))
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    return names
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str, meta: dict, arrays: dict) -> None:
+    """Write arrays plus meta to `path` atomically."""
+    payload = {name: np.asarray(a) for name, a in arrays.items()}
+    payload["meta"] = np.array(json.dumps({"format": FORMAT, "version": VERSION, **meta}, sort_keys=True))
+    payload["checksum"] = np.array(_digest(payload))
+    atomic_write(path, lambda f: np.savez(f, **payload))
+
+
 def load_checkpoint(path: str) -> tuple[dict, dict]:
     """(meta, arrays) of a checkpoint, verified; CheckpointError otherwise."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} not found; give the path of a last.npz or best.npz")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a directory; give a .npz file inside it (last.npz or best.npz)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, zipfile.LargeZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable gpubp checkpoint (truncated or corrupt: {e})") from None
-    if "meta" not in arrays or "checksum" not in arrays:
+    arrays = read_numpy_file(path, CheckpointError, "gpubp checkpoint")
+    if not isinstance(arrays, dict) or "meta" not in arrays or "checksum" not in arrays:
         raise CheckpointError(f"{path}: not a gpubp checkpoint (no meta/checksum records); was it written by gpubp?")
     stored = str(arrays.pop("checksum"))
     if _digest(arrays) != stored:

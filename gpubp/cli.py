@@ -1,21 +1,25 @@
 """The command line: `gpubp train | eval | predict | config show | plot | ...`.
 
 Every command catches the project's errors once and prints them as one line,
-`gpubp: error: ...`, with exit code 2 (usage, config, input) or 1 (run time).
+`gpubp: error: ...`, with exit code 2 (usage, config, input) or 1 (run time); click's
+own usage errors read the same. Ctrl-C exits 130; an unexpected exception prints one
+line `gpubp: internal error: ...` and exits 1 (GPUBP_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import shlex
 import sys
 
 import click
 import numpy as np
 
 from . import __version__
-from .errors import DataError, GpubpError, UsageError
+from .errors import DataError, GpubpError, Interrupted, UsageError
 
 
 def _fail(message: str, code: int) -> None:
@@ -24,22 +28,66 @@ def _fail(message: str, code: int) -> None:
 
 
 def handle_errors(fn):
-    """Turn project errors into one line and an exit code; Ctrl-C into exit 130."""
+    """Turn project errors into one line and an exit code; Ctrl-C into exit 130; an
+    error of the file system into one line and exit 1; any other exception into one
+    line `gpubp: internal error: ...` and exit 1, with the traceback only when the
+    environment sets GPUBP_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(f"gpubp: {e}", err=True)
+            sys.exit(e.exit_code)
         except GpubpError as e:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             click.echo("gpubp: interrupted", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("GPUBP_DEBUG", "0") not in ("", "0"):
+                raise
+            text = " ".join(str(e).split())
+            if isinstance(e, OSError) and e.strerror:
+                _fail(f"{e.filename or ''}: {e.strerror}".lstrip(": "), 1)
+            click.echo(
+                f"gpubp: internal error: {type(e).__name__}: {text} (set GPUBP_DEBUG=1 for the traceback)", err=True
+            )
+            sys.exit(1)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `gpubp`: click prints the help
+            raise
+        see = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(" ".join(e.format_message().split()) + see, e.exit_code)
+
+
+class OneLineErrors(click.Group):
+    """A click group whose own usage errors (an unknown option, a bad --device) print
+    as one line like ours, `gpubp: error: ...`, exit code 2."""
+
+    group_class = type  # subgroups (config) too
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gpubp")
 def main():
     """gpubp: train multilayer perceptrons with explicit backpropagation, on the GPU
@@ -101,8 +149,26 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
     if not quiet:
         click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
                    f"{trainer.total_steps} steps, run directory {out_dir}", err=True)  # fmt: skip
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except Interrupted as e:
+        again = [*_program(), "--resume", e.checkpoint] + (["--device", device] if device else [])
+        again += ["--quiet"] if quiet else []
+        raise Interrupted(
+            f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
+        ) from None
     click.echo(json.dumps(summary, indent=2))
+
+
+def _program() -> list[str]:
+    """The words that started this training command: python train.py, python -m gpubp
+    train, or gpubp train."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "train.py":
+        return ["python", argv0]
+    if os.path.basename(argv0) in ("__main__.py", "cli.py"):
+        return ["python", "-m", "gpubp", "train"]
+    return ["gpubp", "train"]
 
 
 # --------------------------------------------------------------------------- eval / predict
@@ -119,7 +185,8 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     cfg = config_from_checkpoint(meta, checkpoint)
     std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"))
     if with_data:
-        run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std)
+        run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
+                      checkpoint=(meta, checkpoint))  # fmt: skip
         model = run.model
     else:
         backend, note = resolve_device(device)
@@ -155,8 +222,6 @@ def eval_cmd(checkpoint, split, device):
 def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
     """Features to predict on from .npy, .npz (array 'x') or .csv (header row; the
     label column, if present, is ignored)."""
-    if not os.path.exists(path):
-        raise UsageError(f"--input {path!r} not found")
     if path.endswith(".csv"):
         import csv as _csv
 
@@ -169,23 +234,24 @@ def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
         else:
             x = _read_unlabelled_csv(path)
     else:
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"--input {path}: not a readable .npy/.npz/.csv file ({e})") from None
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                if "x" not in loaded.files:
-                    raise DataError(f"--input {path}: no array 'x' (found {loaded.files})")
-                x = loaded["x"]
-        else:
-            x = loaded
+        from .data import read_numpy_file
+
+        x = read_numpy_file(path, DataError, ".npy/.npz/.csv file")
+        if isinstance(x, dict):
+            if "x" not in x:
+                raise DataError(f"--input {path}: no array 'x' (found {sorted(x)})")
+            x = x["x"]
     from .data import check_arrays
 
-    x, _, _ = check_arrays(x, np.zeros(len(x)), f"--input {path}", False)
+    x = np.asarray(x)
+    x, _, _ = check_arrays(x, np.zeros(x.shape[:1]), f"--input {path}", False)
     if x.shape[1] != n_features:
         raise DataError(f"--input {path}: {x.shape[1]} features per sample, but the model takes {n_features}")
     return x
+
+
+def _write_text(text: str, f) -> None:
+    f.write(text.encode("utf-8"))
 
 
 def _read_unlabelled_csv(path: str) -> np.ndarray:
@@ -216,31 +282,39 @@ def _read_unlabelled_csv(path: str) -> np.ndarray:
 @handle_errors
 def predict(checkpoint, input_path, output_path, device, overwrite):
     """Run a trained model on new data."""
+    if not os.path.exists(input_path):
+        raise UsageError(f"--input {input_path!r} not found; check the path")
     if not (output_path.endswith(".npy") or output_path.endswith(".csv")):
         raise UsageError(f"--output {output_path!r}: use a .npy or .csv file name")
     if os.path.exists(output_path) and not overwrite:
         raise UsageError(f"--output {output_path!r} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(output_path) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {output_path!r}: the folder {folder!r} does not exist; create it or choose another")
+    from .checkpoint import atomic_write
+
     meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
     x = read_features(input_path, meta["n_features"], cfg.data.label_column)
     xd = model.backend.asarray(std(x), dtype=model.dtype)
     chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
     out = np.concatenate(chunks).astype(np.float64)
-    tmp = output_path + ".tmp" + os.path.splitext(output_path)[1]
     if output_path.endswith(".npy"):
-        np.save(tmp, out)
+        write = functools.partial(np.save, arr=out)
     else:
         header = [f"output_{j}" for j in range(out.shape[1])]
         if meta["n_classes"] is not None:
             pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > model.decision_threshold).astype(int)
             names = meta.get("class_names") or []
             labels = np.array([names[p] for p in pred]) if names else pred
-            with open(tmp, "w") as f:
-                f.write(",".join(["prediction", *header]) + "\n")
-                for lab, row in zip(labels, out):
-                    f.write(",".join([str(lab), *(repr(float(v)) for v in row)]) + "\n")
+            lines = [",".join(["prediction", *header])]
+            lines += [",".join([str(lab), *(repr(float(v)) for v in row)]) for lab, row in zip(labels, out)]
+            write = functools.partial(_write_text, "".join(line + "\n" for line in lines))
         else:
-            np.savetxt(tmp, out, delimiter=",", header=",".join(header), comments="")
-    os.replace(tmp, output_path)
+            write = functools.partial(np.savetxt, X=out, delimiter=",", header=",".join(header), comments="")
+    try:
+        atomic_write(output_path, write)
+    except OSError as e:
+        raise UsageError(f"--output {output_path!r} cannot be written ({e.strerror}); choose another path") from None
     click.echo(f"wrote {out.shape[0]} predictions to {output_path}", err=True)
 
 

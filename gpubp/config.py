@@ -171,6 +171,11 @@ def _closest(word: str, options, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
+def _key_hint(section: str, key: str) -> str:
+    """'; did you mean ...?' for a misspelt key, else the keys the section has."""
+    return _closest(key, SCHEMA[section], prefix=f"{section}.") or f" ([{section}] keys: {', '.join(SCHEMA[section])})"
+
+
 def _describe(value) -> str:
     return f"{value!r} ({type(value).__name__})"
 
@@ -197,6 +202,8 @@ def _coerce(where: str, f: Field, value):
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        if isinstance(value, int) and abs(value) > sys.float_info.max:
+            raise ConfigError(f"{where}: {value} is too large for a number")
         if not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         _check_range(where, f, float(value))
@@ -224,6 +231,8 @@ def _coerce(where: str, f: Field, value):
         for i, item in enumerate(value):
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 raise ConfigError(f"{where}[{i}]: expected a number, got {_describe(item)}")
+            if isinstance(item, int) and abs(item) > sys.float_info.max:
+                raise ConfigError(f"{where}[{i}]: {item} is too large for a number")
             _check_range(f"{where}[{i}]", f, float(item))
             out.append(float(item))
         return out
@@ -252,10 +261,14 @@ def _cross_checks(cfg: Config, source: str) -> None:
         )
 
 
-def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
-    """Check a raw mapping against SCHEMA; fill defaults; raise ConfigError at the first fault."""
+def _require_table(raw, source: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a table of sections, got {type(raw).__name__}")
+
+
+def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
+    """Check a raw mapping against SCHEMA; fill defaults; raise ConfigError at the first fault."""
+    _require_table(raw, source)
     sections = {}
     for name, values in raw.items():
         if name not in SCHEMA:
@@ -266,8 +279,7 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
             raise ConfigError(f"{source}: [{name}] must be a table of keys, got {_describe(values)}")
         for key in values:
             if key not in SCHEMA[name]:
-                hint = _closest(key, SCHEMA[name], prefix=f"{name}.")
-                raise ConfigError(f"{source}: unknown key '{name}.{key}'{hint}")
+                raise ConfigError(f"{source}: unknown key '{name}.{key}'{_key_hint(name, key)}")
     for name, fields in SCHEMA.items():
         given = raw.get(name, {})
         sections[name] = {
@@ -321,23 +333,27 @@ def read_raw(path: str) -> dict:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def load_config(path: str | None, overrides=()) -> Config:
     """Load, apply `--set` overrides, validate. path None gives the defaults."""
     raw = read_raw(path) if path is not None else {}
     source = path if path is not None else "<defaults>"
+    _require_table(raw, source)
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in SCHEMA:
             raise ConfigError(f"--set {text!r}: unknown section {section!r}{_closest(section, SCHEMA)}")
         if key not in SCHEMA[section]:
-            hint = _closest(key, SCHEMA[section], prefix=f"{section}.")
-            raise ConfigError(f"--set {text!r}: unknown key '{section}.{key}'{hint}")
+            raise ConfigError(f"--set {text!r}: unknown key '{section}.{key}'{_key_hint(section, key)}")
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"{source}: [{section}] must be a table of keys")
         raw.setdefault(section, {})[key] = value

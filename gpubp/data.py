@@ -13,6 +13,8 @@ import gzip
 import math
 import os
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -21,6 +23,7 @@ import numpy as np
 from .errors import DataError
 
 DATASETS = ("digits", "mnist", "npz", "csv", "spirals", "regression")
+MAX_LABEL = 2**31 - 1  # class labels go to the device as int32
 
 
 @dataclass
@@ -49,10 +52,12 @@ def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndar
     y = np.asarray(y)
     if x.dtype == object or y.dtype == object:
         raise DataError(f"{where}: arrays of Python objects are not supported; store numbers")
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{where}: x and y must be arrays with one row per sample, got a single number")
     if x.ndim == 1:
         x = x.reshape(-1, 1)
     if x.ndim > 2:
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:]))
     if x.shape[0] == 0:
         raise DataError(f"{where}: the dataset is empty (0 samples)")
     if x.shape[1] == 0:
@@ -85,16 +90,69 @@ def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndar
         if yf.min() < 0:
             i = int(np.argmin(yf))
             raise DataError(f"{where}: label {y[i]} of sample {i} is negative; class labels must be 0..C-1")
+        if yf.max() > MAX_LABEL:
+            i = int(np.argmax(yf))
+            raise DataError(
+                f"{where}: label {y[i]} of sample {i} is too large for a class index (at most {MAX_LABEL}); "
+                "class labels must be 0..C-1 (set data.task = 'regression' if these are values)"
+            )
         y = yf.astype(np.int64)
         return x, y, int(y.max()) + 1
-    if not np.issubdtype(y.dtype, np.number) and y.dtype != bool:
-        raise DataError(f"{where}: regression targets must be numbers, got dtype {y.dtype}")
+    if (not np.issubdtype(y.dtype, np.number) and y.dtype != bool) or np.issubdtype(y.dtype, np.complexfloating):
+        raise DataError(f"{where}: regression targets must be real numbers, got dtype {y.dtype}")
     y = y.astype(np.float64).reshape(y.shape[0], -1)
+    if y.shape[1] == 0:
+        raise DataError(f"{where}: the targets have no columns (y has shape {y.shape})")
     bad = ~np.isfinite(y)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataError(f"{where}: target of sample {row} is not finite; remove or fix it")
     return x, y, None
+
+
+# --------------------------------------------------------------------------- files of arrays
+
+
+def read_numpy_file(path: str, error=DataError, what: str = ".npy/.npz file"):
+    """Everything in an .npy (an array) or .npz (a dict of arrays) file, read with
+    allow_pickle=False: a pickle, or an array of Python objects, is refused and never
+    unpickled. Any other failure raises `error` (a GpubpError type) as one line."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {name: loaded[name] for name in loaded.files}
+        return loaded
+    except FileNotFoundError:
+        raise error(f"{path!r} not found; check the path") from None
+    except IsADirectoryError:
+        raise error(f"{path!r} is a directory; give a {what}") from None
+    except ValueError as e:
+        if "Object arrays cannot be loaded" in str(e):
+            raise error(
+                f"{path}: holds an array of Python objects (a pickle), which gpubp never loads; "
+                "store plain numeric arrays"
+            ) from None
+        if "pickled" in str(e):
+            with open(path, "rb") as f:
+                is_pickle = f.read(1) == b"\x80"
+            detail = "it is a Python pickle, which gpubp never loads" if is_pickle else "not a NumPy or zip file"
+            raise error(f"{path}: not a readable {what} ({detail})") from None
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {_one_line(e)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+        raise error(f"{path}: not a readable {what} (truncated or corrupt: {_one_line(e)})") from None
+    except Exception as e:  # a damaged header trips NumPy's parser in many ways (TokenError, SyntaxError, ...)
+        raise error(
+            f"{path}: not a readable {what} (truncated or corrupt: {type(e).__name__}: {_one_line(e)})"
+        ) from None
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _not_found(path: str) -> DataError:
+    return DataError(f"data.path {path!r}: file not found; relative paths start at the config file's folder")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -156,13 +214,11 @@ def load_mnist(directory: str) -> Dataset:
 
 def load_npz(path: str, classification: bool | None) -> Dataset:
     """Arrays x and y, or x_train, y_train, x_test, y_test."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"data.path {path!r}: file not found") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if not os.path.exists(path):
+        raise _not_found(path)
+    arrays = read_numpy_file(path, DataError, ".npz file")
+    if not isinstance(arrays, dict):
+        raise DataError(f"{path}: a single .npy array; data.dataset 'npz' needs an .npz file with arrays x and y")
     if {"x", "y"} <= arrays.keys():
         x, y, n_classes = check_arrays(arrays["x"], arrays["y"], path, classification)
         return Dataset(x, y, n_classes, os.path.basename(path))
@@ -186,8 +242,8 @@ def load_csv(path: str, label_column: str, classification: bool | None) -> Datas
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except FileNotFoundError:
-        raise DataError(f"data.path {path!r}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+        raise _not_found(path) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: cannot read CSV ({e})") from None
     if not rows:
         raise DataError(f"{path}: the file is empty; expected a header row and data")

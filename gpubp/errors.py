@@ -3,7 +3,8 @@
 The CLI catches `GpubpError` once and prints `gpubp: error: <message>` as one line.
 Exit code 2 is for usage and configuration mistakes and bad input files (the user
 must change something before trying again); exit code 1 is for failures at run
-time (divergence, device faults, an unwritable disk).
+time (divergence, device faults, an unwritable disk). An interrupted run (Ctrl-C)
+exits with 130, as a shell reports a process stopped by SIGINT.
 """
 
 from __future__ import annotations
@@ -55,3 +56,14 @@ class TrainingError(GpubpError):
     """Training cannot go on (a non-finite loss or gradient)."""
 
     exit_code = 1
+
+
+class Interrupted(GpubpError):
+    """Training was stopped by Ctrl-C (SIGINT) after saving a checkpoint at `step`."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, step: int, checkpoint: str):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint

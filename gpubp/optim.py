@@ -123,6 +123,9 @@ class AdamW(Adam):
         super().__init__(model, lr, betas, eps, weight_decay)
 
 
+OPTIMIZER_CLASSES = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
 def clip_scale(backend, flat_grads, max_norm: float):
     """(global norm, scale) as 0-d backend arrays, scale = min(1, max_norm / (norm + 1e-6)),
     as torch.nn.utils.clip_grad_norm_ computes it. Nothing is read back to the host."""

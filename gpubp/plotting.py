@@ -14,7 +14,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UsageError(f"{run_dir!r} holds no metrics.jsonl; give the directory of a gpubp run")
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip() and line.endswith("\n")]  # not one a crash cut
     if not records:
         raise UsageError(f"{path} is empty: the run logged no evaluation yet")
     return records

@@ -6,28 +6,47 @@ steps or once per epoch): the running training loss and the validation metrics.
 
 Everything a resumed run needs is a function of the checkpoint: the parameters and
 optimizer state, the step (hence the epoch and the batch within it; the epoch's order
-is a function of (seed, epoch)), and the early-stopping record. A resumed run
-therefore repeats an uninterrupted one exactly (bitwise on the CPU).
+is a function of (seed, epoch)), the running training loss since the last evaluation,
+and the early-stopping record. A resumed run therefore repeats an uninterrupted one
+exactly (bitwise on the CPU), from a regular checkpoint or from one saved by Ctrl-C.
+
+Reliability: a non-finite loss or gradient is noticed on the device (`FiniteGuard`)
+and reported at the next evaluation with its exact step; checkpoints are only ever
+written from finite parameters. Ctrl-C finishes the current step, saves last.npz and
+raises `Interrupted`. The backend's out-of-memory errors become DeviceRuntimeError
+with the batch size and an estimate of the memory the run needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import data as D
+from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import Config, dump_toml, validate
-from .errors import CheckpointError, ConfigError, DataError, TrainingError, UsageError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceRuntimeError,
+    Interrupted,
+    TrainingError,
+    UsageError,
+)
 from .model import MLP
-from .optim import clip_scale, make_optimizer
+from .optim import OPTIMIZER_CLASSES, clip_scale, make_optimizer
 from .schedules import lr_at
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
@@ -69,6 +88,10 @@ def output_width(ds: D.Dataset, loss: str) -> int:
                 f"loss.name 'softmax_cross_entropy' needs class labels, but {ds.name} has real-valued targets; "
                 "use mse or huber"
             )
+        if loss == "binary_cross_entropy" and (ds.y.min() < 0 or ds.y.max() > 1):
+            raise DataError(
+                f"{ds.name}: binary_cross_entropy needs targets in [0, 1], found {ds.y.min():g}..{ds.y.max():g}"
+            )
         return ds.y.shape[1]
     if loss == "softmax_cross_entropy":
         return ds.n_classes
@@ -78,10 +101,6 @@ def output_width(ds: D.Dataset, loss: str) -> int:
 def loss_targets(ds: D.Dataset, loss: str, width: int) -> np.ndarray:
     """Targets in the form the loss takes: labels, a 0/1 column, one-hot rows, or values."""
     if not ds.is_classification:
-        if loss == "binary_cross_entropy" and (ds.y.min() < 0 or ds.y.max() > 1):
-            raise DataError(
-                f"{ds.name}: binary_cross_entropy needs targets in [0, 1], found {ds.y.min():g}..{ds.y.max():g}"
-            )
         return ds.y
     if loss == "softmax_cross_entropy":
         return ds.y
@@ -117,10 +136,12 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
     )  # fmt: skip
 
 
-def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None) -> Run:
+def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None,
+            checkpoint: tuple[dict, str] | None = None) -> Run:  # fmt: skip
     """Backend, data (split, standardised, on the device) and a freshly initialised
     model. `standardizer` replaces the statistics fitted on the training split (a
-    checkpoint's own, for eval)."""
+    checkpoint's own, for eval); `checkpoint` (meta, path): the model stored there,
+    which must fit this data (a resumed run, eval)."""
     backend, note = resolve_device(device)
     if note and log:
         log(note)
@@ -136,12 +157,90 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     else:
         std = D.Standardizer.identity(ds.x.shape[1])
     width = output_width(ds, cfg.loss.name)
-    model = build_model(cfg, ds.x.shape[1], width, backend)
-    dev = {}
-    for name in ("train", "val", "test"):
-        part = getattr(splits, name)
-        dev[name] = D.DeviceSplit(model, part, std, loss_targets(part, cfg.loss.name, width)) if part else None
+    if checkpoint is not None:
+        check_data_fits(cfg, ds, width, *checkpoint)
+    try:
+        model = build_model(cfg, ds.x.shape[1], width, backend)
+        dev = {}
+        for name in ("train", "val", "test"):
+            part = getattr(splits, name)
+            dev[name] = D.DeviceSplit(model, part, std, loss_targets(part, cfg.loss.name, width)) if part else None
+    except out_of_memory_errors(backend):
+        sizes = [ds.x.shape[1], *cfg.model.hidden, width]
+        n_rows = sum(len(p) for p in (splits.train, splits.val, splits.test) if p is not None)
+        raise out_of_memory(backend, cfg, sizes, min(cfg.train.batch_size, len(splits.train)), n_rows) from None
     return Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev)
+
+
+def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: str) -> None:
+    """The data must fit the model stored in checkpoint `path`: as many features, as
+    many outputs (classes or target columns)."""
+    stored = meta["model"]["sizes"]
+    where = cfg.data_path() or f"data.dataset {cfg.data.dataset!r}"
+    if ds.x.shape[1] != stored[0]:
+        raise DataError(
+            f"{where}: {ds.x.shape[1]} features per sample, but the model in {path} takes {stored[0]}; "
+            "use the data it was trained on"
+        )
+    if width != stored[-1]:
+        have = f"labels 0..{ds.n_classes - 1}" if ds.is_classification else f"{width} target columns"
+        raise DataError(
+            f"{where}: the data has {have}, but the model in {path} has {stored[-1]} outputs; "
+            "use the data it was trained on"
+        )
+
+
+# --------------------------------------------------------------------------- device memory
+
+
+def out_of_memory_errors(backend) -> tuple:
+    """The exception types by which `backend` says its memory ran out."""
+    return getattr(backend, "out_of_memory_errors", (MemoryError,))
+
+
+def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) -> dict:
+    """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
+    gradients, optimizer state, its scratch rows and FiniteGuard's copy of the
+    parameters: one flat buffer each), `batch` (the activations and their gradients
+    that the forward and backward pass of one training batch keep, and the gathered
+    batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
+    features, targets, labels)."""
+    item = np.dtype(cfg.model.dtype).itemsize
+    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    scratch = getattr(backend, "optimizer_scratch_rows", 1)  # the optimizer's working rows of P
+    n_buffers = 3 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
+    # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
+    per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))
+    per_row += sizes[-1]  # the batch's targets
+    eval_rows = min(cfg.train.eval_batch_size, n_rows)
+    return {
+        "params": n_params * n_buffers * item,
+        "batch": batch * per_row * item,
+        "eval": eval_rows * per_row * item,
+        "data": n_rows * ((sizes[0] + sizes[-1]) * item + 4),
+    }
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def out_of_memory(backend, cfg: Config, sizes: list, batch: int, n_rows: int) -> DeviceRuntimeError:
+    """The error for running out of device memory; `batch`: the rows of a training batch
+    (train.batch_size, or fewer when the training split is smaller)."""
+    est = memory_estimate(cfg, sizes, batch, n_rows, backend)
+    smaller = f"e.g. {max(1, batch // 4)}" if batch > 1 else "or narrower model.hidden layers"
+    return DeviceRuntimeError(
+        f"out of memory on {backend.describe()} with train.batch_size = {cfg.train.batch_size} and model {sizes}: "
+        f"the run needs about {_bytes(sum(est.values()))} ({_bytes(est['batch'])} for one batch's activations, "
+        f"{_bytes(est['params'])} for parameters, gradients and optimizer state, {_bytes(est['data'])} for the data, "
+        f"{_bytes(est['eval'])} for evaluation); use a smaller train.batch_size ({smaller})"
+    )
 
 
 def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -158,6 +257,7 @@ def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 os.unlink(path)
+        remove_temporaries(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".gpubp-write-test")
@@ -220,6 +320,60 @@ def restore_params(model: MLP, arrays: dict, path: str) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+class FiniteGuard:
+    """Watches each step for a non-finite loss or gradient without reading anything back
+    to the host: the index of the first bad step (-1 while all is well) is a 0-d array
+    on the device, read only when the host logs. From that step on the parameters are
+    held at their last finite values, so a checkpoint never gets NaN or inf."""
+
+    def __init__(self, backend, params):
+        self.backend, self.xp, self.params = backend, backend.xp, params
+        self.first_bad = backend.zeros((), np.int64)
+        self.first_bad[...] = -1
+        self._held = backend.empty(params.shape, params.dtype)
+
+    def check(self, step: int, loss, grad_sq) -> None:
+        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d)."""
+        xp = self.xp
+        bad = ~(xp.isfinite(loss) & xp.isfinite(grad_sq))
+        self.first_bad = xp.where(bad & (self.first_bad < 0), step, self.first_bad)
+        xp.copyto(self._held, self.params)
+
+    def hold(self) -> None:
+        """After the update: undo it once a bad step has been seen."""
+        self.xp.copyto(self.params, self._held, where=self.first_bad >= 0)
+
+    def first_bad_step(self) -> int | None:
+        """0-based index of the first non-finite step, or None (one read from the device)."""
+        value = int(self.backend.to_float(self.first_bad))
+        return None if value < 0 else value
+
+
+@contextlib.contextmanager
+def catch_sigint():
+    """While active, Ctrl-C (SIGINT) only raises a flag: yields a function that says
+    whether it came. A second Ctrl-C interrupts at once (KeyboardInterrupt), as usual.
+    Outside the main thread, or where SIGINT is ignored, nothing changes."""
+    hits = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        signal.SIG_IGN,
+        None,
+    ):
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        hits.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str, device: str | None = None, quiet: bool = False,
                  overwrite: bool = False, resume: str | None = None, log=None):  # fmt: skip
@@ -233,7 +387,8 @@ class Trainer:
             _check_resume_compatible(stored, cfg, resume)
         self.cfg = cfg
         self.out_dir = out_dir
-        self.run = prepare(cfg, device or cfg.train.device, self.log)
+        fits = (self.resume_meta, resume) if resume is not None else None
+        self.run = prepare(cfg, device or cfg.train.device, self.log, checkpoint=fits)
         self.model = self.run.model
         o = cfg.optimizer
         self.opt = make_optimizer(self.model, o.name, o.lr, o.momentum, o.dampening, o.nesterov,
@@ -246,14 +401,20 @@ class Trainer:
         self.best_value = None
         self.best_step = None
         self.bad_evals = 0
+        # the training loss summed on the device since the last evaluation, and over how many steps
+        self.running_loss = self.run.backend.zeros((), np.float64)
+        self.n_running = 0
+        self.saved_step = None  # step of the last.npz this process wrote
+        self.guard = FiniteGuard(self.run.backend, self.model.flat_params)
         if resume is not None:
             self._restore(resume, resume_arrays)
-            if not os.path.isdir(out_dir):
-                os.makedirs(out_dir)
-        else:
+        if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
+            for name in remove_temporaries(out_dir):
+                self.log(f"removed {name}, left in {out_dir} by an interrupted write")
+            self._trim_log()
+        else:  # a new run, or a resumed one continued in another directory
             prepare_out_dir(out_dir, overwrite)
-        with open(os.path.join(out_dir, "config.toml"), "w") as f:
-            f.write(dump_toml(cfg))
+        atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(cfg))
 
     # ---- state
 
@@ -269,13 +430,17 @@ class Trainer:
         self.step = int(meta["step"])
         self.best_value, self.best_step = meta["best_value"], meta["best_step"]
         self.bad_evals = int(meta["bad_evals"])
-        # drop log lines past the checkpoint: they will be written again
+        if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
+            self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
+            self.n_running = int(meta["running_steps"])
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the checkpoint (they will be written again) and a line torn by a crash."""
         metrics = os.path.join(self.out_dir, "metrics.jsonl")
         if os.path.exists(metrics):
             with open(metrics) as f:
-                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
-            with open(metrics, "w") as f:
-                f.writelines(keep)
+                keep = [line for line in f if line.endswith("\n") and _logged_step(line) <= self.step]
+            atomic_write_text(metrics, "".join(keep))
 
     def _meta(self) -> dict:
         epoch, batch = divmod(self.step, self.steps_per_epoch)
@@ -289,6 +454,7 @@ class Trainer:
                 "batch": batch,
             },  # fmt: skip
             "optimizer_steps": self.opt.steps,
+            "running_steps": self.n_running,
             "best_value": self.best_value,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
@@ -300,7 +466,11 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        save_checkpoint(os.path.join(self.out_dir, name), self._meta(), checkpoint_arrays(self.run, self.opt))
+        arrays = checkpoint_arrays(self.run, self.opt)
+        arrays["train.running_loss"] = self.run.backend.to_numpy(self.running_loss)
+        save_checkpoint(os.path.join(self.out_dir, name), self._meta(), arrays)
+        if name == "last.npz":
+            self.saved_step = self.step
 
     # ---- evaluation
 
@@ -322,17 +492,17 @@ class Trainer:
 
         be, model, opt, cfg = self.run.backend, self.model, self.opt, self.cfg
         t, sch = cfg.train, cfg.schedule
-        xp = be.xp
         train = self.run.splits["train"]
         clip = cfg.optimizer.clip_grad_norm
         eval_every = t.eval_every or self.steps_per_epoch
-        running = xp.zeros((), dtype=np.float64)
-        n_running = 0
         perm_epoch, perm = None, None
         stopped_early = False
         start = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
+        scope = contextlib.ExitStack()
+        interrupted = scope.enter_context(catch_sigint())
+        scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
             while self.step < self.total_steps:
                 epoch, b = divmod(self.step, self.steps_per_epoch)
@@ -345,16 +515,19 @@ class Trainer:
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
                 loss = model.forward_backward(xb, yb)
-                scale = clip_scale(be, model.flat_grads, clip)[1] if clip > 0 else 1.0
+                if clip > 0:
+                    grad_norm, scale = clip_scale(be, model.flat_grads, clip)
+                else:  # its square: finite exactly when the norm is
+                    grad_norm, scale = be.sum_squares(model.flat_grads), 1.0
+                self.guard.check(self.step, loss, grad_norm)
                 opt.step(grad_scale=scale)
-                running += loss
-                n_running += 1
+                self.guard.hold()
+                self.running_loss += loss
+                self.n_running += 1
                 self.step += 1
                 bar.update(1)
                 if self.step % eval_every == 0 or self.step == self.total_steps:
-                    record = self._log_eval(running, n_running, epoch, start)
-                    running[...] = 0.0
-                    n_running = 0
+                    record = self._log_eval(epoch, start)
                     bar.set_postfix(
                         {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
                     )
@@ -364,7 +537,13 @@ class Trainer:
                             f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations without improvement"
                         )
                         break
+                if interrupted():
+                    raise self._interrupt()
+        except out_of_memory_errors(be):
+            n_rows = sum(part.n for part in self.run.splits.values() if part is not None)
+            raise out_of_memory(be, cfg, model.sizes, min(t.batch_size, self.n_train), n_rows) from None
         finally:
+            scope.close()
             bar.close()
         return self._finish(stopped_early, time.perf_counter() - start)
 
@@ -375,14 +554,42 @@ class Trainer:
             cache[key] = self.run.backend.empty((n, *src.shape[1:]), src.dtype)
         return cache[key]
 
-    def _log_eval(self, running, n_running, epoch, start) -> dict:
-        train_loss = self.run.backend.to_float(running) / max(n_running, 1)
-        if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"training diverged: the training loss became {train_loss} before step {self.step} (epoch {epoch + 1}); "
-                f"the last good checkpoint is {os.path.join(self.out_dir, 'last.npz')}. "
-                "Lower optimizer.lr or set optimizer.clip_grad_norm"
-            )
+    def _check_finite(self) -> None:
+        """TrainingError naming the first non-finite step, if there was one."""
+        bad = self.guard.first_bad_step()
+        if bad is None:
+            return
+        epoch, batch = divmod(bad, self.steps_per_epoch)
+        last = os.path.join(self.out_dir, "last.npz")
+        if self.saved_step is not None:
+            kept = f"the last good checkpoint {last} (step {self.saved_step}) is kept"
+        elif os.path.exists(last):
+            kept = f"the last good checkpoint {last} is kept"
+        else:
+            kept = "no checkpoint had been written yet"
+        o = self.cfg.optimizer
+        clip = (
+            f"lower optimizer.clip_grad_norm (now {o.clip_grad_norm:g})"
+            if o.clip_grad_norm > 0
+            else "set optimizer.clip_grad_norm (e.g. 1.0)"
+        )
+        raise TrainingError(
+            f"training diverged: the loss or gradient became non-finite at step {bad + 1} "
+            f"(epoch {epoch + 1}, batch {batch + 1}); {kept}. Lower optimizer.lr (now {o.lr:g}) or {clip}"
+        )
+
+    def _interrupt(self) -> Interrupted:
+        """Ctrl-C came: save last.npz at the current step (if all is finite)."""
+        self._check_finite()
+        self.save("last.npz")
+        path = os.path.join(self.out_dir, "last.npz")
+        return Interrupted(f"interrupted at step {self.step}; saved {path}", self.step, path)
+
+    def _log_eval(self, epoch, start) -> dict:
+        self._check_finite()
+        train_loss = self.run.backend.to_float(self.running_loss) / max(self.n_running, 1)
+        self.running_loss[...] = 0.0
+        self.n_running = 0
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.evaluate("val"))
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
@@ -394,9 +601,11 @@ class Trainer:
             self.best_value, self.best_step, self.bad_evals = value, self.step, 0
         else:
             self.bad_evals += 1
-        self.save("last.npz")
+        # best before last: a crash between the two leaves a last.npz whose record of
+        # the best step matches best.npz, or an older last.npz that repeats the step
         if improved:
             self.save("best.npz")
+        self.save("last.npz")
         return record
 
     def _early_stop(self, record) -> bool:
@@ -409,17 +618,25 @@ class Trainer:
                    "device": self.run.backend.describe(), "seconds": round(seconds, 3)}  # fmt: skip
         for split in ("train", "val", "test"):
             summary.update(self.evaluate(split))
-        path = os.path.join(self.out_dir, "summary.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _monitor_name(self) -> str:
         metric = self.cfg.train.early_stopping_metric
         return metric if self.run.splits["val"] is not None else "train_loss"
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for one a crash tore (a torn line that
+    still parses lacks its newline, which the caller checks)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _check_resume_compatible(stored: Config, given: Config, path: str) -> None:

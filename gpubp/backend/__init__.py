@@ -34,6 +34,10 @@ class NumpyBackend:
     sum_squares = staticmethod(numpy_ops.sum_squares)
     gather_rows = staticmethod(numpy_ops.gather_rows)
 
+    # what this backend raises when its memory runs out; the trainer turns these into
+    # DeviceRuntimeError with the batch size and the memory needed
+    out_of_memory_errors = (MemoryError,)
+
     def describe(self) -> str:
         return f"cpu (NumPy {np.__version__})"
 
