@@ -28,7 +28,7 @@ class Optimizer:
         for name in self.state_names:
             setattr(self, name, self.backend.zeros(model.n_params, model.dtype))
         # working space of the update: (2, P) on backends that need it (NumPy), else nothing
-        rows = getattr(self.backend, "optimizer_scratch_rows", 0)
+        rows = self.backend.optimizer_scratch_rows
         self._scratch = self.backend.empty((rows, model.n_params), model.dtype) if rows else None
 
     def _flat_grads(self, grads):
@@ -44,14 +44,16 @@ class Optimizer:
                 dst[...] = self.backend.asarray(src, dtype=model.dtype).reshape(dst.shape)
         return model.flat_grads
 
-    def step(self, grads=None, grad_scale=1.0) -> None:
+    def step(self, grads=None, grad_scale=1.0, skip=None) -> None:
         """Update model.params in place from `grads` (default: the model's own),
-        each gradient first multiplied by `grad_scale` (gradient clipping)."""
+        each gradient first multiplied by `grad_scale` (gradient clipping). `skip`, a
+        0-d boolean backend array, makes the update change nothing when true (the
+        trainer's guard against a non-finite step; no host sync on the GPU)."""
         g = self._flat_grads(grads)
         self.steps += 1
-        self._update(self.model.flat_params, g, grad_scale)
+        self._update(self.model.flat_params, g, grad_scale, skip)
 
-    def _update(self, p, g, grad_scale) -> None:
+    def _update(self, p, g, grad_scale, skip) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -83,11 +85,11 @@ class SGD(Optimizer):
         self.momentum, self.dampening = float(momentum), float(dampening)
         self.nesterov, self.weight_decay = bool(nesterov), float(weight_decay)
 
-    def _update(self, p, g, grad_scale):
+    def _update(self, p, g, grad_scale, skip):
         self.backend.sgd_step(
             p, g, self.momentum_buffer, self._scratch,
             lr=self.lr, momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
-            weight_decay=self.weight_decay, first_step=self.steps == 1, grad_scale=grad_scale,
+            weight_decay=self.weight_decay, first_step=self.steps == 1, grad_scale=grad_scale, skip=skip,
         )  # fmt: skip
 
 
@@ -106,11 +108,11 @@ class Adam(Optimizer):
             raise ValueError("eps must be > 0 and weight_decay >= 0")
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, float(eps), float(weight_decay)
 
-    def _update(self, p, g, grad_scale):
+    def _update(self, p, g, grad_scale, skip):
         self.backend.adam_step(
             p, g, self.exp_avg, self.exp_avg_sq, self._scratch,
             lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,
-            step=self.steps, decoupled=self.decoupled, grad_scale=grad_scale,
+            step=self.steps, decoupled=self.decoupled, grad_scale=grad_scale, skip=skip,
         )  # fmt: skip
 
 

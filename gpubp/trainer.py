@@ -207,7 +207,7 @@ def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) 
     features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
-    scratch = getattr(backend, "optimizer_scratch_rows", 1)  # the optimizer's working rows of P
+    scratch = backend.optimizer_scratch_rows  # the optimizer's working rows of P
     n_buffers = 3 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
@@ -323,25 +323,22 @@ def restore_params(model: MLP, arrays: dict, path: str) -> None:
 class FiniteGuard:
     """Watches each step for a non-finite loss or gradient without reading anything back
     to the host: the index of the first bad step (-1 while all is well) is a 0-d array
-    on the device, read only when the host logs. From that step on the parameters are
-    held at their last finite values, so a checkpoint never gets NaN or inf."""
+    on the device, read only when the host logs. From that step on `skip` is true and
+    the fused update leaves parameters and optimizer state as they are, so a
+    checkpoint never gets NaN or inf."""
 
-    def __init__(self, backend, params):
-        self.backend, self.xp, self.params = backend, backend.xp, params
+    def __init__(self, backend):
+        self.backend, self.xp = backend, backend.xp
         self.first_bad = backend.zeros((), np.int64)
         self.first_bad[...] = -1
-        self._held = backend.empty(params.shape, params.dtype)
+        self.skip = backend.zeros((), np.bool_)
 
     def check(self, step: int, loss, grad_sq) -> None:
         """Before the update of step `step` (0-based): loss and squared gradient norm (0-d)."""
         xp = self.xp
         bad = ~(xp.isfinite(loss) & xp.isfinite(grad_sq))
         self.first_bad = xp.where(bad & (self.first_bad < 0), step, self.first_bad)
-        xp.copyto(self._held, self.params)
-
-    def hold(self) -> None:
-        """After the update: undo it once a bad step has been seen."""
-        self.xp.copyto(self.params, self._held, where=self.first_bad >= 0)
+        self.skip = self.first_bad >= 0
 
     def first_bad_step(self) -> int | None:
         """0-based index of the first non-finite step, or None (one read from the device)."""
@@ -405,7 +402,7 @@ class Trainer:
         self.running_loss = self.run.backend.zeros((), np.float64)
         self.n_running = 0
         self.saved_step = None  # step of the last.npz this process wrote
-        self.guard = FiniteGuard(self.run.backend, self.model.flat_params)
+        self.guard = FiniteGuard(self.run.backend)
         if resume is not None:
             self._restore(resume, resume_arrays)
         if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
@@ -520,8 +517,7 @@ class Trainer:
                 else:  # its square: finite exactly when the norm is
                     grad_norm, scale = be.sum_squares(model.flat_grads), 1.0
                 self.guard.check(self.step, loss, grad_norm)
-                opt.step(grad_scale=scale)
-                self.guard.hold()
+                opt.step(grad_scale=scale, skip=self.guard.skip)
                 self.running_loss += loss
                 self.n_running += 1
                 self.step += 1

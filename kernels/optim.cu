@@ -1,13 +1,16 @@
 // optim.cu: one fused update per optimizer over the flat parameter, gradient and state
 // buffers (torch.optim's single-tensor rules; see gpubp/backend/numpy_ops.py).
-// grad_scale points to one device value (gradient clipping computes it on the device).
+// grad_scale points to one device value (gradient clipping computes it on the device);
+// skip points to one flag: when it is set the update changes nothing (a non-finite step).
 #include "common.cuh"
 
 // d = s g + wd p; buf = d (first step) or mu buf + (1 - damp) d; d = d + mu buf (nesterov)
 // or buf; p = p - lr d
 template <typename T>
 __device__ void sgd_step(T* p, const T* g, T* buf, long long n, T lr, T momentum, T one_minus_dampening,
-                         int nesterov, T weight_decay, int first_step, const T* grad_scale) {
+                         int nesterov, T weight_decay, int first_step, const T* grad_scale,
+                         const bool* skip) {
+  if (skip[0]) return;
   const T s = grad_scale[0];
   GRID_STRIDE_LOOP(i, n) {
     T d = g[i] * s;
@@ -28,7 +31,8 @@ __device__ void sgd_step(T* p, const T* g, T* buf, long long n, T lr, T momentum
 template <typename T>
 __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus_beta1, T beta2,
                           T one_minus_beta2, T eps, T weight_decay, int decoupled, T decay, T step_size,
-                          T bias2_sqrt, const T* grad_scale) {
+                          T bias2_sqrt, const T* grad_scale, const bool* skip) {
+  if (skip[0]) return;
   const T s = grad_scale[0];
   GRID_STRIDE_LOOP(i, n) {
     T d = g[i] * s;
@@ -50,14 +54,15 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
 #define OPTIM_KERNELS(T, S)                                                                                     \
   extern "C" __global__ void sgd_step_##S(T* p, const T* g, T* buf, long long n, T lr, T momentum,              \
                                            T one_minus_dampening, int nesterov, T weight_decay, int first_step, \
-                                           const T* grad_scale) {                                               \
+                                           const T* grad_scale, const bool* skip) {                             \
     sgd_step<T>(p, g, buf, n, lr, momentum, one_minus_dampening, nesterov, weight_decay, first_step,            \
-                grad_scale);                                                                                     \
+                grad_scale, skip);                                                                               \
   }                                                                                                             \
   extern "C" __global__ void adam_step_##S(T* p, const T* g, T* m, T* v, long long n, T one_minus_beta1,       \
                                             T beta2, T one_minus_beta2, T eps, T weight_decay, int decoupled,   \
-                                            T decay, T step_size, T bias2_sqrt, const T* grad_scale) {          \
+                                            T decay, T step_size, T bias2_sqrt, const T* grad_scale,            \
+                                            const bool* skip) {                                                 \
     adam_step<T>(p, g, m, v, n, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decoupled, decay,   \
-                 step_size, bias2_sqrt, grad_scale);                                                            \
+                 step_size, bias2_sqrt, grad_scale, skip);                                                      \
   }
 FOR_FLOAT_TYPES(OPTIM_KERNELS)

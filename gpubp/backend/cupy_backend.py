@@ -76,6 +76,7 @@ class CupyBackend:
     """The GPU backend: CuPy arrays, our kernels, cuBLAS."""
 
     name = "gpu"
+    optimizer_scratch_rows = 0  # the fused update kernels need no working space
 
     def __init__(self, device_id: int = 0):
         import cupy
@@ -97,6 +98,7 @@ class CupyBackend:
         self._kernel_file = {n: f for f in K.KERNEL_FILES for n in K.kernel_names(f)}
         self._ones: dict = {}  # (dtype, n) -> device vector of ones (GEMV column sums)
         self._unit: dict = {}  # dtype -> device scalar 1 (the default gradient scale)
+        self._no_skip = cupy.zeros((), dtype=np.bool_)  # the update's skip flag when none is given
         # host scalars for cuBLAS (pointer mode host): alpha = 1, beta in {0, 1}
         self._alpha = {np.float32: np.ones(1, np.float32), np.float64: np.ones(1, np.float64)}
         self._beta = {(t, b): np.full(1, b, t) for t in (np.float32, np.float64) for b in (0.0, 1.0)}
@@ -192,6 +194,14 @@ class CupyBackend:
         if one is None:
             one = self._unit[np.dtype(dtype)] = self._cupy.ones((), dtype=dtype)
         return one
+
+    def _skip_flag(self, skip):
+        """A device bool scalar: the caller's flag, or a cached False."""
+        if skip is None:
+            return self._no_skip
+        if not isinstance(skip, self._cupy.ndarray) or skip.size != 1:
+            raise ValueError("skip must be a 0-d CuPy array")
+        return skip if skip.dtype == np.bool_ else skip.astype(np.bool_)
 
     def _scale_array(self, grad_scale, dtype):
         """A device scalar of `dtype` holding the gradient scale."""
@@ -389,7 +399,7 @@ class CupyBackend:
     # ------------------------------------------------------------------ optimizers
 
     def sgd_step(self, p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step,
-                 grad_scale=1.0):  # fmt: skip
+                 grad_scale=1.0, skip=None):  # fmt: skip
         """One fused SGD update; see numpy_ops.sgd_step (scratch is not needed here)."""
         dtype = p.dtype
         self._check("sgd_step", dtype, p=p, g=g, buf=buf)
@@ -399,11 +409,12 @@ class CupyBackend:
         self._function("sgd_step", dtype)(
             (self._blocks(p.size),), (BLOCK,),
             (p, g, buf, np.int64(p.size), t(lr), t(momentum), t(1.0 - dampening), np.int32(bool(nesterov)),
-             t(weight_decay), np.int32(bool(first_step)), self._scale_array(grad_scale, dtype)),
+             t(weight_decay), np.int32(bool(first_step)), self._scale_array(grad_scale, dtype),
+             self._skip_flag(skip)),
         )  # fmt: skip
 
     def adam_step(self, p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled,
-                  grad_scale=1.0):  # fmt: skip
+                  grad_scale=1.0, skip=None):  # fmt: skip
         """One fused Adam/AdamW update; see numpy_ops.adam_step."""
         dtype = p.dtype
         self._check("adam_step", dtype, p=p, g=g, m=m, v=v)
@@ -416,7 +427,7 @@ class CupyBackend:
             (self._blocks(p.size),), (BLOCK,),
             (p, g, m, v, np.int64(p.size), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(eps), t(weight_decay),
              np.int32(bool(decoupled)), t(1.0 - lr * weight_decay), t(step_size), t(bias2_sqrt),
-             self._scale_array(grad_scale, dtype)),
+             self._scale_array(grad_scale, dtype), self._skip_flag(skip)),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ data

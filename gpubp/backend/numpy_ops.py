@@ -241,8 +241,10 @@ def accuracy_count(x, labels, threshold=0.0):
 # optimizers over the flat buffers (torch.optim's update rules, single-tensor path)
 
 
-def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale=1.0):
+def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_decay, first_step, grad_scale=1.0,
+             skip=None):  # fmt: skip
     """One SGD step over flat buffers p, g, buf (momentum): (P,); scratch: (2, P).
+    skip: None, or a 0-d boolean: when true nothing changes (a non-finite step).
 
     d = s g + wd p             (s: gradient scale from clipping)
     buf = d                    on the first step,
@@ -250,6 +252,8 @@ def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_de
     d = d + mu buf if nesterov else buf
     p = p - lr d
     """
+    if skip is not None and skip:
+        return
     d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
     np.multiply(g, grad_scale, out=d)
     if weight_decay:
@@ -271,14 +275,17 @@ def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_de
     p -= t
 
 
-def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, grad_scale=1.0):
+def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, grad_scale=1.0,
+              skip=None):  # fmt: skip
     """One Adam (decoupled=False) or AdamW (decoupled=True) step; t = step >= 1.
-    p, g, m, v: (P,); scratch: (2, P).
+    p, g, m, v: (P,); scratch: (2, P). skip: as in sgd_step.
 
     d = s g (+ wd p for Adam)          p = p (1 - lr wd)   for AdamW
     m = m + (1 - b1) (d - m)           v = b2 v + (1 - b2) d^2
     p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
+    if skip is not None and skip:
+        return
     d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
     np.multiply(g, grad_scale, out=d)
     if weight_decay:
