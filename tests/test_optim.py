@@ -173,3 +173,16 @@ def test_bad_hyperparameters_are_refused():
         gpubp.SGD(m, lr=0.1, nesterov=True)
     with pytest.raises(ValueError):
         gpubp.Adam(m, betas=(1.0, 0.9))
+
+
+@pytest.mark.parametrize("name,kw", TORCH_CASES + [("adamw", {"lr": 1e-2, "weight_decay": 0.0})])
+def test_a_step_leaves_the_gradients_alone(name, kw):
+    # the NumPy updates may read g in place of a scaled copy: they must never write it
+    model = gpubp.MLP([3, 5, 2], "tanh", dtype="float64", seed=1)
+    opt = {"sgd": gpubp.SGD, "adam": gpubp.Adam, "adamw": gpubp.AdamW}[name](model, **kw)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        model.flat_grads[...] = rng.normal(size=model.n_params)
+        before = model.flat_grads.copy()
+        opt.step()
+        assert np.array_equal(model.flat_grads, before)

@@ -161,13 +161,39 @@ def bias_act_forward(z, b, act: Activation, out):
 
 
 def bias_grad(d, out):
-    """out = column sums of d: db = sum_i D'_i. d: (N, n); out: (n,)."""
-    np.sum(d, axis=0, out=out)
+    """out = column sums of d: db = sum_i D'_i = 1^T D'. d: (N, n); out: (n,).
+
+    As a GEMV with a ones vector: BLAS does it faster than np.sum(axis=0), adding the
+    rows in the same sequential order."""
+    np.matmul(_ones(d.shape[0], d.dtype), d, out=out)
     return out
+
+
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype) -> np.ndarray:
+    """A cached read-only vector of n ones."""
+    key = (n, np.dtype(dtype))
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 8:
+            _ONES.clear()
+        ones = _ONES[key] = np.ones(n, dtype=dtype)
+        ones.flags.writeable = False
+    return ones
 
 
 # ---------------------------------------------------------------------------------------
 # losses: value (0-d array) and gradient dL/dx in one call
+
+
+def loss_divisor(loss: Loss, n: int, c: int) -> int:
+    """What the batch mean divides by: N rows for softmax_cross_entropy, N C elements else."""
+    return n if loss.info.target == "labels" else n * c
+
+
+LOSS_BLOCK = 32768  # elements per block of rows in loss_forward_backward
 
 
 def loss_forward_backward(x, target, loss: Loss, grad=None):
@@ -175,9 +201,30 @@ def loss_forward_backward(x, target, loss: Loss, grad=None):
 
     x: (N, C) network output; target: (N,) integer labels for softmax_cross_entropy,
     (N, C) values otherwise; grad: (N, C) or None. Returns a 0-d array of x.dtype.
+    Rows go through loss_sum in blocks of about LOSS_BLOCK elements, so that the
+    formulas' temporaries stay small (a large batch would otherwise allocate, and
+    page-fault, several arrays of its size); the blocks' sums are added in order.
     """
     n, c = x.shape
+    divisor = loss_divisor(loss, n, c)
+    rows = max(1, LOSS_BLOCK // c)
+    if n <= rows:
+        total = loss_sum(x, target, loss, grad, divisor)
+    else:
+        sums = [
+            loss_sum(x[r : r + rows], target[r : r + rows], loss, None if grad is None else grad[r : r + rows], divisor)
+            for r in range(0, n, rows)
+        ]
+        total = np.sum(sums, dtype=x.dtype)
+    return np.asarray(total / divisor, dtype=x.dtype)
+
+
+def loss_sum(x, target, loss: Loss, grad, divisor: int):
+    """The sum of the rows' losses (0-d, x.dtype), and grad = d(sum / divisor)/dx when
+    grad is not None: the mean's gradient, for a block of the batch's rows."""
+    n, c = x.shape
     name = loss.name
+    scale = 1.0 / divisor
     if name == "softmax_cross_entropy":
         # logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
         # L = -(1/N) sum_i sum_c q_ic logp_ic;   dL/dx = (softmax(x) - q) / N
@@ -189,39 +236,37 @@ def loss_forward_backward(x, target, loss: Loss, grad=None):
         rows = np.arange(n)
         nll = -logp[rows, target]
         per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=1) if eps else nll
-        value = per_row.sum() / n
+        total = per_row.sum()
         if grad is not None:
             np.exp(logp, out=grad)
             grad -= eps / c
             grad[rows, target] -= 1.0 - eps
-            grad *= 1.0 / n
+            grad *= scale
     elif name == "binary_cross_entropy":
         # l = max(x, 0) - x t + log(1 + exp(-abs(x)));   dl/dx = sigmoid(x) - t
-        per = np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))
-        value = per.sum() / (n * c)
+        total = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).sum()
         if grad is not None:
             _sigmoid(x, grad)
             grad -= target
-            grad *= 1.0 / (n * c)
+            grad *= scale
     elif name == "mse":
         # l = r^2, r = x - t;   dl/dx = 2 r
         r = x - target
-        value = (r * r).sum() / (n * c)
+        total = (r * r).sum()
         if grad is not None:
-            np.multiply(r, 2.0 / (n * c), out=grad)
+            np.multiply(r, 2.0 * scale, out=grad)
     elif name == "huber":
         # l = r^2 / 2 if abs(r) < d else d (abs(r) - d / 2);  dl/dx = r if abs(r) < d else d sign(r)
         delta = loss.huber_delta
         r = x - target
         a = np.abs(r)
         quad = a < delta
-        per = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta))
-        value = per.sum() / (n * c)
+        total = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)).sum()
         if grad is not None:
-            np.multiply(np.where(quad, r, delta * np.sign(r)), 1.0 / (n * c), out=grad)
+            np.multiply(np.where(quad, r, delta * np.sign(r)), scale, out=grad)
     else:
         raise ValueError(f"unknown loss {name!r}")
-    return np.asarray(value, dtype=x.dtype)
+    return np.asarray(total, dtype=x.dtype)
 
 
 def accuracy_count(x, labels, threshold=0.0):
@@ -255,7 +300,7 @@ def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_de
     if skip is not None and skip:
         return
     d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
-    np.multiply(g, grad_scale, out=d)
+    d = _scaled(g, grad_scale, d, bool(weight_decay) or (bool(momentum) and nesterov))
     if weight_decay:
         np.multiply(p, weight_decay, out=t)
         d += t
@@ -287,7 +332,7 @@ def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step,
     if skip is not None and skip:
         return
     d, t = scratch[0], scratch[1]  # no temporaries: every product lands in t
-    np.multiply(g, grad_scale, out=d)
+    d = _scaled(g, grad_scale, d, bool(weight_decay) and not decoupled)
     if weight_decay:
         if decoupled:
             p *= 1.0 - lr * weight_decay
@@ -303,12 +348,21 @@ def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step,
     v += t
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
-    np.sqrt(v, out=d)  # denominator sqrt(v) / sqrt(1 - b2^t) + eps
-    d /= bias2_sqrt
-    d += eps
+    den = scratch[0]  # d is spent; when d is g itself, scratch[0] is still free
+    np.sqrt(v, out=den)  # denominator sqrt(v) / sqrt(1 - b2^t) + eps
+    den /= bias2_sqrt
+    den += eps
     np.multiply(m, step_size, out=t)  # p -= step_size m / denominator
-    t /= d
+    t /= den
     p -= t
+
+
+def _scaled(g, grad_scale, d, will_add):
+    """d = s g; g itself when s is the Python 1.0 and nothing will be added to d."""
+    if isinstance(grad_scale, float) and grad_scale == 1.0 and not will_add:
+        return g
+    np.multiply(g, grad_scale, out=d)
+    return d
 
 
 def sum_squares(g):
