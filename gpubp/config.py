@@ -328,19 +328,17 @@ def read_raw(path: str) -> dict:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; a config is a TOML or JSON text file") from None
-    if path.endswith(".json"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
+    is_json = path.endswith(".json")
+    fmt, parse, error = (
+        ("JSON", json.loads, json.JSONDecodeError) if is_json else ("TOML", tomllib.loads, tomllib.TOMLDecodeError)
+    )
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        return parse(text)
+    except error as e:
+        where, why = (f"{path}:{e.lineno}", e.msg) if is_json else (path, e)
+        raise ConfigError(f"{where}: invalid {fmt}: {why}") from None
     except RecursionError:
-        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+        raise ConfigError(f"{path}: invalid {fmt}: nested too deeply") from None
 
 
 def load_config(path: str | None, overrides=()) -> Config:
