@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checkpoint import atomic_write_text
 from .config import read_raw
 from .errors import ConfigError
 
@@ -454,11 +455,8 @@ def markdown(report: dict) -> str:
 
 
 def write_json(report: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(report, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    atomic_write_text(path, text + "\n")
 
 
 def ratio_summary(report: dict) -> str:

@@ -353,8 +353,9 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
     if json_path:
         B.write_json(report, json_path)
     if md_path:
-        with open(md_path, "w") as f:
-            f.write(B.markdown(report))
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(md_path, B.markdown(report))
 
 
 # --------------------------------------------------------------------------- config / plot

@@ -165,7 +165,7 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         for name in ("train", "val", "test"):
             part = getattr(splits, name)
             dev[name] = D.DeviceSplit(model, part, std, loss_targets(part, cfg.loss.name, width)) if part else None
-    except out_of_memory_errors(backend):
+    except backend.out_of_memory_errors:
         sizes = [ds.x.shape[1], *cfg.model.hidden, width]
         n_rows = sum(len(p) for p in (splits.train, splits.val, splits.test) if p is not None)
         raise out_of_memory(backend, cfg, sizes, min(cfg.train.batch_size, len(splits.train)), n_rows) from None
@@ -193,22 +193,16 @@ def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: st
 # --------------------------------------------------------------------------- device memory
 
 
-def out_of_memory_errors(backend) -> tuple:
-    """The exception types by which `backend` says its memory ran out."""
-    return getattr(backend, "out_of_memory_errors", (MemoryError,))
-
-
 def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) -> dict:
     """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
-    gradients, optimizer state, its scratch rows and FiniteGuard's copy of the
-    parameters: one flat buffer each), `batch` (the activations and their gradients
-    that the forward and backward pass of one training batch keep, and the gathered
-    batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
+    gradients, optimizer state and its scratch rows: one flat buffer each), `batch`
+    (the activations and their gradients that the forward and backward pass of one
+    training batch keep, and the gathered batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
     features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     scratch = backend.optimizer_scratch_rows  # the optimizer's working rows of P
-    n_buffers = 3 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_buffers = 2 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
     per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))
@@ -535,7 +529,7 @@ class Trainer:
                         break
                 if interrupted():
                     raise self._interrupt()
-        except out_of_memory_errors(be):
+        except be.out_of_memory_errors:
             n_rows = sum(part.n for part in self.run.splits.values() if part is not None)
             raise out_of_memory(be, cfg, model.sizes, min(t.batch_size, self.n_train), n_rows) from None
         finally:
