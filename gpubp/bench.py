@@ -29,7 +29,6 @@ from .checkpoint import atomic_write_text
 from .config import read_raw
 from .errors import ConfigError
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench")
 PRECISIONS = ("float32", "tf32", "bf16", "float64")
 
 
@@ -80,11 +79,23 @@ def load_case(path: str) -> Case:
     return case
 
 
+def bench_dir() -> str:
+    """The folder of the bench cases: configs/bench of the checkout beside gpubp/, else the
+    installed package's copy `gpubp/bench_cases` (pyproject.toml ships configs/bench as that
+    package), so `gpubp bench` works from any folder after `pip install .`."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(os.path.dirname(package), "configs", "bench"), os.path.join(package, "bench_cases")):
+        if os.path.isfile(os.path.join(folder, "tiny.toml")):
+            return folder
+    raise ConfigError(
+        "no benchmark cases: configs/bench (gpubp/bench_cases when installed) is missing; reinstall gpubp"
+    )
+
+
 def find_cases(names=()) -> list[Case]:
     """The named cases of configs/bench (all of them when no name is given)."""
-    if not os.path.isdir(BENCH_DIR):
-        raise ConfigError(f"no benchmark cases: {BENCH_DIR} is missing")
-    available = {os.path.splitext(f)[0]: os.path.join(BENCH_DIR, f) for f in sorted(os.listdir(BENCH_DIR))
+    folder = bench_dir()
+    available = {os.path.splitext(f)[0]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
                  if f.endswith(".toml")}  # fmt: skip
     for name in names:
         if name not in available:
