@@ -34,7 +34,7 @@ DEVICE_CHOICES = ("auto", "cpu", "gpu")
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair"
+    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair", "str_list"
     default: Any
     doc: str
     choices: tuple = ()
@@ -53,6 +53,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dataset": _f("str", "digits", "which data to train on", DATASETS),
         "path": _f("str", "", "file (npz, csv) or folder (mnist); relative paths start at the config file's folder"),
         "label_column": _f("str", "label", "csv: the column holding the targets"),
+        "delimiter": _f("str", ",", 'csv: the one character between fields, e.g. ",", ";" or "\\t"'),
+        "feature_columns": _f("str_list", [], "csv: the feature columns by name; [] takes every other column"),
+        "drop_columns": _f("str_list", [], "csv: columns to leave out of the features (ids, leaks)"),
+        "missing": _f(
+            "str",
+            "error",
+            "csv: a missing value (empty, NA, NaN, null, ?): error names it, drop skips its row, "
+            "mean fills the training mean",
+            ("error", "drop", "mean"),
+        ),  # fmt: skip
         "task": _f(
             "str",
             "auto",
@@ -224,6 +234,16 @@ def _coerce(where: str, f: Field, value):
                 raise ConfigError(f"{where}[{i}]: expected an integer, got {_describe(item)}")
             _check_range(f"{where}[{i}]", f, item)
         return list(value)
+    if kind == "str_list":
+        if not isinstance(value, list):
+            raise ConfigError(f'{where}: expected a list of strings such as ["age", "income"], got {_describe(value)}')
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}[{i}]: expected a string, got {_describe(item)}")
+        if len(set(value)) != len(value):
+            twice = next(v for v in value if value.count(v) > 1)
+            raise ConfigError(f"{where}: {twice!r} is listed twice")
+        return list(value)
     if kind == "float_pair":
         if not isinstance(value, list) or len(value) != 2:
             raise ConfigError(f"{where}: expected a list of two numbers such as [0.9, 0.999], got {_describe(value)}")
@@ -255,6 +275,16 @@ def _cross_checks(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: train.early_stopping_patience needs a validation split; set data.val_fraction > 0"
         )
+    if len(d.delimiter) != 1 or d.delimiter in '"\r\n':
+        raise ConfigError(
+            f'{source}: data.delimiter must be one character other than a quote or newline, e.g. ",", ";" '
+            f'or "\\t", got {d.delimiter!r}'
+        )
+    if d.feature_columns and d.drop_columns:
+        raise ConfigError(f"{source}: give data.feature_columns or data.drop_columns, not both")
+    if d.label_column in d.feature_columns or d.label_column in d.drop_columns:
+        which = "feature_columns" if d.label_column in d.feature_columns else "drop_columns"
+        raise ConfigError(f"{source}: data.{which} lists the label column {d.label_column!r}; leave it out")
     if cfg.loss.name == "softmax_cross_entropy" and d.task == "regression":
         raise ConfigError(
             f"{source}: loss.name 'softmax_cross_entropy' needs class labels, but data.task is 'regression'"
@@ -401,7 +431,7 @@ def reference_markdown() -> str:
 
 def _allowed(f: Field) -> str:
     kind = {"int": "integer", "float": "number", "bool": "true/false", "str": "string",
-            "int_list": "list of integers", "float_pair": "two numbers"}[f.kind]  # fmt: skip
+            "int_list": "list of integers", "float_pair": "two numbers", "str_list": "list of strings"}[f.kind]  # fmt: skip
     bounds = []
     if f.min is not None:
         bounds.append(f"{'>' if f.min_exclusive else '>='} {f.min:g}")

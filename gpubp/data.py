@@ -8,7 +8,6 @@ there from a permutation drawn on the host from a seeded generator.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import math
 import os
@@ -20,6 +19,7 @@ from importlib import resources
 
 import numpy as np
 
+from .csvfile import read_table
 from .errors import DataError
 
 DATASETS = ("digits", "mnist", "npz", "csv", "spirals", "regression")
@@ -34,6 +34,8 @@ class Dataset:
     name: str
     test: Dataset | None = None  # a test split that comes with the data (MNIST's t10k)
     class_names: list = field(default_factory=list)
+    feature_names: list = field(default_factory=list)  # CSV: the feature columns, in order
+    notes: list = field(default_factory=list)  # one line each, for the user (rows dropped, ...)
 
     @property
     def is_classification(self) -> bool:
@@ -46,8 +48,11 @@ class Dataset:
 # --------------------------------------------------------------------------- checks
 
 
-def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Validate and convert raw arrays; returns (x float64 (N, F), y, n_classes)."""
+def check_arrays(
+    x, y, where: str, classification: bool | None, missing_ok: bool = False
+) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Validate and convert raw arrays; returns (x float64 (N, F), y, n_classes).
+    `missing_ok`: NaN features are missing values (data.missing = "mean"), not errors."""
     x = np.asarray(x)
     y = np.asarray(y)
     if x.dtype == object or y.dtype == object:
@@ -67,7 +72,7 @@ def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndar
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{where}: features must be real numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
-    bad = ~np.isfinite(x)
+    bad = np.isinf(x) if missing_ok else ~np.isfinite(x)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(f"{where}: feature {col} of sample {row} is {x[row, col]}; remove or impute non-finite values")
@@ -235,60 +240,34 @@ def load_npz(path: str, classification: bool | None) -> Dataset:
     )
 
 
-def load_csv(path: str, label_column: str, classification: bool | None) -> Dataset:
-    """A CSV file with a header row; `label_column` holds the targets, every other
-    column is a numeric feature. Text labels become classes in sorted order."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError:
-        raise _not_found(path) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read CSV ({e})") from None
-    if not rows:
-        raise DataError(f"{path}: the file is empty; expected a header row and data")
-    header = [h.strip() for h in rows[0]]
-    if label_column not in header:
-        raise DataError(f"{path}: no column named {label_column!r} (set data.label_column to one of {header})")
-    body = [r for r in rows[1:] if any(cell.strip() for cell in r)]
-    if not body:
-        raise DataError(f"{path}: no data rows after the header")
-    li = header.index(label_column)
-    features = [i for i in range(len(header)) if i != li]
-    x = np.empty((len(body), len(features)), dtype=np.float64)
-    labels = []
-    for r, row in enumerate(body):
-        line = r + 2
-        if len(row) != len(header):
-            raise DataError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
-        for j, i in enumerate(features):
-            cell = row[i].strip()
-            if cell == "":
-                raise DataError(f"{path}:{line}: missing value in column {header[i]!r}; fill or drop that row")
-            try:
-                x[r, j] = float(cell)
-            except ValueError:
-                raise DataError(f"{path}:{line}: column {header[i]!r} holds {cell!r}, not a number") from None
-        cell = row[li].strip()
-        if cell == "":
-            raise DataError(f"{path}:{line}: missing label in column {label_column!r}")
-        labels.append(cell)
+def load_csv(path: str, label_column: str, classification: bool | None, delimiter: str = ",",
+             feature_columns=(), drop_columns=(), missing: str = "error") -> Dataset:  # fmt: skip
+    """A CSV file with a header row (gpubp/csvfile.py reads it); `label_column` holds the
+    targets, the features are `feature_columns` (default: every other column but
+    `drop_columns`). Text labels become classes in sorted order."""
+    if not os.path.exists(path):
+        raise _not_found(path)
+    table = read_table(path, path, delimiter=delimiter, label=label_column, features=list(feature_columns) or None,
+                       drop=drop_columns, missing=missing,
+                       no_header_hint=f"add a header row naming the columns (the label column {label_column!r} among them)")  # fmt: skip
+    labels = table.labels
     class_names: list = []
-    try:
-        y = np.array([float(v) for v in labels])
+    if labels.dtype.kind == "f":
+        y = labels
         if classification is None:
             classification = bool(np.all(y == np.round(y)))  # whole numbers: class labels
-    except ValueError:
+    else:
         if classification is False:
-            raise DataError(
-                f"{path}: label column {label_column!r} holds text, but data.task is 'regression'"
-            ) from None
-        class_names = sorted(set(labels))
-        index = {name: i for i, name in enumerate(class_names)}
-        y = np.array([index[v] for v in labels], dtype=np.int64)
+            raise DataError(f"{path}: label column {label_column!r} holds text, but data.task is 'regression'")
+        class_names = sorted(set(labels.tolist()))
+        y = np.searchsorted(np.array(class_names), labels).astype(np.int64)
         classification = True
-    x, y, n_classes = check_arrays(x, y, path, classification)
-    return Dataset(x, y, n_classes, os.path.basename(path), class_names=class_names)
+    x, y, n_classes = check_arrays(table.x, y, path, classification, missing_ok=missing == "mean")
+    notes = [f'{path}: dropped {table.dropped} rows with a missing value (data.missing = "drop")'] * bool(table.dropped)
+    if table.ignored:
+        notes.append(f"{path}: columns not used as features: {', '.join(table.ignored)}")
+    return Dataset(x, y, n_classes, os.path.basename(path), class_names=class_names,
+                   feature_names=table.feature_names, notes=notes)  # fmt: skip
 
 
 def make_spirals(n_samples: int, n_classes: int, noise: float, seed: int) -> Dataset:
@@ -327,7 +306,8 @@ class Splits:
 
 
 def _subset(ds: Dataset, idx: np.ndarray, name: str) -> Dataset:
-    return Dataset(ds.x[idx], ds.y[idx], ds.n_classes, name, class_names=ds.class_names)
+    return Dataset(ds.x[idx], ds.y[idx], ds.n_classes, name, class_names=ds.class_names,
+                   feature_names=ds.feature_names)  # fmt: skip
 
 
 def split_dataset(ds: Dataset, val_fraction: float, test_fraction: float, seed: int, stratify: bool = True) -> Splits:
@@ -364,23 +344,43 @@ def split_dataset(ds: Dataset, val_fraction: float, test_fraction: float, seed: 
 @dataclass
 class Standardizer:
     """x -> (x - mean) / std, with statistics from the training split only; a
-    constant feature (std 0) is only centred."""
+    constant feature (std 0) is only centred. `fill` (data.missing = "mean"): each
+    column's mean over the training split's present values, put where x is NaN first."""
 
     mean: np.ndarray
     std: np.ndarray
+    fill: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Standardizer:
+    def fit(cls, x: np.ndarray, scale: bool = True, names=()) -> Standardizer:
+        """Statistics of the training split x (N, F); `scale` False: only the fill."""
+        fill = None
+        gaps = np.isnan(x)
+        if gaps.any():
+            empty = np.flatnonzero(gaps.all(axis=0))
+            if empty.size:
+                j = int(empty[0])
+                name = repr(names[j]) if j < len(names) else str(j)
+                raise DataError(
+                    f'data.missing = "mean": column {name} has no value in the training split to take a mean of; '
+                    "drop it (data.drop_columns) or fill it"
+                )
+            fill = np.nanmean(x, axis=0)  # (F,)
+            x = np.where(gaps, fill, x)
+        if not scale:
+            return cls(np.zeros(x.shape[1]), np.ones(x.shape[1]), fill)
         mean = x.mean(axis=0)
         std = x.std(axis=0)
         std[std < 1e-12] = 1.0
-        return cls(mean, std)
+        return cls(mean, std, fill)
 
     @classmethod
     def identity(cls, n_features: int) -> Standardizer:
         return cls(np.zeros(n_features), np.ones(n_features))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.fill is not None:
+            x = np.where(np.isnan(x), self.fill, x)
         return (x - self.mean) / self.std
 
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,7 +68,9 @@ def load_dataset(cfg: Config) -> D.Dataset:
     elif d.dataset == "npz":
         ds = D.load_npz(cfg.data_path(), task)
     elif d.dataset == "csv":
-        ds = D.load_csv(cfg.data_path(), d.label_column, task)
+        ds = D.load_csv(
+            cfg.data_path(), d.label_column, task, d.delimiter, d.feature_columns, d.drop_columns, d.missing
+        )
     elif d.dataset == "spirals":
         ds = D.make_spirals(d.n_samples, d.n_classes, d.noise, seed)
     elif d.dataset == "regression":
@@ -124,6 +126,7 @@ class Run:
     n_classes: int | None
     class_names: list
     splits: dict  # name -> DeviceSplit or None
+    feature_names: list = field(default_factory=list)  # CSV column names, [] for other data
 
 
 def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
@@ -146,16 +149,16 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     if note and log:
         log(note)
     ds = load_dataset(cfg)
+    for line in ds.notes if log else ():
+        log(line)
     d = cfg.data
     splits = D.split_dataset(ds, d.val_fraction, d.test_fraction, cfg.train.seed, d.stratify)
     if cfg.train.early_stopping_metric == "val_accuracy" and not ds.is_classification:
         raise ConfigError(f"{cfg.source}: train.early_stopping_metric 'val_accuracy' needs a classification dataset")
     if standardizer is not None:
         std = standardizer
-    elif d.standardize:
-        std = D.Standardizer.fit(splits.train.x)
-    else:
-        std = D.Standardizer.identity(ds.x.shape[1])
+    else:  # with data.missing = "mean", also the training means that fill missing values
+        std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names)
     width = output_width(ds, cfg.loss.name)
     if checkpoint is not None:
         check_data_fits(cfg, ds, width, *checkpoint)
@@ -169,7 +172,7 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         sizes = [ds.x.shape[1], *cfg.model.hidden, width]
         n_rows = sum(len(p) for p in (splits.train, splits.val, splits.test) if p is not None)
         raise out_of_memory(backend, cfg, sizes, min(cfg.train.batch_size, len(splits.train)), n_rows) from None
-    return Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev)
+    return Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev, ds.feature_names)
 
 
 def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: str) -> None:
@@ -283,7 +286,21 @@ def checkpoint_arrays(run: Run, opt) -> dict:
             arrays[f"opt.{name}"] = value
     arrays["std.mean"] = run.standardizer.mean
     arrays["std.std"] = run.standardizer.std
+    if run.standardizer.fill is not None:
+        arrays["missing.mean"] = run.standardizer.fill
     return arrays
+
+
+def data_meta(cfg: Config, run: Run) -> dict:
+    """What predict and eval need to read new data as the model was trained: the
+    feature names in order ([] when the data had none), the label column (CSV) and
+    the class names in output order ("0", "1", ... for integer labels)."""
+    names = run.class_names or ([str(c) for c in range(run.n_classes)] if run.n_classes else [])
+    return {
+        "feature_names": list(run.feature_names),
+        "label_column": cfg.data.label_column if cfg.data.dataset == "csv" else None,
+        "class_names": names,
+    }
 
 
 def config_for_checkpoint(cfg: Config) -> dict:
@@ -453,7 +470,7 @@ class Trainer:
             "config": config_for_checkpoint(self.cfg),
             "n_features": self.run.n_features,
             "n_classes": self.run.n_classes,
-            "class_names": self.run.class_names,
+            **data_meta(self.cfg, self.run),
         }
 
     def save(self, name: str) -> None:
