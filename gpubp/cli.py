@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .errors import DataError, GpubpError, Interrupted, UsageError
+from .errors import GpubpError, Interrupted, UsageError
 
 
 def _fail(message: str, code: int) -> None:
@@ -175,7 +175,7 @@ def _program() -> list[str]:
 
 
 def _load_for_inference(checkpoint: str, device: str, with_data: bool):
-    """(meta, config, model, run or None) rebuilt from a checkpoint."""
+    """(meta, config, model, standardizer, run or None, arrays) rebuilt from a checkpoint."""
     from .backend import resolve_device
     from .checkpoint import load_checkpoint
     from .data import Standardizer
@@ -183,7 +183,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 
     meta, arrays = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(meta, checkpoint)
-    std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"))
+    std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"), arrays.get("missing.mean"))
     if with_data:
         run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
                       checkpoint=(meta, checkpoint))  # fmt: skip
@@ -196,19 +196,40 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
         model = build_model(cfg, sizes[0], sizes[-1], backend)
         run = None
     restore_params(model, arrays, checkpoint)
-    return meta, cfg, model, std, run
+    return meta, cfg, model, std, run, arrays
 
 
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
-@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default=None,
+              help="Which split of the run's data (default: all).")  # fmt: skip
+@click.option("--data", "data_path", type=str, default=None,
+              help="Evaluate on this labelled file instead (.csv with the label column, or .npz with x, y).")  # fmt: skip
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @handle_errors
-def eval_cmd(checkpoint, split, device):
-    """Loss and accuracy of a checkpoint on its dataset's splits (JSON)."""
-    meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
+def eval_cmd(checkpoint, split, data_path, device):
+    """Loss and accuracy of a checkpoint on its dataset's splits, or on a new labelled
+    file (--data; columns matched by name as in predict) (JSON)."""
     from .trainer import evaluate_split
 
+    if data_path is not None:
+        if split is not None:
+            raise UsageError("give --split (the run's own data) or --data FILE, not both")
+        if not os.path.exists(data_path):
+            raise UsageError(f"--data {data_path!r} not found; check the path")
+        from .data import DeviceSplit
+        from .inference import read_labelled
+        from .trainer import loss_targets
+
+        meta, cfg, model, std, _, _ = _load_for_inference(checkpoint, device, with_data=False)
+        ds = read_labelled(data_path, meta, cfg, checkpoint, std.fill, lambda m: click.echo(m, err=True))
+        part = DeviceSplit(model, ds, std, loss_targets(ds, cfg.loss.name, model.sizes[-1]))
+        results = {"checkpoint": checkpoint, "step": meta["step"], "data": data_path, "data_rows": len(ds)}
+        results.update(evaluate_split(model, part, "data", cfg.train.eval_batch_size))
+        click.echo(json.dumps(results, indent=2))
+        return
+    split = split or "all"
+    meta, cfg, model, _, run, _ = _load_for_inference(checkpoint, device, with_data=True)
     results = {"checkpoint": checkpoint, "step": meta["step"]}
     for name in ("train", "val", "test") if split == "all" else (split,):
         if run.splits[name] is None:
@@ -219,68 +240,20 @@ def eval_cmd(checkpoint, split, device):
     click.echo(json.dumps(results, indent=2))
 
 
-def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
-    """Features to predict on from .npy, .npz (array 'x') or .csv (header row; the
-    label column, if present, is ignored)."""
-    if path.endswith(".csv"):
-        import csv as _csv
-
-        from .data import load_csv
-
-        with open(path, newline="") as f:
-            header = next(_csv.reader(f), [])
-        if label_column in [h.strip() for h in header]:
-            x = load_csv(path, label_column, None).x
-        else:
-            x = _read_unlabelled_csv(path)
-    else:
-        from .data import read_numpy_file
-
-        x = read_numpy_file(path, DataError, ".npy/.npz/.csv file")
-        if isinstance(x, dict):
-            if "x" not in x:
-                raise DataError(f"--input {path}: no array 'x' (found {sorted(x)})")
-            x = x["x"]
-    from .data import check_arrays
-
-    x = np.asarray(x)
-    x, _, _ = check_arrays(x, np.zeros(x.shape[:1]), f"--input {path}", False)
-    if x.shape[1] != n_features:
-        raise DataError(f"--input {path}: {x.shape[1]} features per sample, but the model takes {n_features}")
-    return x
-
-
-def _write_text(text: str, f) -> None:
-    f.write(text.encode("utf-8"))
-
-
-def _read_unlabelled_csv(path: str) -> np.ndarray:
-    import csv as _csv
-
-    with open(path, newline="") as f:
-        rows = [r for r in _csv.reader(f) if any(c.strip() for c in r)]
-    if len(rows) < 2:
-        raise DataError(f"--input {path}: expected a header row and at least one data row")
-    out = np.empty((len(rows) - 1, len(rows[0])))
-    for r, row in enumerate(rows[1:]):
-        if len(row) != len(rows[0]):
-            raise DataError(f"--input {path}:{r + 2}: {len(row)} fields but the header has {len(rows[0])}")
-        for c, cell in enumerate(row):
-            try:
-                out[r, c] = float(cell)
-            except ValueError:
-                raise DataError(f"--input {path}:{r + 2}: column {rows[0][c]!r} holds {cell!r}, not a number") from None
-    return out
-
-
 @main.command()
 @click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
-@click.option("--input", "input_path", required=True, type=str, help="Features: .npy, .npz (array x) or .csv.")
-@click.option("--output", "output_path", required=True, type=str, help="Where to write: .npy (raw outputs) or .csv.")
+@click.option("--input", "input_path", required=True, type=str,
+              help="Features: .csv (columns matched by name), .npy or .npz (array x; columns in training order).")  # fmt: skip
+@click.option("--output", "output_path", required=True, type=str,
+              help="Where to write: .csv (predicted class, then p_<class> per class; or the predicted values) or .npy.")  # fmt: skip
+@click.option(
+    "--no-header", is_flag=True, help="The CSV has no header row: every row is data, columns in training order."
+)
+@click.option("--logits", is_flag=True, help="Classes: write the raw network outputs instead of probabilities.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @handle_errors
-def predict(checkpoint, input_path, output_path, device, overwrite):
+def predict(checkpoint, input_path, output_path, no_header, logits, device, overwrite):
     """Run a trained model on new data."""
     if not os.path.exists(input_path):
         raise UsageError(f"--input {input_path!r} not found; check the path")
@@ -291,31 +264,41 @@ def predict(checkpoint, input_path, output_path, device, overwrite):
     folder = os.path.dirname(output_path) or "."
     if not os.path.isdir(folder):
         raise UsageError(f"--output {output_path!r}: the folder {folder!r} does not exist; create it or choose another")
+    from . import inference as I
     from .checkpoint import atomic_write
 
-    meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
-    x = read_features(input_path, meta["n_features"], cfg.data.label_column)
+    meta, cfg, model, std, _, arrays = _load_for_inference(checkpoint, device, with_data=False)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    x = I.read_features(input_path, meta, cfg, checkpoint, std.fill, log, no_header=no_header)
     xd = model.backend.asarray(std(x), dtype=model.dtype)
     chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
-    out = np.concatenate(chunks).astype(np.float64)
-    if output_path.endswith(".npy"):
-        write = functools.partial(np.save, arr=out)
+    out = np.concatenate(chunks)  # (N, n_out) in the model's dtype
+    if meta["n_classes"] is not None:
+        names = meta.get("class_names") or [str(c) for c in range(meta["n_classes"])]
+        pred, columns, values = I.class_outputs(out.astype(np.float64), cfg.loss.name, names,
+                                                model.decision_threshold, logits)  # fmt: skip
+        first, header = [names[p] for p in pred], ["prediction", *columns]
     else:
-        header = [f"output_{j}" for j in range(out.shape[1])]
-        if meta["n_classes"] is not None:
-            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > model.decision_threshold).astype(int)
-            names = meta.get("class_names") or []
-            labels = np.array([names[p] for p in pred]) if names else pred
-            lines = [",".join(["prediction", *header])]
-            lines += [",".join([str(lab), *(repr(float(v)) for v in row)]) for lab, row in zip(labels, out)]
-            write = functools.partial(_write_text, "".join(line + "\n" for line in lines))
-        else:
-            write = functools.partial(np.savetxt, X=out, delimiter=",", header=",".join(header), comments="")
+        values = I.to_user_units(out, meta, arrays)
+        label = meta.get("label_column") or "prediction"
+        first, header = (
+            [None] * len(values),
+            [label] if values.shape[1] == 1 else [f"{label}_{j}" for j in range(values.shape[1])],
+        )
+    if output_path.endswith(".npy"):
+        write = functools.partial(np.save, arr=np.asarray(values, dtype=np.float64))
+    else:
+        text = I.csv_text(first, header, values.astype(out.dtype))  # digits as the model's precision holds
+        write = functools.partial(_write_text, text)
     try:
         atomic_write(output_path, write)
     except OSError as e:
         raise UsageError(f"--output {output_path!r} cannot be written ({e.strerror}); choose another path") from None
-    click.echo(f"wrote {out.shape[0]} predictions to {output_path}", err=True)
+    click.echo(f"wrote {len(values)} predictions to {output_path}", err=True)
+
+
+def _write_text(text: str, f) -> None:
+    f.write(text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- bench

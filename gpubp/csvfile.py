@@ -140,9 +140,11 @@ def read_table(
         else:
             for name in features:
                 if name not in names:
+                    headless = any(_is_number(n) for n in names) and not any(f in names for f in features)
                     raise DataError(
                         f"{where}: no column named {name!r}, {features_from}; columns: {names}"
                         + _delimiter_hint(names, delimiter)
+                        + (f"; the first row holds numbers: {no_header_hint}" if headless else "")
                     )
         feat_idx = [names.index(n) for n in features]
         for i in feat_idx:
