@@ -37,9 +37,11 @@ def test_digits_default_job_reaches_097(tmp_path):
                 "--output", str(tmp_path / "p.csv"), "--device", "cpu")  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = (tmp_path / "p.csv").read_text().splitlines()
-    assert rows[0].startswith("prediction,output_0") and len(rows) == 51
+    assert rows[0] == "prediction," + ",".join(f"p_{c}" for c in range(10)) and len(rows) == 51
     pred = np.array([int(line.split(",")[0]) for line in rows[1:]])
     assert np.mean(pred == ds.y[:50]) >= 0.9
+    p = np.array([[float(v) for v in line.split(",")[1:]] for line in rows[1:]])
+    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5) and np.array_equal(p.argmax(axis=1), pred)
     # the output exists now: refused without --overwrite, nothing changed
     before = (tmp_path / "p.csv").read_bytes()
     r = run_cli("predict", "--checkpoint", str(out / "last.npz"), "--input", str(tmp_path / "x.npy"),
