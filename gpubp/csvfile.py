@@ -182,11 +182,15 @@ def _fast(path, delimiter, header, n_columns, feat_idx, label_idx) -> Table | No
                               quotechar='"', ndmin=2, encoding="utf-8-sig", dtype=np.float64)  # fmt: skip
     except (ValueError, UnicodeDecodeError):
         return None
-    if body.shape[0] == 0 or body.shape[1] != n_columns or not np.isfinite(body).all():
-        return None
-    x = body[:, feat_idx] if feat_idx != list(range(n_columns)) else body
+    if body.shape[0] == 0 or body.shape[1] != n_columns or not np.isfinite(body.sum()):
+        return None  # the sum is NaN or inf when a value is (or, harmlessly, when it overflows)
     labels = body[:, label_idx].copy() if label_idx is not None else None
-    return Table(np.ascontiguousarray(x), [], labels)
+    lo = feat_idx[0]
+    if feat_idx == list(range(lo, lo + len(feat_idx))):
+        x = body[:, lo : lo + len(feat_idx)]  # a view: no copy of the table
+    else:
+        x = body[:, feat_idx]
+    return Table(x, [], labels)
 
 
 def _exact(path, where, delimiter, header, names, feat_idx, label_idx, missing, hint) -> Table:
@@ -208,25 +212,14 @@ def _exact(path, where, delimiter, header, names, feat_idx, label_idx, missing, 
                 if len(row) != len(names):
                     what = "the header has" if header else "the model takes"
                     raise DataError(f"{where}:{line}: {len(row)} fields but {what} {len(names)}")
-                parsed, skip = [], False
-                for i in feat_idx:
-                    cell = row[i].strip()
-                    if cell.lower() in MISSING:
-                        if missing == "error":
-                            raise DataError(f"{where}:{line}: missing value in column {names[i]!r}; {fix}")
-                        skip = skip or missing == "drop"
-                        parsed.append(math.nan)
-                        continue
-                    try:
-                        v = float(cell)
-                    except ValueError:
-                        raise DataError(f"{where}:{line}: column {names[i]!r} holds {cell!r}, not a number") from None
-                    if not math.isfinite(v):
-                        raise DataError(
-                            f"{where}:{line}: column {names[i]!r} holds {cell!r}, not a finite number; "
-                            "fix it, or leave the cell empty to mark it missing"
-                        )
-                    parsed.append(v)
+                try:  # the common row: every feature a finite number
+                    parsed = [float(row[i]) for i in feat_idx]
+                    ok = math.isfinite(math.fsum(parsed))  # NaN or inf anywhere makes the sum non-finite
+                except (ValueError, OverflowError):
+                    ok = False
+                skip = False
+                if not ok:
+                    parsed, skip = _parse_cells(row, feat_idx, names, missing, f"{where}:{line}", fix)
                 if label_idx is not None:
                     cell = row[label_idx].strip()
                     if cell.lower() in MISSING:
@@ -252,6 +245,31 @@ def _exact(path, where, delimiter, header, names, feat_idx, label_idx, missing, 
         raise DataError(f"{where}: no data rows{' after the header' if header else ''}{detail}")
     x = np.frombuffer(values, dtype=np.float64).reshape(n_rows, len(feat_idx)).copy()
     return Table(x, [], _labels_array(labels) if label_idx is not None else None, dropped=dropped)
+
+
+def _parse_cells(row, feat_idx, names, missing, where, fix) -> tuple[list, bool]:
+    """(values, skip the row) of one row's features, cell by cell: a missing value per
+    policy (NaN, or skip with "drop"), anything else that is not a finite number refused."""
+    parsed, skip = [], False
+    for i in feat_idx:
+        cell = row[i].strip()
+        if cell.lower() in MISSING:
+            if missing == "error":
+                raise DataError(f"{where}: missing value in column {names[i]!r}; {fix}")
+            skip = skip or missing == "drop"
+            parsed.append(math.nan)
+            continue
+        try:
+            v = float(cell)
+        except ValueError:
+            raise DataError(f"{where}: column {names[i]!r} holds {cell!r}, not a number") from None
+        if not math.isfinite(v):
+            raise DataError(
+                f"{where}: column {names[i]!r} holds {cell!r}, not a finite number; "
+                "fix it, or leave the cell empty to mark it missing"
+            )
+        parsed.append(v)
+    return parsed, skip
 
 
 def _labels_array(cells: list[str]) -> np.ndarray:

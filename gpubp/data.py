@@ -71,7 +71,7 @@ def check_arrays(
         raise DataError(f"{where}: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise DataError(f"{where}: features must be real numbers, got dtype {x.dtype}")
-    x = x.astype(np.float64)
+    x = x.astype(np.float64, copy=False)
     bad = np.isinf(x) if missing_ok else ~np.isfinite(x)
     if bad.any():
         row, col = np.argwhere(bad)[0]
