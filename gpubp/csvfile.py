@@ -108,8 +108,9 @@ def read_table(
     """Read `path` (named `where` in messages).
 
     With a header: `label` is the label column (required when `label_required`, else
-    read when present); `features` the feature columns by name in this order (None: every
-    other column but `drop`); other columns are read past (Table.ignored). A first row
+    left out of the features, unread, when present); `features` the feature columns by
+    name in this order (None: every other column but `drop`); other columns are read
+    past (Table.ignored). A first row
     of numbers is refused (`no_header_hint` says what to do) unless it holds every name
     asked for. Without a header (`header=False`): the columns are `features` in order,
     no label, and the file must have exactly that many."""
@@ -151,7 +152,7 @@ def read_table(
             if names[i] == "":
                 raise DataError(f"{where}: column {i + 1} has no name; name it in the header row, or list the "
                                 "feature columns in data.feature_columns")  # fmt: skip
-        label_idx = names.index(label) if label is not None else None
+        label_idx = names.index(label) if label is not None and label_required else None  # else read past it
         used = set(feat_idx) | ({label_idx} if label_idx is not None else set())
         ignored = [n for i, n in enumerate(names) if i not in used]
         n_columns = len(names)

@@ -3,9 +3,16 @@ missing-value policies and the header rules."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
+from gpubp import csvfile
 from gpubp import data as D
 from gpubp.csvfile import read_table
 from gpubp.errors import DataError
@@ -112,3 +119,25 @@ def test_load_csv_dataset(tmp_path):
     assert ds.x.tolist() == [[0.5, 1], [0.25, 2], [1, 3]]
     ds = D.load_csv(write(tmp_path, "a,y\n1,2\n,3\n4,5\n", "m.csv"), "y", False, missing="drop")
     assert ds.x.tolist() == [[1], [4]] and any("dropped 1 rows" in n for n in ds.notes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    table=hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 4)),
+                     elements=st.floats(-1e300, 1e300, allow_nan=False, allow_infinity=False)),
+    label=st.integers(0, 3),
+)  # fmt: skip
+def test_fast_path_equals_exact_path(table, label):
+    """Any table of finite numbers, written with repr (exact round trip): both paths give
+    back exactly the numbers written."""
+    label %= table.shape[1]
+    names = [f"c{j}" for j in range(table.shape[1])]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.csv")
+        with open(path, "w") as f:
+            f.write(",".join(names) + "\n" + "".join(",".join(repr(float(v)) for v in r) + "\n" for r in table))
+        feat = [j for j in range(table.shape[1]) if j != label]
+        fast = read_table(path, "t.csv", label=names[label])
+        exact = csvfile._exact(path, "t.csv", ",", True, names, feat, label, "error", "")
+    for t in (fast, exact):
+        assert np.array_equal(t.x, table[:, feat]) and np.array_equal(t.labels, table[:, label])

@@ -58,13 +58,15 @@ def test_checkpoint_records_names(classifier):
 def test_columns_by_name_any_order(classifier):
     tmp, x, y = classifier
     write_csv(tmp / "same.csv", ["a", "b", "c"], x[:30])
-    write_csv(tmp / "shuffled.csv", ["c", "note", "a", "b"], [[r[2], "n", r[0], r[1]] for r in x[:30]])
+    # the label column, blank or not, is read past like any extra column
+    write_csv(tmp / "shuffled.csv", ["c", "note", "a", "species", "b"],
+              [[r[2], "n", r[0], "" if i % 2 else "setosa", r[1]] for i, r in enumerate(x[:30])])  # fmt: skip
     np.save(tmp / "x.npy", x[:30])
     r = predict(tmp, "--input", str(tmp / "same.csv"), "--output", str(tmp / "same_p.csv"))
     assert r.returncode == 0, r.stderr
     r = predict(tmp, "--input", str(tmp / "shuffled.csv"), "--output", str(tmp / "shuffled_p.csv"))
     assert r.returncode == 0, r.stderr
-    assert "ignored the columns the model does not use: note" in r.stderr
+    assert "ignored the columns the model does not use: note, species" in r.stderr
     assert (tmp / "same_p.csv").read_bytes() == (tmp / "shuffled_p.csv").read_bytes()
     header, labels, p = read_out(tmp / "same_p.csv")
     assert header == ["prediction"] + [f"p_{c}" for c in CLASSES] and len(labels) == 30
