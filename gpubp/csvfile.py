@@ -3,11 +3,12 @@ one-character delimiter, UTF-8 text (a byte-order mark is stripped), columns cho
 name, missing values handled by a stated policy.
 
 Two paths read the body and accept the same files:
-- fast: when every column holds numbers, numpy.loadtxt's C parser reads the whole body
-  into one float64 array (N, n_columns) and the wanted columns are picked from it;
-- exact: anything else (a text label or text column, a missing value, a ragged row, a
-  cell that is not a number, NaN or inf) is read again with Python's csv module, which
-  applies `missing` and names the line and column of the first fault.
+- fast: numpy.loadtxt's C parser reads the whole body into one float64 array
+  (N, n_columns) and the wanted columns are picked from it; a text label (or a text
+  column read past) goes through a small converter;
+- exact: when that fails (a missing value, a ragged row, a cell that is not a number,
+  NaN or inf), Python's csv module reads the file again, applies `missing` and names
+  the line and column of the first fault.
 
 A missing value is an empty cell or one of MISSING (any case). Policies: "error" (refuse,
 naming line and column), "drop" (skip the row, counted in Table.dropped), "mean" (keep it
@@ -173,19 +174,52 @@ def read_table(
     return table
 
 
+def _first_data_row(path: str, delimiter: str, header: bool) -> list[str] | None:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for i, row in enumerate(csv.reader(f, delimiter=delimiter)):
+                if (i > 0 or not header) and any(cell.strip() for cell in row):
+                    return [cell.strip() for cell in row]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return None
+
+
 def _fast(path, delimiter, header, n_columns, feat_idx, label_idx) -> Table | None:
     """The whole body through numpy.loadtxt as float64, or None when it is not all
-    finite numbers in rows of n_columns (the exact path then reads it)."""
+    finite numbers in rows of n_columns (the exact path then reads it). Columns whose
+    first value is text (a label, a column read past) go through a converter: a label's
+    text becomes a code (its order of first appearance), a column read past becomes 0;
+    every other column stays in the C parser."""
+    first = _first_data_row(path, delimiter, header)
+    if first is None or len(first) != n_columns:
+        return None
+    text = [j for j, cell in enumerate(first) if cell.lower() not in MISSING and not _is_number(cell)]
+    if any(j in feat_idx for j in text):
+        return None  # a text feature: the exact path names it
+    codes: dict[str, int] = {}
+
+    def code(cell: str) -> float:
+        cell = cell.strip()
+        return math.nan if cell.lower() in MISSING else codes.setdefault(cell, len(codes))
+
+    converters = {j: (code if j == label_idx else (lambda cell: 0.0)) for j in text}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "input contained no data": the exact path says so
             body = np.loadtxt(path, delimiter=delimiter, skiprows=1 if header else 0, comments=None,
-                              quotechar='"', ndmin=2, encoding="utf-8-sig", dtype=np.float64)  # fmt: skip
+                              quotechar='"', ndmin=2, encoding="utf-8-sig", dtype=np.float64,
+                              converters=converters or None)  # fmt: skip
     except (ValueError, UnicodeDecodeError):
         return None
     if body.shape[0] == 0 or body.shape[1] != n_columns or not np.isfinite(body.sum()):
         return None  # the sum is NaN or inf when a value is (or, harmlessly, when it overflows)
-    labels = body[:, label_idx].copy() if label_idx is not None else None
+    if label_idx is None:
+        labels = None
+    elif label_idx in text:  # codes back to the label text
+        labels = np.array(list(codes), dtype=str)[body[:, label_idx].astype(np.intp)]
+    else:
+        labels = body[:, label_idx].copy()
     lo = feat_idx[0]
     if feat_idx == list(range(lo, lo + len(feat_idx))):
         x = body[:, lo : lo + len(feat_idx)]  # a view: no copy of the table

@@ -141,3 +141,18 @@ def test_fast_path_equals_exact_path(table, label):
         exact = csvfile._exact(path, "t.csv", ",", True, names, feat, label, "error", "")
     for t in (fast, exact):
         assert np.array_equal(t.x, table[:, feat]) and np.array_equal(t.labels, table[:, label])
+
+
+def test_text_labels_and_text_columns_take_the_fast_path(tmp_path):
+    text = 'name,a,kind,b\nann,1,"x, y",2\nbob,3,z,4\ncy,5,"x, y",6\n'
+    path = write(tmp_path, text)
+    names = ["name", "a", "kind", "b"]
+    fast = csvfile._fast(path, ",", True, 4, [1, 3], 2)
+    exact = csvfile._exact(path, "d.csv", ",", True, names, [1, 3], 2, "error", "")
+    assert fast is not None  # not handed to the exact path
+    for t in (fast, exact):
+        assert t.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+        assert t.labels.tolist() == ["x, y", "z", "x, y"]
+    # a text feature, or a label that turns to text after numbers, is left to the exact path
+    assert csvfile._fast(path, ",", True, 4, [0, 1], 2) is None
+    assert csvfile._fast(write(tmp_path, "a,l\n1,0\n2,cat\n", "m.csv"), ",", True, 2, [0], 1) is None
