@@ -32,7 +32,7 @@ from gpubp.cli import main  # noqa: E402
 be = CupyBackend()
 rng = np.random.default_rng(0)
 for dtype in (np.float32, np.float64):
-    for n, m in [(1, 1), (2049, 3), (5000, 40), (3, 1000)]:  # 5000 rows: 4 chunks of the bias gradient
+    for n, m in [(1, 1), (2049, 3), (5000, 40), (3, 1000)]:  # 2049 rows: 8 chunks of the bias gradient, 5000: 19
         d = be.asarray(rng.normal(size=(n, m)).astype(dtype))
         out = be.empty(m, dtype)
         be.bias_grad(d, out)
