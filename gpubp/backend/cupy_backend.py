@@ -189,6 +189,7 @@ class CupyBackend:
     def _compile(self, file: str):
         cupy = self._cupy
         try:
+            # CuPy appends K.CUPY_APPENDED_OPTIONS (-ftz=true among them) to these
             module = cupy.RawModule(code=K.read_source(file), options=K.NVRTC_OPTIONS)
             module.compile()
             return module
