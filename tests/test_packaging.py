@@ -124,3 +124,37 @@ def test_installed_bench_finds_its_cases_from_any_folder(installed):
     row = next(line for line in r.stdout.splitlines() if line.startswith("tiny") and "float32" in line)
     assert float(row.split()[2]) > 0  # ms/step of the float32 row
     assert os.listdir(cwd) == []  # nothing written where it ran
+
+
+def quickstart_commands(readme: str) -> tuple[list[str], int | None]:
+    """The command lines of the README's Quickstart and the index of the one after the
+    test-command marker, read as .ci/run reads them."""
+    lines = readme.splitlines()
+    start = lines.index("## Quickstart")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    commands, fence, marker_at = [], False, None
+    for line in lines[start:end]:
+        if line.startswith("<!-- test-command"):
+            marker_at = len(commands)
+        elif line.startswith("```"):
+            fence = not fence
+        elif fence and line.strip():
+            commands.append(line)
+    return commands, marker_at
+
+
+def test_quickstart_is_two_commands_and_the_test_extra_leaves_nvrtc_out():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        commands, marker_at = quickstart_commands(f.read())
+    assert commands == ["pip install . && python train.py --config configs/digits.toml",
+                        "pip install '.[test]' && python -m pytest -q"] and marker_at == 1  # fmt: skip
+    # the kernel-compile tests skip without NVRTC (tests/test_kernels_cpu.py), so the test
+    # extra must not pull its 58 MB onto a CPU-only machine; the nvrtc extra carries it
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert not any("nvrtc" in req for req in extras["test"])
+    assert any(req.startswith("nvidia-cuda-nvrtc") for req in extras["nvrtc"])
