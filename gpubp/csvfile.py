@@ -242,8 +242,8 @@ def _exact(path, where, delimiter, header, names, feat_idx, label_idx, missing, 
                 next(reader, None)
             for row in reader:
                 line = reader.line_num
-                if not any(cell.strip() for cell in row):
-                    continue  # a blank line is not a row
+                if len(row) <= 1 and not "".join(row).strip():
+                    continue  # a blank line is not a row (as in pandas); ",," is a row of missing values
                 if len(row) != len(names):
                     what = "the header has" if header else "the model takes"
                     raise DataError(f"{where}:{line}: {len(row)} fields but {what} {len(names)}")

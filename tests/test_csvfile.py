@@ -80,6 +80,11 @@ def test_missing_value_policies(tmp_path):
     t = read_table(write(tmp_path, "a,b,label\n1,2,0\n3,,1\n5,NA,0\n7,8,1\n", "m.csv"), "m.csv", label="label",
                    missing="mean")  # fmt: skip
     assert np.array_equal(np.isnan(t.x), [[0, 0], [0, 1], [0, 1], [0, 0]])
+    # a blank line is no row; a line of empty fields is a row of missing values, never skipped unasked
+    t = read_table(write(tmp_path, "a,b\n1,2\n\n ,\n3,4\n", "b.csv"), "b.csv", label="b", missing="drop")
+    assert t.x.tolist() == [[1], [3]] and t.dropped == 1
+    with pytest.raises(DataError, match=r"b.csv:4: missing value in column 'a'"):
+        read_table(str(tmp_path / "b.csv"), "b.csv", label="b")
     with pytest.raises(DataError, match=r"d.csv:2: column 'b' holds 'inf', not a finite number"):
         read_table(write(tmp_path, "a,b,label\n1,inf,0\n"), "d.csv", label="label")
     with pytest.raises(DataError, match=r"d.csv:3: 3 fields but the header has 2"):
