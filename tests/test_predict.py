@@ -129,7 +129,8 @@ def test_regression_output_in_plain_decimal_and_mean_fill(tmp_path):
     rows = [[f"{a:.6f}", "" if i % 17 == 3 else f"{b:.6f}", f"{v:.10f}"] for i, ((a, b), v) in enumerate(zip(x, t))]
     write_csv(tmp_path / "r.csv", ["a", "b", "target"], rows)
     (tmp_path / "c.toml").write_text('[data]\ndataset = "csv"\npath = "r.csv"\nlabel_column = "target"\n'
-                                     'task = "regression"\nmissing = "mean"\n[loss]\nname = "mse"\n'
+                                     'task = "regression"\nmissing = "mean"\nval_fraction = 0.0\n'
+                                     'test_fraction = 0.25\n[loss]\nname = "mse"\n'
                                      '[train]\nepochs = 2\n')  # fmt: skip
     r = run_cli("train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "run"), "--device", "cpu",
                 "--quiet")  # fmt: skip
@@ -137,6 +138,13 @@ def test_regression_output_in_plain_decimal_and_mean_fill(tmp_path):
     ckpt = str(tmp_path / "run" / "last.npz")
     _, arrays = load_checkpoint(ckpt)
     fill = arrays["missing.mean"]
+    # the fill is the mean over the training split's present values only (same seeded split)
+    from gpubp import data as D
+
+    ds = D.load_csv(str(tmp_path / "r.csv"), "target", False, missing="mean")
+    train = D.split_dataset(ds, 0.0, 0.25, 0, True).train.x
+    assert np.allclose(fill, np.nanmean(train, axis=0), rtol=1e-12, atol=0)  # float64 on both sides
+    assert not np.allclose(fill, np.nanmean(ds.x, axis=0), rtol=1e-12, atol=0)
     write_csv(tmp_path / "new.csv", ["b", "a"], [["", "0.5"], [repr(float(fill[1])), "0.5"]])
     r = run_cli("predict", "--checkpoint", ckpt, "--input", str(tmp_path / "new.csv"), "--output",
                 str(tmp_path / "p.csv"), "--device", "cpu")  # fmt: skip
