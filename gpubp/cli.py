@@ -281,10 +281,8 @@ def predict(checkpoint, input_path, output_path, no_header, logits, device, over
     else:
         values = I.to_user_units(out, meta, arrays)
         label = meta.get("label_column") or "prediction"
-        first, header = (
-            [None] * len(values),
-            [label] if values.shape[1] == 1 else [f"{label}_{j}" for j in range(values.shape[1])],
-        )
+        header = [label] if values.shape[1] == 1 else [f"{label}_{j}" for j in range(values.shape[1])]
+        first = [None] * len(values)
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=np.asarray(values, dtype=np.float64))
     else:
