@@ -24,7 +24,10 @@ from .conftest import run_cli
 
 def binding_signatures(module: str, names) -> dict[str, list[tuple[str, str]]]:
     """name -> [(C type, parameter name)] from the signatures embedded in a Cython module."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # the parent package (cupy_backends) is absent: no CuPy at all
+        spec = None
     if spec is None or not spec.origin:
         pytest.skip(f"{module} is not installed (pip install cupy-cuda13x to run this check)")
     with open(spec.origin, "rb") as f:
