@@ -20,6 +20,9 @@ _LAZY = {
     "AdamW": ("optim", "AdamW"),
     "clip_grad_norm": ("optim", "clip_grad_norm"),
     "jacobian": ("jacobians", "jacobian"),
+    "MLPClassifier": ("estimators", "MLPClassifier"),
+    "MLPRegressor": ("estimators", "MLPRegressor"),
+    "load": ("estimators", "load"),
 }
 
 __all__ = [*_LAZY, "__version__"]
