@@ -383,6 +383,7 @@ class MLPClassifier(ClassifierMixin, _MLPBase):
 
     def predict(self, X):
         """The most probable class of each row."""
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def predict_proba(self, X):
