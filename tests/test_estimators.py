@@ -258,3 +258,16 @@ def test_check_estimator(name):
 
     est = getattr(gpubp, name)(max_iter=50, random_state=0, device="cpu")
     check_estimator(est, on_skip=None)
+
+
+def test_readme_from_python_block_runs(tmp_path, monkeypatch):
+    """README.md's "From Python" example, run as written (in a scratch folder)."""
+    pytest.importorskip("sklearn")
+    lines = open(f"{ROOT}/README.md").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("<!-- from-python"))
+    end = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("```"))
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec("\n".join(lines[start + 2 : end]), scope)
+    assert scope["search"].best_score_ >= 0.9 and scope["same"].score(scope["X_test"], scope["y_test"]) >= 0.9
+    assert (tmp_path / "wine.npz").exists()
