@@ -52,7 +52,7 @@ except ImportError:
     HAVE_SKLEARN = False
 
 IN_MEMORY = "(arrays given to fit)"  # data.path of an estimator's config: the data came in memory
-PREDICT_CHUNK = 4096  # rows per forward pass when predicting
+PREDICT_BLOCK = 256  # rows per forward pass when predicting (fixed: see _forward)
 # constructor keyword -> the config key it sets (error messages name both)
 PARAM_KEYS = {
     "hidden_layer_sizes": "model.hidden",
@@ -289,13 +289,20 @@ class _MLPBase(BaseEstimator):
         return model
 
     def _forward(self, X) -> np.ndarray:
-        """Network outputs (n, n_out) in float64 for validated features X (n, F)."""
+        """Network outputs (n, n_out) in float64 for validated features X (n, F). Rows go
+        through the network in blocks of exactly PREDICT_BLOCK (the last one padded with
+        zeros): a GEMM's rounding can depend on its row count, and a fixed shape makes each
+        row's output independent of the other rows predicted with it."""
         meta, arrays = self._state
         model = self._device_model()
-        x = (X - arrays["std.mean"]) / arrays["std.std"]
         be = model.backend
-        out = [be.to_numpy(model.forward(be.asarray(x[i : i + PREDICT_CHUNK], dtype=model.dtype)))
-               for i in range(0, len(x), PREDICT_CHUNK)]  # fmt: skip
+        x = (X - arrays["std.mean"]) / arrays["std.std"]
+        out = []
+        for i in range(0, len(x), PREDICT_BLOCK):
+            part = x[i : i + PREDICT_BLOCK]
+            block = np.zeros((PREDICT_BLOCK, x.shape[1]))
+            block[: len(part)] = part
+            out.append(be.to_numpy(model.forward(be.asarray(block, dtype=model.dtype)))[: len(part)])
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, model.sizes[-1]))
 
     def __getstate__(self):
