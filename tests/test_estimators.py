@@ -130,6 +130,18 @@ def test_partial_fit_continues_the_model():
         part.partial_fit(x, y, classes=[0, 1])
 
 
+def test_early_stopping_holds_out_a_validation_share():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 5)), rng.integers(0, 2, size=200)  # labels are noise: val loss only rises
+    est = gpubp.MLPClassifier(hidden_layer_sizes=(64,), learning_rate_init=0.01, max_iter=300, early_stopping=True,
+                              n_iter_no_change=3, batch_size=20, random_state=0, device="cpu").fit(x, y)  # fmt: skip
+    assert est.n_iter_ < 300 and len(est.loss_curve_) == est.n_iter_
+    meta = est._state[0]
+    assert meta["config"]["data"]["val_fraction"] == 0.1 and meta["bad_evals"] == 3
+    # 180 training rows (90% of 200, stratified) in batches of 20: 9 steps an epoch
+    assert meta["optimizer_steps"] == 9 * est.n_iter_
+
+
 def test_bad_parameters_name_the_keyword():
     x, y = blobs(n=30)
     with pytest.raises(ValueError, match=r"learning_rate_init \(optimizer.lr\): must be > 0"):
