@@ -141,6 +141,8 @@ def _check_array(est, X, reset: bool) -> np.ndarray:
         est.n_features_in_ = X.shape[1]
         if columns is not None and all(isinstance(c, str) for c in columns):
             est.feature_names_in_ = np.asarray(list(columns), dtype=object)
+        elif hasattr(est, "feature_names_in_"):  # refitted on unnamed columns
+            del est.feature_names_in_
     elif X.shape[1] != est.n_features_in_:
         raise ValueError(f"X has {X.shape[1]} features, but {type(est).__name__} is expecting {est.n_features_in_}")
     return X
@@ -176,7 +178,8 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class _MLPBase(BaseEstimator):
     """What both estimators share: config, training, the stored state, the device model."""
 
-    _loss = "mse"  # the loss the estimator trains with (a subclass sets it)
+    _loss = "mse"  # the loss and task the estimator trains with (a subclass sets them)
+    _task = "regression"
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam", learning_rate_init=1e-3,
                  weight_decay=0.0, batch_size="auto", max_iter=200, early_stopping=False, validation_fraction=0.1,
@@ -210,7 +213,7 @@ class _MLPBase(BaseEstimator):
             batch = min(200, n_samples)  # scikit-learn's rule
         early = bool(self.early_stopping) and not partial
         raw = {
-            "data": {"dataset": "npz", "path": IN_MEMORY, "test_fraction": 0.0,
+            "data": {"dataset": "npz", "path": IN_MEMORY, "test_fraction": 0.0, "task": self._task,
                      "val_fraction": self.validation_fraction if early else 0.0},
             "model": {"hidden": [_plain(h) for h in hidden],
                       "activation": SKLEARN_ACTIVATIONS.get(self.activation, self.activation)},
@@ -361,6 +364,7 @@ class MLPClassifier(ClassifierMixin, _MLPBase):
     """
 
     _loss = "softmax_cross_entropy"
+    _task = "classification"
 
     def fit(self, X, y):
         """Train from scratch on X (n, F) and labels y (n,) of any sortable kind."""
@@ -472,7 +476,11 @@ class MLPRegressor(RegressorMixin, _MLPBase):
     def predict(self, X):
         """Predictions in the units of y: (n,) for a 1-D y, else (n, T)."""
         check_is_fitted(self)
-        out = self._forward(self._validate_X(X, reset=False)) * self._y_scale + self._y_mean
+        out = self._forward(self._validate_X(X, reset=False))
+        arrays = self._state[1]
+        if "target.mean" in arrays:  # a checkpoint whose trainer standardised the targets itself
+            out = out * arrays["target.std"] + arrays["target.mean"]
+        out = out * self._y_scale + self._y_mean
         return out[:, 0] if self._y_1d else out
 
     def _validate_fit(self, X, y, reset: bool):
@@ -559,8 +567,10 @@ def load(path: str, device: str = "auto"):
     if meta.get("feature_names"):
         est.feature_names_in_ = np.asarray(meta["feature_names"], dtype=object)
     if classify:
-        names = meta.get("class_names") or list(range(int(meta["n_classes"])))
-        est.classes_ = np.asarray(names)
+        n = int(meta["n_classes"])
+        names = meta.get("class_names") or []
+        # integer labels 0..C-1 (stored as nothing, or as their decimal strings) come back as ints
+        est.classes_ = np.arange(n) if names in ([], [str(c) for c in range(n)]) else np.asarray(names)
     else:
         est.n_outputs_ = sizes[-1]
         est._y_1d = sizes[-1] == 1

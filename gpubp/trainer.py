@@ -470,7 +470,8 @@ class Trainer:
     def checkpoint(self) -> tuple[dict, dict]:
         """(meta, arrays) of the current state: what `save` writes."""
         arrays = checkpoint_arrays(self.run, self.opt)
-        arrays["train.running_loss"] = self.run.backend.to_numpy(self.running_loss)
+        arrays["params"] = np.array(arrays["params"])  # a copy: NumPy's to_numpy is a view of the live buffer
+        arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))
         return self._meta(), arrays
 
     def save(self, name: str) -> None:

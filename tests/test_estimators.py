@@ -220,7 +220,7 @@ def test_pickle_and_clone():
 # --------------------------------------------------------------------------- without scikit-learn
 
 
-def test_import_and_fit_without_sklearn():
+def test_import_and_fit_without_sklearn(tmp_path):
     """`import gpubp` and the estimators work when scikit-learn cannot be imported."""
     code = (
         "import sys; sys.modules['sklearn'] = None\n"
@@ -233,13 +233,32 @@ def test_import_and_fit_without_sklearn():
         "assert r.score(x, x[:, 1]) > 0.9\n"
         "try:\n    c.predict(x[:, :2])\nexcept ValueError as e:\n    print(e)\n"
         "assert 'sklearn' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        # a table with named columns (as a DataFrame): the names are kept and saved
+        "class Table:\n    columns = ['a', 'b', 'c']\n    def __init__(self, x): self.x = x\n"
+        "    def __array__(self, dtype=None, copy=None): return self.x\n"
+        "c.fit(Table(x), y); assert list(c.feature_names_in_) == ['a', 'b', 'c']\n"
+        "c.save(sys.argv[1]); assert list(gpubp.load(sys.argv[1]).feature_names_in_) == ['a', 'b', 'c']\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.npz")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "X has 2 features, but MLPClassifier is expecting 3" in r.stdout
 
 
 # --------------------------------------------------------------------------- scikit-learn's tools
+
+
+def test_dataframe_feature_names(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("sklearn")
+    x, y = blobs(n=60, seed=9)
+    frame = pd.DataFrame(x, columns=["w", "x", "y", "z"])
+    est = gpubp.MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0, device="cpu").fit(frame, y)
+    assert est.feature_names_in_.tolist() == ["w", "x", "y", "z"]
+    with pytest.raises(ValueError, match="feature names"):
+        est.predict(frame[["z", "y", "x", "w"]])
+    est.save(str(tmp_path / "f.npz"))
+    assert gpubp.load(str(tmp_path / "f.npz")).feature_names_in_.tolist() == ["w", "x", "y", "z"]
 
 
 def test_pipeline_gridsearch_cross_val_score():
