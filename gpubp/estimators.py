@@ -33,7 +33,7 @@ import numpy as np
 from . import data as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import validate
-from .errors import ConfigError, DataError, UsageError
+from .errors import ConfigError, DataError, DeviceError, UsageError
 
 try:  # scikit-learn is optional: the estimators use its base classes when it is there
     from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -260,6 +260,8 @@ class _MLPBase(BaseEstimator):
             trainer = train_in_memory(cfg, ds, self.device, log=log, standardizer=std, warm_start=warm)
         except (ConfigError, DataError, UsageError) as e:
             raise ValueError(str(e)) from None
+        except DeviceError as e:
+            raise _device_error(e) from None
         except ValueError as e:  # warm start that does not fit (set_params changed the architecture)
             raise ValueError(f"partial_fit cannot continue this model: {e}; call fit to start again") from None
         meta, arrays = trainer.checkpoint()
@@ -282,7 +284,10 @@ class _MLPBase(BaseEstimator):
 
             meta, arrays = self._state
             m = meta["model"]
-            backend, _ = resolve_device(self.device)
+            try:
+                backend, _ = resolve_device(self.device)
+            except DeviceError as e:
+                raise _device_error(e) from None
             model = MLP(m["sizes"], m["activation"], m["output_activation"], m["loss"], dtype=m["dtype"],
                         seed=m["seed"], init=m["init"], leaky_relu_slope=m["leaky_relu_slope"],
                         label_smoothing=m["label_smoothing"], huber_delta=m["huber_delta"],
@@ -333,6 +338,12 @@ class _MLPBase(BaseEstimator):
             raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it")
         meta, arrays = self._checkpoint_for_save()
         save_checkpoint(path, meta, arrays)
+
+
+def _device_error(e: DeviceError) -> DeviceError:
+    """The backend's message in the estimator's words (device=..., not --device)."""
+    text = str(e).replace("--device cpu or auto", "device='cpu' or 'auto'").replace("--device gpu", "device='gpu'")
+    return DeviceError(text)
 
 
 def _plain(value):

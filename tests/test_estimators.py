@@ -150,6 +150,14 @@ def test_bad_parameters_name_the_keyword():
         gpubp.MLPClassifier(solver="lbfgs", device="cpu").fit(x, y)
     with pytest.raises(ValueError, match="data and the classifier's loss are set by the estimator"):
         gpubp.MLPClassifier(config={"data.test_fraction": 0.5}, device="cpu").fit(x, y)
+    with pytest.raises(ValueError, match=r"device \(train.device\): unknown value 'tpu'"):
+        gpubp.MLPClassifier(device="tpu").fit(x, y)
+    from gpubp.backend import gpu_unavailable_reason
+    from gpubp.errors import DeviceError
+
+    if gpu_unavailable_reason() is not None:
+        with pytest.raises(DeviceError, match=r"^device='gpu': no usable GPU .*; use device='cpu' or 'auto'$"):
+            gpubp.MLPClassifier(device="gpu").fit(x, y)
     with pytest.raises(ValueError, match="at least two classes"):
         gpubp.MLPClassifier(device="cpu").fit(x, np.zeros(30))
 
@@ -302,3 +310,17 @@ def test_readme_from_python_block_runs(tmp_path, monkeypatch):
     exec("\n".join(lines[start + 2 : end]), scope)
     assert scope["search"].best_score_ >= 0.9 and scope["same"].score(scope["X_test"], scope["y_test"]) >= 0.9
     assert (tmp_path / "wine.npz").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_fit_matches_cpu_and_pickles():
+    """device='gpu' trains the same model as the CPU (float64: the backends agree to
+    rounding; GEMM order differs, so ~1e-10 after 20 epochs, not bits) and pickles
+    without device arrays."""
+    x, y = blobs(n=200, seed=10)
+    kw = dict(hidden_layer_sizes=(32,), max_iter=20, batch_size=50, random_state=0, config={"model.dtype": "float64"})
+    gpu = gpubp.MLPClassifier(device="gpu", **kw).fit(x, y)
+    cpu = gpubp.MLPClassifier(device="cpu", **kw).fit(x, y)
+    assert_close(gpu._state[1]["params"], cpu._state[1]["params"], np.float64, scale=1e4, what="gpu vs cpu params")
+    back = pickle.loads(pickle.dumps(gpu))
+    assert_close(back.predict_proba(x), cpu.predict_proba(x), np.float64, scale=1e4, what="unpickled gpu model")
