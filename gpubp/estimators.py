@@ -52,7 +52,7 @@ except ImportError:
     HAVE_SKLEARN = False
 
 IN_MEMORY = "(arrays given to fit)"  # data.path of an estimator's config: the data came in memory
-PREDICT_BLOCK = 256  # rows per forward pass when predicting (fixed: see _forward)
+PREDICT_BLOCK = (4096, 256)  # rows per forward pass when predicting, on the GPU and the CPU (fixed: see _forward)
 # constructor keyword -> the config key it sets (error messages name both)
 PARAM_KEYS = {
     "hidden_layer_sizes": "model.hidden",
@@ -206,6 +206,7 @@ class _MLPBase(BaseEstimator):
         no validation split, as partial_fit). ValueError for a bad parameter, naming it."""
         hidden = self.hidden_layer_sizes
         hidden = [hidden] if isinstance(hidden, (int, np.integer)) else hidden
+        hidden = hidden.tolist() if isinstance(hidden, np.ndarray) else hidden
         if not isinstance(hidden, (list, tuple)):
             raise ValueError(f"hidden_layer_sizes must be a tuple of ints such as (100,), got {hidden!r}")
         batch = self.batch_size
@@ -262,13 +263,15 @@ class _MLPBase(BaseEstimator):
             raise ValueError(str(e)) from None
         except DeviceError as e:
             raise _device_error(e) from None
-        except ValueError as e:  # warm start that does not fit (set_params changed the architecture)
+        except ValueError as e:  # a warm start that does not fit (set_params changed the architecture)
+            if warm is None:
+                raise
             raise ValueError(f"partial_fit cannot continue this model: {e}; call fit to start again") from None
         meta, arrays = trainer.checkpoint()
         if hasattr(self, "feature_names_in_"):
             meta["feature_names"] = [str(c) for c in self.feature_names_in_]
         self._state = (meta, arrays)
-        self._model = trainer.model  # the trained model, already on its device
+        self._model = (trainer.model, self.device)  # the trained model, already on its device
         curve = [r["train_loss"] for r in trainer.history]
         self.loss_curve_ = (getattr(self, "loss_curve_", []) if partial else []) + curve
         self.n_iter_ = (getattr(self, "n_iter_", 0) if partial else 0) + int(round(trainer.summary["epochs"]))
@@ -277,8 +280,8 @@ class _MLPBase(BaseEstimator):
     # ---- the model on the device
 
     def _device_model(self):
-        model = getattr(self, "_model", None)
-        if model is None:
+        model, device = getattr(self, "_model", (None, None))
+        if model is None or device != self.device:  # not built yet, or set_params changed the device
             from .backend import resolve_device
             from .model import MLP
 
@@ -293,22 +296,23 @@ class _MLPBase(BaseEstimator):
                         label_smoothing=m["label_smoothing"], huber_delta=m["huber_delta"],
                         residual=m["residual"], backend=backend)  # fmt: skip
             model.set_flat_params(arrays["params"])
-            self._model = model
+            self._model = (model, self.device)
         return model
 
     def _forward(self, X) -> np.ndarray:
         """Network outputs (n, n_out) in float64 for validated features X (n, F). Rows go
-        through the network in blocks of exactly PREDICT_BLOCK (the last one padded with
+        through the network in blocks of a fixed size per device (the last one padded with
         zeros): a GEMM's rounding can depend on its row count, and a fixed shape makes each
         row's output independent of the other rows predicted with it."""
         meta, arrays = self._state
         model = self._device_model()
         be = model.backend
+        rows = PREDICT_BLOCK[model.xp is np]
         x = (X - arrays["std.mean"]) / arrays["std.std"]
         out = []
-        for i in range(0, len(x), PREDICT_BLOCK):
-            part = x[i : i + PREDICT_BLOCK]
-            block = np.zeros((PREDICT_BLOCK, x.shape[1]))
+        for i in range(0, len(x), rows):
+            part = x[i : i + rows]
+            block = np.zeros((rows, x.shape[1]))
             block[: len(part)] = part
             out.append(be.to_numpy(model.forward(be.asarray(block, dtype=model.dtype)))[: len(part)])
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, model.sizes[-1]))

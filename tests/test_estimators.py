@@ -108,6 +108,21 @@ def test_predict_proba_is_softmax_of_the_network_and_sums_to_1():
     assert est.score(x, labels) >= 0.95  # well separated blobs
 
 
+def test_predictions_do_not_depend_on_the_other_rows():
+    """predict(X)[rows] == predict(X[rows]) exactly: the forward pass runs in blocks of
+    a fixed row count, so BLAS picks the same kernel (and rounding) for every row."""
+    rng = np.random.default_rng(11)
+    for trial in range(5):
+        n, f = int(rng.integers(20, 600)), int(rng.integers(1, 30))
+        x, y = rng.normal(size=(n, f)), rng.normal(size=n)
+        width = int(rng.integers(5, 300))
+        est = gpubp.MLPRegressor(hidden_layer_sizes=(width,), max_iter=2, random_state=trial, device="cpu").fit(x, y)
+        full = est.predict(x)
+        for _ in range(3):
+            rows = np.sort(rng.choice(n, int(rng.integers(1, n)), replace=False))
+            np.testing.assert_array_equal(est.predict(x[rows]), full[rows])
+
+
 def test_partial_fit_continues_the_model():
     x, y = blobs(n=100, seed=4)
     kw = dict(hidden_layer_sizes=(16,), batch_size=25, random_state=1, device="cpu")
