@@ -14,15 +14,15 @@ not pay for importing NumPy.
 __version__ = "0.1.0"
 
 _LAZY = {
+    "MLPClassifier": ("estimators", "MLPClassifier"),
+    "MLPRegressor": ("estimators", "MLPRegressor"),
+    "load": ("estimators", "load"),
     "MLP": ("model", "MLP"),
     "SGD": ("optim", "SGD"),
     "Adam": ("optim", "Adam"),
     "AdamW": ("optim", "AdamW"),
     "clip_grad_norm": ("optim", "clip_grad_norm"),
     "jacobian": ("jacobians", "jacobian"),
-    "MLPClassifier": ("estimators", "MLPClassifier"),
-    "MLPRegressor": ("estimators", "MLPRegressor"),
-    "load": ("estimators", "load"),
 }
 
 __all__ = [*_LAZY, "__version__"]
