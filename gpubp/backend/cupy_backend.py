@@ -39,6 +39,9 @@ _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
 
 BLOCK = 256  # threads per block of the elementwise kernels
+# row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
+# (docs/gpu-verification.md); more make the ordered second pass the longer one
+BIAS_GRAD_MAX_CHUNKS = 256
 
 
 def unavailable_reason() -> str | None:
@@ -186,6 +189,7 @@ class CupyBackend:
     def _compile(self, file: str):
         cupy = self._cupy
         try:
+            # CuPy appends K.CUPY_APPENDED_OPTIONS (-ftz=true among them) to these
             module = cupy.RawModule(code=K.read_source(file), options=K.NVRTC_OPTIONS)
             module.compile()
             return module
@@ -343,10 +347,10 @@ class CupyBackend:
         if n == 0:
             out.fill(0)
             return out
-        # ~1024 blocks of (32, 8) threads fill a GPU of 132 SMs; each chunk keeps >= 256 rows
+        # up to ~1024 blocks of (32, 8) threads to fill the GPU; each chunk keeps >= 256 rows
         # (32 per thread) so the finishing pass stays small. A function of the shape only.
         tiles = math.ceil(m / 32)
-        chunks = max(1, min(1024, math.ceil(1024 / tiles), n // 256))
+        chunks = max(1, min(BIAS_GRAD_MAX_CHUNKS, math.ceil(1024 / tiles), n // 256))
         rows_per_chunk = math.ceil(n / chunks)
         partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=dtype)
         self._function("bias_grad_partial", dtype)(
