@@ -428,7 +428,14 @@ class MLPClassifier(ClassifierMixin, _MLPBase):
         raise ValueError(f"predict_proba needs a model trained with a cross-entropy loss; this one used {loss!r}")
 
     def predict_log_proba(self, X):
-        return np.log(self.predict_proba(X))
+        """log predict_proba; for softmax outputs computed as z - logsumexp(z), finite
+        where a probability rounds to 0."""
+        check_is_fitted(self)
+        if self._state[0]["model"]["loss"] != "softmax_cross_entropy":
+            return np.log(self.predict_proba(X))
+        z = self._forward(self._validate_X(X, reset=False))
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
     def _validate_fit(self, X, y, reset: bool):
         if HAVE_SKLEARN:
@@ -448,11 +455,6 @@ class MLPClassifier(ClassifierMixin, _MLPBase):
             raise ValueError(
                 f"{type(self).__name__} needs at least two classes in y; got 1 class: {self.classes_.tolist()}"
             )
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.multi_label = False
-        return tags
 
 
 # --------------------------------------------------------------------------- the regressor

@@ -105,6 +105,7 @@ def test_predict_proba_is_softmax_of_the_network_and_sums_to_1():
     ref /= ref.sum(axis=1, keepdims=True)
     assert_close(proba, ref, np.float32, scale=10, what="predict_proba vs NumPy softmax")
     assert np.array_equal(est.predict(x), est.classes_[np.argmax(ref, axis=1)])
+    assert_close(est.predict_log_proba(x), np.log(ref), np.float32, scale=10, what="predict_log_proba")
     assert est.score(x, labels) >= 0.95  # well separated blobs
 
 
@@ -155,6 +156,22 @@ def test_early_stopping_holds_out_a_validation_share():
     assert meta["config"]["data"]["val_fraction"] == 0.1 and meta["bad_evals"] == 3
     # 180 training rows (90% of 200, stratified) in batches of 20: 9 steps an epoch
     assert meta["optimizer_steps"] == 9 * est.n_iter_
+
+
+def test_regressor_partial_fit():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(120, 3))
+    y = np.stack([10.0 * x[:, 0], x[:, 1] - x[:, 2]], axis=1)
+    kw = dict(hidden_layer_sizes=(16,), batch_size=30, learning_rate_init=0.01, random_state=0, device="cpu")
+    once = gpubp.MLPRegressor(max_iter=1, **kw).fit(x, y)
+    part = gpubp.MLPRegressor(**kw).partial_fit(x, y)
+    np.testing.assert_array_equal(part._state[1]["params"], once._state[1]["params"])
+    for _ in range(20):
+        part.partial_fit(x, y)
+    assert part.n_iter_ == 21 and part._state[0]["optimizer_steps"] == 21 * 4
+    assert part.loss_curve_[-1] < 0.5 * part.loss_curve_[0] and part.score(x, y) > 0.5
+    with pytest.raises(ValueError, match="target columns"):
+        part.partial_fit(x, y[:, 0])
 
 
 def test_bad_parameters_name_the_keyword():
