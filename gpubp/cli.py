@@ -157,7 +157,9 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         raise Interrupted(
             f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
         ) from None
-    click.echo(json.dumps(summary, indent=2))
+    from .metrics import to_json
+
+    click.echo(to_json(summary))
 
 
 def _program() -> list[str]:
@@ -179,6 +181,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     from .backend import resolve_device
     from .checkpoint import load_checkpoint
     from .data import Standardizer
+    from .targets import TargetScaler
     from .trainer import build_model, config_from_checkpoint, prepare, restore_params
 
     meta, arrays = load_checkpoint(checkpoint)
@@ -186,7 +189,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"))
     if with_data:
         run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
-                      checkpoint=(meta, checkpoint))  # fmt: skip
+                      checkpoint=(meta, checkpoint), target_scaler=TargetScaler.from_arrays(arrays))  # fmt: skip
         model = run.model
     else:
         backend, note = resolve_device(device)
@@ -205,8 +208,11 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @handle_errors
 def eval_cmd(checkpoint, split, device):
-    """Loss and accuracy of a checkpoint on its dataset's splits (JSON)."""
+    """Metrics of a checkpoint on its dataset's splits (JSON; per-class tables on stderr):
+    loss, accuracy, per-class precision/recall/F1 and the confusion matrix for classes;
+    loss, R2, RMSE and MAE (in the targets' units) for regression."""
     meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
+    from .metrics import format_classification, to_json
     from .trainer import evaluate_split
 
     results = {"checkpoint": checkpoint, "step": meta["step"]}
@@ -215,8 +221,11 @@ def eval_cmd(checkpoint, split, device):
             if split != "all":
                 raise UsageError(f"--split {name}: this run has no {name} split (its data.{name}_fraction is 0)")
             continue
-        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size))
-    click.echo(json.dumps(results, indent=2))
+        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size,
+                                      getattr(run.data, name), run.target_scaler, report=True))  # fmt: skip
+        if f"{name}_report" in results:
+            click.echo(format_classification(results[f"{name}_report"], name), err=True)
+    click.echo(to_json(results))
 
 
 def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
