@@ -131,13 +131,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "epochs": _f("int", 200, "passes over the training split (at most: early stopping may end sooner)", min=1),
         "steps": _f("int", 0, "train for this many steps instead of epochs; 0 uses epochs", min=0),
         "batch_size": _f("int", 64, "samples per step (the last batch of an epoch may be smaller)", min=1),
-        "eval_every": _f("int", 0, "evaluate, log and checkpoint every N steps; 0 at the end of each epoch", min=0),
+        "eval_every": _f(
+            "int",
+            0,
+            "evaluate and log every N steps; 0: at the end of each epoch, or of every k-th epoch when an epoch "
+            "has fewer than 10 steps (k = ceil(10 / steps per epoch), so that evaluating costs little)",
+            min=0,
+        ),
         "early_stopping_patience": _f(
             "int", 10, "stop after this many evaluations without a better validation metric; 0 never", min=0
         ),
         "restore_best": _f("bool", True, "end with the weights of best.npz (best validation metric), as Keras does"),
         "checkpoint_every_s": _f(
-            "float", 30.0, "write last.npz/best.npz at most this often (and at the first and last evaluation)", min=0.0
+            "float", 30.0, "write last.npz/best.npz at most this often (and at the end); 0 at every evaluation", min=0.0
         ),
         "early_stopping_metric": _f(
             "str", "val_loss", "what 'improvement' means (best checkpoint too)", ("val_loss", "val_accuracy")

@@ -51,6 +51,7 @@ from .model import MLP
 from .optim import OPTIMIZER_CLASSES, clip_scale, make_optimizer
 from .schedules import lr_at
 
+MIN_EVAL_STEPS = 10  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
@@ -456,7 +457,7 @@ class Trainer:
         self.running_loss = self.run.backend.zeros((), np.float64)
         self.n_running = 0
         self.saved_step = None  # step of the last.npz this process wrote
-        self.saved_at = -math.inf  # time.monotonic() of that write
+        self.saved_at = -math.inf  # time.monotonic() of that write (or of the start of training)
         self.best = None  # (meta, arrays) of the best evaluation, on the host
         self.best_written = True  # best.npz on disk holds self.best
         self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
@@ -519,15 +520,20 @@ class Trainer:
             "best_value": self.best_value,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
-            "model": self.model.config_dict(),
-            "config": config_for_checkpoint(self.cfg),
-            "n_features": self.run.n_features,
-            "n_classes": self.run.n_classes,
-            "class_names": self.run.class_names,
+            **self._fixed_meta(),
         }
+
+    def _fixed_meta(self) -> dict:
+        """The part of a checkpoint's meta that does not change during the run (built once)."""
+        if "_fixed" not in self.__dict__:
+            self._fixed = {"model": self.model.config_dict(), "config": config_for_checkpoint(self.cfg),
+                           "n_features": self.run.n_features, "n_classes": self.run.n_classes,
+                           "class_names": self.run.class_names}  # fmt: skip
+        return self._fixed
 
     def _state(self) -> tuple[dict, dict]:
         arrays = checkpoint_arrays(self.run, self.opt)
+        arrays["params"] = np.array(arrays["params"])  # a copy: NumPy's to_numpy is a view of the live buffer
         arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))
         return self._meta(), arrays
 
@@ -572,15 +578,17 @@ class Trainer:
         t, sch = cfg.train, cfg.schedule
         train = self.run.splits["train"]
         clip = cfg.optimizer.clip_grad_norm
-        eval_every = t.eval_every or self.steps_per_epoch
+        eval_every = t.eval_every or self.steps_per_epoch * math.ceil(MIN_EVAL_STEPS / self.steps_per_epoch)
         perm_epoch, perm = None, None
         stopped_early = False
         start = time.perf_counter()
+        self.saved_at = time.monotonic()  # the first checkpoint comes after checkpoint_every_s, or at the end
         # a terminal gets a bar (epochs in its label, steps counted); logs get one line per evaluation
         self.bar = bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                               disable=self.quiet or not sys.stderr.isatty(), desc=self._epoch_label())  # fmt: skip
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
+        self.metrics_file = scope.enter_context(open(os.path.join(self.out_dir, "metrics.jsonl"), "a", buffering=1))
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
             while self.step < self.total_steps:
@@ -704,7 +712,7 @@ class Trainer:
     def _log_eval(self, epoch, start) -> dict:
         """Log one evaluation; note a better validation metric (a host copy of the state,
         written as best.npz with the next checkpoint); write checkpoints when due: at
-        the first evaluation, then at most every train.checkpoint_every_s seconds."""
+        most every train.checkpoint_every_s seconds (and at the end, by _finish)."""
         began = time.perf_counter()
         self._check_finite()
         train_loss = self.run.backend.to_float(self.running_loss) / max(self.n_running, 1)
@@ -713,8 +721,7 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.evaluate("val"))
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.metrics_file.write(json.dumps(record) + "\n")  # line-buffered: each line reaches the file
         monitor = self._monitor(record)
         if monitor is not None:
             name, value, higher = monitor
