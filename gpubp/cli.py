@@ -307,6 +307,11 @@ def predict(checkpoint, input_path, output_path, device, overwrite):
     xd = model.backend.asarray(std(x), dtype=model.dtype)
     chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
     out = np.concatenate(chunks).astype(np.float64)
+    if meta["n_classes"] is None:  # regression: outputs back in the targets' own units
+        from .checkpoint import load_checkpoint
+        from .targets import TargetScaler, user_outputs
+
+        out = user_outputs(out, cfg.loss.name, False, TargetScaler.from_arrays(load_checkpoint(checkpoint)[1]))
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=out)
     else:

@@ -97,6 +97,8 @@ def resolve_auto(cfg: Config, ds: D.Dataset, log=None) -> Config:
     raw["data"]["task"] = task
     if raw["loss"]["name"] == "auto":
         raw["loss"]["name"] = "softmax_cross_entropy" if ds.is_classification else "mse"
+    if cfg.data.val_fraction == 0:  # no validation split: no early stopping (the default patience is moot)
+        raw["train"]["early_stopping_patience"] = 0
     return Config(raw, cfg.source, cfg.base_dir)
 
 
@@ -233,14 +235,18 @@ def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: st
 
 def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) -> dict:
     """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
-    gradients, optimizer state and its scratch rows: one flat buffer each), `batch`
+    gradients, optimizer state and its scratch rows: one flat buffer each; on the CPU
+    also the host copy of the best evaluation's parameters and state), `batch`
     (the activations and their gradients that the forward and backward pass of one
     training batch keep, and the gathered batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
     features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     scratch = backend.optimizer_scratch_rows  # the optimizer's working rows of P
-    n_buffers = 2 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_state = len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_buffers = 2 + scratch + n_state
+    if backend.name == "cpu" and cfg.data.val_fraction > 0:  # the best evaluation's state, kept on the host
+        n_buffers += 1 + n_state
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
     per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))

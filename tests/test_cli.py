@@ -15,8 +15,9 @@ def test_digits_default_job_reaches_097(tmp_path):
     summary = json.loads(r.stdout)
     print(f"digits test accuracy: {summary['test_accuracy']:.4f} ({summary['seconds']} s)")
     assert summary["test_accuracy"] >= 0.97
-    for name in ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml"):
+    for name in ("metrics.jsonl", "summary.json", "last.npz", "config.toml"):
         assert (out / name).exists(), name
+    assert not (out / "best.npz").exists()  # val_fraction = 0: nothing to choose a best on (never the training loss)
     assert json.loads((out / "summary.json").read_text()) == summary
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 30 and json.loads(lines[-1])["step"] == summary["steps"]
