@@ -360,7 +360,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         click.echo(note, err=True)
     click.echo(f"gpubp bench on {backend.describe()}", err=True)
     click.echo(B.HEADER)
-    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo)
+    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
+                   progress=lambda m: click.echo(m, err=True))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:
         click.echo(summary)
@@ -394,16 +395,36 @@ def config_show(path, overrides):
 @main.command()
 @click.argument("run_dir", type=str)
 @click.option("--output", type=str, default=None, help="PNG file (default: RUN_DIR/curves.png).")
+@click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists.")
 @handle_errors
-def plot(run_dir, output):
-    """Loss and accuracy curves of a run (metrics.jsonl) as a PNG."""
+def plot(run_dir, output, overwrite):
+    """A run's curves (loss; accuracy, or R2 and RMSE/MAE) and its confusion matrix, as a PNG."""
     from .plotting import plot_run
 
-    path = plot_run(run_dir, output)
+    path = plot_run(run_dir, output, overwrite)
     click.echo(f"wrote {path}", err=True)
 
 
 # --------------------------------------------------------------------------- gradcheck / jacobian
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, unit: str):
+    """Yields progress(n): a tqdm bar on a terminal; otherwise a line at each quarter."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        with tqdm(total=total, unit=unit[:-1], dynamic_ncols=True, leave=False) as bar:
+            yield bar.update
+        return
+    done, marks = [0], [total * q // 4 for q in (1, 2, 3)]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if done[0] in marks:
+            click.echo(f"{done[0]}/{total} {unit} done", err=True)
+
+    yield progress
 
 
 @main.command()
@@ -441,7 +462,8 @@ def gradcheck(config_path, device, samples, tol, overrides):
     click.echo(f"gradcheck {config_path}: model {model.sizes}{' residual' if model.residual else ''}, "
                f"float64 on {be.describe()}, {len(rows)} training samples ({clear}), "
                f"{model.n_params} parameters, {4 * model.n_params} loss evaluations, error floor {floor:.2g}")  # fmt: skip
-    reports = check_model(model, x[rows], y[rows], floor=floor)
+    with _progress_bar(model.n_params, "parameters") as progress:
+        reports = check_model(model, x[rows], y[rows], floor=floor, progress=progress)
     click.echo(f"{'layer':>5}  {'W shape':>12}  {'W max rel err':>13}  {'b max rel err':>13}")
     for r in reports:
         W = model.params[2 * (r.layer - 1)]

@@ -67,6 +67,12 @@ def test_plot(tmp_path):
     assert r.returncode == 0, r.stderr
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # never over an existing PNG without --overwrite
+    r = run_cli("plot", str(out))
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
+    assert (out / "curves.png").read_bytes() == png
+    r = run_cli("plot", str(out), "--overwrite", "--output", str(tmp_path / "again.png"))
+    assert r.returncode == 0 and (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_config_show_prints_every_default():
