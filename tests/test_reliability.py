@@ -416,3 +416,67 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert leftovers > 0  # some kills did land inside a checkpoint write
     T.Trainer(load_config(str(config)), str(tmp_path / "ref"), device="cpu", quiet=True).train()
     same_run(out, tmp_path / "ref")
+
+
+# --------------------------------------------------------------------------- feedback, run directories
+
+
+def test_one_log_line_per_evaluation_without_a_terminal(tmp_path):
+    """stderr is a pipe here: one line per evaluation naming epoch, step, losses, metrics, time."""
+    r = run_cli("train", "--config", "configs/spirals.toml", "--device", "cpu", "--out", str(tmp_path / "r"),
+                "--set", "data.n_samples=300", "--set", "train.steps=40", "--set", "train.eval_every=10",
+                "--set", "train.batch_size=32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 4, r.stderr
+    assert re.fullmatch(r"epoch 2/\d+ step 10/40 train_loss \S+ val_loss \S+ val_accuracy \S+ elapsed \S+s", lines[0])
+    summary = json.loads(r.stdout)
+    assert summary["run_dir"] == str(tmp_path / "r")
+    assert 0 < summary["eval_seconds"] <= summary["seconds"]
+
+
+def test_early_stopping_line_goes_around_the_bar(tmp_path):
+    """On a terminal the line is written with tqdm's write (above the bar), not print."""
+    t = trainer(tmp_path / "r", ["train.steps=400", "train.early_stopping_patience=1", "optimizer.lr=0.5"])
+    t.quiet = False
+    written = []
+    import tqdm
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "disable": False, "file": open(os.devnull, "w")})
+
+        def write(self, s, *a, **kw):
+            written.append(s)
+
+    t.log = lambda m: pytest.fail(f"printed around the bar: {m}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tqdm, "tqdm", Bar)
+        summary = t.train()
+    assert summary["stopped_early"] and len(written) == 1 and written[0].startswith("early stopping at step ")
+
+
+@pytest.mark.parametrize("when", ["diverged", "killed"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path, monkeypatch, when):
+    def fail_soon():
+        if when == "diverged":
+            poison_step(monkeypatch, 3, "loss")
+        else:
+            monkeypatch.setattr(T.Trainer, "_log_eval", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    fail_soon()
+    t = trainer(tmp_path / "r", ["train.checkpoint_every_s=60"])
+    assert (tmp_path / "r").is_dir()
+    with pytest.raises((TrainingError, RuntimeError)) as e:
+        t.train()
+    assert not (tmp_path / "r").exists()
+    if when == "diverged":
+        assert "no checkpoint had been written yet (run directory removed)" in str(e.value)
+    # a folder that held other files keeps them: only the run's own files go
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    fail_soon()
+    t = trainer(tmp_path / "s", ["train.checkpoint_every_s=60"], overwrite=True)
+    with pytest.raises((TrainingError, RuntimeError)):
+        t.train()
+    assert sorted(os.listdir(tmp_path / "s")) == ["notes.txt"]
