@@ -410,19 +410,23 @@ def plot(run_dir, output, overwrite):
 
 @contextlib.contextmanager
 def _progress_bar(total: int, unit: str):
-    """Yields progress(n): a tqdm bar on a terminal; otherwise a line at each quarter."""
+    """Yields progress(n): a tqdm bar on a terminal; otherwise a line every 10 seconds
+    (none for a check that ends sooner)."""
+    import time
+
     from tqdm import tqdm
 
     if sys.stderr.isatty():
         with tqdm(total=total, unit=unit[:-1], dynamic_ncols=True, leave=False) as bar:
             yield bar.update
         return
-    done, marks = [0], [total * q // 4 for q in (1, 2, 3)]
+    state = {"done": 0, "last": time.monotonic()}
 
     def progress(n: int) -> None:
-        done[0] += n
-        if done[0] in marks:
-            click.echo(f"{done[0]}/{total} {unit} done", err=True)
+        state["done"] += n
+        if time.monotonic() - state["last"] >= 10.0:
+            state["last"] = time.monotonic()
+            click.echo(f"{state['done']}/{total} {unit} done", err=True)
 
     yield progress
 

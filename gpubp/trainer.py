@@ -86,14 +86,11 @@ def load_dataset(cfg: Config) -> D.Dataset:
     return ds
 
 
-def resolve_auto(cfg: Config, ds: D.Dataset, log=None) -> Config:
+def resolve_auto(cfg: Config, ds: D.Dataset) -> Config:
     """The config with data.task and loss.name "auto" made concrete for this data
-    (stored so: eval, predict and a resumed run see what training did). Says once
-    what "auto" chose for a file of the user's."""
+    (stored so: eval, predict and a resumed run see what training did)."""
     raw = cfg.to_dict()
     task = "classification" if ds.is_classification else "regression"
-    if cfg.data.task == "auto" and cfg.data.dataset in ("csv", "npz") and log:
-        log(T.describe_choice(ds.y, ds.is_classification, bool(ds.class_names)))
     raw["data"]["task"] = task
     if raw["loss"]["name"] == "auto":
         raw["loss"]["name"] = "softmax_cross_entropy" if ds.is_classification else "mse"
@@ -175,7 +172,8 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         _NOTES_SHOWN.add(note)
         log(note)
     ds = load_dataset(cfg)
-    cfg = resolve_auto(cfg, ds, log)
+    auto_task = cfg.data.task == "auto" and cfg.data.dataset in ("csv", "npz")
+    cfg = resolve_auto(cfg, ds)
     d = cfg.data
     splits = D.split_dataset(ds, d.val_fraction, d.test_fraction, cfg.train.seed, d.stratify)
     if cfg.train.early_stopping_metric == "val_accuracy" and not ds.is_classification:
@@ -207,6 +205,8 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         sizes = [ds.x.shape[1], *cfg.model.hidden, width]
         n_rows = sum(len(p) for p in (splits.train, splits.val, splits.test) if p is not None)
         raise out_of_memory(backend, cfg, sizes, min(cfg.train.batch_size, len(splits.train)), n_rows) from None
+    if auto_task and log:  # what "auto" chose for a file of the user's, once all is well
+        log(T.describe_choice(ds.y, ds.is_classification, bool(ds.class_names)))
     run = Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev, splits)
     run.target_scaler = None if ds.is_classification else target_scaler
     return run

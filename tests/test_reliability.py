@@ -196,7 +196,8 @@ def test_ctrl_c_through_the_cli_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stdout == "", stderr
-    (line,) = stderr.splitlines()
+    *evaluations, line = stderr.splitlines()
+    assert all(e.startswith("epoch ") for e in evaluations), stderr  # one line per evaluation (no terminal)
     match = re.fullmatch(r"gpubp: interrupted at step (\d+); resume with: (.*)", line)
     assert match, line
     step = int(match[1])
