@@ -28,6 +28,11 @@ def test_digits_default_job_reaches_097(tmp_path):
     ev = json.loads(r.stdout)
     assert ev["test_accuracy"] == summary["test_accuracy"]
     assert abs(ev["test_loss"] - summary["test_loss"]) <= 1e-6 * summary["test_loss"]
+    # per-class report: the confusion matrix holds every test sample, its trace the correct ones
+    cm = np.array(ev["test_report"]["confusion_matrix"])
+    assert cm.shape == (10, 10) and np.trace(cm) / cm.sum() == ev["test_accuracy"]
+    assert ev["test_report"] == summary["test_report"] and "confusion matrix" in r.stderr
+    assert summary["run_dir"] == str(out)
 
     # predict on raw (unstandardised) digits, as a user would feed them
     from gpubp.data import load_digits

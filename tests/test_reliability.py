@@ -481,3 +481,28 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_pa
     with pytest.raises((TrainingError, RuntimeError)):
         t.train()
     assert sorted(os.listdir(tmp_path / "s")) == ["notes.txt"]
+
+
+def test_checkpoints_come_at_a_bounded_rate_and_at_the_end(tmp_path, monkeypatch):
+    """A fake clock that moves 10 s per reading: with checkpoint_every_s = 25, of four
+    evaluations only the third is due (30 s after the start); the end always writes.
+    best.npz goes with them, holding the best evaluation, never a later one."""
+    import itertools
+
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(T.time, "monotonic", lambda: next(ticks))
+    writes = []
+    original = T.save_checkpoint
+
+    def save_checkpoint(path, meta, arrays):
+        writes.append((os.path.basename(path), meta["step"]))
+        original(path, meta, arrays)
+
+    monkeypatch.setattr(T, "save_checkpoint", save_checkpoint)
+    t = trainer(tmp_path / "r", ["train.checkpoint_every_s=25", "train.early_stopping_patience=0"])
+    summary = t.train()
+    monkeypatch.undo()
+    assert [w for w in writes if w[0] == "last.npz"] == [("last.npz", 30), ("last.npz", 40)]
+    best = [step for name, step in writes if name == "best.npz"]
+    assert best and best[-1] == summary["best_step"] and all(step <= 30 for step in best[:-1])
+    assert load_checkpoint(str(tmp_path / "r" / "best.npz"))[0]["step"] == summary["best_step"]
