@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
 )
 from .model import MLP
-from .optim import OPTIMIZER_CLASSES, clip_scale, make_optimizer
+from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .schedules import lr_at
 
 MIN_EVAL_STEPS = 10  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
@@ -385,20 +385,21 @@ class FiniteGuard:
     to the host: the index of the first bad step (-1 while all is well) is a 0-d array
     on the device, read only when the host logs. From that step on `skip` is true and
     the fused update leaves parameters and optimizer state as they are, so a
-    checkpoint never gets NaN or inf."""
+    checkpoint never gets NaN or inf. The same launch computes the gradient norm and
+    the clipping scale (`norm`, `scale`); see numpy_ops.step_guard."""
 
-    def __init__(self, backend):
-        self.backend, self.xp = backend, backend.xp
+    def __init__(self, backend, dtype):
+        self.backend = backend
         self.first_bad = backend.zeros((), np.int64)
         self.first_bad[...] = -1
         self.skip = backend.zeros((), np.bool_)
+        self.norm = backend.zeros((), dtype)
+        self.scale = backend.zeros((), dtype)
 
-    def check(self, step: int, loss, grad_sq) -> None:
-        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d)."""
-        xp = self.xp
-        bad = ~(xp.isfinite(loss) & xp.isfinite(grad_sq))
-        self.first_bad = xp.where(bad & (self.first_bad < 0), step, self.first_bad)
-        self.skip = self.first_bad >= 0
+    def check(self, step: int, loss, grad_sq, max_norm: float) -> None:
+        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d);
+        max_norm > 0 clips the gradient to that global norm (through `scale`)."""
+        self.backend.step_guard(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
 
     def first_bad_step(self) -> int | None:
         """0-based index of the first non-finite step, or None (one read from the device)."""
@@ -468,7 +469,7 @@ class Trainer:
         self.best_written = True  # best.npz on disk holds self.best
         self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
         self.created_dir = resume is None  # a run that fails before its first checkpoint removes it
-        self.guard = FiniteGuard(self.run.backend)
+        self.guard = FiniteGuard(self.run.backend, self.model.dtype)
         if resume is not None:
             self._restore(resume, resume_arrays)
         if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
@@ -608,12 +609,8 @@ class Trainer:
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
                 loss = model.forward_backward(xb, yb)
-                if clip > 0:
-                    grad_norm, scale = clip_scale(be, model.flat_grads, clip)
-                else:  # its square: finite exactly when the norm is
-                    grad_norm, scale = be.sum_squares(model.flat_grads), 1.0
-                self.guard.check(self.step, loss, grad_norm)
-                opt.step(grad_scale=scale, skip=self.guard.skip)
+                self.guard.check(self.step, loss, be.sum_squares(model.flat_grads), clip)
+                opt.step(grad_scale=self.guard.scale, skip=self.guard.skip)
                 self.running_loss += loss
                 self.n_running += 1
                 self.step += 1
