@@ -157,7 +157,9 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         raise Interrupted(
             f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
         ) from None
-    click.echo(json.dumps(summary, indent=2))
+    from .metrics import to_json
+
+    click.echo(to_json(summary))
 
 
 def _program() -> list[str]:
@@ -179,6 +181,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     from .backend import resolve_device
     from .checkpoint import load_checkpoint
     from .data import Standardizer
+    from .targets import TargetScaler
     from .trainer import build_model, config_from_checkpoint, prepare, restore_params
 
     meta, arrays = load_checkpoint(checkpoint)
@@ -186,7 +189,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"), arrays.get("missing.mean"))
     if with_data:
         run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
-                      checkpoint=(meta, checkpoint))  # fmt: skip
+                      checkpoint=(meta, checkpoint), target_scaler=TargetScaler.from_arrays(arrays))  # fmt: skip
         model = run.model
     else:
         backend, note = resolve_device(device)
@@ -208,8 +211,11 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @handle_errors
 def eval_cmd(checkpoint, split, data_path, device):
-    """Loss and accuracy of a checkpoint on its dataset's splits, or on a new labelled
-    file (--data; columns matched by name as in predict) (JSON)."""
+    """Metrics of a checkpoint on its dataset's splits, or on a new labelled file (--data;
+    columns matched by name as in predict) (JSON; per-class tables on stderr): loss,
+    accuracy, per-class precision/recall/F1 and the confusion matrix for classes; loss,
+    R2, RMSE and MAE (in the targets' units) for regression."""
+    from .metrics import format_classification, to_json
     from .trainer import evaluate_split
 
     if data_path is not None:
@@ -219,14 +225,19 @@ def eval_cmd(checkpoint, split, data_path, device):
             raise UsageError(f"--data {data_path!r} not found; check the path")
         from .data import DeviceSplit
         from .inference import read_labelled
+        from .targets import TargetScaler
         from .trainer import loss_targets
 
-        meta, cfg, model, std, _, _ = _load_for_inference(checkpoint, device, with_data=False)
+        meta, cfg, model, std, _, arrays = _load_for_inference(checkpoint, device, with_data=False)
         ds = read_labelled(data_path, meta, cfg, checkpoint, std.fill, lambda m: click.echo(m, err=True))
-        part = DeviceSplit(model, ds, std, loss_targets(ds, cfg.loss.name, model.sizes[-1]))
+        target = loss_targets(ds, cfg.loss.name, model.sizes[-1])
+        scaler = None if ds.is_classification else TargetScaler.from_arrays(arrays, model.sizes[-1])
+        part = DeviceSplit(model, ds, std, target if scaler is None else scaler.transform(target))
         results = {"checkpoint": checkpoint, "step": meta["step"], "data": data_path, "data_rows": len(ds)}
-        results.update(evaluate_split(model, part, "data", cfg.train.eval_batch_size))
-        click.echo(json.dumps(results, indent=2))
+        results.update(evaluate_split(model, part, "data", cfg.train.eval_batch_size, ds, scaler, report=True))
+        if "data_report" in results:
+            click.echo(format_classification(results["data_report"], "data"), err=True)
+        click.echo(to_json(results))
         return
     split = split or "all"
     meta, cfg, model, _, run, _ = _load_for_inference(checkpoint, device, with_data=True)
@@ -236,8 +247,11 @@ def eval_cmd(checkpoint, split, data_path, device):
             if split != "all":
                 raise UsageError(f"--split {name}: this run has no {name} split (its data.{name}_fraction is 0)")
             continue
-        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size))
-    click.echo(json.dumps(results, indent=2))
+        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size,
+                                      getattr(run.data, name), run.target_scaler, report=True))  # fmt: skip
+        if f"{name}_report" in results:
+            click.echo(format_classification(results[f"{name}_report"], name), err=True)
+    click.echo(to_json(results))
 
 
 @main.command()
@@ -327,7 +341,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         click.echo(note, err=True)
     click.echo(f"gpubp bench on {backend.describe()}", err=True)
     click.echo(B.HEADER)
-    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo)
+    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
+                   progress=lambda m: click.echo(m, err=True))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:
         click.echo(summary)
@@ -361,16 +376,40 @@ def config_show(path, overrides):
 @main.command()
 @click.argument("run_dir", type=str)
 @click.option("--output", type=str, default=None, help="PNG file (default: RUN_DIR/curves.png).")
+@click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists.")
 @handle_errors
-def plot(run_dir, output):
-    """Loss and accuracy curves of a run (metrics.jsonl) as a PNG."""
+def plot(run_dir, output, overwrite):
+    """A run's curves (loss; accuracy, or R2 and RMSE/MAE) and its confusion matrix, as a PNG."""
     from .plotting import plot_run
 
-    path = plot_run(run_dir, output)
+    path = plot_run(run_dir, output, overwrite)
     click.echo(f"wrote {path}", err=True)
 
 
 # --------------------------------------------------------------------------- gradcheck / jacobian
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, unit: str):
+    """Yields progress(n): a tqdm bar on a terminal; otherwise a line every 10 seconds
+    (none for a check that ends sooner)."""
+    import time
+
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        with tqdm(total=total, unit=unit[:-1], dynamic_ncols=True, leave=False) as bar:
+            yield bar.update
+        return
+    state = {"done": 0, "last": time.monotonic()}
+
+    def progress(n: int) -> None:
+        state["done"] += n
+        if time.monotonic() - state["last"] >= 10.0:
+            state["last"] = time.monotonic()
+            click.echo(f"{state['done']}/{total} {unit} done", err=True)
+
+    yield progress
 
 
 @main.command()
@@ -408,7 +447,8 @@ def gradcheck(config_path, device, samples, tol, overrides):
     click.echo(f"gradcheck {config_path}: model {model.sizes}{' residual' if model.residual else ''}, "
                f"float64 on {be.describe()}, {len(rows)} training samples ({clear}), "
                f"{model.n_params} parameters, {4 * model.n_params} loss evaluations, error floor {floor:.2g}")  # fmt: skip
-    reports = check_model(model, x[rows], y[rows], floor=floor)
+    with _progress_bar(model.n_params, "parameters") as progress:
+        reports = check_model(model, x[rows], y[rows], floor=floor, progress=progress)
     click.echo(f"{'layer':>5}  {'W shape':>12}  {'W max rel err':>13}  {'b max rel err':>13}")
     for r in reports:
         W = model.params[2 * (r.layer - 1)]

@@ -21,6 +21,7 @@ import numpy as np
 
 from .csvfile import read_table
 from .errors import DataError
+from .targets import auto_is_classification
 
 DATASETS = ("digits", "mnist", "npz", "csv", "spirals", "regression")
 MAX_LABEL = 2**31 - 1  # class labels go to the device as int32
@@ -76,8 +77,8 @@ def check_arrays(
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(f"{where}: feature {col} of sample {row} is {x[row, col]}; remove or impute non-finite values")
-    if classification is None:
-        classification = np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+    if classification is None:  # data.task = "auto": the rule of gpubp/targets.py
+        classification = auto_is_classification(y)
     if classification:
         if y.ndim != 1:
             y = y.reshape(y.shape[0], -1)
@@ -229,6 +230,7 @@ def load_npz(path: str, classification: bool | None) -> Dataset:
         return Dataset(x, y, n_classes, os.path.basename(path))
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         x, y, n_classes = check_arrays(arrays["x_train"], arrays["y_train"], path + " (train)", classification)
+        classification = n_classes is not None  # the test part follows the training part's task
         xt, yt, nt = check_arrays(arrays["x_test"], arrays["y_test"], path + " (test)", classification)
         if xt.shape[1] != x.shape[1]:
             raise DataError(f"{path}: x_test has {xt.shape[1]} features but x_train has {x.shape[1]}")
@@ -253,9 +255,7 @@ def load_csv(path: str, label_column: str, classification: bool | None, delimite
     labels = table.labels
     class_names: list = []
     if labels.dtype.kind == "f":
-        y = labels
-        if classification is None:
-            classification = bool(np.all(y == np.round(y)))  # whole numbers: class labels
+        y = labels  # classes or values: check_arrays decides on "auto"
     else:
         if classification is False:
             raise DataError(f"{path}: label column {label_column!r} holds text, but data.task is 'regression'")

@@ -9,9 +9,10 @@ feature is refused, naming it. A CSV without a header row is read only when aske
 trained without column names (digits, MNIST, npz) takes a CSV's columns by position.
 
 Outputs: for classes, the predicted class by name and one probability per class,
-p_<class> = softmax(z)_c (softmax_cross_entropy) or sigmoid(z)_c (binary_cross_entropy);
-losses that give no probabilities (mse, huber) give score_<class> = z_c; `logits` gives
-z itself. For regression, `to_user_units` maps outputs to the target's units.
+p_<class> (targets.class_probabilities: softmax(z) for softmax_cross_entropy, sigmoid(z)
+for binary_cross_entropy; for mse and huber the outputs clipped to [0, 1] and
+normalised, scores rather than calibrated probabilities); `logits` gives z itself. For
+regression, `to_user_units` maps outputs to the target's units.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from .csvfile import read_table
 from .data import Dataset, check_arrays, read_numpy_file
 from .errors import DataError
+from .targets import TargetScaler, class_probabilities, predicted_classes, user_outputs
 
 PROBABILISTIC = {"softmax_cross_entropy", "binary_cross_entropy"}
 
@@ -144,38 +146,24 @@ def read_labelled(path, meta, cfg, checkpoint, fill, log) -> Dataset:
 
 
 def to_user_units(out: np.ndarray, meta: dict, arrays: dict) -> np.ndarray:
-    """Regression outputs (N, T) of the network -> predictions in the target's units.
-    The one place that maps them: a model trained on transformed targets (e.g.
-    standardized with training statistics, stored in the checkpoint) undoes it here."""
-    return out
-
-
-def _sigmoid(z):
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow
+    """Regression outputs (N, T) of the network -> predictions in the target's units:
+    the one place predict maps them (targets standardized with training statistics,
+    stored in the checkpoint, are mapped back by gpubp/targets.py)."""
+    scaler = TargetScaler.from_arrays(arrays, out.shape[1])
+    return user_outputs(out, meta["model"]["loss"], False, scaler)
 
 
 def class_outputs(out: np.ndarray, loss: str, class_names: list, threshold: float, logits: bool):
     """(predicted class index (N,), column names, values (N, k)) for network outputs
-    `out` (N, n_out) of a classifier: probabilities p_<class>, or raw outputs with
-    `logits` (logit_<class>; output_<class> for a loss without probabilities)."""
-    n_out = out.shape[1]
-    if n_out == 1:  # two classes, one output: z > threshold is the second class
-        pred = (out[:, 0] > threshold).astype(np.int64)
-    else:
-        pred = out.argmax(axis=1)
-    raw = "logit" if loss in PROBABILISTIC else "output"
-    shown = class_names[-1:] if n_out == 1 else class_names  # one output: about the second class
+    `out` (N, n_out) of a classifier: probabilities p_<class> (gpubp/targets.py, as the
+    estimators' predict_proba), or raw outputs with `logits` (logit_<class>;
+    output_<class> for a loss without probabilities; one output: about the second class)."""
+    pred = predicted_classes(out, threshold)
     if logits:
+        raw = "logit" if loss in PROBABILISTIC else "output"
+        shown = class_names[-1:] if out.shape[1] == 1 else class_names
         return pred, [f"{raw}_{c}" for c in shown], out
-    if loss == "softmax_cross_entropy":
-        e = np.exp(out - out.max(axis=1, keepdims=True))  # softmax(z)_c = exp(z_c - max z) / sum exp(z - max z)
-        return pred, [f"p_{c}" for c in class_names], e / e.sum(axis=1, keepdims=True)
-    if loss == "binary_cross_entropy":
-        p = _sigmoid(out)
-        if n_out == 1:
-            return pred, [f"p_{c}" for c in class_names], np.concatenate([1.0 - p, p], axis=1)
-        return pred, [f"p_{c}" for c in class_names], p
-    return pred, [f"score_{c}" for c in shown], out
+    return pred, [f"p_{c}" for c in class_names], class_probabilities(out, loss)
 
 
 def decimal(values: np.ndarray) -> list[list[str]]:
