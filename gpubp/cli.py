@@ -41,6 +41,8 @@ def handle_errors(fn):
             click.echo(f"gpubp: {e}", err=True)
             sys.exit(e.exit_code)
         except GpubpError as e:
+            if getattr(e, "silent", False):  # another rank of a data-parallel run reports it
+                sys.exit(e.exit_code)
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             click.echo("gpubp: interrupted", err=True)
@@ -123,30 +125,57 @@ def default_out_dir(config_path: str | None) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary is still printed.")
 @handle_errors
 def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quiet):
-    """Train a model from a config file."""
+    """Train a model from a config file. Under an MPI launcher (mpirun -n N ...) the N
+    ranks train one model, data parallel (see gpubp/distributed.py)."""
+    from . import distributed
+
+    dist = distributed.from_environment()
+    try:
+        _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrite, quiet)
+    except GpubpError as e:
+        raise dist.report(e) from None
+    finally:
+        dist.close()
+
+
+def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrite, quiet):
     from .checkpoint import load_checkpoint
     from .config import load_config, validate
-    from .trainer import Trainer, config_from_checkpoint
+    from .trainer import Trainer, config_for_checkpoint, config_from_checkpoint
 
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
-    if config_path is None and resume is None:
-        raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
-    if config_path is not None:
-        cfg = load_config(config_path, overrides)
-    else:
-        meta, _ = load_checkpoint(resume)
-        stored = config_from_checkpoint(meta, resume)
-        raw = stored.to_dict()
-        from .config import parse_override
 
-        for text in overrides:
-            section, key, value = parse_override(text)
-            raw.setdefault(section, {})[key] = value
-        cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
-    if out_dir is None:
-        out_dir = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
-    trainer = Trainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume)
-    if not quiet:
+    def load_config_and_out_dir():
+        if config_path is None and resume is None:
+            raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
+        if config_path is not None:
+            cfg = load_config(config_path, overrides)
+        else:
+            meta, _ = load_checkpoint(resume)
+            stored = config_from_checkpoint(meta, resume)
+            raw = stored.to_dict()
+            from .config import parse_override
+
+            for text in overrides:
+                section, key, value = parse_override(text)
+                raw.setdefault(section, {})[key] = value
+            cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
+        out = out_dir
+        if out is None:
+            out = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
+        dist.use_device(device or cfg.train.device)
+        return cfg, out
+
+    # with N ranks: an error on any rank stops all and is printed once; so do configs that differ
+    cfg, out_dir = dist.agree(load_config_and_out_dir)
+    dist.check_same({"config": config_for_checkpoint(cfg), "--out": os.path.abspath(out_dir), "--device": device,
+                     "--resume": resume and os.path.abspath(resume), "--overwrite": overwrite,
+                     "gpubp version": __version__}, "config")  # fmt: skip
+    quiet_here = quiet or not dist.is_root
+    trainer = dist.agree(lambda: Trainer(cfg, out_dir, device=device, quiet=quiet_here, overwrite=overwrite,
+                                         resume=resume, dist=dist))  # fmt: skip
+    dist.start(trainer)
+    if not quiet_here:
         click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
                    f"{trainer.total_steps} steps, run directory {out_dir}", err=True)  # fmt: skip
     try:
@@ -157,7 +186,8 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         raise Interrupted(
             f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
         ) from None
-    click.echo(json.dumps(summary, indent=2))
+    if dist.is_root:
+        click.echo(json.dumps(summary, indent=2))
 
 
 def _program() -> list[str]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data as D
+from . import distributed
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
@@ -367,7 +368,8 @@ def catch_sigint():
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str, device: str | None = None, quiet: bool = False,
-                 overwrite: bool = False, resume: str | None = None, log=None):  # fmt: skip
+                 overwrite: bool = False, resume: str | None = None, log=None, dist=None):  # fmt: skip
+        self.dist = dist if dist is not None else distributed.LOCAL  # one process, or this rank of N
         self.quiet = quiet
         self.log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
         self.resume_meta = None
@@ -397,8 +399,11 @@ class Trainer:
         self.n_running = 0
         self.saved_step = None  # step of the last.npz this process wrote
         self.guard = FiniteGuard(self.run.backend)
+        self.dist.attach(self)
         if resume is not None:
             self._restore(resume, resume_arrays)
+        if not self.dist.is_root:
+            return  # rank 0 alone writes the run's files
         if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
             for name in remove_temporaries(out_dir):
                 self.log(f"removed {name}, left in {out_dir} by an interrupted write")
@@ -457,6 +462,9 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        if not self.dist.is_root:
+            self.saved_step = self.step if name == "last.npz" else self.saved_step
+            return
         arrays = checkpoint_arrays(self.run, self.opt)
         arrays["train.running_loss"] = self.run.backend.to_numpy(self.running_loss)
         save_checkpoint(os.path.join(self.out_dir, name), self._meta(), arrays)
@@ -467,7 +475,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         part = self.run.splits[split]
-        return evaluate_split(self.model, part, split, self.cfg.train.eval_batch_size) if part else {}
+        return self.dist.evaluate(self.model, part, split, self.cfg.train.eval_batch_size) if part else {}
 
     def _monitor(self, record: dict) -> tuple[str, float, bool]:
         """(name, value, higher is better) of the metric that picks the best checkpoint."""
@@ -490,7 +498,7 @@ class Trainer:
         stopped_early = False
         start = time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
+                   disable=self.quiet or not self.dist.is_root or not sys.stderr.isatty())  # fmt: skip
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
@@ -500,12 +508,15 @@ class Trainer:
                 if perm_epoch != epoch:
                     perm = be.asarray(D.epoch_permutation(t.seed, epoch, self.n_train))
                     perm_epoch = epoch
-                idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
+                batch = perm[b * t.batch_size : (b + 1) * t.batch_size]
+                idx = self.dist.rows(batch)  # this rank's slice of the global batch
                 xb = be.gather_rows(train.x, idx, self._batch_buffer("x", train.x, idx.shape[0]))
                 yb = be.gather_rows(train.target, idx, self._batch_buffer("y", train.target, idx.shape[0]))
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
-                loss = model.forward_backward(xb, yb)
+                # the loss and gradients of the global batch (with N ranks: one all-reduce),
+                # and whether any rank was interrupted
+                loss, stop = self.dist.forward_backward(model, xb, yb, batch.shape[0], interrupted)
                 if clip > 0:
                     grad_norm, scale = clip_scale(be, model.flat_grads, clip)
                 else:  # its square: finite exactly when the norm is
@@ -527,7 +538,7 @@ class Trainer:
                             f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations without improvement"
                         )
                         break
-                if interrupted():
+                if stop:
                     raise self._interrupt()
         except be.out_of_memory_errors:
             n_rows = sum(part.n for part in self.run.splits.values() if part is not None)
@@ -583,8 +594,9 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.evaluate("val"))
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_root:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
         name, value, higher = self._monitor(record)
         improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
         if improved:
@@ -608,7 +620,8 @@ class Trainer:
                    "device": self.run.backend.describe(), "seconds": round(seconds, 3)}  # fmt: skip
         for split in ("train", "val", "test"):
             summary.update(self.evaluate(split))
-        atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        if self.dist.is_root:
+            atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _monitor_name(self) -> str:
