@@ -426,6 +426,8 @@ class Watchdog:
                 if self.world.reporter(dead):
                     sys.stderr.write(f"gpubp: error: {self.world.fault_message(dead, what, waited)}\n")
                     sys.stderr.flush()
+                else:  # let the reporter's line out first: a launcher may kill it once one rank exits
+                    time.sleep(self.GRACE_S)
                 os._exit(1)
 
 
