@@ -78,7 +78,8 @@ class CupyBackend:
     name = "gpu"
     optimizer_scratch_rows = 0  # the fused update kernels need no working space
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int | None = None):
+        """device_id None: the current device (0 unless a data-parallel rank chose its own)."""
         import cupy
         from cupy_backends.cuda.libs import cublas
 
