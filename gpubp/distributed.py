@@ -290,6 +290,9 @@ class MPIWorld(Local):
         self.engine.start()
         if self.is_root and not t.quiet:
             t.log(f"data parallel on {self.describe()}: {self.rank_table()}")
+            note = whole_file_note(t.cfg, self.size)
+            if note:
+                t.log(note)
 
     def rows(self, idx):
         start, stop = row_range(idx.shape[0], self.rank, self.size)
@@ -361,6 +364,25 @@ class MPIWorld(Local):
         """Whether this rank prints the fault: the lowest live rank of its host."""
         live = [r for r, (host, _) in enumerate(self.peers) if host == self.host and r not in dead]
         return not live or self.rank == min(live)
+
+
+def whole_file_note(cfg, size: int) -> str | None:
+    """The line that says every rank reads the whole data file (None for generated data)."""
+    path = cfg.data_path()
+    if not path or not os.path.exists(path):
+        return None
+    nbytes = (
+        os.path.getsize(path)
+        if os.path.isfile(path)
+        else sum(
+            os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))
+        )
+    )
+    what = "parses the whole CSV file" if cfg.data.dataset == "csv" else "reads the whole dataset"
+    return (
+        f"data: each of the {size} ranks {what} {path} ({nbytes / 2**20:.1f} MiB) and keeps the training split "
+        "on its device; each step uses only its share of the rows"
+    )
 
 
 def _error_type(code: int) -> type:

@@ -287,3 +287,15 @@ def test_watchdog_sees_a_dead_process(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert not _alive(child.pid) and _alive(os.getpid())
+
+
+def test_ranks_say_they_read_the_whole_file(tmp_path):
+    from gpubp.config import load_config
+    from gpubp.distributed import whole_file_note
+
+    path = tmp_path / "d.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(10)))
+    csv = load_config("configs/digits.toml", ["data.dataset=csv", f"data.path={path}"])
+    note = whole_file_note(csv, 3)
+    assert note.startswith(f"data: each of the 3 ranks parses the whole CSV file {path} ")
+    assert whole_file_note(load_config("configs/digits.toml", []), 3) is None  # vendored: no file named
