@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 MPIRUN=$(command -v mpirun || echo "$(dirname "$(command -v "$PY")")/mpirun")
 
 {
