@@ -148,8 +148,14 @@ def from_environment() -> Local:
         raise UsageError(
             f"started as one of {size} ranks by an MPI launcher, but mpi4py does not import ({e}); {INSTALL_HINT}"
         ) from None
-    if MPI.COMM_WORLD.Get_size() == 1:
-        return LOCAL
+    if MPI.COMM_WORLD.Get_size() == 1:  # N copies of one process each: they would all write the same run
+        if rank != 0:
+            raise Silent(UsageError.exit_code)
+        library = " ".join(MPI.Get_library_version().splitlines()[0].split())
+        raise UsageError(
+            f"the launcher started {size} ranks, but MPI sees only this one: mpi4py uses {library}, not the "
+            "launcher's MPI; start with the mpirun (mpiexec) of the MPI that mpi4py was built for"
+        )
     return MPIWorld(MPI.COMM_WORLD)
 
 

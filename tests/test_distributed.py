@@ -91,7 +91,10 @@ STEPS = ["--set", "train.steps=100"]
 
 
 def _mpirun() -> str:
-    pytest.importorskip("mpi4py")
+    try:
+        import mpi4py  # noqa: F401  (not mpi4py.MPI: that would start MPI in pytest itself)
+    except ImportError as e:  # absent, or broken (no MPI library it can load)
+        pytest.skip(f"mpi4py does not import ({e}); pip install '.[mpi]'")
     here = os.path.dirname(sys.executable)
     found = shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
     if found is None:
@@ -100,10 +103,10 @@ def _mpirun() -> str:
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for size_var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         env.pop(size_var, None)  # pytest itself may run under a launcher
-    return env
+    return env | extra
 
 
 def mpi_train(n: int, *args, timeout=240, launcher=()) -> subprocess.CompletedProcess:
@@ -299,3 +302,17 @@ def test_ranks_say_they_read_the_whole_file(tmp_path):
     note = whole_file_note(csv, 3)
     assert note.startswith(f"data: each of the 3 ranks parses the whole CSV file {path} ")
     assert whole_file_note(load_config("configs/digits.toml", []), 3) is None  # vendored: no file named
+
+
+def test_a_launcher_of_another_mpi_is_refused(tmp_path):
+    """The environment says 2 ranks (Open MPI's variables) but MPICH's mpi4py starts
+    as a singleton: N copies of a one-process run would write the same run directory."""
+    if not _is_hydra(_mpirun()):
+        pytest.skip("written for an MPICH build of mpi4py")
+    cmd = [sys.executable, "-m", "gpubp", "train", *DIGITS, "--out", str(tmp_path / "run")]
+    env = _env(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert result.returncode == 2
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1 and "the launcher started 2 ranks, but MPI sees only this one" in lines[0]
+    assert not os.path.exists(tmp_path / "run")

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.gpu
 
 
 def _world():
-    pytest.importorskip("mpi4py")
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        pytest.skip(f"mpi4py does not import ({e}); pip install '.[mpi]'")
 
     from gpubp.distributed import MPIWorld
     from gpubp.nccl_engine import load_nccl
