@@ -183,8 +183,9 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
     except Interrupted as e:
         again = [*_program(), "--resume", e.checkpoint] + (["--device", device] if device else [])
         again += ["--quiet"] if quiet else []
+        launcher = " (under your MPI launcher, on any number of ranks)" if dist.size > 1 else ""
         raise Interrupted(
-            f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
+            f"interrupted at step {e.step}; resume with: {shlex.join(again)}{launcher}", e.step, e.checkpoint
         ) from None
     if dist.is_root:
         click.echo(json.dumps(summary, indent=2))

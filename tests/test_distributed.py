@@ -284,6 +284,27 @@ def test_a_hung_rank_stops_every_rank_with_one_line(tmp_path):
     _checkpoint_intact(tmp_path / "run")
 
 
+def test_ctrl_c_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGINT to mpirun (MPICH's forwards it to every rank): the ranks agree in the
+    next all-reduce, stop after the same step, rank 0 saves last.npz there and says
+    so once; exit status 130."""
+    from gpubp.checkpoint import load_checkpoint
+
+    if not _is_hydra(_mpirun()):
+        pytest.skip("relies on MPICH's mpirun forwarding SIGINT")
+    proc, err_path, _ = _start_long_run(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _stop_within(proc, 60)
+    assert proc.returncode == 130
+    text = err_path.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("gpubp: interrupted at step")]
+    assert len(lines) == 1, text
+    step = int(re.match(r"gpubp: interrupted at step (\d+);", lines[0]).group(1))
+    assert "--resume" in lines[0] and "any number of ranks" in lines[0]
+    meta, _ = load_checkpoint(str(tmp_path / "run" / "last.npz"))
+    assert meta["step"] == step
+
+
 def test_watchdog_sees_a_dead_process(tmp_path):
     from gpubp.distributed import _alive
 
