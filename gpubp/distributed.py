@@ -162,6 +162,20 @@ def from_environment() -> Local:
 # --------------------------------------------------------------------------- MPI
 
 
+def rank_timeout(rank: int) -> float:
+    """Seconds a rank may wait in a collective: GPUBP_RANK_TIMEOUT, or 600."""
+    text = os.environ.get(TIMEOUT_VAR, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value:
+        if rank != 0:
+            raise Silent(UsageError.exit_code)
+        raise UsageError(f"{TIMEOUT_VAR}={text!r}: give the seconds a rank may wait for the others, e.g. 600")
+    return value
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` on this host is running (a zombie is not)."""
     try:
@@ -193,7 +207,7 @@ class MPIWorld(Local):
         local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
-        self.timeout = float(os.environ.get(TIMEOUT_VAR, DEFAULT_TIMEOUT_S)) if timeout is None else timeout
+        self.timeout = rank_timeout(self.rank) if timeout is None else timeout
         self.trainer = None
         self.engine = None
         self.watch = Watchdog(self)

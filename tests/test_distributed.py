@@ -337,3 +337,19 @@ def test_a_launcher_of_another_mpi_is_refused(tmp_path):
     lines = _error_lines(result.stderr)
     assert len(lines) == 1 and "the launcher started 2 ranks, but MPI sees only this one" in lines[0]
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_rank_timeout_from_the_environment(monkeypatch):
+    from gpubp.distributed import Silent, rank_timeout
+    from gpubp.errors import UsageError
+
+    monkeypatch.delenv("GPUBP_RANK_TIMEOUT", raising=False)
+    assert rank_timeout(0) == 600.0
+    monkeypatch.setenv("GPUBP_RANK_TIMEOUT", "2.5")
+    assert rank_timeout(1) == 2.5
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("GPUBP_RANK_TIMEOUT", bad)
+        with pytest.raises(UsageError, match="GPUBP_RANK_TIMEOUT"):
+            rank_timeout(0)
+        with pytest.raises(Silent):  # said once, by rank 0
+            rank_timeout(2)
