@@ -129,6 +129,7 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
     ranks train one model, data parallel (see gpubp/distributed.py)."""
     from . import distributed
 
+    distributed.supervise()  # under a launcher: a parent that names this rank if it is killed
     dist = distributed.from_environment()
     try:
         _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrite, quiet)

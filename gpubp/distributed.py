@@ -25,8 +25,10 @@ all ranks take the same update, log the same loss and stop at the same step.
   refused. While a rank waits in a collective, a watchdog thread checks that the
   ranks on its host are alive and that the wait stays under GPUBP_RANK_TIMEOUT
   seconds (default 600); otherwise it prints one line (which rank, what happened,
-  the last checkpoint) and ends the process. (MPICH's mpirun kills the others itself
-  at once when one dies; its banner names the PID, which rank 0 logged at start.)
+  the last checkpoint) and ends the process.
+- A rank killed outright (SIGKILL, a crash) cannot speak, and MPICH's mpirun kills
+  the others at once: so each rank runs under a supervising parent (`supervise`, a
+  fork before MPI starts) that prints the line naming the rank and the signal.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -63,6 +66,58 @@ def launched_as() -> tuple[int, int]:
             rank = os.environ.get(rank_var, "0")
             return int(size), int(rank) if rank.isdigit() else 0
     return 1, 0
+
+
+SUPERVISOR_VAR = "GPUBP_RANK_SUPERVISOR"  # "0": no supervising parent process
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def supervise() -> None:
+    """Under a launcher with N > 1 ranks (Linux): fork before MPI starts. The child
+    returns and trains; the parent forwards the launcher's signals to it and, when it
+    dies by a signal (SIGKILL, a crash), prints the one line that names the rank,
+    before the launcher stops the other ranks. MPICH's mpirun kills the survivors at
+    once, so no surviving rank could say which one died."""
+    size, rank = launched_as()
+    if size == 1 or os.environ.get(SUPERVISOR_VAR, "1") == "0" or not sys.platform.startswith("linux"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)  # signals reach it only through the parent, once
+        _die_with(parent)
+        return
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), lambda signum, frame: _forward(pid, signum))
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        sys.stderr.write(
+            f"gpubp: error: rank {rank} (pid {pid} on {socket.gethostname()}) was killed by {sig.name}; "
+            "every rank stops (the launcher ends the others); checkpoints are written atomically, "
+            "so the run's last.npz is intact\n"
+        )
+        sys.stderr.flush()
+        os._exit(128 + sig.value)
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _forward(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _die_with(parent: int) -> None:
+    """This process gets SIGKILL when `parent` ends (Linux's PR_SET_PDEATHSIG): a rank
+    whose supervisor the launcher killed must not train on alone."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # it ended before prctl took effect
+        os._exit(1)
 
 
 def row_range(n: int, rank: int, size: int) -> tuple[int, int]:

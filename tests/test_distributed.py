@@ -252,17 +252,23 @@ def _checkpoint_intact(out) -> None:
 
 
 def test_a_killed_rank_stops_every_rank(tmp_path):
-    """SIGKILL rank 1 of 3 mid-run: every rank stops within a bounded time (the
-    launcher ends the others at once; otherwise gpubp's watchdog would), the exit
-    status says it failed, and last.npz is complete."""
+    """SIGKILL rank 1 of 3 mid-run: its supervising parent says which rank died and
+    how, in one line; every rank stops within a bounded time (the launcher ends the
+    others at once; otherwise gpubp's watchdog would); no process is left behind; the
+    exit status says it failed, and last.npz is complete."""
     proc, err_path, pid = _start_long_run(tmp_path)
     os.kill(pid, signal.SIGKILL)
     _stop_within(proc, 30)
     assert proc.returncode != 0
     text = err_path.read_text()
-    if "BAD TERMINATION" in text:  # MPICH's banner names the PID, which rank 0's start-up line maps to rank 1
-        assert f"PID {pid} " in text
+    lines = _error_lines(text)
+    assert len(lines) == 1, text
+    assert re.match(rf"gpubp: error: rank 1 \(pid {pid} on \S+\) was killed by SIGKILL; every rank stops", lines[0])
     _checkpoint_intact(tmp_path / "run")
+    if shutil.which("pgrep"):
+        time.sleep(1)
+        survivors = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout
+        assert survivors.strip() == "", "ranks left running: " + survivors
 
 
 def test_a_hung_rank_stops_every_rank_with_one_line(tmp_path):
