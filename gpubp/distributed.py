@@ -174,10 +174,11 @@ class Local:
         whether Ctrl-C came to this process; stop: whether it came to any rank."""
         return model.forward_backward(xb, yb), interrupted()
 
-    def evaluate(self, model, part, name: str, batch_size: int) -> dict:
+    def evaluate(self, model, part, name: str, batch_size: int, host=None, scaler=None, report=False) -> dict:
+        """trainer.evaluate_split's metrics of a split (with N ranks: each its share)."""
         from .trainer import evaluate_split
 
-        return evaluate_split(model, part, name, batch_size)
+        return evaluate_split(model, part, name, batch_size, host, scaler, report)
 
     def report(self, error: GpubpError) -> GpubpError:
         """The error this rank raises for `error` (one line from one rank)."""
@@ -376,8 +377,10 @@ class MPIWorld(Local):
     def forward_backward(self, model, xb, yb, n_batch: int, interrupted):
         return self.engine.forward_backward(model, xb, yb, n_batch, interrupted)
 
-    def evaluate(self, model, part, name: str, batch_size: int) -> dict:
-        """Each rank evaluates its share of the split's rows; the sums are all-reduced."""
+    def evaluate(self, model, part, name: str, batch_size: int, host=None, scaler=None, report=False) -> dict:
+        """Each rank evaluates its share of the split's rows; the sums are all-reduced.
+        The metrics of whole outputs (regression's R^2, RMSE, MAE; the classification
+        report) come from every rank's outputs, gathered in rank order."""
         start, stop = row_range(part.n, self.rank, self.size)
         sums = np.zeros(2)  # [sum of per-row losses, correct predictions]
         if stop > start:
@@ -389,7 +392,24 @@ class MPIWorld(Local):
         out = {f"{name}_loss": float(sums[0]) / part.n}
         if part.labels is not None:
             out[f"{name}_accuracy"] = float(sums[1]) / part.n
+        if host is not None and (not host.is_classification or report):
+            out.update(self._output_metrics(model, part, name, batch_size, host, scaler, start, stop))
         return out
+
+    def _output_metrics(self, model, part, name, batch_size, host, scaler, start, stop) -> dict:
+        from . import metrics as M
+        from . import targets as T
+        from .trainer import predict_outputs
+
+        mine = predict_outputs(model, part.x[start:stop], batch_size)  # (n_r, width) float64, host
+        with self.watch(f"the gathering of the {name} split's outputs"):
+            outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
+        if not host.is_classification:
+            pred = T.user_outputs(outputs, model.loss.name, False, scaler)
+            return {f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()}
+        labels = T.predicted_classes(outputs, model.decision_threshold)
+        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
+        return {f"{name}_report": M.classification_report(host.y, labels, n_classes, host.class_names)}
 
     def report(self, error: GpubpError) -> GpubpError:
         # divergence and Ctrl-C happen on every rank at the same step: rank 0 says so
