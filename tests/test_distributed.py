@@ -9,6 +9,7 @@ errors on one rank or all, mismatched configs, and a rank killed by SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -144,6 +145,7 @@ def single(tmp_path_factory):
         result = mpi_train(1, *args, *STEPS, "--out", str(root / name))
         assert result.returncode == 0, result.stderr
         out[name] = params(root / name)
+        out[name + " summary"] = json.loads((root / name / "summary.json").read_text())
     return out
 
 
@@ -155,6 +157,13 @@ def test_ranks_repeat_the_single_process_run(single, tmp_path, case, n):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count('"steps": 100') == 1  # one summary, from rank 0
     assert_same_run(params(tmp_path / "run"), single[case], f"{case} on {n} ranks")
+    # evaluation split over the ranks: the same metrics, up to the order of the sums
+    summary, want = json.loads((tmp_path / "run" / "summary.json").read_text()), single[case + " summary"]
+    ends = ("loss", "accuracy", "r2", "rmse", "mae")
+    metrics = [k for k, v in want.items() if isinstance(v, float) and k.rsplit("_", 1)[-1] in ends]
+    assert len(metrics) >= 3
+    for key in metrics:
+        assert summary[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".tmp")]
 
 
