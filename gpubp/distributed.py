@@ -69,6 +69,7 @@ def launched_as() -> tuple[int, int]:
 
 
 SUPERVISOR_VAR = "GPUBP_RANK_SUPERVISOR"  # "0": no supervising parent process
+SUPERVISED_VAR = "GPUBP_SUPERVISED_BY"  # set in a supervised rank: its parent's pid
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
 
 
@@ -86,6 +87,7 @@ def supervise() -> None:
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
+        os.environ[SUPERVISED_VAR] = str(parent)
         os.setpgid(0, 0)  # signals reach it only through the parent, once
         _die_with(parent)
         return
@@ -268,6 +270,8 @@ class MPIWorld(Local):
         self.engine = None
         self.watch = Watchdog(self)
         self.peers = comm.allgather((self.host, os.getpid()))  # rank -> (host, pid)
+        # ranks under a supervising parent, which reports their death itself
+        self.supervised = comm.allgather(os.environ.get(SUPERVISED_VAR) == str(os.getppid()))
 
     def describe(self) -> str:
         hosts = sorted({h for h, _ in self.peers})
@@ -509,6 +513,7 @@ class Watchdog:
     host) and ends the process: a rank blocked in MPI cannot be interrupted otherwise."""
 
     GRACE_S = 2.0  # a peer that finished the collective first may exit before we return from it
+    SUPERVISED_GRACE_S = 10.0  # a supervised peer's death is reported by its parent: speak only if still here
 
     def __init__(self, world: MPIWorld):
         self.world = world
@@ -537,6 +542,8 @@ class Watchdog:
             if waited < self.GRACE_S:
                 continue
             dead = self.world.dead_ranks()
+            if dead and all(self.world.supervised[r] for r in dead) and waited < self.SUPERVISED_GRACE_S:
+                continue  # their supervisors say it, and the launcher is about to stop this rank
             if dead or waited > self.world.timeout:
                 if self.since is not since:  # the collective returned meanwhile
                     continue
