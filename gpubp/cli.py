@@ -371,10 +371,16 @@ def config():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
 @handle_errors
 def config_show(path, overrides):
-    """Print the resolved config (every default filled in) as TOML."""
+    """Print the resolved config (every default filled in) as TOML; for a sweep, its
+    [sweep] table and the expanded grid."""
     from .config import dump_toml, load_config
 
-    click.echo(dump_toml(load_config(path, overrides)), nl=False)
+    cfg = load_config(path, overrides)
+    click.echo(dump_toml(cfg), nl=False)
+    if cfg.sweep is not None:
+        from .sweep import dump_sweep_toml, format_table
+
+        click.echo(dump_sweep_toml(cfg.sweep) + "\n" + format_table(cfg.sweep), nl=False)
 
 
 @main.command()
