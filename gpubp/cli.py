@@ -145,6 +145,8 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
     if out_dir is None:
         out_dir = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
+    if cfg.sweep is not None:
+        return _train_sweep(cfg, out_dir, device, quiet, overwrite, resume)
     trainer = Trainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume)
     if not quiet:
         click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
@@ -157,6 +159,25 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         raise Interrupted(
             f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
         ) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
+    """A config with a [sweep] table: every member trained, groups as stacks (gpubp.sweep_trainer)."""
+    from .sweep_trainer import SweepTrainer
+
+    if resume is not None:
+        raise UsageError(
+            "--resume continues one model: give its checkpoint (RUN/models/mNNN/last.npz) without the sweep config"
+        )
+    trainer = SweepTrainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite)
+    if not quiet:
+        n, groups = len(cfg.sweep.members), len(cfg.sweep.groups())
+        click.echo(
+            f"sweep of {n} models in {groups} group{'s' if groups != 1 else ''}, run directory {out_dir}", err=True
+        )
+    summary = trainer.train()
+    click.echo(summary.pop("table"), nl=False)
     click.echo(json.dumps(summary, indent=2))
 
 

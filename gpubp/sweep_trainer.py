@@ -1,0 +1,458 @@
+"""Training a sweep: each group of members as one MLPStack, groups one after another.
+
+Model i of a group sees what a single run with its config would see: its seed's split,
+standardisation, initial weights and epoch order (per-model index arrays, one batched
+gather), its learning-rate schedule and optimizer settings (per-model vectors). On the
+CPU its parameters are therefore bitwise those of the single run (tests/test_sweep.py).
+
+One step (M models):
+    idx (M, B) or shared (B,)  ->  gather_rows  ->  x (M, B, F) or shared (B, F)
+    losses (M,) = stack.forward_backward(x, y)               batched GEMMs
+    norms (M,) -> per-model clip scales; guard: a model whose loss or gradient is not
+    finite is frozen from that step on (its update is skipped), the others go on
+    opt.step(scales, skip)                                   one fused update over (M, P)
+
+Run directory:
+    config.toml            the sweep's config, [sweep] table included
+    metrics.jsonl          evaluation rows, each with "model" (and "group")
+    sweep.csv              a row per model: swept values, status, best step, best and final metrics
+    summary.json           the sweep's summary (best model and its metric)
+    best.npz               a copy of the best model's best checkpoint
+    models/mNNN/           per model: config.toml, last.npz, best.npz, summary.json, as a single run writes them
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from . import data as D
+from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
+from .config import dump_toml
+from .errors import ConfigError, Interrupted
+from .schedules import lr_at
+from .stack import MLPStack, clip_scale_batched, make_stack_optimizer
+from .sweep import Sweep, dump_sweep_toml
+from .trainer import catch_sigint, config_for_checkpoint, out_of_memory, prepare, prepare_out_dir
+
+SWEEP_FILES = ("sweep.csv", "models")
+
+
+def model_dir(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "models", f"m{index:03d}")
+
+
+class _Group:
+    """One stack: its members, data on the device, model, optimizer and per-model records."""
+
+    def __init__(self, number: int, members: list, device: str, log):
+        self.number = number
+        self.members = members
+        cfg = members[0].cfg  # every key but the batched ones is the same in a group
+        self.cfg = cfg
+        seeds = [m.cfg.train.seed for m in members]
+        self.unique_seeds = list(dict.fromkeys(seeds))
+        self.seed_index = np.array([self.unique_seeds.index(s) for s in seeds])
+        first = {s: next(m for m in members if m.cfg.train.seed == s) for s in self.unique_seeds}
+        self.runs = [prepare(first[s].cfg, device, log if k == 0 else None) for k, s in enumerate(self.unique_seeds)]
+        run = self.runs[0]
+        self.backend = be = run.backend
+        self.n_train = run.splits["train"].n
+        for s, r in zip(self.unique_seeds, self.runs):
+            if r.splits["train"].n != self.n_train:
+                raise ConfigError(
+                    f"{cfg.source}: train.seed {s} gives a training split of {r.splits['train'].n} rows, "
+                    f"seed {self.unique_seeds[0]} one of {self.n_train}; sweep seeds of equal split sizes"
+                )
+        m, sizes = cfg.model, run.model.sizes
+        self.stack = MLPStack(
+            sizes, len(members), m.activation, m.output_activation, cfg.loss.name, dtype=m.dtype, seed=seeds,
+            init=[x.cfg.model.init for x in members], leaky_relu_slope=m.leaky_relu_slope,
+            label_smoothing=cfg.loss.label_smoothing, huber_delta=cfg.loss.huber_delta, residual=m.residual, backend=be,
+        )  # fmt: skip
+        o = [x.cfg.optimizer for x in members]
+        self.opt = make_stack_optimizer(
+            self.stack, cfg.optimizer.name, [x.lr for x in o], [x.momentum for x in o], [x.dampening for x in o],
+            cfg.optimizer.nesterov, [tuple(x.betas) for x in o], [x.eps for x in o], [x.weight_decay for x in o],
+        )  # fmt: skip
+        clip = np.array([x.clip_grad_norm for x in o])
+        self.clip = be.asarray(clip, dtype=self.stack.dtype) if np.any(clip > 0) else None
+        # the splits of every seed one after another: model i's rows start at seed_index[i] * n
+        self.data = {}
+        for name in ("train", "val", "test"):
+            parts = [r.splits[name] for r in self.runs]
+            if parts[0] is None:
+                self.data[name] = None
+            elif len(parts) == 1:
+                self.data[name] = parts[0]
+            else:
+                self.data[name] = _Concat(be, parts)
+        t = cfg.train
+        self.steps_per_epoch = math.ceil(self.n_train / t.batch_size)
+        self.total_steps = t.steps if t.steps > 0 else t.epochs * self.steps_per_epoch
+        count = len(members)
+        self.running = be.zeros(count, np.float64)
+        self.n_running = 0
+        self.first_bad = be.zeros(count, np.int64) - 1
+        self.best_value = [None] * count
+        self.best_step = [None] * count
+        self.bad_evals = [0] * count
+        self.stopped = np.zeros(count, bool)  # early stopping
+        self.diverged = [None] * count  # 0-based step of the first non-finite step
+        self.saved_step = [None] * count
+        self.best_params = None
+        self.model_cfg = [self.stack.member(i).config_dict() if i == 0 else None for i in range(count)]
+        for i in range(1, count):
+            self.model_cfg[i] = dict(self.model_cfg[0], seed=self.stack.seeds[i], init=self.stack.inits[i])
+
+    # ---- batches
+
+    def batch(self, step: int, perm_cache: dict):
+        """(x, y) of step `step` for every model: shared (B, F) when one seed, else (M, B, F)."""
+        t = self.cfg.train
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if perm_cache.get("epoch") != epoch:
+            perms = np.stack([D.epoch_permutation(s, epoch, self.n_train) for s in self.unique_seeds])
+            if len(self.unique_seeds) > 1:
+                perms = perms[self.seed_index] + (self.seed_index * self.n_train)[:, None]  # (M, n) rows of _Concat
+            perm_cache.update(epoch=epoch, perms=self.backend.asarray(perms))
+        idx = perm_cache["perms"][:, b * t.batch_size : (b + 1) * t.batch_size]
+        train = self.data["train"]
+        if len(self.unique_seeds) == 1:
+            idx = idx[0]
+            return self._gather(train.x, idx, "x"), self._gather(train.target, idx, "y")
+        flat = self.backend.asarray(idx.reshape(-1))
+        rows = idx.shape
+        x = self._gather(train.x, flat, "x").reshape(*rows, -1)
+        y = self._gather(train.target, flat, "y")
+        return x, y.reshape(*rows, *y.shape[1:])
+
+    def _gather(self, src, idx, name):
+        key = (name, idx.shape[0])
+        cache = self.__dict__.setdefault("_buffers", {})
+        if key not in cache:
+            cache[key] = self.backend.empty((idx.shape[0], *src.shape[1:]), src.dtype)
+        return self.backend.gather_rows(src, idx, cache[key])
+
+    # ---- evaluation
+
+    def evaluate(self, name: str) -> list[dict]:
+        """Per model {name_loss, name_accuracy} over its own split `name`."""
+        part = self.data.get(name)
+        if part is None:
+            return [{} for _ in self.members]
+        bs = self.cfg.train.eval_batch_size
+        if len(self.unique_seeds) == 1:
+            loss, correct = self.stack.evaluate(part.x, part.target, part.labels, bs)
+        else:
+            loss, correct = part.evaluate(self.stack, self.seed_index, bs)
+        out = []
+        for i in range(len(self.members)):
+            row = {f"{name}_loss": float(loss[i])}
+            if correct is not None:
+                row[f"{name}_accuracy"] = int(correct[i]) / part.n
+            out.append(row)
+        return out
+
+
+class _Concat:
+    """The same split of several seeds, concatenated: rows of seed k at k*n .. (k+1)*n."""
+
+    def __init__(self, be, parts):
+        xp = be.xp
+        self.backend = be
+        self.n = parts[0].n
+        self.x = xp.concatenate([p.x for p in parts])
+        self.target = xp.concatenate([p.target for p in parts])
+        self.labels = xp.concatenate([p.labels for p in parts]) if parts[0].labels is not None else None
+
+    def evaluate(self, stack: MLPStack, seed_index, batch_size: int):
+        """As MLPStack.evaluate, model i reading its seed's rows (one gather per chunk)."""
+        be = self.backend
+        total = np.zeros(stack.count)
+        correct = np.zeros(stack.count, dtype=np.int64) if self.labels is not None else None
+        for start in range(0, self.n, batch_size):
+            stop = min(self.n, start + batch_size)
+            rows = (seed_index * self.n)[:, None] + np.arange(start, stop)[None, :]  # (M, rows)
+            idx = be.asarray(rows.reshape(-1))
+            x = be.gather_rows(self.x, idx, be.empty((idx.shape[0], self.x.shape[1]), self.x.dtype))
+            x = x.reshape(stack.count, stop - start, -1)
+            y = be.gather_rows(self.target, idx, be.empty((idx.shape[0], *self.target.shape[1:]), self.target.dtype))
+            y = y.reshape(stack.count, stop - start, *self.target.shape[1:])
+            out = stack._forward(x, stack._workspace(stop - start))
+            value = be.to_numpy(be.loss_forward_backward_batched(out, y, stack.loss, grad=None))
+            total += value.astype(np.float64) * (stop - start)
+            if correct is not None:
+                labels = be.gather_rows(self.labels, idx, be.empty(idx.shape[0], self.labels.dtype))
+                labels = labels.reshape(stack.count, stop - start)
+                correct += be.to_numpy(be.accuracy_count_batched(out, labels, stack.decision_threshold))
+        return total / max(self.n, 1), correct
+
+
+class SweepTrainer:
+    """Trains every member of cfg.sweep; see the module docstring."""
+
+    def __init__(self, cfg, out_dir: str, device: str | None = None, quiet: bool = False, overwrite: bool = False,
+                 log=None):  # fmt: skip
+        self.cfg = cfg
+        self.sweep: Sweep = cfg.sweep
+        self.out_dir = out_dir
+        self.device = device or cfg.train.device
+        self.quiet = quiet
+        self.log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
+        if overwrite and os.path.isdir(out_dir):
+            for name in SWEEP_FILES:
+                path = os.path.join(out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        prepare_out_dir(out_dir, overwrite)
+        atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(cfg) + "\n" + dump_sweep_toml(self.sweep))
+        self.rows: dict[int, dict] = {}
+        self.start = time.perf_counter()
+
+    def train(self) -> dict:
+        with np.errstate(all="ignore"):  # a diverging model's overflow is reported once, by the guard
+            return self._train()
+
+    def _train(self) -> dict:
+        groups = self.sweep.groups()
+        for number, members in enumerate(groups):
+            group = _Group(number, members, self.device, self.log)
+            self.log(
+                f"group {number + 1}/{len(groups)}: {len(members)} models {group.stack.sizes} on "
+                f"{group.backend.describe()}, {group.total_steps} steps"
+            )
+            for m in members:
+                os.makedirs(model_dir(self.out_dir, m.index), exist_ok=True)
+                atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "config.toml"), dump_toml(m.cfg))
+            try:
+                self._train_group(group)
+            except group.backend.out_of_memory_errors:
+                g = group.cfg
+                raise out_of_memory(group.backend, g, group.stack.sizes, min(g.train.batch_size, group.n_train),
+                                    group.n_train) from None  # fmt: skip
+            self._finish_group(group)
+        return self._finish()
+
+    # ---- the loop
+
+    def _train_group(self, g: _Group) -> None:
+        from tqdm import tqdm
+
+        be, stack, opt = g.backend, g.stack, g.opt
+        xp = be.xp
+        t = g.cfg.train
+        eval_every = t.eval_every or g.steps_per_epoch
+        perm_cache: dict = {}
+        step = 0
+        frozen_dev = be.zeros(len(g.members), np.bool_)
+        bar = tqdm(total=g.total_steps, unit="step", dynamic_ncols=True, disable=self.quiet or not sys.stderr.isatty())
+        scope = contextlib.ExitStack()
+        interrupted = scope.enter_context(catch_sigint())
+        scope.enter_context(np.errstate(all="ignore"))
+        try:
+            while step < g.total_steps:
+                xb, yb = g.batch(step, perm_cache)
+                for i, m in enumerate(g.members):
+                    s = m.cfg.schedule
+                    opt.lr[i] = lr_at(step, m.cfg.optimizer.lr, s.name, g.total_steps, s.warmup_steps, s.step_size,
+                                      s.gamma, s.min_lr)  # fmt: skip
+                loss = stack.forward_backward(xb, yb)
+                if g.clip is not None:
+                    norm, scale = clip_scale_batched(be, stack.flat_grads, g.clip)
+                else:
+                    norm, scale = be.sum_squares_batched(stack.flat_grads), None
+                bad = ~(xp.isfinite(loss) & xp.isfinite(norm))
+                g.first_bad = xp.where(bad & (g.first_bad < 0), step, g.first_bad)
+                skip = (g.first_bad >= 0) | frozen_dev
+                opt.step(grad_scale=scale, skip=skip)
+                g.running += loss
+                g.n_running += 1
+                step += 1
+                bar.update(1)
+                if step % eval_every == 0 or step == g.total_steps:
+                    self._log_eval(g, step)
+                    frozen = g.stopped | np.array([d is not None for d in g.diverged])
+                    frozen_dev = be.asarray(frozen)
+                    if frozen.all():
+                        break
+                if interrupted():
+                    for i in range(len(g.members)):
+                        if g.diverged[i] is None:
+                            self._save(g, i, "last.npz", step, be.to_numpy(stack.flat_params))
+                    raise Interrupted(
+                        f"interrupted at step {step} of group {g.number + 1}; each model's last.npz is saved "
+                        f"under {os.path.join(self.out_dir, 'models')}",
+                        step,
+                        os.path.join(self.out_dir, "models"),
+                    )
+        finally:
+            scope.close()
+            bar.close()
+        g.final_step = step
+
+    def _log_eval(self, g: _Group, step: int) -> None:
+        be = g.backend
+        epoch = (step - 1) // g.steps_per_epoch
+        first_bad = be.to_numpy(g.first_bad)
+        running = be.to_numpy(g.running) / max(g.n_running, 1)
+        g.running[...] = 0.0
+        g.n_running = 0
+        val = g.evaluate("val")
+        params = be.to_numpy(g.stack.flat_params)
+        if g.best_params is None:
+            g.best_params = params.copy()
+        rows = []
+        for i, m in enumerate(g.members):
+            if g.stopped[i] or g.diverged[i] is not None:
+                continue
+            if first_bad[i] >= 0:
+                g.diverged[i] = int(first_bad[i])
+                e, b = divmod(g.diverged[i], g.steps_per_epoch)
+                self.log(
+                    f"model {m.index} ({m.label()}) diverged: non-finite loss or gradient at step {g.diverged[i] + 1} "
+                    f"(epoch {e + 1}, batch {b + 1}); frozen, its last good checkpoint kept; the other models go on"
+                )
+                continue
+            record = {"model": m.index, "group": g.number, "step": step, "epoch": epoch + 1, "lr": float(g.opt.lr[i]),
+                      "train_loss": float(running[i])}  # fmt: skip
+            record.update(val[i])
+            record["elapsed_s"] = round(time.perf_counter() - self.start, 4)
+            rows.append(json.dumps(record) + "\n")
+            name, value, higher = _monitor(g.cfg, record)
+            best = g.best_value[i]
+            improved = best is None or (value > best if higher else value < best)
+            if improved:
+                g.best_value[i], g.best_step[i], g.bad_evals[i] = value, step, 0
+                g.best_params[i] = params[i]
+                self._save(g, i, "best.npz", step, params)
+            else:
+                g.bad_evals[i] += 1
+            self._save(g, i, "last.npz", step, params)
+            patience = g.cfg.train.early_stopping_patience
+            if patience > 0 and g.bad_evals[i] >= patience:
+                g.stopped[i] = True
+                self.log(f"model {m.index}: early stopping at step {step}")
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.writelines(rows)
+
+    def _save(self, g: _Group, i: int, name: str, step: int, params: np.ndarray) -> None:
+        """Model i's checkpoint, as a single run with its config would write it."""
+        m = g.members[i]
+        run = g.runs[g.seed_index[i]]
+        epoch, batch = divmod(step, g.steps_per_epoch)
+        arrays = {"params": np.ascontiguousarray(params[i])}
+        for key, value in g.opt.state_dict(i).items():
+            if key != "steps":
+                arrays[f"opt.{key}"] = value
+        arrays["std.mean"], arrays["std.std"] = run.standardizer.mean, run.standardizer.std
+        arrays["train.running_loss"] = np.asarray(0.0)
+        meta = {
+            "step": step, "epoch": epoch,
+            "rng": {"scheme": "per-epoch permutation of (seed, epoch)", "seed": m.cfg.train.seed, "epoch": epoch,
+                    "batch": batch},
+            "optimizer_steps": g.opt.steps, "running_steps": 0, "best_value": g.best_value[i],
+            "best_step": g.best_step[i], "bad_evals": g.bad_evals[i], "model": g.model_cfg[i],
+            "config": config_for_checkpoint(m.cfg), "n_features": run.n_features, "n_classes": run.n_classes,
+            "class_names": run.class_names, "sweep": {"model": m.index, "values": m.values},
+        }  # fmt: skip
+        save_checkpoint(os.path.join(model_dir(self.out_dir, m.index), name), meta, arrays)
+
+    # ---- results
+
+    def _finish_group(self, g: _Group) -> None:
+        final = {n: g.evaluate(n) for n in ("train", "val", "test")}
+        current = g.stack.flat_params.copy()
+        g.stack.flat_params[...] = g.backend.asarray(g.best_params, dtype=g.stack.dtype)
+        best = {n: g.evaluate(n) for n in ("train", "val", "test")}
+        g.stack.flat_params[...] = current
+        metric = _monitor_name(g.cfg, g.data["val"] is not None)
+        for i, m in enumerate(g.members):
+            if g.diverged[i] is not None:
+                status = f"diverged at step {g.diverged[i] + 1}"
+            elif g.stopped[i]:
+                status = "stopped early"
+            else:
+                status = "ok"
+            row = {"model": m.index, "group": g.number, **{k: _csv_value(v) for k, v in m.values.items()},
+                   "status": status, "best_metric": metric, "best_value": g.best_value[i], "best_step": g.best_step[i]}  # fmt: skip
+            for split in ("train", "val", "test"):
+                row.update({f"best_{k}": v for k, v in best[split][i].items()})
+            for split in ("train", "val", "test"):
+                row.update({f"final_{k}": v for k, v in final[split][i].items()})
+            self.rows[m.index] = row
+            summary = {"steps": g.final_step, "best_step": g.best_step[i], "best_metric": metric,
+                       "best_value": g.best_value[i], "status": status, "device": g.backend.describe()}  # fmt: skip
+            for split in ("train", "val", "test"):
+                summary.update(final[split][i])
+            atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "summary.json"),
+                              json.dumps(summary, indent=2) + "\n")  # fmt: skip
+
+    def _finish(self) -> dict:
+        rows = [self.rows[i] for i in sorted(self.rows)]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(os.path.join(self.out_dir, "sweep.csv"), buf.getvalue())
+        candidates = [r for r in rows if r["best_value"] is not None and not r["status"].startswith("diverged")]
+        best = None
+        if candidates:
+            higher = candidates[0]["best_metric"].endswith("accuracy")
+            best = (max if higher else min)(candidates, key=lambda r: r["best_value"])
+            src = os.path.join(model_dir(self.out_dir, best["model"]), "best.npz")
+            atomic_write(os.path.join(self.out_dir, "best.npz"), lambda f: f.write(open(src, "rb").read()))
+        summary = {
+            "models": len(rows), "groups": len({r["group"] for r in rows}),
+            "diverged": [r["model"] for r in rows if r["status"].startswith("diverged")],
+            "best_model": None if best is None else best["model"],
+            "best_metric": None if best is None else best["best_metric"],
+            "best_value": None if best is None else best["best_value"],
+            "seconds": round(time.perf_counter() - self.start, 3),
+        }  # fmt: skip
+        atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        summary["table"] = format_results(rows, list(self.sweep.keys))
+        return summary
+
+
+def _csv_value(v):
+    return json.dumps(v) if isinstance(v, list) else v
+
+
+def _monitor_name(cfg, has_val: bool) -> str:
+    return cfg.train.early_stopping_metric if has_val else "train_loss"
+
+
+def _monitor(cfg, record: dict):
+    metric = cfg.train.early_stopping_metric
+    if metric in record:
+        return metric, record[metric], metric.endswith("accuracy")
+    return "train_loss", record["train_loss"], False
+
+
+def format_results(rows: list[dict], keys: list[str]) -> str:
+    """The sweep's results as an aligned text table (what `gpubp train` prints)."""
+    metrics = [c for c in ("best_step", "final_train_loss", "final_val_loss", "final_val_accuracy",
+                           "final_test_loss", "final_test_accuracy") if any(c in r for r in rows)]  # fmt: skip
+    header = ["model", *keys, *metrics, "status"]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = [header] + [[cell(r.get(c)) for c in header] for r in rows]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table) + "\n"

@@ -1,0 +1,195 @@
+"""Sweeps: model i of a sweep run is the single run with model i's settings (bitwise on
+the CPU, 200 steps), a diverging member is frozen while the others go on, and the
+per-model checkpoints work with eval, predict and --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gpubp.checkpoint import load_checkpoint
+from gpubp.cli import main
+from gpubp.config import load_config
+from gpubp.sweep_trainer import SweepTrainer, model_dir
+from gpubp.trainer import Trainer
+
+BASE = """
+[data]
+dataset = "digits"
+val_fraction = 0.2
+[model]
+hidden = [{hidden}]
+residual = {residual}
+dtype = "{dtype}"
+[optimizer]
+name = "{opt}"
+momentum = {momentum}
+[schedule]
+name = "cosine"
+warmup_steps = 10
+[train]
+steps = 200
+batch_size = 32
+eval_every = 50
+device = "cpu"
+"""
+
+
+def _config(tmp_path, sweep, opt="sgd", momentum=0.9, hidden="16", residual="false", dtype="float64"):
+    path = tmp_path / "sweep.toml"
+    path.write_text(BASE.format(opt=opt, momentum=momentum, hidden=hidden, residual=residual, dtype=dtype) + sweep)
+    return str(path)
+
+
+def _single(tmp_path, member, name):
+    out = str(tmp_path / name)
+    cfg = member.cfg
+    trainer = Trainer(cfg, out, device="cpu", quiet=True)
+    trainer.train()
+    return out
+
+
+def _params(path):
+    return load_checkpoint(path)[1]["params"]
+
+
+def _check_equal_to_single_runs(tmp_path, path, members_to_check=None):
+    cfg = load_config(path)
+    run = str(tmp_path / "sweep-run")
+    summary = SweepTrainer(cfg, run, device="cpu", quiet=True).train()
+    members = cfg.sweep.members if members_to_check is None else [cfg.sweep.members[i] for i in members_to_check]
+    for m in members:
+        single = _single(tmp_path, m, f"single-{m.index}")
+        for name in ("last.npz", "best.npz"):
+            a, b = (
+                load_checkpoint(os.path.join(model_dir(run, m.index), name)),
+                load_checkpoint(os.path.join(single, name)),
+            )
+            assert a[0]["step"] == b[0]["step"] and a[0]["best_step"] == b[0]["best_step"], (m.index, name)
+            for key in b[1]:
+                np.testing.assert_array_equal(a[1][key], b[1][key], err_msg=f"model {m.index} {name} {key}")
+        # the logged rows of model i are the single run's (but for the time)
+        mine = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        mine = [
+            {k: v for k, v in r.items() if k not in ("model", "group", "elapsed_s")}
+            for r in mine
+            if r["model"] == m.index
+        ]
+        theirs = [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in open(os.path.join(single, "metrics.jsonl"))
+        ]
+        assert mine == theirs
+        ssum = json.load(open(os.path.join(single, "summary.json")))
+        msum = json.load(open(os.path.join(model_dir(run, m.index), "summary.json")))
+        for key in ("test_loss", "test_accuracy", "val_loss", "train_loss", "best_step"):
+            assert msum[key] == ssum[key], (m.index, key)
+    return run, summary
+
+
+def test_sgd_momentum_grid_lr_seed_wd_is_bitwise_the_single_runs(tmp_path):
+    path = _config(
+        tmp_path,
+        '[sweep]\n"optimizer.lr" = [0.01, 0.05]\n"train.seed" = [0, 3]\n"optimizer.weight_decay" = [0, 1e-3]\n',
+    )
+    run, summary = _check_equal_to_single_runs(tmp_path, path, members_to_check=[0, 3, 5, 6])
+    assert summary["models"] == 8 and summary["groups"] == 1 and summary["diverged"] == []
+    rows = list(csv.DictReader(open(os.path.join(run, "sweep.csv"))))
+    assert [int(r["model"]) for r in rows] == list(range(8))
+    best = min(rows, key=lambda r: float(r["best_value"]))
+    assert summary["best_model"] == int(best["model"])
+    np.testing.assert_array_equal(
+        _params(os.path.join(run, "best.npz")), _params(os.path.join(model_dir(run, summary["best_model"]), "best.npz"))
+    )
+
+
+def test_adamw_grid_with_residual_layers_float32_is_bitwise_the_single_runs(tmp_path):
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [1e-3, 1e-2]\n"train.seed" = [1, 2]\n"optimizer.weight_decay" = [0, 0.1]\n',
+                   opt="adamw", momentum=0.0, hidden="16, 16", residual="true", dtype="float32")  # fmt: skip
+    _check_equal_to_single_runs(tmp_path, path, members_to_check=[1, 2, 7])
+
+
+def test_a_diverging_member_is_frozen_and_reported_the_others_go_on(tmp_path):
+    path = _config(tmp_path, '[sweep]\nmode = "zip"\n"optimizer.lr" = [0.05, 1e6, 0.02]\n"train.seed" = [0, 0, 1]\n')
+    cfg = load_config(path)
+    run = str(tmp_path / "run")
+    logs = []
+    summary = SweepTrainer(cfg, run, device="cpu", log=logs.append).train()
+    assert summary["diverged"] == [1]
+    # the single run with lr 1e6 stops with the step the sweep reports
+    from gpubp.errors import TrainingError
+
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg.sweep.members[1].cfg, str(tmp_path / "single-1"), device="cpu", quiet=True).train()
+    step = str(e.value).split("non-finite at step ")[1].split(" ")[0]
+    assert any(
+        f"model 1 (optimizer.lr=1e+06 train.seed=0) diverged: non-finite loss or gradient at step {step} " in m
+        for m in logs
+    )
+    rows = {int(r["model"]): r for r in csv.DictReader(open(os.path.join(run, "sweep.csv")))}
+    assert rows[1]["status"] == f"diverged at step {step}" and rows[0]["status"] == rows[2]["status"] == "ok"
+    for i in (0, 2):  # the others: as if the diverging model had never been there
+        single = _single(tmp_path, cfg.sweep.members[i], f"single-{i}")
+        np.testing.assert_array_equal(
+            _params(os.path.join(model_dir(run, i), "last.npz")), _params(os.path.join(single, "last.npz"))
+        )
+        assert summary["best_model"] in (0, 2)
+    steps = [
+        json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl")) if json.loads(line)["model"] == 1
+    ]
+    assert all(s < int(step) for s in steps)
+
+
+def test_shape_groups_each_train(tmp_path):
+    path = _config(tmp_path, '[sweep]\n"model.hidden" = [[8], [12, 12]]\n"optimizer.lr" = [0.01, 0.02]\n')
+    cfg = load_config(path)
+    summary = SweepTrainer(cfg, str(tmp_path / "run"), device="cpu", quiet=True).train()
+    assert summary["groups"] == 2
+    for m in cfg.sweep.members:
+        meta, arrays = load_checkpoint(os.path.join(model_dir(str(tmp_path / "run"), m.index), "last.npz"))
+        assert meta["model"]["sizes"][1:-1] == m.cfg.model.hidden
+
+
+def test_cli_train_eval_predict_resume_with_sweep_checkpoints(tmp_path):
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [0.01, 0.05]\n"train.seed" = [0, 1]\n')
+    run = str(tmp_path / "run")
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--config", path, "--out", run, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "optimizer.lr" in result.output.splitlines()[0] and len(result.output.splitlines()[0].split()) > 4
+    again = runner.invoke(main, ["train", "--config", path, "--out", run, "--quiet"])
+    assert again.exit_code == 2 and "already holds a run" in again.output
+    ckpt = os.path.join(model_dir(run, 3), "best.npz")
+    result = runner.invoke(main, ["eval", "--checkpoint", ckpt, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.load(open(os.path.join(model_dir(run, 3), "summary.json")))
+    # best.npz is the model at its best step; the summary's numbers are the final ones: equal when best is last
+    if summary["best_step"] == summary["steps"]:
+        assert json.loads(result.output)["test_accuracy"] == summary["test_accuracy"]
+    x = np.random.default_rng(0).standard_normal((5, 64))
+    np.save(tmp_path / "x.npy", x)
+    result = runner.invoke(main, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "x.npy"),
+                                  "--output", str(tmp_path / "p.npy"), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output and np.load(tmp_path / "p.npy").shape == (5, 10)
+    # resume model 2 for 50 more steps = the single run of 200 steps resumed the same way
+    cfg = load_config(path).sweep.members[2].cfg
+    single = _single(tmp_path, type("M", (), {"cfg": cfg})(), "single-2")
+    for src, out in (
+        (os.path.join(model_dir(run, 2), "last.npz"), "r"),
+        (os.path.join(single, "last.npz"), "r-single"),
+    ):
+        result = runner.invoke(
+            main, ["train", "--resume", src, "--set", "train.steps=250", "--out", str(tmp_path / out), "--quiet"]
+        )
+        assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(
+        _params(str(tmp_path / "r" / "last.npz")), _params(str(tmp_path / "r-single" / "last.npz"))
+    )
+    last = os.path.join(model_dir(run, 2), "last.npz")
+    result = runner.invoke(main, ["train", "--config", path, "--resume", last, "--out", run])
+    assert result.exit_code == 2 and "--resume continues one model" in result.output
