@@ -224,9 +224,21 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 @click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option(
+    "--ensemble", is_flag=True, help="--checkpoint is a sweep run: its models' averaged prediction and each model's."
+)
 @handle_errors
-def eval_cmd(checkpoint, split, device):
+def eval_cmd(checkpoint, split, device, ensemble):
     """Loss and accuracy of a checkpoint on its dataset's splits (JSON)."""
+    if ensemble:
+        from . import ensemble as E
+
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        names = ("train", "val", "test") if split == "all" else (split,)
+        results = {"run": checkpoint, "models": len(members)}
+        results["splits"] = [E.evaluate(members, s) for s in names if split != "all" or _has_split(members, s)]
+        click.echo(json.dumps(results, indent=2))
+        return
     meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
     from .trainer import evaluate_split
 
@@ -238,6 +250,11 @@ def eval_cmd(checkpoint, split, device):
             continue
         results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size))
     click.echo(json.dumps(results, indent=2))
+
+
+def _has_split(members, name: str) -> bool:
+    d = members[0][2].data
+    return name == "train" or (name == "val" and d.val_fraction > 0) or (name == "test" and d.test_fraction > 0)
 
 
 def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
@@ -300,8 +317,9 @@ def _read_unlabelled_csv(path: str) -> np.ndarray:
 @click.option("--output", "output_path", required=True, type=str, help="Where to write: .npy (raw outputs) or .csv.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--ensemble", is_flag=True, help="--checkpoint is a sweep run: average its models' probabilities.")
 @handle_errors
-def predict(checkpoint, input_path, output_path, device, overwrite):
+def predict(checkpoint, input_path, output_path, device, overwrite, ensemble):
     """Run a trained model on new data."""
     if not os.path.exists(input_path):
         raise UsageError(f"--input {input_path!r} not found; check the path")
@@ -314,17 +332,26 @@ def predict(checkpoint, input_path, output_path, device, overwrite):
         raise UsageError(f"--output {output_path!r}: the folder {folder!r} does not exist; create it or choose another")
     from .checkpoint import atomic_write
 
-    meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
-    x = read_features(input_path, meta["n_features"], cfg.data.label_column)
-    xd = model.backend.asarray(std(x), dtype=model.dtype)
-    chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
-    out = np.concatenate(chunks).astype(np.float64)
+    if ensemble:  # the mean of the models' probabilities (classification) or outputs
+        from . import ensemble as E
+
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        _, meta, cfg, model, _ = members[0]
+        out = E.predict(members, read_features(input_path, meta["n_features"], cfg.data.label_column))
+        threshold = 0.5
+    else:
+        meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
+        x = read_features(input_path, meta["n_features"], cfg.data.label_column)
+        xd = model.backend.asarray(std(x), dtype=model.dtype)
+        chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
+        out = np.concatenate(chunks).astype(np.float64)
+        threshold = model.decision_threshold
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=out)
     else:
         header = [f"output_{j}" for j in range(out.shape[1])]
         if meta["n_classes"] is not None:
-            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > model.decision_threshold).astype(int)
+            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > threshold).astype(int)
             names = meta.get("class_names") or []
             labels = np.array([names[p] for p in pred]) if names else pred
             lines = [",".join(["prediction", *header])]

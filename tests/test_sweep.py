@@ -193,3 +193,53 @@ def test_cli_train_eval_predict_resume_with_sweep_checkpoints(tmp_path):
     last = os.path.join(model_dir(run, 2), "last.npz")
     result = runner.invoke(main, ["train", "--config", path, "--resume", last, "--out", run])
     assert result.exit_code == 2 and "--resume continues one model" in result.output
+
+
+def _small_sweep(tmp_path, table='[sweep]\n"optimizer.lr" = [0.02, 0.05, 1e6]\n"train.seed" = [0]\n'):
+    path = _config(tmp_path, table)
+    run = str(tmp_path / "run")
+    SweepTrainer(load_config(path, ["train.steps=60"]), run, device="cpu", quiet=True).train()
+    return run
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predict_and_eval_ensemble_average_the_members(tmp_path):
+    run = _small_sweep(tmp_path)  # model 2 diverges and is left out of the ensemble
+    runner = CliRunner()
+    x = np.random.default_rng(1).standard_normal((7, 64))
+    np.save(tmp_path / "x.npy", x)
+    singles = []
+    for i in (0, 1):
+        out = str(tmp_path / f"p{i}.npy")
+        ckpt = os.path.join(model_dir(run, i), "best.npz")
+        r = runner.invoke(main, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "x.npy"), "--output", out, "--device", "cpu"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        singles.append(_softmax(np.load(out)))
+    out = str(tmp_path / "ens.npy")
+    r = runner.invoke(main, ["predict", "--checkpoint", run, "--ensemble", "--input", str(tmp_path / "x.npy"), "--output", out, "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(out), (singles[0] + singles[1]) / 2, rtol=1e-12, atol=1e-15)
+    r = runner.invoke(main, ["eval", "--checkpoint", run, "--ensemble", "--split", "test", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)["splits"][0]
+    assert [m["checkpoint"] for m in report["members"]] == [os.path.join(model_dir(run, i), "best.npz") for i in (0, 1)]
+    for member in report["members"]:  # one seed: the members' split is their own test split
+        single = runner.invoke(
+            main, ["eval", "--checkpoint", member["checkpoint"], "--split", "test", "--device", "cpu"]
+        )
+        assert member["accuracy"] == json.loads(single.output)["test_accuracy"]
+    assert 0.5 < report["ensemble"]["accuracy"] <= 1.0 and "note" not in report
+    r = runner.invoke(main, ["eval", "--checkpoint", str(tmp_path), "--ensemble", "--device", "cpu"])
+    assert r.exit_code == 2 and "holds no models/mNNN/best.npz" in r.output
+
+
+def test_plot_draws_a_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = _small_sweep(tmp_path)
+    r = CliRunner().invoke(main, ["plot", run])
+    assert r.exit_code == 0, r.output
+    assert os.path.getsize(os.path.join(run, "curves.png")) > 10_000
