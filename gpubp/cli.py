@@ -388,6 +388,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
     for path in (json_path, md_path):
         if path and os.path.exists(path) and not overwrite:
             raise UsageError(f"{path!r} exists; pass --overwrite to replace it")
+    if "sweep" in case_names:  # M models stacked vs sequential vs torch.func (gpubp.sweep_bench)
+        return _bench_sweep(device, [c for c in case_names if c != "sweep"], json_path, md_path, no_torch)
     cases = B.find_cases(case_names)
     backend, note = resolve_device(device)
     if note:
@@ -404,6 +406,28 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         from .checkpoint import atomic_write_text
 
         atomic_write_text(md_path, B.markdown(report))
+
+
+def _bench_sweep(device, other_cases, json_path, md_path, no_torch) -> None:
+    from . import bench as B
+    from . import sweep_bench as S
+    from .backend import resolve_device
+    from .checkpoint import atomic_write_text
+
+    if other_cases:
+        raise UsageError("--case sweep runs on its own; give the other cases in another gpubp bench call")
+    backend, note = resolve_device(device)
+    if note:
+        click.echo(note, err=True)
+    click.echo(f"gpubp bench --case sweep on {backend.describe()}", err=True)
+    click.echo(S.HEADER)
+    report = S.run(backend, with_torch=not no_torch, log=click.echo)
+    report["command"] = " ".join(["gpubp", *sys.argv[1:]]) if "bench" in sys.argv else "gpubp bench --case sweep"
+    report["versions"] = B.versions()
+    if json_path:
+        B.write_json(report, json_path)
+    if md_path:
+        atomic_write_text(md_path, S.markdown(report, report["command"]))
 
 
 # --------------------------------------------------------------------------- config / plot

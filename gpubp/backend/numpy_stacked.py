@@ -139,6 +139,24 @@ def sum_squares_batched(g):
     return np.array([np.dot(row, row) for row in g], dtype=g.dtype)
 
 
+CACHE_BLOCK = 1 << 17  # bytes of one buffer's rows that an update processes at a time (L2-sized)
+
+
+def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> bool:
+    """Run an elementwise update over blocks of models whose rows fit in cache: the same
+    arithmetic per element (so the same bits), far less memory traffic than one pass per
+    op over all M rows. Returns False when one block covers every model."""
+    p = arrays["p"]
+    rows = max(1, CACHE_BLOCK // max(1, p.shape[1] * p.itemsize))
+    if rows >= p.shape[0]:
+        return False
+    for lo in range(0, p.shape[0], rows):
+        hi = min(lo + rows, p.shape[0])
+        step(**{k: a[lo:hi] for k, a in arrays.items()}, scratch=scratch[:, lo:hi],
+             **{k: v[lo:hi] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+    return True
+
+
 def _subset_step(step, skip, arrays: dict, vectors: dict, kwargs: dict) -> bool:
     """When some models are frozen (skip[i] true), run `step` on the others' rows only and
     write them back; returns whether it did (the caller then returns)."""
@@ -157,7 +175,7 @@ def _subset_step(step, skip, arrays: dict, vectors: dict, kwargs: dict) -> bool:
 
 
 def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, nesterov, weight_decay, first_step,
-                     grad_scale, skip=None, momentum_on=True, decay_on=True):  # fmt: skip
+                     grad_scale, skip=None, momentum_on=True, decay_on=True, blocked=False):  # fmt: skip
     """numpy_ops.sgd_step for every model: p, g, buf (M, P); scratch (2, M, P); lr, momentum,
     one_minus_dampening, weight_decay, grad_scale: (M, 1); skip: (M,) bool or None (frozen models).
     momentum_on / decay_on: whether any model has momentum / weight decay.
@@ -173,6 +191,8 @@ def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, n
     )
     flags = dict(nesterov=nesterov, first_step=first_step, momentum_on=momentum_on, decay_on=decay_on)
     if _subset_step(sgd_step_batched, skip, dict(p=p, g=g, buf=buf), vectors, flags):
+        return
+    if not blocked and _blocked_step(sgd_step_batched, dict(p=p, g=g, buf=buf), scratch, vectors, flags):
         return
     d, t = scratch[0], scratch[1]
     np.multiply(g, grad_scale, out=d)  # s = 1 gives g's own bits
@@ -196,7 +216,7 @@ def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, n
 
 
 def adam_step_batched(p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                      step_size, bias2_sqrt, decoupled, grad_scale, skip=None, decay_on=True):  # fmt: skip
+                      step_size, bias2_sqrt, decoupled, grad_scale, skip=None, decay_on=True, blocked=False):  # fmt: skip
     """numpy_ops.adam_step for every model: p, g, m, v (M, P); scratch (2, M, P); the rest
     (M, 1), computed per model on the host as adam_step computes them:
     lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t).
@@ -209,6 +229,8 @@ def adam_step_batched(p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, 
                    grad_scale=grad_scale)  # fmt: skip
     flags = dict(decoupled=decoupled, decay_on=decay_on)
     if _subset_step(adam_step_batched, skip, dict(p=p, g=g, m=m, v=v), vectors, flags):
+        return
+    if not blocked and _blocked_step(adam_step_batched, dict(p=p, g=g, m=m, v=v), scratch, vectors, flags):
         return
     d, t = scratch[0], scratch[1]
     np.multiply(g, grad_scale, out=d)
