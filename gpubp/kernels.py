@@ -22,7 +22,19 @@ from importlib import resources
 
 KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu")
 HEADER_FILES = ("common.cuh", "activations.cuh")
-NVRTC_OPTIONS = ("-std=c++17",)
+NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
+# what CuPy's compiler module appends to every NVRTC compile, after the caller's options
+# (cupy/cuda/compiler.py: _compile_with_cache_cuda and _compile_using_nvrtc). -ftz=true
+# flushes float32 subnormals (|x| < 2^-126) to zero, inputs and results: the GPU computes
+# relu'(1e-40) = relu'(0) = 0 where NumPy gives 1. tests/test_kernels_cpu.py checks that
+# CuPy still adds exactly these and compiles the kernels with them.
+CUPY_APPENDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+
+def effective_options(options=NVRTC_OPTIONS) -> tuple[str, ...]:
+    """The NVRTC options a kernel is really compiled with on the GPU: ours, then CuPy's."""
+    return (*options, *CUPY_APPENDED_OPTIONS)
+
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -130,9 +142,21 @@ class NvrtcError(RuntimeError):
         self.log = log
 
 
-def nvrtc_compile(name: str, arch: str = "sm_90", options=NVRTC_OPTIONS) -> str:
-    """Compile kernels/<name> to PTX for `arch` with NVRTC; returns the compile log
+def nvrtc_compile(name: str, arch: str = "sm_90", options=None) -> str:
+    """Compile kernels/<name> to PTX for `arch` with NVRTC, with the options CuPy really
+    uses (effective_options()) unless `options` is given; returns the compile log
     (empty when there is nothing to say). Raises NvrtcError with the log on failure."""
+    return _nvrtc(name, arch, options)[0]
+
+
+def nvrtc_ptx(name: str, arch: str = "sm_90", options=None) -> str:
+    """The PTX of kernels/<name>, compiled as nvrtc_compile does."""
+    return _nvrtc(name, arch, options)[1]
+
+
+def _nvrtc(name: str, arch: str, options) -> tuple[str, str]:
+    """(log, PTX) of an NVRTC compile of kernels/<name>."""
+    options = effective_options() if options is None else options
     lib = load_nvrtc()
     if lib is None:
         raise RuntimeError("no NVRTC library found (pip install nvidia-cuda-nvrtc, or set GPUBP_NVRTC_LIB)")
@@ -152,6 +176,9 @@ def nvrtc_compile(name: str, arch: str = "sm_90", options=NVRTC_OPTIONS) -> str:
         log = buf.value.decode(errors="replace").strip()
         if status != 0:
             raise NvrtcError(name, log or lib.nvrtcGetErrorString(status).decode())
-        return log
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return log, ptx.value.decode(errors="replace")
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -23,3 +23,27 @@ void act_backward_f64(int kind, double alpha, const double* d, const double* s, 
   backward(kind, alpha, d, s, out, n);
 }
 }
+
+// The same float32 math with the CPU flushing subnormals as the GPU does under CuPy's
+// -ftz=true: MXCSR FTZ (results) and DAZ (inputs), set for the call and restored after.
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+struct FlushDenormals {
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+};
+extern "C" {
+int has_ftz() { return 1; }
+void act_forward_f32_ftz(int kind, float alpha, const float* z, float* y, long n) {
+  FlushDenormals ftz;
+  forward(kind, alpha, z, y, n);
+}
+void act_backward_f32_ftz(int kind, float alpha, const float* d, const float* s, float* out, long n) {
+  FlushDenormals ftz;
+  backward(kind, alpha, d, s, out, n);
+}
+}
+#else
+extern "C" int has_ftz() { return 0; }
+#endif

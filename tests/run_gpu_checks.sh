@@ -1,48 +1,94 @@
 #!/usr/bin/env bash
-# One visit to a GPU machine: the GPU tests (compute-sanitizer included), the
-# bias-gradient kernel-vs-GEMV timing, and the facts docs/gpu-verification.md records.
+# One visit to a GPU machine: everything of issue 9 (GPU bring-up) in one script, each
+# part under its own timeout, every log under $OUT:
+#   env.txt             GPU, driver, CUDA, CuPy, compute-sanitizer
+#   pytest-gpu.txt      every gpu-marked test but the sanitizer ones (ops vs NumPy, whole
+#                       training CPU vs GPU, determinism, resume, every CLI command)
+#   sanitizer.txt       compute-sanitizer memcheck, racecheck, synccheck (run beside pytest)
+#   bias-grad.txt       column sums of D': our kernel vs cuBLAS GEMV (ones^T D')
+#   bench.md/.json      gpubp bench --device gpu against PyTorch (the GPU speed issue's baseline)
 # Run from the repository root: OUT=/some/dir bash tests/run_gpu_checks.sh
-# Logs go to $OUT (default: gpu-out/).
+# Budgets in seconds (env): T_PYTEST, T_SANITIZER, T_BIAS, T_BENCH.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=$(command -v python3)
 
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python - <<'PY'
+  "$PY" - <<'PY'
 import cupy, numpy, sys
 rt = cupy.cuda.runtime
 print("python", sys.version.split()[0], "numpy", numpy.__version__, "cupy", cupy.__version__)
 print("cuda runtime", rt.runtimeGetVersion(), "driver", rt.driverGetVersion())
+from cupy_backends.cuda.libs import nvrtc
+print("nvrtc", nvrtc.getVersion())
+try:
+    import torch
+    print("torch", torch.__version__, torch.version.cuda)
+except ImportError:
+    print("no torch")
 PY
   command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null || echo "no compute-sanitizer"
 } > "$OUT/env.txt" 2>&1
 
-python -m pytest -m gpu -v -rs -p no:cacheprovider tests/ > "$OUT/pytest-gpu.txt" 2>&1
-echo "pytest exit code: $?" >> "$OUT/pytest-gpu.txt"
+# compile the kernels once (CuPy's disk cache), so the parallel parts below do not race to
+timeout 120 "$PY" -c "
+from gpubp.backend.cupy_backend import CupyBackend, KERNELS_USED
+import numpy as np
+be = CupyBackend()
+for k in KERNELS_USED:
+    be._function(k, np.float32); be._function(k, np.float64)
+print('kernels compiled')" >> "$OUT/env.txt" 2>&1
 
-python - > "$OUT/bias-grad-timing.txt" 2>&1 <<'PY'
-# column sums of D' (n, m): our two-pass kernel vs cuBLAS GEMV with a ones vector
+# the sanitizer runs in the background, beside pytest
+for tool in memcheck racecheck synccheck; do
+  timeout "${T_SANITIZER:-360}" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    "tests/test_gpu.py::test_compute_sanitizer[$tool]" > "$OUT/sanitizer-$tool.log" 2>&1 &
+done
+
+timeout "${T_PYTEST:-330}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider -k "not compute_sanitizer" tests/ \
+  > "$OUT/pytest-gpu.txt" 2>&1
+echo "pytest exit code: $?" >> "$OUT/pytest-gpu.txt"
+wait
+for tool in memcheck racecheck synccheck; do
+  { echo "==== $tool"; cat "$OUT/sanitizer-$tool.log"; } >> "$OUT/sanitizer.txt" && rm "$OUT/sanitizer-$tool.log"
+done
+
+timeout "${T_BIAS:-60}" "$PY" - > "$OUT/bias-grad.txt" 2>&1 <<'PY'
+# column sums of D' (n, m): our two-pass kernel vs cuBLAS GEMV, ones (1, n) @ D'
 import cupy, numpy as np
 from gpubp.backend.cupy_backend import CupyBackend
 be = CupyBackend()
+ones = {}  # (n, dtype) -> ones (1, n), made once as a backend holding it would
+def gemv(d, out):
+    key = (d.shape[0], d.dtype)
+    if key not in ones:
+        ones[key] = cupy.ones((1, d.shape[0]), d.dtype)
+    be.gemm(ones[key], d, out.reshape(1, -1))
+impls = {"kernel": be.bias_grad, "gemv": gemv}
 for dtype in (np.float32, np.float64):
-    for n, m in [(128, 10), (128, 128), (1024, 512), (8192, 4096), (262144, 64), (262144, 10)]:
+    for n, m in [(128, 10), (128, 128), (100, 512), (1024, 512), (8192, 4096), (262144, 64), (262144, 10)]:
         d = cupy.random.standard_normal((n, m)).astype(dtype)
         out = cupy.empty(m, dtype)
         row = []
-        for impl in ("kernel", "gemv"):
-            be.bias_grad_impl = impl
+        for impl, fn in impls.items():
             for _ in range(5):
-                be.bias_grad(d, out)
+                fn(d, out)
             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
             times = []
             for _ in range(50):
-                start.record(); be.bias_grad(d, out); stop.record(); stop.synchronize()
+                start.record(); fn(d, out); stop.record(); stop.synchronize()
                 times.append(cupy.cuda.get_elapsed_time(start, stop) * 1e3)
             row.append(f"{impl} {np.median(times):8.1f} us")
         print(f"{np.dtype(dtype).name} n={n:7d} m={m:5d}: " + "  ".join(row))
 PY
+echo "exit: $?" >> "$OUT/bias-grad.txt"
+
+# BENCH_ARGS (default --no-compile: eager PyTorch only, as torch.compile compiles for minutes)
+timeout "${T_BENCH:-150}" "$PY" -m gpubp.cli bench --device gpu ${BENCH_ARGS---no-compile} --json "$OUT/bench.json" \
+  --markdown "$OUT/bench.md" > "$OUT/bench.txt" 2>&1
+echo "exit: $?" >> "$OUT/bench.txt"
 echo "done; logs in $OUT"

@@ -2,6 +2,8 @@
 random documents, strings and arrays, return a valid result or raise the project's own
 error (a GpubpError), never anything else."""
 
+# ruff: noqa: E402  (hypothesis is imported after the importorskip that guards it)
+
 from __future__ import annotations
 
 import json
@@ -10,6 +12,10 @@ import os
 import tempfile
 
 import numpy as np
+import pytest
+
+pytest.importorskip("hypothesis")  # optional test dependency: without it these tests skip, the rest still run
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -39,21 +39,53 @@ _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
 
 BLOCK = 256  # threads per block of the elementwise kernels
+# row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
+# (docs/gpu-verification.md); more make the ordered second pass the longer one
+BIAS_GRAD_MAX_CHUNKS = 256
 
 
 def unavailable_reason() -> str | None:
-    """None when CuPy imports and a CUDA device answers, else why not (one line)."""
+    """None when CuPy imports, a CUDA device answers and the libraries the backend calls
+    (cuBLAS, NVRTC) load; else why not, as one line."""
     try:
         import cupy
     except ImportError:
         return "CuPy is not installed; pip install 'gpubp[cuda12]' or 'gpubp[cuda13]' to match your CUDA driver"
     except Exception as e:  # a broken CUDA installation raises all sorts of things
-        return f"CuPy does not import ({type(e).__name__}: {e})"
+        return f"CuPy does not import ({_one_line(e)})"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
-        return f"no CUDA device answers ({type(e).__name__}: {e})"
-    return None if count > 0 else "no CUDA device found"
+        return f"no CUDA device answers ({_one_line(e)})"
+    if count <= 0:
+        return "no CUDA device found"
+    # CuPy loads cuBLAS on the first import of its binding and NVRTC on the first call:
+    # a CuPy installed without them (no [ctk] extra, no CUDA toolkit) fails here, not mid-run
+    fix = "install CuPy with its CUDA libraries: pip install 'gpubp[cuda13]' (or [cuda12])"
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
+    except Exception as e:
+        return f"CuPy cannot load cuBLAS ({_one_line(e)}); {fix}"
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as e:
+        return f"CuPy cannot load NVRTC ({_one_line(e)}); {fix}"
+    return None
+
+
+def host_scalars() -> dict:
+    """(type, value) -> one-element host array: the alpha = 1 and beta in {0, 1} of cuBLAS
+    calls in host pointer mode, passed by address (array.ctypes.data)."""
+    return {(t, v): np.full(1, v, t) for t in (np.float32, np.float64) for v in (0.0, 1.0)}
+
+
+def _one_line(e: BaseException) -> str:
+    """'Type: first line of the message', at most 200 characters."""
+    text = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {text[0] if text else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class EventTimer:
@@ -92,16 +124,14 @@ class CupyBackend:
         self.handle = self.device.cublas_handle
         cublas.setPointerMode(self.handle, _POINTER_MODE_HOST)
         self.tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in)
-        self.bias_grad_impl = "kernel"  # or "gemv": column sums as ones^T D'
         self._modules: dict[str, object] = {}
         self._functions: dict[str, object] = {}
         self._kernel_file = {n: f for f in K.KERNEL_FILES for n in K.kernel_names(f)}
-        self._ones: dict = {}  # (dtype, n) -> device vector of ones (GEMV column sums)
         self._unit: dict = {}  # dtype -> device scalar 1 (the default gradient scale)
         self._no_skip = cupy.zeros((), dtype=np.bool_)  # the update's skip flag when none is given
-        # host scalars for cuBLAS (pointer mode host): alpha = 1, beta in {0, 1}
-        self._alpha = {np.float32: np.ones(1, np.float32), np.float64: np.ones(1, np.float64)}
-        self._beta = {(t, b): np.full(1, b, t) for t in (np.float32, np.float64) for b in (0.0, 1.0)}
+        # host scalars for cuBLAS (pointer mode host): the raw bindings take alpha and beta
+        # as host *addresses* (size_t), so each value lives in a NumPy array kept alive here
+        self._host_scalars = host_scalars()
 
     # ------------------------------------------------------------------ memory
 
@@ -159,6 +189,7 @@ class CupyBackend:
     def _compile(self, file: str):
         cupy = self._cupy
         try:
+            # CuPy appends K.CUPY_APPENDED_OPTIONS (-ftz=true among them) to these
             module = cupy.RawModule(code=K.read_source(file), options=K.NVRTC_OPTIONS)
             module.compile()
             return module
@@ -240,24 +271,30 @@ class CupyBackend:
         data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
         cublas.gemmEx(
             h, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
-            self._alpha[t].ctypes.data, b.data.ptr, data, b.shape[1], a.data.ptr, data, a.shape[1],
-            self._beta[(t, beta)].ctypes.data, out.data.ptr, data, n, compute, _GEMM_DEFAULT,
+            self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[1], a.data.ptr, data, a.shape[1],
+            self._scalar_ptr(t, beta), out.data.ptr, data, n, compute, _GEMM_DEFAULT,
         )  # fmt: skip
         return out
+
+    def _scalar_ptr(self, t, value: float) -> int:
+        """Host address of a cuBLAS scalar (alpha = 1, beta in {0, 1}) of type t."""
+        return self._host_scalars[(t, float(value))].ctypes.data
 
     def _gemv(self, a, b, out, trans_a, trans_b, beta, m, n, k):
         """A product with one output row (x W: the vector-Jacobian product of a batch of
         one) or one output column, as cuBLAS GEMV on the matrix operand."""
-        gemv = self._cublas.dgemv if out.dtype == np.float64 else self._cublas.sgemv
+        t = out.dtype.type
+        gemv = self._cublas.dgemv if t is np.float64 else self._cublas.sgemv
+        alpha, beta = self._scalar_ptr(t, 1.0), self._scalar_ptr(t, beta)
         if m == 1:
             # out (1, n) = v (1, k) op(b): y = op(b)^T v, b seen column-major as (b.shape[1], b.shape[0])
             op = _OP_T if trans_b else _OP_N
-            gemv(self.handle, op, b.shape[1], b.shape[0], 1.0, b.data.ptr, b.shape[1], a.data.ptr, 1, beta,
+            gemv(self.handle, op, b.shape[1], b.shape[0], alpha, b.data.ptr, b.shape[1], a.data.ptr, 1, beta,
                  out.data.ptr, 1)  # fmt: skip
         else:
             # out (m, 1) = op(a) (m, k) v (k, 1)
             op = _OP_N if trans_a else _OP_T
-            gemv(self.handle, op, a.shape[1], a.shape[0], 1.0, a.data.ptr, a.shape[1], b.data.ptr, 1, beta,
+            gemv(self.handle, op, a.shape[1], a.shape[0], alpha, a.data.ptr, a.shape[1], b.data.ptr, 1, beta,
                  out.data.ptr, 1)  # fmt: skip
         return out
 
@@ -310,14 +347,11 @@ class CupyBackend:
         if n == 0:
             out.fill(0)
             return out
-        if self.bias_grad_impl == "gemv":
-            ones = self._ones.get((dtype, n))
-            if ones is None:
-                ones = self._ones[(dtype, n)] = self._cupy.ones((1, n), dtype=dtype)
-            return self.gemm(ones, d, out.reshape(1, m))[0]
-        chunks = max(1, min(64, n // 1024))
-        rows_per_chunk = math.ceil(n / chunks)
+        # up to ~1024 blocks of (32, 8) threads to fill the GPU; each chunk keeps >= 256 rows
+        # (32 per thread) so the finishing pass stays small. A function of the shape only.
         tiles = math.ceil(m / 32)
+        chunks = max(1, min(BIAS_GRAD_MAX_CHUNKS, math.ceil(1024 / tiles), n // 256))
+        rows_per_chunk = math.ceil(n / chunks)
         partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=dtype)
         self._function("bias_grad_partial", dtype)(
             (tiles, chunks), (32, 8), (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk))

@@ -1,0 +1,75 @@
+"""The GPU work that compute-sanitizer watches (tests/test_gpu.py::test_compute_sanitizer).
+
+CuPy's memory pool is switched off first: the pool rounds every allocation up to 512
+bytes and reuses freed blocks, so a kernel that overruns its array inside a pooled block
+writes memory the sanitizer counts as valid. With set_allocator(None) every array is
+its own cudaMalloc and the first byte past it is caught.
+
+Covered: every kernel of the backend (KERNELS_USED), a multi-chunk bias gradient
+(n >= 2048 rows: partial sums over chunks, then the finishing pass), a one-output model
+(GEMV products), a batch of one row (GEMV in the other orientation), a residual model,
+both optimizers, gradient clipping and the divergence guard of the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import cupy
+import numpy as np
+
+cupy.cuda.set_allocator(None)
+cupy.cuda.set_pinned_memory_allocator(None)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gpubp  # noqa: E402
+from gpubp.backend.cupy_backend import CupyBackend  # noqa: E402
+from gpubp.cli import main  # noqa: E402
+
+be = CupyBackend()
+rng = np.random.default_rng(0)
+for dtype in (np.float32, np.float64):
+    for n, m in [(1, 1), (2049, 3), (5000, 40), (3, 1000)]:  # 2049 rows: 8 chunks of the bias gradient, 5000: 19
+        d = be.asarray(rng.normal(size=(n, m)).astype(dtype))
+        out = be.empty(m, dtype)
+        be.bias_grad(d, out)
+        assert np.allclose(be.to_numpy(out), be.to_numpy(d).sum(0), rtol=1e-4, atol=1e-3)
+
+for sizes, loss, rows, residual in [
+    ([4, 16, 1], "mse", 2048, False),  # one output: D' W^T and x^T D' are GEMVs
+    ([4, 16, 16, 3], "softmax_cross_entropy", 1, True),  # a batch of one, residual
+    ([5, 8, 2], "binary_cross_entropy", 33, False),
+    ([5, 8, 4], "huber", 2100, False),
+]:
+    for dtype in ("float32", "float64"):
+        model = gpubp.MLP(sizes, "gelu", loss=loss, dtype=dtype, device="gpu", seed=1, residual=residual)
+        opt = gpubp.Adam(model, lr=1e-3) if rows > 1 else gpubp.SGD(model, lr=1e-2, momentum=0.9)
+        x = model.as_input(rng.normal(size=(rows, sizes[0])))
+        if loss == "softmax_cross_entropy":
+            y = rng.integers(0, sizes[-1], size=rows)
+        elif loss == "binary_cross_entropy":
+            y = rng.uniform(size=(rows, sizes[-1]))
+        else:
+            y = rng.normal(size=(rows, sizes[-1]))
+        y = model.as_target(y, rows)
+        for _ in range(3):
+            model.forward_backward(x, y)
+            opt.step()
+        be.synchronize()
+
+# the whole trainer: clipping, the guard, evaluation, accuracy, checkpoints
+with tempfile.TemporaryDirectory() as tmp:
+    for config, extra in [("configs/spirals.toml", ["optimizer.clip_grad_norm=1.0"]),
+                          ("configs/regression.toml", ["train.batch_size=2500", "data.n_samples=4000"])]:  # fmt: skip
+        args = ["train", "--config", config, "--device", "gpu", "--quiet", "--out", os.path.join(tmp, config[8:12]),
+                "--set", "train.steps=6", "--set", "train.eval_every=3"]  # fmt: skip
+        for e in extra:
+            args += ["--set", e]
+        try:
+            main(args, standalone_mode=False)
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+print("sanitize child: ok")

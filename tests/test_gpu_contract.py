@@ -1,0 +1,149 @@
+"""What a GPU run cannot be asked to find, checked on the CPU: the arguments the GPU
+backend hands CuPy's raw cuBLAS bindings match the bindings' real signatures, and the
+GPU probe refuses a CuPy that cannot load its libraries.
+
+The raw bindings (cupy_backends.cuda.libs.cublas, Cython) take alpha and beta as host
+*addresses* (size_t). Cython turns a Python float handed to a size_t parameter into an
+integer address without complaint, so a scalar-vs-pointer slip would pass every
+CPU test and crash the first GPU run. The bindings' signatures are embedded in the
+compiled module (Cython embedsignature); they are read from the file without importing
+it, since importing it needs libcublas, which a CPU machine lacks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+
+from .conftest import run_cli
+
+
+def binding_signatures(module: str, names) -> dict[str, list[tuple[str, str]]]:
+    """name -> [(C type, parameter name)] from the signatures embedded in a Cython module."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        pytest.skip(f"{module} is not installed (pip install cupy-cuda13x to run this check)")
+    with open(spec.origin, "rb") as f:
+        blob = f.read().decode("latin-1")
+    found = {}
+    for name in names:
+        match = re.search(rf"(?<![\w.]){name}\(([^()]*)\)", blob)
+        assert match, f"{module}.{name}: no embedded signature found"
+        params = [p.strip().rsplit(" ", 1) for p in match.group(1).split(",")]
+        found[name] = [(t.strip(), n.strip()) for t, n in params]
+    return found
+
+
+class Recorder:
+    """Stands in for the cublas binding module: records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, args))
+
+
+class FakeArray:
+    """What the backend reads of a CuPy array: shape, dtype, data.ptr."""
+
+    _next = 0x10000
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        FakeArray._next += 0x1000
+        self.data = type("Mem", (), {"ptr": FakeArray._next})()
+
+    def fill(self, value):
+        pass
+
+
+_C_SCALAR = {"sgemv": ctypes.c_float, "dgemv": ctypes.c_double}
+_COMPUTE_C = {68: ctypes.c_float, 77: ctypes.c_float, 70: ctypes.c_double}  # cublasComputeType_t
+
+
+def recorded_calls():
+    """Every raw cuBLAS call the backend makes for GEMM and both GEMV branches."""
+    from gpubp.backend import cupy_backend
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cublas, be.handle, be.tf32 = Recorder(), 12345, False
+    be._host_scalars = cupy_backend.host_scalars()
+    be._check = lambda *args, **kwargs: None  # the fakes are not CuPy arrays
+    expected = []
+    for dtype in (np.float32, np.float64):
+        for m, n, k in [(5, 6, 7), (1, 6, 7), (5, 1, 7), (1, 1, 3)]:
+            for ta in (False, True):
+                for tb in (False, True):
+                    for beta in (0.0, 1.0):
+                        a = FakeArray((k, m) if ta else (m, k), dtype)
+                        b = FakeArray((n, k) if tb else (k, n), dtype)
+                        be.gemm(a, b, FakeArray((m, n), dtype), trans_a=ta, trans_b=tb, beta=beta)
+                        expected.append(beta)
+    return be, be._cublas.calls, expected
+
+
+def test_raw_cublas_calls_match_the_binding_signatures():
+    be, calls, betas = recorded_calls()
+    names = sorted({name for name, _ in calls})
+    assert set(names) == {"gemmEx", "sgemv", "dgemv"}, names  # every path was taken
+    sigs = binding_signatures("cupy_backends.cuda.libs.cublas", names)
+    assert len(calls) == len(betas)
+    for (name, args), beta in zip(calls, betas):
+        params = sigs[name]
+        assert len(args) == len(params), f"{name}: {len(args)} arguments for {params}"
+        for arg, (ctype, pname) in zip(args, params):
+            if ctype in ("int", "intptr_t", "size_t"):
+                # Cython accepts a float for an integer parameter only by truncating or
+                # (size_t) reinterpreting it: every integer parameter gets a real integer
+                assert isinstance(arg, (int, np.integer)) and not isinstance(arg, bool), (
+                    f"{name}({pname}: {ctype}) got {type(arg).__name__} {arg!r}"
+                )
+        scalar = _C_SCALAR.get(name) or _COMPUTE_C[args[[p for _, p in params].index("computeType")]]
+        for pname, want in (("alpha", 1.0), ("beta", beta)):
+            i = [p for _, p in params].index(pname)
+            assert params[i][0] == "size_t", f"{name}.{pname} is {params[i][0]}: update the backend"
+            # the address holds the scalar, in the precision the call computes in
+            assert scalar.from_address(int(args[i])).value == want, f"{name}.{pname} does not point to {want}"
+
+
+# ---------------------------------------------------------------- the GPU probe
+
+BLOCK_CUBLAS = """
+import sys, importlib.abc
+class _NoCublas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "cupy_backends.cuda.libs.cublas":
+            raise ImportError("libcublas.so.13: cannot open shared object file (simulated by the test)")
+sys.meta_path.insert(0, _NoCublas())
+import cupy
+cupy.cuda.runtime.getDeviceCount = lambda: 1  # a device answers
+"""
+
+
+@pytest.fixture
+def cupy_without_cublas(tmp_path, monkeypatch):
+    """A Python whose CuPy sees one device but cannot load cuBLAS."""
+    pytest.importorskip("cupy")
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_CUBLAS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return tmp_path
+
+
+def test_probe_names_the_missing_library(cupy_without_cublas):
+    for device in ("gpu", "auto"):
+        quiet = ["--quiet"] if device == "gpu" else []  # the fallback note is a message: not with --quiet
+        r = run_cli("train", "--config", "configs/spirals.toml", "--device", device, "--out",
+                    str(cupy_without_cublas / device), *quiet, "--set", "train.epochs=1")  # fmt: skip
+        if device == "gpu":
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.strip().count("\n") == 0 and "cuBLAS" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr
+        else:  # falls back to the CPU with one line saying why, and trains
+            assert r.returncode == 0, r.stderr
+            notes = [line for line in r.stderr.splitlines() if "using the CPU" in line]
+            assert len(notes) == 1 and "cuBLAS" in notes[0], r.stderr
