@@ -506,34 +506,30 @@ class CupyBackend:
         # column-major: out[i]^T (n x m) = op(b[i])^T (n x k) . op(a[i])^T (k x m)
         self._cublas.gemmStridedBatchedEx(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
-            self._alpha[t].ctypes.data, b.data.ptr, data, b.shape[-1], sb,
+            self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[-1], sb,
             a.data.ptr, data, a.shape[-1], sa,
-            self._beta[(t, beta)].ctypes.data, out.data.ptr, data, n, so, count, compute, _GEMM_DEFAULT,
+            self._scalar_ptr(t, beta), out.data.ptr, data, n, so, count, compute, _GEMM_DEFAULT,
         )  # fmt: skip
         return out
 
     def bias_act_forward_batched(self, z, b, act: Activation, out):
         """z[i] += b[i], out = f(z); see numpy_stacked.bias_act_forward_batched."""
         self._cupy.add(z, b[:, None, :], out=z)
-        zero = self._zero_bias(z.dtype, z.shape[-1])
+        zero = self._constant(0.0, (z.shape[-1],), z.dtype)
         self.bias_act_forward(z.reshape(-1, z.shape[-1]), zero, act, out.reshape(-1, out.shape[-1]))
         return out
 
-    def _zero_bias(self, dtype, n):
-        key = ("zero", np.dtype(dtype), n)
-        zero = self._ones.get(key)
-        if zero is None:
-            zero = self._ones[key] = self._cupy.zeros(n, dtype=dtype)
-        return zero
+    def _constant(self, value: float, shape: tuple, dtype):
+        """A cached device array filled with `value` (the zero bias, the ones row)."""
+        cache = self.__dict__.setdefault("_stack_constants", {})
+        key = (value, shape, np.dtype(dtype))
+        if key not in cache:
+            cache[key] = self._cupy.full(shape, value, dtype=dtype)
+        return cache[key]
 
     def bias_grad_batched(self, d, out):
         """out[i] = 1^T d[i] (M, n): one strided-batched GEMM with a shared ones row."""
-        n = d.shape[1]
-        key = ("row", np.dtype(d.dtype), n)
-        ones = self._ones.get(key)
-        if ones is None:
-            ones = self._ones[key] = self._cupy.ones((1, n), dtype=d.dtype)
-        self.gemm_batched(ones, d, out[:, None, :])
+        self.gemm_batched(self._constant(1.0, (1, d.shape[1]), d.dtype), d, out[:, None, :])
         return out
 
     def _stack_rows(self, target, count: int):
