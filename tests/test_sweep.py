@@ -243,3 +243,20 @@ def test_plot_draws_a_sweep(tmp_path):
     r = CliRunner().invoke(main, ["plot", run])
     assert r.exit_code == 0, r.output
     assert os.path.getsize(os.path.join(run, "curves.png")) > 10_000
+
+
+def test_the_readme_sweep_runs_in_one_command_and_prints_its_table(tmp_path):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert "gpubp train --config configs/digits-sweep.toml" in readme
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits-sweep.toml")
+    r = CliRunner().invoke(
+        main, ["train", "--config", config, "--set", "train.epochs=1", "--out", str(tmp_path / "r"), "--quiet"]
+    )
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:4] == ["model", "optimizer.lr", "train.seed", "best_step"]
+    rows = [line.split() for line in lines[1:17]]
+    assert [(float(row[1]), int(row[2])) for row in rows] == [
+        (lr, s) for lr in (3e-4, 1e-3, 3e-3, 1e-2) for s in range(4)
+    ]
+    assert all(row[-1] == "ok" for row in rows)
