@@ -288,9 +288,10 @@ class SweepTrainer:
                     if frozen.all():
                         break
                 if interrupted():
+                    params, running = be.to_numpy(stack.flat_params), be.to_numpy(g.running)
                     for i in range(len(g.members)):
-                        if g.diverged[i] is None:
-                            self._save(g, i, "last.npz", step, be.to_numpy(stack.flat_params))
+                        if g.diverged[i] is None and not g.stopped[i]:
+                            self._save(g, i, "last.npz", step, params, running=running)
                     raise Interrupted(
                         f"interrupted at step {step} of group {g.number + 1}; each model's last.npz is saved "
                         f"under {os.path.join(self.out_dir, 'models')}",
@@ -347,8 +348,9 @@ class SweepTrainer:
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
             f.writelines(rows)
 
-    def _save(self, g: _Group, i: int, name: str, step: int, params: np.ndarray) -> None:
-        """Model i's checkpoint, as a single run with its config would write it."""
+    def _save(self, g: _Group, i: int, name: str, step: int, params: np.ndarray, running=None) -> None:
+        """Model i's checkpoint, as a single run with its config would write it; `running`:
+        the training losses summed since the last evaluation (M,), when saved between two."""
         m = g.members[i]
         run = g.runs[g.seed_index[i]]
         epoch, batch = divmod(step, g.steps_per_epoch)
@@ -357,12 +359,13 @@ class SweepTrainer:
             if key != "steps":
                 arrays[f"opt.{key}"] = value
         arrays["std.mean"], arrays["std.std"] = run.standardizer.mean, run.standardizer.std
-        arrays["train.running_loss"] = np.asarray(0.0)
+        arrays["train.running_loss"] = np.asarray(0.0 if running is None else float(running[i]))
         meta = {
             "step": step, "epoch": epoch,
             "rng": {"scheme": "per-epoch permutation of (seed, epoch)", "seed": m.cfg.train.seed, "epoch": epoch,
                     "batch": batch},
-            "optimizer_steps": g.opt.steps, "running_steps": 0, "best_value": g.best_value[i],
+            "optimizer_steps": g.opt.steps, "running_steps": 0 if running is None else g.n_running,
+            "best_value": g.best_value[i],
             "best_step": g.best_step[i], "bad_evals": g.bad_evals[i], "model": g.model_cfg[i],
             "config": config_for_checkpoint(m.cfg), "n_features": run.n_features, "n_classes": run.n_classes,
             "class_names": run.class_names, "sweep": {"model": m.index, "values": m.values},

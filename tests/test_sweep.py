@@ -260,3 +260,38 @@ def test_the_readme_sweep_runs_in_one_command_and_prints_its_table(tmp_path):
         (lr, s) for lr in (3e-4, 1e-3, 3e-3, 1e-2) for s in range(4)
     ]
     assert all(row[-1] == "ok" for row in rows)
+
+
+def test_ctrl_c_saves_every_model_and_exits_130(tmp_path, monkeypatch):
+    import contextlib
+
+    import gpubp.sweep_trainer as ST
+
+    @contextlib.contextmanager
+    def flag_after_first_step():
+        yield lambda: True  # as if Ctrl-C came during the first step
+
+    monkeypatch.setattr(ST, "catch_sigint", flag_after_first_step)
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [0.01, 0.05]\n')
+    run = str(tmp_path / "run")
+    r = CliRunner().invoke(main, ["train", "--config", path, "--out", run, "--quiet"])
+    assert r.exit_code == 130 and "interrupted at step 1 of group 1" in r.output, r.output
+    for i in (0, 1):
+        meta, arrays = load_checkpoint(os.path.join(model_dir(run, i), "last.npz"))
+        assert meta["step"] == 1 and meta["optimizer_steps"] == 1
+    # continuing model 1 alone gives the single run's result
+    last = os.path.join(model_dir(run, 1), "last.npz")
+    r = CliRunner().invoke(main, ["train", "--resume", last, "--out", str(tmp_path / "cont"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    single = _single(tmp_path, load_config(path).sweep.members[1], "single-1")
+    np.testing.assert_array_equal(
+        _params(str(tmp_path / "cont" / "last.npz")), _params(os.path.join(single, "last.npz"))
+    )
+
+    # and the same first log row: the loss summed before Ctrl-C was saved with the checkpoint
+    def first_row(folder):
+        row = json.loads(open(os.path.join(folder, "metrics.jsonl")).readline())
+        row.pop("elapsed_s")
+        return row
+
+    assert first_row(str(tmp_path / "cont")) == first_row(single)
