@@ -180,3 +180,11 @@ def test_member_and_bad_arguments():
         make_stack_optimizer(stack, "adam", lr=[0.1, 0.0])
     with pytest.raises(ValueError, match="input must have shape"):
         stack.forward(np.zeros((3, 5, 3)))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_updates_in_cache_sized_blocks_of_models_are_bitwise_the_same(monkeypatch, opt):
+    # one model per block (a tiny CACHE_BLOCK) against the single runs: the blocking changes no bits
+    monkeypatch.setattr(sops, "CACHE_BLOCK", 8)
+    settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID]
+    assert _train_pair([6, 8, 3], settings, opt, "softmax_cross_entropy", "float32", 10) == 0.0
