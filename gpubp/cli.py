@@ -131,6 +131,9 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
     if config_path is None and resume is None:
         raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
+    if resume is not None and os.path.isdir(resume):  # a sweep run: its own config, every model continued
+        return _train_sweep(load_config(config_path or os.path.join(resume, "config.toml"), overrides),
+                            out_dir or resume, device, quiet, overwrite, resume)  # fmt: skip
     if config_path is not None:
         cfg = load_config(config_path, overrides)
     else:
@@ -166,11 +169,17 @@ def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
     """A config with a [sweep] table: every member trained, groups as stacks (gpubp.sweep_trainer)."""
     from .sweep_trainer import SweepTrainer
 
-    if resume is not None:
+    if cfg.sweep is None:
+        raise UsageError(f"--resume {resume}: {os.path.join(resume, 'config.toml')} has no [sweep] table; "
+                         "give the checkpoint of a single run (RUN/last.npz)")  # fmt: skip
+    if resume is not None and not os.path.isdir(resume):
         raise UsageError(
-            "--resume continues one model: give its checkpoint (RUN/models/mNNN/last.npz) without the sweep config"
+            f"--resume {resume}: a sweep continues from its run directory (--resume RUN_DIR); "
+            "a model continues alone from RUN/models/mNNN/last.npz without the sweep config"
         )
-    trainer = SweepTrainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite)
+    if resume is not None:
+        _check_sweep_resume(cfg, resume, out_dir)
+    trainer = SweepTrainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume is not None)
     if not quiet:
         n, groups = len(cfg.sweep.members), len(cfg.sweep.groups())
         click.echo(
@@ -179,6 +188,22 @@ def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
     summary = trainer.train()
     click.echo(summary.pop("table"), nl=False)
     click.echo(json.dumps(summary, indent=2))
+
+
+def _check_sweep_resume(cfg, run_dir: str, out_dir: str) -> None:
+    """A sweep resumes in its own directory, with the members it was started with (the
+    [train] keys a single resume may change aside)."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .trainer import _check_resume_compatible
+
+    if os.path.abspath(out_dir) != os.path.abspath(run_dir):
+        raise UsageError(f"--resume {run_dir}: a sweep continues in its own directory; leave out --out")
+    stored = load_config(os.path.join(run_dir, "config.toml"))
+    if stored.sweep is None or len(stored.sweep.members) != len(cfg.sweep.members):
+        raise ConfigError(f"--resume {run_dir}: the config's sweep is not the one this run was started with")
+    for a, b in zip(stored.sweep.members, cfg.sweep.members):
+        _check_resume_compatible(a.cfg, b.cfg, run_dir)
 
 
 def _program() -> list[str]:

@@ -38,13 +38,29 @@ import numpy as np
 from . import data as D
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import dump_toml
-from .errors import ConfigError, Interrupted
+from .errors import CheckpointError, ConfigError, Interrupted, UsageError
 from .schedules import lr_at
 from .stack import MLPStack, clip_scale_batched, make_stack_optimizer
 from .sweep import Sweep, dump_sweep_toml
 from .trainer import catch_sigint, config_for_checkpoint, out_of_memory, prepare, prepare_out_dir
 
-SWEEP_FILES = ("sweep.csv", "models")
+STATE_FILE = "sweep_state.json"
+SWEEP_FILES = ("sweep.csv", "models", STATE_FILE)
+
+
+def read_state(run_dir: str) -> dict:
+    """The state file of a sweep run, or UsageError saying what RUN_DIR should be."""
+    path = os.path.join(run_dir, STATE_FILE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        state["done"], state["step"], state["diverged"], state["stopped"]  # noqa: B018 - the keys must be there
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(
+            f"--resume {run_dir}: no readable {STATE_FILE}; give the directory of a sweep run "
+            "(or a model's checkpoint, RUN/models/mNNN/last.npz)"
+        ) from None
 
 
 def model_dir(out_dir: str, index: int) -> str:
@@ -109,7 +125,10 @@ class _Group:
         self.stopped = np.zeros(count, bool)  # early stopping
         self.diverged = [None] * count  # 0-based step of the first non-finite step
         self.saved_step = [None] * count
+        self.last_saved = [None] * count  # host parameters of each model's last.npz
         self.best_params = None
+        self.start_step = 0
+        self.final_step = 0
         self.model_cfg = [self.stack.member(i).config_dict() if i == 0 else None for i in range(count)]
         for i in range(1, count):
             self.model_cfg[i] = dict(self.model_cfg[0], seed=self.stack.seeds[i], init=self.stack.inits[i])
@@ -202,13 +221,20 @@ class SweepTrainer:
     """Trains every member of cfg.sweep; see the module docstring."""
 
     def __init__(self, cfg, out_dir: str, device: str | None = None, quiet: bool = False, overwrite: bool = False,
-                 log=None):  # fmt: skip
+                 log=None, resume: bool = False):  # fmt: skip
         self.cfg = cfg
         self.sweep: Sweep = cfg.sweep
         self.out_dir = out_dir
         self.device = device or cfg.train.device
         self.quiet = quiet
         self.log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
+        self.rows: dict[int, dict] = {}
+        self.start = time.perf_counter()
+        self.state = {"done": [], "step": {}, "diverged": {}, "stopped": []}
+        if resume:  # continue the sweep run in out_dir where its state file says it stopped
+            self.state = read_state(out_dir)
+            self._trim_log()
+            return
         if overwrite and os.path.isdir(out_dir):
             for name in SWEEP_FILES:
                 path = os.path.join(out_dir, name)
@@ -218,8 +244,31 @@ class SweepTrainer:
                     os.unlink(path)
         prepare_out_dir(out_dir, overwrite)
         atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(cfg) + "\n" + dump_sweep_toml(self.sweep))
-        self.rows: dict[int, dict] = {}
-        self.start = time.perf_counter()
+        self._write_state()
+
+    def _write_state(self) -> None:
+        """sweep_state.json: groups finished, each group's step of its last checkpoints, the
+        models diverged (with their step) and stopped early; what --resume RUN_DIR reads."""
+        atomic_write_text(os.path.join(self.out_dir, STATE_FILE), json.dumps(self.state, indent=1) + "\n")
+
+    def _trim_log(self) -> None:
+        """Drop metrics rows past each group's last checkpoint (they will be written again)."""
+        path = os.path.join(self.out_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn by a crash
+                g = str(row.get("group"))
+                if line.endswith("\n") and (
+                    int(g) in self.state["done"] or row["step"] <= self.state["step"].get(g, 0)
+                ):
+                    keep.append(line)
+        atomic_write_text(path, "".join(keep))
 
     def train(self) -> dict:
         with np.errstate(all="ignore"):  # a diverging model's overflow is reported once, by the guard
@@ -236,14 +285,63 @@ class SweepTrainer:
             for m in members:
                 os.makedirs(model_dir(self.out_dir, m.index), exist_ok=True)
                 atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "config.toml"), dump_toml(m.cfg))
+            if str(number) in self.state["step"] or number in self.state["done"]:
+                self._restore(group)
             try:
-                self._train_group(group)
+                if number not in self.state["done"]:
+                    self._train_group(group)
             except group.backend.out_of_memory_errors:
                 g = group.cfg
                 raise out_of_memory(group.backend, g, group.stack.sizes, min(g.train.batch_size, group.n_train),
                                     group.n_train) from None  # fmt: skip
             self._finish_group(group)
+            self.state["done"].append(number)
+            self._write_state()
         return self._finish()
+
+    def _restore(self, g: _Group) -> None:
+        """Each model of group g from its models/mNNN checkpoints (last.npz: parameters,
+        optimizer state, running loss; best.npz: the best parameters), and the group's
+        step, diverged and stopped models from the state file."""
+        from .checkpoint import load_checkpoint
+
+        step = self.state["step"].get(str(g.number), 0)
+        params = g.backend.to_numpy(g.stack.flat_params).copy()
+        g.best_params = params.copy()
+        running = np.zeros(len(g.members))
+        steps = set()
+        for i, m in enumerate(g.members):
+            folder = model_dir(self.out_dir, m.index)
+            if str(m.index) in self.state["diverged"]:
+                g.diverged[i] = int(self.state["diverged"][str(m.index)])
+            g.stopped[i] = m.index in self.state["stopped"]
+            if not os.path.exists(os.path.join(folder, "last.npz")):
+                if g.diverged[i] is None and step > 0:
+                    raise CheckpointError(f"--resume {self.out_dir}: {folder} has no last.npz; the run cannot go on")
+                continue
+            meta, arrays = load_checkpoint(os.path.join(folder, "last.npz"))
+            params[i] = g.last_saved[i] = arrays["params"]
+            g.opt.load_state_dict({"steps": meta["optimizer_steps"],
+                                   **{k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}}, i)  # fmt: skip
+            g.best_value[i], g.best_step[i], g.bad_evals[i] = meta["best_value"], meta["best_step"], meta["bad_evals"]
+            running[i] = float(arrays.get("train.running_loss", 0.0))
+            if g.diverged[i] is None and not g.stopped[i]:
+                g.n_running = int(meta["running_steps"])
+                steps.add((int(meta["step"]), int(meta["optimizer_steps"])))
+            if os.path.exists(os.path.join(folder, "best.npz")):
+                g.best_params[i] = load_checkpoint(os.path.join(folder, "best.npz"))[1]["params"]
+        if len(steps) > 1:
+            raise CheckpointError(
+                f"--resume {self.out_dir}: the checkpoints of group {g.number + 1} are at different steps "
+                f"({sorted(s for s, _ in steps)}); continue its models one by one (--resume RUN/models/mNNN/last.npz)"
+            )
+        if steps:  # the models' own record wins over the state file (written after them)
+            step, g.opt.steps = steps.pop()
+        be = g.backend
+        g.stack.flat_params[...] = be.asarray(params, dtype=g.stack.dtype)
+        g.running[...] = be.asarray(running)
+        g.first_bad = be.asarray(np.array([-1 if d is None else d for d in g.diverged], dtype=np.int64))
+        g.start_step = g.final_step = step
 
     # ---- the loop
 
@@ -255,9 +353,10 @@ class SweepTrainer:
         t = g.cfg.train
         eval_every = t.eval_every or g.steps_per_epoch
         perm_cache: dict = {}
-        step = 0
-        frozen_dev = be.zeros(len(g.members), np.bool_)
-        bar = tqdm(total=g.total_steps, unit="step", dynamic_ncols=True, disable=self.quiet or not sys.stderr.isatty())
+        step = g.start_step
+        frozen_dev = be.asarray(g.stopped | np.array([d is not None for d in g.diverged]))
+        bar = tqdm(total=g.total_steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
         scope.enter_context(np.errstate(all="ignore"))
@@ -288,13 +387,15 @@ class SweepTrainer:
                     if frozen.all():
                         break
                 if interrupted():
+                    self._note_divergence(g, be.to_numpy(g.first_bad))  # a diverged model keeps its old checkpoint
                     params, running = be.to_numpy(stack.flat_params), be.to_numpy(g.running)
                     for i in range(len(g.members)):
                         if g.diverged[i] is None and not g.stopped[i]:
                             self._save(g, i, "last.npz", step, params, running=running)
+                    self._record(g, step)
                     raise Interrupted(
                         f"interrupted at step {step} of group {g.number + 1}; each model's last.npz is saved "
-                        f"under {os.path.join(self.out_dir, 'models')}",
+                        f"under {os.path.join(self.out_dir, 'models')}; continue the sweep with --resume {self.out_dir}",
                         step,
                         os.path.join(self.out_dir, "models"),
                     )
@@ -307,6 +408,7 @@ class SweepTrainer:
         be = g.backend
         epoch = (step - 1) // g.steps_per_epoch
         first_bad = be.to_numpy(g.first_bad)
+        self._note_divergence(g, first_bad)
         running = be.to_numpy(g.running) / max(g.n_running, 1)
         g.running[...] = 0.0
         g.n_running = 0
@@ -317,14 +419,6 @@ class SweepTrainer:
         rows = []
         for i, m in enumerate(g.members):
             if g.stopped[i] or g.diverged[i] is not None:
-                continue
-            if first_bad[i] >= 0:
-                g.diverged[i] = int(first_bad[i])
-                e, b = divmod(g.diverged[i], g.steps_per_epoch)
-                self.log(
-                    f"model {m.index} ({m.label()}) diverged: non-finite loss or gradient at step {g.diverged[i] + 1} "
-                    f"(epoch {e + 1}, batch {b + 1}); frozen, its last good checkpoint kept; the other models go on"
-                )
                 continue
             record = {"model": m.index, "group": g.number, "step": step, "epoch": epoch + 1, "lr": float(g.opt.lr[i]),
                       "train_loss": float(running[i])}  # fmt: skip
@@ -347,6 +441,27 @@ class SweepTrainer:
                 self.log(f"model {m.index}: early stopping at step {step}")
         with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
             f.writelines(rows)
+        self._record(g, step)
+
+    def _record(self, g: _Group, step: int) -> None:
+        """The group's checkpoints are at `step`: say so in the state file."""
+        self.state["step"][str(g.number)] = step
+        self.state["diverged"].update({str(m.index): d for m, d in zip(g.members, g.diverged) if d is not None})
+        self.state["stopped"] = sorted(
+            set(self.state["stopped"]) | {m.index for m, s in zip(g.members, g.stopped) if s}
+        )
+        self._write_state()
+
+    def _note_divergence(self, g: _Group, first_bad: np.ndarray) -> None:
+        """Mark and report the models whose first non-finite step is new."""
+        for i, m in enumerate(g.members):
+            if first_bad[i] >= 0 and g.diverged[i] is None and not g.stopped[i]:
+                g.diverged[i] = int(first_bad[i])
+                e, b = divmod(g.diverged[i], g.steps_per_epoch)
+                self.log(
+                    f"model {m.index} ({m.label()}) diverged: non-finite loss or gradient at step {g.diverged[i] + 1} "
+                    f"(epoch {e + 1}, batch {b + 1}); frozen, its last good checkpoint kept; the other models go on"
+                )
 
     def _save(self, g: _Group, i: int, name: str, step: int, params: np.ndarray, running=None) -> None:
         """Model i's checkpoint, as a single run with its config would write it; `running`:
@@ -371,15 +486,32 @@ class SweepTrainer:
             "class_names": run.class_names, "sweep": {"model": m.index, "values": m.values},
         }  # fmt: skip
         save_checkpoint(os.path.join(model_dir(self.out_dir, m.index), name), meta, arrays)
+        if name == "last.npz":
+            g.last_saved[i] = arrays["params"].copy()
 
     # ---- results
 
     def _finish_group(self, g: _Group) -> None:
+        """Rows of sweep.csv and each model's summary.json: final metrics (a diverged
+        model's from its last good checkpoint, none without one) and best ones."""
+        be = g.backend
+        current = be.to_numpy(g.stack.flat_params).copy()
+        final_params = current.copy()
+        for i, d in enumerate(g.diverged):
+            if d is not None and g.last_saved[i] is not None:
+                final_params[i] = g.last_saved[i]
+        g.stack.flat_params[...] = be.asarray(final_params, dtype=g.stack.dtype)
         final = {n: g.evaluate(n) for n in ("train", "val", "test")}
-        current = g.stack.flat_params.copy()
-        g.stack.flat_params[...] = g.backend.asarray(g.best_params, dtype=g.stack.dtype)
+        g.stack.flat_params[...] = be.asarray(g.best_params, dtype=g.stack.dtype)
         best = {n: g.evaluate(n) for n in ("train", "val", "test")}
-        g.stack.flat_params[...] = current
+        g.stack.flat_params[...] = be.asarray(current, dtype=g.stack.dtype)
+        for i in range(len(g.members)):
+            if g.diverged[i] is not None and g.last_saved[i] is None:  # no good checkpoint: nothing to report
+                for split in final:
+                    final[split][i] = {k: None for k in final[split][i]}
+            if g.best_step[i] is None:
+                for split in best:
+                    best[split][i] = {k: None for k in best[split][i]}
         metric = _monitor_name(g.cfg, g.data["val"] is not None)
         for i, m in enumerate(g.members):
             if g.diverged[i] is not None:

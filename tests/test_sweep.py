@@ -192,7 +192,7 @@ def test_cli_train_eval_predict_resume_with_sweep_checkpoints(tmp_path):
     )
     last = os.path.join(model_dir(run, 2), "last.npz")
     result = runner.invoke(main, ["train", "--config", path, "--resume", last, "--out", run])
-    assert result.exit_code == 2 and "--resume continues one model" in result.output
+    assert result.exit_code == 2 and "a model continues alone from RUN/models/mNNN/last.npz" in result.output
 
 
 def _small_sweep(tmp_path, table='[sweep]\n"optimizer.lr" = [0.02, 0.05, 1e6]\n"train.seed" = [0]\n'):
@@ -295,3 +295,59 @@ def test_ctrl_c_saves_every_model_and_exits_130(tmp_path, monkeypatch):
         return row
 
     assert first_row(str(tmp_path / "cont")) == first_row(single)
+
+
+def test_a_sweep_resumed_from_its_directory_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    import contextlib
+
+    import gpubp.sweep_trainer as ST
+
+    table = '[sweep]\n"optimizer.lr" = [0.05, 1e6, 0.01]\n"train.seed" = [0, 1]\n"model.hidden" = [[8], [12]]\n'
+    path = _config(tmp_path, table)
+    whole = str(tmp_path / "whole")
+    SweepTrainer(load_config(path), whole, device="cpu", quiet=True).train()
+    # the same sweep, stopped by Ctrl-C at step 120 of the second group (after a divergence in both)
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_120_of_group_2():
+        calls["n"] += 1
+        counter = {"step": 0}
+
+        def hit():
+            counter["step"] += 1
+            return calls["n"] == 2 and counter["step"] == 120
+
+        yield hit
+
+    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at_step_120_of_group_2)
+    run = str(tmp_path / "run")
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", "--config", path, "--out", run, "--quiet"])
+    assert r.exit_code == 130 and f"continue the sweep with --resume {run}" in r.output, r.output
+    monkeypatch.undo()
+    r = runner.invoke(main, ["train", "--resume", run, "--quiet"])
+    assert r.exit_code == 0, r.output
+    for m in load_config(path).sweep.members:
+        for name in ("last.npz", "best.npz"):
+            a, b = os.path.join(model_dir(run, m.index), name), os.path.join(model_dir(whole, m.index), name)
+            assert os.path.exists(a) == os.path.exists(b), (m.index, name)
+            if os.path.exists(b):
+                np.testing.assert_array_equal(_params(a), _params(b), err_msg=f"model {m.index} {name}")
+
+    def rows(folder):
+        out = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        return sorted(
+            ({k: v for k, v in r.items() if k != "elapsed_s"} for r in out),
+            key=lambda r: (r["group"], r["step"], r["model"]),
+        )
+
+    assert rows(run) == rows(whole)
+    assert open(os.path.join(run, "sweep.csv")).read() == open(os.path.join(whole, "sweep.csv")).read()
+    # refusals: another --out, a changed sweep, a folder that holds no sweep
+    r = runner.invoke(main, ["train", "--resume", run, "--out", str(tmp_path / "elsewhere")])
+    assert r.exit_code == 2 and "continues in its own directory" in r.output
+    r = runner.invoke(main, ["train", "--resume", run, "--set", "optimizer.name=adam"])
+    assert r.exit_code == 2 and "optimizer.name" in r.output
+    r = runner.invoke(main, ["train", "--resume", str(tmp_path)])
+    assert r.exit_code == 2, r.output
