@@ -14,6 +14,9 @@ not pay for importing NumPy.
 __version__ = "0.1.0"
 
 _LAZY = {
+    "MLPClassifier": ("estimators", "MLPClassifier"),
+    "MLPRegressor": ("estimators", "MLPRegressor"),
+    "load": ("estimators", "load"),
     "MLP": ("model", "MLP"),
     "SGD": ("optim", "SGD"),
     "Adam": ("optim", "Adam"),

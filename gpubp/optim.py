@@ -130,10 +130,14 @@ OPTIMIZER_CLASSES = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 def clip_scale(backend, flat_grads, max_norm: float):
     """(global norm, scale) as 0-d backend arrays, scale = min(1, max_norm / (norm + 1e-6)),
-    as torch.nn.utils.clip_grad_norm_ computes it. Nothing is read back to the host."""
-    xp = backend.xp
-    norm = xp.sqrt(backend.sum_squares(flat_grads))
-    return norm, xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(flat_grads.dtype)
+    as torch.nn.utils.clip_grad_norm_ computes it (backend.step_guard, which the trainer
+    calls with its divergence guard). Nothing is read back to the host."""
+    dtype = flat_grads.dtype
+    norm, scale = backend.zeros((), dtype), backend.zeros((), dtype)
+    first_bad, skip = backend.zeros((), np.int64), backend.zeros((), np.bool_)
+    zero = backend.zeros((), dtype)  # a finite loss: only the norm matters here
+    backend.step_guard(zero, backend.sum_squares(flat_grads), 0, max_norm, first_bad, skip, norm, scale)
+    return norm, scale
 
 
 def clip_grad_norm(model, max_norm: float) -> float:

@@ -46,7 +46,7 @@ from .errors import (
     UsageError,
 )
 from .model import MLP
-from .optim import OPTIMIZER_CLASSES, clip_scale, make_optimizer
+from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .schedules import lr_at
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
@@ -137,15 +137,16 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
 
 
 def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None,
-            checkpoint: tuple[dict, str] | None = None) -> Run:  # fmt: skip
+            checkpoint: tuple[dict, str] | None = None, dataset: D.Dataset | None = None) -> Run:  # fmt: skip
     """Backend, data (split, standardised, on the device) and a freshly initialised
     model. `standardizer` replaces the statistics fitted on the training split (a
     checkpoint's own, for eval); `checkpoint` (meta, path): the model stored there,
-    which must fit this data (a resumed run, eval)."""
+    which must fit this data (a resumed run, eval); `dataset`: data given in memory
+    (the estimators), used instead of cfg.data's loader."""
     backend, note = resolve_device(device)
     if note and log:
         log(note)
-    ds = load_dataset(cfg)
+    ds = load_dataset(cfg) if dataset is None else dataset
     d = cfg.data
     splits = D.split_dataset(ds, d.val_fraction, d.test_fraction, cfg.train.seed, d.stratify)
     if cfg.train.early_stopping_metric == "val_accuracy" and not ds.is_classification:
@@ -319,20 +320,21 @@ class FiniteGuard:
     to the host: the index of the first bad step (-1 while all is well) is a 0-d array
     on the device, read only when the host logs. From that step on `skip` is true and
     the fused update leaves parameters and optimizer state as they are, so a
-    checkpoint never gets NaN or inf."""
+    checkpoint never gets NaN or inf. The same launch computes the gradient norm and
+    the clipping scale (`norm`, `scale`); see numpy_ops.step_guard."""
 
-    def __init__(self, backend):
-        self.backend, self.xp = backend, backend.xp
+    def __init__(self, backend, dtype):
+        self.backend = backend
         self.first_bad = backend.zeros((), np.int64)
         self.first_bad[...] = -1
         self.skip = backend.zeros((), np.bool_)
+        self.norm = backend.zeros((), dtype)
+        self.scale = backend.zeros((), dtype)
 
-    def check(self, step: int, loss, grad_sq) -> None:
-        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d)."""
-        xp = self.xp
-        bad = ~(xp.isfinite(loss) & xp.isfinite(grad_sq))
-        self.first_bad = xp.where(bad & (self.first_bad < 0), step, self.first_bad)
-        self.skip = self.first_bad >= 0
+    def check(self, step: int, loss, grad_sq, max_norm: float) -> None:
+        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d);
+        max_norm > 0 clips the gradient to that global norm (through `scale`)."""
+        self.backend.step_guard(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
 
     def first_bad_step(self) -> int | None:
         """0-based index of the first non-finite step, or None (one read from the device)."""
@@ -366,8 +368,12 @@ def catch_sigint():
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str, device: str | None = None, quiet: bool = False,
-                 overwrite: bool = False, resume: str | None = None, log=None):  # fmt: skip
+    """The loop over one config. `out_dir` None trains in memory (see `train_in_memory`):
+    no run directory, no files; the evaluations collect in `history`."""
+
+    def __init__(self, cfg: Config, out_dir: str | None, device: str | None = None, quiet: bool = False,
+                 overwrite: bool = False, resume: str | None = None, log=None, dataset: D.Dataset | None = None,
+                 standardizer: D.Standardizer | None = None, warm_start: tuple | None = None):  # fmt: skip
         self.quiet = quiet
         self.log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
         self.resume_meta = None
@@ -379,7 +385,7 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = out_dir
         fits = (self.resume_meta, resume) if resume is not None else None
-        self.run = prepare(cfg, device or cfg.train.device, self.log, checkpoint=fits)
+        self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, fits, dataset)
         self.model = self.run.model
         o = cfg.optimizer
         self.opt = make_optimizer(self.model, o.name, o.lr, o.momentum, o.dampening, o.nesterov,
@@ -396,9 +402,15 @@ class Trainer:
         self.running_loss = self.run.backend.zeros((), np.float64)
         self.n_running = 0
         self.saved_step = None  # step of the last.npz this process wrote
-        self.guard = FiniteGuard(self.run.backend)
+        self.guard = FiniteGuard(self.run.backend, self.model.dtype)
+        self.history = []  # in memory: the evaluation records metrics.jsonl would hold
+        if warm_start is not None:  # (flat parameters, optimizer state_dict) to continue from
+            self.model.set_flat_params(warm_start[0])
+            self.opt.load_state_dict(warm_start[1])
         if resume is not None:
             self._restore(resume, resume_arrays)
+        if out_dir is None:
+            return
         if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
             for name in remove_temporaries(out_dir):
                 self.log(f"removed {name}, left in {out_dir} by an interrupted write")
@@ -456,10 +468,18 @@ class Trainer:
             "class_names": self.run.class_names,
         }
 
-    def save(self, name: str) -> None:
+    def checkpoint(self) -> tuple[dict, dict]:
+        """(meta, arrays) of the current state: what `save` writes."""
         arrays = checkpoint_arrays(self.run, self.opt)
-        arrays["train.running_loss"] = self.run.backend.to_numpy(self.running_loss)
-        save_checkpoint(os.path.join(self.out_dir, name), self._meta(), arrays)
+        arrays["params"] = np.array(arrays["params"])  # a copy: NumPy's to_numpy is a view of the live buffer
+        arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))
+        return self._meta(), arrays
+
+    def save(self, name: str) -> None:
+        if self.out_dir is None:  # in memory: no files
+            return
+        meta, arrays = self.checkpoint()
+        save_checkpoint(os.path.join(self.out_dir, name), meta, arrays)
         if name == "last.npz":
             self.saved_step = self.step
 
@@ -506,12 +526,8 @@ class Trainer:
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
                 loss = model.forward_backward(xb, yb)
-                if clip > 0:
-                    grad_norm, scale = clip_scale(be, model.flat_grads, clip)
-                else:  # its square: finite exactly when the norm is
-                    grad_norm, scale = be.sum_squares(model.flat_grads), 1.0
-                self.guard.check(self.step, loss, grad_norm)
-                opt.step(grad_scale=scale, skip=self.guard.skip)
+                self.guard.check(self.step, loss, be.sum_squares(model.flat_grads), clip)
+                opt.step(grad_scale=self.guard.scale, skip=self.guard.skip)
                 self.running_loss += loss
                 self.n_running += 1
                 self.step += 1
@@ -550,8 +566,10 @@ class Trainer:
         if bad is None:
             return
         epoch, batch = divmod(bad, self.steps_per_epoch)
-        last = os.path.join(self.out_dir, "last.npz")
-        if self.saved_step is not None:
+        last = os.path.join(self.out_dir or "", "last.npz")
+        if self.out_dir is None:
+            kept = "nothing was saved (in memory)"
+        elif self.saved_step is not None:
             kept = f"the last good checkpoint {last} (step {self.saved_step}) is kept"
         elif os.path.exists(last):
             kept = f"the last good checkpoint {last} is kept"
@@ -571,6 +589,8 @@ class Trainer:
     def _interrupt(self) -> Interrupted:
         """Ctrl-C came: save last.npz at the current step (if all is finite)."""
         self._check_finite()
+        if self.out_dir is None:
+            return Interrupted(f"interrupted at step {self.step}", self.step, None)
         self.save("last.npz")
         path = os.path.join(self.out_dir, "last.npz")
         return Interrupted(f"interrupted at step {self.step}; saved {path}", self.step, path)
@@ -583,8 +603,11 @@ class Trainer:
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.evaluate("val"))
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.out_dir is None:
+            self.history.append(record)
+        else:
+            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
         name, value, higher = self._monitor(record)
         improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
         if improved:
@@ -608,12 +631,28 @@ class Trainer:
                    "device": self.run.backend.describe(), "seconds": round(seconds, 3)}  # fmt: skip
         for split in ("train", "val", "test"):
             summary.update(self.evaluate(split))
+        if self.out_dir is None:
+            return summary
         atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _monitor_name(self) -> str:
         metric = self.cfg.train.early_stopping_metric
         return metric if self.run.splits["val"] is not None else "train_loss"
+
+
+def train_in_memory(cfg: Config, dataset: D.Dataset, device: str | None = None, log=None,
+                    standardizer: D.Standardizer | None = None, warm_start: tuple | None = None) -> Trainer:  # fmt: skip
+    """Arrays in, trained model out, no files: the scikit-learn estimators' entry point
+    (the same loop as `gpubp train`). `dataset` replaces cfg.data's loader (it is still
+    split by data.val_fraction / test_fraction); `standardizer` replaces the statistics
+    fitted on its training split; `warm_start` (flat parameters, optimizer state_dict)
+    continues an earlier model. Returns the Trainer, its `summary` set; `history` holds
+    the evaluation records and `checkpoint()` what a checkpoint file would."""
+    trainer = Trainer(cfg, None, device, quiet=log is None, log=log, dataset=dataset,
+                      standardizer=standardizer, warm_start=warm_start)  # fmt: skip
+    trainer.summary = trainer.train()
+    return trainer
 
 
 def _same_dir(a: str, b: str) -> bool:

@@ -51,6 +51,25 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
   }
 }
 
+// The verdict on one step, one thread (it replaces a dozen tiny array ops):
+// first_bad = step if it is -1 and loss or grad_sq is not finite; skip = first_bad >= 0;
+// norm = sqrt(grad_sq); scale = min(1, max_norm / (norm + 1e-6)) if max_norm > 0, else 1
+template <typename T>
+__device__ void step_guard(const T* loss, const T* grad_sq, long long step, T max_norm, long long* first_bad,
+                           bool* skip, T* norm, T* scale) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  if (first_bad[0] == -1 && !(isfinite(loss[0]) && isfinite(grad_sq[0]))) first_bad[0] = step;
+  skip[0] = first_bad[0] >= 0;
+  const T r = sqrt(grad_sq[0]);
+  norm[0] = r;
+  if (max_norm > T(0)) {
+    const T s = max_norm / (r + T(1e-6));
+    scale[0] = s < T(1) ? s : T(1);  // min(1, s); a NaN s gives 1, as Python's min (the step is skipped)
+  } else {
+    scale[0] = T(1);
+  }
+}
+
 #define OPTIM_KERNELS(T, S)                                                                                     \
   extern "C" __global__ void sgd_step_##S(T* p, const T* g, T* buf, long long n, T lr, T momentum,              \
                                            T one_minus_dampening, int nesterov, T weight_decay, int first_step, \
@@ -64,5 +83,9 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
                                             const bool* skip) {                                                 \
     adam_step<T>(p, g, m, v, n, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decoupled, decay,   \
                  step_size, bias2_sqrt, grad_scale, skip);                                                      \
+  }                                                                                                             \
+  extern "C" __global__ void step_guard_##S(const T* loss, const T* grad_sq, long long step, T max_norm,        \
+                                             long long* first_bad, bool* skip, T* norm, T* scale) {             \
+    step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
   }
 FOR_FLOAT_TYPES(OPTIM_KERNELS)

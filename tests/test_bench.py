@@ -46,6 +46,12 @@ def test_run_reports_every_figure():
     assert report["device_peak"]["float32"]["gemm_tflops"] > 0
     assert "skipped" in skipped["gpubp"]  # tf32 on a CPU
     assert "| t | float32 |" in B.markdown(report)
+    # per op: every op of an Adam step was seen, and ops + rest add up to the profiled pass
+    ops = g["ops_us"]
+    assert {"gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "adam_step"} <= set(ops)
+    assert all(v >= 0 for v in ops.values())
+    table = B.markdown(report).split("Where a step's time goes")[1]
+    assert "| t | float32 | " in table and "adam_step" in table
 
 
 def test_profile_restores_the_backend():

@@ -152,6 +152,24 @@ def test_sum_squares(gpu, dtype):
         close(gpu.to_float(gpu.sum_squares(gpu.asarray(g))), ref, dtype, what=f"sum_squares {total}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_guard(gpu, dtype):
+    """The fused guard/clip kernel against numpy_ops.step_guard, over a run of steps with
+    clipping on and off and a non-finite loss and gradient along the way."""
+    t = np.dtype(dtype).type
+    ref = [np.array(-1, np.int64), np.array(False), np.zeros((), dtype), np.zeros((), dtype)]
+    dev = [gpu.asarray(a) for a in ref]
+    for step, (loss, sq, max_norm) in enumerate(
+        [(0.5, 16.0, 2.0), (0.5, 1.0, 2.0), (0.5, 16.0, 0.0), (0.3, 1e30, 1.0), (np.nan, 4.0, 1.0), (1.0, np.inf, 1.0)]
+    ):
+        numpy_ops.step_guard(t(loss), t(sq), step, max_norm, *ref)
+        gpu.step_guard(gpu.asarray(np.array(loss, dtype)), gpu.asarray(np.array(sq, dtype)), step, max_norm, *dev)
+        got = [gpu.to_numpy(a) for a in dev]
+        assert got[0] == ref[0] and got[1] == ref[1], step
+        close(got[2], ref[2], dtype, what=f"norm at {step}")
+        close(got[3], ref[3], dtype, what=f"scale at {step}")
+
+
 def loss_data(rng, name, n, c, dtype):
     x = rng.normal(scale=3.0, size=(n, c)).astype(dtype)
     if name == "softmax_cross_entropy":

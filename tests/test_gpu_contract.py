@@ -147,3 +147,23 @@ def test_probe_names_the_missing_library(cupy_without_cublas):
             assert r.returncode == 0, r.stderr
             notes = [line for line in r.stderr.splitlines() if "using the CPU" in line]
             assert len(notes) == 1 and "cuBLAS" in notes[0], r.stderr
+
+
+def test_one_gpu_backend_per_process(monkeypatch):
+    """Every model and command of a process shares one CupyBackend (its kernels compiled
+    once, one cuBLAS handle): a stand-in counts how many get built."""
+    from gpubp import backend as B
+    from gpubp.backend import cupy_backend
+
+    built = []
+
+    class StandIn:
+        def __init__(self, device_id=0):
+            built.append(device_id)
+
+    monkeypatch.setattr(B, "_GPU", {})
+    monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cupy_backend, "CupyBackend", StandIn)
+    first = B.get_backend("gpu")
+    assert B.get_backend("gpu") is first and B.resolve_device("auto")[0] is first
+    assert built == [0]

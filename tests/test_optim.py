@@ -186,3 +186,23 @@ def test_a_step_leaves_the_gradients_alone(name, kw):
         before = model.flat_grads.copy()
         opt.step()
         assert np.array_equal(model.flat_grads, before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_guard_closed_form(dtype):
+    """numpy_ops.step_guard: the first non-finite step is kept, skip follows it, the norm
+    and torch's clipping factor min(1, max_norm / (norm + 1e-6)) come out of grad_sq."""
+    from gpubp.backend import numpy_ops
+
+    t = np.dtype(dtype).type
+    first_bad, skip = np.array(-1, np.int64), np.array(False)
+    norm, scale = np.zeros((), dtype), np.zeros((), dtype)
+    numpy_ops.step_guard(t(0.5), t(16.0), 3, 2.0, first_bad, skip, norm, scale)
+    assert (first_bad, bool(skip), norm, scale) == (-1, False, 4.0, t(2.0) / (t(4.0) + t(1e-6)))
+    numpy_ops.step_guard(t(0.5), t(1.0), 4, 2.0, first_bad, skip, norm, scale)
+    assert scale == 1.0 and norm == 1.0  # below max_norm: no clipping
+    numpy_ops.step_guard(t(0.5), t(16.0), 5, 0.0, first_bad, skip, norm, scale)
+    assert scale == 1.0  # max_norm 0: clipping off
+    for step, loss, sq in [(6, np.nan, 1.0), (7, 1.0, np.inf)]:  # the first bad step stays
+        numpy_ops.step_guard(t(loss), t(sq), step, 2.0, first_bad, skip, norm, scale)
+        assert first_bad == 6 and bool(skip)

@@ -32,6 +32,7 @@ class NumpyBackend:
     sgd_step = staticmethod(numpy_ops.sgd_step)
     adam_step = staticmethod(numpy_ops.adam_step)
     sum_squares = staticmethod(numpy_ops.sum_squares)
+    step_guard = staticmethod(numpy_ops.step_guard)
     gather_rows = staticmethod(numpy_ops.gather_rows)
     # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
     gemm_batched = staticmethod(numpy_stacked.gemm_batched)
@@ -105,6 +106,7 @@ class HostTimer:
 
 
 _CPU = NumpyBackend()
+_GPU: dict = {}  # device id -> its one CupyBackend (kernels compiled once, one cuBLAS handle, shared scratch)
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -128,11 +130,13 @@ def resolve_device(device: str):
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu":
         return _CPU, None
-    reason = gpu_unavailable_reason()
+    reason = gpu_unavailable_reason() if 0 not in _GPU else None
     if reason is None:
-        from .cupy_backend import CupyBackend
+        if 0 not in _GPU:
+            from .cupy_backend import CupyBackend
 
-        return CupyBackend(), None
+            _GPU[0] = CupyBackend(0)
+        return _GPU[0], None
     if device == "gpu":
         raise DeviceError(f"--device gpu: no usable GPU ({reason}); use --device cpu or auto")
     return _CPU, f"device auto: using the CPU ({reason})"

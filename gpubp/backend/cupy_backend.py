@@ -26,7 +26,7 @@ from ..losses import Loss
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum_partial",
-    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step",
+    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step", "step_guard",
 )  # fmt: skip
 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
@@ -463,6 +463,20 @@ class CupyBackend:
              np.int32(bool(decoupled)), t(1.0 - lr * weight_decay), t(step_size), t(bias2_sqrt),
              self._scale_array(grad_scale, dtype), self._skip_flag(skip)),
         )  # fmt: skip
+
+    def step_guard(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+        """The step's verdict in one launch; see numpy_ops.step_guard."""
+        dtype = norm.dtype
+        self._check("step_guard", dtype, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale)
+        self._check("step_guard", np.int64, first_bad=first_bad)
+        self._check("step_guard", np.bool_, skip=skip)
+        for name, a in (("loss", loss), ("grad_sq", grad_sq), ("first_bad", first_bad), ("skip", skip),
+                        ("norm", norm), ("scale", scale)):  # fmt: skip
+            if a.size != 1:
+                raise ValueError(f"step_guard: {name} must hold one value, has {a.size}")
+        self._function("step_guard", dtype)(
+            (1,), (32,), (loss, grad_sq, np.int64(step), dtype.type(max_norm), first_bad, skip, norm, scale)
+        )
 
     # ------------------------------------------------------------------ data
 

@@ -370,6 +370,24 @@ def sum_squares(g):
     return np.asarray(np.dot(g, g))
 
 
+def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+    """The verdict on one step before its update, all 0-d arrays, nothing read back:
+
+        first_bad = step            if first_bad == -1 and (loss or grad_sq is not finite)
+        skip      = first_bad >= 0  (the update leaves parameters and state as they are)
+        norm      = sqrt(grad_sq)   the global gradient 2-norm
+        scale     = min(1, max_norm / (norm + 1e-6)) if max_norm > 0 else 1
+                                    (torch.nn.utils.clip_grad_norm_'s factor)
+
+    loss, grad_sq, norm, scale: dtype T; first_bad: int64; skip: bool; step: int."""
+    t = norm.dtype.type
+    if first_bad == -1 and not (np.isfinite(loss) and np.isfinite(grad_sq)):
+        first_bad[...] = step
+    skip[...] = first_bad >= 0
+    norm[...] = np.sqrt(grad_sq.astype(norm.dtype))
+    scale[...] = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
+
+
 def gather_rows(src, idx, out):
     """out[i] = src[idx[i]]. src: (M, ...); idx: (N,) integers; out: (N, ...)."""
     np.take(src, idx, axis=0, out=out)
