@@ -115,7 +115,10 @@ def test_adamw_grid_with_residual_layers_float32_is_bitwise_the_single_runs(tmp_
 
 
 def test_a_diverging_member_is_frozen_and_reported_the_others_go_on(tmp_path):
-    path = _config(tmp_path, '[sweep]\nmode = "zip"\n"optimizer.lr" = [0.05, 1e6, 0.02]\n"train.seed" = [0, 0, 1]\n')
+    path = _config(
+        tmp_path,
+        '[sweep]\nmode = "zip"\n"optimizer.lr" = [0.05, 1e6, 0.02]\n"train.seed" = [0, 0, 1]\n"optimizer.clip_grad_norm" = [0.5, 0, 0]\n',
+    )
     cfg = load_config(path)
     run = str(tmp_path / "run")
     logs = []
@@ -128,7 +131,8 @@ def test_a_diverging_member_is_frozen_and_reported_the_others_go_on(tmp_path):
         Trainer(cfg.sweep.members[1].cfg, str(tmp_path / "single-1"), device="cpu", quiet=True).train()
     step = str(e.value).split("non-finite at step ")[1].split(" ")[0]
     assert any(
-        f"model 1 (optimizer.lr=1e+06 train.seed=0) diverged: non-finite loss or gradient at step {step} " in m
+        f"model 1 (optimizer.lr=1e+06 train.seed=0 optimizer.clip_grad_norm=0) diverged: non-finite loss or gradient at step {step} "
+        in m
         for m in logs
     )
     rows = {int(r["model"]): r for r in csv.DictReader(open(os.path.join(run, "sweep.csv")))}
