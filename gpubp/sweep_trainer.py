@@ -40,7 +40,7 @@ from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import dump_toml
 from .errors import CheckpointError, ConfigError, Interrupted, UsageError
 from .schedules import lr_at
-from .stack import MLPStack, clip_scale_batched, make_stack_optimizer
+from .stack import MLPStack, make_stack_optimizer
 from .sweep import Sweep, dump_sweep_toml
 from .trainer import catch_sigint, config_for_checkpoint, out_of_memory, prepare, prepare_out_dir
 
@@ -100,8 +100,10 @@ class _Group:
             self.stack, cfg.optimizer.name, [x.lr for x in o], [x.momentum for x in o], [x.dampening for x in o],
             cfg.optimizer.nesterov, [tuple(x.betas) for x in o], [x.eps for x in o], [x.weight_decay for x in o],
         )  # fmt: skip
-        clip = np.array([x.clip_grad_norm for x in o])
-        self.clip = be.asarray(clip, dtype=self.stack.dtype) if np.any(clip > 0) else None
+        self.max_norm = be.asarray(np.array([x.clip_grad_norm for x in o]), dtype=self.stack.dtype)  # 0: no clipping
+        self.skip = be.zeros(len(members), np.bool_)
+        self.norm = be.zeros(len(members), self.stack.dtype)
+        self.scale = be.zeros(len(members), self.stack.dtype)
         # the splits of every seed one after another: model i's rows start at seed_index[i] * n
         self.data = {}
         for name in ("train", "val", "test"):
@@ -349,7 +351,6 @@ class SweepTrainer:
         from tqdm import tqdm
 
         be, stack, opt = g.backend, g.stack, g.opt
-        xp = be.xp
         t = g.cfg.train
         eval_every = t.eval_every or g.steps_per_epoch
         perm_cache: dict = {}
@@ -368,14 +369,10 @@ class SweepTrainer:
                     opt.lr[i] = lr_at(step, m.cfg.optimizer.lr, s.name, g.total_steps, s.warmup_steps, s.step_size,
                                       s.gamma, s.min_lr)  # fmt: skip
                 loss = stack.forward_backward(xb, yb)
-                if g.clip is not None:
-                    norm, scale = clip_scale_batched(be, stack.flat_grads, g.clip)
-                else:
-                    norm, scale = be.sum_squares_batched(stack.flat_grads), None
-                bad = ~(xp.isfinite(loss) & xp.isfinite(norm))
-                g.first_bad = xp.where(bad & (g.first_bad < 0), step, g.first_bad)
-                skip = (g.first_bad >= 0) | frozen_dev
-                opt.step(grad_scale=scale, skip=skip)
+                # one launch: first non-finite step, skip flags, norms and clipping scales of all models
+                be.step_guard_batched(loss, be.sum_squares_batched(stack.flat_grads), step, g.max_norm, frozen_dev,
+                                      g.first_bad, g.skip, g.norm, g.scale)  # fmt: skip
+                opt.step(grad_scale=g.scale, skip=g.skip)
                 g.running += loss
                 g.n_running += 1
                 step += 1

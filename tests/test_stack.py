@@ -188,3 +188,24 @@ def test_updates_in_cache_sized_blocks_of_models_are_bitwise_the_same(monkeypatc
     monkeypatch.setattr(sops, "CACHE_BLOCK", 8)
     settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID]
     assert _train_pair([6, 8, 3], settings, opt, "softmax_cross_entropy", "float32", 10) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batched_step_guard_is_the_single_guard_per_model(dtype):
+    # losses and squared norms with a NaN, an inf and finite values; clipping on for some models
+    loss = np.array([0.5, np.nan, 2.0, 1.0, 3.0], dtype)
+    sq = np.array([4.0, 1.0, np.inf, 0.01, 1e6], dtype)
+    max_norm = np.array([1.0, 0.0, 1.0, 0.0, 0.5], dtype)
+    frozen = np.array([False, False, False, True, False])
+    first_bad = np.array([-1, -1, -1, -1, 2], np.int64)
+    skip, norm, scale = np.empty(5, bool), np.empty(5, dtype), np.empty(5, dtype)
+    sops.step_guard_batched(loss, sq, 7, max_norm, frozen, first_bad, skip, norm, scale)
+    for i in range(5):
+        fb, sk = np.array(-1 if i < 4 else 2, np.int64), np.zeros((), bool)
+        n1, s1 = np.zeros((), dtype), np.zeros((), dtype)
+        ops.step_guard(loss[i : i + 1].reshape(()), sq[i : i + 1].reshape(()), 7, float(max_norm[i]), fb, sk, n1, s1)
+        assert first_bad[i] == fb and skip[i] == (bool(sk) or frozen[i]), i
+        np.testing.assert_array_equal(norm[i], n1)
+        if not np.isnan(n1):  # a NaN norm: that step is skipped, its scale unused
+            assert scale[i] == s1, i
+    assert first_bad.tolist() == [-1, 7, 7, -1, 2] and skip.tolist() == [False, True, True, True, True]

@@ -41,6 +41,7 @@ class NumpyBackend:
     loss_forward_backward_batched = staticmethod(numpy_stacked.loss_forward_backward_batched)
     accuracy_count_batched = staticmethod(numpy_stacked.accuracy_count_batched)
     sum_squares_batched = staticmethod(numpy_stacked.sum_squares_batched)
+    step_guard_batched = staticmethod(numpy_stacked.step_guard_batched)
     sgd_step_batched = staticmethod(numpy_stacked.sgd_step_batched)
     adam_step_batched = staticmethod(numpy_stacked.adam_step_batched)
 

@@ -595,11 +595,28 @@ class CupyBackend:
         kernel = self._stacked_kernel("sumsq")
         return kernel(g, axis=1)
 
+    def step_guard_batched(self, loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+        """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
+        self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, np.int64(step), first_bad, skip, norm, scale)
+
     def _stacked_kernel(self, name: str):
         cache = self.__dict__.setdefault("_stacked", {})
         if name not in cache:
             cupy = self._cupy
-            if name == "sumsq":
+            if name == "guard":
+                cache[name] = cupy.ElementwiseKernel(
+                    "T loss, T sq, T max_norm, bool frozen, int64 step",
+                    "int64 first_bad, bool skip, T norm, T scale",
+                    """
+                    if (first_bad == -1 && !(isfinite(loss) && isfinite(sq))) first_bad = step;
+                    skip = first_bad >= 0 || frozen;
+                    norm = sqrt(sq);
+                    T s = max_norm / (norm + (T)1e-6);             // clip_grad_norm_'s factor
+                    scale = max_norm > 0 ? (s < (T)1 ? s : (T)1) : (T)1;
+                    """,
+                    "gpubp_step_guard_batched",
+                )
+            elif name == "sumsq":
                 cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")
             elif name == "sgd":
                 cache[name] = cupy.ElementwiseKernel(

@@ -134,6 +134,25 @@ def accuracy_count_batched(x, labels, threshold=0.0):
     return np.count_nonzero(pred == labels, axis=-1).astype(np.int64)
 
 
+def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+    """numpy_ops.step_guard for every model, all (M,) arrays, nothing read back:
+
+        first_bad_i = step          if first_bad_i == -1 and (loss_i or grad_sq_i is not finite)
+        skip_i      = first_bad_i >= 0 or frozen_i   (frozen: stopped early, or diverged before)
+        norm_i      = sqrt(grad_sq_i)
+        scale_i     = min(1, max_norm_i / (norm_i + 1e-6)) if max_norm_i > 0 else 1
+
+    loss, grad_sq, max_norm, norm, scale: dtype T; first_bad int64; frozen, skip bool."""
+    t = norm.dtype.type
+    bad = ~(np.isfinite(loss) & np.isfinite(grad_sq))
+    first_bad[...] = np.where((first_bad == -1) & bad, step, first_bad)
+    np.logical_or(first_bad >= 0, frozen, out=skip)
+    np.sqrt(grad_sq.astype(norm.dtype, copy=False), out=norm)
+    with np.errstate(all="ignore"):
+        clipped = np.minimum(t(1), max_norm / (norm + t(1e-6)))
+    scale[...] = np.where(max_norm > 0, clipped, t(1))
+
+
 def sum_squares_batched(g):
     """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares."""
     return np.array([np.dot(row, row) for row in g], dtype=g.dtype)
