@@ -359,10 +359,12 @@ class StackAdam(StackOptimizer):
         step_size = [lr[i] / (1.0 - b1[i] ** t) for i in range(len(lr))]
         bias2_sqrt = [math.sqrt(1.0 - b2[i] ** t) for i in range(len(lr))]
         lr_decay = [1.0 - lr[i] * wd[i] for i in range(len(lr))]
+        # the step's three vectors in one host-to-device copy: rows lr_decay, step_size, bias2_sqrt
+        vec = self.backend.asarray(np.array([lr_decay, step_size, bias2_sqrt])[..., None], dtype=self.stack.dtype)
         self.backend.adam_step_batched(
-            p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=self._vec(lr_decay),
+            p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=vec[0],
             one_minus_beta1=self._b1c, beta2=self._b2, one_minus_beta2=self._b2c, eps=self._eps, weight_decay=self._wd,
-            step_size=self._vec(step_size), bias2_sqrt=self._vec(bias2_sqrt), decoupled=self.decoupled,
+            step_size=vec[1], bias2_sqrt=vec[2], decoupled=self.decoupled,
             grad_scale=scale, skip=skip, decay_on=bool(np.any(self.weight_decay)),
         )  # fmt: skip
 
