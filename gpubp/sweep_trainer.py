@@ -38,11 +38,11 @@ import numpy as np
 from . import data as D
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import dump_toml
-from .errors import CheckpointError, ConfigError, Interrupted, UsageError
+from .errors import CheckpointError, ConfigError, DeviceRuntimeError, Interrupted, UsageError
 from .schedules import lr_at
 from .stack import MLPStack, make_stack_optimizer
 from .sweep import Sweep, dump_sweep_toml
-from .trainer import catch_sigint, config_for_checkpoint, out_of_memory, prepare, prepare_out_dir
+from .trainer import _bytes, catch_sigint, config_for_checkpoint, memory_estimate, prepare, prepare_out_dir
 
 STATE_FILE = "sweep_state.json"
 SWEEP_FILES = ("sweep.csv", "models", STATE_FILE)
@@ -279,7 +279,14 @@ class SweepTrainer:
     def _train(self) -> dict:
         groups = self.sweep.groups()
         for number, members in enumerate(groups):
-            group = _Group(number, members, self.device, self.log)
+            try:
+                group = _Group(number, members, self.device, self.log)
+            except MemoryError:
+                raise _stack_oom(members, None) from None
+            except Exception as e:  # CuPy's OutOfMemoryError, without importing CuPy here
+                if type(e).__name__ != "OutOfMemoryError":
+                    raise
+                raise _stack_oom(members, None) from None
             self.log(
                 f"group {number + 1}/{len(groups)}: {len(members)} models {group.stack.sizes} on "
                 f"{group.backend.describe()}, {group.total_steps} steps"
@@ -293,9 +300,7 @@ class SweepTrainer:
                 if number not in self.state["done"]:
                     self._train_group(group)
             except group.backend.out_of_memory_errors:
-                g = group.cfg
-                raise out_of_memory(group.backend, g, group.stack.sizes, min(g.train.batch_size, group.n_train),
-                                    group.n_train) from None  # fmt: skip
+                raise _stack_oom(members, group) from None
             self._finish_group(group)
             self.state["done"].append(number)
             self._write_state()
@@ -557,6 +562,26 @@ class SweepTrainer:
         atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         summary["table"] = format_results(rows, list(self.sweep.keys))
         return summary
+
+
+def _stack_oom(members: list, g) -> DeviceRuntimeError:
+    """Out of memory with a stack of M models: what they need together, and what to change."""
+    cfg, count = members[0].cfg, len(members)
+    fix = "train fewer models at once (split a swept list over two runs) or use a smaller train.batch_size"
+    if g is None:
+        return DeviceRuntimeError(
+            f"out of memory while setting up a stack of {count} models (model.hidden = {cfg.model.hidden}) "
+            f"and its data; {fix}"
+        )
+    rows = sum(p.n for p in g.data.values() if p is not None)
+    est = memory_estimate(cfg, g.stack.sizes, min(cfg.train.batch_size, g.n_train), rows, g.backend)
+    total = count * (est["params"] + est["batch"] + est["eval"]) + len(g.unique_seeds) * est["data"]
+    return DeviceRuntimeError(
+        f"out of memory on {g.backend.describe()} training {count} models {g.stack.sizes} as one stack with "
+        f"train.batch_size = {cfg.train.batch_size}: they need about {_bytes(total)} together "
+        f"({_bytes(count * est['params'])} for parameters, gradients and optimizer state, "
+        f"{_bytes(count * est['batch'])} for one batch's activations); {fix}"
+    )
 
 
 def _csv_value(v):

@@ -355,3 +355,17 @@ def test_a_sweep_resumed_from_its_directory_ends_as_an_uninterrupted_one(tmp_pat
     assert r.exit_code == 2 and "optimizer.name" in r.output
     r = runner.invoke(main, ["train", "--resume", str(tmp_path)])
     assert r.exit_code == 2, r.output
+
+
+def test_out_of_memory_names_the_stack_and_what_to_change(tmp_path, monkeypatch):
+    from gpubp.stack import MLPStack
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError
+
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [0.01, 0.05, 0.1]\n')
+    monkeypatch.setattr(MLPStack, "forward_backward", no_memory)
+    r = CliRunner().invoke(main, ["train", "--config", path, "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "out of memory on cpu" in r.output and "training 3 models [64, 16, 10] as one stack" in r.output
+    assert "train fewer models at once" in r.output and "Traceback" not in r.output
