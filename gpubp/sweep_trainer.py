@@ -27,7 +27,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,14 +34,13 @@ import time
 
 import numpy as np
 
-from . import data as D
 from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
 from .config import dump_toml
-from .errors import CheckpointError, ConfigError, DeviceRuntimeError, Interrupted, UsageError
+from .errors import CheckpointError, DeviceRuntimeError, Interrupted, UsageError
 from .schedules import lr_at
-from .stack import MLPStack, make_stack_optimizer
 from .sweep import Sweep, dump_sweep_toml
-from .trainer import _bytes, catch_sigint, config_for_checkpoint, memory_estimate, prepare, prepare_out_dir
+from .sweep_group import Group
+from .trainer import _bytes, catch_sigint, config_for_checkpoint, memory_estimate, prepare_out_dir
 
 STATE_FILE = "sweep_state.json"
 SWEEP_FILES = ("sweep.csv", "models", STATE_FILE)
@@ -65,158 +63,6 @@ def read_state(run_dir: str) -> dict:
 
 def model_dir(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, "models", f"m{index:03d}")
-
-
-class _Group:
-    """One stack: its members, data on the device, model, optimizer and per-model records."""
-
-    def __init__(self, number: int, members: list, device: str, log):
-        self.number = number
-        self.members = members
-        cfg = members[0].cfg  # every key but the batched ones is the same in a group
-        self.cfg = cfg
-        seeds = [m.cfg.train.seed for m in members]
-        self.unique_seeds = list(dict.fromkeys(seeds))
-        self.seed_index = np.array([self.unique_seeds.index(s) for s in seeds])
-        first = {s: next(m for m in members if m.cfg.train.seed == s) for s in self.unique_seeds}
-        self.runs = [prepare(first[s].cfg, device, log if k == 0 else None) for k, s in enumerate(self.unique_seeds)]
-        run = self.runs[0]
-        self.backend = be = run.backend
-        self.n_train = run.splits["train"].n
-        for s, r in zip(self.unique_seeds, self.runs):
-            if r.splits["train"].n != self.n_train:
-                raise ConfigError(
-                    f"{cfg.source}: train.seed {s} gives a training split of {r.splits['train'].n} rows, "
-                    f"seed {self.unique_seeds[0]} one of {self.n_train}; sweep seeds of equal split sizes"
-                )
-        m, sizes = cfg.model, run.model.sizes
-        self.stack = MLPStack(
-            sizes, len(members), m.activation, m.output_activation, cfg.loss.name, dtype=m.dtype, seed=seeds,
-            init=[x.cfg.model.init for x in members], leaky_relu_slope=m.leaky_relu_slope,
-            label_smoothing=cfg.loss.label_smoothing, huber_delta=cfg.loss.huber_delta, residual=m.residual, backend=be,
-        )  # fmt: skip
-        o = [x.cfg.optimizer for x in members]
-        self.opt = make_stack_optimizer(
-            self.stack, cfg.optimizer.name, [x.lr for x in o], [x.momentum for x in o], [x.dampening for x in o],
-            cfg.optimizer.nesterov, [tuple(x.betas) for x in o], [x.eps for x in o], [x.weight_decay for x in o],
-        )  # fmt: skip
-        self.max_norm = be.asarray(np.array([x.clip_grad_norm for x in o]), dtype=self.stack.dtype)  # 0: no clipping
-        self.skip = be.zeros(len(members), np.bool_)
-        self.norm = be.zeros(len(members), self.stack.dtype)
-        self.scale = be.zeros(len(members), self.stack.dtype)
-        # the splits of every seed one after another: model i's rows start at seed_index[i] * n
-        self.data = {}
-        for name in ("train", "val", "test"):
-            parts = [r.splits[name] for r in self.runs]
-            if parts[0] is None:
-                self.data[name] = None
-            elif len(parts) == 1:
-                self.data[name] = parts[0]
-            else:
-                self.data[name] = _Concat(be, parts)
-        t = cfg.train
-        self.steps_per_epoch = math.ceil(self.n_train / t.batch_size)
-        self.total_steps = t.steps if t.steps > 0 else t.epochs * self.steps_per_epoch
-        count = len(members)
-        self.running = be.zeros(count, np.float64)
-        self.n_running = 0
-        self.first_bad = be.zeros(count, np.int64) - 1
-        self.best_value = [None] * count
-        self.best_step = [None] * count
-        self.bad_evals = [0] * count
-        self.stopped = np.zeros(count, bool)  # early stopping
-        self.diverged = [None] * count  # 0-based step of the first non-finite step
-        self.saved_step = [None] * count
-        self.last_saved = [None] * count  # host parameters of each model's last.npz
-        self.best_params = None
-        self.start_step = 0
-        self.final_step = 0
-        self.model_cfg = [self.stack.member(i).config_dict() if i == 0 else None for i in range(count)]
-        for i in range(1, count):
-            self.model_cfg[i] = dict(self.model_cfg[0], seed=self.stack.seeds[i], init=self.stack.inits[i])
-
-    # ---- batches
-
-    def batch(self, step: int, perm_cache: dict):
-        """(x, y) of step `step` for every model: shared (B, F) when one seed, else (M, B, F)."""
-        t = self.cfg.train
-        epoch, b = divmod(step, self.steps_per_epoch)
-        if perm_cache.get("epoch") != epoch:
-            perms = np.stack([D.epoch_permutation(s, epoch, self.n_train) for s in self.unique_seeds])
-            if len(self.unique_seeds) > 1:
-                perms = perms[self.seed_index] + (self.seed_index * self.n_train)[:, None]  # (M, n) rows of _Concat
-            perm_cache.update(epoch=epoch, perms=self.backend.asarray(perms))
-        idx = perm_cache["perms"][:, b * t.batch_size : (b + 1) * t.batch_size]
-        train = self.data["train"]
-        if len(self.unique_seeds) == 1:
-            idx = idx[0]
-            return self._gather(train.x, idx, "x"), self._gather(train.target, idx, "y")
-        flat = self.backend.asarray(idx.reshape(-1))
-        rows = idx.shape
-        x = self._gather(train.x, flat, "x").reshape(*rows, -1)
-        y = self._gather(train.target, flat, "y")
-        return x, y.reshape(*rows, *y.shape[1:])
-
-    def _gather(self, src, idx, name):
-        key = (name, idx.shape[0])
-        cache = self.__dict__.setdefault("_buffers", {})
-        if key not in cache:
-            cache[key] = self.backend.empty((idx.shape[0], *src.shape[1:]), src.dtype)
-        return self.backend.gather_rows(src, idx, cache[key])
-
-    # ---- evaluation
-
-    def evaluate(self, name: str) -> list[dict]:
-        """Per model {name_loss, name_accuracy} over its own split `name`."""
-        part = self.data.get(name)
-        if part is None:
-            return [{} for _ in self.members]
-        bs = self.cfg.train.eval_batch_size
-        if len(self.unique_seeds) == 1:
-            loss, correct = self.stack.evaluate(part.x, part.target, part.labels, bs)
-        else:
-            loss, correct = part.evaluate(self.stack, self.seed_index, bs)
-        out = []
-        for i in range(len(self.members)):
-            row = {f"{name}_loss": float(loss[i])}
-            if correct is not None:
-                row[f"{name}_accuracy"] = int(correct[i]) / part.n
-            out.append(row)
-        return out
-
-
-class _Concat:
-    """The same split of several seeds, concatenated: rows of seed k at k*n .. (k+1)*n."""
-
-    def __init__(self, be, parts):
-        xp = be.xp
-        self.backend = be
-        self.n = parts[0].n
-        self.x = xp.concatenate([p.x for p in parts])
-        self.target = xp.concatenate([p.target for p in parts])
-        self.labels = xp.concatenate([p.labels for p in parts]) if parts[0].labels is not None else None
-
-    def evaluate(self, stack: MLPStack, seed_index, batch_size: int):
-        """As MLPStack.evaluate, model i reading its seed's rows (one gather per chunk)."""
-        be = self.backend
-        total = np.zeros(stack.count)
-        correct = np.zeros(stack.count, dtype=np.int64) if self.labels is not None else None
-        for start in range(0, self.n, batch_size):
-            stop = min(self.n, start + batch_size)
-            rows = (seed_index * self.n)[:, None] + np.arange(start, stop)[None, :]  # (M, rows)
-            idx = be.asarray(rows.reshape(-1))
-            x = be.gather_rows(self.x, idx, be.empty((idx.shape[0], self.x.shape[1]), self.x.dtype))
-            x = x.reshape(stack.count, stop - start, -1)
-            y = be.gather_rows(self.target, idx, be.empty((idx.shape[0], *self.target.shape[1:]), self.target.dtype))
-            y = y.reshape(stack.count, stop - start, *self.target.shape[1:])
-            out = stack._forward(x, stack._workspace(stop - start))
-            value = be.to_numpy(be.loss_forward_backward_batched(out, y, stack.loss, grad=None))
-            total += value.astype(np.float64) * (stop - start)
-            if correct is not None:
-                labels = be.gather_rows(self.labels, idx, be.empty(idx.shape[0], self.labels.dtype))
-                labels = labels.reshape(stack.count, stop - start)
-                correct += be.to_numpy(be.accuracy_count_batched(out, labels, stack.decision_threshold))
-        return total / max(self.n, 1), correct
 
 
 class SweepTrainer:
@@ -280,7 +126,7 @@ class SweepTrainer:
         groups = self.sweep.groups()
         for number, members in enumerate(groups):
             try:
-                group = _Group(number, members, self.device, self.log)
+                group = Group(number, members, self.device, self.log)
             except MemoryError:
                 raise _stack_oom(members, None) from None
             except Exception as e:  # CuPy's OutOfMemoryError, without importing CuPy here
@@ -306,7 +152,7 @@ class SweepTrainer:
             self._write_state()
         return self._finish()
 
-    def _restore(self, g: _Group) -> None:
+    def _restore(self, g: Group) -> None:
         """Each model of group g from its models/mNNN checkpoints (last.npz: parameters,
         optimizer state, running loss; best.npz: the best parameters), and the group's
         step, diverged and stopped models from the state file."""
@@ -352,7 +198,7 @@ class SweepTrainer:
 
     # ---- the loop
 
-    def _train_group(self, g: _Group) -> None:
+    def _train_group(self, g: Group) -> None:
         from tqdm import tqdm
 
         be, stack, opt = g.backend, g.stack, g.opt
@@ -406,7 +252,7 @@ class SweepTrainer:
             bar.close()
         g.final_step = step
 
-    def _log_eval(self, g: _Group, step: int) -> None:
+    def _log_eval(self, g: Group, step: int) -> None:
         be = g.backend
         epoch = (step - 1) // g.steps_per_epoch
         first_bad = be.to_numpy(g.first_bad)
@@ -445,7 +291,7 @@ class SweepTrainer:
             f.writelines(rows)
         self._record(g, step)
 
-    def _record(self, g: _Group, step: int) -> None:
+    def _record(self, g: Group, step: int) -> None:
         """The group's checkpoints are at `step`: say so in the state file."""
         self.state["step"][str(g.number)] = step
         self.state["diverged"].update({str(m.index): d for m, d in zip(g.members, g.diverged) if d is not None})
@@ -454,7 +300,7 @@ class SweepTrainer:
         )
         self._write_state()
 
-    def _note_divergence(self, g: _Group, first_bad: np.ndarray) -> None:
+    def _note_divergence(self, g: Group, first_bad: np.ndarray) -> None:
         """Mark and report the models whose first non-finite step is new."""
         for i, m in enumerate(g.members):
             if first_bad[i] >= 0 and g.diverged[i] is None and not g.stopped[i]:
@@ -465,7 +311,7 @@ class SweepTrainer:
                     f"(epoch {e + 1}, batch {b + 1}); frozen, its last good checkpoint kept; the other models go on"
                 )
 
-    def _save(self, g: _Group, i: int, name: str, step: int, params: np.ndarray, running=None) -> None:
+    def _save(self, g: Group, i: int, name: str, step: int, params: np.ndarray, running=None) -> None:
         """Model i's checkpoint, as a single run with its config would write it; `running`:
         the training losses summed since the last evaluation (M,), when saved between two."""
         m = g.members[i]
@@ -493,7 +339,7 @@ class SweepTrainer:
 
     # ---- results
 
-    def _finish_group(self, g: _Group) -> None:
+    def _finish_group(self, g: Group) -> None:
         """Rows of sweep.csv and each model's summary.json: final metrics (a diverged
         model's from its last good checkpoint, none without one) and best ones."""
         be = g.backend
