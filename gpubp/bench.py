@@ -382,34 +382,38 @@ def versions() -> dict:
     return out
 
 
-def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print) -> dict:
+def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print,
+        progress=None) -> dict:  # fmt: skip
+    """Measure every case and precision; log(row) for the table, progress(line) before each measurement."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
         log(reason)
     results, peaks = [], {}
-    for case in cases:
-        for precision in case.dtypes:
-            if precision not in peaks:
-                peaks[precision] = device_peak(backend, precision)
-            row = {"case": case.name, "precision": precision, "batch": case.batch, "sizes": case.sizes,
-                   "flops_per_step": case.flops_per_step}  # fmt: skip
-            row["gpubp"] = bench_gpubp(case, backend, precision)
-            for key, compiled in (("torch_eager", False), ("torch_compile", True)):
-                if reason:
-                    row[key] = {"skipped": reason}
-                elif compiled and not with_compile:
-                    row[key] = {"skipped": "--no-compile"}
-                else:
-                    row[key] = bench_torch(case, device, precision, compiled)
-            ours = row["gpubp"].get("ms_per_step")
-            for key in ("torch_eager", "torch_compile"):
-                theirs = row[key].get("ms_per_step")
-                row[f"speedup_vs_{key}"] = theirs / ours if ours and theirs else None
-            peak = peaks[precision].get("gemm_tflops")
-            row["share_of_gemm_peak"] = row["gpubp"]["tflops"] / peak if peak and ours else None
-            results.append(row)
-            log(format_row(row))
+    todo = [(case, precision) for case in cases for precision in case.dtypes]
+    for i, (case, precision) in enumerate(todo, start=1):
+        if progress is not None:
+            progress(f"[{i}/{len(todo)}] {case.name} {precision}: measuring")
+        if precision not in peaks:
+            peaks[precision] = device_peak(backend, precision)
+        row = {"case": case.name, "precision": precision, "batch": case.batch, "sizes": case.sizes,
+               "flops_per_step": case.flops_per_step}  # fmt: skip
+        row["gpubp"] = bench_gpubp(case, backend, precision)
+        for key, compiled in (("torch_eager", False), ("torch_compile", True)):
+            if reason:
+                row[key] = {"skipped": reason}
+            elif compiled and not with_compile:
+                row[key] = {"skipped": "--no-compile"}
+            else:
+                row[key] = bench_torch(case, device, precision, compiled)
+        ours = row["gpubp"].get("ms_per_step")
+        for key in ("torch_eager", "torch_compile"):
+            theirs = row[key].get("ms_per_step")
+            row[f"speedup_vs_{key}"] = theirs / ours if ours and theirs else None
+        peak = peaks[precision].get("gemm_tflops")
+        row["share_of_gemm_peak"] = row["gpubp"]["tflops"] / peak if peak and ours else None
+        results.append(row)
+        log(format_row(row))
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": backend.describe(),

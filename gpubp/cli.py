@@ -162,7 +162,9 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
         raise Interrupted(
             f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
         ) from None
-    click.echo(json.dumps(summary, indent=2))
+    from .metrics import to_json
+
+    click.echo(to_json(summary))
 
 
 def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
@@ -225,6 +227,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     from .backend import resolve_device
     from .checkpoint import load_checkpoint
     from .data import Standardizer
+    from .targets import TargetScaler
     from .trainer import build_model, config_from_checkpoint, prepare, restore_params
 
     meta, arrays = load_checkpoint(checkpoint)
@@ -232,7 +235,7 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"))
     if with_data:
         run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
-                      checkpoint=(meta, checkpoint))  # fmt: skip
+                      checkpoint=(meta, checkpoint), target_scaler=TargetScaler.from_arrays(arrays))  # fmt: skip
         model = run.model
     else:
         backend, note = resolve_device(device)
@@ -254,7 +257,10 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 )
 @handle_errors
 def eval_cmd(checkpoint, split, device, ensemble):
-    """Loss and accuracy of a checkpoint on its dataset's splits (JSON)."""
+    """Metrics of a checkpoint on its dataset's splits (JSON; per-class tables on stderr):
+    loss, accuracy, per-class precision/recall/F1 and the confusion matrix for classes;
+    loss, R2, RMSE and MAE (in the targets' units) for regression. With --ensemble, a
+    sweep run's averaged prediction beside each of its models."""
     if ensemble:
         from . import ensemble as E
 
@@ -265,6 +271,7 @@ def eval_cmd(checkpoint, split, device, ensemble):
         click.echo(json.dumps(results, indent=2))
         return
     meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
+    from .metrics import format_classification, to_json
     from .trainer import evaluate_split
 
     results = {"checkpoint": checkpoint, "step": meta["step"]}
@@ -273,8 +280,11 @@ def eval_cmd(checkpoint, split, device, ensemble):
             if split != "all":
                 raise UsageError(f"--split {name}: this run has no {name} split (its data.{name}_fraction is 0)")
             continue
-        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size))
-    click.echo(json.dumps(results, indent=2))
+        results.update(evaluate_split(model, run.splits[name], name, cfg.train.eval_batch_size,
+                                      getattr(run.data, name), run.target_scaler, report=True))  # fmt: skip
+        if f"{name}_report" in results:
+            click.echo(format_classification(results[f"{name}_report"], name), err=True)
+    click.echo(to_json(results))
 
 
 def _has_split(members, name: str) -> bool:
@@ -370,6 +380,11 @@ def predict(checkpoint, input_path, output_path, device, overwrite, ensemble):
         xd = model.backend.asarray(std(x), dtype=model.dtype)
         chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
         out = np.concatenate(chunks).astype(np.float64)
+        if meta["n_classes"] is None:  # regression: outputs back in the targets' own units
+            from .checkpoint import load_checkpoint
+            from .targets import TargetScaler, user_outputs
+
+            out = user_outputs(out, cfg.loss.name, False, TargetScaler.from_arrays(load_checkpoint(checkpoint)[1]))
         threshold = model.decision_threshold
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=out)
@@ -421,7 +436,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         click.echo(note, err=True)
     click.echo(f"gpubp bench on {backend.describe()}", err=True)
     click.echo(B.HEADER)
-    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo)
+    report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
+                   progress=lambda m: click.echo(m, err=True))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:
         click.echo(summary)
@@ -483,16 +499,40 @@ def config_show(path, overrides):
 @main.command()
 @click.argument("run_dir", type=str)
 @click.option("--output", type=str, default=None, help="PNG file (default: RUN_DIR/curves.png).")
+@click.option("--overwrite", is_flag=True, help="Replace the PNG if it exists.")
 @handle_errors
-def plot(run_dir, output):
-    """Loss and accuracy curves of a run (metrics.jsonl) as a PNG."""
+def plot(run_dir, output, overwrite):
+    """A run's curves (loss; accuracy, or R2 and RMSE/MAE) and its confusion matrix, as a PNG."""
     from .plotting import plot_run
 
-    path = plot_run(run_dir, output)
+    path = plot_run(run_dir, output, overwrite)
     click.echo(f"wrote {path}", err=True)
 
 
 # --------------------------------------------------------------------------- gradcheck / jacobian
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, unit: str):
+    """Yields progress(n): a tqdm bar on a terminal; otherwise a line every 10 seconds
+    (none for a check that ends sooner)."""
+    import time
+
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        with tqdm(total=total, unit=unit[:-1], dynamic_ncols=True, leave=False) as bar:
+            yield bar.update
+        return
+    state = {"done": 0, "last": time.monotonic()}
+
+    def progress(n: int) -> None:
+        state["done"] += n
+        if time.monotonic() - state["last"] >= 10.0:
+            state["last"] = time.monotonic()
+            click.echo(f"{state['done']}/{total} {unit} done", err=True)
+
+    yield progress
 
 
 @main.command()
@@ -530,7 +570,8 @@ def gradcheck(config_path, device, samples, tol, overrides):
     click.echo(f"gradcheck {config_path}: model {model.sizes}{' residual' if model.residual else ''}, "
                f"float64 on {be.describe()}, {len(rows)} training samples ({clear}), "
                f"{model.n_params} parameters, {4 * model.n_params} loss evaluations, error floor {floor:.2g}")  # fmt: skip
-    reports = check_model(model, x[rows], y[rows], floor=floor)
+    with _progress_bar(model.n_params, "parameters") as progress:
+        reports = check_model(model, x[rows], y[rows], floor=floor, progress=progress)
     click.echo(f"{'layer':>5}  {'W shape':>12}  {'W max rel err':>13}  {'b max rel err':>13}")
     for r in reports:
         W = model.params[2 * (r.layer - 1)]

@@ -56,11 +56,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "task": _f(
             "str",
             "auto",
-            "auto: integer targets are classes, others are regression values",
+            "auto: text labels, and whole numbers with few distinct values (at most max(2, min(50, rows/10)), "
+            "or exactly 0..K-1), are classes; other targets are regression values",
             ("auto", "classification", "regression"),
         ),  # fmt: skip
         "val_fraction": _f(
-            "float", 0.0, "share of the samples held out for validation", min=0.0, max=1.0, max_exclusive=True
+            "float",
+            0.1,
+            "share held out for validation (early stopping, best.npz); 0 trains on it too",
+            min=0.0,
+            max=1.0,
+            max_exclusive=True,
         ),
         "test_fraction": _f(
             "float",
@@ -72,6 +78,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         ),  # fmt: skip
         "stratify": _f("bool", True, "split each class in the same proportions"),
         "standardize": _f("bool", True, "scale features to mean 0, std 1 with training-split statistics"),
+        "standardize_targets": _f(
+            "bool", True, "regression with mse/huber: fit (y - mean) / std of the training split; results in y's units"
+        ),
         "n_samples": _f("int", 1500, "spirals, regression: number of samples", min=1),
         "n_classes": _f("int", 3, "spirals: number of arms", min=2),
         "n_features": _f("int", 2, "regression: input dimension", min=1),
@@ -89,7 +98,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dtype": _f("str", "float32", "parameter and compute precision", DTYPES),
     },
     "loss": {
-        "name": _f("str", "softmax_cross_entropy", "the loss (as PyTorch's functional, mean reduction)", LOSSES),
+        "name": _f(
+            "str",
+            "auto",
+            "the loss (as PyTorch's functional, mean reduction); auto: softmax_cross_entropy for classes, mse for values",
+            ("auto", *LOSSES),
+        ),
         "label_smoothing": _f("float", 0.0, "softmax_cross_entropy: label smoothing", min=0.0, max=1.0),
         "huber_delta": _f("float", 1.0, "huber: where the loss turns linear", min=0.0, min_exclusive=True),
     },
@@ -114,11 +128,23 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "min_lr": _f("float", 0.0, "cosine: final learning rate", min=0.0),
     },
     "train": {
-        "epochs": _f("int", 20, "passes over the training split", min=1),
+        "epochs": _f("int", 200, "passes over the training split (at most: early stopping may end sooner)", min=1),
         "steps": _f("int", 0, "train for this many steps instead of epochs; 0 uses epochs", min=0),
         "batch_size": _f("int", 64, "samples per step (the last batch of an epoch may be smaller)", min=1),
-        "eval_every": _f("int", 0, "evaluate, log and checkpoint every N steps; 0 at the end of each epoch", min=0),
-        "early_stopping_patience": _f("int", 0, "stop after this many evaluations without improvement; 0 never", min=0),
+        "eval_every": _f(
+            "int",
+            0,
+            "evaluate and log every N steps; 0: at the end of each epoch, or of every k-th epoch when an epoch "
+            "has fewer than 10 steps (k = ceil(10 / steps per epoch), so that evaluating costs little)",
+            min=0,
+        ),
+        "early_stopping_patience": _f(
+            "int", 10, "stop after this many evaluations without a better validation metric; 0 never", min=0
+        ),
+        "restore_best": _f("bool", True, "end with the weights of best.npz (best validation metric), as Keras does"),
+        "checkpoint_every_s": _f(
+            "float", 30.0, "write last.npz/best.npz at most this often (and at the end); 0 at every evaluation", min=0.0
+        ),
         "early_stopping_metric": _f(
             "str", "val_loss", "what 'improvement' means (best checkpoint too)", ("val_loss", "val_accuracy")
         ),  # fmt: skip
@@ -240,7 +266,7 @@ def _coerce(where: str, f: Field, value):
     raise AssertionError(kind)
 
 
-def _cross_checks(cfg: Config, source: str) -> None:
+def _cross_checks(cfg: Config, source: str, raw: dict) -> None:
     """Rules that involve more than one key."""
     o, d, t = cfg.optimizer, cfg.data, cfg.train
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0 or o.dampening != 0):
@@ -252,7 +278,7 @@ def _cross_checks(cfg: Config, source: str) -> None:
         )
     if d.dataset in ("mnist", "npz", "csv") and not d.path:
         raise ConfigError(f"{source}: data.dataset = {d.dataset!r} needs data.path (the file or folder to read)")
-    if t.early_stopping_patience > 0 and d.val_fraction == 0:
+    if t.early_stopping_patience > 0 and d.val_fraction == 0 and "early_stopping_patience" in raw.get("train", {}):
         raise ConfigError(
             f"{source}: train.early_stopping_patience needs a validation split; set data.val_fraction > 0"
         )
@@ -290,7 +316,7 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
             for key, f in fields.items()
         }
     cfg = Config(sections, source, base_dir)
-    _cross_checks(cfg, source)
+    _cross_checks(cfg, source, raw)
     if "sweep" in raw:
         from .sweep import expand
 

@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 
 from .errors import DataError
+from .targets import auto_is_classification
 
 DATASETS = ("digits", "mnist", "npz", "csv", "spirals", "regression")
 MAX_LABEL = 2**31 - 1  # class labels go to the device as int32
@@ -71,8 +72,8 @@ def check_arrays(x, y, where: str, classification: bool | None) -> tuple[np.ndar
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(f"{where}: feature {col} of sample {row} is {x[row, col]}; remove or impute non-finite values")
-    if classification is None:
-        classification = np.issubdtype(y.dtype, np.integer) or y.dtype == bool
+    if classification is None:  # data.task = "auto": the rule of gpubp/targets.py
+        classification = auto_is_classification(y)
     if classification:
         if y.ndim != 1:
             y = y.reshape(y.shape[0], -1)
@@ -224,6 +225,7 @@ def load_npz(path: str, classification: bool | None) -> Dataset:
         return Dataset(x, y, n_classes, os.path.basename(path))
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         x, y, n_classes = check_arrays(arrays["x_train"], arrays["y_train"], path + " (train)", classification)
+        classification = n_classes is not None  # the test part follows the training part's task
         xt, yt, nt = check_arrays(arrays["x_test"], arrays["y_test"], path + " (test)", classification)
         if xt.shape[1] != x.shape[1]:
             raise DataError(f"{path}: x_test has {xt.shape[1]} features but x_train has {x.shape[1]}")
@@ -275,9 +277,7 @@ def load_csv(path: str, label_column: str, classification: bool | None) -> Datas
         labels.append(cell)
     class_names: list = []
     try:
-        y = np.array([float(v) for v in labels])
-        if classification is None:
-            classification = bool(np.all(y == np.round(y)))  # whole numbers: class labels
+        y = np.array([float(v) for v in labels])  # classes or values: check_arrays decides on "auto"
     except ValueError:
         if classification is False:
             raise DataError(

@@ -25,13 +25,16 @@ import numpy as np
 KINKED = {"relu", "leaky_relu", "elu"}  # kinks (or a jump in f'') at z = 0
 
 
-def numeric_jacobian(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+def numeric_jacobian(fn, p: np.ndarray, h: float = 1e-3, progress=None) -> np.ndarray:
     """d fn / d p (m, p.size) for fn() returning (m,) (or a scalar: (p.size,)), by the
     fourth-order central difference; fn() reads p, which is perturbed in place one
-    entry at a time and restored. Column i belongs to p.reshape(-1)[i]."""
+    entry at a time and restored. Column i belongs to p.reshape(-1)[i]. `progress(1)`
+    is called after each entry."""
     flat = p.reshape(-1)
     columns = []
     for i in range(flat.size):
+        if progress is not None and i:
+            progress(1)
         old = flat[i]
         values = []
         for step in (-2.0, -1.0, 1.0, 2.0):
@@ -39,14 +42,16 @@ def numeric_jacobian(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
             values.append(np.asarray(fn(), dtype=np.float64))
         flat[i] = old
         columns.append((values[0] - 8.0 * values[1] + 8.0 * values[2] - values[3]) / (12.0 * h))
+    if progress is not None and flat.size:
+        progress(1)
     if not columns:
         return np.empty(0, dtype=np.float64)
     return np.stack(columns, axis=-1)
 
 
-def numeric_grad(fn, p: np.ndarray, h: float = 1e-3) -> np.ndarray:
+def numeric_grad(fn, p: np.ndarray, h: float = 1e-3, progress=None) -> np.ndarray:
     """d fn / d p, p's shape, for a scalar fn() (see numeric_jacobian)."""
-    return numeric_jacobian(fn, p, h).reshape(p.shape)
+    return numeric_jacobian(fn, p, h, progress).reshape(p.shape)
 
 
 def max_rel_error(analytic, numeric, floor: float = 1e-6) -> float:
@@ -73,7 +78,7 @@ class LayerReport:
     bias_error: float
 
 
-def check_model(model, x, y, h: float = 1e-3, floor: float = 1e-6) -> list[LayerReport]:
+def check_model(model, x, y, h: float = 1e-3, floor: float = 1e-6, progress=None) -> list[LayerReport]:
     """Per-layer max error of the model's parameter gradients against finite
     differences, at batch (x, y). The model should be float64 and on the CPU; a GPU
     model works too (each perturbation is a small copy)."""
@@ -88,7 +93,7 @@ def check_model(model, x, y, h: float = 1e-3, floor: float = 1e-6) -> list[Layer
         model.set_flat_params(host)
         return model.evaluate(x, target, batch_size=x.shape[0])[0]  # forward and loss only
 
-    numeric_flat = numeric_grad(loss_at, host, h)
+    numeric_flat = numeric_grad(loss_at, host, h, progress)
     model.set_flat_params(host)
     numeric = []
     for w_off, b_off, fan_in, fan_out in model.layout:

@@ -69,7 +69,7 @@ def run_sweeps(cfg, device: str, modes, repeats: int = 5, max_bytes: float = 2**
     from .trainer import build_model, prepare
 
     run = prepare(cfg, device, log=log)
-    be, base = run.backend, run.model
+    cfg, be, base = run.cfg, run.backend, run.model  # run.cfg: loss.name "auto" resolved
     x = run.splits["train"].x[0]  # (n_in,) one training sample
     rows = []
     for sweep, wrt, sizes in architectures(base.sizes[0], list(cfg.model.hidden), base.sizes[-1]):

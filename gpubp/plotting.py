@@ -1,5 +1,7 @@
-"""`gpubp plot`: a run's loss and accuracy curves from metrics.jsonl, as a PNG.
-matplotlib is an optional extra: pip install 'gpubp[plot]'."""
+"""`gpubp plot`: a run's curves from metrics.jsonl (losses; accuracy, or R2 and
+RMSE/MAE for regression) and, from summary.json, the confusion matrix of its test
+(or validation) split, as one PNG. matplotlib is an optional extra:
+pip install 'gpubp[plot]'."""
 
 from __future__ import annotations
 
@@ -7,6 +9,14 @@ import json
 import os
 
 from .errors import UsageError
+
+# panels of curves: (y-axis label, keys of metrics.jsonl, log scale)
+PANELS = [
+    ("loss", ("train_loss", "val_loss"), True),
+    ("accuracy", ("val_accuracy",), False),
+    ("R2", ("val_r2",), False),
+    ("error (target units)", ("val_rmse", "val_mae"), False),
+]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -18,6 +28,19 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not records:
         raise UsageError(f"{path} is empty: the run logged no evaluation yet")
     return records
+
+
+def read_report(run_dir: str) -> tuple[str, dict] | None:
+    """(split, classification report) of summary.json's test split, else its val split."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for split in ("test", "val"):
+        if isinstance(summary.get(f"{split}_report"), dict):
+            return split, summary[f"{split}_report"]
+    return None
 
 
 def pyplot(what: str):
@@ -32,33 +55,46 @@ def pyplot(what: str):
     return plt
 
 
-def plot_run(run_dir: str, output: str | None = None) -> str:
+def plot_run(run_dir: str, output: str | None = None, overwrite: bool = False) -> str:
+    output = output or os.path.join(run_dir, "curves.png")
+    if os.path.exists(output) and not overwrite:
+        raise UsageError(f"{output!r} exists; pass --overwrite to replace it, or --output to choose another file")
     records = read_metrics(run_dir)
     if any("model" in r for r in records):
         return plot_sweep(run_dir, records, output)
+    report = read_report(run_dir)
     plt = pyplot("gpubp plot")
     steps = [r["step"] for r in records]
-    acc_keys = [k for k in ("val_accuracy",) if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, 1 + len(acc_keys), figsize=(6 + 5 * len(acc_keys), 4), squeeze=False)
-    ax = axes[0][0]
-    for key in ("train_loss", "val_loss"):
-        if any(key in r for r in records):
+    panels = [(label, [k for k in keys if any(k in r for r in records)], log) for label, keys, log in PANELS]
+    panels = [p for p in panels if p[1]]
+    n = len(panels) + (report is not None)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n + 1, 4), squeeze=False)
+    for ax, (label, keys, log) in zip(axes[0], panels):
+        for key in keys:
             ax.plot(steps, [r.get(key) for r in records], label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    for i, key in enumerate(acc_keys, start=1):
-        ax = axes[0][i]
-        ax.plot(steps, [r.get(key) for r in records], label=key, color="C2")
         ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
+    if report is not None:
+        split, rep = report
+        ax = axes[0][-1]
+        cm = rep["confusion_matrix"]
+        names = [str(c) for c in rep["classes"]]
+        ax.imshow(cm, cmap="Blues")
+        if len(names) <= 20:  # counts and names stay legible
+            for i, row in enumerate(cm):
+                for j, v in enumerate(row):
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 6 else 0)
+            ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{split}: accuracy {rep['accuracy']:.3f}, macro F1 {rep['macro_f1']:.3f}")
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
-    output = output or os.path.join(run_dir, "curves.png")
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output

@@ -15,7 +15,7 @@ import numpy as np
 from . import data as D
 from .errors import ConfigError
 from .stack import MLPStack, make_stack_optimizer
-from .trainer import prepare
+from .trainer import prepare, resolve_auto
 
 
 class Group:
@@ -32,6 +32,9 @@ class Group:
         first = {s: next(m for m in members if m.cfg.train.seed == s) for s in self.unique_seeds}
         self.runs = [prepare(first[s].cfg, device, log if k == 0 else None) for k, s in enumerate(self.unique_seeds)]
         run = self.runs[0]
+        # each member's config with "auto" resolved as a single run resolves it (what its checkpoints store)
+        self.member_cfgs = [resolve_auto(m.cfg, run.data.train) for m in members]
+        self.cfg = cfg = self.member_cfgs[0]
         self.backend = be = run.backend
         self.n_train = run.splits["train"].n
         for name in ("train", "val", "test"):  # the stacked buffers need equal split sizes

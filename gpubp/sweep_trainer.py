@@ -139,7 +139,8 @@ class SweepTrainer:
             )
             for m in members:
                 os.makedirs(model_dir(self.out_dir, m.index), exist_ok=True)
-                atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "config.toml"), dump_toml(m.cfg))
+                cfg_i = group.member_cfgs[members.index(m)]
+                atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "config.toml"), dump_toml(cfg_i))
             if str(number) in self.state["step"] or number in self.state["done"]:
                 self._restore(group)
             try:
@@ -273,14 +274,17 @@ class SweepTrainer:
             record.update(val[i])
             record["elapsed_s"] = round(time.perf_counter() - self.start, 4)
             rows.append(json.dumps(record) + "\n")
-            name, value, higher = _monitor(g.cfg, record)
+            monitor = _monitor(g.cfg, record)  # None without a validation split: no best.npz, no early stopping
             best = g.best_value[i]
-            improved = best is None or (value > best if higher else value < best)
+            improved = monitor is not None and (
+                best is None or (monitor[1] > best if monitor[2] else monitor[1] < best)
+            )
             if improved:
+                value = monitor[1]
                 g.best_value[i], g.best_step[i], g.bad_evals[i] = value, step, 0
                 g.best_params[i] = params[i]
                 self._save(g, i, "best.npz", step, params)
-            else:
+            elif monitor is not None:
                 g.bad_evals[i] += 1
             self._save(g, i, "last.npz", step, params)
             patience = g.cfg.train.early_stopping_patience
@@ -322,6 +326,8 @@ class SweepTrainer:
             if key != "steps":
                 arrays[f"opt.{key}"] = value
         arrays["std.mean"], arrays["std.std"] = run.standardizer.mean, run.standardizer.std
+        if run.target_scaler is not None:  # regression: targets trained as (y - mean) / std
+            arrays.update(run.target_scaler.arrays())
         arrays["train.running_loss"] = np.asarray(0.0 if running is None else float(running[i]))
         meta = {
             "step": step, "epoch": epoch,
@@ -330,7 +336,7 @@ class SweepTrainer:
             "optimizer_steps": g.opt.steps, "running_steps": 0 if running is None else g.n_running,
             "best_value": g.best_value[i],
             "best_step": g.best_step[i], "bad_evals": g.bad_evals[i], "model": g.model_cfg[i],
-            "config": config_for_checkpoint(m.cfg), "n_features": run.n_features, "n_classes": run.n_classes,
+            "config": config_for_checkpoint(g.member_cfgs[i]), "n_features": run.n_features, "n_classes": run.n_classes,
             "class_names": run.class_names, "sweep": {"model": m.index, "values": m.values},
         }  # fmt: skip
         save_checkpoint(os.path.join(model_dir(self.out_dir, m.index), name), meta, arrays)
@@ -377,8 +383,10 @@ class SweepTrainer:
             self.rows[m.index] = row
             summary = {"steps": g.final_step, "best_step": g.best_step[i], "best_metric": metric,
                        "best_value": g.best_value[i], "status": status, "device": g.backend.describe()}  # fmt: skip
+            # as a single run: with train.restore_best it ends with (and describes) its best weights
+            ends_best = g.cfg.train.restore_best and g.best_step[i] is not None
             for split in ("train", "val", "test"):
-                summary.update(final[split][i])
+                summary.update((best if ends_best else final)[split][i])
             atomic_write_text(os.path.join(model_dir(self.out_dir, m.index), "summary.json"),
                               json.dumps(summary, indent=2) + "\n")  # fmt: skip
 
@@ -391,11 +399,22 @@ class SweepTrainer:
         writer.writerows(rows)
         atomic_write_text(os.path.join(self.out_dir, "sweep.csv"), buf.getvalue())
         candidates = [r for r in rows if r["best_value"] is not None and not r["status"].startswith("diverged")]
-        best = None
+        best, src = None, None
         if candidates:
             higher = candidates[0]["best_metric"].endswith("accuracy")
             best = (max if higher else min)(candidates, key=lambda r: r["best_value"])
             src = os.path.join(model_dir(self.out_dir, best["model"]), "best.npz")
+        else:  # no validation split: the lowest final training loss, its last checkpoint
+            finite = [
+                r
+                for r in rows
+                if isinstance(r.get("final_train_loss"), float) and r["final_train_loss"] == r["final_train_loss"]
+            ]
+            if finite:
+                best = min(finite, key=lambda r: r["final_train_loss"])
+                best = dict(best, best_metric="final_train_loss", best_value=best["final_train_loss"])
+                src = os.path.join(model_dir(self.out_dir, best["model"]), "last.npz")
+        if src is not None and os.path.exists(src):
             atomic_write(os.path.join(self.out_dir, "best.npz"), lambda f: f.write(open(src, "rb").read()))
         summary = {
             "models": len(rows), "groups": len({r["group"] for r in rows}),
@@ -434,15 +453,17 @@ def _csv_value(v):
     return json.dumps(v) if isinstance(v, list) else v
 
 
-def _monitor_name(cfg, has_val: bool) -> str:
-    return cfg.train.early_stopping_metric if has_val else "train_loss"
+def _monitor_name(cfg, has_val: bool) -> str | None:
+    return cfg.train.early_stopping_metric if has_val else None
 
 
 def _monitor(cfg, record: dict):
+    """(name, value, higher is better) of the metric that picks the best checkpoint, as
+    Trainer._monitor; None without a validation split."""
     metric = cfg.train.early_stopping_metric
     if metric in record:
         return metric, record[metric], metric.endswith("accuracy")
-    return "train_loss", record["train_loss"], False
+    return None
 
 
 def format_results(rows: list[dict], keys: list[str]) -> str:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data as D
+from . import metrics as M
+from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
 from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
@@ -49,9 +51,11 @@ from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .schedules import lr_at
 
+MIN_EVAL_STEPS = 10  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
-RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size"}
+RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
+                     "restore_best", "checkpoint_every_s"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -77,7 +81,22 @@ def load_dataset(cfg: Config) -> D.Dataset:
         raise ConfigError(f"{cfg.source}: data.dataset {d.dataset!r} has no loader")
     if task is False and ds.is_classification:
         ds = D.Dataset(ds.x, ds.y.astype(np.float64).reshape(-1, 1), None, ds.name, ds.test)
+    if d.dataset in ("csv", "npz") and ds.is_classification:
+        T.check_classes(ds.y, cfg.data_path())
     return ds
+
+
+def resolve_auto(cfg: Config, ds: D.Dataset) -> Config:
+    """The config with data.task and loss.name "auto" made concrete for this data
+    (stored so: eval, predict and a resumed run see what training did)."""
+    raw = cfg.to_dict()
+    task = "classification" if ds.is_classification else "regression"
+    raw["data"]["task"] = task
+    if raw["loss"]["name"] == "auto":
+        raw["loss"]["name"] = "softmax_cross_entropy" if ds.is_classification else "mse"
+    if cfg.data.val_fraction == 0:  # no validation split: no early stopping (the default patience is moot)
+        raw["train"]["early_stopping_patience"] = 0
+    return Config(raw, cfg.source, cfg.base_dir)
 
 
 def output_width(ds: D.Dataset, loss: str) -> int:
@@ -124,6 +143,8 @@ class Run:
     n_classes: int | None
     class_names: list
     splits: dict  # name -> DeviceSplit or None
+    data: D.Splits | None = None  # the same splits on the host, in the user's units
+    target_scaler: T.TargetScaler | None = None  # regression: targets (y - mean) / std on the device
 
 
 def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
@@ -136,17 +157,25 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
     )  # fmt: skip
 
 
+_NOTES_SHOWN = set()  # device notes already printed by this process: each once
+
+
 def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None,
-            checkpoint: tuple[dict, str] | None = None, dataset: D.Dataset | None = None) -> Run:  # fmt: skip
+            checkpoint: tuple[dict, str] | None = None, target_scaler: T.TargetScaler | None = None,
+            dataset: D.Dataset | None = None) -> Run:  # fmt: skip
     """Backend, data (split, standardised, on the device) and a freshly initialised
-    model. `standardizer` replaces the statistics fitted on the training split (a
-    checkpoint's own, for eval); `checkpoint` (meta, path): the model stored there,
-    which must fit this data (a resumed run, eval); `dataset`: data given in memory
-    (the estimators), used instead of cfg.data's loader."""
+    model. `standardizer`, `target_scaler` replace the statistics fitted on the
+    training split (a checkpoint's own, for eval); `checkpoint` (meta, path): the
+    model stored there, which must fit this data (a resumed run, eval); `dataset`:
+    data given in memory (the estimators), used instead of cfg.data's loader. Run.cfg
+    has "auto" resolved (see resolve_auto)."""
     backend, note = resolve_device(device)
-    if note and log:
+    if note and log and note not in _NOTES_SHOWN:
+        _NOTES_SHOWN.add(note)
         log(note)
     ds = load_dataset(cfg) if dataset is None else dataset
+    auto_task = cfg.data.task == "auto" and cfg.data.dataset in ("csv", "npz")
+    cfg = resolve_auto(cfg, ds)
     d = cfg.data
     splits = D.split_dataset(ds, d.val_fraction, d.test_fraction, cfg.train.seed, d.stratify)
     if cfg.train.early_stopping_metric == "val_accuracy" and not ds.is_classification:
@@ -160,17 +189,29 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     width = output_width(ds, cfg.loss.name)
     if checkpoint is not None:
         check_data_fits(cfg, ds, width, *checkpoint)
+    if target_scaler is None:
+        scaled = not ds.is_classification and cfg.loss.name in T.SCALED_LOSSES and d.standardize_targets
+        target_scaler = T.TargetScaler.fit(splits.train.y) if scaled else T.TargetScaler.identity(width)
     try:
         model = build_model(cfg, ds.x.shape[1], width, backend)
         dev = {}
         for name in ("train", "val", "test"):
             part = getattr(splits, name)
-            dev[name] = D.DeviceSplit(model, part, std, loss_targets(part, cfg.loss.name, width)) if part else None
+            if part is not None:
+                target = loss_targets(part, cfg.loss.name, width)
+                target = target if part.is_classification else target_scaler.transform(target)
+                dev[name] = D.DeviceSplit(model, part, std, target)
+            else:
+                dev[name] = None
     except backend.out_of_memory_errors:
         sizes = [ds.x.shape[1], *cfg.model.hidden, width]
         n_rows = sum(len(p) for p in (splits.train, splits.val, splits.test) if p is not None)
         raise out_of_memory(backend, cfg, sizes, min(cfg.train.batch_size, len(splits.train)), n_rows) from None
-    return Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev)
+    if auto_task and log:  # what "auto" chose for a file of the user's, once all is well
+        log(T.describe_choice(ds.y, ds.is_classification, bool(ds.class_names)))
+    run = Run(cfg, backend, model, std, ds.x.shape[1], ds.n_classes, ds.class_names, dev, splits)
+    run.target_scaler = None if ds.is_classification else target_scaler
+    return run
 
 
 def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: str) -> None:
@@ -196,14 +237,18 @@ def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: st
 
 def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) -> dict:
     """Bytes a training run holds on the device, roughly, by kind: `params` (parameters,
-    gradients, optimizer state and its scratch rows: one flat buffer each), `batch`
+    gradients, optimizer state and its scratch rows: one flat buffer each; on the CPU
+    also the host copy of the best evaluation's parameters and state), `batch`
     (the activations and their gradients that the forward and backward pass of one
     training batch keep, and the gathered batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
     features, targets, labels)."""
     item = np.dtype(cfg.model.dtype).itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     scratch = backend.optimizer_scratch_rows  # the optimizer's working rows of P
-    n_buffers = 2 + scratch + len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_state = len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
+    n_buffers = 2 + scratch + n_state
+    if backend.name == "cpu" and cfg.data.val_fraction > 0:  # the best evaluation's state, kept on the host
+        n_buffers += 1 + n_state
     acts = [cfg.model.activation] * (len(sizes) - 2) + [cfg.model.output_activation]
     # per row: x_0 and dLoss/dx_0 (n_in each); per layer a_k and D_k (+ z_k when f' reads it)
     per_row = 2 * sizes[0] + sum(w * (2 + (ACTIVATIONS[a].saves == SAVES_INPUT)) for w, a in zip(sizes[1:], acts))
@@ -265,12 +310,32 @@ def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
         ) from None
 
 
-def evaluate_split(model: MLP, part: D.DeviceSplit, name: str, batch_size: int) -> dict:
-    """{name_loss, name_accuracy (classification)} over a whole split."""
+def predict_outputs(model: MLP, x, batch_size: int) -> np.ndarray:
+    """The model's outputs (N, width) on device features x, in chunks, as float64 on the host."""
+    be = model.backend
+    chunks = [np.array(be.to_numpy(model.forward(x[i : i + batch_size])), dtype=np.float64)  # a copy: the
+              for i in range(0, x.shape[0], batch_size)]  # fmt: skip  # workspace is reused
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.sizes[-1]))
+
+
+def evaluate_split(model: MLP, part: D.DeviceSplit, name: str, batch_size: int, host: D.Dataset | None = None,
+                   scaler: T.TargetScaler | None = None, report: bool = False) -> dict:  # fmt: skip
+    """{name_loss, name_accuracy (classification)} over a whole split. With `host` (the
+    split on the host): regression adds name_r2, name_rmse, name_mae in the targets'
+    own units (`scaler` maps outputs back); classification with `report` adds
+    name_report (per-class precision, recall, F1, support, confusion matrix)."""
     loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size)
     out = {f"{name}_loss": loss}
     if correct is not None:
         out[f"{name}_accuracy"] = correct / part.n
+    if host is not None and not host.is_classification:
+        pred = T.user_outputs(predict_outputs(model, part.x, batch_size), model.loss.name, False, scaler)
+        out.update({f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()})
+    elif host is not None and report:
+        outputs = predict_outputs(model, part.x, batch_size)
+        labels = T.predicted_classes(outputs, model.decision_threshold)
+        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
+        out[f"{name}_report"] = M.classification_report(host.y, labels, n_classes, host.class_names)
     return out
 
 
@@ -284,6 +349,8 @@ def checkpoint_arrays(run: Run, opt) -> dict:
             arrays[f"opt.{name}"] = value
     arrays["std.mean"] = run.standardizer.mean
     arrays["std.std"] = run.standardizer.std
+    if run.target_scaler is not None:
+        arrays.update(run.target_scaler.arrays())
     return arrays
 
 
@@ -385,7 +452,8 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = out_dir
         fits = (self.resume_meta, resume) if resume is not None else None
-        self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, fits, dataset)
+        self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, checkpoint=fits, dataset=dataset)
+        self.cfg = cfg = self.run.cfg  # "auto" resolved
         self.model = self.run.model
         o = cfg.optimizer
         self.opt = make_optimizer(self.model, o.name, o.lr, o.momentum, o.dampening, o.nesterov,
@@ -402,8 +470,16 @@ class Trainer:
         self.running_loss = self.run.backend.zeros((), np.float64)
         self.n_running = 0
         self.saved_step = None  # step of the last.npz this process wrote
+        self.saved_at = -math.inf  # time.monotonic() of that write (or of the start of training)
+        self.best = None  # (meta, arrays) of the best evaluation, on the host
+        self.best_written = True  # best.npz on disk holds self.best
+        self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
+        self.created_dir = (
+            resume is None and out_dir is not None
+        )  # a run failing before its first checkpoint removes it
         self.guard = FiniteGuard(self.run.backend, self.model.dtype)
         self.history = []  # in memory: the evaluation records metrics.jsonl would hold
+        self.min_eval_steps = MIN_EVAL_STEPS  # train.eval_every = 0: evaluate after whole epochs of >= this
         if warm_start is not None:  # (flat parameters, optimizer state_dict) to continue from
             self.model.set_flat_params(warm_start[0])
             self.opt.load_state_dict(warm_start[1])
@@ -417,7 +493,7 @@ class Trainer:
             self._trim_log()
         else:  # a new run, or a resumed one continued in another directory
             prepare_out_dir(out_dir, overwrite)
-        atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(cfg))
+        atomic_write_text(os.path.join(out_dir, "config.toml"), dump_toml(self.cfg))
 
     # ---- state
 
@@ -433,6 +509,11 @@ class Trainer:
         self.step = int(meta["step"])
         self.best_value, self.best_step = meta["best_value"], meta["best_step"]
         self.bad_evals = int(meta["bad_evals"])
+        best = os.path.join(os.path.dirname(os.path.abspath(path)), "best.npz")
+        if self.best_step is not None and os.path.exists(best):
+            best_meta, best_arrays = load_checkpoint(best)
+            if best_meta.get("step") == self.best_step:  # the weights restore_best returns to
+                self.best, self.best_written = (best_meta, best_arrays), False
         if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
             self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
             self.n_running = int(meta["running_steps"])
@@ -461,12 +542,16 @@ class Trainer:
             "best_value": self.best_value,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
-            "model": self.model.config_dict(),
-            "config": config_for_checkpoint(self.cfg),
-            "n_features": self.run.n_features,
-            "n_classes": self.run.n_classes,
-            "class_names": self.run.class_names,
+            **self._fixed_meta(),
         }
+
+    def _fixed_meta(self) -> dict:
+        """The part of a checkpoint's meta that does not change during the run (built once)."""
+        if "_fixed" not in self.__dict__:
+            self._fixed = {"model": self.model.config_dict(), "config": config_for_checkpoint(self.cfg),
+                           "n_features": self.run.n_features, "n_classes": self.run.n_classes,
+                           "class_names": self.run.class_names}  # fmt: skip
+        return self._fixed
 
     def checkpoint(self) -> tuple[dict, dict]:
         """(meta, arrays) of the current state: what `save` writes."""
@@ -478,23 +563,38 @@ class Trainer:
     def save(self, name: str) -> None:
         if self.out_dir is None:  # in memory: no files
             return
-        meta, arrays = self.checkpoint()
-        save_checkpoint(os.path.join(self.out_dir, name), meta, arrays)
+        save_checkpoint(os.path.join(self.out_dir, name), *self.checkpoint())
         if name == "last.npz":
-            self.saved_step = self.step
+            self.saved_step, self.saved_at = self.step, time.monotonic()
+
+    def _write_checkpoints(self) -> None:
+        """best.npz (if a better evaluation came since it was written), then last.npz.
+        Best before last: a crash between the two leaves a last.npz whose record of
+        the best step matches best.npz, or an older last.npz that repeats the step."""
+        if self.out_dir is None:  # in memory: the best state stays in self.best
+            return
+        if not self.best_written:
+            save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
+            self.best_written = True
+        self.save("last.npz")
 
     # ---- evaluation
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, report: bool = False) -> dict:
         part = self.run.splits[split]
-        return evaluate_split(self.model, part, split, self.cfg.train.eval_batch_size) if part else {}
+        if part is None:
+            return {}
+        host = getattr(self.run.data, split)
+        return evaluate_split(self.model, part, split, self.cfg.train.eval_batch_size, host, self.run.target_scaler,
+                              report)  # fmt: skip
 
-    def _monitor(self, record: dict) -> tuple[str, float, bool]:
-        """(name, value, higher is better) of the metric that picks the best checkpoint."""
+    def _monitor(self, record: dict) -> tuple[str, float, bool] | None:
+        """(name, value, higher is better) of the validation metric that picks best.npz
+        and stops early; None without a validation split (never the training loss)."""
         metric = self.cfg.train.early_stopping_metric
         if metric in record:
             return metric, record[metric], metric.endswith("accuracy")
-        return "train_loss", record["train_loss"], False
+        return None
 
     # ---- loop
 
@@ -505,14 +605,18 @@ class Trainer:
         t, sch = cfg.train, cfg.schedule
         train = self.run.splits["train"]
         clip = cfg.optimizer.clip_grad_norm
-        eval_every = t.eval_every or self.steps_per_epoch
+        eval_every = t.eval_every or self.steps_per_epoch * math.ceil(self.min_eval_steps / self.steps_per_epoch)
         perm_epoch, perm = None, None
         stopped_early = False
         start = time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
+        self.saved_at = time.monotonic()  # the first checkpoint comes after checkpoint_every_s, or at the end
+        # a terminal gets a bar (epochs in its label, steps counted); logs get one line per evaluation
+        self.bar = bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                              disable=self.quiet or not sys.stderr.isatty(), desc=self._epoch_label())  # fmt: skip
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
+        if self.out_dir is not None:
+            self.metrics_file = scope.enter_context(open(os.path.join(self.out_dir, "metrics.jsonl"), "a", buffering=1))
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
             while self.step < self.total_steps:
@@ -532,26 +636,64 @@ class Trainer:
                 self.n_running += 1
                 self.step += 1
                 bar.update(1)
+                if self.step % self.steps_per_epoch == 0:
+                    bar.set_description(self._epoch_label(), refresh=False)
                 if self.step % eval_every == 0 or self.step == self.total_steps:
                     record = self._log_eval(epoch, start)
-                    bar.set_postfix(
-                        {k: f"{v:.4g}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_accuracy")}
-                    )
+                    self._progress(record)
                     if self._early_stop(record):
                         stopped_early = True
-                        self.log(
-                            f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations without improvement"
-                        )
+                        name = self._monitor(record)[0]
+                        self._say(f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations "
+                                  f"without a better {name} (best at step {self.best_step})")  # fmt: skip
                         break
                 if interrupted():
                     raise self._interrupt()
+            return self._finish(stopped_early, time.perf_counter() - start)
         except be.out_of_memory_errors:
             n_rows = sum(part.n for part in self.run.splits.values() if part is not None)
+            self._remove_if_empty()
             raise out_of_memory(be, cfg, model.sizes, min(t.batch_size, self.n_train), n_rows) from None
+        except BaseException:
+            self._remove_if_empty()
+            raise
         finally:
             scope.close()
             bar.close()
-        return self._finish(stopped_early, time.perf_counter() - start)
+
+    def _epoch_label(self) -> str:
+        n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        return f"epoch {min(self.step // self.steps_per_epoch + 1, n_epochs)}/{n_epochs}"
+
+    def _say(self, message: str) -> None:
+        """A line to the user that does not break the progress bar."""
+        if not self.bar.disable:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            self.log(message)
+
+    def _progress(self, record: dict) -> None:
+        """The bar's numbers, or (no terminal) one line per evaluation."""
+        shown = {k: v for k, v in record.items() if k == "train_loss" or k.startswith("val_")}
+        if not self.bar.disable:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        else:
+            values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+            self.log(f"epoch {record['epoch']}/{n_epochs} step {self.step}/{self.total_steps} {values} "
+                     f"elapsed {record['elapsed_s']:.1f}s")  # fmt: skip
+
+    def _remove_if_empty(self) -> None:
+        """A new run that fails before its first checkpoint leaves no run directory
+        (only the files it wrote are removed; a folder holding others stays)."""
+        if not self.created_dir or self.saved_step is not None:
+            return
+        for name in RUN_FILES:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.out_dir, name))
+        remove_temporaries(self.out_dir)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.out_dir)
 
     def _batch_buffer(self, name, src, n):
         key = (name, n)
@@ -574,7 +716,7 @@ class Trainer:
         elif os.path.exists(last):
             kept = f"the last good checkpoint {last} is kept"
         else:
-            kept = "no checkpoint had been written yet"
+            kept = "no checkpoint had been written yet" + (" (run directory removed)" if self.created_dir else "")
         o = self.cfg.optimizer
         clip = (
             f"lower optimizer.clip_grad_norm (now {o.clip_grad_norm:g})"
@@ -596,6 +738,10 @@ class Trainer:
         return Interrupted(f"interrupted at step {self.step}; saved {path}", self.step, path)
 
     def _log_eval(self, epoch, start) -> dict:
+        """Log one evaluation; note a better validation metric (a host copy of the state,
+        written as best.npz with the next checkpoint); write checkpoints when due: at
+        most every train.checkpoint_every_s seconds (and at the end, by _finish)."""
+        began = time.perf_counter()
         self._check_finite()
         train_loss = self.run.backend.to_float(self.running_loss) / max(self.n_running, 1)
         self.running_loss[...] = 0.0
@@ -606,39 +752,50 @@ class Trainer:
         if self.out_dir is None:
             self.history.append(record)
         else:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        name, value, higher = self._monitor(record)
-        improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
-        if improved:
-            self.best_value, self.best_step, self.bad_evals = value, self.step, 0
-        else:
-            self.bad_evals += 1
-        # best before last: a crash between the two leaves a last.npz whose record of
-        # the best step matches best.npz, or an older last.npz that repeats the step
-        if improved:
-            self.save("best.npz")
-        self.save("last.npz")
+            self.metrics_file.write(json.dumps(record) + "\n")  # line-buffered: each line reaches the file
+        monitor = self._monitor(record)
+        if monitor is not None:
+            name, value, higher = monitor
+            improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
+            if improved:
+                self.best_value, self.best_step, self.bad_evals = value, self.step, 0
+                self.best, self.best_written = self.checkpoint(), False
+            else:
+                self.bad_evals += 1
+        if time.monotonic() - self.saved_at >= self.cfg.train.checkpoint_every_s:
+            self._write_checkpoints()
+        self.eval_seconds += time.perf_counter() - began
         return record
 
     def _early_stop(self, record) -> bool:
         patience = self.cfg.train.early_stopping_patience
-        return patience > 0 and self.bad_evals >= patience
+        return patience > 0 and self._monitor(record) is not None and self.bad_evals >= patience
 
     def _finish(self, stopped_early: bool, seconds: float) -> dict:
+        """Final checkpoints, then (train.restore_best) the best weights, evaluated on
+        every split with full metrics into summary.json."""
+        began = time.perf_counter()
+        if self.saved_step != self.step or not self.best_written:
+            self._write_checkpoints()
+        weights = "last"
+        if self.cfg.train.restore_best and self.best is not None:
+            restore_params(self.model, self.best[1], os.path.join(self.out_dir or "(in memory)", "best.npz"))
+            weights = f"best.npz (step {self.best_step})"
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stopped_early": stopped_early,
                    "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
-                   "device": self.run.backend.describe(), "seconds": round(seconds, 3)}  # fmt: skip
+                   "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
+                   "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
+                   "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
         for split in ("train", "val", "test"):
-            summary.update(self.evaluate(split))
+            summary.update(self.evaluate(split, report=True))
+        summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
         if self.out_dir is None:
             return summary
-        atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(os.path.join(self.out_dir, "summary.json"), M.to_json(summary) + "\n")
         return summary
 
-    def _monitor_name(self) -> str:
-        metric = self.cfg.train.early_stopping_metric
-        return metric if self.run.splits["val"] is not None else "train_loss"
+    def _monitor_name(self) -> str | None:
+        return self.cfg.train.early_stopping_metric if self.run.splits["val"] is not None else None
 
 
 def train_in_memory(cfg: Config, dataset: D.Dataset, device: str | None = None, log=None,
@@ -651,6 +808,8 @@ def train_in_memory(cfg: Config, dataset: D.Dataset, device: str | None = None, 
     the evaluation records and `checkpoint()` what a checkpoint file would."""
     trainer = Trainer(cfg, None, device, quiet=log is None, log=log, dataset=dataset,
                       standardizer=standardizer, warm_start=warm_start)  # fmt: skip
+    # scikit-learn's convention: an evaluation (a loss_curve_ entry, a patience tick) every epoch
+    trainer.min_eval_steps = 1
     trainer.summary = trainer.train()
     return trainer
 
@@ -675,6 +834,8 @@ def _check_resume_compatible(stored: Config, given: Config, path: str) -> None:
         for key, value in values.items():
             if section == "train" and key in RESUMABLE_CHANGES:
                 continue
+            if (section, key) in (("data", "task"), ("loss", "name")) and b[section][key] == "auto":
+                continue  # the checkpoint holds what "auto" chose; the same data chooses it again
             if b[section][key] != value:
                 raise ConfigError(
                     f"--resume {path}: {section}.{key} is {b[section][key]!r} in the config but {value!r} in the checkpoint; "

@@ -15,8 +15,9 @@ def test_digits_default_job_reaches_097(tmp_path):
     summary = json.loads(r.stdout)
     print(f"digits test accuracy: {summary['test_accuracy']:.4f} ({summary['seconds']} s)")
     assert summary["test_accuracy"] >= 0.97
-    for name in ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml"):
+    for name in ("metrics.jsonl", "summary.json", "last.npz", "config.toml"):
         assert (out / name).exists(), name
+    assert not (out / "best.npz").exists()  # val_fraction = 0: nothing to choose a best on (never the training loss)
     assert json.loads((out / "summary.json").read_text()) == summary
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 30 and json.loads(lines[-1])["step"] == summary["steps"]
@@ -27,6 +28,11 @@ def test_digits_default_job_reaches_097(tmp_path):
     ev = json.loads(r.stdout)
     assert ev["test_accuracy"] == summary["test_accuracy"]
     assert abs(ev["test_loss"] - summary["test_loss"]) <= 1e-6 * summary["test_loss"]
+    # per-class report: the confusion matrix holds every test sample, its trace the correct ones
+    cm = np.array(ev["test_report"]["confusion_matrix"])
+    assert cm.shape == (10, 10) and np.trace(cm) / cm.sum() == ev["test_accuracy"]
+    assert ev["test_report"] == summary["test_report"] and "confusion matrix" in r.stderr
+    assert summary["run_dir"] == str(out)
 
     # predict on raw (unstandardised) digits, as a user would feed them
     from gpubp.data import load_digits
@@ -66,6 +72,12 @@ def test_plot(tmp_path):
     assert r.returncode == 0, r.stderr
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # never over an existing PNG without --overwrite
+    r = run_cli("plot", str(out))
+    assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
+    assert (out / "curves.png").read_bytes() == png
+    r = run_cli("plot", str(out), "--overwrite", "--output", str(tmp_path / "again.png"))
+    assert r.returncode == 0 and (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_config_show_prints_every_default():

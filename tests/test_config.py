@@ -20,7 +20,7 @@ def test_defaults_fill_every_key(tmp_path):
         for key, f in fields.items():
             expected = [32] if (section, key) == ("model", "hidden") else f.default
             assert cfg.sections[section][key] == expected
-    assert cfg.model.hidden == [32] and cfg.train.epochs == 20
+    assert cfg.model.hidden == [32] and cfg.train.epochs == 200
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_defaults_fill_every_key(tmp_path):
         ("[train]\nshuffle = true\n", "unknown key 'train.shuffle'"),
         ("[data]\nval_fraction = 0.5\ntest_fraction = 0.5\n", "leaves no training data"),
         ("[optimizer]\nnesterov = true\n", "optimizer.nesterov needs"),
-        ("[train]\nearly_stopping_patience = 3\n", "needs a validation split"),
+        ("[data]\nval_fraction = 0.0\n[train]\nearly_stopping_patience = 3\n", "needs a validation split"),
         ('[data]\ndataset = "csv"\n', "needs data.path"),
         ("[optimizer\nlr = 1\n", "invalid TOML"),
     ],

@@ -44,7 +44,7 @@ def cli_train(tmp_path, x, y, hidden, epochs, batch, lr, seed, loss="softmax_cro
     """`gpubp train` on arrays written to an .npz, all of it for training (no test split)."""
     np.savez(tmp_path / "d.npz", x=x, y=y)
     (tmp_path / "c.toml").write_text(
-        f'[data]\ndataset = "npz"\npath = "d.npz"\ntest_fraction = 0.0\ntask = '
+        f'[data]\ndataset = "npz"\npath = "d.npz"\ntest_fraction = 0.0\nval_fraction = 0.0\ntask = '
         f'"{"classification" if loss == "softmax_cross_entropy" else "regression"}"\n'
         f"[model]\nhidden = {list(hidden)}\n[loss]\nname = {loss!r}\n"
         f"[optimizer]\nlr = {lr}\n[train]\nepochs = {epochs}\nbatch_size = {batch}\nseed = {seed}\n"

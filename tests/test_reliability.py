@@ -28,7 +28,7 @@ from .conftest import ROOT, run_cli
 # 240 training samples, batches of 32: 8 steps an epoch, an evaluation every 10 steps
 SMALL = ["data.dataset=spirals", "data.n_samples=300", "data.val_fraction=0.2", "data.test_fraction=0.0",
          "model.hidden=[8]", "train.batch_size=32", "train.eval_every=10", "train.steps=40",
-         "optimizer.lr=0.01"]  # fmt: skip
+         "optimizer.lr=0.01", "train.checkpoint_every_s=0"]  # fmt: skip  # checkpoints at every evaluation
 STEPS_PER_EPOCH = 8
 
 
@@ -55,7 +55,8 @@ def same_run(a, b):
         assert ma == mb, name
     assert metrics(a / "metrics.jsonl") == metrics(b / "metrics.jsonl")
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    sa.pop("seconds"), sb.pop("seconds")
+    for key in ("seconds", "eval_seconds", "run_dir"):
+        sa.pop(key), sb.pop(key)
     assert sa == sb
 
 
@@ -195,7 +196,8 @@ def test_ctrl_c_through_the_cli_prints_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stdout == "", stderr
-    (line,) = stderr.splitlines()
+    *evaluations, line = stderr.splitlines()
+    assert all(e.startswith("epoch ") for e in evaluations), stderr  # one line per evaluation (no terminal)
     match = re.fullmatch(r"gpubp: interrupted at step (\d+); resume with: (.*)", line)
     assert match, line
     step = int(match[1])
@@ -370,6 +372,7 @@ hidden = [8]
 steps = 600
 batch_size = 16
 eval_every = 1   # evaluate and write last.npz (and often best.npz) after every step
+checkpoint_every_s = 0
 """
 
 
@@ -414,3 +417,92 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
     assert leftovers > 0  # some kills did land inside a checkpoint write
     T.Trainer(load_config(str(config)), str(tmp_path / "ref"), device="cpu", quiet=True).train()
     same_run(out, tmp_path / "ref")
+
+
+# --------------------------------------------------------------------------- feedback, run directories
+
+
+def test_one_log_line_per_evaluation_without_a_terminal(tmp_path):
+    """stderr is a pipe here: one line per evaluation naming epoch, step, losses, metrics, time."""
+    r = run_cli("train", "--config", "configs/spirals.toml", "--device", "cpu", "--out", str(tmp_path / "r"),
+                "--set", "data.n_samples=300", "--set", "train.steps=40", "--set", "train.eval_every=10",
+                "--set", "train.batch_size=32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 4, r.stderr
+    assert re.fullmatch(r"epoch 2/\d+ step 10/40 train_loss \S+ val_loss \S+ val_accuracy \S+ elapsed \S+s", lines[0])
+    summary = json.loads(r.stdout)
+    assert summary["run_dir"] == str(tmp_path / "r")
+    assert 0 < summary["eval_seconds"] <= summary["seconds"]
+
+
+def test_early_stopping_line_goes_around_the_bar(tmp_path):
+    """On a terminal the line is written with tqdm's write (above the bar), not print."""
+    t = trainer(tmp_path / "r", ["train.steps=400", "train.early_stopping_patience=1", "optimizer.lr=0.5"])
+    t.quiet = False
+    written = []
+    import tqdm
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **{**kw, "disable": False, "file": open(os.devnull, "w")})
+
+        def write(self, s, *a, **kw):
+            written.append(s)
+
+    t.log = lambda m: pytest.fail(f"printed around the bar: {m}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tqdm, "tqdm", Bar)
+        summary = t.train()
+    assert summary["stopped_early"] and len(written) == 1 and written[0].startswith("early stopping at step ")
+
+
+@pytest.mark.parametrize("when", ["diverged", "killed"])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path, monkeypatch, when):
+    def fail_soon():
+        if when == "diverged":
+            poison_step(monkeypatch, 3, "loss")
+        else:
+            monkeypatch.setattr(T.Trainer, "_log_eval", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    fail_soon()
+    t = trainer(tmp_path / "r", ["train.checkpoint_every_s=60"])
+    assert (tmp_path / "r").is_dir()
+    with pytest.raises((TrainingError, RuntimeError)) as e:
+        t.train()
+    assert not (tmp_path / "r").exists()
+    if when == "diverged":
+        assert "no checkpoint had been written yet (run directory removed)" in str(e.value)
+    # a folder that held other files keeps them: only the run's own files go
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    fail_soon()
+    t = trainer(tmp_path / "s", ["train.checkpoint_every_s=60"], overwrite=True)
+    with pytest.raises((TrainingError, RuntimeError)):
+        t.train()
+    assert sorted(os.listdir(tmp_path / "s")) == ["notes.txt"]
+
+
+def test_checkpoints_come_at_a_bounded_rate_and_at_the_end(tmp_path, monkeypatch):
+    """A fake clock that moves 10 s per reading: with checkpoint_every_s = 25, of four
+    evaluations only the third is due (30 s after the start); the end always writes.
+    best.npz goes with them, holding the best evaluation, never a later one."""
+    import itertools
+
+    ticks = itertools.count(0.0, 10.0)
+    monkeypatch.setattr(T.time, "monotonic", lambda: next(ticks))
+    writes = []
+    original = T.save_checkpoint
+
+    def save_checkpoint(path, meta, arrays):
+        writes.append((os.path.basename(path), meta["step"]))
+        original(path, meta, arrays)
+
+    monkeypatch.setattr(T, "save_checkpoint", save_checkpoint)
+    t = trainer(tmp_path / "r", ["train.checkpoint_every_s=25", "train.early_stopping_patience=0"])
+    summary = t.train()
+    monkeypatch.undo()
+    assert [w for w in writes if w[0] == "last.npz"] == [("last.npz", 30), ("last.npz", 40)]
+    best = [step for name, step in writes if name == "best.npz"]
+    assert best and best[-1] == summary["best_step"] and all(step <= 30 for step in best[:-1])
+    assert load_checkpoint(str(tmp_path / "r" / "best.npz"))[0]["step"] == summary["best_step"]

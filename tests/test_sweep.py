@@ -174,7 +174,7 @@ def test_cli_train_eval_predict_resume_with_sweep_checkpoints(tmp_path):
     summary = json.load(open(os.path.join(model_dir(run, 3), "summary.json")))
     # best.npz is the model at its best step; the summary's numbers are the final ones: equal when best is last
     if summary["best_step"] == summary["steps"]:
-        assert json.loads(result.output)["test_accuracy"] == summary["test_accuracy"]
+        assert json.loads(result.stdout)["test_accuracy"] == summary["test_accuracy"]
     x = np.random.default_rng(0).standard_normal((5, 64))
     np.save(tmp_path / "x.npy", x)
     result = runner.invoke(main, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "x.npy"),
@@ -229,13 +229,13 @@ def test_predict_and_eval_ensemble_average_the_members(tmp_path):
     np.testing.assert_allclose(np.load(out), (singles[0] + singles[1]) / 2, rtol=1e-12, atol=1e-15)
     r = runner.invoke(main, ["eval", "--checkpoint", run, "--ensemble", "--split", "test", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)["splits"][0]
+    report = json.loads(r.stdout)["splits"][0]
     assert [m["checkpoint"] for m in report["members"]] == [os.path.join(model_dir(run, i), "best.npz") for i in (0, 1)]
     for member in report["members"]:  # one seed: the members' split is their own test split
         single = runner.invoke(
             main, ["eval", "--checkpoint", member["checkpoint"], "--split", "test", "--device", "cpu"]
         )
-        assert member["accuracy"] == json.loads(single.output)["test_accuracy"]
+        assert member["accuracy"] == json.loads(single.stdout)["test_accuracy"]
     assert 0.5 < report["ensemble"]["accuracy"] <= 1.0 and "note" not in report
     r = runner.invoke(main, ["eval", "--checkpoint", str(tmp_path), "--ensemble", "--device", "cpu"])
     assert r.exit_code == 2 and "holds no models/mNNN/best.npz" in r.output
