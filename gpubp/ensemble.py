@@ -56,6 +56,18 @@ def probabilities(out: np.ndarray, loss: str) -> np.ndarray:
     return out
 
 
+def _user_outputs(path: str, meta: dict, cfg, model, x_std: np.ndarray) -> np.ndarray:
+    """What member `path` predicts, in the units the ensemble averages: probabilities, or
+    regression values mapped back to the targets' units (its checkpoint's target.* statistics)."""
+    out = _forward(model, x_std)
+    if meta["n_classes"] is not None:
+        return probabilities(out, cfg.loss.name)
+    from .checkpoint import load_checkpoint
+    from .targets import TargetScaler
+
+    return TargetScaler.from_arrays(load_checkpoint(path)[1], out.shape[1]).inverse(out)
+
+
 def _forward(model, x_std: np.ndarray) -> np.ndarray:
     xd = model.backend.asarray(x_std, dtype=model.dtype)
     chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
@@ -78,8 +90,8 @@ def load_members(run_dir: str, device: str, load):
 def predict(members, x: np.ndarray) -> np.ndarray:
     """The ensemble's mean prediction (N, n_out) for raw features x (N, F)."""
     total = None
-    for _, _, cfg, model, std in members:
-        p = probabilities(_forward(model, std(x)), cfg.loss.name)
+    for path, meta, cfg, model, std in members:
+        p = _user_outputs(path, meta, cfg, model, std(x))
         total = p if total is None else total + p
     return total / len(members)
 
@@ -99,10 +111,10 @@ def evaluate(members, split: str) -> dict:
         raise UsageError(f"--split {split}: the first model's run has no {split} split")
     loss_name = cfg0.loss.name
     labels = part.y if ds.is_classification else None
-    target = loss_targets(part, loss_name, width)
+    target = loss_targets(part, loss_name, width) if ds.is_classification else part.y.reshape(len(part), -1)
     per_member, total = [], None
-    for path, _meta, cfg, model, std in members:
-        p = probabilities(_forward(model, std(part.x)), cfg.loss.name)
+    for path, meta, cfg, model, std in members:
+        p = _user_outputs(path, meta, cfg, model, std(part.x))
         total = p if total is None else total + p
         per_member.append({"checkpoint": path, **_metrics(p, labels, target, loss_name)})
     result = {"split": split, "rows": len(part), "ensemble": _metrics(total / len(members), labels, target, loss_name)}

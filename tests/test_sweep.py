@@ -369,3 +369,25 @@ def test_out_of_memory_names_the_stack_and_what_to_change(tmp_path, monkeypatch)
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert "out of memory on cpu" in r.output and "training 3 models [64, 16, 10] as one stack" in r.output
     assert "train fewer models at once" in r.output and "Traceback" not in r.output
+
+
+def test_regression_ensemble_averages_the_members_outputs_in_the_targets_units(tmp_path):
+    path = tmp_path / "reg.toml"
+    path.write_text(
+        '[data]\ndataset = "regression"\nn_samples = 200\nval_fraction = 0.2\n[model]\nhidden = [8]\n[loss]\n'
+        'name = "mse"\n[train]\nepochs = 2\ndevice = "cpu"\n[sweep]\n"optimizer.lr" = [1e-3, 1e-2]\n'
+    )
+    run = str(tmp_path / "run")
+    runner = CliRunner()
+    assert runner.invoke(main, ["train", "--config", str(path), "--out", run, "--quiet"]).exit_code == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(2).uniform(-1, 1, (6, 2)))
+    outs = []
+    for i, ckpt in enumerate(
+        [os.path.join(model_dir(run, 0), "best.npz"), os.path.join(model_dir(run, 1), "best.npz"), run]
+    ):
+        extra = ["--ensemble"] if i == 2 else []
+        r = runner.invoke(main, ["predict", "--checkpoint", ckpt, *extra, "--input", str(tmp_path / "x.npy"),
+                                 "--output", str(tmp_path / f"p{i}.npy"), "--device", "cpu"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        outs.append(np.load(tmp_path / f"p{i}.npy"))
+    np.testing.assert_allclose(outs[2], (outs[0] + outs[1]) / 2, rtol=1e-12, atol=1e-12)
