@@ -145,10 +145,15 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
     from .trainer import Trainer, config_for_checkpoint, config_from_checkpoint
 
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
+    if dist.size == 1 and resume is not None and os.path.isdir(resume):  # a sweep run: its own config
+        return _train_sweep(load_config(config_path or os.path.join(resume, "config.toml"), overrides),
+                            out_dir or resume, device, quiet, overwrite, resume)  # fmt: skip
 
     def load_config_and_out_dir():
         if config_path is None and resume is None:
             raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
+        if resume is not None and os.path.isdir(resume):
+            raise UsageError(f"--resume {resume}: a sweep trains in one process; start it without the MPI launcher")
         if config_path is not None:
             cfg = load_config(config_path, overrides)
         else:
@@ -161,6 +166,9 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
                 section, key, value = parse_override(text)
                 raw.setdefault(section, {})[key] = value
             cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
+        if cfg.sweep is not None and dist.size > 1:
+            raise UsageError(f"{cfg.source}: a [sweep] trains its models in one process; start it without the "
+                             "MPI launcher")  # fmt: skip
         out = out_dir
         if out is None:
             out = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
@@ -169,6 +177,8 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
 
     # with N ranks: an error on any rank stops all and is printed once; so do configs that differ
     cfg, out_dir = dist.agree(load_config_and_out_dir)
+    if cfg.sweep is not None:  # one process (refused above under a launcher)
+        return _train_sweep(cfg, out_dir, device, quiet, overwrite, resume)
     dist.check_same({"config": config_for_checkpoint(cfg), "--out": os.path.abspath(out_dir), "--device": device,
                      "--resume": resume and os.path.abspath(resume), "--overwrite": overwrite,
                      "gpubp version": __version__}, "config")  # fmt: skip
@@ -192,6 +202,47 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
 
     if dist.is_root:
         click.echo(to_json(summary))
+
+
+def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
+    """A config with a [sweep] table: every member trained, groups as stacks (gpubp.sweep_trainer)."""
+    from .sweep_trainer import SweepTrainer
+
+    if cfg.sweep is None:
+        raise UsageError(f"--resume {resume}: {os.path.join(resume, 'config.toml')} has no [sweep] table; "
+                         "give the checkpoint of a single run (RUN/last.npz)")  # fmt: skip
+    if resume is not None and not os.path.isdir(resume):
+        raise UsageError(
+            f"--resume {resume}: a sweep continues from its run directory (--resume RUN_DIR); "
+            "a model continues alone from RUN/models/mNNN/last.npz without the sweep config"
+        )
+    if resume is not None:
+        _check_sweep_resume(cfg, resume, out_dir)
+    trainer = SweepTrainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume is not None)
+    if not quiet:
+        n, groups = len(cfg.sweep.members), len(cfg.sweep.groups())
+        click.echo(
+            f"sweep of {n} models in {groups} group{'s' if groups != 1 else ''}, run directory {out_dir}", err=True
+        )
+    summary = trainer.train()
+    click.echo(summary.pop("table"), nl=False)
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _check_sweep_resume(cfg, run_dir: str, out_dir: str) -> None:
+    """A sweep resumes in its own directory, with the members it was started with (the
+    [train] keys a single resume may change aside)."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .trainer import _check_resume_compatible
+
+    if os.path.abspath(out_dir) != os.path.abspath(run_dir):
+        raise UsageError(f"--resume {run_dir}: a sweep continues in its own directory; leave out --out")
+    stored = load_config(os.path.join(run_dir, "config.toml"))
+    if stored.sweep is None or len(stored.sweep.members) != len(cfg.sweep.members):
+        raise ConfigError(f"--resume {run_dir}: the config's sweep is not the one this run was started with")
+    for a, b in zip(stored.sweep.members, cfg.sweep.members):
+        _check_resume_compatible(a.cfg, b.cfg, run_dir)
 
 
 def _program() -> list[str]:
@@ -238,11 +289,24 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 @click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option(
+    "--ensemble", is_flag=True, help="--checkpoint is a sweep run: its models' averaged prediction and each model's."
+)
 @handle_errors
-def eval_cmd(checkpoint, split, device):
+def eval_cmd(checkpoint, split, device, ensemble):
     """Metrics of a checkpoint on its dataset's splits (JSON; per-class tables on stderr):
     loss, accuracy, per-class precision/recall/F1 and the confusion matrix for classes;
-    loss, R2, RMSE and MAE (in the targets' units) for regression."""
+    loss, R2, RMSE and MAE (in the targets' units) for regression. With --ensemble, a
+    sweep run's averaged prediction beside each of its models."""
+    if ensemble:
+        from . import ensemble as E
+
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        names = ("train", "val", "test") if split == "all" else (split,)
+        results = {"run": checkpoint, "models": len(members)}
+        results["splits"] = [E.evaluate(members, s) for s in names if split != "all" or _has_split(members, s)]
+        click.echo(json.dumps(results, indent=2))
+        return
     meta, cfg, model, _, run = _load_for_inference(checkpoint, device, with_data=True)
     from .metrics import format_classification, to_json
     from .trainer import evaluate_split
@@ -258,6 +322,11 @@ def eval_cmd(checkpoint, split, device):
         if f"{name}_report" in results:
             click.echo(format_classification(results[f"{name}_report"], name), err=True)
     click.echo(to_json(results))
+
+
+def _has_split(members, name: str) -> bool:
+    d = members[0][2].data
+    return name == "train" or (name == "val" and d.val_fraction > 0) or (name == "test" and d.test_fraction > 0)
 
 
 def read_features(path: str, n_features: int, label_column: str) -> np.ndarray:
@@ -320,8 +389,9 @@ def _read_unlabelled_csv(path: str) -> np.ndarray:
 @click.option("--output", "output_path", required=True, type=str, help="Where to write: .npy (raw outputs) or .csv.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--ensemble", is_flag=True, help="--checkpoint is a sweep run: average its models' probabilities.")
 @handle_errors
-def predict(checkpoint, input_path, output_path, device, overwrite):
+def predict(checkpoint, input_path, output_path, device, overwrite, ensemble):
     """Run a trained model on new data."""
     if not os.path.exists(input_path):
         raise UsageError(f"--input {input_path!r} not found; check the path")
@@ -334,22 +404,31 @@ def predict(checkpoint, input_path, output_path, device, overwrite):
         raise UsageError(f"--output {output_path!r}: the folder {folder!r} does not exist; create it or choose another")
     from .checkpoint import atomic_write
 
-    meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
-    x = read_features(input_path, meta["n_features"], cfg.data.label_column)
-    xd = model.backend.asarray(std(x), dtype=model.dtype)
-    chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
-    out = np.concatenate(chunks).astype(np.float64)
-    if meta["n_classes"] is None:  # regression: outputs back in the targets' own units
-        from .checkpoint import load_checkpoint
-        from .targets import TargetScaler, user_outputs
+    if ensemble:  # the mean of the models' probabilities (classification) or outputs
+        from . import ensemble as E
 
-        out = user_outputs(out, cfg.loss.name, False, TargetScaler.from_arrays(load_checkpoint(checkpoint)[1]))
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        _, meta, cfg, model, _ = members[0]
+        out = E.predict(members, read_features(input_path, meta["n_features"], cfg.data.label_column))
+        threshold = 0.5
+    else:
+        meta, cfg, model, std, _ = _load_for_inference(checkpoint, device, with_data=False)
+        x = read_features(input_path, meta["n_features"], cfg.data.label_column)
+        xd = model.backend.asarray(std(x), dtype=model.dtype)
+        chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
+        out = np.concatenate(chunks).astype(np.float64)
+        if meta["n_classes"] is None:  # regression: outputs back in the targets' own units
+            from .checkpoint import load_checkpoint
+            from .targets import TargetScaler, user_outputs
+
+            out = user_outputs(out, cfg.loss.name, False, TargetScaler.from_arrays(load_checkpoint(checkpoint)[1]))
+        threshold = model.decision_threshold
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=out)
     else:
         header = [f"output_{j}" for j in range(out.shape[1])]
         if meta["n_classes"] is not None:
-            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > model.decision_threshold).astype(int)
+            pred = out.argmax(axis=1) if out.shape[1] > 1 else (out[:, 0] > threshold).astype(int)
             names = meta.get("class_names") or []
             labels = np.array([names[p] for p in pred]) if names else pred
             lines = [",".join(["prediction", *header])]
@@ -386,6 +465,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
     for path in (json_path, md_path):
         if path and os.path.exists(path) and not overwrite:
             raise UsageError(f"{path!r} exists; pass --overwrite to replace it")
+    if "sweep" in case_names:  # M models stacked vs sequential vs torch.func (gpubp.sweep_bench)
+        return _bench_sweep(device, [c for c in case_names if c != "sweep"], json_path, md_path, no_torch)
     cases = B.find_cases(case_names)
     backend, note = resolve_device(device)
     if note:
@@ -405,6 +486,28 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         atomic_write_text(md_path, B.markdown(report))
 
 
+def _bench_sweep(device, other_cases, json_path, md_path, no_torch) -> None:
+    from . import bench as B
+    from . import sweep_bench as S
+    from .backend import resolve_device
+    from .checkpoint import atomic_write_text
+
+    if other_cases:
+        raise UsageError("--case sweep runs on its own; give the other cases in another gpubp bench call")
+    backend, note = resolve_device(device)
+    if note:
+        click.echo(note, err=True)
+    click.echo(f"gpubp bench --case sweep on {backend.describe()}", err=True)
+    click.echo(S.HEADER)
+    report = S.run(backend, with_torch=not no_torch, log=click.echo)
+    report["command"] = " ".join(["gpubp", *sys.argv[1:]]) if "bench" in sys.argv else "gpubp bench --case sweep"
+    report["versions"] = B.versions()
+    if json_path:
+        B.write_json(report, json_path)
+    if md_path:
+        atomic_write_text(md_path, S.markdown(report, report["command"]))
+
+
 # --------------------------------------------------------------------------- config / plot
 
 
@@ -418,10 +521,16 @@ def config():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
 @handle_errors
 def config_show(path, overrides):
-    """Print the resolved config (every default filled in) as TOML."""
+    """Print the resolved config (every default filled in) as TOML; for a sweep, its
+    [sweep] table and the expanded grid."""
     from .config import dump_toml, load_config
 
-    click.echo(dump_toml(load_config(path, overrides)), nl=False)
+    cfg = load_config(path, overrides)
+    click.echo(dump_toml(cfg), nl=False)
+    if cfg.sweep is not None:
+        from .sweep import dump_sweep_toml, format_table
+
+        click.echo(dump_sweep_toml(cfg.sweep) + "\n" + format_table(cfg.sweep), nl=False)
 
 
 @main.command()
