@@ -368,3 +368,10 @@ def test_rank_timeout_from_the_environment(monkeypatch):
             rank_timeout(0)
         with pytest.raises(Silent):  # said once, by rank 0
             rank_timeout(2)
+
+
+def test_a_sweep_is_refused_under_a_launcher(tmp_path):
+    result = mpi_train(2, "--config", "configs/digits-sweep.toml", "--quiet", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = _error_lines(result.stderr)
+    assert len(lines) == 1 and "a [sweep] trains its models in one process" in lines[0], result.stderr
