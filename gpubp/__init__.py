@@ -23,6 +23,10 @@ _LAZY = {
     "AdamW": ("optim", "AdamW"),
     "clip_grad_norm": ("optim", "clip_grad_norm"),
     "jacobian": ("jacobians", "jacobian"),
+    "MLPStack": ("stack", "MLPStack"),
+    "StackSGD": ("stack", "StackSGD"),
+    "StackAdam": ("stack", "StackAdam"),
+    "StackAdamW": ("stack", "StackAdamW"),
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -41,6 +41,8 @@ def handle_errors(fn):
             click.echo(f"gpubp: {e}", err=True)
             sys.exit(e.exit_code)
         except GpubpError as e:
+            if getattr(e, "silent", False):  # another rank of a data-parallel run reports it
+                sys.exit(e.exit_code)
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             click.echo("gpubp: interrupted", err=True)
@@ -123,30 +125,68 @@ def default_out_dir(config_path: str | None) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar or messages; the summary is still printed.")
 @handle_errors
 def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quiet):
-    """Train a model from a config file."""
+    """Train a model from a config file. Under an MPI launcher (mpirun -n N ...) the N
+    ranks train one model, data parallel (see gpubp/distributed.py)."""
+    from . import distributed
+
+    distributed.supervise()  # under a launcher: a parent that names this rank if it is killed
+    dist = distributed.from_environment()
+    try:
+        _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrite, quiet)
+    except GpubpError as e:
+        raise dist.report(e) from None
+    finally:
+        dist.close()
+
+
+def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrite, quiet):
     from .checkpoint import load_checkpoint
     from .config import load_config, validate
-    from .trainer import Trainer, config_from_checkpoint
+    from .trainer import Trainer, config_for_checkpoint, config_from_checkpoint
 
     overrides = list(overrides) + ([f"train.seed={seed}"] if seed is not None else [])
-    if config_path is None and resume is None:
-        raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
-    if config_path is not None:
-        cfg = load_config(config_path, overrides)
-    else:
-        meta, _ = load_checkpoint(resume)
-        stored = config_from_checkpoint(meta, resume)
-        raw = stored.to_dict()
-        from .config import parse_override
+    if dist.size == 1 and resume is not None and os.path.isdir(resume):  # a sweep run: its own config
+        return _train_sweep(load_config(config_path or os.path.join(resume, "config.toml"), overrides),
+                            out_dir or resume, device, quiet, overwrite, resume)  # fmt: skip
 
-        for text in overrides:
-            section, key, value = parse_override(text)
-            raw.setdefault(section, {})[key] = value
-        cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
-    if out_dir is None:
-        out_dir = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
-    trainer = Trainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume)
-    if not quiet:
+    def load_config_and_out_dir():
+        if config_path is None and resume is None:
+            raise UsageError("give --config FILE (e.g. configs/digits.toml), or --resume CHECKPOINT")
+        if resume is not None and os.path.isdir(resume):
+            raise UsageError(f"--resume {resume}: a sweep trains in one process; start it without the MPI launcher")
+        if config_path is not None:
+            cfg = load_config(config_path, overrides)
+        else:
+            meta, _ = load_checkpoint(resume)
+            stored = config_from_checkpoint(meta, resume)
+            raw = stored.to_dict()
+            from .config import parse_override
+
+            for text in overrides:
+                section, key, value = parse_override(text)
+                raw.setdefault(section, {})[key] = value
+            cfg = validate(raw, f"{resume} (stored config)", stored.base_dir)
+        if cfg.sweep is not None and dist.size > 1:
+            raise UsageError(f"{cfg.source}: a [sweep] trains its models in one process; start it without the "
+                             "MPI launcher")  # fmt: skip
+        out = out_dir
+        if out is None:
+            out = os.path.dirname(os.path.abspath(resume)) if resume else default_out_dir(config_path)
+        dist.use_device(device or cfg.train.device)
+        return cfg, out
+
+    # with N ranks: an error on any rank stops all and is printed once; so do configs that differ
+    cfg, out_dir = dist.agree(load_config_and_out_dir)
+    if cfg.sweep is not None:  # one process (refused above under a launcher)
+        return _train_sweep(cfg, out_dir, device, quiet, overwrite, resume)
+    dist.check_same({"config": config_for_checkpoint(cfg), "--out": os.path.abspath(out_dir), "--device": device,
+                     "--resume": resume and os.path.abspath(resume), "--overwrite": overwrite,
+                     "gpubp version": __version__}, "config")  # fmt: skip
+    quiet_here = quiet or not dist.is_root
+    trainer = dist.agree(lambda: Trainer(cfg, out_dir, device=device, quiet=quiet_here, overwrite=overwrite,
+                                         resume=resume, dist=dist))  # fmt: skip
+    dist.start(trainer)
+    if not quiet_here:
         click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
                    f"{trainer.total_steps} steps, run directory {out_dir}", err=True)  # fmt: skip
     try:
@@ -154,12 +194,55 @@ def train(config_path, device, overrides, out_dir, resume, seed, overwrite, quie
     except Interrupted as e:
         again = [*_program(), "--resume", e.checkpoint] + (["--device", device] if device else [])
         again += ["--quiet"] if quiet else []
+        launcher = " (under your MPI launcher, on any number of ranks)" if dist.size > 1 else ""
         raise Interrupted(
-            f"interrupted at step {e.step}; resume with: {shlex.join(again)}", e.step, e.checkpoint
+            f"interrupted at step {e.step}; resume with: {shlex.join(again)}{launcher}", e.step, e.checkpoint
         ) from None
     from .metrics import to_json
 
-    click.echo(to_json(summary))
+    if dist.is_root:
+        click.echo(to_json(summary))
+
+
+def _train_sweep(cfg, out_dir, device, quiet, overwrite, resume) -> None:
+    """A config with a [sweep] table: every member trained, groups as stacks (gpubp.sweep_trainer)."""
+    from .sweep_trainer import SweepTrainer
+
+    if cfg.sweep is None:
+        raise UsageError(f"--resume {resume}: {os.path.join(resume, 'config.toml')} has no [sweep] table; "
+                         "give the checkpoint of a single run (RUN/last.npz)")  # fmt: skip
+    if resume is not None and not os.path.isdir(resume):
+        raise UsageError(
+            f"--resume {resume}: a sweep continues from its run directory (--resume RUN_DIR); "
+            "a model continues alone from RUN/models/mNNN/last.npz without the sweep config"
+        )
+    if resume is not None:
+        _check_sweep_resume(cfg, resume, out_dir)
+    trainer = SweepTrainer(cfg, out_dir, device=device, quiet=quiet, overwrite=overwrite, resume=resume is not None)
+    if not quiet:
+        n, groups = len(cfg.sweep.members), len(cfg.sweep.groups())
+        click.echo(
+            f"sweep of {n} models in {groups} group{'s' if groups != 1 else ''}, run directory {out_dir}", err=True
+        )
+    summary = trainer.train()
+    click.echo(summary.pop("table"), nl=False)
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _check_sweep_resume(cfg, run_dir: str, out_dir: str) -> None:
+    """A sweep resumes in its own directory, with the members it was started with (the
+    [train] keys a single resume may change aside)."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .trainer import _check_resume_compatible
+
+    if os.path.abspath(out_dir) != os.path.abspath(run_dir):
+        raise UsageError(f"--resume {run_dir}: a sweep continues in its own directory; leave out --out")
+    stored = load_config(os.path.join(run_dir, "config.toml"))
+    if stored.sweep is None or len(stored.sweep.members) != len(cfg.sweep.members):
+        raise ConfigError(f"--resume {run_dir}: the config's sweep is not the one this run was started with")
+    for a, b in zip(stored.sweep.members, cfg.sweep.members):
+        _check_resume_compatible(a.cfg, b.cfg, run_dir)
 
 
 def _program() -> list[str]:
@@ -209,12 +292,28 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
 @click.option("--data", "data_path", type=str, default=None,
               help="Evaluate on this labelled file instead (.csv with the label column, or .npz with x, y).")  # fmt: skip
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
+@click.option(
+    "--ensemble", is_flag=True, help="--checkpoint is a sweep run: its models' averaged prediction and each model's."
+)
 @handle_errors
-def eval_cmd(checkpoint, split, data_path, device):
+def eval_cmd(checkpoint, split, data_path, device, ensemble):
     """Metrics of a checkpoint on its dataset's splits, or on a new labelled file (--data;
     columns matched by name as in predict) (JSON; per-class tables on stderr): loss,
     accuracy, per-class precision/recall/F1 and the confusion matrix for classes; loss,
-    R2, RMSE and MAE (in the targets' units) for regression."""
+    R2, RMSE and MAE (in the targets' units) for regression. With --ensemble, a sweep
+    run's averaged prediction beside each of its models."""
+    if ensemble:
+        if data_path is not None:
+            raise UsageError("--data applies to one checkpoint, not to --ensemble")
+        from . import ensemble as E
+
+        split = split or "all"
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        names = ("train", "val", "test") if split == "all" else (split,)
+        results = {"run": checkpoint, "models": len(members)}
+        results["splits"] = [E.evaluate(members, s) for s in names if split != "all" or _has_split(members, s)]
+        click.echo(json.dumps(results, indent=2))
+        return
     from .metrics import format_classification, to_json
     from .trainer import evaluate_split
 
@@ -254,6 +353,11 @@ def eval_cmd(checkpoint, split, data_path, device):
     click.echo(to_json(results))
 
 
+def _has_split(members, name: str) -> bool:
+    d = members[0][2].data
+    return name == "train" or (name == "val" and d.val_fraction > 0) or (name == "test" and d.test_fraction > 0)
+
+
 @main.command()
 @click.option("--checkpoint", required=True, type=str, help="A checkpoint (.npz) written by gpubp train.")
 @click.option("--input", "input_path", required=True, type=str,
@@ -266,8 +370,9 @@ def eval_cmd(checkpoint, split, data_path, device):
 @click.option("--logits", is_flag=True, help="Classes: write the raw network outputs instead of probabilities.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
+@click.option("--ensemble", is_flag=True, help="--checkpoint is a sweep run: average its models' probabilities.")
 @handle_errors
-def predict(checkpoint, input_path, output_path, no_header, logits, device, overwrite):
+def predict(checkpoint, input_path, output_path, no_header, logits, device, overwrite, ensemble):
     """Run a trained model on new data."""
     if not os.path.exists(input_path):
         raise UsageError(f"--input {input_path!r} not found; check the path")
@@ -281,26 +386,44 @@ def predict(checkpoint, input_path, output_path, no_header, logits, device, over
     from . import inference as I
     from .checkpoint import atomic_write
 
-    meta, cfg, model, std, _, arrays = _load_for_inference(checkpoint, device, with_data=False)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    x = I.read_features(input_path, meta, cfg, checkpoint, std.fill, log, no_header=no_header)
-    xd = model.backend.asarray(std(x), dtype=model.dtype)
-    chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
-    out = np.concatenate(chunks)  # (N, n_out) in the model's dtype
+    if ensemble:  # the mean of the models' probabilities (classification) or outputs
+        if logits:
+            raise UsageError("--logits does not apply to --ensemble, which averages probabilities")
+        from . import ensemble as E
+
+        members = E.load_members(checkpoint, device, _load_for_inference)
+        path0, meta, cfg, model, std = members[0]
+        x = I.read_features(input_path, meta, cfg, path0, std.fill, log, no_header=no_header)
+        out = E.predict(members, x)  # (N, n_out): mean probabilities, or values in the targets' units
+        if meta["n_classes"] is not None:
+            names = meta.get("class_names") or [str(c) for c in range(meta["n_classes"])]
+            values = out if out.shape[1] > 1 else np.concatenate([1.0 - out, out], axis=1)  # P(class 1) -> both
+            pred, columns = values.argmax(axis=1), [f"p_{c}" for c in names]
+        else:
+            values = out
+    else:
+        meta, cfg, model, std, _, arrays = _load_for_inference(checkpoint, device, with_data=False)
+        x = I.read_features(input_path, meta, cfg, checkpoint, std.fill, log, no_header=no_header)
+        xd = model.backend.asarray(std(x), dtype=model.dtype)
+        chunks = [model.backend.to_numpy(model.forward(xd[i : i + 4096])) for i in range(0, len(xd), 4096)]
+        out = np.concatenate(chunks)  # (N, n_out) in the model's dtype
+        if meta["n_classes"] is not None:
+            names = meta.get("class_names") or [str(c) for c in range(meta["n_classes"])]
+            pred, columns, values = I.class_outputs(out.astype(np.float64), cfg.loss.name, names,
+                                                    model.decision_threshold, logits)  # fmt: skip
+        else:
+            values = I.to_user_units(out, meta, arrays)
     if meta["n_classes"] is not None:
-        names = meta.get("class_names") or [str(c) for c in range(meta["n_classes"])]
-        pred, columns, values = I.class_outputs(out.astype(np.float64), cfg.loss.name, names,
-                                                model.decision_threshold, logits)  # fmt: skip
         first, header = [names[p] for p in pred], ["prediction", *columns]
     else:
-        values = I.to_user_units(out, meta, arrays)
         label = meta.get("label_column") or "prediction"
         header = [label] if values.shape[1] == 1 else [f"{label}_{j}" for j in range(values.shape[1])]
         first = [None] * len(values)
     if output_path.endswith(".npy"):
         write = functools.partial(np.save, arr=np.asarray(values, dtype=np.float64))
     else:
-        text = I.csv_text(first, header, values.astype(out.dtype))  # digits as the model's precision holds
+        text = I.csv_text(first, header, values.astype(model.dtype))  # digits as the model's precision holds
         write = functools.partial(_write_text, text)
     try:
         atomic_write(output_path, write)
@@ -335,6 +458,8 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
     for path in (json_path, md_path):
         if path and os.path.exists(path) and not overwrite:
             raise UsageError(f"{path!r} exists; pass --overwrite to replace it")
+    if "sweep" in case_names:  # M models stacked vs sequential vs torch.func (gpubp.sweep_bench)
+        return _bench_sweep(device, [c for c in case_names if c != "sweep"], json_path, md_path, no_torch)
     cases = B.find_cases(case_names)
     backend, note = resolve_device(device)
     if note:
@@ -354,6 +479,28 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
         atomic_write_text(md_path, B.markdown(report))
 
 
+def _bench_sweep(device, other_cases, json_path, md_path, no_torch) -> None:
+    from . import bench as B
+    from . import sweep_bench as S
+    from .backend import resolve_device
+    from .checkpoint import atomic_write_text
+
+    if other_cases:
+        raise UsageError("--case sweep runs on its own; give the other cases in another gpubp bench call")
+    backend, note = resolve_device(device)
+    if note:
+        click.echo(note, err=True)
+    click.echo(f"gpubp bench --case sweep on {backend.describe()}", err=True)
+    click.echo(S.HEADER)
+    report = S.run(backend, with_torch=not no_torch, log=click.echo)
+    report["command"] = " ".join(["gpubp", *sys.argv[1:]]) if "bench" in sys.argv else "gpubp bench --case sweep"
+    report["versions"] = B.versions()
+    if json_path:
+        B.write_json(report, json_path)
+    if md_path:
+        atomic_write_text(md_path, S.markdown(report, report["command"]))
+
+
 # --------------------------------------------------------------------------- config / plot
 
 
@@ -367,10 +514,16 @@ def config():
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config value.")
 @handle_errors
 def config_show(path, overrides):
-    """Print the resolved config (every default filled in) as TOML."""
+    """Print the resolved config (every default filled in) as TOML; for a sweep, its
+    [sweep] table and the expanded grid."""
     from .config import dump_toml, load_config
 
-    click.echo(dump_toml(load_config(path, overrides)), nl=False)
+    cfg = load_config(path, overrides)
+    click.echo(dump_toml(cfg), nl=False)
+    if cfg.sweep is not None:
+        from .sweep import dump_sweep_toml, format_table
+
+        click.echo(dump_sweep_toml(cfg.sweep) + "\n" + format_table(cfg.sweep), nl=False)
 
 
 @main.command()

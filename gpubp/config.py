@@ -183,6 +183,7 @@ class Config:
         self.sections = {name: Section(values) for name, values in sections.items()}
         self.source = source
         self.base_dir = base_dir
+        self.sweep = None  # a gpubp.sweep.Sweep when the config has a [sweep] table
 
     def __getattr__(self, name) -> Section:
         sections = self.__dict__.get("sections", {})
@@ -327,6 +328,8 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
     _require_table(raw, source)
     sections = {}
     for name, values in raw.items():
+        if name == "sweep":  # checked by gpubp.sweep.expand below
+            continue
         if name not in SCHEMA:
             raise ConfigError(
                 f"{source}: unknown section [{name}]{_closest(name, SCHEMA)} (sections: {', '.join(SCHEMA)})"
@@ -344,6 +347,10 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
         }
     cfg = Config(sections, source, base_dir)
     _cross_checks(cfg, source, raw)
+    if "sweep" in raw:
+        from .sweep import expand
+
+        cfg.sweep = expand(raw, source, base_dir)
     return cfg
 
 

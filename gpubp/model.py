@@ -242,9 +242,10 @@ class MLP:
 
     # ---------------------------------------------------------------- backward
 
-    def _backward(self, ws: _Workspace, input_grad: bool = False) -> None:
+    def _backward(self, ws: _Workspace, input_grad: bool = False, on_layer=None) -> None:
         """Reverse mode from D = ws.dx[l]: fills self.grads (overwriting), and
-        ws.dx[0] = dLoss/dx_0 when input_grad."""
+        ws.dx[0] = dLoss/dx_0 when input_grad. `on_layer(k)`, if given, is called as
+        soon as dW_k and db_k are issued (data parallel: their all-reduce can start)."""
         be = self.backend
         for k in reversed(range(self.n_layers)):
             act = self.activations[k]
@@ -255,21 +256,32 @@ class MLP:
             be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
             be.gemm(ws.x[k], Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'         (n_k, n_{k+1})
             be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                          (n_{k+1},)
+            if on_layer is not None:
+                on_layer(k)
             if k > 0 or input_grad:
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
                 beta = 1.0 if self.is_residual[k] else 0.0
                 be.gemm(Dz, W, out=ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
-    def forward_backward(self, x, target, input_grad: bool = False):
+    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None):
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
+        on_layer(k): called once layer k's gradients are issued (see _backward).
         """
         ws = self._workspace(x.shape[0])
         out = self._forward(x, ws)
         loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1])
-        self._backward(ws, input_grad=input_grad)
+        self._backward(ws, input_grad=input_grad, on_layer=on_layer)
         return loss
+
+    def use_grad_buffer(self, flat) -> None:
+        """Keep the gradients in `flat[:n_params]` (a longer buffer whose tail carries
+        other numbers through the same all-reduce, data parallel)."""
+        if flat.ndim != 1 or flat.shape[0] < self.n_params or flat.dtype != self.dtype:
+            raise ValueError(f"a gradient buffer needs >= {self.n_params} elements of {self.dtype}")
+        self.flat_grads = flat[: self.n_params]
+        self.grads = self._views(self.flat_grads)
 
     def loss_and_grads(self, x, y):
         """(loss as a Python float, gradients in params order).

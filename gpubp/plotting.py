@@ -60,6 +60,8 @@ def plot_run(run_dir: str, output: str | None = None, overwrite: bool = False) -
     if os.path.exists(output) and not overwrite:
         raise UsageError(f"{output!r} exists; pass --overwrite to replace it, or --output to choose another file")
     records = read_metrics(run_dir)
+    if any("model" in r for r in records):
+        return plot_sweep(run_dir, records, output)
     report = read_report(run_dir)
     plt = pyplot("gpubp plot")
     steps = [r["step"] for r in records]
@@ -96,3 +98,57 @@ def plot_run(run_dir: str, output: str | None = None, overwrite: bool = False) -
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return output
+
+
+def plot_sweep(run_dir: str, records: list[dict], output: str | None = None) -> str:
+    """A sweep run: one curve per model (validation loss, else training loss), and the
+    final metric of sweep.csv against each swept key."""
+    import csv
+
+    plt = pyplot("gpubp plot")
+    key = "val_loss" if any("val_loss" in r for r in records) else "train_loss"
+    rows = []
+    table = os.path.join(run_dir, "sweep.csv")
+    if os.path.isfile(table):
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    fixed = {"model", "group", "status", "best_metric", "best_value", "best_step"}
+    swept = [c for c in (rows[0] if rows else {}) if c not in fixed and not c.startswith(("best_", "final_"))]
+    final = next(
+        (c for c in ("final_val_accuracy", "final_val_loss", "final_train_loss") if rows and c in rows[0]), None
+    )
+    fig, axes = plt.subplots(1, 1 + len(swept), figsize=(6 + 4 * len(swept), 4), squeeze=False)
+    ax = axes[0][0]
+    for model in sorted({r["model"] for r in records}):
+        mine = [r for r in records if r["model"] == model and r.get(key) is not None]
+        ax.plot([r["step"] for r in mine], [r[key] for r in mine], lw=1, alpha=0.8, label=f"model {model}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len({r["model"] for r in records}) <= 12:
+        ax.legend(fontsize=7)
+    for i, column in enumerate(swept, start=1):
+        ax = axes[0][i]
+        points = [(_number(r[column]), _number(r[final])) for r in rows if not r["status"].startswith("diverged")]
+        points = [(x, y) for x, y in points if x is not None and y is not None]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=18)
+        if points and all(p[0] > 0 for p in points) and max(p[0] for p in points) / min(p[0] for p in points) > 50:
+            ax.set_xscale("log")
+        ax.set_xlabel(column)
+        ax.set_ylabel(final or "")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(run_dir))}: {len({r['model'] for r in records})} models")
+    fig.tight_layout()
+    output = output or os.path.join(run_dir, "curves.png")
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value == value else None  # NaN: a diverged model's metric

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as D
+from . import distributed
 from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
@@ -454,11 +455,14 @@ def catch_sigint():
 
 class Trainer:
     """The loop over one config. `out_dir` None trains in memory (see `train_in_memory`):
-    no run directory, no files; the evaluations collect in `history`."""
+    no run directory, no files; the evaluations collect in `history`. `dist`: this
+    process's place in a data-parallel run (gpubp.distributed; one process by default)."""
 
     def __init__(self, cfg: Config, out_dir: str | None, device: str | None = None, quiet: bool = False,
                  overwrite: bool = False, resume: str | None = None, log=None, dataset: D.Dataset | None = None,
-                 standardizer: D.Standardizer | None = None, warm_start: tuple | None = None):  # fmt: skip
+                 standardizer: D.Standardizer | None = None, warm_start: tuple | None = None,
+                 dist=None):  # fmt: skip
+        self.dist = dist if dist is not None else distributed.LOCAL  # one process, or this rank of N
         self.quiet = quiet
         self.log = log or (lambda msg: None if quiet else print(msg, file=sys.stderr))
         self.resume_meta = None
@@ -498,13 +502,15 @@ class Trainer:
         self.guard = FiniteGuard(self.run.backend, self.model.dtype)
         self.history = []  # in memory: the evaluation records metrics.jsonl would hold
         self.min_eval_steps = MIN_EVAL_STEPS  # train.eval_every = 0: evaluate after whole epochs of >= this
+        self.dist.attach(self)
         if warm_start is not None:  # (flat parameters, optimizer state_dict) to continue from
             self.model.set_flat_params(warm_start[0])
             self.opt.load_state_dict(warm_start[1])
         if resume is not None:
             self._restore(resume, resume_arrays)
-        if out_dir is None:
-            return
+        self.created_dir = self.created_dir and self.dist.is_root  # only rank 0's run directory
+        if out_dir is None or not self.dist.is_root:
+            return  # in memory, or not rank 0 (rank 0 alone writes the run's files)
         if resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume))):
             for name in remove_temporaries(out_dir):
                 self.log(f"removed {name}, left in {out_dir} by an interrupted write")
@@ -581,6 +587,10 @@ class Trainer:
     def save(self, name: str) -> None:
         if self.out_dir is None:  # in memory: no files
             return
+        if not self.dist.is_root:  # rank 0 writes; the others keep its record of the last save
+            if name == "last.npz":
+                self.saved_step, self.saved_at = self.step, time.monotonic()
+            return
         save_checkpoint(os.path.join(self.out_dir, name), *self.checkpoint())
         if name == "last.npz":
             self.saved_step, self.saved_at = self.step, time.monotonic()
@@ -592,7 +602,8 @@ class Trainer:
         if self.out_dir is None:  # in memory: the best state stays in self.best
             return
         if not self.best_written:
-            save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
+            if self.dist.is_root:
+                save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
             self.best_written = True
         self.save("last.npz")
 
@@ -603,8 +614,9 @@ class Trainer:
         if part is None:
             return {}
         host = getattr(self.run.data, split)
-        return evaluate_split(self.model, part, split, self.cfg.train.eval_batch_size, host, self.run.target_scaler,
-                              report)  # fmt: skip
+        # with N ranks: each evaluates its share of the rows, the sums are all-reduced
+        return self.dist.evaluate(self.model, part, split, self.cfg.train.eval_batch_size, host,
+                                  self.run.target_scaler, report)  # fmt: skip
 
     def _monitor(self, record: dict) -> tuple[str, float, bool] | None:
         """(name, value, higher is better) of the validation metric that picks best.npz
@@ -630,10 +642,11 @@ class Trainer:
         self.saved_at = time.monotonic()  # the first checkpoint comes after checkpoint_every_s, or at the end
         # a terminal gets a bar (epochs in its label, steps counted); logs get one line per evaluation
         self.bar = bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                              disable=self.quiet or not sys.stderr.isatty(), desc=self._epoch_label())  # fmt: skip
+                              disable=self.quiet or not self.dist.is_root or not sys.stderr.isatty(),
+                              desc=self._epoch_label())  # fmt: skip
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_root:
             self.metrics_file = scope.enter_context(open(os.path.join(self.out_dir, "metrics.jsonl"), "a", buffering=1))
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
@@ -642,12 +655,15 @@ class Trainer:
                 if perm_epoch != epoch:
                     perm = be.asarray(D.epoch_permutation(t.seed, epoch, self.n_train))
                     perm_epoch = epoch
-                idx = perm[b * t.batch_size : (b + 1) * t.batch_size]
+                batch = perm[b * t.batch_size : (b + 1) * t.batch_size]
+                idx = self.dist.rows(batch)  # this rank's slice of the global batch
                 xb = be.gather_rows(train.x, idx, self._batch_buffer("x", train.x, idx.shape[0]))
                 yb = be.gather_rows(train.target, idx, self._batch_buffer("y", train.target, idx.shape[0]))
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
-                loss = model.forward_backward(xb, yb)
+                # the loss and gradients of the global batch (with N ranks: one all-reduce),
+                # and whether any rank was interrupted
+                loss, stop = self.dist.forward_backward(model, xb, yb, batch.shape[0], interrupted)
                 self.guard.check(self.step, loss, be.sum_squares(model.flat_grads), clip)
                 opt.step(grad_scale=self.guard.scale, skip=self.guard.skip)
                 self.running_loss += loss
@@ -665,7 +681,7 @@ class Trainer:
                         self._say(f"early stopping at step {self.step}: {t.early_stopping_patience} evaluations "
                                   f"without a better {name} (best at step {self.best_step})")  # fmt: skip
                         break
-                if interrupted():
+                if stop:
                     raise self._interrupt()
             return self._finish(stopped_early, time.perf_counter() - start)
         except be.out_of_memory_errors:
@@ -769,7 +785,7 @@ class Trainer:
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
         if self.out_dir is None:
             self.history.append(record)
-        else:
+        elif self.dist.is_root:
             self.metrics_file.write(json.dumps(record) + "\n")  # line-buffered: each line reaches the file
         monitor = self._monitor(record)
         if monitor is not None:
@@ -807,7 +823,7 @@ class Trainer:
         for split in ("train", "val", "test"):
             summary.update(self.evaluate(split, report=True))
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_root:
             return summary
         atomic_write_text(os.path.join(self.out_dir, "summary.json"), M.to_json(summary) + "\n")
         return summary

@@ -49,7 +49,9 @@ for tool in memcheck racecheck synccheck; do
     "tests/test_gpu.py::test_compute_sanitizer[$tool]" > "$OUT/sanitizer-$tool.log" 2>&1 &
 done
 
+# (the stacked-model and data-parallel GPU tests run in their own scripts)
 timeout "${T_PYTEST:-330}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider -k "not compute_sanitizer" tests/ \
+  --ignore=tests/test_stack_gpu.py --ignore=tests/test_distributed_gpu.py \
   > "$OUT/pytest-gpu.txt" 2>&1
 echo "pytest exit code: $?" >> "$OUT/pytest-gpu.txt"
 wait

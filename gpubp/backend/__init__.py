@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DeviceError
-from . import numpy_ops
+from . import numpy_ops, numpy_stacked
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -34,6 +34,16 @@ class NumpyBackend:
     sum_squares = staticmethod(numpy_ops.sum_squares)
     step_guard = staticmethod(numpy_ops.step_guard)
     gather_rows = staticmethod(numpy_ops.gather_rows)
+    # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
+    gemm_batched = staticmethod(numpy_stacked.gemm_batched)
+    bias_act_forward_batched = staticmethod(numpy_stacked.bias_act_forward_batched)
+    bias_grad_batched = staticmethod(numpy_stacked.bias_grad_batched)
+    loss_forward_backward_batched = staticmethod(numpy_stacked.loss_forward_backward_batched)
+    accuracy_count_batched = staticmethod(numpy_stacked.accuracy_count_batched)
+    sum_squares_batched = staticmethod(numpy_stacked.sum_squares_batched)
+    step_guard_batched = staticmethod(numpy_stacked.step_guard_batched)
+    sgd_step_batched = staticmethod(numpy_stacked.sgd_step_batched)
+    adam_step_batched = staticmethod(numpy_stacked.adam_step_batched)
 
     # what this backend raises when its memory runs out; the trainer turns these into
     # DeviceRuntimeError with the batch size and the memory needed

@@ -110,7 +110,8 @@ class CupyBackend:
     name = "gpu"
     optimizer_scratch_rows = 0  # the fused update kernels need no working space
 
-    def __init__(self, device_id: int = 0):
+    def __init__(self, device_id: int | None = None):
+        """device_id None: the current device (0 unless a data-parallel rank chose its own)."""
         import cupy
         from cupy_backends.cuda.libs import cublas
 
@@ -484,3 +485,194 @@ class CupyBackend:
         """out[i] = src[idx[i]] on the device; see numpy_ops.gather_rows."""
         self._cupy.take(src, idx, axis=0, out=out)
         return out
+
+    # ------------------------------------------------------------------ stacked models (gpubp.stack)
+    # The *_batched ops of numpy_stacked with a leading model axis M: cuBLAS strided-batched
+    # GEMM (one call for all M models), our row kernels over the M*N rows, and elementwise
+    # updates whose per-model hyperparameters are (M, 1) device vectors broadcast over (M, P).
+
+    def _slices_ok(self, op: str, name: str, a, dtype) -> int:
+        """a (M, r, c) or shared (r, c) whose 2-D slices are row-major contiguous; returns its
+        model stride in elements (0 for a shared operand)."""
+        if not isinstance(a, self._cupy.ndarray) or a.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be a CuPy array of dtype {np.dtype(dtype)}")
+        item = a.itemsize
+        if a.ndim not in (2, 3) or a.strides[-1] != item or (a.shape[-2] > 1 and a.strides[-2] != a.shape[-1] * item):
+            raise ValueError(f"{op}: {name} {a.shape} must be a stack of row-major contiguous matrices")
+        return 0 if a.ndim == 2 else a.strides[0] // item
+
+    def gemm_batched(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
+        """out[i] = op(a[i]) @ op(b[i]) + beta out[i] for all i in ONE cublasGemmStridedBatchedEx;
+        see numpy_stacked.gemm_batched. alpha and beta go to cuBLAS as host pointers."""
+        dtype = out.dtype
+        sa, sb, so = (self._slices_ok("gemm_batched", n, x, dtype) for n, x in (("a", a), ("b", b), ("out", out)))
+        count = out.shape[0]
+        m, k = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+        kb, n = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
+        if out.ndim != 3 or k != kb or out.shape[1:] != (m, n) or (a.ndim == 3 and a.shape[0] != count) or b.ndim != 3:
+            raise ValueError(f"gemm_batched: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
+        if beta not in (0.0, 1.0):
+            raise ValueError("gemm_batched: beta must be 0 or 1")
+        if count == 0 or m == 0 or n == 0:
+            return out
+        t = dtype.type
+        compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if self.tf32 else _COMPUTE_32F)
+        data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
+        # column-major: out[i]^T (n x m) = op(b[i])^T (n x k) . op(a[i])^T (k x m)
+        self._cublas.gemmStridedBatchedEx(
+            self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+            self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[-1], sb,
+            a.data.ptr, data, a.shape[-1], sa,
+            self._scalar_ptr(t, beta), out.data.ptr, data, n, so, count, compute, _GEMM_DEFAULT,
+        )  # fmt: skip
+        return out
+
+    def bias_act_forward_batched(self, z, b, act: Activation, out):
+        """z[i] += b[i], out = f(z); see numpy_stacked.bias_act_forward_batched."""
+        self._cupy.add(z, b[:, None, :], out=z)
+        zero = self._constant(0.0, (z.shape[-1],), z.dtype)
+        self.bias_act_forward(z.reshape(-1, z.shape[-1]), zero, act, out.reshape(-1, out.shape[-1]))
+        return out
+
+    def _constant(self, value: float, shape: tuple, dtype):
+        """A cached device array filled with `value` (the zero bias, the ones row)."""
+        cache = self.__dict__.setdefault("_stack_constants", {})
+        key = (value, shape, np.dtype(dtype))
+        if key not in cache:
+            cache[key] = self._cupy.full(shape, value, dtype=dtype)
+        return cache[key]
+
+    def bias_grad_batched(self, d, out):
+        """out[i] = 1^T d[i] (M, n): one strided-batched GEMM with a shared ones row."""
+        self.gemm_batched(self._constant(1.0, (1, d.shape[1]), d.dtype), d, out[:, None, :])
+        return out
+
+    def _stack_rows(self, target, count: int):
+        """Targets (N, ...) shared by every model as (M * N, ...) contiguous rows, else reshaped."""
+        cupy = self._cupy
+        if target.ndim in (1, 2) and not (target.ndim == 2 and target.dtype == np.int32):
+            shared = target.ndim == 1 if target.dtype == np.int32 else target.ndim == 2
+            if shared:
+                target = cupy.broadcast_to(target, (count, *target.shape))
+        return cupy.ascontiguousarray(target).reshape(-1, *target.shape[2:])
+
+    def loss_forward_backward_batched(self, x, target, loss: Loss, grad=None):
+        """Each model's mean loss (M,) and grad; see numpy_stacked.loss_forward_backward_batched.
+        The loss_rows kernel runs over all M * N rows; each model's row losses are then summed."""
+        dtype = x.dtype
+        count, n, c = x.shape
+        labels_kind = loss.info.target == "labels"
+        rows = self._stack_rows(target, count)
+        if labels_kind:
+            labels, targets = rows, x
+        else:
+            labels, targets = self._unit_scale(np.int32), rows
+        divisor = n if labels_kind else n * c
+        row_loss = self._cupy.empty(count * n, dtype=dtype)
+        x2 = x.reshape(-1, c)
+        g2 = grad.reshape(-1, c) if grad is not None else x2
+        self._check("loss_forward_backward_batched", dtype, x=x2, grad=g2)
+        self._function("loss_rows", dtype)(
+            (self._blocks(count * n, BLOCK // 32),), (BLOCK,),
+            (x2, labels, targets, g2, np.int32(grad is not None), row_loss, np.int32(count * n), np.int32(c),
+             np.int32(loss.info.kernel_id), dtype.type(loss.label_smoothing), dtype.type(loss.huber_delta),
+             dtype.type(1.0 / divisor)),
+        )  # fmt: skip
+        return row_loss.reshape(count, n).sum(axis=1) / dtype.type(divisor)
+
+    def accuracy_count_batched(self, x, labels, threshold=0.0):
+        """Rows classified right per model (M,) int64."""
+        count, n, c = x.shape
+        lab = self._stack_rows(labels, count)
+        correct = self._cupy.empty(count * n, dtype=np.int32)
+        self._function("accuracy_rows", x.dtype)(
+            (self._blocks(count * n),), (BLOCK,),
+            (x.reshape(-1, c), lab, correct, np.int32(count * n), np.int32(c), x.dtype.type(threshold)),
+        )  # fmt: skip
+        return correct.reshape(count, n).sum(axis=1, dtype=np.int64)
+
+    def sum_squares_batched(self, g):
+        """sum_j g_ij^2 per model (M,), one reduction kernel."""
+        kernel = self._stacked_kernel("sumsq")
+        return kernel(g, axis=1)
+
+    def step_guard_batched(self, loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+        """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
+        self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, np.int64(step), first_bad, skip, norm, scale)
+
+    def _stacked_kernel(self, name: str):
+        cache = self.__dict__.setdefault("_stacked", {})
+        if name not in cache:
+            cupy = self._cupy
+            if name == "guard":
+                cache[name] = cupy.ElementwiseKernel(
+                    "T loss, T sq, T max_norm, bool frozen, int64 step",
+                    "int64 first_bad, bool skip, T norm, T scale",
+                    """
+                    if (first_bad == -1 && !(isfinite(loss) && isfinite(sq))) first_bad = step;
+                    skip = first_bad >= 0 || frozen;
+                    norm = sqrt(sq);
+                    T s = max_norm / (norm + (T)1e-6);             // clip_grad_norm_'s factor
+                    scale = max_norm > 0 ? (s < (T)1 ? s : (T)1) : (T)1;
+                    """,
+                    "gpubp_step_guard_batched",
+                )
+            elif name == "sumsq":
+                cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")
+            elif name == "sgd":
+                cache[name] = cupy.ElementwiseKernel(
+                    "T g, T scale, T wd, T mu, T omd, T lr, bool skip, int32 first, int32 nesterov, int32 mom_on",
+                    "T p, T buf",
+                    """
+                    if (!skip) {
+                        T d = g * scale + p * wd;                  // d = s g + wd p
+                        if (mom_on) {
+                            buf = first ? d : mu * buf + omd * d;  // buf = mu buf + (1 - damp) d
+                            d = nesterov ? d + mu * buf : buf;
+                        }
+                        p = p - lr * d;
+                    }
+                    """,
+                    "gpubp_sgd_step_batched",
+                )
+            elif name == "adam":
+                cache[name] = cupy.ElementwiseKernel(
+                    "T g, T scale, T wd, T lr_decay, T omb1, T b2, T omb2, T eps, T step_size, T bias2_sqrt, "
+                    "bool skip, int32 decoupled",
+                    "T p, T m, T v",
+                    """
+                    if (!skip) {
+                        T d = g * scale;
+                        if (decoupled) p = p * lr_decay; else d = d + p * wd;
+                        m = m + omb1 * (d - m);                    // m += (1 - b1)(d - m)
+                        v = b2 * v + omb2 * d * d;                 // v = b2 v + (1 - b2) d^2
+                        p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps);
+                    }
+                    """,
+                    "gpubp_adam_step_batched",
+                )
+        return cache[name]
+
+    def _skip_rows(self, skip, count: int):
+        if skip is None:
+            return self._cupy.zeros((count, 1), dtype=np.bool_)
+        return skip.reshape(count, 1).astype(np.bool_, copy=False)
+
+    def sgd_step_batched(self, p, g, buf, scratch, *, lr, momentum, one_minus_dampening, nesterov, weight_decay,
+                         first_step, grad_scale, skip=None, momentum_on=True, decay_on=True):  # fmt: skip
+        """numpy_stacked.sgd_step_batched as one elementwise kernel over (M, P)."""
+        self._check("sgd_step_batched", p.dtype, p=p, g=g, buf=buf)
+        self._stacked_kernel("sgd")(
+            g, grad_scale, weight_decay, momentum, one_minus_dampening, lr, self._skip_rows(skip, p.shape[0]),
+            np.int32(bool(first_step)), np.int32(bool(nesterov)), np.int32(bool(momentum_on)), p, buf,
+        )  # fmt: skip
+
+    def adam_step_batched(self, p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                          weight_decay, step_size, bias2_sqrt, decoupled, grad_scale, skip=None,
+                          decay_on=True):  # fmt: skip
+        """numpy_stacked.adam_step_batched as one elementwise kernel over (M, P)."""
+        self._check("adam_step_batched", p.dtype, p=p, g=g, m=m, v=v)
+        self._stacked_kernel("adam")(
+            g, grad_scale, weight_decay, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+            bias2_sqrt, self._skip_rows(skip, p.shape[0]), np.int32(bool(decoupled)), p, m, v,
+        )  # fmt: skip

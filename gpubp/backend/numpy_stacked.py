@@ -1,0 +1,275 @@
+"""The stacked op set: numpy_ops over a leading model axis M (gpubp.stack.MLPStack).
+
+Model i of a stack computes exactly what a single model computes with numpy_ops: the
+same BLAS calls per slice (np.matmul over a leading axis calls GEMM / GEMV once per
+model with that model's 2-D operands), the same elementwise formulas, reductions over
+the same contiguous rows. Per-model hyperparameters are (M, 1) arrays of the
+parameters' dtype that broadcast over a model's row of the flat buffers; each holds
+the value a single run passes as a Python float, rounded to the dtype as NumPy
+rounds that float (so the products are the same bits).
+
+Shapes: x, activations (M, N, n); a batch shared by every model may be (N, n);
+W (M, n_in, n_out); b (M, n_out); flat buffers (M, P).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..activations import Activation
+from ..losses import Loss
+from .numpy_ops import LOSS_BLOCK, _ones, _sigmoid, act_forward, loss_divisor
+
+
+def _t(a):
+    return a.swapaxes(-1, -2)
+
+
+def gemm_batched(a, b, out, trans_a=False, trans_b=False, beta=0.0):
+    """out[i] = op(a[i]) @ op(b[i]) + beta out[i] for every model i.
+
+    a: (M, m, k) or a shared (m, k) (transposed: (M, k, m) / (k, m)); b: (M, k, n)
+    (transposed (M, n, k)); out: (M, m, n). Transposes are views."""
+    a = _t(a) if trans_a else a
+    b = _t(b) if trans_b else b
+    if beta == 0.0:
+        np.matmul(a, b, out=out)
+    else:
+        if beta != 1.0:
+            out *= beta
+        out += a @ b
+    return out
+
+
+def bias_act_forward_batched(z, b, act: Activation, out):
+    """z[i] += b[i] (over rows), out = f(z). z, out: (M, N, n); b: (M, n)."""
+    np.add(z, b[:, None, :], out=z)
+    return act_forward(z, act, out)
+
+
+def bias_grad_batched(d, out):
+    """out[i] = column sums of d[i] (GEMV with ones, as numpy_ops.bias_grad). d: (M, N, n); out: (M, n)."""
+    np.matmul(_ones(d.shape[1], d.dtype), d, out=out)
+    return out
+
+
+def loss_forward_backward_batched(x, target, loss: Loss, grad=None):
+    """Each model's mean loss (M,) and grad[i] = dL_i/dx[i], as numpy_ops.loss_forward_backward
+    per model (the same row blocks, their sums added in the same order).
+
+    x: (M, N, C); target: labels (M, N) or shared (N,), values (M, N, C) or shared (N, C);
+    grad: (M, N, C) or None."""
+    n_models, n, c = x.shape
+    divisor = loss_divisor(loss, n, c)
+    rows = max(1, LOSS_BLOCK // c)
+    if n <= rows:
+        total = loss_sum_batched(x, target, loss, grad, divisor)
+    else:
+        sums = [
+            loss_sum_batched(
+                x[:, r : r + rows], target[..., r : r + rows] if target.ndim == x.ndim - 1 else _rows(target, r, rows),
+                loss, None if grad is None else grad[:, r : r + rows], divisor,
+            )
+            for r in range(0, n, rows)
+        ]  # fmt: skip
+        # (M, blocks), each model's block sums contiguous: the same pairwise sum as np.sum(list)
+        total = np.ascontiguousarray(np.stack(sums, axis=1)).sum(axis=1, dtype=x.dtype)
+    return (total / divisor).astype(x.dtype, copy=False)
+
+
+def _rows(target, r, rows):
+    """Rows r:r+rows of value targets, (M, N, C) or shared (N, C)."""
+    return target[:, r : r + rows] if target.ndim == 3 else target[r : r + rows]
+
+
+def loss_sum_batched(x, target, loss: Loss, grad, divisor: int):
+    """Per model the sum of its rows' losses (M,), and grad = d(sum / divisor)/dx."""
+    n_models, n, c = x.shape
+    name = loss.name
+    scale = 1.0 / divisor
+    if name == "softmax_cross_entropy":
+        # logp = x - logsumexp(x); L_i = -(1/N) sum_r sum_c q_rc logp_irc; dL/dx = (softmax - q) / N
+        eps = loss.label_smoothing
+        labels = np.broadcast_to(target, (n_models, n))
+        m = x.max(axis=-1, keepdims=True)
+        shifted = x - m
+        lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        logp = shifted - lse
+        nll = -np.take_along_axis(logp, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+        per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=-1) if eps else nll
+        total = per_row.sum(axis=-1)
+        if grad is not None:
+            np.exp(logp, out=grad)
+            grad -= eps / c
+            models, rows = np.ogrid[:n_models, :n]
+            grad[models, rows, labels] -= 1.0 - eps
+            grad *= scale
+    elif name == "binary_cross_entropy":
+        total = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).reshape(n_models, -1).sum(axis=-1)
+        if grad is not None:
+            _sigmoid(x, grad)
+            grad -= target
+            grad *= scale
+    elif name == "mse":
+        r = x - target
+        total = (r * r).reshape(n_models, -1).sum(axis=-1)
+        if grad is not None:
+            np.multiply(r, 2.0 * scale, out=grad)
+    elif name == "huber":
+        delta = loss.huber_delta
+        r = x - target
+        a = np.abs(r)
+        quad = a < delta
+        total = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)).reshape(n_models, -1).sum(axis=-1)
+        if grad is not None:
+            np.multiply(np.where(quad, r, delta * np.sign(r)), scale, out=grad)
+    else:
+        raise ValueError(f"unknown loss {name!r}")
+    return np.asarray(total, dtype=x.dtype)
+
+
+def accuracy_count_batched(x, labels, threshold=0.0):
+    """Rows classified right per model, (M,) int64. x: (M, N, C); labels (M, N) or (N,)."""
+    pred = x[..., 0] > threshold if x.shape[-1] == 1 else x.argmax(axis=-1)
+    return np.count_nonzero(pred == labels, axis=-1).astype(np.int64)
+
+
+def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+    """numpy_ops.step_guard for every model, all (M,) arrays, nothing read back:
+
+        first_bad_i = step          if first_bad_i == -1 and (loss_i or grad_sq_i is not finite)
+        skip_i      = first_bad_i >= 0 or frozen_i   (frozen: stopped early, or diverged before)
+        norm_i      = sqrt(grad_sq_i)
+        scale_i     = min(1, max_norm_i / (norm_i + 1e-6)) if max_norm_i > 0 else 1
+
+    loss, grad_sq, max_norm, norm, scale: dtype T; first_bad int64; frozen, skip bool."""
+    t = norm.dtype.type
+    bad = ~(np.isfinite(loss) & np.isfinite(grad_sq))
+    first_bad[...] = np.where((first_bad == -1) & bad, step, first_bad)
+    np.logical_or(first_bad >= 0, frozen, out=skip)
+    np.sqrt(grad_sq.astype(norm.dtype, copy=False), out=norm)
+    with np.errstate(all="ignore"):
+        clipped = np.minimum(t(1), max_norm / (norm + t(1e-6)))
+    scale[...] = np.where(max_norm > 0, clipped, t(1))
+
+
+def sum_squares_batched(g):
+    """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares."""
+    return np.array([np.dot(row, row) for row in g], dtype=g.dtype)
+
+
+CACHE_BLOCK = 1 << 17  # bytes of one buffer's rows that an update processes at a time (L2-sized)
+
+
+def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> bool:
+    """Run an elementwise update over blocks of models whose rows fit in cache: the same
+    arithmetic per element (so the same bits), far less memory traffic than one pass per
+    op over all M rows. Returns False when one block covers every model."""
+    p = arrays["p"]
+    rows = max(1, CACHE_BLOCK // max(1, p.shape[1] * p.itemsize))
+    if rows >= p.shape[0]:
+        return False
+    for lo in range(0, p.shape[0], rows):
+        hi = min(lo + rows, p.shape[0])
+        step(**{k: a[lo:hi] for k, a in arrays.items()}, scratch=scratch[:, lo:hi],
+             **{k: v[lo:hi] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+    return True
+
+
+def _subset_step(step, skip, arrays: dict, vectors: dict, kwargs: dict) -> bool:
+    """When some models are frozen (skip[i] true), run `step` on the others' rows only and
+    write them back; returns whether it did (the caller then returns)."""
+    if skip is None or not np.any(skip):
+        return False
+    keep = np.flatnonzero(~np.asarray(skip))
+    if keep.size == 0:
+        return True
+    sub = {k: np.ascontiguousarray(a[keep]) for k, a in arrays.items()}
+    scratch = np.empty((2, keep.size, sub["p"].shape[1]), sub["p"].dtype)
+    step(**sub, scratch=scratch, **{k: v[keep] for k, v in vectors.items()}, **kwargs)
+    for k, a in arrays.items():
+        if k != "g":
+            a[keep] = sub[k]
+    return True
+
+
+def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, nesterov, weight_decay, first_step,
+                     grad_scale, skip=None, momentum_on=True, decay_on=True, blocked=False):  # fmt: skip
+    """numpy_ops.sgd_step for every model: p, g, buf (M, P); scratch (2, M, P); lr, momentum,
+    one_minus_dampening, weight_decay, grad_scale: (M, 1); skip: (M,) bool or None (frozen models).
+    momentum_on / decay_on: whether any model has momentum / weight decay.
+
+    d = s g + wd p;  buf = d (first step) or mu buf + (1 - damp) d;  d = d + mu buf (nesterov) or buf;  p -= lr d
+    """
+    vectors = dict(
+        lr=lr,
+        momentum=momentum,
+        one_minus_dampening=one_minus_dampening,
+        weight_decay=weight_decay,
+        grad_scale=grad_scale,
+    )
+    flags = dict(nesterov=nesterov, first_step=first_step, momentum_on=momentum_on, decay_on=decay_on)
+    if _subset_step(sgd_step_batched, skip, dict(p=p, g=g, buf=buf), vectors, flags):
+        return
+    if not blocked and _blocked_step(sgd_step_batched, dict(p=p, g=g, buf=buf), scratch, vectors, flags):
+        return
+    d, t = scratch[0], scratch[1]
+    np.multiply(g, grad_scale, out=d)  # s = 1 gives g's own bits
+    if decay_on:
+        np.multiply(p, weight_decay, out=t)  # wd = 0 adds +0: d unchanged
+        d += t
+    if momentum_on:
+        if first_step:
+            np.copyto(buf, d)
+        else:
+            buf *= momentum
+            np.multiply(d, one_minus_dampening, out=t)
+            buf += t
+        if nesterov:
+            np.multiply(buf, momentum, out=t)
+            d += t
+        else:
+            d = buf
+    np.multiply(d, lr, out=t)
+    p -= t
+
+
+def adam_step_batched(p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                      step_size, bias2_sqrt, decoupled, grad_scale, skip=None, decay_on=True, blocked=False):  # fmt: skip
+    """numpy_ops.adam_step for every model: p, g, m, v (M, P); scratch (2, M, P); the rest
+    (M, 1), computed per model on the host as adam_step computes them:
+    lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t).
+
+    d = s g (+ wd p for Adam); p *= 1 - lr wd (AdamW); m += (1 - b1)(d - m); v = b2 v + (1 - b2) d^2;
+    p -= step_size m / (sqrt(v) / bias2_sqrt + eps)
+    """
+    vectors = dict(lr_decay=lr_decay, one_minus_beta1=one_minus_beta1, beta2=beta2, one_minus_beta2=one_minus_beta2,
+                   eps=eps, weight_decay=weight_decay, step_size=step_size, bias2_sqrt=bias2_sqrt,
+                   grad_scale=grad_scale)  # fmt: skip
+    flags = dict(decoupled=decoupled, decay_on=decay_on)
+    if _subset_step(adam_step_batched, skip, dict(p=p, g=g, m=m, v=v), vectors, flags):
+        return
+    if not blocked and _blocked_step(adam_step_batched, dict(p=p, g=g, m=m, v=v), scratch, vectors, flags):
+        return
+    d, t = scratch[0], scratch[1]
+    np.multiply(g, grad_scale, out=d)
+    if decay_on:
+        if decoupled:
+            p *= lr_decay  # wd = 0: times 1
+        else:
+            np.multiply(p, weight_decay, out=t)
+            d += t
+    np.subtract(d, m, out=t)
+    t *= one_minus_beta1
+    m += t
+    v *= beta2
+    np.multiply(d, one_minus_beta2, out=t)
+    t *= d
+    v += t
+    den = scratch[0]
+    np.sqrt(v, out=den)
+    den /= bias2_sqrt
+    den += eps
+    np.multiply(m, step_size, out=t)
+    t /= den
+    p -= t

@@ -1,0 +1,398 @@
+"""M multilayer perceptrons of one shape, trained together: a leading model axis.
+
+    stack = gpubp.MLPStack([64, 128, 10], count=16, loss="softmax_cross_entropy", seed=list(range(16)))
+    opt = gpubp.StackAdamW(stack, lr=[1e-3, 3e-3, ...], weight_decay=1e-4)   # scalars or one value per model
+    losses, grads = stack.loss_and_grads(x, y)      # x (N, n_in) shared or (M, N, n_in); losses (M,)
+    opt.step(grads)
+
+Model i is exactly `MLP(sizes, seed=seeds[i], init=inits[i], ...)`: the same initial
+weights, and each step the same arithmetic (the backend's *_batched ops run model i's
+slice with the single model's formulas and BLAS calls), so on the CPU model i of a
+stack holds the bits a single run would hold. The recursion is MLP's:
+
+    z_k = x_k W_k + b_k,  x_{k+1} = f_k(z_k) (+ x_k)        gemm_batched, bias_act_forward_batched
+    D' = D * f_k'(.);  dW_k = x_k^T D';  db_k = 1^T D';  D = D' W_k^T (+ D)
+
+Buffers: parameters and gradients are (M, P), one row per model; W_k (M, n_k, n_{k+1})
+and b_k (M, n_{k+1}) are views into them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .activations import SAVES_INPUT, make_activation
+from .backend import get_backend
+from .init import init_weight
+from .losses import make_loss
+from .model import DTYPES, MLP, _Workspace
+
+
+def initial_params(sizes, seed: int, init: str) -> np.ndarray:
+    """The float64 initial flat parameters MLP(sizes, seed=seed, init=init) starts from."""
+    rng = np.random.default_rng(int(seed))
+    out = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        out += [init_weight(rng, fan_in, fan_out, init).ravel(), np.zeros(fan_out)]
+    return np.concatenate(out)
+
+
+def _per_model(value, count: int, name: str) -> list:
+    """A scalar repeated, or a sequence of exactly `count` values."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        values = list(value)
+        if len(values) != count:
+            raise ValueError(f"{name}: expected {count} values (one per model), got {len(values)}")
+        return values
+    return [value] * count
+
+
+class MLPStack:
+    """`count` MLPs of the same sizes in stacked buffers; see the module docstring.
+
+    seed: one int (model i gets seed + i) or one per model; init: a name or one per
+    model. Everything else is shared by the models, as MLP takes it."""
+
+    def __init__(self, sizes, count: int, activation="relu", output_activation="identity", loss="mse", *,
+                 dtype="float32", device="cpu", seed=0, init="he_normal", leaky_relu_slope=0.01,
+                 label_smoothing=0.0, huber_delta=1.0, residual=False, backend=None):  # fmt: skip
+        count = int(count)
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.count = count
+        self.backend = backend if backend is not None else get_backend(device)
+        self.xp = self.backend.xp
+        self.dtype = np.dtype(str(dtype))
+        self.sizes = sizes
+        seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else [int(seed) + i for i in range(count)]
+        self.seeds = [int(s) for s in _per_model(seeds, count, "seed")]
+        self.inits = [str(i) for i in _per_model(init, count, "init")]
+        self.residual = bool(residual)
+        self.leaky_relu_slope = float(leaky_relu_slope)
+        hidden = make_activation(activation, leaky_relu_slope)
+        self.activations = [hidden] * (len(sizes) - 2) + [make_activation(output_activation, leaky_relu_slope)]
+        self.hidden_activation = hidden
+        self.loss = make_loss(loss, label_smoothing, huber_delta)
+        self.is_residual = [
+            self.residual and k < self.n_layers - 1 and sizes[k] == sizes[k + 1] for k in range(self.n_layers)
+        ]
+        self.decision_threshold = 0.0 if self.loss.name == "binary_cross_entropy" else 0.5
+        self.layout = []
+        offset = 0
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            self.layout.append((offset, offset + fan_in * fan_out, fan_in, fan_out))
+            offset += fan_in * fan_out + fan_out
+        self.n_params = offset
+        host = np.stack([initial_params(sizes, s, i) for s, i in zip(self.seeds, self.inits)])
+        self.flat_params = self.backend.asarray(host.astype(self.dtype))  # (M, P)
+        self.flat_grads = self.backend.zeros((count, self.n_params), self.dtype)
+        self.params = self._views(self.flat_params)
+        self.grads = self._views(self.flat_grads)
+        self._workspaces: dict = {}
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sizes) - 1
+
+    def _views(self, flat):
+        """[W1, b1, ...]: W_k (M, n_k, n_{k+1}), b_k (M, n_{k+1}), views of the (M, P) buffer."""
+        views = []
+        for w_off, b_off, fan_in, fan_out in self.layout:
+            views.append(flat[:, w_off:b_off].reshape(self.count, fan_in, fan_out))
+            views.append(flat[:, b_off : b_off + fan_out])
+        return views
+
+    def layer_params(self, k: int):
+        return self.params[2 * k], self.params[2 * k + 1]
+
+    def member(self, i: int) -> MLP:
+        """Model i as a single MLP (its parameters copied)."""
+        model = MLP(self.sizes, self.hidden_activation.name, self.activations[-1].name, self.loss.name,
+                    dtype=self.dtype.name, seed=self.seeds[i], init=self.inits[i],
+                    leaky_relu_slope=self.leaky_relu_slope, label_smoothing=self.loss.label_smoothing,
+                    huber_delta=self.loss.huber_delta, residual=self.residual, backend=self.backend)  # fmt: skip
+        model.flat_params[...] = self.flat_params[i]
+        return model
+
+    # ---------------------------------------------------------------- buffers
+
+    def _workspace(self, n: int) -> _Workspace:
+        """MLP's workspace with a leading model axis: every buffer (M, n, width)."""
+        ws = self._workspaces.get(n)
+        if ws is not None:
+            return ws
+        if len(self._workspaces) >= 4:
+            self._workspaces.pop(next(iter(self._workspaces)))
+        be, dt, sizes, m = self.backend, self.dtype, self.sizes, self.count
+        z, a, x, dx, dz = [], [], [None], [], []
+        for k, act in enumerate(self.activations):
+            width = sizes[k + 1]
+            z.append(be.empty((m, n, width), dt) if act.saves == SAVES_INPUT else None)
+            a.append(be.empty((m, n, width), dt))
+            x.append(be.empty((m, n, width), dt) if self.is_residual[k] else a[k])
+        for k in range(self.n_layers + 1):
+            dx.append(dx[k - 1] if k > 0 and self.is_residual[k - 1] else be.empty((m, n, sizes[k]), dt))
+        for k in range(self.n_layers):
+            dz.append(be.empty((m, n, sizes[k + 1]), dt) if self.is_residual[k] else dx[k + 1])
+        ws = self._workspaces[n] = _Workspace(z, a, x, dx, dz)
+        return ws
+
+    def as_input(self, x):
+        """(N, n_in) shared by every model, or (M, N, n_in): a backend array of the dtype."""
+        x = self.backend.asarray(x, dtype=self.dtype)
+        if x.shape[-1] != self.sizes[0] or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[0] != self.count):
+            raise ValueError(
+                f"input must have shape (batch, {self.sizes[0]}) or ({self.count}, batch, {self.sizes[0]}), "
+                f"got {tuple(x.shape)}"
+            )
+        return x
+
+    def as_target(self, y, n: int):
+        """Labels (N,) / (M, N) as int32, or values (N, n_out) / (M, N, n_out)."""
+        if self.loss.info.target == "labels":
+            y = self.backend.asarray(y, dtype=np.int32)
+            if y.shape not in ((n,), (self.count, n)):
+                raise ValueError(f"labels must have shape ({n},) or ({self.count}, {n}), got {tuple(y.shape)}")
+            return y
+        y = self.backend.asarray(y, dtype=self.dtype)
+        if y.ndim in (1, 2) and self.sizes[-1] == 1 and y.shape[-1] != 1:
+            y = y.reshape(*y.shape, 1)
+        if tuple(y.shape[-2:]) != (n, self.sizes[-1]) or y.ndim not in (2, 3):
+            raise ValueError(f"targets must have shape ({n}, {self.sizes[-1]}) (or per model), got {tuple(y.shape)}")
+        return y
+
+    # ---------------------------------------------------------------- passes
+
+    def _forward(self, x, ws: _Workspace):
+        be = self.backend
+        ws.x[0] = x
+        for k, act in enumerate(self.activations):
+            W, b = self.layer_params(k)
+            z = ws.z[k] if ws.z[k] is not None else ws.a[k]
+            be.gemm_batched(ws.x[k], W, out=z)  # z_k = x_k W_k           (M, n, n_{k+1})
+            be.bias_act_forward_batched(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
+            if self.is_residual[k]:
+                self.xp.add(ws.x[k], ws.a[k], out=ws.x[k + 1])  # x_{k+1} = x_k + a_k
+        return ws.x[-1]
+
+    def forward(self, x):
+        """Every model's output (M, N, n_out)."""
+        x = self.as_input(x)
+        return self._forward(x, self._workspace(x.shape[-2])).copy()
+
+    def _backward(self, ws: _Workspace) -> None:
+        be = self.backend
+        for k in reversed(range(self.n_layers)):
+            act = self.activations[k]
+            W, _ = self.layer_params(k)
+            dW, db = self.grads[2 * k], self.grads[2 * k + 1]
+            saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
+            D, Dz = ws.dx[k + 1], ws.dz[k]
+            be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)
+            be.gemm_batched(ws.x[k], Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'
+            be.bias_grad_batched(Dz, out=db)  # db_k = 1^T D'
+            if k > 0:
+                be.gemm_batched(Dz, W, out=ws.dx[k], trans_b=True, beta=1.0 if self.is_residual[k] else 0.0)
+
+    def forward_backward(self, x, target):
+        """Each model's loss (M,) as a backend array, gradients into self.grads."""
+        ws = self._workspace(x.shape[-2])
+        out = self._forward(x, ws)
+        loss = self.backend.loss_forward_backward_batched(out, target, self.loss, grad=ws.dx[-1])
+        self._backward(ws)
+        return loss
+
+    def loss_and_grads(self, x, y):
+        """(losses as a host array (M,), gradients in params order: views, overwritten by the next call)."""
+        x = self.as_input(x)
+        loss = self.forward_backward(x, self.as_target(y, x.shape[-2]))
+        return self.backend.to_numpy(loss).astype(np.float64), self.grads
+
+    def evaluate(self, x, y, labels=None, batch_size: int = 4096):
+        """(mean loss per model (M,), correct counts (M,) or None), in chunks as MLP.evaluate."""
+        n = x.shape[-2]
+        total = np.zeros(self.count)
+        correct = np.zeros(self.count, dtype=np.int64) if labels is not None else None
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            out = self._forward(x[..., start:stop, :], self._workspace(stop - start))
+            yy = y[..., start:stop] if y.ndim == x.ndim - 1 else y[..., start:stop, :]
+            value = self.backend.to_numpy(self.backend.loss_forward_backward_batched(out, yy, self.loss, grad=None))
+            total += value.astype(np.float64) * (stop - start)
+            if labels is not None:
+                correct += self.backend.to_numpy(
+                    self.backend.accuracy_count_batched(out, labels[..., start:stop], self.decision_threshold)
+                )
+        return total / max(n, 1), correct
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+class StackOptimizer:
+    """torch.optim's rules for every model of a stack, one fused update over (M, P).
+
+    Hyperparameters are scalars (shared) or one value per model; `lr` is a host float64
+    array (M,) that a schedule may rewrite before each step. The per-model vectors the
+    update reads are (M, 1) arrays of the parameters' dtype (device vectors on the GPU)."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, stack: MLPStack, lr):
+        self.stack = stack
+        self.backend = stack.backend
+        self.lr = np.array(_per_model(lr, stack.count, "lr"), dtype=np.float64)
+        if not np.all(self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr.tolist()}")
+        self.steps = 0
+        shape = (stack.count, stack.n_params)
+        for name in self.state_names:
+            setattr(self, name, self.backend.zeros(shape, stack.dtype))
+        rows = self.backend.optimizer_scratch_rows
+        self._scratch = self.backend.empty((rows, *shape), stack.dtype) if rows else None
+        self._ones = self._vec(np.ones(stack.count))
+
+    def _vec(self, host) -> object:
+        """(M, 1) backend array of the stack's dtype from host float64 values."""
+        return self.backend.asarray(np.asarray(host, dtype=np.float64).reshape(-1, 1), dtype=self.stack.dtype)
+
+    def _hyper(self, value, name: str) -> np.ndarray:
+        return np.array([float(v) for v in _per_model(value, self.stack.count, name)])
+
+    def step(self, grads=None, grad_scale=None, skip=None) -> None:
+        """Update every model (grads: the stack's own gradient views, or None); grad_scale
+        (M,) per model (clipping) or None; skip (M,) bool: frozen models change nothing."""
+        if grads is not None and grads is not self.stack.grads:
+            for dst, src in zip(self.stack.grads, grads):
+                if src is not dst:
+                    dst[...] = self.backend.asarray(src, dtype=self.stack.dtype)
+        self.steps += 1
+        scale = self._ones if grad_scale is None else grad_scale.reshape(-1, 1).astype(self.stack.dtype)
+        self._update(self.stack.flat_params, self.stack.flat_grads, scale, skip)
+
+    def state_dict(self, i: int | None = None) -> dict:
+        """State of every model ((M, P) arrays), or of model i as a single run stores it ((P,))."""
+        state = {"steps": self.steps}
+        for name in self.state_names:
+            arr = self.backend.to_numpy(getattr(self, name))
+            state[name] = (arr if i is None else arr[i]).copy()
+        return state
+
+    def load_state_dict(self, state: dict, i: int | None = None) -> None:
+        self.steps = int(state["steps"])
+        for name in self.state_names:
+            target = getattr(self, name)
+            arr = np.asarray(state[name])
+            expected = target.shape if i is None else target.shape[1:]
+            if arr.shape != tuple(expected):
+                raise ValueError(f"optimizer state {name!r} has shape {arr.shape}, expected {tuple(expected)}")
+            if i is None:
+                target[...] = self.backend.asarray(arr, dtype=self.stack.dtype)
+            else:
+                target[i] = self.backend.asarray(arr, dtype=self.stack.dtype)
+
+
+class StackSGD(StackOptimizer):
+    """torch.optim.SGD per model; momentum on for all models or for none (nesterov shared)."""
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, stack, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(stack, lr)
+        self.momentum = self._hyper(momentum, "momentum")
+        self.dampening = self._hyper(dampening, "dampening")
+        self.weight_decay = self._hyper(weight_decay, "weight_decay")
+        on = self.momentum > 0
+        if on.any() and not on.all():
+            raise ValueError("momentum must be > 0 for every model of a stack or for none")
+        if np.any(self.weight_decay < 0) or np.any((self.dampening < 0) | (self.dampening > 1)):
+            raise ValueError("weight_decay must be >= 0, dampening in [0, 1]")
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (not on.all() or np.any(self.dampening != 0)):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
+        self._momentum_v, self._one_minus_damp = self._vec(self.momentum), self._vec(1.0 - self.dampening)
+        self._wd = self._vec(self.weight_decay)
+
+    def _update(self, p, g, scale, skip):
+        self.backend.sgd_step_batched(
+            p, g, self.momentum_buffer, self._scratch, lr=self._vec(self.lr), momentum=self._momentum_v,
+            one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
+            first_step=self.steps == 1, grad_scale=scale, skip=skip,
+            momentum_on=bool(self.momentum[0] > 0), decay_on=bool(np.any(self.weight_decay)),
+        )  # fmt: skip
+
+
+class StackAdam(StackOptimizer):
+    """torch.optim.Adam per model (L2 weight decay); StackAdamW decouples it."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, stack, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(stack, lr)
+        pairs = betas if isinstance(betas, list) and betas and isinstance(betas[0], (list, tuple)) else None
+        pairs = pairs if pairs is not None else [tuple(betas)] * stack.count
+        if len(pairs) != stack.count:
+            raise ValueError(f"betas: expected {stack.count} pairs (one per model), got {len(pairs)}")
+        self.beta1 = np.array([float(b[0]) for b in pairs])
+        self.beta2 = np.array([float(b[1]) for b in pairs])
+        self.eps = self._hyper(eps, "eps")
+        self.weight_decay = self._hyper(weight_decay, "weight_decay")
+        if np.any((self.beta1 < 0) | (self.beta1 >= 1) | (self.beta2 < 0) | (self.beta2 >= 1)):
+            raise ValueError("betas must be in [0, 1)")
+        if np.any(self.eps <= 0) or np.any(self.weight_decay < 0):
+            raise ValueError("eps must be > 0 and weight_decay >= 0")
+        self._b1c, self._b2 = self._vec(1.0 - self.beta1), self._vec(self.beta2)
+        self._b2c, self._eps, self._wd = self._vec(1.0 - self.beta2), self._vec(self.eps), self._vec(self.weight_decay)
+
+    def _update(self, p, g, scale, skip):
+        t = self.steps
+        # per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits)
+        lr, b1, b2, wd = self.lr.tolist(), self.beta1.tolist(), self.beta2.tolist(), self.weight_decay.tolist()
+        step_size = [lr[i] / (1.0 - b1[i] ** t) for i in range(len(lr))]
+        bias2_sqrt = [math.sqrt(1.0 - b2[i] ** t) for i in range(len(lr))]
+        lr_decay = [1.0 - lr[i] * wd[i] for i in range(len(lr))]
+        # the step's three vectors in one host-to-device copy: rows lr_decay, step_size, bias2_sqrt
+        vec = self.backend.asarray(np.array([lr_decay, step_size, bias2_sqrt])[..., None], dtype=self.stack.dtype)
+        self.backend.adam_step_batched(
+            p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=vec[0],
+            one_minus_beta1=self._b1c, beta2=self._b2, one_minus_beta2=self._b2c, eps=self._eps, weight_decay=self._wd,
+            step_size=vec[1], bias2_sqrt=vec[2], decoupled=self.decoupled,
+            grad_scale=scale, skip=skip, decay_on=bool(np.any(self.weight_decay)),
+        )  # fmt: skip
+
+
+class StackAdamW(StackAdam):
+    """torch.optim.AdamW per model: p <- p (1 - lr wd) before the Adam step."""
+
+    decoupled = True
+
+    def __init__(self, stack, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(stack, lr, betas, eps, weight_decay)
+
+
+def make_stack_optimizer(stack, name: str, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
+    if name == "sgd":
+        return StackSGD(stack, lr, momentum, dampening, nesterov, weight_decay)
+    if name == "adam":
+        return StackAdam(stack, lr, betas, eps, weight_decay)
+    if name == "adamw":
+        return StackAdamW(stack, lr, betas, eps, weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, adam, adamw")
+
+
+def clip_scale_batched(backend, flat_grads, max_norm):
+    """(norms (M,), scales (M,)) as optim.clip_scale per model: s = min(1, c / (norm + 1e-6));
+    max_norm (M,) backend array of the dtype; where it is 0 (no clipping) s = 1."""
+    xp = backend.xp
+    norm = xp.sqrt(backend.sum_squares_batched(flat_grads))
+    scale = xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(flat_grads.dtype)
+    return norm, xp.where(max_norm > 0, scale, xp.ones_like(scale))

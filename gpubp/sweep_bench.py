@@ -1,0 +1,197 @@
+"""`gpubp bench --case sweep`: M models trained together (MLPStack) against the same M
+models trained one after another by gpubp, and against PyTorch's torch.func ensembling
+(stack_module_state + vmap over functional_call, torch.optim on the stacked parameters).
+
+A step trains every one of the M models once on its own batch (x: (M, B, F), as models
+of different seeds see different batches), with Adam at lr 1e-3. The three variants are
+timed interleaved, one step of each per round (host clock on the CPU, CUDA events on
+the GPU), so that a change of load on a shared machine hits all three alike; the
+figures are the medians over the rounds after warm-up, and the minimum (the least
+disturbed step) beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bench import torch_unavailable
+
+
+@dataclass
+class SweepCase:
+    name: str
+    count: int  # M
+    sizes: list
+    batch: int
+    warmup: int = 5  # rounds (one step of each variant)
+    steps: int = 40
+    cpu_warmup: int = 3
+    cpu_steps: int = 30
+
+
+CASES = [
+    SweepCase("sweep-tiny", 64, [64, 128, 10], 128),
+    SweepCase("sweep-mnist", 16, [784, 512, 512, 10], 100, cpu_warmup=2, cpu_steps=10),
+]
+
+
+def _data(case: SweepCase):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((case.count, case.batch, case.sizes[0])).astype(np.float32)
+    y = rng.integers(0, case.sizes[-1], (case.count, case.batch)).astype(np.int32)
+    return x, y
+
+
+def _counts(case: SweepCase, device: str) -> tuple[int, int]:
+    return (case.cpu_warmup, case.cpu_steps) if device == "cpu" else (case.warmup, case.steps)
+
+
+def stacked_step(case: SweepCase, backend):
+    from .stack import MLPStack, StackAdam
+
+    stack = MLPStack(case.sizes, case.count, "relu", "identity", "softmax_cross_entropy", backend=backend)
+    opt = StackAdam(stack, lr=1e-3)
+    x, y = _data(case)
+    xd, yd = stack.as_input(x), stack.as_target(y, case.batch)
+
+    def step():
+        stack.forward_backward(xd, yd)
+        opt.step()
+
+    return step
+
+
+def sequential_step(case: SweepCase, backend):
+    from .model import MLP
+    from .optim import Adam
+
+    models = [MLP(case.sizes, "relu", "identity", "softmax_cross_entropy", seed=i, backend=backend)
+              for i in range(case.count)]  # fmt: skip
+    opts = [Adam(m, lr=1e-3) for m in models]
+    x, y = _data(case)
+    data = [(m.as_input(x[i]), m.as_target(y[i], case.batch)) for i, m in enumerate(models)]
+
+    def step():
+        for m, o, (xi, yi) in zip(models, opts, data):
+            m.forward_backward(xi, yi)
+            o.step()
+
+    return step
+
+
+def torch_func_step(case: SweepCase, device: str):
+    """(step, synchronize) of the torch.func ensemble."""
+    import torch
+    from torch.func import functional_call, stack_module_state
+
+    tdev = "cuda" if device == "gpu" else "cpu"
+    torch.manual_seed(0)
+
+    def make():
+        layers = []
+        for i, (a, b) in enumerate(zip(case.sizes[:-1], case.sizes[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < len(case.sizes) - 2:
+                layers.append(torch.nn.ReLU())
+        return torch.nn.Sequential(*layers).to(tdev)
+
+    models = [make() for _ in range(case.count)]
+    params, buffers = stack_module_state(models)  # leaves (M, ...) with requires_grad
+    base = make().to("meta")
+    x, y = _data(case)
+    xt, yt = torch.tensor(x, device=tdev), torch.tensor(y, device=tdev, dtype=torch.long)
+
+    def loss_of(p, b, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(base, (p, b), (xi,)), yi)
+
+    batched = torch.vmap(loss_of)
+    opt = torch.optim.Adam(list(params.values()), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        batched(params, buffers, xt, yt).sum().backward()  # the sum's gradient is each model's own
+        opt.step()
+
+    def sync():
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+
+    return step, sync
+
+
+def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int) -> dict:
+    """name -> every timed step (ms), one step of each variant per round."""
+    import time
+
+    for _ in range(warmup):
+        for name, step in steps.items():
+            step()
+            syncs[name]()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            syncs[name]()
+            start = time.perf_counter()
+            step()
+            syncs[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
+    reason = torch_unavailable() if with_torch else "--no-torch"
+    rows = []
+    for case in cases or CASES:
+        steps = {"stacked": stacked_step(case, backend), "sequential": sequential_step(case, backend)}
+        syncs = {"stacked": backend.synchronize, "sequential": backend.synchronize}
+        torch_row = {"skipped": reason} if reason else None
+        if not reason:
+            try:
+                steps["torch_func"], syncs["torch_func"] = torch_func_step(case, backend.name)
+            except Exception as e:  # pragma: no cover - depends on the installation
+                torch_row = {"skipped": f"torch.func failed: {type(e).__name__}: {e}".splitlines()[0]}
+        times = interleaved_ms(steps, syncs, *_counts(case, backend.name))
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        low = {k: float(np.min(v)) for k, v in times.items()}
+        if torch_row is None:
+            torch_row = {"ms_per_step": med["torch_func"], "min_ms": low["torch_func"]}
+        theirs = torch_row.get("ms_per_step")
+        row = {"case": case.name, "models": case.count, "sizes": case.sizes, "batch": case.batch,
+               "rounds": len(times["stacked"]), "stacked_ms": med["stacked"], "sequential_ms": med["sequential"],
+               "stacked_min_ms": low["stacked"], "sequential_min_ms": low["sequential"], "torch_func": torch_row,
+               "x_sequential": med["sequential"] / med["stacked"],
+               "x_torch_func": theirs / med["stacked"] if theirs else None}  # fmt: skip
+        rows.append(row)
+        log(format_row(row))
+    return {"device": backend.describe(), "results": rows}
+
+
+HEADER = (f"{'case':<12} {'M':>3} {'stacked ms':>11} {'sequential ms':>14} {'torch.func ms':>14} {'x seq':>6} "
+          f"{'x func':>7}   (medians of interleaved rounds; min stacked / sequential)")  # fmt: skip
+
+
+def _f(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_row(row: dict) -> str:
+    t = row["torch_func"].get("ms_per_step")
+    return (f"{row['case']:<12} {row['models']:>3} {row['stacked_ms']:>11.2f} {row['sequential_ms']:>14.2f} "
+            f"{_f(t, '.2f'):>14} {row['x_sequential']:>6.2f} {_f(row['x_torch_func'], '.2f'):>7}   "
+            f"min {row['stacked_min_ms']:.2f} / {row['sequential_min_ms']:.2f}")  # fmt: skip
+
+
+def markdown(report: dict, command: str) -> str:
+    lines = [f"Device: {report['device']}", f"Command: `{command}`", "",
+             "| case | models x sizes @ batch | stacked ms/step | sequential ms/step | torch.func ms/step "
+             "| x sequential | x torch.func | min stacked / sequential ms |", "|" + "---|" * 8]  # fmt: skip
+    for r in report["results"]:
+        t = r["torch_func"].get("ms_per_step")
+        lines.append(
+            f"| {r['case']} | {r['models']} x {r['sizes']} @ {r['batch']} | {r['stacked_ms']:.2f} | "
+            f"{r['sequential_ms']:.2f} | {_f(t, '.2f')} | {r['x_sequential']:.2f} | {_f(r['x_torch_func'], '.2f')} | "
+            f"{r['stacked_min_ms']:.2f} / {r['sequential_min_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
