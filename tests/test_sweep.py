@@ -220,9 +220,9 @@ def test_predict_and_eval_ensemble_average_the_members(tmp_path):
     for i in (0, 1):
         out = str(tmp_path / f"p{i}.npy")
         ckpt = os.path.join(model_dir(run, i), "best.npz")
-        r = runner.invoke(main, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "x.npy"), "--output", out, "--device", "cpu"])  # fmt: skip
+        r = runner.invoke(main, ["predict", "--checkpoint", ckpt, "--input", str(tmp_path / "x.npy"), "--output", out, "--device", "cpu", "--logits"])  # fmt: skip
         assert r.exit_code == 0, r.output
-        singles.append(_softmax(np.load(out)))
+        singles.append(_softmax(np.load(out)))  # --logits: the raw outputs, softmax taken here
     out = str(tmp_path / "ens.npy")
     r = runner.invoke(main, ["predict", "--checkpoint", run, "--ensemble", "--input", str(tmp_path / "x.npy"), "--output", out, "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
