@@ -227,3 +227,31 @@ def test_each_rank_reads_only_its_rows(files, tmp_path):
         together = sorted(sum((calls[step] for calls in seen_steps), []))
         epoch, b = divmod(step, 7)
         assert together == sorted(train[D.epoch_permutation(cfg.train.seed, epoch, 650)[b * 100 : (b + 1) * 100]])
+
+
+def test_a_bad_row_is_reported_once_by_the_rank_that_read_it(tmp_path):
+    """A NaN in the file: only the rank whose share holds it reads it; it is said once,
+    naming that rank and the file row, and nothing is written."""
+    from gpubp.config import load_config
+
+    x = np.random.default_rng(5).normal(size=(300, 3))
+    sets = [
+        "data.dataset=npz",
+        f"data.path={tmp_path / 'a.npz'}",
+        "data.val_fraction=0",
+        "data.test_fraction=0",
+        "train.early_stopping_patience=0",
+    ]
+    cfg = load_config(os.path.join(ROOT, "configs/regression.toml"), sets)
+    rows = D.Dataset(np.arange(300.0).reshape(-1, 1), np.zeros((300, 1)), None, "rows")
+    train = D.split_dataset(rows, 0.0, 0.0, cfg.train.seed, cfg.data.stratify).train.x[:, 0].astype(np.int64)
+    bad = int(train[row_range(300, 2, 3)[0] + 5])  # a row in rank 2's share
+    x[bad, 1] = np.nan
+    np.savez(tmp_path / "a.npz", x=x, y=x[:, 0] + 0.5)  # regression values
+    result = mpi_train(3, "--config", "configs/regression.toml", *[a for s in sets for a in ("--set", s)],
+                       "--quiet", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 2, result.stderr  # a data error
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gpubp: error:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpubp: error: rank 2: ") and f"feature 1 of sample {bad} is nan" in lines[0]
+    assert not os.path.exists(tmp_path / "run" / "last.npz")
