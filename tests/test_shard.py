@@ -255,3 +255,35 @@ def test_a_bad_row_is_reported_once_by_the_rank_that_read_it(tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("gpubp: error: rank 2: ") and f"feature 1 of sample {bad} is nan" in lines[0]
     assert not os.path.exists(tmp_path / "run" / "last.npz")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_on_the_gpu_a_mapped_split_gives_the_device_splits_batches(tmp_path, dtype):
+    """One rank's MappedSplit on the GPU backend: its batches (read on the host, copied
+    each step) and its evaluation share hold the same numbers as DeviceSplit's."""
+    from gpubp import shard
+    from gpubp.backend import resolve_device
+    from gpubp.model import MLP
+
+    backend, _ = resolve_device("gpu")
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "a.npz", x=rng.normal(size=(97, 5)), y=rng.integers(0, 3, 97))
+    mapped, whole = D.load_npz_mapped(str(tmp_path / "a.npz"), None), D.load_npz(str(tmp_path / "a.npz"), None)
+    std = D.Standardizer.fit(whole.x)
+    model = MLP([5, 8, 3], "tanh", "identity", "softmax_cross_entropy", dtype=dtype, backend=backend)
+    ref = D.DeviceSplit(model, whole, std, whole.y)
+    part = shard.MappedSplit(model, mapped, whole.y, 1, 2)
+    part.finish(std)
+    idx = rng.permutation(97)[:40]
+    xb, yb = part.batch(part.order(idx), None)
+    cache = {}
+    xr, yr = ref.batch(
+        ref.order(idx), lambda name, like, n: cache.setdefault(name, backend.empty((n, *like.shape[1:]), like.dtype))
+    )
+    assert np.array_equal(backend.to_numpy(xb), backend.to_numpy(xr)) and np.array_equal(
+        backend.to_numpy(yb), backend.to_numpy(yr)
+    )
+    start, stop = row_range(97, 1, 2)
+    for a, b in zip(part.share(start, stop), ref.share(start, stop)):
+        assert np.array_equal(backend.to_numpy(a), backend.to_numpy(b))
