@@ -77,6 +77,17 @@ def check_arrays(
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(f"{where}: feature {col} of sample {row} is {x[row, col]}; remove or impute non-finite values")
+    y, n_classes = check_targets(y, where, classification)
+    return x, y, n_classes
+
+
+def check_targets(y, where: str, classification: bool | None) -> tuple[np.ndarray, int | None]:
+    """Validate and convert targets (the y half of `check_arrays`); returns (y, n_classes)."""
+    y = np.asarray(y)
+    if y.dtype == object:
+        raise DataError(f"{where}: arrays of Python objects are not supported; store numbers")
+    if y.ndim == 0:
+        raise DataError(f"{where}: x and y must be arrays with one row per sample, got a single number")
     if classification is None:  # data.task = "auto": the rule of gpubp/targets.py
         classification = auto_is_classification(y)
     if classification:
@@ -103,7 +114,7 @@ def check_arrays(
                 "class labels must be 0..C-1 (set data.task = 'regression' if these are values)"
             )
         y = yf.astype(np.int64)
-        return x, y, int(y.max()) + 1
+        return y, int(y.max()) + 1
     if (not np.issubdtype(y.dtype, np.number) and y.dtype != bool) or np.issubdtype(y.dtype, np.complexfloating):
         raise DataError(f"{where}: regression targets must be real numbers, got dtype {y.dtype}")
     y = y.astype(np.float64).reshape(y.shape[0], -1)
@@ -113,7 +124,7 @@ def check_arrays(
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataError(f"{where}: target of sample {row} is not finite; remove or fix it")
-    return x, y, None
+    return y, None
 
 
 # --------------------------------------------------------------------------- files of arrays
@@ -295,6 +306,158 @@ def make_regression(n_samples: int, n_features: int, noise: float, seed: int) ->
     return Dataset(x, y.reshape(-1, 1), None, "regression")
 
 
+# --------------------------------------------------------------------------- memory-mapped files
+# Under an MPI launcher each rank reads only the rows it needs (gpubp/shard.py): the
+# features of an .npz file whose members are stored uncompressed (np.savez) and of
+# uncompressed MNIST IDX files are memory-mapped, so a page is read only when a rank
+# touches its rows. Targets (N x T numbers, small beside N x F features) are read whole.
+
+
+class Rows:
+    """The rows `index` of a memory-mapped feature array (N, ...) as a lazy (n, F)
+    matrix: indexing composes the index and reads nothing; `read` reads rows, as
+    float64 divided by `divide` (MNIST's 255), and refuses non-finite values."""
+
+    def __init__(self, array, where: str, divide: float = 1.0, index: np.ndarray | None = None):
+        self.array, self.where, self.divide = array, where, divide
+        self.index = np.arange(array.shape[0]) if index is None else index
+        self.shape = (len(self.index), math.prod(array.shape[1:]))
+
+    def __getitem__(self, idx) -> Rows:
+        return Rows(self.array, self.where, self.divide, self.index[idx])
+
+    def read(self, positions) -> np.ndarray:
+        """Rows `positions` (of this view) as float64 (k, F): only their pages are read."""
+        rows = self.index[positions]
+        x = np.asarray(self.array[rows]).reshape(len(rows), self.shape[1]).astype(np.float64)
+        if self.divide != 1.0:
+            x = x / self.divide
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i, col = np.argwhere(bad)[0]
+            raise DataError(
+                f"{self.where}: feature {col} of sample {rows[i]} is {x[i, col]}; remove or impute non-finite values"
+            )
+        return x
+
+
+def _mappable(array) -> bool:
+    dtype = array.dtype
+    return (
+        array.ndim >= 1 and array.shape[0] > 0 and math.prod(array.shape[1:]) > 0
+        and np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
+    )  # fmt: skip
+
+
+def map_npz_member(path: str, name: str):
+    """Member `name` of an .npz file as a read-only np.memmap, or None where it cannot be
+    mapped (compressed, Fortran order, not numeric; np.load's mmap_mode maps .npy files
+    only, so the member's offset comes from its zip local header)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(name + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            head = f.read(30)  # the local file header: its name and extra field lengths may differ
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":  # from the central directory's
+                return None
+            n_name, n_extra = struct.unpack("<HH", head[26:30])
+            f.seek(info.header_offset + 30 + n_name + n_extra)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if fortran or dtype.hasobject or not shape:
+            return None
+        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except Exception:  # anything irregular: the whole-file reader says what is wrong
+        return None
+    return array if _mappable(array) else None
+
+
+def map_idx(path: str):
+    """An uncompressed unsigned-byte IDX file as a read-only np.memmap at its header's
+    end, or None (gzipped, or irregular: `_read_idx` reports)."""
+    if path.endswith(".gz"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] == 0:
+                return None
+            ndim = magic[3]
+            shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        header = 4 + 4 * ndim
+        if os.path.getsize(path) - header != math.prod(shape) or 0 in shape:
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=header, shape=shape)
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+def load_npz_mapped(path: str, classification: bool | None) -> Dataset | None:
+    """`load_npz` with the features memory-mapped (`Rows`), or None where the file does
+    not allow it (then `load_npz` reads it whole and reports any problem)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception:
+        return None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return None
+    with loaded:
+        names = set(loaded.files)
+        if {"x", "y"} <= names:
+            parts = [("x", "y", path)]
+        elif {"x_train", "y_train", "x_test", "y_test"} <= names:
+            parts = [("x_train", "y_train", path + " (train)"), ("x_test", "y_test", path + " (test)")]
+        else:
+            return None
+        xs = [map_npz_member(path, xn) for xn, _, _ in parts]
+        if any(x is None for x in xs):
+            return None
+        try:
+            ys = [loaded[yn] for _, yn, _ in parts]
+        except Exception:
+            return None
+    if any(y.ndim == 0 or y.shape[0] != x.shape[0] for x, y in zip(xs, ys)):
+        return None
+    y, n_classes = check_targets(ys[0], parts[0][2], classification)
+    ds = Dataset(Rows(xs[0], parts[0][2]), y, n_classes, os.path.basename(path))
+    if len(parts) == 2:
+        xt = Rows(xs[1], parts[1][2])
+        if xt.shape[1] != ds.x.shape[1]:
+            return None
+        yt, nt = check_targets(ys[1], parts[1][2], n_classes is not None)
+        if n_classes is not None:
+            ds.n_classes = n_classes = max(n_classes, nt)
+        ds.test = Dataset(xt, yt, n_classes, "test")
+    return ds
+
+
+def load_mnist_mapped(directory: str) -> Dataset | None:
+    """`load_mnist` with the images memory-mapped (`Rows`, scaled to [0, 1] when read),
+    or None where a file is gzipped or irregular (then `load_mnist` reads them)."""
+    if not os.path.isdir(directory):
+        return None
+    try:
+        images = [map_idx(_find_idx(directory, s)) for s in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")]
+        if any(x is None for x in images):
+            return None
+        labels = [_read_idx(_find_idx(directory, s)) for s in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")]
+    except DataError:
+        return None
+    if any(y.shape[0] != x.shape[0] for x, y in zip(images, labels)):
+        return None
+    ytr, n_classes = check_targets(labels[0], directory, True)
+    yte, _ = check_targets(labels[1], directory, True)
+    test = Dataset(Rows(images[1], directory, 255.0), yte, n_classes, "mnist-test")
+    return Dataset(Rows(images[0], directory, 255.0), ytr, max(n_classes, int(yte.max()) + 1), "mnist", test=test)
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -395,8 +558,23 @@ class DeviceSplit:
     and int32 labels for accuracy (classification only)."""
 
     def __init__(self, model, ds: Dataset, standardizer: Standardizer, targets: np.ndarray):
-        be = model.backend
+        self.backend = be = model.backend
         self.n = len(ds)
         self.x = be.asarray(standardizer(ds.x), dtype=model.dtype)
         self.target = model.as_target(targets, self.n)
         self.labels = be.asarray(ds.y, dtype=np.int32) if ds.is_classification else None
+
+    def share(self, start: int, stop: int):
+        """(x, target, labels) of rows [start, stop): one rank's share in evaluation."""
+        labels = self.labels[start:stop] if self.labels is not None else None
+        return self.x[start:stop], self.target[start:stop], labels
+
+    def order(self, perm: np.ndarray):
+        """An epoch's order (host) where `batch` takes it: on the device."""
+        return self.backend.asarray(perm)
+
+    def batch(self, idx, buffer):
+        """(x, target) of rows idx, gathered on the device into buffer(name, like, rows)."""
+        be, n = self.backend, idx.shape[0]
+        xb = be.gather_rows(self.x, idx, buffer("x", self.x, n))
+        return xb, be.gather_rows(self.target, idx, buffer("y", self.target, n))

@@ -356,7 +356,10 @@ class MPIWorld(Local):
 
     def start(self, trainer) -> None:
         """After every rank has built its trainer: the collective part of the set-up."""
+        from . import shard
+
         t = trainer
+        shard.finish(t, self)  # a memory-mapped dataset: statistics from every rank's rows, shares to the device
         part = t.run.splits["train"]
         fingerprint = {
             "train rows": part.n,
@@ -370,13 +373,18 @@ class MPIWorld(Local):
         self.engine.start()
         if self.is_root and not t.quiet:
             t.log(f"data parallel on {self.describe()}: {self.rank_table()}")
-            note = whole_file_note(t.cfg, self.size)
+            note = whole_file_note(t.cfg, self.size, mapped=isinstance(part, shard.MappedSplit))
             if note:
                 t.log(note)
 
     def rows(self, idx):
         start, stop = row_range(idx.shape[0], self.rank, self.size)
         return idx[start:stop]
+
+    def all_sum(self, values: np.ndarray, what: str) -> None:
+        """values (float64, host) <- their sum over the ranks, in place."""
+        with self.watch(what):
+            self.comm.Allreduce(self.MPI.IN_PLACE, values, op=self.MPI.SUM)
 
     def forward_backward(self, model, xb, yb, n_batch: int, interrupted):
         return self.engine.forward_backward(model, xb, yb, n_batch, interrupted)
@@ -387,25 +395,25 @@ class MPIWorld(Local):
         report) come from every rank's outputs, gathered in rank order."""
         start, stop = row_range(part.n, self.rank, self.size)
         sums = np.zeros(2)  # [sum of per-row losses, correct predictions]
+        x, target, labels = part.share(start, stop)  # this rank's rows (all it holds of a memory-mapped file)
         if stop > start:
-            labels = part.labels[start:stop] if part.labels is not None else None
-            loss, correct = model.evaluate(part.x[start:stop], part.target[start:stop], labels, batch_size)
+            loss, correct = model.evaluate(x, target, labels, batch_size)
             sums[:] = loss * (stop - start), correct or 0
         with self.watch(f"the evaluation of the {name} split"):
             self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
         out = {f"{name}_loss": float(sums[0]) / part.n}
-        if part.labels is not None:
+        if labels is not None:
             out[f"{name}_accuracy"] = float(sums[1]) / part.n
         if host is not None and (not host.is_classification or report):
-            out.update(self._output_metrics(model, part, name, batch_size, host, scaler, start, stop))
+            out.update(self._output_metrics(model, x, name, batch_size, host, scaler))
         return out
 
-    def _output_metrics(self, model, part, name, batch_size, host, scaler, start, stop) -> dict:
+    def _output_metrics(self, model, x, name, batch_size, host, scaler) -> dict:
         from . import metrics as M
         from . import targets as T
         from .trainer import predict_outputs
 
-        mine = predict_outputs(model, part.x[start:stop], batch_size)  # (n_r, width) float64, host
+        mine = predict_outputs(model, x, batch_size)  # (n_r, width) float64, host
         with self.watch(f"the gathering of the {name} split's outputs"):
             outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
         if not host.is_classification:
@@ -465,11 +473,17 @@ class MPIWorld(Local):
         return not live or self.rank == min(live)
 
 
-def whole_file_note(cfg, size: int) -> str | None:
-    """The line that says every rank reads the whole data file (None for generated data)."""
+def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
+    """The line that says how the ranks read the data file: each only its rows
+    (`mapped`, gpubp/shard.py), or each the whole file (None for generated data)."""
     path = cfg.data_path()
     if not path or not os.path.exists(path):
         return None
+    if mapped:
+        return (
+            f"data: each of the {size} ranks memory-maps {path} and reads only its rows (its share of each split "
+            "at start-up, its slice of each batch)"
+        )
     nbytes = (
         os.path.getsize(path)
         if os.path.isfile(path)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as D
-from . import distributed
+from . import distributed, shard
 from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
@@ -62,16 +62,18 @@ RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience",
 # --------------------------------------------------------------------------- data
 
 
-def load_dataset(cfg: Config) -> D.Dataset:
+def load_dataset(cfg: Config, mapped: bool = False) -> D.Dataset:
+    """cfg.data's dataset; `mapped` (a rank of N): the features memory-mapped where the
+    file allows it (data.Rows, see gpubp/shard.py), else read whole."""
     d = cfg.data
     task = {"auto": None, "classification": True, "regression": False}[d.task]
     seed = cfg.train.seed
     if d.dataset == "digits":
         ds = D.load_digits()
     elif d.dataset == "mnist":
-        ds = D.load_mnist(cfg.data_path())
+        ds = (mapped and D.load_mnist_mapped(cfg.data_path())) or D.load_mnist(cfg.data_path())
     elif d.dataset == "npz":
-        ds = D.load_npz(cfg.data_path(), task)
+        ds = (mapped and D.load_npz_mapped(cfg.data_path(), task)) or D.load_npz(cfg.data_path(), task)
     elif d.dataset == "csv":
         ds = D.load_csv(
             cfg.data_path(), d.label_column, task, d.delimiter, d.feature_columns, d.drop_columns, d.missing
@@ -166,20 +168,24 @@ _NOTES_SHOWN = set()  # device notes already printed by this process: each once
 
 def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None,
             checkpoint: tuple[dict, str] | None = None, target_scaler: T.TargetScaler | None = None,
-            dataset: D.Dataset | None = None) -> Run:  # fmt: skip
+            dataset: D.Dataset | None = None, dist=None) -> Run:  # fmt: skip
     """Backend, data (split, standardised, on the device) and a freshly initialised
     model. `standardizer`, `target_scaler` replace the statistics fitted on the
     training split (a checkpoint's own, for eval); `checkpoint` (meta, path): the
     model stored there, which must fit this data (a resumed run, eval); `dataset`:
     data given in memory (the estimators), used instead of cfg.data's loader. Run.cfg
-    has "auto" resolved (see resolve_auto)."""
+    has "auto" resolved (see resolve_auto). `dist`: this rank of N (distributed.py);
+    with N > 1 a memory-mapped file's splits are `shard.MappedSplit`s, holding only
+    this rank's rows, and the statistics come later, from every rank (shard.finish)."""
     backend, note = resolve_device(device)
     if note and log and note not in _NOTES_SHOWN:
         _NOTES_SHOWN.add(note)
         log(note)
-    ds = load_dataset(cfg) if dataset is None else dataset
+    ranks = (dist.rank, dist.size) if dist is not None and dist.size > 1 and standardizer is None else None
+    ds = load_dataset(cfg, mapped=ranks is not None) if dataset is None else dataset
     for line in ds.notes if log else ():
         log(line)
+    mapped = isinstance(ds.x, D.Rows)
     auto_task = cfg.data.task == "auto" and cfg.data.dataset in ("csv", "npz")
     cfg = resolve_auto(cfg, ds)
     d = cfg.data
@@ -188,6 +194,10 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         raise ConfigError(f"{cfg.source}: train.early_stopping_metric 'val_accuracy' needs a classification dataset")
     if standardizer is not None:
         std = standardizer
+    elif d.standardize and mapped:
+        std = None  # from every rank's share of the training rows, in shard.finish
+    elif mapped:
+        std = D.Standardizer.identity(ds.x.shape[1])
     else:  # with data.missing = "mean", also the training means that fill missing values
         std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names)
     width = output_width(ds, cfg.loss.name)
@@ -204,7 +214,10 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
             if part is not None:
                 target = loss_targets(part, cfg.loss.name, width)
                 target = target if part.is_classification else target_scaler.transform(target)
-                dev[name] = D.DeviceSplit(model, part, std, target)
+                if mapped:
+                    dev[name] = shard.MappedSplit(model, part, target, *ranks)
+                else:
+                    dev[name] = D.DeviceSplit(model, part, std, target)
             else:
                 dev[name] = None
     except backend.out_of_memory_errors:
@@ -474,7 +487,8 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = out_dir
         fits = (self.resume_meta, resume) if resume is not None else None
-        self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, checkpoint=fits, dataset=dataset)
+        self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, checkpoint=fits, dataset=dataset,
+                           dist=self.dist)  # fmt: skip
         self.cfg = cfg = self.run.cfg  # "auto" resolved
         self.model = self.run.model
         o = cfg.optimizer
@@ -653,12 +667,11 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch, b = divmod(self.step, self.steps_per_epoch)
                 if perm_epoch != epoch:
-                    perm = be.asarray(D.epoch_permutation(t.seed, epoch, self.n_train))
+                    perm = train.order(D.epoch_permutation(t.seed, epoch, self.n_train))
                     perm_epoch = epoch
                 batch = perm[b * t.batch_size : (b + 1) * t.batch_size]
                 idx = self.dist.rows(batch)  # this rank's slice of the global batch
-                xb = be.gather_rows(train.x, idx, self._batch_buffer("x", train.x, idx.shape[0]))
-                yb = be.gather_rows(train.target, idx, self._batch_buffer("y", train.target, idx.shape[0]))
+                xb, yb = train.batch(idx, self._batch_buffer)  # on the device, or read from the file (shard.py)
                 opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
                                sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
                 # the loss and gradients of the global batch (with N ranks: one all-reduce),

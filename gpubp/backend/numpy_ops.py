@@ -222,29 +222,44 @@ def loss_forward_backward(x, target, loss: Loss, grad=None):
 def loss_sum(x, target, loss: Loss, grad, divisor: int):
     """The sum of the rows' losses (0-d, x.dtype), and grad = d(sum / divisor)/dx when
     grad is not None: the mean's gradient, for a block of the batch's rows."""
-    n, c = x.shape
+    if loss.name == "softmax_cross_entropy":
+        total = cross_entropy_rows(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum()
+    else:
+        total = elementwise_loss(x, target, loss, grad, 1.0 / divisor).sum()
+    return np.asarray(total, dtype=x.dtype)
+
+
+def cross_entropy_rows(x, labels, eps: float, grad, scale: float):
+    """Softmax cross-entropy per row, and grad = scale dL/dx when grad is not None.
+    x: (..., N, C); labels: (..., N) integers; grad: x's shape or None. Returns (..., N).
+
+        logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
+        L_row = -sum_c q_c logp_c;   dL_row/dx = softmax(x) - q
+    """
+    c = x.shape[-1]
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    logp = shifted - lse
+    idx = np.broadcast_to(labels, x.shape[:-1])[..., None].astype(np.intp)
+    nll = -np.take_along_axis(logp, idx, axis=-1)[..., 0]
+    per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=-1) if eps else nll
+    if grad is not None:
+        np.exp(logp, out=grad)
+        grad -= eps / c
+        np.put_along_axis(grad, idx, np.take_along_axis(grad, idx, axis=-1) - (1.0 - eps), axis=-1)
+        grad *= scale
+    return per_row
+
+
+def elementwise_loss(x, target, loss: Loss, grad, scale: float):
+    """The loss of each output element for binary_cross_entropy, mse and huber (x's
+    shape), and grad = scale dl/dx when grad is not None. x, target: same shape (or
+    target broadcasting to x)."""
     name = loss.name
-    scale = 1.0 / divisor
-    if name == "softmax_cross_entropy":
-        # logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
-        # L = -(1/N) sum_i sum_c q_ic logp_ic;   dL/dx = (softmax(x) - q) / N
-        eps = loss.label_smoothing
-        m = x.max(axis=1, keepdims=True)
-        shifted = x - m
-        lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        logp = shifted - lse
-        rows = np.arange(n)
-        nll = -logp[rows, target]
-        per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=1) if eps else nll
-        total = per_row.sum()
-        if grad is not None:
-            np.exp(logp, out=grad)
-            grad -= eps / c
-            grad[rows, target] -= 1.0 - eps
-            grad *= scale
-    elif name == "binary_cross_entropy":
+    if name == "binary_cross_entropy":
         # l = max(x, 0) - x t + log(1 + exp(-abs(x)));   dl/dx = sigmoid(x) - t
-        total = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).sum()
+        terms = np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))
         if grad is not None:
             _sigmoid(x, grad)
             grad -= target
@@ -252,7 +267,7 @@ def loss_sum(x, target, loss: Loss, grad, divisor: int):
     elif name == "mse":
         # l = r^2, r = x - t;   dl/dx = 2 r
         r = x - target
-        total = (r * r).sum()
+        terms = r * r
         if grad is not None:
             np.multiply(r, 2.0 * scale, out=grad)
     elif name == "huber":
@@ -261,12 +276,12 @@ def loss_sum(x, target, loss: Loss, grad, divisor: int):
         r = x - target
         a = np.abs(r)
         quad = a < delta
-        total = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)).sum()
+        terms = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta))
         if grad is not None:
             np.multiply(np.where(quad, r, delta * np.sign(r)), scale, out=grad)
     else:
         raise ValueError(f"unknown loss {name!r}")
-    return np.asarray(total, dtype=x.dtype)
+    return terms
 
 
 def accuracy_count(x, labels, threshold=0.0):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..activations import Activation
 from ..losses import Loss
-from .numpy_ops import LOSS_BLOCK, _ones, _sigmoid, act_forward, loss_divisor
+from .numpy_ops import LOSS_BLOCK, _ones, act_forward, cross_entropy_rows, elementwise_loss, loss_divisor
 
 
 def _t(a):
@@ -83,48 +83,13 @@ def _rows(target, r, rows):
 
 
 def loss_sum_batched(x, target, loss: Loss, grad, divisor: int):
-    """Per model the sum of its rows' losses (M,), and grad = d(sum / divisor)/dx."""
-    n_models, n, c = x.shape
-    name = loss.name
-    scale = 1.0 / divisor
-    if name == "softmax_cross_entropy":
-        # logp = x - logsumexp(x); L_i = -(1/N) sum_r sum_c q_rc logp_irc; dL/dx = (softmax - q) / N
-        eps = loss.label_smoothing
-        labels = np.broadcast_to(target, (n_models, n))
-        m = x.max(axis=-1, keepdims=True)
-        shifted = x - m
-        lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        logp = shifted - lse
-        nll = -np.take_along_axis(logp, labels[..., None].astype(np.intp), axis=-1)[..., 0]
-        per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=-1) if eps else nll
-        total = per_row.sum(axis=-1)
-        if grad is not None:
-            np.exp(logp, out=grad)
-            grad -= eps / c
-            models, rows = np.ogrid[:n_models, :n]
-            grad[models, rows, labels] -= 1.0 - eps
-            grad *= scale
-    elif name == "binary_cross_entropy":
-        total = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).reshape(n_models, -1).sum(axis=-1)
-        if grad is not None:
-            _sigmoid(x, grad)
-            grad -= target
-            grad *= scale
-    elif name == "mse":
-        r = x - target
-        total = (r * r).reshape(n_models, -1).sum(axis=-1)
-        if grad is not None:
-            np.multiply(r, 2.0 * scale, out=grad)
-    elif name == "huber":
-        delta = loss.huber_delta
-        r = x - target
-        a = np.abs(r)
-        quad = a < delta
-        total = np.where(quad, 0.5 * r * r, delta * (a - 0.5 * delta)).reshape(n_models, -1).sum(axis=-1)
-        if grad is not None:
-            np.multiply(np.where(quad, r, delta * np.sign(r)), scale, out=grad)
+    """Per model the sum of its rows' losses (M,), and grad = d(sum / divisor)/dx: the
+    formulas of numpy_ops, each model's terms summed as numpy_ops sums one model's."""
+    n_models = x.shape[0]
+    if loss.name == "softmax_cross_entropy":
+        total = cross_entropy_rows(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum(axis=-1)
     else:
-        raise ValueError(f"unknown loss {name!r}")
+        total = elementwise_loss(x, target, loss, grad, 1.0 / divisor).reshape(n_models, -1).sum(axis=-1)
     return np.asarray(total, dtype=x.dtype)
 
 

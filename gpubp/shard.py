@@ -1,0 +1,96 @@
+"""Each rank reads only its rows: the splits of a data-parallel run whose features are
+memory-mapped (`data.Rows`: an uncompressed .npz, uncompressed MNIST IDX files).
+
+Every rank knows the split and each epoch's order (functions of the seed), so it
+knows which rows of the file it needs:
+
+- start-up: its contiguous share `row_range(n, rank, N)` of each split (train, val,
+  test), read once, checked (finite), kept on the device for evaluation, which
+  splits every split so;
+- each step: its slice of the global batch, read from the memory map on the host,
+  standardised and copied to the device (host -> device each step, instead of the
+  whole training split on the device).
+
+Standardisation statistics: the exact two-pass formulas of `Standardizer.fit`,
+mean = sum_i x_i / n, then std = sqrt(sum_i (x_i - mean)^2 / n), each sum made of
+per-rank partial sums over the rank's share of the training rows, all-reduced in
+float64. They equal one process's to rounding (the order of the sums, ~1e-16
+relative); tests/test_shard.py checks 1e-12. Standardising is elementwise, so a row
+gives the same bits whether standardised with the whole split or alone.
+
+Targets (N x T numbers, small beside N x F features) stay whole on the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import data as D
+from .distributed import row_range
+
+
+class MappedSplit:
+    """One split of a memory-mapped dataset on this rank: the interface of
+    `data.DeviceSplit` (n, share, order, batch), holding only this rank's rows."""
+
+    def __init__(self, model, ds: D.Dataset, targets: np.ndarray, rank: int, size: int):
+        self.model, self.backend = model, model.backend
+        self.n = len(ds)
+        self.rows = ds.x  # data.Rows: the split's rows of the file, nothing read yet
+        self.targets = targets  # (n,) labels or (n, T) values, in the loss's form, host
+        self.y = ds.y if ds.is_classification else None
+        self.start, self.stop = row_range(self.n, rank, size)
+        self.raw = self.rows.read(np.arange(self.start, self.stop))  # (k, F) float64: this rank's share
+        self.standardizer = None
+        self.x = self.target = self.labels = None  # this rank's share on the device, after `finish`
+
+    def finish(self, standardizer: D.Standardizer) -> None:
+        """With the run's statistics: this rank's share, standardised, to the device."""
+        be, model, k = self.backend, self.model, self.stop - self.start
+        self.standardizer = standardizer
+        self.x = be.asarray(standardizer(self.raw), dtype=model.dtype)
+        self.target = model.as_target(self.targets[self.start : self.stop], k)
+        self.labels = be.asarray(self.y[self.start : self.stop], dtype=np.int32) if self.y is not None else None
+        self.raw = None
+
+    def share(self, start: int, stop: int):
+        if (start, stop) != (self.start, self.stop):
+            raise AssertionError(f"rows {start}:{stop} asked of a rank holding {self.start}:{self.stop}")
+        return self.x, self.target, self.labels
+
+    def order(self, perm: np.ndarray) -> np.ndarray:
+        return perm  # `batch` reads on the host
+
+    def batch(self, idx: np.ndarray, buffer=None):
+        """(x, target) on the device of split rows idx (k,): only those rows are read."""
+        x = self.standardizer(self.rows.read(idx))  # (k, F) float64
+        return self.backend.asarray(x, dtype=self.model.dtype), self.model.as_target(self.targets[idx], len(idx))
+
+
+def fit_standardizer(world, train: MappedSplit, standardize: bool) -> D.Standardizer:
+    """`Standardizer.fit` of the whole training split from every rank's share (two
+    passes, per-rank partial sums all-reduced in float64); identity without standardize."""
+    n_features = train.rows.shape[1]
+    if not standardize:
+        return D.Standardizer.identity(n_features)
+    raw = train.raw  # (k, F) float64
+    total = raw.sum(axis=0)  # (F,)
+    world.all_sum(total, "the standardisation statistics")
+    mean = total / train.n
+    sq = ((raw - mean) ** 2).sum(axis=0)  # (F,)
+    world.all_sum(sq, "the standardisation statistics")
+    std = np.sqrt(sq / train.n)
+    std[std < 1e-12] = 1.0  # a constant feature is only centred, as Standardizer.fit
+    return D.Standardizer(mean, std)
+
+
+def finish(trainer, world) -> None:
+    """In the collective part of start-up: the statistics, then every split to the device."""
+    run = trainer.run
+    parts = [p for p in run.splits.values() if isinstance(p, MappedSplit)]
+    if not parts:
+        return
+    if run.standardizer is None:
+        run.standardizer = fit_standardizer(world, run.splits["train"], trainer.cfg.data.standardize)
+    for part in parts:
+        part.finish(run.standardizer)

@@ -1,0 +1,289 @@
+"""Each rank reads only its rows (gpubp/shard.py, the memory-mapped loaders of
+gpubp/data.py): the mapped loaders give the whole-file loaders' data; the
+standardisation statistics from per-rank partial sums equal one process's; under
+mpirun a memory-mapped .npz trains exactly as one process reading it whole, and each
+rank reads only its shares of the splits and its slices of the batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from gpubp import data as D
+from gpubp.distributed import row_range
+from gpubp.errors import DataError
+from tests.conftest import ROOT
+from tests.test_data import write_idx
+from tests.test_distributed import _env, _mpirun, assert_same_run, mpi_train, params
+
+# ----------------------------------------------------------------- loaders, without MPI
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint8, np.int16])
+def test_npz_members_are_mapped_with_the_whole_file_loaders_values(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(50, 3, 2)) * 20).astype(dtype)  # 3-D: flattened to (50, 6), as load_npz does
+    y = rng.integers(0, 4, 50)
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    member = D.map_npz_member(str(tmp_path / "a.npz"), "x")
+    assert isinstance(member, np.memmap) and np.array_equal(member, x)
+    mapped, whole = D.load_npz_mapped(str(tmp_path / "a.npz"), None), D.load_npz(str(tmp_path / "a.npz"), None)
+    assert isinstance(mapped.x, D.Rows) and mapped.x.shape == whole.x.shape == (50, 6)
+    assert np.array_equal(mapped.x.read(np.arange(50)), whole.x)  # bitwise: the same float64 conversion
+    assert np.array_equal(mapped.y, whole.y) and mapped.n_classes == whole.n_classes == 4
+    part = mapped.x[np.array([7, 3, 40])][np.array([2, 0])]  # views compose, reading nothing
+    assert np.array_equal(part.read(np.arange(2)), whole.x[[40, 7]])
+
+
+def test_npz_with_a_test_part_is_mapped(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"x_train": rng.normal(size=(30, 4)), "y_train": rng.normal(size=30),
+              "x_test": rng.normal(size=(9, 4)), "y_test": rng.normal(size=9)}  # fmt: skip
+    np.savez(tmp_path / "b.npz", **arrays)
+    mapped, whole = D.load_npz_mapped(str(tmp_path / "b.npz"), False), D.load_npz(str(tmp_path / "b.npz"), False)
+    assert np.array_equal(mapped.test.x.read(np.arange(9)), whole.test.x)
+    assert np.array_equal(mapped.y, whole.y) and np.array_equal(mapped.test.y, whole.test.y)
+    assert mapped.n_classes is None and mapped.test.y.shape == (9, 1)
+
+
+def test_what_cannot_be_mapped_is_read_whole(tmp_path):
+    x, y = np.ones((5, 2)), np.arange(5)
+    np.savez_compressed(tmp_path / "z.npz", x=x, y=y)  # deflated members: no offset to map
+    np.savez(tmp_path / "f.npz", x=np.asfortranarray(np.ones((5, 2))), y=y)
+    np.savez(tmp_path / "other.npz", a=x, b=y)  # not gpubp's layout: load_npz says so
+    np.save(tmp_path / "single.npy", x)
+    for name in ("z.npz", "f.npz", "other.npz", "single.npy", "missing.npz"):
+        assert D.load_npz_mapped(str(tmp_path / name), None) is None, name
+
+
+def test_a_non_finite_value_is_named_by_its_file_row(tmp_path):
+    x = np.ones((6, 3))
+    x[4, 2] = np.nan
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(6) % 2)
+    rows = D.load_npz_mapped(str(tmp_path / "a.npz"), None).x
+    assert rows[np.array([0, 1])].read(np.arange(2)).shape == (2, 3)  # rows without it read fine
+    with pytest.raises(DataError, match=r"a\.npz: feature 2 of sample 4 is nan"):
+        rows[np.array([1, 4])].read(np.arange(2))
+
+
+def test_mnist_images_are_mapped_at_the_header_offset(tmp_path):
+    rng = np.random.default_rng(2)
+    xtr, xte = rng.integers(0, 256, size=(20, 28, 28)), rng.integers(0, 256, size=(7, 28, 28))
+    for name, a in [("train-images-idx3-ubyte", xtr), ("train-labels-idx1-ubyte", np.arange(20) % 10),
+                    ("t10k-images-idx3-ubyte", xte), ("t10k-labels-idx1-ubyte", np.arange(7))]:  # fmt: skip
+        write_idx(tmp_path / name, a, False)
+    mapped, whole = D.load_mnist_mapped(str(tmp_path)), D.load_mnist(str(tmp_path))
+    assert isinstance(mapped.x.array, np.memmap)
+    assert np.array_equal(mapped.x.read(np.arange(20)), whole.x)  # bitwise: uint8 / 255.0 as load_mnist
+    assert np.array_equal(mapped.test.x.read(np.arange(7)), whole.test.x)
+    assert np.array_equal(mapped.y, whole.y) and mapped.n_classes == whole.n_classes
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", xte, True)  # gzipped: read whole
+    os.unlink(tmp_path / "t10k-images-idx3-ubyte")
+    assert D.load_mnist_mapped(str(tmp_path)) is None
+
+
+# ----------------------------------------------------------------- statistics, without MPI
+
+
+class ThreadWorld:
+    """N ranks as threads of one process: all_sum adds every rank's values in rank order."""
+
+    def __init__(self, size):
+        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
+
+    def rank(self, r):
+        world = self
+
+        class Rank:
+            def all_sum(self, values, what):
+                world.slots[r] = values.copy()
+                world.barrier.wait()
+                total = np.sum(world.slots, axis=0)
+                world.barrier.wait()
+                values[...] = total
+
+        return Rank()
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_statistics_from_partial_sums_equal_one_process(tmp_path, size):
+    from gpubp import shard
+    from gpubp.model import MLP
+
+    rng = np.random.default_rng(size)
+    x = rng.normal(3.0, 2.0, size=(1001, 7)) * np.array([1, 10, 1e3, 1e-3, 1, 1, 1])
+    x[:, 5] = 4.25  # constant: only centred
+    np.savez(tmp_path / "a.npz", x=x, y=rng.normal(size=1001))
+    train = D.load_npz_mapped(str(tmp_path / "a.npz"), False).x[rng.permutation(1001)[:900]]
+    ref = D.Standardizer.fit(train.read(np.arange(900)))  # one process: the whole training split
+    model = MLP([7, 1], "identity", "identity", "mse", dtype="float64")
+    world, out = ThreadWorld(size), [None] * size
+
+    def rank(r):
+        part = shard.MappedSplit(model, D.Dataset(train, np.zeros((900, 1)), None, "t"), np.zeros((900, 1)), r, size)
+        assert part.raw.shape[0] == row_range(900, r, size)[1] - row_range(900, r, size)[0]  # only its share
+        out[r] = shard.fit_standardizer(world.rank(r), part, True)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for std in out:
+        # float64, sums in another order: the issue's bound of 1e-12, relative to the values
+        assert np.all(np.abs(std.mean - ref.mean) <= 1e-12 * np.abs(ref.mean))
+        assert np.all(np.abs(std.std - ref.std) <= 1e-12 * ref.std)
+        assert std.std[5] == 1.0 and ref.std[5] == 1.0
+        assert np.array_equal(std.mean, out[0].mean) and np.array_equal(std.std, out[0].std)  # every rank alike
+
+
+# ----------------------------------------------------------------- with MPI
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """digits and a regression problem as uncompressed .npz files (np.savez)."""
+    root = tmp_path_factory.mktemp("npz")
+    ds = D.load_digits()
+    np.savez(root / "digits.npz", x=ds.x.astype(np.uint8), y=ds.y)
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, size=(2000, 5))
+    np.savez(root / "regression.npz", x=x, y=np.sin(3 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.05 * rng.normal(size=2000))
+    return root
+
+
+def _args(files, case):
+    common = ["--set", "model.dtype=float64", "--set", "train.steps=100", "--set", "train.eval_every=25",
+              "--set", "data.dataset=npz", "--set", "data.val_fraction=0.1", "--quiet"]  # fmt: skip
+    if case == "digits":
+        return ["--config", "configs/digits.toml", "--set", f"data.path={files / 'digits.npz'}", *common]
+    # 1600 training rows in batches of 311 = 5 * 311 + 45; 311 is not divisible by 2 or 3
+    return ["--config", "configs/regression.toml", "--set", f"data.path={files / 'regression.npz'}",
+            "--set", "train.batch_size=311", "--set", "train.early_stopping_patience=0", *common]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "n"), [("digits", 2), ("digits", 3), ("regression", 3)])
+def test_a_memory_mapped_npz_trains_as_one_process(files, tmp_path, case, n):
+    one = mpi_train(1, *_args(files, case), "--out", str(tmp_path / "one"))  # reads the file whole
+    assert one.returncode == 0, one.stderr
+    many = mpi_train(n, *[a for a in _args(files, case) if a != "--quiet"], "--out", str(tmp_path / "many"))
+    assert many.returncode == 0, many.stderr
+    assert f"data: each of the {n} ranks memory-maps {files / (case + '.npz')} and reads only its rows" in many.stderr
+    a, b = params(tmp_path / "many"), params(tmp_path / "one")
+    assert_same_run(a, b, f"memory-mapped {case} on {n} ranks")
+    from gpubp.checkpoint import load_checkpoint
+
+    mine, ref = (
+        load_checkpoint(str(tmp_path / "many" / "last.npz"))[1],
+        load_checkpoint(str(tmp_path / "one" / "last.npz"))[1],
+    )
+    for key in ("std.mean", "std.std"):  # float64 partial sums: to 1e-12 of the values
+        assert np.all(np.abs(mine[key] - ref[key]) <= 1e-12 * np.maximum(np.abs(ref[key]), 1.0)), key
+    want = json.loads((tmp_path / "one" / "summary.json").read_text())
+    got = json.loads((tmp_path / "many" / "summary.json").read_text())
+    keys = [k for k in ("test_loss", "test_accuracy", "val_loss", "test_r2", "test_rmse") if k in want]
+    assert len(keys) >= 3
+    for key in keys:
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
+def test_each_rank_reads_only_its_rows(files, tmp_path):
+    """3 ranks, 650 training rows in batches of 100 (13 steps: two epochs, the 7th batch
+    of each 50 rows): each rank reads its contiguous share of every split once, then per
+    step exactly its slice of the global batch, nothing else."""
+    from gpubp.config import load_config
+
+    sets = ["data.dataset=npz", f"data.path={files / 'regression.npz'}", "data.val_fraction=0.25",
+            "data.test_fraction=0.425", "train.batch_size=100", "train.steps=13", "train.eval_every=5",
+            "model.dtype=float64"]  # fmt: skip
+    cmd = [_mpirun(), "-n", "3", sys.executable, os.path.join(ROOT, "tests", "mpi_rows_child.py"), str(tmp_path),
+           "configs/regression.toml", *sets]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240, env=_env())
+    assert result.returncode == 0, result.stderr
+    # the file rows of each split, from an independent split of the row numbers
+    cfg = load_config(os.path.join(ROOT, "configs/regression.toml"), sets)
+    rows = D.Dataset(np.arange(2000.0).reshape(-1, 1), np.zeros((2000, 1)), None, "rows")
+    splits = D.split_dataset(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.train.seed, cfg.data.stratify)
+    train, val, test = (s.x[:, 0].astype(np.int64) for s in (splits.train, splits.val, splits.test))
+    assert len(train) == 650
+    seen_steps = []
+    for r in range(3):
+        record = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert record["mapped"] == "MappedSplit" and record["steps"] == 13
+        want = [part[slice(*row_range(len(part), r, 3))].tolist() for part in (train, val, test)]  # start-up
+        for step in range(13):
+            epoch, b = divmod(step, 7)
+            batch = D.epoch_permutation(cfg.train.seed, epoch, 650)[b * 100 : (b + 1) * 100]
+            want.append(train[batch[slice(*row_range(len(batch), r, 3))]].tolist())
+        assert record["calls"] == want, f"rank {r} read other rows"
+        seen_steps.append(record["calls"][3:])
+    for step in range(13):  # together the ranks read each step's global batch, each row once
+        together = sorted(sum((calls[step] for calls in seen_steps), []))
+        epoch, b = divmod(step, 7)
+        assert together == sorted(train[D.epoch_permutation(cfg.train.seed, epoch, 650)[b * 100 : (b + 1) * 100]])
+
+
+def test_a_bad_row_is_reported_once_by_the_rank_that_read_it(tmp_path):
+    """A NaN in the file: only the rank whose share holds it reads it; it is said once,
+    naming that rank and the file row, and nothing is written."""
+    from gpubp.config import load_config
+
+    x = np.random.default_rng(5).normal(size=(300, 3))
+    sets = [
+        "data.dataset=npz",
+        f"data.path={tmp_path / 'a.npz'}",
+        "data.val_fraction=0",
+        "data.test_fraction=0",
+        "train.early_stopping_patience=0",
+    ]
+    cfg = load_config(os.path.join(ROOT, "configs/regression.toml"), sets)
+    rows = D.Dataset(np.arange(300.0).reshape(-1, 1), np.zeros((300, 1)), None, "rows")
+    train = D.split_dataset(rows, 0.0, 0.0, cfg.train.seed, cfg.data.stratify).train.x[:, 0].astype(np.int64)
+    bad = int(train[row_range(300, 2, 3)[0] + 5])  # a row in rank 2's share
+    x[bad, 1] = np.nan
+    np.savez(tmp_path / "a.npz", x=x, y=x[:, 0] + 0.5)  # regression values
+    result = mpi_train(3, "--config", "configs/regression.toml", *[a for s in sets for a in ("--set", s)],
+                       "--quiet", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 2, result.stderr  # a data error
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gpubp: error:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("gpubp: error: rank 2: ") and f"feature 1 of sample {bad} is nan" in lines[0]
+    assert not os.path.exists(tmp_path / "run" / "last.npz")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_on_the_gpu_a_mapped_split_gives_the_device_splits_batches(tmp_path, dtype):
+    """One rank's MappedSplit on the GPU backend: its batches (read on the host, copied
+    each step) and its evaluation share hold the same numbers as DeviceSplit's."""
+    from gpubp import shard
+    from gpubp.backend import resolve_device
+    from gpubp.model import MLP
+
+    backend, _ = resolve_device("gpu")
+    rng = np.random.default_rng(6)
+    np.savez(tmp_path / "a.npz", x=rng.normal(size=(97, 5)), y=rng.integers(0, 3, 97))
+    mapped, whole = D.load_npz_mapped(str(tmp_path / "a.npz"), None), D.load_npz(str(tmp_path / "a.npz"), None)
+    std = D.Standardizer.fit(whole.x)
+    model = MLP([5, 8, 3], "tanh", "identity", "softmax_cross_entropy", dtype=dtype, backend=backend)
+    ref = D.DeviceSplit(model, whole, std, whole.y)
+    part = shard.MappedSplit(model, mapped, whole.y, 1, 2)
+    part.finish(std)
+    idx = rng.permutation(97)[:40]
+    xb, yb = part.batch(part.order(idx), None)
+    cache = {}
+    xr, yr = ref.batch(
+        ref.order(idx), lambda name, like, n: cache.setdefault(name, backend.empty((n, *like.shape[1:]), like.dtype))
+    )
+    assert np.array_equal(backend.to_numpy(xb), backend.to_numpy(xr)) and np.array_equal(
+        backend.to_numpy(yb), backend.to_numpy(yr)
+    )
+    start, stop = row_range(97, 1, 2)
+    for a, b in zip(part.share(start, stop), ref.share(start, stop)):
+        assert np.array_equal(backend.to_numpy(a), backend.to_numpy(b))
