@@ -52,7 +52,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "dataset": _f("str", "digits", "which data to train on", DATASETS),
         "path": _f("str", "", "file (npz, csv) or folder (mnist); relative paths start at the config file's folder"),
-        "label_column": _f("str", "label", "csv: the column holding the targets"),
+        "label_column": _f(
+            "str", "auto", "csv: the column holding the targets; auto: label, target, y or class, else the last"
+        ),
         "delimiter": _f("str", ",", 'csv: the one character between fields, e.g. ",", ";" or "\\t"'),
         "feature_columns": _f("str_list", [], "csv: the feature columns by name; [] takes every other column"),
         "drop_columns": _f("str_list", [], "csv: columns to leave out of the features (ids, leaks)"),

@@ -19,7 +19,7 @@ from importlib import resources
 
 import numpy as np
 
-from .csvfile import read_table
+from .csvfile import read_first_row, read_table
 from .errors import DataError
 from .targets import auto_is_classification
 
@@ -37,6 +37,7 @@ class Dataset:
     class_names: list = field(default_factory=list)
     feature_names: list = field(default_factory=list)  # CSV: the feature columns, in order
     notes: list = field(default_factory=list)  # one line each, for the user (rows dropped, ...)
+    label_column: str | None = None  # CSV: the column the targets came from
 
     @property
     def is_classification(self) -> bool:
@@ -253,6 +254,18 @@ def load_npz(path: str, classification: bool | None) -> Dataset:
     )
 
 
+AUTO_LABEL = "auto"
+LABEL_NAMES = ("label", "target", "y", "class")  # what data.label_column = "auto" looks for, in order
+
+
+def choose_label_column(names: list, path: str) -> tuple[str, str]:
+    """data.label_column = "auto": the first of LABEL_NAMES among the header's names,
+    else the last column (scikit-learn's frames end with 'target'); and the line that says so."""
+    chosen = next((n for n in LABEL_NAMES if n in names), names[-1] if names else "label")
+    return chosen, (f"{path}: using column {chosen!r} as the label (data.label_column = \"auto\": "
+                    f"the first of {', '.join(LABEL_NAMES)}, else the last column; set data.label_column to choose)")  # fmt: skip
+
+
 def load_csv(path: str, label_column: str, classification: bool | None, delimiter: str = ",",
              feature_columns=(), drop_columns=(), missing: str = "error") -> Dataset:  # fmt: skip
     """A CSV file with a header row (gpubp/csvfile.py reads it); `label_column` holds the
@@ -260,6 +273,9 @@ def load_csv(path: str, label_column: str, classification: bool | None, delimite
     `drop_columns`). Text labels become classes in sorted order."""
     if not os.path.exists(path):
         raise _not_found(path)
+    chose = None
+    if label_column == AUTO_LABEL:
+        label_column, chose = choose_label_column(read_first_row(path, delimiter, path), path)
     table = read_table(path, path, delimiter=delimiter, label=label_column, features=list(feature_columns) or None,
                        drop=drop_columns, missing=missing,
                        no_header_hint=f"add a header row naming the columns (the label column {label_column!r} among them)")  # fmt: skip
@@ -275,10 +291,12 @@ def load_csv(path: str, label_column: str, classification: bool | None, delimite
         classification = True
     x, y, n_classes = check_arrays(table.x, y, path, classification, missing_ok=missing == "mean")
     notes = [f'{path}: dropped {table.dropped} rows with a missing value (data.missing = "drop")'] * bool(table.dropped)
+    if chose:
+        notes.append(chose)
     if table.ignored:
         notes.append(f"{path}: columns not used as features: {', '.join(table.ignored)}")
     return Dataset(x, y, n_classes, os.path.basename(path), class_names=class_names,
-                   feature_names=table.feature_names, notes=notes)  # fmt: skip
+                   feature_names=table.feature_names, notes=notes, label_column=label_column)  # fmt: skip
 
 
 def make_spirals(n_samples: int, n_classes: int, noise: float, seed: int) -> Dataset:

@@ -97,6 +97,8 @@ def resolve_auto(cfg: Config, ds: D.Dataset) -> Config:
     raw = cfg.to_dict()
     task = "classification" if ds.is_classification else "regression"
     raw["data"]["task"] = task
+    if ds.label_column is not None:  # a CSV's label column, "auto" resolved
+        raw["data"]["label_column"] = ds.label_column
     if raw["loss"]["name"] == "auto":
         raw["loss"]["name"] = "softmax_cross_entropy" if ds.is_classification else "mse"
     if cfg.data.val_fraction == 0:  # no validation split: no early stopping (the default patience is moot)

@@ -126,3 +126,24 @@ def test_synthetic_sets():
     r = D.make_regression(50, 3, 0.0, 0)
     expect = np.sin(np.pi * r.x).sum(1) / np.sqrt(3) + 0.5 * r.x[:, 0] * r.x[:, 2]
     assert np.allclose(r.y[:, 0], expect)
+
+
+def test_label_column_auto_picks_a_known_name_else_the_last(tmp_path):
+    """data.label_column = "auto" (the default): label, target, y or class, in that order,
+    else the last column (a scikit-learn frame written out ends with 'target'); one note."""
+    from gpubp.data import load_csv
+
+    cases = {"a,target,b\n": ("target", [[1.0, 3.0], [4.0, 6.0]]), "a,b,label,y\n": ("label", [[1.0, 2.0, 4.0], [4.0, 5.0, 7.0]]),
+             "a,b,out\n": ("out", [[1.0, 2.0], [4.0, 5.0]])}  # fmt: skip
+    for header, (chosen, x) in cases.items():
+        p = tmp_path / "d.csv"
+        n_cols = header.count(",") + 1
+        p.write_text(
+            header + "".join(",".join(str(float(r * 3 + c + 1)) for c in range(n_cols)) + "\n" for r in range(2))
+        )
+        ds = load_csv(str(p), "auto", False)
+        assert ds.label_column == chosen
+        np.testing.assert_array_equal(ds.x, x)
+        assert sum(f"using column {chosen!r} as the label" in n for n in ds.notes) == 1
+    explicit = load_csv(str(p), "a", False)  # a named column: no note, no guessing
+    assert explicit.label_column == "a" and not any("as the label" in n for n in explicit.notes)
