@@ -19,7 +19,7 @@ from importlib import resources
 
 import numpy as np
 
-from .csvfile import read_first_row, read_table
+from .csvfile import looks_headless, read_first_row, read_table
 from .errors import DataError
 from .targets import auto_is_classification
 
@@ -258,10 +258,16 @@ AUTO_LABEL = "auto"
 LABEL_NAMES = ("label", "target", "y", "class")  # what data.label_column = "auto" looks for, in order
 
 
-def choose_label_column(names: list, path: str) -> tuple[str, str]:
+def choose_label_column(names: list, path: str) -> tuple[str, str | None]:
     """data.label_column = "auto": the first of LABEL_NAMES among the header's names,
-    else the last column (scikit-learn's frames end with 'target'); and the line that says so."""
-    chosen = next((n for n in LABEL_NAMES if n in names), names[-1] if names else "label")
+    else the last column (scikit-learn's frames end with 'target'); and a line saying so
+    when that is not 'label'. A header of one name or of numbers gets 'label', so that
+    reading it fails with the reason (a wrong delimiter, no header row)."""
+    if len(names) < 2 or looks_headless(names):
+        return "label", None
+    chosen = next((n for n in LABEL_NAMES if n in names), names[-1])
+    if chosen == "label":
+        return chosen, None
     return chosen, (f"{path}: using column {chosen!r} as the label (data.label_column = \"auto\": "
                     f"the first of {', '.join(LABEL_NAMES)}, else the last column; set data.label_column to choose)")  # fmt: skip
 
