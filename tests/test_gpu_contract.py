@@ -152,9 +152,10 @@ def test_probe_names_the_missing_library(cupy_without_cublas):
             assert len(notes) == 1 and "cuBLAS" in notes[0], r.stderr
 
 
-def test_one_gpu_backend_per_process(monkeypatch):
-    """Every model and command of a process shares one CupyBackend (its kernels compiled
-    once, one cuBLAS handle): a stand-in counts how many get built."""
+def test_one_gpu_backend_per_device(monkeypatch):
+    """Every model and command of a process shares one CupyBackend per device (its
+    kernels compiled once, one cuBLAS handle), made on the device the process works on
+    (a data-parallel rank's own GPU): a stand-in counts how many get built, and where."""
     from gpubp import backend as B
     from gpubp.backend import cupy_backend
 
@@ -167,6 +168,11 @@ def test_one_gpu_backend_per_process(monkeypatch):
     monkeypatch.setattr(B, "_GPU", {})
     monkeypatch.setattr(cupy_backend, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cupy_backend, "CupyBackend", StandIn)
+    device = [0]
+    monkeypatch.setattr(cupy_backend, "current_device", lambda: device[0])
     first = B.get_backend("gpu")
     assert B.get_backend("gpu") is first and B.resolve_device("auto")[0] is first
-    assert built == [0]
+    device[0] = 1  # a data-parallel rank that chose GPU 1 gets a backend of its own, on GPU 1
+    second = B.get_backend("gpu")
+    assert second is not first and B.get_backend("gpu") is second
+    assert built == [0, 1]

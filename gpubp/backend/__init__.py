@@ -131,13 +131,14 @@ def resolve_device(device: str):
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu":
         return _CPU, None
-    reason = gpu_unavailable_reason() if 0 not in _GPU else None
+    reason = gpu_unavailable_reason() if not _GPU else None
     if reason is None:
-        if 0 not in _GPU:
-            from .cupy_backend import CupyBackend
+        from .cupy_backend import CupyBackend, current_device
 
-            _GPU[0] = CupyBackend(0)
-        return _GPU[0], None
+        dev = current_device()  # 0, or the GPU a data-parallel rank chose (its local rank)
+        if dev not in _GPU:
+            _GPU[dev] = CupyBackend(dev)
+        return _GPU[dev], None
     if device == "gpu":
         raise DeviceError(f"--device gpu: no usable GPU ({reason}); use --device cpu or auto")
     return _CPU, f"device auto: using the CPU ({reason})"

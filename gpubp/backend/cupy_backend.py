@@ -75,6 +75,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def current_device() -> int:
+    """The CUDA device this process (thread) works on now."""
+    import cupy
+
+    return int(cupy.cuda.runtime.getDevice())
+
+
 def host_scalars() -> dict:
     """(type, value) -> one-element host array: the alpha = 1 and beta in {0, 1} of cuBLAS
     calls in host pointer mode, passed by address (array.ctypes.data)."""
