@@ -258,14 +258,18 @@ AUTO_LABEL = "auto"
 LABEL_NAMES = ("label", "target", "y", "class")  # what data.label_column = "auto" looks for, in order
 
 
-def choose_label_column(names: list, path: str) -> tuple[str, str | None]:
+def choose_label_column(names: list, path: str, excluded=()) -> tuple[str, str | None]:
     """data.label_column = "auto": the first of LABEL_NAMES among the header's names,
     else the last column (scikit-learn's frames end with 'target'); and a line saying so
     when that is not 'label'. A header of one name or of numbers gets 'label', so that
-    reading it fails with the reason (a wrong delimiter, no header row)."""
+    reading it fails with the reason (a wrong delimiter, no header row). `excluded`
+    (data.feature_columns and data.drop_columns) are never chosen."""
     if len(names) < 2 or looks_headless(names):
         return "label", None
-    chosen = next((n for n in LABEL_NAMES if n in names), names[-1])
+    candidates = [n for n in names if n not in excluded]
+    if not candidates:
+        return "label", None
+    chosen = next((n for n in LABEL_NAMES if n in candidates), candidates[-1])
     if chosen == "label":
         return chosen, None
     return chosen, (f"{path}: using column {chosen!r} as the label (data.label_column = \"auto\": "
@@ -281,7 +285,9 @@ def load_csv(path: str, label_column: str, classification: bool | None, delimite
         raise _not_found(path)
     chose = None
     if label_column == AUTO_LABEL:
-        label_column, chose = choose_label_column(read_first_row(path, delimiter, path), path)
+        label_column, chose = choose_label_column(
+            read_first_row(path, delimiter, path), path, (*feature_columns, *drop_columns)
+        )
     table = read_table(path, path, delimiter=delimiter, label=label_column, features=list(feature_columns) or None,
                        drop=drop_columns, missing=missing,
                        no_header_hint=f"add a header row naming the columns (the label column {label_column!r} among them)")  # fmt: skip

@@ -214,8 +214,10 @@ class _MLPBase(BaseEstimator):
             batch = min(200, n_samples)  # scikit-learn's rule
         early = bool(self.early_stopping) and not partial
         raw = {
+            # the regressor standardises y itself (kept across partial_fit, folded into the
+            # saved model): the trainer must not scale it a second time
             "data": {"dataset": "npz", "path": IN_MEMORY, "test_fraction": 0.0, "task": self._task,
-                     "val_fraction": self.validation_fraction if early else 0.0},
+                     "val_fraction": self.validation_fraction if early else 0.0, "standardize_targets": False},
             "model": {"hidden": [_plain(h) for h in hidden],
                       "activation": SKLEARN_ACTIVATIONS.get(self.activation, self.activation)},
             "loss": {"name": self._loss},

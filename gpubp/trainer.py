@@ -778,11 +778,11 @@ class Trainer:
         )
 
     def _interrupt(self) -> Interrupted:
-        """Ctrl-C came: save last.npz at the current step (if all is finite)."""
+        """Ctrl-C came: save the checkpoints at the current step (if all is finite)."""
         self._check_finite()
         if self.out_dir is None:
             return Interrupted(f"interrupted at step {self.step}", self.step, None)
-        self.save("last.npz")
+        self._write_checkpoints()  # a better evaluation not yet on disk first, as at any checkpoint
         path = os.path.join(self.out_dir, "last.npz")
         return Interrupted(f"interrupted at step {self.step}; saved {path}", self.step, path)
 
@@ -883,7 +883,9 @@ def _check_resume_compatible(stored: Config, given: Config, path: str) -> None:
         for key, value in values.items():
             if section == "train" and key in RESUMABLE_CHANGES:
                 continue
-            if (section, key) in (("data", "task"), ("loss", "name")) and b[section][key] == "auto":
+            if (section, key) in (("data", "task"), ("data", "label_column"), ("loss", "name")) and b[section][
+                key
+            ] == "auto":
                 continue  # the checkpoint holds what "auto" chose; the same data chooses it again
             if b[section][key] != value:
                 raise ConfigError(

@@ -147,3 +147,25 @@ def test_label_column_auto_picks_a_known_name_else_the_last(tmp_path):
         assert sum(f"using column {chosen!r} as the label" in n for n in ds.notes) == (chosen != "label")
     explicit = load_csv(str(p), "a", False)  # a named column: no note, no guessing
     assert explicit.label_column == "a" and not any("as the label" in n for n in explicit.notes)
+
+
+def test_label_column_auto_skips_excluded_columns_and_resumes(tmp_path):
+    """auto never picks a column listed in drop_columns / feature_columns, and a run whose
+    config says auto resumes (the checkpoint holds the column auto chose)."""
+    from gpubp.data import load_csv
+
+    from .conftest import run_cli
+
+    p = tmp_path / "d.csv"
+    rng = np.random.default_rng(0)
+    rows = "".join(f"{a:.3f},{b:.3f},{int(a > b)},{i}\n" for i, (a, b) in enumerate(rng.normal(size=(40, 2))))
+    p.write_text("a,b,cls,id\n" + rows)
+    assert load_csv(str(p), "auto", None, drop_columns=("id",)).label_column == "cls"
+    (tmp_path / "c.toml").write_text('[data]\ndataset = "csv"\npath = "d.csv"\ndrop_columns = ["id"]\n'
+                                     "[model]\nhidden = [4]\n[train]\nepochs = 2\n")  # fmt: skip
+    out = str(tmp_path / "run")
+    r = run_cli("train", "--config", str(tmp_path / "c.toml"), "--out", out, "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--config", str(tmp_path / "c.toml"), "--out", out, "--device", "cpu", "--quiet",
+                "--resume", f"{out}/last.npz", "--set", "train.epochs=4")  # fmt: skip
+    assert r.returncode == 0, r.stderr

@@ -356,3 +356,26 @@ def test_gpu_fit_matches_cpu_and_pickles():
     assert_close(gpu._state[1]["params"], cpu._state[1]["params"], np.float64, scale=1e4, what="gpu vs cpu params")
     back = pickle.loads(pickle.dumps(gpu))
     assert_close(back.predict_proba(x), cpu.predict_proba(x), np.float64, scale=1e4, what="unpickled gpu model")
+
+
+def test_regressor_scales_targets_once_across_save_and_partial_fit(tmp_path):
+    """The regressor standardises y itself; the trainer must not scale it again: a saved and
+    reloaded model predicts what the fitted one does (float32 model: rtol 1e-5, a few ulps
+    of the folded last layer), and partial_fit on shifted data keeps the first call's scale."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    y = x @ [1.0, 2.0, 3.0] + 5 + rng.normal(size=400) * 0.1
+    est = gpubp.MLPRegressor(hidden_layer_sizes=(16,), max_iter=30, early_stopping=True, random_state=0,
+                             device="cpu").fit(x, y)  # fmt: skip
+    path = str(tmp_path / "r.npz")
+    est.save(path)
+    np.testing.assert_allclose(
+        gpubp.load(path, device="cpu").predict(x[:20]), est.predict(x[:20]), rtol=1e-5, atol=1e-5
+    )
+    part = gpubp.MLPRegressor(hidden_layer_sizes=(16,), random_state=0, device="cpu")
+    part.partial_fit(x[:200], y[:200])
+    part.partial_fit(x[200:210] + 3, y[200:210] + 20)
+    arrays = part._state[1]
+    for key in ("target.mean", "target.std"):  # the trainer's own scaler stays the identity, if stored
+        if key in arrays:
+            assert np.all(arrays[key] == (0.0 if key == "target.mean" else 1.0)), (key, arrays[key])
