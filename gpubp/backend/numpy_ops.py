@@ -320,19 +320,26 @@ def sgd_step(p, g, buf, scratch, *, lr, momentum, dampening, nesterov, weight_de
         np.multiply(p, weight_decay, out=t)
         d += t
     if momentum:
-        if first_step:
-            np.copyto(buf, d)
-        else:
-            buf *= momentum
-            np.multiply(d, 1.0 - dampening, out=t)
-            buf += t
-        if nesterov:
-            np.multiply(buf, momentum, out=t)
-            d += t
-        else:
-            d = buf
+        d = momentum_direction(d, buf, t, momentum, 1.0 - dampening, first_step, nesterov)
     np.multiply(d, lr, out=t)
     p -= t
+
+
+def momentum_direction(d, buf, t, momentum, one_minus_dampening, first_step: bool, nesterov: bool):
+    """SGD momentum in place, t a scratch row; returns the update direction:
+    buf = d (first step) or mu buf + (1 - damp) d;  direction = d + mu buf (nesterov) or buf.
+    mu, 1 - damp: scalars, or (M, 1) per-model vectors over (M, P) rows (numpy_stacked)."""
+    if first_step:
+        np.copyto(buf, d)
+    else:
+        buf *= momentum
+        np.multiply(d, one_minus_dampening, out=t)
+        buf += t
+    if nesterov:
+        np.multiply(buf, momentum, out=t)
+        d += t
+        return d
+    return buf
 
 
 def adam_step(p, g, m, v, scratch, *, lr, beta1, beta2, eps, weight_decay, step, decoupled, grad_scale=1.0,

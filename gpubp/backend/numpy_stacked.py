@@ -18,7 +18,15 @@ import numpy as np
 
 from ..activations import Activation
 from ..losses import Loss
-from .numpy_ops import LOSS_BLOCK, _ones, act_forward, cross_entropy_rows, elementwise_loss, loss_divisor
+from .numpy_ops import (
+    LOSS_BLOCK,
+    _ones,
+    act_forward,
+    cross_entropy_rows,
+    elementwise_loss,
+    loss_divisor,
+    momentum_direction,
+)
 
 
 def _t(a):
@@ -184,17 +192,7 @@ def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, n
         np.multiply(p, weight_decay, out=t)  # wd = 0 adds +0: d unchanged
         d += t
     if momentum_on:
-        if first_step:
-            np.copyto(buf, d)
-        else:
-            buf *= momentum
-            np.multiply(d, one_minus_dampening, out=t)
-            buf += t
-        if nesterov:
-            np.multiply(buf, momentum, out=t)
-            d += t
-        else:
-            d = buf
+        d = momentum_direction(d, buf, t, momentum, one_minus_dampening, first_step, nesterov)
     np.multiply(d, lr, out=t)
     p -= t
 
