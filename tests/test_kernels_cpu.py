@@ -18,13 +18,16 @@ from gpubp.backend import numpy_ops
 
 from .conftest import ROOT, TOL
 
-IN_CI = os.environ.get("CI") == "true"
+# Step 2 of .ci/run installs NVRTC and sets this: there a missing compiler or NVRTC is a
+# failure, not a skip. Step 1 (the README's test command in a bare venv) has neither
+# NVRTC nor this variable, so those tests skip there, as they do for a new user.
+REQUIRE_KERNEL_TOOLS = os.environ.get("GPUBP_REQUIRE_KERNEL_TOOLS") == "1"
 
 
 def need_nvrtc():
     if kernels.load_nvrtc() is None:
         message = "no NVRTC library (pip install nvidia-cuda-nvrtc)"
-        if IN_CI:
+        if REQUIRE_KERNEL_TOOLS:
             pytest.fail(message + ": CI must compile the kernels")
         pytest.skip(message)
 
@@ -91,7 +94,7 @@ def test_every_kernel_the_backend_launches_exists():
 def host_math(tmp_path_factory):
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        if IN_CI:
+        if REQUIRE_KERNEL_TOOLS:
             pytest.fail("no C++ compiler: CI must check the kernel math on the host")
         pytest.skip("no C++ compiler (g++) on this machine: the kernel math is not checked on the host")
     out = str(tmp_path_factory.mktemp("hostmath") / "libhostmath.so")
