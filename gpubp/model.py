@@ -16,6 +16,12 @@ Reverse mode (backprop) starts with D = dLoss/dx_{l+1} and for k = l..1:
 
 Gradients come out in "denominator layout": dW_k has W_k's shape (see docs/backprop.md).
 Parameters and gradients each live in one flat buffer; W_k and b_k are views into it.
+
+Mixed precision (dtype bf16/fp16, gpubp/precision.py): parameters, gradients and the
+optimizer state stay float32; each forward pass first rounds the weights into a 16-bit
+copy (params_low) that the GEMMs read, and x_k, z_k, D, D' are stored in 16 bits. fp16
+scales the loss gradient by a dynamic loss scale S (loss_scale, a device scalar), so
+the gradients come out as S times the true ones; the trainer's guard unscales them.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from .activations import SAVES_INPUT, Activation, make_activation
 from .backend import get_backend
 from .init import init_weight
 from .losses import Loss, make_loss
+from .precision import LOSS_SCALE_INIT, get_precision
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64")  # the storage dtypes of the stacked models (gpubp.stack)
 
 
 @dataclass
@@ -48,6 +55,7 @@ class _Workspace:
     x: list
     dx: list
     dz: list
+    x0: object = None  # (n, n_0) the batch rounded to 16 bits (mixed precision), else None
 
 
 class MLP:
@@ -78,11 +86,11 @@ class MLP:
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must list at least two positive widths, got {sizes}")
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.precision = get_precision(dtype)  # float32, float64, tf32, bf16, fp16
         self.backend = backend if backend is not None else get_backend(device)
         self.xp = self.backend.xp
-        self.dtype = np.dtype(str(dtype))
+        self.dtype = self.precision.param_dtype  # parameters, gradients, inputs, targets
+        self.store_dtype = self.precision.store_dtype  # activations and GEMM inputs
         self.sizes = sizes
         self.seed = int(seed)
         self.init = init
@@ -117,6 +125,15 @@ class MLP:
         self.params = self._views(self.flat_params)
         self.grads = self._views(self.flat_grads)
         self._workspaces: dict[int, _Workspace] = {}
+        # bf16/fp16: the weights' 16-bit copy the GEMMs read (refreshed by _round_params)
+        low = self.precision.low
+        self.flat_params_low = self.backend.empty(self.n_params, self.store_dtype) if low else None
+        self.params_low = self._views(self.flat_params_low) if low else self.params
+        # fp16: the dynamic loss scale S on the device (the trainer's guard updates it)
+        self.loss_scale = None
+        if self.precision.loss_scaling:
+            self.loss_scale = self.backend.zeros((), np.float32)
+            self.loss_scale[...] = LOSS_SCALE_INIT
 
     # ---------------------------------------------------------------- structure
 
@@ -160,7 +177,7 @@ class MLP:
             "activation": self.hidden_activation.name,
             "output_activation": self.activations[-1].name,
             "loss": self.loss.name,
-            "dtype": self.dtype.name,
+            "dtype": self.precision.name,
             "seed": self.seed,
             "init": self.init,
             "leaky_relu_slope": self.leaky_relu_slope,
@@ -177,7 +194,7 @@ class MLP:
             return ws
         if len(self._workspaces) >= 4:  # a few batch sizes at most (train, last partial, eval)
             self._workspaces.pop(next(iter(self._workspaces)))
-        be, dt, sizes = self.backend, self.dtype, self.sizes
+        be, dt, sizes = self.backend, self.store_dtype, self.sizes
         z, a, x, dx, dz = [], [], [None], [], []
         for k, act in enumerate(self.activations):
             width = sizes[k + 1]
@@ -191,7 +208,7 @@ class MLP:
                 dx.append(be.empty((n, sizes[k]), dt))
         for k in range(self.n_layers):
             dz.append(be.empty((n, sizes[k + 1]), dt) if self.is_residual[k] else dx[k + 1])
-        ws = _Workspace(z, a, x, dx, dz)
+        ws = _Workspace(z, a, x, dx, dz, be.empty((n, sizes[0]), dt) if self.precision.low else None)
         self._workspaces[n] = ws
         return ws
 
@@ -222,23 +239,50 @@ class MLP:
 
     # ---------------------------------------------------------------- forward
 
+    def _round_params(self) -> None:
+        """bf16/fp16: params_low = the weights rounded to 16 bits (one op over the flat
+        buffer), before a forward pass reads them; nothing to do otherwise."""
+        if self.flat_params_low is not None:
+            self.backend.cast(self.flat_params, self.flat_params_low)
+
+    def _gemm(self, a, b, out, **kw):
+        """be.gemm, TF32 inputs when the precision asks for them (only then the keyword)."""
+        if self.precision.tf32:
+            kw["tf32"] = True
+        return self.backend.gemm(a, b, out=out, **kw)
+
     def _forward(self, x, ws: _Workspace):
-        """x_{k+1} = f_k(x_k W_k + b_k) (+ x_k), saving what the backward pass reads."""
+        """x_{k+1} = f_k(x_k W_k + b_k) (+ x_k), saving what the backward pass reads.
+        Mixed precision: x is rounded to 16 bits first; W_k is read from params_low
+        (call _round_params before), b_k in float32."""
         be = self.backend
-        ws.x[0] = x
+        ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None else x
         for k, act in enumerate(self.activations):
-            W, b = self.layer_params(k)
+            W, b = self.params_low[2 * k], self.params[2 * k + 1]
             z = ws.z[k] if ws.z[k] is not None else ws.a[k]
-            be.gemm(ws.x[k], W, out=z)  # z_k = x_k W_k          (n, n_{k+1})
+            self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
             be.bias_act_forward(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
             if self.is_residual[k]:
-                self.xp.add(ws.x[k], ws.a[k], out=ws.x[k + 1])  # x_{k+1} = x_k + a_k
+                self._add(ws.x[k], ws.a[k], ws.x[k + 1])  # x_{k+1} = x_k + a_k
         return ws.x[-1]
 
+    def _add(self, a, b, out):
+        if self.precision.low:
+            return self.backend.add(a, b, out)
+        return self.xp.add(a, b, out=out)
+
+    def _to_param_dtype(self, a):
+        """A new backend array of the parameter dtype holding a's values (16-bit: widened)."""
+        if a.dtype == self.dtype:
+            return a.copy()
+        return self.backend.cast(a, self.backend.empty(a.shape, self.dtype))
+
     def forward(self, x):
-        """The network output (N, n_out) before the loss, as a new backend array."""
+        """The network output (N, n_out) before the loss, as a new backend array of the
+        parameter dtype (float32 for the 16-bit precisions)."""
         x = self.as_input(x)
-        return self._forward(x, self._workspace(x.shape[0])).copy()
+        self._round_params()
+        return self._to_param_dtype(self._forward(x, self._workspace(x.shape[0])))
 
     # ---------------------------------------------------------------- backward
 
@@ -249,31 +293,44 @@ class MLP:
         be = self.backend
         for k in reversed(range(self.n_layers)):
             act = self.activations[k]
-            W, b = self.layer_params(k)
+            W = self.params_low[2 * k]
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
             be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
-            be.gemm(ws.x[k], Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'         (n_k, n_{k+1})
+            self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'          (n_k, n_{k+1})
             be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                          (n_{k+1},)
             if on_layer is not None:
                 on_layer(k)
             if k > 0 or input_grad:
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
                 beta = 1.0 if self.is_residual[k] else 0.0
-                be.gemm(Dz, W, out=ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
+                self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
-    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None):
+    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True):
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
         on_layer(k): called once layer k's gradients are issued (see _backward).
+        fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
+        loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
         """
         ws = self._workspace(x.shape[0])
+        self._round_params()
         out = self._forward(x, ws)
-        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1])
+        kw = {}
+        if self.loss_scale is not None:
+            kw["loss_scale"] = self.loss_scale if scaled else self._unit_scale()
+        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], **kw)
         self._backward(ws, input_grad=input_grad, on_layer=on_layer)
         return loss
+
+    def _unit_scale(self):
+        one = self.__dict__.get("_one")
+        if one is None:
+            one = self._one = self.backend.zeros((), np.float32)
+            one[...] = 1.0
+        return one
 
     def use_grad_buffer(self, flat) -> None:
         """Keep the gradients in `flat[:n_params]` (a longer buffer whose tail carries
@@ -290,14 +347,14 @@ class MLP:
         overwrites them, as PyTorch's .grad is overwritten after zero_grad().
         """
         x = self.as_input(x)
-        loss = self.forward_backward(x, self.as_target(y, x.shape[0]))
+        loss = self.forward_backward(x, self.as_target(y, x.shape[0]), scaled=False)
         return self.backend.to_float(loss), self.grads
 
     def input_grad(self, x, y):
         """dLoss/dx (N, n_in) as a new backend array."""
         x = self.as_input(x)
-        self.forward_backward(x, self.as_target(y, x.shape[0]), input_grad=True)
-        return self._workspace(x.shape[0]).dx[0].copy()
+        self.forward_backward(x, self.as_target(y, x.shape[0]), input_grad=True, scaled=False)
+        return self._to_param_dtype(self._workspace(x.shape[0]).dx[0])
 
     # ---------------------------------------------------------------- evaluation
 
@@ -308,6 +365,7 @@ class MLP:
         xp = self.xp
         total = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.int64) if labels is not None else None
+        self._round_params()
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             ws = self._workspace(stop - start)

@@ -33,6 +33,10 @@ class NumpyBackend:
     adam_step = staticmethod(numpy_ops.adam_step)
     sum_squares = staticmethod(numpy_ops.sum_squares)
     step_guard = staticmethod(numpy_ops.step_guard)
+    # mixed precision (gpubp/precision.py): storage conversions, the residual sum, fp16's guard
+    cast = staticmethod(numpy_ops.cast)
+    add = staticmethod(numpy_ops.add)
+    step_guard_scaled = staticmethod(numpy_ops.step_guard_scaled)
     gather_rows = staticmethod(numpy_ops.gather_rows)
     # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
     gemm_batched = staticmethod(numpy_stacked.gemm_batched)

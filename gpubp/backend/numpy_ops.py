@@ -7,6 +7,11 @@ Conventions (llm.c style, said once here):
   overwritten too unless `beta=1` asks gemm to accumulate (+=).
 - Scalars that change every step (learning rate, gradient scale) may be Python floats
   or 0-d arrays of the backend.
+- Mixed precision (gpubp/precision.py): an array of 16-bit storage (bf16 bits as
+  uint16, float16) is read as float32, the op computes in float32 and rounds its result
+  once into a 16-bit `out` (round to nearest even): what the kernels do, bit for bit in
+  the elementwise ops. Parameters (b, W's float32 master) and parameter gradients stay
+  float32. `tf32=True` rounds a float32 GEMM's inputs to TF32 first.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 
 import numpy as np
 
+from .. import precision as PR
 from ..activations import Activation
 from ..losses import Loss
 
@@ -22,12 +28,24 @@ from ..losses import Loss
 # matrix products (cuBLAS on the GPU)
 
 
-def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):
+def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0, tf32=False):
     """out = op(a) @ op(b) + beta * out, op(m) = m.T if trans else m.
 
     a: (M, K) or (K, M) if trans_a; b: (K, N) or (N, K) if trans_b; out: (M, N).
-    The transposes are views: no copy is made.
+    The transposes are views: no copy is made. 16-bit a, b (bf16/fp16 storage): their
+    float32 values, products summed in float32, as cuBLAS with compute type 32F; a
+    16-bit out gets round(acc + beta out) once. tf32: float32 a and b rounded to TF32
+    first (precision.round_tf32), as CUBLAS_COMPUTE_32F_FAST_TF32.
     """
+    if a.dtype in PR.LOW or b.dtype in PR.LOW or out.dtype in PR.LOW:
+        af, bf = PR.to_float32(a), PR.to_float32(b)
+        acc = (af.T if trans_a else af) @ (bf.T if trans_b else bf)
+        if beta != 0.0:
+            acc += beta * PR.to_float32(out)
+        PR.store(acc, out)
+        return out
+    if tf32 and a.dtype == np.float32:
+        a, b = PR.round_tf32(a), PR.round_tf32(b)
     a = a.T if trans_a else a
     b = b.T if trans_b else b
     if beta == 0.0:
@@ -36,6 +54,22 @@ def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0):
         if beta != 1.0:
             out *= beta
         out += a @ b
+    return out
+
+
+def cast(src, out):
+    """out = src converted to out's storage dtype (16-bit: rounded to nearest even).
+    src, out: the same shape; any of bf16 bits, float16, float32, float64."""
+    PR.store(PR.to_float32(src) if src.dtype in PR.LOW else src, out)
+    return out
+
+
+def add(a, b, out):
+    """out = a + b elementwise (a residual layer's x_k + a_k); 16-bit: in float32, rounded once."""
+    if out.dtype in PR.LOW:
+        PR.store(PR.to_float32(a) + PR.to_float32(b), out)
+    else:
+        np.add(a, b, out=out)
     return out
 
 
@@ -104,7 +138,12 @@ def act_backward(d, saved, act: Activation, out):
 
     `saved` is y = f(z) for activations whose f' is read from the output (act.saves
     == "output"), z for those that need the input ("input"), ignored for identity.
+    16-bit d, saved, out: d * f'(saved) in float32, rounded once into out.
     """
+    if d.dtype in PR.LOW:
+        df = PR.to_float32(d)
+        PR.store(act_backward(df, PR.to_float32(saved), act, np.empty_like(df)), out)
+        return out
     name = act.name
     if name == "identity":
         # f' = 1
@@ -155,7 +194,14 @@ def bias_act_forward(z, b, act: Activation, out):
 
     z: (N, n) the GEMM result x W, updated in place to the pre-activation x W + b;
     b: (n,); out: (N, n), may be z itself when f' needs no z (act.saves != "input").
+    16-bit z, out (b float32): v = z + b and f(v) in float32, each stored rounded.
     """
+    if z.dtype in PR.LOW:
+        v = PR.to_float32(z) + b
+        if out is not z:
+            PR.store(v, z)
+        PR.store(act_forward(v, act, np.empty_like(v)), out)
+        return out
     np.add(z, b, out=z)
     return act_forward(z, act, out)
 
@@ -164,7 +210,9 @@ def bias_grad(d, out):
     """out = column sums of d: db = sum_i D'_i = 1^T D'. d: (N, n); out: (n,).
 
     As a GEMV with a ones vector: BLAS does it faster than np.sum(axis=0), adding the
-    rows in the same sequential order."""
+    rows in the same sequential order. 16-bit d: summed in float32 into a float32 out."""
+    if d.dtype in PR.LOW:
+        d = PR.to_float32(d)
     np.matmul(_ones(d.shape[0], d.dtype), d, out=out)
     return out
 
@@ -196,7 +244,7 @@ def loss_divisor(loss: Loss, n: int, c: int) -> int:
 LOSS_BLOCK = 32768  # elements per block of rows in loss_forward_backward
 
 
-def loss_forward_backward(x, target, loss: Loss, grad=None):
+def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None):
     """Mean loss over the batch, and grad = dL/dx when grad is not None.
 
     x: (N, C) network output; target: (N,) integer labels for softmax_cross_entropy,
@@ -204,7 +252,19 @@ def loss_forward_backward(x, target, loss: Loss, grad=None):
     Rows go through loss_sum in blocks of about LOSS_BLOCK elements, so that the
     formulas' temporaries stay small (a large batch would otherwise allocate, and
     page-fault, several arrays of its size); the blocks' sums are added in order.
+
+    16-bit x and grad (mixed precision): the loss of x's float32 values, a float32
+    value; grad = round(dL/dx * loss_scale), loss_scale a 0-d float32 array (fp16's
+    dynamic loss scale; None: 1). The value is never scaled.
     """
+    if x.dtype in PR.LOW:
+        gf = None if grad is None else np.empty(grad.shape, np.float32)
+        value = loss_forward_backward(PR.to_float32(x), target, loss, gf)
+        if grad is not None:
+            if loss_scale is not None:
+                gf *= loss_scale
+            PR.store(gf, grad)
+        return value
     n, c = x.shape
     divisor = loss_divisor(loss, n, c)
     rows = max(1, LOSS_BLOCK // c)
@@ -288,8 +348,9 @@ def accuracy_count(x, labels, threshold=0.0):
     """Number of rows classified right, as a 0-d int64 array.
 
     x: (N, C) network output; labels: (N,) integer classes. C > 1: the class is
-    argmax_c x_ic. C == 1 (binary): the class is [x_i0 > threshold].
+    argmax_c x_ic. C == 1 (binary): the class is [x_i0 > threshold]. 16-bit x: its values.
     """
+    x = PR.to_float32(x)
     if x.shape[1] == 1:
         pred = x[:, 0] > threshold
     else:
@@ -408,6 +469,47 @@ def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
     skip[...] = first_bad >= 0
     norm[...] = np.sqrt(grad_sq.astype(norm.dtype))
     scale[...] = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
+
+
+def step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
+                      interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
+    """step_guard for fp16 with dynamic loss scaling (torch.cuda.amp.GradScaler's rule):
+    the gradients are S g, S = loss_scale (0-d float32), so grad_sq = S^2 |g|^2.
+
+        first_bad = step        if first_bad == -1 and the loss is not finite (divergence:
+                                the loss is float32 and unscaled)
+        overflow  = grad_sq is not finite       (S g overflowed: skip this step only)
+        skip      = first_bad >= 0 or overflow
+        norm      = sqrt(grad_sq) / S           the true gradient's 2-norm
+        scale     = min(1, max_norm / (norm + 1e-6)) / S   (1 / S without clipping): the
+                                                optimizer's factor, the unscaling included
+    then, while first_bad == -1:
+        overflow:   S = S / 2, good_steps = 0, skipped += 1
+        else:       good_steps += 1; at `interval`: S = 2 S (if finite), good_steps = 0
+
+    good_steps, skipped: 0-d int64. Nothing is read back to the host on the GPU."""
+    t = norm.dtype.type
+    s = loss_scale.astype(norm.dtype)
+    if first_bad == -1 and not np.isfinite(loss):
+        first_bad[...] = step
+    overflow = not np.isfinite(grad_sq)
+    skip[...] = (first_bad >= 0) or overflow
+    norm[...] = np.sqrt(grad_sq.astype(norm.dtype)) / s
+    clip = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
+    scale[...] = clip / s
+    if first_bad >= 0:
+        return
+    if overflow:
+        loss_scale[...] = loss_scale * np.float32(PR.LOSS_SCALE_BACKOFF)
+        good_steps[...] = 0
+        skipped[...] = skipped + 1
+    else:
+        good_steps[...] = good_steps + 1
+        if good_steps == interval:
+            grown = loss_scale * np.float32(PR.LOSS_SCALE_GROWTH)
+            if np.isfinite(grown):
+                loss_scale[...] = grown
+            good_steps[...] = 0
 
 
 def gather_rows(src, idx, out):
