@@ -20,8 +20,8 @@ from .data import DATASETS
 from .errors import ConfigError
 from .init import INITS
 from .losses import LOSSES
-from .model import DTYPES
 from .optim import OPTIMIZERS
+from .precision import DTYPES
 from .schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
@@ -107,7 +107,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "init": _f("str", "he_normal", "weight initialisation", INITS),
         "leaky_relu_slope": _f("float", 0.01, "negative slope of leaky_relu", min=0.0),
         "residual": _f("bool", False, "x_{k+1} = x_k + f(x_k W_k + b_k) between hidden layers of equal width"),
-        "dtype": _f("str", "float32", "parameter and compute precision", DTYPES),
+        "dtype": _f(
+            "str",
+            "float32",
+            "precision: float32, float64; tf32 (float32 GEMMs on TF32 tensor cores); bf16, fp16 (16-bit activations "
+            "and GEMM inputs, float32 accumulation, master weights and optimizer state; fp16 with dynamic loss scaling)",
+            DTYPES,
+        ),
     },
     "loss": {
         "name": _f(
@@ -353,6 +359,11 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
         from .sweep import expand
 
         cfg.sweep = expand(raw, source, base_dir)
+        if cfg.model.dtype not in ("float32", "float64"):  # gpubp.stack has no mixed precision yet
+            raise ConfigError(
+                f"{source}: model.dtype {cfg.model.dtype!r}: a [sweep] trains its stacked models in float32 or "
+                "float64 only; set model.dtype = \"float32\" or train the runs one by one"
+            )
     return cfg
 
 

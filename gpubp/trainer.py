@@ -50,6 +50,7 @@ from .errors import (
 )
 from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
+from .precision import get_precision
 from .schedules import lr_at
 
 MIN_EVAL_STEPS = 10  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
@@ -262,7 +263,9 @@ def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) 
     (the activations and their gradients that the forward and backward pass of one
     training batch keep, and the gathered batch), `eval` (the same for one evaluation chunk) and `data` (the splits:
     features, targets, labels)."""
-    item = np.dtype(cfg.model.dtype).itemsize
+    precision = get_precision(cfg.model.dtype)
+    item = precision.param_dtype.itemsize  # params, data; activations in store_dtype (16 bits: half)
+    act_item = precision.store_dtype.itemsize
     n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     scratch = backend.optimizer_scratch_rows  # the optimizer's working rows of P
     n_state = len(OPTIMIZER_CLASSES[cfg.optimizer.name].state_names)
@@ -276,8 +279,8 @@ def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) 
     eval_rows = min(cfg.train.eval_batch_size, n_rows)
     return {
         "params": n_params * n_buffers * item,
-        "batch": batch * per_row * item,
-        "eval": eval_rows * per_row * item,
+        "batch": batch * per_row * act_item,
+        "eval": eval_rows * per_row * act_item,
         "data": n_rows * ((sizes[0] + sizes[-1]) * item + 4),
     }
 
@@ -422,20 +425,54 @@ class FiniteGuard:
     on the device, read only when the host logs. From that step on `skip` is true and
     the fused update leaves parameters and optimizer state as they are, so a
     checkpoint never gets NaN or inf. The same launch computes the gradient norm and
-    the clipping scale (`norm`, `scale`); see numpy_ops.step_guard."""
+    the clipping scale (`norm`, `scale`); see numpy_ops.step_guard.
 
-    def __init__(self, backend, dtype):
+    fp16 (`loss_scale`, the model's dynamic loss scale on the device): a non-finite
+    gradient skips that step only and halves the scale, counted in `skipped`; a
+    non-finite loss still stops the run; see numpy_ops.step_guard_scaled."""
+
+    def __init__(self, backend, dtype, loss_scale=None):
         self.backend = backend
         self.first_bad = backend.zeros((), np.int64)
         self.first_bad[...] = -1
         self.skip = backend.zeros((), np.bool_)
         self.norm = backend.zeros((), dtype)
         self.scale = backend.zeros((), dtype)
+        self.loss_scale = loss_scale
+        if loss_scale is not None:
+            self.good_steps = backend.zeros((), np.int64)  # finite steps since the scale last changed
+            self.skipped = backend.zeros((), np.int64)  # steps skipped for an overflowing gradient
 
     def check(self, step: int, loss, grad_sq, max_norm: float) -> None:
         """Before the update of step `step` (0-based): loss and squared gradient norm (0-d);
         max_norm > 0 clips the gradient to that global norm (through `scale`)."""
+        if self.loss_scale is not None:
+            self.backend.step_guard_scaled(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
+                                           self.scale, self.loss_scale, self.good_steps, self.skipped)  # fmt: skip
+            return
         self.backend.step_guard(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
+
+    def scaler_record(self) -> dict:
+        """fp16: {"skipped_steps", "loss_scale"} (two reads from the device); else {}."""
+        if self.loss_scale is None:
+            return {}
+        to_float = self.backend.to_float
+        return {"skipped_steps": int(to_float(self.skipped)), "loss_scale": to_float(self.loss_scale)}
+
+    def scaler_arrays(self) -> dict:
+        """fp16: the scaler's state for a checkpoint (amp.*); else {}."""
+        if self.loss_scale is None:
+            return {}
+        be = self.backend
+        return {f"amp.{k}": np.array(be.to_numpy(getattr(self, k))) for k in ("loss_scale", "good_steps", "skipped")}
+
+    def load_scaler(self, arrays: dict) -> None:
+        """Restore the scaler's state from a checkpoint's amp.* arrays (when it has them)."""
+        if self.loss_scale is None:
+            return
+        for k in ("loss_scale", "good_steps", "skipped"):
+            if f"amp.{k}" in arrays:
+                getattr(self, k)[...] = self.backend.asarray(arrays[f"amp.{k}"], dtype=getattr(self, k).dtype)
 
     def first_bad_step(self) -> int | None:
         """0-based index of the first non-finite step, or None (one read from the device)."""
@@ -515,7 +552,7 @@ class Trainer:
         self.created_dir = (
             resume is None and out_dir is not None
         )  # a run failing before its first checkpoint removes it
-        self.guard = FiniteGuard(self.run.backend, self.model.dtype)
+        self.guard = FiniteGuard(self.run.backend, self.model.dtype, self.model.loss_scale)
         self.history = []  # in memory: the evaluation records metrics.jsonl would hold
         self.min_eval_steps = MIN_EVAL_STEPS  # train.eval_every = 0: evaluate after whole epochs of >= this
         self.dist.attach(self)
@@ -554,6 +591,7 @@ class Trainer:
             best_meta, best_arrays = load_checkpoint(best)
             if best_meta.get("step") == self.best_step:  # the weights restore_best returns to
                 self.best, self.best_written = (best_meta, best_arrays), False
+        self.guard.load_scaler(arrays)  # fp16: the loss scale and skipped-step count
         if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
             self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
             self.n_running = int(meta["running_steps"])
@@ -598,6 +636,7 @@ class Trainer:
         arrays = checkpoint_arrays(self.run, self.opt)
         arrays["params"] = np.array(arrays["params"])  # a copy: NumPy's to_numpy is a view of the live buffer
         arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))
+        arrays.update(self.guard.scaler_arrays())
         return self._meta(), arrays
 
     def save(self, name: str) -> None:
@@ -723,7 +762,7 @@ class Trainer:
 
     def _progress(self, record: dict) -> None:
         """The bar's numbers, or (no terminal) one line per evaluation."""
-        shown = {k: v for k, v in record.items() if k == "train_loss" or k.startswith("val_")}
+        shown = {k: v for k, v in record.items() if k in ("train_loss", "skipped_steps") or k.startswith("val_")}
         if not self.bar.disable:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
         else:
@@ -796,6 +835,7 @@ class Trainer:
         self.running_loss[...] = 0.0
         self.n_running = 0
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
+        record.update(self.guard.scaler_record())  # fp16: skipped steps so far, the loss scale
         record.update(self.evaluate("val"))
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
         if self.out_dir is None:
@@ -835,6 +875,7 @@ class Trainer:
                    "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
                    "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
                    "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
+        summary.update(self.guard.scaler_record())  # fp16: skipped steps, the final loss scale
         for split in ("train", "val", "test"):
             summary.update(self.evaluate(split, report=True))
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
