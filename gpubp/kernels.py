@@ -20,8 +20,8 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu")
-HEADER_FILES = ("common.cuh", "activations.cuh")
+KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu")
+HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options
 # (cupy/cuda/compiler.py: _compile_with_cache_cuda and _compile_using_nvrtc). -ftz=true
@@ -76,14 +76,22 @@ def read_source(name: str) -> str:
     return expand(name)
 
 
+# the instantiation lists of common.cuh / precision.cuh and the suffixes they give
+_TYPE_LISTS = {"FOR_FLOAT_TYPES": ("f32", "f64"), "FOR_LOW_TYPES": ("bf16", "f16")}
+
+
 def kernel_names(name: str) -> list[str]:
-    """The extern "C" entry points a source defines, as written by its instantiation
-    macros (NAME_f32, NAME_f64) or directly."""
+    """The extern "C" entry points a source defines: written directly, or by an
+    instantiation macro `#define M(T, S)` (names with ##S) applied by FOR_FLOAT_TYPES(M)
+    (suffixes f32, f64) and/or FOR_LOW_TYPES(M) (bf16, f16)."""
     text = read_source(name)
     names = set(re.findall(r'extern "C" __global__ void (\w+)\(', text))
-    for macro_base in re.findall(r'extern "C" __global__ void (\w+)_##S\(', text):
-        for suffix in ("f32", "f64"):
-            names.add(f"{macro_base}_{suffix}")
+    for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
+        bases = re.findall(r'extern "C" __global__ void ([\w#]+)\(', body)
+        for type_list, suffixes in _TYPE_LISTS.items():
+            if re.search(rf"^{type_list}\({macro}\)", text, re.MULTILINE):
+                for suffix in suffixes:
+                    names.update(b.replace("##S##", suffix).replace("##S", suffix) for b in bases)
     return sorted(names)
 
 

@@ -2,34 +2,43 @@
 //   bias_act_forward:  z <- z + b (broadcast over rows), a = f(z)
 //   act_backward:      out = d * f'(saved)
 // Row-major (n_rows, n_cols) buffers, viewed flat as total = n_rows * n_cols elements.
+// Storage S is float or double (math in S), or a 16-bit type (bf16_t, f16_t): each
+// value is widened to float, the math runs in float, each result is rounded once;
+// the bias stays float32 (the master parameters).
 #include "common.cuh"
+#include "precision.cuh"
 #include "activations.cuh"
 
 // z: (n_rows, n_cols), the GEMM result x W, updated in place to x W + b unless a is z;
 // b: (n_cols,); a: (n_rows, n_cols) gets f(x W + b); a == z when f' does not need z.
-template <typename T>
-__device__ void bias_act_forward(T* z, const T* b, T* a, long long total, int n_cols, int kind, T alpha) {
+template <typename S>
+__device__ void bias_act_forward(S* z, const typename Math<S>::type* b, S* a, long long total, int n_cols, int kind,
+                                 typename Math<S>::type alpha) {
+  typedef typename Math<S>::type T;
   const bool keep_z = a != z;
   GRID_STRIDE_LOOP(i, total) {
-    T v = z[i] + b[i % n_cols];
-    if (keep_z) z[i] = v;
-    a[i] = act_forward(kind, v, alpha);
+    T v = load(z[i]) + b[i % n_cols];
+    if (keep_z) z[i] = store_math<S>(v);
+    a[i] = store_math<S>(act_forward(kind, v, alpha));
   }
 }
 
 // d, saved, out: total elements; out may be d. saved is y or z (see activations.cuh).
-template <typename T>
-__device__ void act_backward(const T* d, const T* saved, T* out, long long total, int kind, T alpha) {
-  GRID_STRIDE_LOOP(i, total) { out[i] = d[i] * act_grad(kind, saved[i], alpha); }
+template <typename S>
+__device__ void act_backward(const S* d, const S* saved, S* out, long long total, int kind,
+                             typename Math<S>::type alpha) {
+  GRID_STRIDE_LOOP(i, total) { out[i] = store_math<S>(load(d[i]) * act_grad(kind, load(saved[i]), alpha)); }
 }
 
-#define BIAS_ACT_KERNELS(T, S)                                                                                  \
-  extern "C" __global__ void bias_act_forward_##S(T* z, const T* b, T* a, long long total, int n_cols, int kind, \
-                                                   T alpha) {                                                    \
-    bias_act_forward<T>(z, b, a, total, n_cols, kind, alpha);                                                    \
-  }                                                                                                              \
-  extern "C" __global__ void act_backward_##S(const T* d, const T* saved, T* out, long long total, int kind,     \
-                                               T alpha) {                                                        \
-    act_backward<T>(d, saved, out, total, kind, alpha);                                                          \
+// T: the storage type, S: the name suffix (f32, f64, bf16, f16)
+#define BIAS_ACT_KERNELS(T, S)                                                                                 \
+  extern "C" __global__ void bias_act_forward_##S(T* z, const Math<T>::type* b, T* a, long long total,        \
+                                                   int n_cols, int kind, Math<T>::type alpha) {               \
+    bias_act_forward<T>(z, b, a, total, n_cols, kind, alpha);                                                  \
+  }                                                                                                            \
+  extern "C" __global__ void act_backward_##S(const T* d, const T* saved, T* out, long long total, int kind,   \
+                                               Math<T>::type alpha) {                                          \
+    act_backward<T>(d, saved, out, total, kind, alpha);                                                        \
   }
 FOR_FLOAT_TYPES(BIAS_ACT_KERNELS)
+FOR_LOW_TYPES(BIAS_ACT_KERNELS)

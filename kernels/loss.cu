@@ -3,7 +3,12 @@
 //   grad[i, j]  = dL/dx[i, j] of the batch-mean loss (grad_scale = 1/N or 1/(N C))
 // The batch mean is then sum_i row_loss[i] times the same scale, by the deterministic
 // two-pass sum of reduce.cu. One warp per row; lanes stride the C columns.
+// 16-bit storage (bf16_t, f16_t; mixed precision): x is widened to float, the loss is
+// computed in float (row_loss float, targets float32), and each gradient element is
+// rounded once to 16 bits after the multiplication by fp16's loss scale S (a device
+// value, loss_scale[0]; the value itself is never scaled). float/double: no S.
 #include "common.cuh"
+#include "precision.cuh"
 #include "activations.cuh"
 
 // kind ids: LossInfo.kernel_id in gpubp/losses.py
@@ -17,29 +22,35 @@
 //   loss = -(1 - e) logp_y - (e / C) sum_j logp_j
 //   grad_j = (exp(logp_j) - e / C - (1 - e) [j = y]) * grad_scale
 // A label outside [0, C) makes the row's loss and gradient NaN (visible, not silent).
-template <typename T>
-__device__ void cross_entropy_row(const T* x, int y, T* grad, T* row_loss, int c, T e, T grad_scale) {
+template <typename S, typename T>
+__device__ void cross_entropy_row(const S* x, int y, S* grad, T* row_loss, int c, T e, T grad_scale,
+                                  const T* loss_scale) {
   const int lane = threadIdx.x % 32;
   T m = -inf_value<T>();
-  for (int j = lane; j < c; j += 32) m = (x[j] > m || x[j] != x[j]) ? x[j] : m;
+  for (int j = lane; j < c; j += 32) {
+    T xj = load(x[j]);
+    m = (xj > m || xj != xj) ? xj : m;
+  }
   m = warp_max(m);
   T sum_exp = T(0);
-  for (int j = lane; j < c; j += 32) sum_exp += m_exp(x[j] - m);
+  for (int j = lane; j < c; j += 32) sum_exp += m_exp(load(x[j]) - m);
   const T lse = m_log(warp_sum(sum_exp));
   const bool valid = y >= 0 && y < c;
   T sum_logp = T(0);
   for (int j = lane; j < c; j += 32) {
-    T logp = (x[j] - m) - lse;
+    T logp = (load(x[j]) - m) - lse;
     sum_logp += logp;
     if (grad != nullptr) {
       T g = m_exp(logp) - e / T(c);
       if (j == y) g -= T(1) - e;
-      grad[j] = valid ? g * grad_scale : nan_value<T>();
+      T gj = valid ? g * grad_scale : nan_value<T>();
+      if (loss_scale != nullptr) gj *= loss_scale[0];
+      grad[j] = store_math<S>(gj);
     }
   }
   sum_logp = warp_sum(sum_logp);
   if (lane == 0) {
-    T nll = valid ? -((x[y] - m) - lse) : nan_value<T>();
+    T nll = valid ? -((load(x[y]) - m) - lse) : nan_value<T>();
     row_loss[0] = e != T(0) ? (T(1) - e) * nll - (e / T(c)) * sum_logp : nll;
   }
 }
@@ -68,26 +79,33 @@ __device__ __forceinline__ T elementwise_loss(int kind, T x, T t, T delta, T* dl
 
 // x: (n, c) outputs; labels: (n,) for cross-entropy, else targets: (n, c);
 // grad: (n, c), written when write_grad (else the value alone); row_loss: (n,)
-template <typename T>
-__device__ void loss_rows(const T* x, const int* labels, const T* targets, T* grad, int write_grad, T* row_loss,
-                          int n, int c, int kind, T smoothing, T delta, T grad_scale) {
+template <typename S>
+__device__ void loss_rows(const S* x, const int* labels, const typename Math<S>::type* targets, S* grad,
+                          int write_grad, typename Math<S>::type* row_loss, int n, int c, int kind,
+                          typename Math<S>::type smoothing, typename Math<S>::type delta,
+                          typename Math<S>::type grad_scale, const typename Math<S>::type* loss_scale) {
+  typedef typename Math<S>::type T;
   typedef typename Acc<T>::type A;
   const int lane = threadIdx.x % 32;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const long long n_warps = ((long long)gridDim.x * blockDim.x) / 32;
   for (long long r = warp; r < n; r += n_warps) {
-    const T* xr = x + r * c;
-    T* gr = write_grad ? grad + r * c : nullptr;
+    const S* xr = x + r * c;
+    S* gr = write_grad ? grad + r * c : nullptr;
     if (kind == LOSS_SOFTMAX_CROSS_ENTROPY) {
-      cross_entropy_row(xr, labels[r], gr, row_loss + r, c, smoothing, grad_scale);
+      cross_entropy_row(xr, labels[r], gr, row_loss + r, c, smoothing, grad_scale, loss_scale);
       continue;
     }
     const T* tr = targets + r * c;
     A s = A(0);
     for (int j = lane; j < c; j += 32) {
       T dl;
-      s += A(elementwise_loss(kind, xr[j], tr[j], delta, &dl));
-      if (gr != nullptr) gr[j] = dl * grad_scale;
+      s += A(elementwise_loss(kind, load(xr[j]), tr[j], delta, &dl));
+      if (gr != nullptr) {
+        T gj = dl * grad_scale;
+        if (loss_scale != nullptr) gj *= loss_scale[0];
+        gr[j] = store_math<S>(gj);
+      }
     }
     s = warp_sum(s);
     if (lane == 0) row_loss[r] = T(s);
@@ -98,6 +116,18 @@ __device__ void loss_rows(const T* x, const int* labels, const T* targets, T* gr
   extern "C" __global__ void loss_rows_##S(const T* x, const int* labels, const T* targets, T* grad,           \
                                             int write_grad, T* row_loss, int n, int c, int kind, T smoothing,  \
                                             T delta, T grad_scale) {                                           \
-    loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale);    \
+    loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale,     \
+                 nullptr);                                                                                     \
   }
 FOR_FLOAT_TYPES(LOSS_KERNELS)
+
+// 16-bit storage: float targets, row losses and scalars; loss_scale: one device float (S, or 1)
+#define LOSS_LOW_KERNELS(T, S)                                                                                 \
+  extern "C" __global__ void loss_rows_##S(const T* x, const int* labels, const float* targets, T* grad,       \
+                                            int write_grad, float* row_loss, int n, int c, int kind,           \
+                                            float smoothing, float delta, float grad_scale,                    \
+                                            const float* loss_scale) {                                         \
+    loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale,     \
+                 loss_scale);                                                                                  \
+  }
+FOR_LOW_TYPES(LOSS_LOW_KERNELS)

@@ -89,3 +89,46 @@ __device__ void step_guard(const T* loss, const T* grad_sq, long long step, T ma
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
   }
 FOR_FLOAT_TYPES(OPTIM_KERNELS)
+
+// fp16's verdict with dynamic loss scaling (torch.cuda.amp.GradScaler's rule), one thread.
+// The gradients are S g, S = loss_scale[0] (float), so grad_sq = S^2 |g|^2:
+//   first_bad = step if it is -1 and the loss (float32, unscaled) is not finite: divergence
+//   overflow = grad_sq not finite; skip = first_bad >= 0 or overflow (this step only)
+//   norm = sqrt(grad_sq) / S;  scale = min(1, max_norm / (norm + 1e-6)) / S, or 1 / S
+//   while first_bad == -1: overflow: S = S backoff, good_steps = 0, skipped += 1;
+//   else good_steps += 1, and at `interval`: S = S growth (if finite), good_steps = 0
+// See numpy_ops.step_guard_scaled, the reference.
+extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float* grad_sq, long long step,
+                                                 float max_norm, long long* first_bad, bool* skip, float* norm,
+                                                 float* scale, float* loss_scale, long long* good_steps,
+                                                 long long* skipped, long long interval, float backoff,
+                                                 float growth) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const float s = loss_scale[0];
+  if (first_bad[0] == -1 && !isfinite(loss[0])) first_bad[0] = step;
+  const bool overflow = !isfinite(grad_sq[0]);
+  skip[0] = first_bad[0] >= 0 || overflow;
+  const float r = sqrt(grad_sq[0]) / s;
+  norm[0] = r;
+  float clip = 1.0f;
+  if (max_norm > 0.0f) {
+    const float c = max_norm / (r + 1e-6f);
+    clip = c < 1.0f ? c : 1.0f;
+  }
+  scale[0] = clip / s;
+  if (first_bad[0] >= 0) return;
+  if (overflow) {
+    loss_scale[0] = s * backoff;
+    good_steps[0] = 0;
+    skipped[0] += 1;
+  } else {
+    const long long good = good_steps[0] + 1;
+    if (good == interval) {
+      const float grown = s * growth;
+      if (isfinite(grown)) loss_scale[0] = grown;
+      good_steps[0] = 0;
+    } else {
+      good_steps[0] = good;
+    }
+  }
+}

@@ -2,13 +2,18 @@
 //   bias_grad:   db[j] = sum_i D'[i, j]                  column sums of (n_rows, n_cols)
 //   sum:         out = (sum_i x_i or x_i^2) / divisor    two passes: blocks, then one block
 //   accuracy:    correct[i] = [argmax_j x[i, j] == label_i]
+// 16-bit storage (bf16_t, f16_t): bias_grad and accuracy read widened values; the
+// column sums accumulate and land in float (the parameter gradients are float32).
 #include "common.cuh"
+#include "precision.cuh"
 
 // ---- column sums: pass 1 over row chunks, pass 2 over chunks -----------------------
 // block (32, 8): threadIdx.x picks the column of a 32-wide tile, threadIdx.y strides the
 // rows of chunk blockIdx.y; partial is (n_chunks, n_cols), or the output when n_chunks == 1.
-template <typename T>
-__device__ void bias_grad_partial(const T* d, T* partial, int n_rows, int n_cols, int rows_per_chunk) {
+template <typename S>
+__device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, int n_rows, int n_cols,
+                                  int rows_per_chunk) {
+  typedef typename Math<S>::type T;
   typedef typename Acc<T>::type A;
   __shared__ A tile[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
@@ -16,7 +21,7 @@ __device__ void bias_grad_partial(const T* d, T* partial, int n_rows, int n_cols
   const int row1 = min(n_rows, row0 + rows_per_chunk);
   A s = A(0);
   if (col < n_cols)
-    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += d[(long long)r * n_cols + col];
+    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += load(d[(long long)r * n_cols + col]);
   tile[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < n_cols) {
@@ -65,18 +70,20 @@ __device__ void sum_finish(const A* partial, int n_partial, R* out, A divisor) {
 // x: (n_rows, n_cols); labels: (n_rows,); correct: (n_rows,) 0/1.
 // n_cols > 1: class = first index of the maximum (NaN counts as the maximum, as NumPy's
 // argmax); n_cols == 1: class = [x > threshold].
-template <typename T>
-__device__ void accuracy_rows(const T* x, const int* labels, int* correct, int n_rows, int n_cols, T threshold) {
+template <typename S>
+__device__ void accuracy_rows(const S* x, const int* labels, int* correct, int n_rows, int n_cols,
+                              typename Math<S>::type threshold) {
+  typedef typename Math<S>::type T;
   GRID_STRIDE_LOOP(r, n_rows) {
-    const T* row = x + r * n_cols;
+    const S* row = x + r * n_cols;
     int pred;
     if (n_cols == 1) {
-      pred = row[0] > threshold ? 1 : 0;
+      pred = load(row[0]) > threshold ? 1 : 0;
     } else {
       pred = 0;
-      T best = row[0];
+      T best = load(row[0]);
       for (int j = 1; j < n_cols && best == best; ++j) {
-        T v = row[j];
+        T v = load(row[j]);
         if (v > best || v != v) {
           best = v;
           pred = j;
@@ -106,6 +113,18 @@ __device__ void accuracy_rows(const T* x, const int* labels, int* correct, int n
     accuracy_rows<T>(x, labels, correct, n_rows, n_cols, threshold);                                              \
   }
 FOR_FLOAT_TYPES(REDUCE_KERNELS)
+
+// 16-bit storage: the column sums (float partials, finished by bias_grad_finish_f32) and accuracy
+#define REDUCE_LOW_KERNELS(T, S)                                                                              \
+  extern "C" __global__ void bias_grad_partial_##S(const T* d, float* partial, int n_rows, int n_cols,        \
+                                                    int rows_per_chunk) {                                     \
+    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk);                                         \
+  }                                                                                                           \
+  extern "C" __global__ void accuracy_rows_##S(const T* x, const int* labels, int* correct, int n_rows,       \
+                                                int n_cols, float threshold) {                                \
+    accuracy_rows<T>(x, labels, correct, n_rows, n_cols, threshold);                                          \
+  }
+FOR_LOW_TYPES(REDUCE_LOW_KERNELS)
 
 // integer sums (accuracy counts): int inputs, long long partials and result
 extern "C" __global__ void sum_partial_i32(const int* x, long long n, int square, long long* partial) {

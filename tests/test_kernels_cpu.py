@@ -2,7 +2,9 @@
 and sm_90 without a warning, with the options CuPy really uses (its -ftz=true
 included), and the activation math of kernels/activations.cuh, built for the host with
 g++, matches the NumPy reference on ordinary and edge values, also with the CPU
-flushing float32 subnormals as the GPU does."""
+flushing float32 subnormals as the GPU does. The 16-bit conversions of
+kernels/precision.cuh match gpubp/precision.py bit for bit, and the activations on
+16-bit storage (widen, float math, round once) match the NumPy emulation."""
 
 import ctypes
 import os
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from gpubp import kernels
+from gpubp import precision as PR
 from gpubp.activations import ACTIVATIONS, SAVES_INPUT, make_activation
 from gpubp.backend import numpy_ops
 
@@ -87,6 +90,15 @@ def test_every_kernel_the_backend_launches_exists():
     assert not missing, missing
 
 
+def test_every_mixed_precision_kernel_the_backend_launches_exists():
+    defined = {n for f in kernels.KERNEL_FILES for n in kernels.kernel_names(f)}
+    from gpubp.backend.cupy_backend import LOW_KERNELS_USED
+
+    wanted = {f"{k}_{s}" for k in LOW_KERNELS_USED for s in ("bf16", "f16")}
+    wanted |= {"cast_bf16_f32", "cast_f16_f32", "step_guard_scaled_f32"}
+    assert not wanted - defined, wanted - defined
+
+
 # --------------------------------------------------------------------------- host build
 
 
@@ -108,6 +120,12 @@ def host_math(tmp_path_factory):
         ptr = ctypes.c_void_p
         getattr(lib, f"act_forward_{name}").argtypes = [ctypes.c_int, ct, ptr, ptr, ctypes.c_long]
         getattr(lib, f"act_backward_{name}").argtypes = [ctypes.c_int, ct, ptr, ptr, ptr, ctypes.c_long]
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    for name in ("round_bf16", "round_f16", "widen_bf16", "widen_f16"):
+        getattr(lib, name).argtypes = [ptr, ptr, n]
+    for low in ("bf16", "f16"):
+        getattr(lib, f"act_forward_{low}").argtypes = [ctypes.c_int, ctypes.c_float, ptr, ptr, n]
+        getattr(lib, f"act_backward_{low}").argtypes = [ctypes.c_int, ctypes.c_float, ptr, ptr, ptr, n]
     if lib.has_ftz():
         lib.act_forward_f32_ftz.argtypes = lib.act_forward_f32.argtypes
         lib.act_backward_f32_ftz.argtypes = lib.act_backward_f32.argtypes
@@ -216,3 +234,100 @@ def test_host_check_catches_a_wrong_derivative(host_math):
     assert_math_close(g, ref, z, np.float64, "tanh")
     with pytest.raises(AssertionError):
         assert_math_close(g * 1.01, ref, z, np.float64, "tanh off by 1%")
+
+
+# --------------------------------------------------------------------------- 16-bit storage
+
+
+def float32_patterns() -> np.ndarray:
+    """float32 inputs that exercise every rounding path: random bit patterns (every
+    exponent, NaN and inf included), exact ties and their neighbours at the bf16 (bit 15)
+    and fp16 (bit 12) positions for every high half, fp16's subnormal range in steps of
+    its ties, and the overflow borders."""
+    rng = np.random.default_rng(0)
+    high = np.arange(2**16, dtype=np.uint32) << 16
+    sub = np.arange(0x33000000 >> 12, 0x38800000 >> 12, dtype=np.uint32) << 12  # 2^-25 .. 2^-14
+    edges = np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001,
+                      0x007FFFFF, 0x33000000, 0x33000001, 0x38800000, 0x387FFFFF], dtype=np.uint32)  # fmt: skip
+    u = np.concatenate([rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32), high | 0x8000,
+                        high | 0x7FFF, high | 0x8001, high | 0x1000, high | 0x3000, sub, sub | 0x800, edges])  # fmt: skip
+    u = np.concatenate([u, u[-len(edges) :] | 0x80000000])
+    return u.view(np.float32)
+
+
+@pytest.mark.parametrize("low", ["bf16", "f16"])
+def test_host_built_rounding_matches_numpy_bit_for_bit(host_math, low):
+    """precision.cuh's float -> 16-bit rounding == gpubp.precision's (numpy float16 for
+    fp16, the bit-level emulation for bf16) on every pattern; NaN stays NaN."""
+    x = float32_patterns()
+    out = np.empty(x.size, np.uint16)
+    getattr(host_math, f"round_{low}")(x.ctypes.data, out.ctypes.data, x.size)
+    with np.errstate(all="ignore"):
+        ref = PR.bf16_bits(x) if low == "bf16" else PR.f16_bits(x)
+    nan = np.isnan(x)
+    bad = (out != ref) & ~nan
+    assert not bad.any(), f"{int(bad.sum())} differ, e.g. {x[bad][:3]!r}: {out[bad][:3]} vs {ref[bad][:3]}"
+    widen = PR.bf16_to_float32 if low == "bf16" else (lambda b: b.view(np.float16).astype(np.float32))
+    assert np.isnan(widen(out[nan])).all()
+
+
+@pytest.mark.parametrize("low", ["bf16", "f16"])
+def test_host_built_widening_is_exact_for_every_pattern(host_math, low):
+    bits = np.arange(2**16, dtype=np.uint16)
+    out = np.empty(bits.size, np.float32)
+    getattr(host_math, f"widen_{low}")(bits.ctypes.data, out.ctypes.data, bits.size)
+    ref = PR.bf16_to_float32(bits) if low == "bf16" else bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(ref)
+    assert (out.view(np.uint32)[~nan] == ref.view(np.uint32)[~nan]).all()
+    assert np.isnan(out[nan]).all()
+
+
+def low_close(out_bits, ref_bits, low, z):
+    """Equal bits, or neighbours (one 16-bit ulp), or within the float32 bound of
+    assert_math_close: the float math under the rounding is the C library's float32 on
+    the host and NumPy's (partly float64) in the reference; where those differ by an ulp
+    of float32 the rounded results may straddle a 16-bit rounding boundary, and where the
+    float32 formula cancels (gelu's 1 + erf far left) they differ by its absolute error."""
+    a = out_bits.astype(np.int32)
+    b = ref_bits.astype(np.int32)
+    widen = PR.bf16_to_float32 if low == "bf16" else (lambda h: h.view(np.float16).astype(np.float32))
+    fa, fb = widen(out_bits).astype(np.float64), widen(ref_bits).astype(np.float64)
+    atol, rtol = TOL[np.dtype(np.float32)]
+    zmag = np.maximum(1.0, np.abs(np.nan_to_num(z.astype(np.float64), posinf=0.0, neginf=0.0)))
+    with np.errstate(invalid="ignore"):
+        near = np.abs(fa - fb) <= 10 * (atol * zmag + rtol * np.abs(fb))
+    both_nan = np.isnan(fa) & np.isnan(fb)
+    return (a == b) | both_nan | near | ((np.abs(a - b) == 1) & ((a ^ b) & 0x8000 == 0))
+
+
+@pytest.mark.parametrize("low", ["bf16", "f16"])
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_host_built_activations_on_16_bit_storage_match_the_emulation(host_math, name, low):
+    """bias_act.cu's 16-bit path (widen, f in float, round once) against numpy_ops on the
+    same 16-bit arrays: equal bits or one 16-bit ulp apart, and equal bits for nearly all."""
+    act = make_activation(name, 0.05)
+    dtype = PR.BF16 if low == "bf16" else PR.F16
+    z16 = np.empty(inputs(np.float32).size, dtype)
+    with np.errstate(all="ignore"):
+        PR.store(inputs(np.float32), z16)
+        y16 = np.empty_like(z16)
+        numpy_ops.bias_act_forward(z16.copy(), np.zeros(1, np.float32), act, y16)
+    zb = z16.view(np.uint16)
+    out = np.empty_like(zb)
+    getattr(host_math, f"act_forward_{low}")(act.info.kernel_id, act.alpha, zb.ctypes.data, out.ctypes.data, zb.size)
+    ok = low_close(out, y16.view(np.uint16), low, PR.to_float32(z16))
+    assert ok.all(), f"{name} forward ({low}): {int((~ok).sum())} off, e.g. z={PR.to_float32(z16)[~ok][:3]}"
+    # most results agree to the bit; gelu and gelu_tanh less (about 93%: 1 + erf(z) and
+    # 1 + tanh(u) cancel in float32 on the left, where NumPy's Phi runs in float64)
+    assert (out == y16.view(np.uint16)).mean() > (0.9 if name.startswith("gelu") else 0.99)
+    saved = z16 if act.info.saves == SAVES_INPUT else y16
+    d16 = np.empty_like(z16)
+    PR.store(np.random.default_rng(1).normal(size=z16.shape).astype(np.float32), d16)
+    with np.errstate(all="ignore"):
+        g16 = numpy_ops.act_backward(d16, saved, act, np.empty_like(z16))
+    db, sb = d16.view(np.uint16), saved.view(np.uint16)
+    getattr(host_math, f"act_backward_{low}")(act.info.kernel_id, act.alpha, db.ctypes.data, sb.ctypes.data,
+                                              out.ctypes.data, zb.size)  # fmt: skip
+    ok = low_close(out, g16.view(np.uint16), low, PR.to_float32(z16))
+    assert ok.all(), f"{name} backward ({low}): {int((~ok).sum())} off"
+    assert (out == g16.view(np.uint16)).mean() > (0.9 if name.startswith("gelu") else 0.99)

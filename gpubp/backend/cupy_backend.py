@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from .. import kernels as K
+from .. import precision as PR
 from ..activations import Activation
 from ..errors import DeviceRuntimeError
 from ..losses import Loss
@@ -29,11 +30,18 @@ KERNELS_USED = (
     "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step", "step_guard",
 )  # fmt: skip
 
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+# the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
+LOW_KERNELS_USED = (
+    "bias_act_forward", "act_backward", "bias_grad_partial", "accuracy_rows", "loss_rows", "cast_f32", "add",
+)  # fmt: skip
+
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", PR.BF16: "bf16", PR.F16: "f16"}
 
 # cuBLAS / CUDA enums (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
-_CUDA_R_32F, _CUDA_R_64F = 0, 1
+_CUDA_R_32F, _CUDA_R_64F, _CUDA_R_16F, _CUDA_R_16BF = 0, 1, 2, 14
+_CUDA_TYPE = {np.dtype(np.float32): _CUDA_R_32F, np.dtype(np.float64): _CUDA_R_64F, PR.F16: _CUDA_R_16F,
+              PR.BF16: _CUDA_R_16BF}  # fmt: skip
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
 _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
@@ -93,6 +101,13 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     text = f"{type(e).__name__}: {text[0] if text else ''}"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _math(dtype) -> np.dtype:
+    """The type kernels compute in (and take scalars in) for a storage dtype: float32 for
+    the 16-bit ones, else the dtype itself."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype in PR.LOW else dtype
 
 
 class EventTimer:
@@ -182,8 +197,12 @@ class CupyBackend:
     # ------------------------------------------------------------------ kernels
 
     def _function(self, base: str, dtype) -> object:
-        """The compiled kernel base_<f32|f64>, compiling its file on first use."""
-        name = f"{base}_{_SUFFIX[np.dtype(dtype)]}" if not base.endswith(("_i32", "_i64")) else base
+        """The compiled kernel base_<f32|f64|bf16|f16>, compiling its file on first use
+        (dtype None: `base` is the full name)."""
+        if dtype is None or base.endswith(("_i32", "_i64", "_f32")):
+            name = base
+        else:
+            name = f"{base}_{_SUFFIX[np.dtype(dtype)]}"
         fn = self._functions.get(name)
         if fn is None:
             file = self._kernel_file[name]
@@ -219,7 +238,7 @@ class CupyBackend:
         """Every array is a C-contiguous CuPy array of `dtype`, and float dtypes are ours."""
         cupy = self._cupy
         if np.dtype(dtype).kind == "f" and np.dtype(dtype) not in _SUFFIX:
-            raise TypeError(f"{op}: dtype {np.dtype(dtype)} is not supported (float32, float64)")
+            raise TypeError(f"{op}: dtype {np.dtype(dtype)} is not supported (float32, float64, float16)")
         for name, a in arrays.items():
             if not isinstance(a, cupy.ndarray):
                 raise TypeError(f"{op}: {name} must be a CuPy array on the GPU, got {type(a).__name__}")
@@ -254,8 +273,13 @@ class CupyBackend:
 
     # ------------------------------------------------------------------ matrix products
 
-    def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0):
-        """out = op(a) @ op(b) + beta out with cuBLAS; see numpy_ops.gemm."""
+    def gemm(self, a, b, out, trans_a=False, trans_b=False, beta=0.0, tf32=False):
+        """out = op(a) @ op(b) + beta out with cuBLAS; see numpy_ops.gemm. 16-bit a, b
+        (bf16/fp16): cublasGemmEx with 16-bit A and B, compute type 32F (float
+        accumulation), out 16-bit (rounded once) or float32 (the weight gradients).
+        tf32 (or the backend-wide self.tf32): float32 with CUBLAS_COMPUTE_32F_FAST_TF32."""
+        if a.dtype in PR.LOW:
+            return self._gemm_low(a, b, out, trans_a, trans_b, beta)
         dtype = out.dtype
         self._check("gemm", dtype, a=a, b=b, out=out)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -275,12 +299,41 @@ class CupyBackend:
             return self._gemv(a, b, out, trans_a, trans_b, beta, m, n, k)
         t = dtype.type
         # column-major: out^T (n x m) = op(b)^T (n x k) . op(a)^T (k x m)
-        compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if self.tf32 else _COMPUTE_32F)
+        fast = tf32 or self.tf32
+        compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if fast else _COMPUTE_32F)
         data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
         cublas.gemmEx(
             h, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[1], a.data.ptr, data, a.shape[1],
             self._scalar_ptr(t, beta), out.data.ptr, data, n, compute, _GEMM_DEFAULT,
+        )  # fmt: skip
+        return out
+
+    def _gemm_low(self, a, b, out, trans_a, trans_b, beta):
+        """16-bit A, B (the same type), out of that type or float32; always GEMM (the
+        GEMV routines have no 16-bit form). alpha, beta: float, as compute type 32F wants."""
+        low = a.dtype
+        if out.dtype not in (low, np.dtype(np.float32)):
+            raise TypeError(f"gemm: out has dtype {out.dtype}, expected {low} or float32 for {low} inputs")
+        self._check("gemm", low, a=a, b=b)
+        self._check("gemm", out.dtype, out=out)
+        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if k != kb or out.shape != (m, n):
+            raise ValueError(f"gemm: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
+        if beta not in (0.0, 1.0):
+            raise ValueError("gemm: beta must be 0 or 1")
+        if m == 0 or n == 0:
+            return out
+        if k == 0:
+            if beta == 0.0:
+                out.fill(0)
+            return out
+        t, io, c = np.float32, _CUDA_TYPE[low], _CUDA_TYPE[out.dtype]
+        self._cublas.gemmEx(
+            self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
+            self._scalar_ptr(t, 1.0), b.data.ptr, io, b.shape[1], a.data.ptr, io, a.shape[1],
+            self._scalar_ptr(t, beta), out.data.ptr, c, n, _COMPUTE_32F, _GEMM_DEFAULT,
         )  # fmt: skip
         return out
 
@@ -311,7 +364,8 @@ class CupyBackend:
     def bias_act_forward(self, z, b, act: Activation, out):
         """z += b, out = f(z); see numpy_ops.bias_act_forward."""
         dtype = z.dtype
-        self._check("bias_act_forward", dtype, z=z, b=b, out=out)
+        self._check("bias_act_forward", dtype, z=z, out=out)
+        self._check("bias_act_forward", _math(dtype), b=b)
         if z.ndim != 2 or b.shape != (z.shape[1],) or out.shape != z.shape:
             raise ValueError(f"bias_act_forward: z {z.shape}, b {b.shape}, out {out.shape} do not fit")
         total = z.size
@@ -319,7 +373,7 @@ class CupyBackend:
             return out
         fn = self._function("bias_act_forward", dtype)
         fn((self._blocks(total),), (BLOCK,),
-           (z, b, out, np.int64(total), np.int32(z.shape[1]), np.int32(act.info.kernel_id), dtype.type(act.alpha)))  # fmt: skip
+           (z, b, out, np.int64(total), np.int32(z.shape[1]), np.int32(act.info.kernel_id), _math(dtype).type(act.alpha)))  # fmt: skip
         return out
 
     def act_backward(self, d, saved, act: Activation, out):
@@ -337,7 +391,7 @@ class CupyBackend:
             return out
         fn = self._function("act_backward", dtype)
         fn((self._blocks(total),), (BLOCK,),
-           (d, saved, out, np.int64(total), np.int32(act.info.kernel_id), dtype.type(act.alpha)))  # fmt: skip
+           (d, saved, out, np.int64(total), np.int32(act.info.kernel_id), _math(dtype).type(act.alpha)))  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ reductions
@@ -346,7 +400,8 @@ class CupyBackend:
         """out = column sums of d; see numpy_ops.bias_grad. Deterministic: rows are cut
         into chunks by the shape alone, each chunk summed in a fixed order."""
         dtype = d.dtype
-        self._check("bias_grad", dtype, d=d, out=out)
+        self._check("bias_grad", dtype, d=d)
+        self._check("bias_grad", _math(dtype), out=out)  # 16-bit d: float32 sums
         n, m = d.shape
         if out.shape != (m,):
             raise ValueError(f"bias_grad: out {out.shape} does not fit d {d.shape}")
@@ -360,12 +415,12 @@ class CupyBackend:
         tiles = math.ceil(m / 32)
         chunks = max(1, min(BIAS_GRAD_MAX_CHUNKS, math.ceil(1024 / tiles), n // 256))
         rows_per_chunk = math.ceil(n / chunks)
-        partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=dtype)
+        partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=out.dtype)
         self._function("bias_grad_partial", dtype)(
             (tiles, chunks), (32, 8), (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk))
         )
         if chunks > 1:
-            self._function("bias_grad_finish", dtype)(
+            self._function("bias_grad_finish", out.dtype)(
                 (self._blocks(m),), (BLOCK,), (partial, out, np.int32(chunks), np.int32(m))
             )
         return out
@@ -387,9 +442,12 @@ class CupyBackend:
         out = self._cupy.empty((), dtype=g.dtype)
         return self._sum(g, True, 1, out, "sum_partial", "sum_finish", g.dtype)
 
-    def loss_forward_backward(self, x, target, loss: Loss, grad=None):
-        """Mean loss (0-d) and grad = dL/dx; see numpy_ops.loss_forward_backward."""
+    def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None):
+        """Mean loss (0-d) and grad = dL/dx; see numpy_ops.loss_forward_backward. 16-bit
+        x, grad: float32 targets, value and row losses; grad = round(dL/dx S), S =
+        loss_scale (a device float32, fp16) or 1."""
         dtype = x.dtype
+        mt = _math(dtype)  # the type of the targets, the value and the scalars
         n, c = x.shape
         labels_kind = loss.info.target == "labels"
         if labels_kind:
@@ -398,7 +456,7 @@ class CupyBackend:
                 raise ValueError(f"loss_forward_backward: labels {target.shape} do not fit x {x.shape}")
             labels, targets = target, x  # targets unused: any valid pointer
         else:
-            self._check("loss_forward_backward", dtype, targets=target)
+            self._check("loss_forward_backward", mt, targets=target)
             if target.shape != x.shape:
                 raise ValueError(f"loss_forward_backward: targets {target.shape} differ from x {x.shape}")
             labels, targets = self._unit_scale(np.int32), target
@@ -406,20 +464,20 @@ class CupyBackend:
         if grad is not None and grad.shape != x.shape:
             raise ValueError(f"loss_forward_backward: grad {grad.shape} differs from x {x.shape}")
         divisor = n if labels_kind else n * c
-        out = self._cupy.empty((), dtype=dtype)
+        out = self._cupy.empty((), dtype=mt)
         if n == 0:
             out.fill(np.nan)
             return out
-        row_loss = self._cupy.empty(n, dtype=dtype)
+        row_loss = self._cupy.empty(n, dtype=mt)
         warps_per_block = BLOCK // 32
-        self._function("loss_rows", dtype)(
-            (self._blocks(n, warps_per_block),), (BLOCK,),
-            (x, labels, targets, grad if grad is not None else x, np.int32(grad is not None), row_loss,
-             np.int32(n), np.int32(c),
-             np.int32(loss.info.kernel_id), dtype.type(loss.label_smoothing), dtype.type(loss.huber_delta),
-             dtype.type(1.0 / divisor)),
-        )  # fmt: skip
-        return self._sum(row_loss, False, divisor, out, "sum_partial", "sum_finish", dtype)
+        args = (x, labels, targets, grad if grad is not None else x, np.int32(grad is not None), row_loss,
+                np.int32(n), np.int32(c),
+                np.int32(loss.info.kernel_id), mt.type(loss.label_smoothing), mt.type(loss.huber_delta),
+                mt.type(1.0 / divisor))  # fmt: skip
+        if dtype in PR.LOW:
+            args += (self._scale_array(1.0 if loss_scale is None else loss_scale, mt),)
+        self._function("loss_rows", dtype)((self._blocks(n, warps_per_block),), (BLOCK,), args)
+        return self._sum(row_loss, False, divisor, out, "sum_partial", "sum_finish", mt)
 
     def accuracy_count(self, x, labels, threshold=0.0):
         """Rows classified right (0-d int64); see numpy_ops.accuracy_count."""
@@ -434,7 +492,7 @@ class CupyBackend:
             return out
         correct = self._cupy.empty(n, dtype=np.int32)
         self._function("accuracy_rows", dtype)(
-            (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), dtype.type(threshold))
+            (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), _math(dtype).type(threshold))
         )
         return self._sum(correct, False, 1, out, "sum_partial_i32", "sum_finish_i64", np.int64)
 
@@ -485,6 +543,53 @@ class CupyBackend:
         self._function("step_guard", dtype)(
             (1,), (32,), (loss, grad_sq, np.int64(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
+
+    def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
+                          skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
+        """fp16's verdict with dynamic loss scaling in one launch; see numpy_ops.step_guard_scaled."""
+        f32 = np.float32
+        self._check("step_guard_scaled", f32, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale, loss_scale=loss_scale)
+        self._check("step_guard_scaled", np.int64, first_bad=first_bad, good_steps=good_steps, skipped=skipped)
+        self._check("step_guard_scaled", np.bool_, skip=skip)
+        self._function("step_guard_scaled_f32", f32)(
+            (1,), (32,),
+            (loss, grad_sq, np.int64(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps,
+             skipped, np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH)),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ mixed precision
+
+    def cast(self, src, out):
+        """out = src in out's storage type; see numpy_ops.cast. float32 <-> bf16/fp16 by
+        our kernels (round to nearest even), anything else by CuPy's astype."""
+        if src.shape != out.shape:
+            raise ValueError(f"cast: src {src.shape} and out {out.shape} differ")
+        f32 = np.dtype(np.float32)
+        if out.dtype in PR.LOW and src.dtype == f32:
+            name = f"cast_f32_{_SUFFIX[out.dtype]}"
+        elif src.dtype in PR.LOW and out.dtype == f32:
+            name = f"cast_{_SUFFIX[src.dtype]}_f32"
+        elif src.dtype in PR.LOW or out.dtype in PR.LOW:
+            raise TypeError(f"cast: {src.dtype} -> {out.dtype} is not supported (16 bits <-> float32 only)")
+        else:
+            out[...] = src.astype(out.dtype, copy=False)
+            return out
+        self._check("cast", src.dtype, src=src)
+        self._check("cast", out.dtype, out=out)
+        if src.size:
+            self._function(name, None)((self._blocks(src.size),), (BLOCK,), (src, out, np.int64(src.size)))
+        return out
+
+    def add(self, a, b, out):
+        """out = a + b; 16-bit: in float, rounded once (see numpy_ops.add)."""
+        if out.dtype not in PR.LOW:
+            return self._cupy.add(a, b, out=out)
+        self._check("add", out.dtype, a=a, b=b, out=out)
+        if not (a.shape == b.shape == out.shape):
+            raise ValueError(f"add: a {a.shape}, b {b.shape}, out {out.shape} differ")
+        if out.size:
+            self._function("add", out.dtype)((self._blocks(out.size),), (BLOCK,), (a, b, out, np.int64(out.size)))
+        return out
 
     # ------------------------------------------------------------------ data
 
