@@ -50,6 +50,7 @@ from .errors import (
 )
 from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
+from . import precision
 from .precision import get_precision
 from .schedules import lr_at
 
@@ -442,13 +443,15 @@ class FiniteGuard:
         if loss_scale is not None:
             self.good_steps = backend.zeros((), np.int64)  # finite steps since the scale last changed
             self.skipped = backend.zeros((), np.int64)  # steps skipped for an overflowing gradient
+            self.interval = precision.LOSS_SCALE_INTERVAL  # finite steps before the scale doubles
 
     def check(self, step: int, loss, grad_sq, max_norm: float) -> None:
         """Before the update of step `step` (0-based): loss and squared gradient norm (0-d);
         max_norm > 0 clips the gradient to that global norm (through `scale`)."""
         if self.loss_scale is not None:
             self.backend.step_guard_scaled(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
-                                           self.scale, self.loss_scale, self.good_steps, self.skipped)  # fmt: skip
+                                           self.scale, self.loss_scale, self.good_steps, self.skipped,
+                                           interval=self.interval)  # fmt: skip
             return
         self.backend.step_guard(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
 
