@@ -362,7 +362,7 @@ def validate(raw: dict, source: str, base_dir: str = ".") -> Config:
         if cfg.model.dtype not in ("float32", "float64"):  # gpubp.stack has no mixed precision yet
             raise ConfigError(
                 f"{source}: model.dtype {cfg.model.dtype!r}: a [sweep] trains its stacked models in float32 or "
-                "float64 only; set model.dtype = \"float32\" or train the runs one by one"
+                'float64 only; set model.dtype = "float32" or train the runs one by one'
             )
     return cfg
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as D
-from . import distributed, shard
+from . import distributed, precision, shard
 from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
@@ -50,7 +50,6 @@ from .errors import (
 )
 from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
-from . import precision
 from .precision import get_precision
 from .schedules import lr_at
 

@@ -3,7 +3,8 @@
 # part under its own timeout, every log under $OUT:
 #   env.txt             GPU, driver, CUDA, CuPy, compute-sanitizer
 #   pytest-gpu.txt      every gpu-marked test but the sanitizer ones (ops vs NumPy, whole
-#                       training CPU vs GPU, determinism, resume, every CLI command)
+#                       training CPU vs GPU, determinism, resume, every CLI command; mixed
+#                       precision: tests/test_precision_gpu.py, the tf32 conversion it finds)
 #   sanitizer.txt       compute-sanitizer memcheck, racecheck, synccheck (run beside pytest)
 #   bias-grad.txt       column sums of D': our kernel vs cuBLAS GEMV (ones^T D')
 #   bench.md/.json      gpubp bench --device gpu against PyTorch (the GPU speed issue's baseline)
@@ -36,11 +37,14 @@ PY
 
 # compile the kernels once (CuPy's disk cache), so the parallel parts below do not race to
 timeout 120 "$PY" -c "
-from gpubp.backend.cupy_backend import CupyBackend, KERNELS_USED
+from gpubp.backend.cupy_backend import CupyBackend, KERNELS_USED, LOW_KERNELS_USED
 import numpy as np
 be = CupyBackend()
 for k in KERNELS_USED:
     be._function(k, np.float32); be._function(k, np.float64)
+for k in LOW_KERNELS_USED:
+    be._function(k, np.uint16); be._function(k, np.float16)
+be._function('step_guard_scaled_f32', None)
 print('kernels compiled')" >> "$OUT/env.txt" 2>&1
 
 # the sanitizer runs in the background, beside pytest

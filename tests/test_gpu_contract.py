@@ -176,3 +176,36 @@ def test_one_gpu_backend_per_device(monkeypatch):
     second = B.get_backend("gpu")
     assert second is not first and B.get_backend("gpu") is second
     assert built == [0, 1]
+
+
+def test_16bit_gemm_calls_gemmex_with_16bit_inputs_and_float_compute():
+    """bf16/fp16 GEMMs: cublasGemmEx with A and B of CUDA_R_16BF (14) or CUDA_R_16F (2),
+    C of the same type or CUDA_R_32F (0: the weight gradients), compute CUBLAS_COMPUTE_32F
+    (68: float accumulation), alpha and beta host addresses of float32 values, every
+    integer argument an int; never the float GEMV routines. tf32: compute 77."""
+    from gpubp import precision as PR
+    from gpubp.backend import cupy_backend
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cublas, be.handle, be.tf32 = Recorder(), 12345, False
+    be._host_scalars = cupy_backend.host_scalars()
+    be._check = lambda *args, **kwargs: None
+    seen = []
+    for low, code in ((PR.BF16, 14), (PR.F16, 2)):
+        for out_dtype, out_code in ((low, code), (np.float32, 0)):
+            for m, n, k in [(5, 6, 7), (1, 6, 7), (5, 1, 7)]:
+                for beta in (0.0, 1.0):
+                    be._cublas.calls.clear()
+                    be.gemm(FakeArray((m, k), low), FakeArray((k, n), low), FakeArray((m, n), out_dtype), beta=beta)
+                    ((name, args),) = be._cublas.calls
+                    assert name == "gemmEx"
+                    assert args[3:6] == (n, m, k)
+                    assert (args[8], args[11], args[15], args[17]) == (code, code, out_code, 68)
+                    assert ctypes.c_float.from_address(args[6]).value == 1.0
+                    assert ctypes.c_float.from_address(args[13]).value == beta
+                    assert all(isinstance(a, int) for a in args)
+                    seen.append(out_code)
+    assert set(seen) == {14, 2, 0}
+    be._cublas.calls.clear()
+    be.gemm(FakeArray((5, 7), np.float32), FakeArray((7, 6), np.float32), FakeArray((5, 6), np.float32), tf32=True)
+    assert be._cublas.calls[0][1][17] == 77  # CUBLAS_COMPUTE_32F_FAST_TF32

@@ -283,26 +283,42 @@ def test_200_step_run_tracks_float32(digits_200, name):
         assert run.summary["skipped_steps"] == 0 and run.summary["loss_scale"] == PR.LOSS_SCALE_INIT
 
 
-@pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
-def test_digits_accuracy_within_half_a_point_of_float32(name):
-    """configs/digits.toml as it is (30 epochs): test accuracy within 0.5 points."""
+@pytest.fixture(scope="module")
+def digits_float32():
+    """configs/digits.toml as it is (30 epochs) in float32: (dataset, test accuracy)."""
     ds = load_dataset(load_config(DIGITS))
-    acc32 = run_digits("float32", dataset=ds).summary["test_accuracy"]
+    return ds, run_digits("float32", dataset=ds).summary["test_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
+def test_digits_accuracy_within_half_a_point_of_float32(digits_float32, name):
+    """configs/digits.toml as it is (30 epochs): test accuracy within 0.5 points."""
+    ds, acc32 = digits_float32
     acc = run_digits(name, dataset=ds).summary["test_accuracy"]
     assert acc32 > 0.95
     assert abs(acc - acc32) <= 0.005, (name, acc, acc32)
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp16"])
-def test_mnist1d_like_accuracy_within_half_a_point_of_float32(name):
+MNIST1D_ARGS = ["model.hidden=[256, 256]", 'model.activation="relu"', "train.epochs=8", "train.batch_size=64",
+                "data.test_fraction=0.0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mnist1d_float32():
     """An MNIST-1D-like set (tests/mnist1d_like.py): 4000 training signals, a separate
-    test set of 10000 (so that 0.5 points are 50 signals, not sampling noise)."""
+    test set of 10000 (so that 0.5 points are 50 signals, not sampling noise); the
+    float32 run's test accuracy."""
     ds = mnist1d_like.make(4000, seed=0)
     ds.test = mnist1d_like.make(10000, seed=1)
-    args = ["model.hidden=[256, 256]", "model.activation=\"relu\"", "train.epochs=8", "train.batch_size=64",
-            "data.test_fraction=0.0"]  # fmt: skip
-    acc32 = run_digits("float32", *args, dataset=ds).summary["test_accuracy"]
-    acc = run_digits(name, *args, dataset=ds).summary["test_accuracy"]
+    return ds, run_digits("float32", *MNIST1D_ARGS, dataset=ds).summary["test_accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_mnist1d_like_accuracy_within_half_a_point_of_float32(mnist1d_float32, name):
+    ds, acc32 = mnist1d_float32
+    acc = run_digits(name, *MNIST1D_ARGS, dataset=ds).summary["test_accuracy"]
     assert 0.75 < acc32 < 0.98  # a task with room to differ
     assert abs(acc - acc32) <= 0.005, (name, acc, acc32)
 
@@ -432,3 +448,44 @@ def test_mixed_precision_backend_is_the_numpy_one():
 
     for op in ("cast", "add", "step_guard_scaled"):
         assert callable(getattr(NumpyBackend, op)) and callable(getattr(CupyBackend, op))
+
+
+def test_gpu_backend_finds_every_16bit_kernel_by_name():
+    """Without a GPU: the names the CuPy backend asks its compiled modules for (NAME_bf16,
+    NAME_f16, cast_f32_bf16, ...) are entry points of the file it compiles for them, and
+    cast/add launch the right one."""
+    from gpubp import kernels
+    from gpubp.backend import cupy_backend
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._functions, be._modules = {}, {}
+    be._kernel_file = {n: f for f in kernels.KERNEL_FILES for n in kernels.kernel_names(f)}
+    launched = []
+
+    class Module:
+        def __init__(self, file):
+            self.file = file
+
+        def get_function(self, name):
+            assert name in kernels.kernel_names(self.file), (name, self.file)
+            return lambda grid, block, args: launched.append(name)
+
+    be._compile = Module
+    for base in cupy_backend.LOW_KERNELS_USED:
+        for dtype in (PR.BF16, PR.F16):
+            be._function(base, dtype)
+    be._function("step_guard_scaled_f32", None)
+    be._check = lambda *a, **k: None
+    be.n_sm = 1
+
+    class Fake:
+        def __init__(self, dtype, shape=(4, 3)):
+            self.dtype, self.shape, self.size = np.dtype(dtype), shape, 12
+
+    for low, suffix in ((PR.BF16, "bf16"), (PR.F16, "f16")):
+        be.cast(Fake(np.float32), Fake(low))
+        be.cast(Fake(low), Fake(np.float32))
+        be.add(Fake(low), Fake(low), Fake(low))
+        assert launched[-3:] == [f"cast_f32_{suffix}", f"cast_{suffix}_f32", f"add_{suffix}"]
+    with pytest.raises(TypeError, match="not supported"):
+        be.cast(Fake(PR.BF16), Fake(PR.F16))

@@ -199,7 +199,7 @@ class CupyBackend:
     def _function(self, base: str, dtype) -> object:
         """The compiled kernel base_<f32|f64|bf16|f16>, compiling its file on first use
         (dtype None: `base` is the full name)."""
-        if dtype is None or base.endswith(("_i32", "_i64", "_f32")):
+        if dtype is None or base.endswith(("_i32", "_i64")):
             name = base
         else:
             name = f"{base}_{_SUFFIX[np.dtype(dtype)]}"
@@ -551,7 +551,7 @@ class CupyBackend:
         self._check("step_guard_scaled", f32, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale, loss_scale=loss_scale)
         self._check("step_guard_scaled", np.int64, first_bad=first_bad, good_steps=good_steps, skipped=skipped)
         self._check("step_guard_scaled", np.bool_, skip=skip)
-        self._function("step_guard_scaled_f32", f32)(
+        self._function("step_guard_scaled_f32", None)(
             (1,), (32,),
             (loss, grad_sq, np.int64(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps,
              skipped, np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH)),

@@ -1,0 +1,231 @@
+"""Mixed precision on the GPU against the NumPy emulation (tests marked gpu: they skip
+without a CUDA device; tests/run_gpu_checks.sh runs them).
+
+What must agree, and how closely (u = 2^-8 bf16, 2^-11 fp16 and tf32):
+- conversions (cast kernels) and the residual sum: bit for bit; the conversions are
+  integer code, the same as the host-checked kernels/precision.cuh;
+- elementwise ops on 16-bit storage: equal bits or one 16-bit ulp (the float math
+  under the rounding is CUDA's on the GPU and NumPy's on the CPU; gelu's cancellation
+  gets the float32 bound of tests/test_gpu.py);
+- 16-bit GEMMs: both sides sum exact products in float32, in different orders, then
+  round once: |gpu - cpu| <= u (|gpu| + |cpu|) + 2 K u32 sum |a||b|;
+- a model's gradients and a short run: within the CPU tolerances of test_precision.py
+  (the GPU is one more run whose roundings are independent of the emulation's);
+- tf32: which conversion cuBLAS applies (rna, rne or truncation) is found out and printed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpubp import precision as PR
+from gpubp.activations import ACTIVATIONS, SAVES_INPUT, make_activation
+from gpubp.backend import numpy_ops
+from gpubp.losses import make_loss
+from gpubp.model import MLP
+
+pytestmark = pytest.mark.gpu
+
+U = {"bf16": 2.0**-8, "fp16": 2.0**-11, "tf32": 2.0**-11}
+U32 = 2.0**-24
+LOW = {"bf16": PR.BF16, "fp16": PR.F16}
+TINY = float(np.finfo(np.float32).tiny)  # -ftz=true on the GPU
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from gpubp.backend import get_backend
+
+    return get_backend("gpu")
+
+
+def to16(x, name):
+    out = np.empty(np.shape(x), LOW[name])
+    PR.store(np.asarray(x, np.float32), out)
+    return out
+
+
+def one_ulp(a_bits, b_bits):
+    a, b = a_bits.astype(np.int32), b_bits.astype(np.int32)
+    return (a == b) | ((np.abs(a - b) == 1) & ((a ^ b) & 0x8000 == 0))
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cast_kernels_round_as_the_reference(gpu, name):
+    from .test_kernels_cpu import float32_patterns
+
+    x = float32_patterns()
+    out = gpu.cast(gpu.asarray(x), gpu.empty(x.shape, LOW[name]))
+    ref = to16(x, name)
+    got = gpu.to_numpy(out)
+    nan = np.isnan(x)
+    # -ftz=true does not touch integer code: float32 subnormal inputs round like the rest
+    assert (got.view(np.uint16)[~nan] == ref.view(np.uint16)[~nan]).all()
+    back = gpu.to_numpy(gpu.cast(out, gpu.empty(x.shape, np.float32)))
+    ref_back = PR.to_float32(ref)
+    same = (back.view(np.uint32) == ref_back.view(np.uint32)) | (np.isnan(back) & np.isnan(ref_back))
+    assert same.all()
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+@pytest.mark.parametrize("act_name", list(ACTIVATIONS))
+def test_activations_16bit_match_the_emulation(gpu, name, act_name):
+    act = make_activation(act_name, 0.05)
+    rng = np.random.default_rng(0)
+    z = to16(rng.normal(scale=3, size=(257, 33)), name)
+    b = rng.normal(size=33).astype(np.float32)
+    keep = act.saves == SAVES_INPUT
+    zc, yc = z.copy(), np.empty_like(z)
+    numpy_ops.bias_act_forward(zc, b, act, yc if keep else zc)
+    yc = yc if keep else zc
+    zg = gpu.asarray(z)
+    yg = gpu.empty(z.shape, z.dtype) if keep else zg
+    gpu.bias_act_forward(zg, gpu.asarray(b), act, yg)
+    ok = one_ulp(gpu.to_numpy(yg).view(np.uint16), yc.view(np.uint16))
+    slack = np.abs(PR.to_float32(gpu.to_numpy(yg)) - PR.to_float32(yc)) <= 1e-5 * np.maximum(
+        1, np.abs(PR.to_float32(z))
+    )
+    assert (ok | slack).all(), f"{act_name} forward {name}"
+    saved = zc if keep else yc
+    d = to16(rng.normal(size=z.shape), name)
+    gc = numpy_ops.act_backward(d, saved, act, np.empty_like(d))
+    gg = gpu.act_backward(gpu.asarray(d), gpu.asarray(saved), act, gpu.empty(d.shape, d.dtype))
+    ok = one_ulp(gpu.to_numpy(gg).view(np.uint16), gc.view(np.uint16))
+    slack = np.abs(PR.to_float32(gpu.to_numpy(gg)) - PR.to_float32(gc)) <= 1e-5 * np.maximum(
+        1, np.abs(PR.to_float32(z))
+    )
+    assert (ok | slack).all(), f"{act_name} backward {name}"
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("out_kind", ["low", "float32"])
+@pytest.mark.parametrize("mkn", [(64, 96, 48), (1, 300, 7), (129, 5, 1)])
+def test_gemm_16bit_matches_the_emulation(gpu, name, trans_a, trans_b, beta, out_kind, mkn):
+    m, k, n = mkn
+    rng = np.random.default_rng(1)
+    a = to16(rng.normal(size=(k, m) if trans_a else (m, k)), name)
+    b = to16(rng.normal(size=(n, k) if trans_b else (k, n)), name)
+    out_dtype = LOW[name] if out_kind == "low" else np.float32
+    c = np.empty((m, n), out_dtype)
+    PR.store(rng.normal(size=(m, n)).astype(np.float32), c)
+    ref = numpy_ops.gemm(a, b, c.copy(), trans_a=trans_a, trans_b=trans_b, beta=beta)
+    got = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(b), gpu.asarray(c), trans_a=trans_a, trans_b=trans_b,
+                                beta=beta))  # fmt: skip
+    af, bf = PR.to_float32(a).astype(np.float64), PR.to_float32(b).astype(np.float64)
+    terms = np.abs(af.T if trans_a else af) @ np.abs(bf.T if trans_b else bf) + beta * np.abs(PR.to_float32(c))
+    g, r = PR.to_float32(got).astype(np.float64), PR.to_float32(ref).astype(np.float64)
+    u = U[name] if out_kind == "low" else 0.0
+    assert (np.abs(g - r) <= u * (np.abs(g) + np.abs(r)) + 2 * k * U32 * terms + TINY).all()
+
+
+def test_tf32_input_conversion(gpu, capsys):
+    """Which rounding cuBLAS applies to float32 inputs under CUBLAS_COMPUTE_32F_FAST_TF32:
+    x times the identity, x chosen on the boundaries between the three modes."""
+    base = np.float32([1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-11 + 2.0**-20, -(1 + 2.0**-11), 1 + 2.0**-12])
+    x = np.resize(base, 256)
+    a = np.random.default_rng(5).normal(size=(256, 256)).astype(np.float32)  # large: tensor-core kernels
+    a[:, 0] = x
+    eye = np.zeros((256, 256), np.float32)
+    eye[0, 0] = 1.0  # out[:, 0] = a[:, 0] * 1 + 0: one product, exact in float32 after the conversion
+    out = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(eye), gpu.empty((256, 256), np.float32), tf32=True))
+    out = out[:, 0]
+    if np.array_equal(out, x):
+        pytest.skip("cuBLAS did not convert to tf32 at this size (a float32 kernel): nothing to learn")
+    modes = [m for m in PR.TF32_MODES if np.array_equal(out, PR.round_tf32(x, m))]
+    with capsys.disabled():
+        print(f"\ncuBLAS tf32 input conversion: {modes or 'none of ' + str(PR.TF32_MODES)}; results {out[:5]}")
+    assert modes, f"cuBLAS's tf32 conversion is none of {PR.TF32_MODES}: {out[:5]} (x = {x[:5]})"
+    if PR.TF32_MODES[0] not in modes:
+        pytest.fail(f"the reference's default tf32 mode {PR.TF32_MODES[0]!r} is not cuBLAS's {modes}: change it")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+@pytest.mark.parametrize("loss_name", ["softmax_cross_entropy", "mse", "binary_cross_entropy", "huber"])
+def test_loss_and_reductions_16bit_match_the_emulation(gpu, name, loss_name):
+    rng = np.random.default_rng(2)
+    x = to16(rng.normal(size=(300, 10)), name)
+    loss = make_loss(loss_name, 0.1 if loss_name == "softmax_cross_entropy" else 0.0, 1.0)
+    labels = rng.integers(0, 10, 300).astype(np.int32)
+    y = labels if loss_name == "softmax_cross_entropy" else rng.random((300, 10)).astype(np.float32)
+    s = np.float32(512.0)
+    gc = np.empty_like(x)
+    vc = numpy_ops.loss_forward_backward(x, y, loss, gc, loss_scale=s)
+    gg = gpu.empty(x.shape, x.dtype)
+    vg = gpu.loss_forward_backward(gpu.asarray(x), gpu.asarray(y), loss, gg, loss_scale=gpu.asarray(s))
+    assert abs(gpu.to_float(vg) - float(vc)) <= 1e-5 * abs(float(vc)) + 1e-6
+    a, b = PR.to_float32(gpu.to_numpy(gg)), PR.to_float32(gc)
+    assert (one_ulp(gpu.to_numpy(gg).view(np.uint16), gc.view(np.uint16)) | (np.abs(a - b) <= 1e-5 * s)).all()
+    db = gpu.to_numpy(gpu.bias_grad(gpu.asarray(x), gpu.empty(10, np.float32)))
+    np.testing.assert_allclose(db, numpy_ops.bias_grad(x, np.empty(10, np.float32)), rtol=1e-5, atol=1e-4)
+    acc = gpu.to_float(gpu.accuracy_count(gpu.asarray(x), gpu.asarray(labels)))
+    assert acc == float(numpy_ops.accuracy_count(x, labels))
+
+
+def test_step_guard_scaled_matches_the_reference(gpu):
+    f, i = np.float32, np.int64
+    cases = [(1.0, 4.0, 0.0), (1.0, np.inf, 0.0), (1.0, 9.0e6, 1.0), (np.nan, 1.0, 0.0), (1.0, np.nan, 0.0)]
+    host = [np.asarray(v).copy() for v in (f(1024), i(0), i(0), i(-1))]  # S, good, skipped, first_bad
+    dev = [gpu.asarray(h) for h in host]
+    for step, (loss, sq, max_norm) in enumerate(cases * 3):
+        outs_c = [np.zeros((), np.bool_), np.zeros((), f), np.zeros((), f)]
+        outs_g = [gpu.zeros((), np.bool_), gpu.zeros((), f), gpu.zeros((), f)]
+        numpy_ops.step_guard_scaled(f(loss), f(sq), step, max_norm, host[3], outs_c[0], outs_c[1], outs_c[2], host[0],
+                                    host[1], host[2], interval=2)  # fmt: skip
+        gpu.step_guard_scaled(gpu.asarray(f(loss)), gpu.asarray(f(sq)), step, max_norm, dev[3], outs_g[0], outs_g[1],
+                              outs_g[2], dev[0], dev[1], dev[2], interval=2)  # fmt: skip
+        for c, g in zip(host + outs_c, dev + outs_g):
+            cg = gpu.to_numpy(g)
+            assert np.array_equal(cg, c, equal_nan=True), (step, c, cg)
+
+
+@pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_model_gradients_gpu_against_the_emulation(gpu, name, residual):
+    """The CPU emulation and the GPU round independently (different summation orders),
+    so each is within test_precision's derived tolerance 2 sqrt(r L) u of float64; the
+    two differ by at most twice that."""
+    sizes = [12, 48, 48, 5]
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(256, 12)), rng.integers(0, 5, 256)
+    cpu_model = MLP(sizes, "gelu", loss="softmax_cross_entropy", dtype=name, seed=4, residual=residual)
+    gpu_model = MLP(sizes, "gelu", loss="softmax_cross_entropy", dtype=name, seed=4, residual=residual, backend=gpu)
+    lc, gc = cpu_model.loss_and_grads(x, y)
+    lg, gg = gpu_model.loss_and_grads(x, y)
+    L, r = len(sizes) - 1, (4 if name == "tf32" else 6)
+    tol = 2 * 2 * math.sqrt(r * L) * U[name]
+    assert abs(lg - lc) <= tol * abs(lc)
+    for k, (a, b) in enumerate(zip(gg, gc)):
+        a = gpu.to_numpy(a).astype(np.float64)
+        assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b), f"{name}: gradient {k}"
+    out = gpu.to_numpy(gpu_model.forward(x))
+    assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
+def test_short_run_gpu_against_the_emulation(gpu, name):
+    """60 Adam steps on digits, GPU vs the CPU emulation: the parameters' distance,
+    relative to their travel, within twice test_precision's run tolerance."""
+    import os
+
+    from gpubp.config import load_config
+    from gpubp.trainer import load_dataset, train_in_memory
+
+    from .conftest import ROOT
+
+    cfg = load_config(os.path.join(ROOT, "configs", "digits.toml"), [f"model.dtype={name}", "train.steps=60"])
+    ds = load_dataset(cfg)
+    runs = {dev: train_in_memory(cfg, ds, device=dev) for dev in ("cpu", "gpu")}
+    pc = runs["cpu"].run.backend.to_numpy(runs["cpu"].model.flat_params).astype(np.float64)
+    pg = runs["gpu"].run.backend.to_numpy(runs["gpu"].model.flat_params).astype(np.float64)
+    m = runs["cpu"].model
+    start = MLP(m.sizes, "silu", seed=0, init=m.init).flat_params.astype(np.float64)
+    r = 4 if name == "tf32" else 6
+    tol = 2 * 2 * math.sqrt(r * 2) * U[name]
+    assert np.linalg.norm(pg - pc) <= tol * np.linalg.norm(pc - start)
+    if name == "fp16":
+        assert runs["gpu"].summary["skipped_steps"] == runs["cpu"].summary["skipped_steps"]
