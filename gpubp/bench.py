@@ -179,11 +179,11 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
     from .model import MLP
     from .optim import make_optimizer
 
-    if precision == "bf16":
-        return {"skipped": "bf16 training is not implemented yet"}
+    if precision == "bf16" and backend.name != "gpu":
+        return {"skipped": "bf16 on the CPU is an exact emulation (the GPU path's reference), not a speed figure"}
     if precision == "tf32" and backend.name != "gpu":
         return {"skipped": "tf32 exists on NVIDIA GPUs only"}
-    dtype = "float64" if precision == "float64" else "float32"
+    dtype = {"float64": "float64", "bf16": "bf16"}.get(precision, "float32")  # bf16: mixed precision
     if backend.name == "gpu":
         backend.tf32 = precision == "tf32"
     try:
@@ -347,7 +347,7 @@ class _TorchEventTimer:
 
 def device_peak(backend, precision: str) -> dict:
     """The device's own rates, measured now: a large GEMM of this precision and a copy."""
-    if precision == "bf16" or (precision == "tf32" and backend.name != "gpu"):
+    if precision in ("bf16", "tf32") and backend.name != "gpu":
         return {}
     dtype = np.float64 if precision == "float64" else np.float32
     n = 8192 if backend.name == "gpu" else 1536
@@ -355,6 +355,11 @@ def device_peak(backend, precision: str) -> dict:
     a = backend.asarray(rng.standard_normal((n, n)).astype(dtype))
     b = backend.asarray(rng.standard_normal((n, n)).astype(dtype))
     c = backend.empty((n, n), dtype)
+    if precision == "bf16":  # bf16 inputs and output, float32 accumulation (as the training GEMMs)
+        from .precision import BF16
+
+        a, b = (backend.cast(m, backend.empty((n, n), BF16)) for m in (a, b))
+        c = backend.empty((n, n), BF16)
     if backend.name == "gpu":
         backend.tf32 = precision == "tf32"
     try:

@@ -66,8 +66,12 @@ def run_sweeps(cfg, device: str, modes, repeats: int = 5, max_bytes: float = 2**
     """Count and time every (architecture, mode); a mode whose buffers would pass
     max_bytes is counted but not run (seconds None)."""
     from .config import validate
+    from .errors import ConfigError
     from .trainer import build_model, prepare
 
+    if cfg.model.dtype in ("bf16", "fp16"):
+        raise ConfigError(f"{cfg.source}: model.dtype {cfg.model.dtype!r}: Jacobians are computed in float32 or "
+                          "float64 only; --set model.dtype=float32")  # fmt: skip
     run = prepare(cfg, device, log=log)
     cfg, be, base = run.cfg, run.backend, run.model  # run.cfg: loss.name "auto" resolved
     x = run.splits["train"].x[0]  # (n_in,) one training sample

@@ -45,6 +45,8 @@ def _check(model, x, wrt: str, mode: str):
         raise ValueError(f"wrt must be one of {', '.join(WRT)}, got {wrt!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if model.precision.low:  # the tangent and adjoint blocks are built in the parameter dtype
+        raise ValueError(f"jacobian: a model of dtype {model.precision.name} is not supported; use float32 or float64")
     n_in = model.sizes[0]
     x = model.backend.asarray(x, dtype=model.dtype)
     if tuple(x.shape) not in ((n_in,), (1, n_in)):
