@@ -489,3 +489,20 @@ def test_gpu_backend_finds_every_16bit_kernel_by_name():
         assert launched[-3:] == [f"cast_f32_{suffix}", f"cast_{suffix}_f32", f"add_{suffix}"]
     with pytest.raises(TypeError, match="not supported"):
         be.cast(Fake(PR.BF16), Fake(PR.F16))
+
+
+def test_estimator_trains_in_bf16_and_round_trips(tmp_path):
+    """The estimators take the precision as any other key (config={"model.dtype": ...});
+    predictions come out of the float32 widening, and save/load keeps the dtype."""
+    import gpubp
+
+    ds = load_dataset(load_config(DIGITS))
+    x, y = ds.x[:600], ds.y[:600]
+    clf = gpubp.MLPClassifier(hidden_layer_sizes=(64,), max_iter=30, random_state=0, config={"model.dtype": "bf16"})
+    clf.fit(x, y)
+    assert clf.score(x, y) > 0.9
+    path = str(tmp_path / "m.npz")
+    clf.save(path)
+    again = gpubp.estimators.load(path, device="cpu")
+    np.testing.assert_array_equal(again.predict(x), clf.predict(x))
+    np.testing.assert_array_equal(again.predict_proba(x), clf.predict_proba(x))
