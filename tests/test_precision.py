@@ -507,3 +507,31 @@ def test_estimator_trains_in_bf16_and_round_trips(tmp_path):
     again = gpubp.estimators.load(path, device="cpu")
     np.testing.assert_array_equal(again.predict(x), clf.predict(x))
     np.testing.assert_array_equal(again.predict_proba(x), clf.predict_proba(x))
+
+
+def test_fp16_resume_continues_the_loss_scaler(tmp_path, monkeypatch):
+    """last.npz holds the scaler (amp.loss_scale, amp.good_steps, amp.skipped): a resumed
+    fp16 run goes on from that scale and count, not from 2^16 and 0."""
+    from gpubp.trainer import Trainer
+
+    monkeypatch.setattr("gpubp.model.LOSS_SCALE_INIT", 2.0**30)  # the first steps overflow
+    cfg = load_config(DIGITS, ["model.dtype=fp16", "train.steps=20", "train.eval_every=20"])
+    first = Trainer(cfg, str(tmp_path / "a"), device="cpu", quiet=True).train()
+    assert first["skipped_steps"] >= 1 and first["loss_scale"] < 2.0**30
+    assert first["loss_scale"] != 2.0**16  # else the check below could not tell
+    monkeypatch.setattr("gpubp.model.LOSS_SCALE_INIT", 2.0**16)
+    cfg = load_config(DIGITS, ["model.dtype=fp16", "train.steps=30", "train.eval_every=10"])
+    resumed = Trainer(cfg, str(tmp_path / "a"), device="cpu", quiet=True, resume=str(tmp_path / "a" / "last.npz"))
+    second = resumed.train()
+    assert second["skipped_steps"] >= first["skipped_steps"]
+    assert second["loss_scale"] <= first["loss_scale"] and second["loss_scale"] != 2.0**16
+
+
+def test_memory_estimate_counts_16bit_activations():
+    from gpubp.backend import get_backend
+    from gpubp.trainer import memory_estimate
+
+    est = {d: memory_estimate(load_config(DIGITS, [f"model.dtype={d}"]), [64, 512, 10], 32, 1797, get_backend())
+           for d in ("float32", "bf16")}  # fmt: skip
+    assert est["bf16"]["batch"] * 2 == est["float32"]["batch"]
+    assert est["bf16"]["params"] == est["float32"]["params"]  # float32 master weights and state
