@@ -16,6 +16,7 @@ A step is forward, loss, backward and update on a batch resident on the device.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -219,6 +220,18 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
     return _figures(case, ms) | {"share": share, "ops_us": ops_us, "peak_mem_mib": peak / 2**20}
 
 
+def _new_path(precision: str, measure, failed=None):
+    """measure(); for bf16 (mixed precision, new on the GPU) a failure becomes a skipped
+    row naming the error, so that the float32 and tf32 rows of the same run survive it."""
+    if precision != "bf16":
+        return measure()
+    try:
+        return measure()
+    except Exception as e:
+        line = (str(e).strip().splitlines() or [""])[0][:200]
+        return failed if failed is not None else {"skipped": f"bf16 failed: {type(e).__name__}: {line}"}
+
+
 def _figures(case: Case, ms: float) -> dict:
     return {"ms_per_step": ms, "samples_per_s": case.batch / (ms / 1e3),
             "tflops": case.flops_per_step / (ms / 1e3) / 1e12}  # fmt: skip
@@ -411,10 +424,10 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
         if progress is not None:
             progress(f"[{i}/{len(todo)}] {case.name} {precision}: measuring")
         if precision not in peaks:
-            peaks[precision] = device_peak(backend, precision)
+            peaks[precision] = _new_path(precision, functools.partial(device_peak, backend, precision), {})
         row = {"case": case.name, "precision": precision, "batch": case.batch, "sizes": case.sizes,
                "flops_per_step": case.flops_per_step}  # fmt: skip
-        row["gpubp"] = bench_gpubp(case, backend, precision)
+        row["gpubp"] = _new_path(precision, functools.partial(bench_gpubp, case, backend, precision))
         for key, compiled in (("torch_eager", False), ("torch_compile", True)):
             if reason:
                 row[key] = {"skipped": reason}
