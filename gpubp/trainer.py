@@ -344,19 +344,32 @@ def evaluate_split(model: MLP, part: D.DeviceSplit, name: str, batch_size: int, 
     split on the host): regression adds name_r2, name_rmse, name_mae in the targets'
     own units (`scaler` maps outputs back); classification with `report` adds
     name_report (per-class precision, recall, F1, support, confusion matrix)."""
-    loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size)
+    # one forward pass over the split: the loss, and the outputs when a metric needs them
+    outputs = np.empty((part.x.shape[0], model.sizes[-1])) if wants_outputs(host, report) else None
+    loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size, outputs)
     out = {f"{name}_loss": loss}
     if correct is not None:
         out[f"{name}_accuracy"] = correct / part.n
-    if host is not None and not host.is_classification:
-        pred = T.user_outputs(predict_outputs(model, part.x, batch_size), model.loss.name, False, scaler)
-        out.update({f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()})
-    elif host is not None and report:
-        outputs = predict_outputs(model, part.x, batch_size)
-        labels = T.predicted_classes(outputs, model.decision_threshold)
-        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
-        out[f"{name}_report"] = M.classification_report(host.y, labels, n_classes, host.class_names)
+    if outputs is not None:
+        out.update(output_metrics(model, outputs, name, host, scaler))
     return out
+
+
+def wants_outputs(host: D.Dataset | None, report: bool) -> bool:
+    """Whether evaluate_split's metrics need the outputs on the host: regression's R^2,
+    RMSE, MAE (always), classification's report (when asked)."""
+    return host is not None and (not host.is_classification or report)
+
+
+def output_metrics(model: MLP, outputs: np.ndarray, name: str, host: D.Dataset, scaler) -> dict:
+    """The metrics of a split's outputs (N, width) on the host: name_r2, name_rmse,
+    name_mae in the targets' units (`scaler` maps outputs back), or name_report."""
+    if not host.is_classification:
+        pred = T.user_outputs(outputs, model.loss.name, False, scaler)
+        return {f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()}
+    labels = T.predicted_classes(outputs, model.decision_threshold)
+    n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
+    return {f"{name}_report": M.classification_report(host.y, labels, n_classes, host.class_names)}
 
 
 # --------------------------------------------------------------------------- checkpoints
