@@ -525,6 +525,9 @@ class Trainer:
         self.best = None  # (meta, arrays) of the best evaluation, on the host
         self.best_written = True  # best.npz on disk holds self.best
         self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
+        # (step, metrics) of the validation split at the last and at the best evaluation, when they hold
+        # every metric _finish reports (it reuses them for the same weights instead of evaluating again)
+        self.val_at_last = self.val_at_best = None
         self.created_dir = (
             resume is None and out_dir is not None
         )  # a run failing before its first checkpoint removes it
@@ -809,7 +812,10 @@ class Trainer:
         self.running_loss[...] = 0.0
         self.n_running = 0
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
-        record.update(self.evaluate("val"))
+        val = self.evaluate("val", report=self.step == self.total_steps)  # the last one with the report
+        record.update({k: v for k, v in val.items() if not k.endswith("_report")})
+        full = (self.step, val) if "val_report" in val or "val_r2" in val else None  # all that _finish reports
+        self.val_at_last = full
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
         if self.out_dir is None:
             self.history.append(record)
@@ -822,6 +828,7 @@ class Trainer:
             if improved:
                 self.best_value, self.best_step, self.bad_evals = value, self.step, 0
                 self.best, self.best_written = self.checkpoint(), False
+                self.val_at_best = full
             else:
                 self.bad_evals += 1
         if time.monotonic() - self.saved_at >= self.cfg.train.checkpoint_every_s:
@@ -839,17 +846,18 @@ class Trainer:
         began = time.perf_counter()
         if self.saved_step != self.step or not self.best_written:
             self._write_checkpoints()
-        weights = "last"
+        weights, at = "last", self.step  # the step whose weights are evaluated
         if self.cfg.train.restore_best and self.best is not None:
             restore_params(self.model, self.best[1], os.path.join(self.out_dir or "(in memory)", "best.npz"))
-            weights = f"best.npz (step {self.best_step})"
+            weights, at = f"best.npz (step {self.best_step})", self.best_step
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stopped_early": stopped_early,
                    "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
                    "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
                    "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
                    "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
+        known = dict(filter(None, (self.val_at_best, self.val_at_last)))  # step -> validation metrics
         for split in ("train", "val", "test"):
-            summary.update(self.evaluate(split, report=True))
+            summary.update(known[at] if split == "val" and at in known else self.evaluate(split, report=True))
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
         if self.out_dir is None or not self.dist.is_root:
             return summary
