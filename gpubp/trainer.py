@@ -606,6 +606,7 @@ class Trainer:
         if "_fixed" not in self.__dict__:
             self._fixed = {"model": self.model.config_dict(), "config": config_for_checkpoint(self.cfg),
                            "n_features": self.run.n_features, "n_classes": self.run.n_classes,
+                           "device": self.run.backend.describe(),  # eval/predict: note a GPU model on the CPU
                            **data_meta(self.cfg, self.run)}  # fmt: skip
         return self._fixed
 
