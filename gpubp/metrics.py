@@ -52,19 +52,23 @@ def r2(y, p) -> float:
 def regression_report(y, p) -> dict:
     """{r2, rmse, mae} of predictions p against targets y, both in the targets' units:
     the values of r2, rmse and mae (the same operations, bit for bit), the residuals
-    computed once (it runs at every evaluation)."""
+    computed once (it runs at every evaluation). np.mean(v) = np.add.reduce(v) / v.size."""
     y, p = _columns(y, p)
-    n = y.shape[0]
+    n, t = y.shape
+    add = np.add.reduce
     err = y - p  # (N, T)
-    ss_res = np.add.reduce(err * err, axis=0)  # (T,) = np.sum((y - p) ** 2, axis=0)
-    dev = y - np.add.reduce(y, axis=0) / n  # y - y.mean(axis=0)
-    ss_tot = np.add.reduce(dev * dev, axis=0)
-    safe = np.where(ss_tot > 0, ss_tot, 1.0)
-    score = np.where(ss_tot > 0, 1.0 - ss_res / safe, np.where(ss_res == 0, 1.0, 0.0))
+    ss_res = add(err * err, axis=0)  # (T,) = np.sum((y - p) ** 2, axis=0)
+    dev = y - add(y, axis=0) / n  # y - y.mean(axis=0)
+    ss_tot = add(dev * dev, axis=0)
+    if (ss_tot > 0).all():  # no constant column: r2's np.where picks 1 - ss_res / ss_tot everywhere
+        score = 1.0 - ss_res / ss_tot
+    else:
+        safe = np.where(ss_tot > 0, ss_tot, 1.0)
+        score = np.where(ss_tot > 0, 1.0 - ss_res / safe, np.where(ss_res == 0, 1.0, 0.0))
     return {
-        "r2": float(np.mean(score)),
-        "rmse": float(np.mean(np.sqrt(ss_res / n))),  # np.mean(x, axis=0) = np.add.reduce(x, axis=0) / N
-        "mae": float(np.mean(np.add.reduce(np.abs(err), axis=0) / n)),
+        "r2": float(add(score) / t),
+        "rmse": float(add(np.sqrt(ss_res / n)) / t),
+        "mae": float(add(add(np.abs(err), axis=0) / n) / t),
     }
 
 
