@@ -456,28 +456,6 @@ class FiniteGuard:
         return None if value < 0 else value
 
 
-class Background:
-    """fn(*args) in a thread (the waits of a file system overlap other work); `wait()`
-    returns once it is done, raising what it raised."""
-
-    def __init__(self, fn, *args):
-        self.error = None
-
-        def run():
-            try:
-                fn(*args)
-            except BaseException as e:  # noqa: BLE001  (handed to wait())
-                self.error = e
-
-        self.thread = threading.Thread(target=run, name="gpubp-checkpoint-write")
-        self.thread.start()
-
-    def wait(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 @contextlib.contextmanager
 def catch_sigint():
     """While active, Ctrl-C (SIGINT) only raises a flag: yields a function that says
@@ -639,21 +617,19 @@ class Trainer:
         arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))
         return self._meta(), arrays
 
-    def save(self, name: str, state: tuple[dict, dict] | None = None) -> None:
-        """Write checkpoint `name` of the current state, or of `state` (a `checkpoint()` taken before)."""
+    def save(self, name: str) -> None:
         if self.out_dir is None:  # in memory: no files
             return
         if not self.dist.is_root:  # rank 0 writes; the others keep its record of the last save
             if name == "last.npz":
                 self.saved_step, self.saved_at = self.step, time.monotonic()
             return
-        save_checkpoint(os.path.join(self.out_dir, name), *(state or self.checkpoint()))
+        save_checkpoint(os.path.join(self.out_dir, name), *self.checkpoint())
         if name == "last.npz":
             self.saved_step, self.saved_at = self.step, time.monotonic()
 
-    def _write_checkpoints(self, state: tuple[dict, dict] | None = None) -> None:
-        """best.npz (if a better evaluation came since it was written), then last.npz
-        (of the current state, or of `state`).
+    def _write_checkpoints(self) -> None:
+        """best.npz (if a better evaluation came since it was written), then last.npz.
         Best before last: a crash between the two leaves a last.npz whose record of
         the best step matches best.npz, or an older last.npz that repeats the step."""
         if self.out_dir is None:  # in memory: the best state stays in self.best
@@ -662,7 +638,7 @@ class Trainer:
             if self.dist.is_root:
                 save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
             self.best_written = True
-        self.save("last.npz", state)
+        self.save("last.npz")
 
     # ---- evaluation
 
@@ -869,29 +845,20 @@ class Trainer:
         """Final checkpoints, then (train.restore_best) the best weights, evaluated on
         every split with full metrics into summary.json."""
         began = time.perf_counter()
-        writing = None
         if self.saved_step != self.step or not self.best_written:
-            if self.out_dir is not None and self.dist.is_root:  # written while the summary's evaluations run
-                writing = Background(self._write_checkpoints, self.checkpoint())  # the state now: weights change below
-            else:
-                self._write_checkpoints()
-        try:
-            weights, at = "last", self.step  # the step whose weights are evaluated
-            if self.cfg.train.restore_best and self.best is not None:
-                restore_params(self.model, self.best[1], os.path.join(self.out_dir or "(in memory)", "best.npz"))
-                weights, at = f"best.npz (step {self.best_step})", self.best_step
-            summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stopped_early": stopped_early,
-                       "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
-                       "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
-                       "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
-                       "seconds": None}  # fmt: skip
-            known = dict(filter(None, (self.val_at_best, self.val_at_last)))  # step -> validation metrics
-            for split in ("train", "val", "test"):
-                summary.update(known[at] if split == "val" and at in known else self.evaluate(split, report=True))
-        finally:
-            if writing is not None:
-                writing.wait()  # raises what the writes raised
-        summary["seconds"] = round(seconds + time.perf_counter() - began, 3)  # the whole run, this end included
+            self._write_checkpoints()
+        weights, at = "last", self.step  # the step whose weights are evaluated
+        if self.cfg.train.restore_best and self.best is not None:
+            restore_params(self.model, self.best[1], os.path.join(self.out_dir or "(in memory)", "best.npz"))
+            weights, at = f"best.npz (step {self.best_step})", self.best_step
+        summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stopped_early": stopped_early,
+                   "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
+                   "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
+                   "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
+                   "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
+        known = dict(filter(None, (self.val_at_best, self.val_at_last)))  # step -> validation metrics
+        for split in ("train", "val", "test"):
+            summary.update(known[at] if split == "val" and at in known else self.evaluate(split, report=True))
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
         if self.out_dir is None or not self.dist.is_root:
             return summary
