@@ -855,10 +855,11 @@ class Trainer:
                    "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
                    "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
                    "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
-                   "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
+                   "seconds": None}  # fmt: skip
         known = dict(filter(None, (self.val_at_best, self.val_at_last)))  # step -> validation metrics
         for split in ("train", "val", "test"):
             summary.update(known[at] if split == "val" and at in known else self.evaluate(split, report=True))
+        summary["seconds"] = round(seconds + time.perf_counter() - began, 3)  # the whole run, this end included
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
         if self.out_dir is None or not self.dist.is_root:
             return summary
