@@ -37,7 +37,7 @@ from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
-from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoint import atomic_write_text, folder_sync_once, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import Config, dump_toml, validate
 from .errors import (
     CheckpointError,
@@ -634,11 +634,12 @@ class Trainer:
         the best step matches best.npz, or an older last.npz that repeats the step."""
         if self.out_dir is None:  # in memory: the best state stays in self.best
             return
-        if not self.best_written:
-            if self.dist.is_root:
-                save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
-            self.best_written = True
-        self.save("last.npz")
+        with folder_sync_once():  # both files, then one fsync of the run directory
+            if not self.best_written:
+                if self.dist.is_root:
+                    save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
+                self.best_written = True
+            self.save("last.npz")
 
     # ---- evaluation
 

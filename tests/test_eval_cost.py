@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -80,3 +81,30 @@ def test_a_run_passes_forward_once_per_step_and_evaluation(tmp_path, forwards, t
     assert {k: summary[k] for k in fresh} == fresh
     # metrics.jsonl holds the same keys at every evaluation: no report in the last line
     assert all(r.keys() == records[0].keys() for r in records) and "val_report" not in records[-1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names the fsynced files through /proc/self/fd")
+def test_best_and_last_written_together_cost_three_fsyncs(tmp_path, monkeypatch):
+    """Each file is fsynced before its rename; the run directory once, after both
+    renames (it was fsynced after each: four fsyncs for the pair at every checkpoint)."""
+    import os
+
+    from gpubp.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    trainer = T.Trainer(load_config(None, BASE + TASKS["regression"]), str(run), device="cpu", quiet=True)
+    trainer.best, trainer.best_written = trainer.checkpoint(), False  # a better evaluation not yet on disk
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    trainer._write_checkpoints()
+    monkeypatch.undo()
+    names = [os.path.basename(p) for p in synced]
+    assert len(names) == 3 and names[0].startswith(".tmp-best.npz-") and names[1].startswith(".tmp-last.npz-")
+    assert synced[2] == str(run.resolve())
+    for name in ("best.npz", "last.npz"):
+        assert load_checkpoint(str(run / name))[0]["step"] == 0
