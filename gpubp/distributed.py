@@ -480,9 +480,10 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     if not path or not os.path.exists(path):
         return None
     if mapped:
+        scan = ', after one pass over it for the rows with a missing value (data.missing = "drop")'
         return (
             f"data: each of the {size} ranks memory-maps {path} and reads only its rows (its share of each split "
-            "at start-up, its slice of each batch)"
+            f"at start-up, its slice of each batch){scan if (cfg.data.dataset, cfg.data.missing) == ('npz', 'drop') else ''}"
         )
     nbytes = (
         os.path.getsize(path)
@@ -494,8 +495,30 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     what = "parses the whole CSV file" if cfg.data.dataset == "csv" else "reads the whole dataset"
     return (
         f"data: each of the {size} ranks {what} {path} ({nbytes / 2**20:.1f} MiB) and keeps the training split "
-        "on its device; each step uses only its share of the rows"
+        f"on its device; each step uses only its share of the rows{_why_whole(cfg, path)}"
     )
+
+
+def _why_whole(cfg, path: str) -> str:
+    """Why a file that could be memory-mapped is read whole, and what would let each rank
+    read only its rows ("" where there is nothing to say)."""
+    import zipfile
+
+    if cfg.data.dataset == "mnist":
+        gz = os.path.isdir(path) and any(f.endswith(".gz") for f in os.listdir(path))
+        return " (its IDX files are gzipped; unzipped, each rank would read only its rows)" if gz else ""
+    if cfg.data.dataset != "npz":
+        return ""
+    try:
+        with zipfile.ZipFile(path) as z:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    if compressed:
+        return (
+            " (its arrays are compressed, np.savez_compressed; saved with np.savez, each rank would read only its rows)"
+        )
+    return " (its arrays cannot be memory-mapped: C-order numeric arrays x and y, or x_train, y_train, x_test, y_test, can)"
 
 
 def _error_type(code: int) -> type:

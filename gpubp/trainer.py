@@ -73,7 +73,8 @@ def load_dataset(cfg: Config, mapped: bool = False) -> D.Dataset:
     elif d.dataset == "mnist":
         ds = (mapped and D.load_mnist_mapped(cfg.data_path())) or D.load_mnist(cfg.data_path())
     elif d.dataset == "npz":
-        ds = (mapped and D.load_npz_mapped(cfg.data_path(), task)) or D.load_npz(cfg.data_path(), task)
+        path = cfg.data_path()
+        ds = (mapped and D.load_npz_mapped(path, task, d.missing)) or D.load_npz(path, task, d.missing)
     elif d.dataset == "csv":
         ds = D.load_csv(
             cfg.data_path(), d.label_column, task, d.delimiter, d.feature_columns, d.drop_columns, d.missing
@@ -196,12 +197,12 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         raise ConfigError(f"{cfg.source}: train.early_stopping_metric 'val_accuracy' needs a classification dataset")
     if standardizer is not None:
         std = standardizer
-    elif d.standardize and mapped:
+    elif mapped and (d.standardize or d.missing == "mean"):
         std = None  # from every rank's share of the training rows, in shard.finish
     elif mapped:
         std = D.Standardizer.identity(ds.x.shape[1])
     else:  # with data.missing = "mean", also the training means that fill missing values
-        std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names)
+        std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names, fill_missing=d.missing == "mean")
     width = output_width(ds, cfg.loss.name)
     if checkpoint is not None:
         check_data_fits(cfg, ds, width, *checkpoint)
