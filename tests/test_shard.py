@@ -444,3 +444,26 @@ def test_a_column_without_values_on_2_ranks_is_one_line_and_leaves_no_run(tmp_pa
         result.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_gap_only_in_the_validation_rows_is_filled(tmp_path):
+    """data.missing = "mean" with a gap-free training split and a NaN in a validation row:
+    the row is filled with the training means (before, the NaN reached the model and
+    val_loss was NaN)."""
+    from gpubp.config import load_config
+    from gpubp.trainer import Trainer
+
+    x = np.random.default_rng(0).normal(size=(100, 2))
+    cells = D.Dataset(np.arange(100.0).reshape(-1, 1), np.zeros((100, 1)), None, "rows")
+    v = int(D.split_dataset(cells, 0.2, 0.0, 0, True).val.x[0, 0])  # a row of the validation split
+    lines = ["a,b,target", *(f"{'' if i == v else x[i, 0]},{x[i, 1]},{x[i, 0]}" for i in range(100))]
+    (tmp_path / "v.csv").write_text("\n".join(lines) + "\n")
+    sets = ["data.dataset=csv", f"data.path={tmp_path / 'v.csv'}", "data.label_column=target",
+            "data.task=regression", "data.missing=mean", "data.val_fraction=0.2", "data.test_fraction=0",
+            "train.steps=20", "train.device=cpu", "model.dtype=float64"]  # fmt: skip
+    trainer = Trainer(load_config("configs/regression.toml", sets), None, quiet=True)
+    fill = trainer.run.standardizer.fill
+    train_x = D.split_dataset(D.load_csv(str(tmp_path / "v.csv"), "target", False, missing="mean"), 0.2, 0.0, 0).train.x
+    assert np.array_equal(fill, train_x.mean(axis=0))  # no gap in the training rows: their plain mean
+    summary = trainer.train()
+    assert np.isfinite(summary["val_loss"]) and np.isfinite(summary["val_r2"])
