@@ -37,7 +37,7 @@ from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
-from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoint import atomic_write_text, best_for_resume, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import Config, dump_toml, validate
 from .errors import (
     CheckpointError,
@@ -513,9 +513,10 @@ class Trainer:
         self.best = None  # (meta, arrays) of the best evaluation, on the host
         self.best_written = True  # best.npz on disk holds self.best
         self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
-        self.created_dir = (
-            resume is None and out_dir is not None
-        )  # a run failing before its first checkpoint removes it
+        # a run failing before its first checkpoint removes its run directory (a new one: not resumed in place)
+        self.created_dir = out_dir is not None and not (
+            resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume)))
+        )
         self.guard = FiniteGuard(self.run.backend, self.model.dtype)
         self.history = []  # in memory: the evaluation records metrics.jsonl would hold
         self.min_eval_steps = MIN_EVAL_STEPS  # train.eval_every = 0: evaluate after whole epochs of >= this
@@ -550,11 +551,9 @@ class Trainer:
         self.step = int(meta["step"])
         self.best_value, self.best_step = meta["best_value"], meta["best_step"]
         self.bad_evals = int(meta["bad_evals"])
-        best = os.path.join(os.path.dirname(os.path.abspath(path)), "best.npz")
-        if self.best_step is not None and os.path.exists(best):
-            best_meta, best_arrays = load_checkpoint(best)
-            if best_meta.get("step") == self.best_step:  # the weights restore_best returns to
-                self.best, self.best_written = (best_meta, best_arrays), False
+        best = best_for_resume(path, meta, self.model.n_params, self.model.sizes)  # None, or the best it records
+        if best is not None:  # the weights restore_best returns to
+            self.best, self.best_written = best, False
         if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
             self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
             self.n_running = int(meta["running_steps"])
