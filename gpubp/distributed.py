@@ -151,7 +151,7 @@ class Local:
     def describe(self) -> str:
         return "1 process"
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         return fn()
 
     def check_same(self, record: dict, what: str) -> None:
@@ -283,10 +283,11 @@ class MPIWorld(Local):
 
     # ---- start-up: the same outcome on every rank
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         """Run fn() (no collectives inside) on every rank; if it raised on any rank,
         every rank raises: rank 0 the first rank's error, once, naming that rank
-        unless all failed alike; the others `Silent`."""
+        unless all failed alike; the others `Silent`. `undo(result)`: on a rank where fn
+        succeeded but another failed, takes back what fn left (a new run directory)."""
         try:
             result, failure = fn(), None
         except GpubpError as e:
@@ -299,6 +300,8 @@ class MPIWorld(Local):
         if not bad:
             return result
         first_rank, (message, code) = bad[0]
+        if failure is None and undo is not None:
+            undo(result)
         if not self.is_root:
             raise Silent(code)
         if not (len(bad) == self.size and all(f == bad[0][1] for _, f in bad)):
