@@ -131,6 +131,8 @@ class SweepTrainer:
         try:
             with np.errstate(all="ignore"):  # a diverging model's overflow is reported once, by the guard
                 return self._train()
+        except Interrupted:
+            raise  # its message names the run directory to resume: it stays
         except BaseException:
             self._remove_if_empty()
             raise

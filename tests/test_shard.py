@@ -420,6 +420,7 @@ def test_npz_with_missing_values_trains_on_2_ranks_as_one_process(tmp_path, miss
     notes = [line for line in many.stderr.splitlines() if line.startswith("data: each of the 2 ranks")]
     assert len(notes) == 1, many.stderr  # said once, by rank 0
     assert ("reads the whole dataset" in notes[0]) == compressed
+    assert many.stderr.count(": dropped ") == (missing == "drop")  # the note of rows left out: rank 0 alone
     assert_same_run(params(tmp_path / "many"), params(tmp_path / "one"), f"npz, data.missing = {missing}")
     from gpubp.checkpoint import load_checkpoint
 
