@@ -203,3 +203,33 @@ def test_a_new_sweep_that_fails_before_its_first_checkpoint_leaves_no_directory(
     r = CliRunner().invoke(main, ["train", "--config", _sweep_config(tmp_path), "--out", str(run), "--overwrite",
                                   "--quiet"])  # fmt: skip
     assert r.exit_code == 1 and sorted(os.listdir(run)) == ["notes.txt"]
+
+
+def test_a_sweep_whose_models_all_diverged_before_ctrl_c_keeps_the_directory_it_names(tmp_path, monkeypatch):
+    """Ctrl-C before the first checkpoint, every model already frozen (diverged): nothing
+    to save, but the message tells to resume from the run directory, so it stays (its
+    state file records the divergences) and the resumed sweep ends with them reported."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_5():
+        counter = {"step": 0}
+
+        def hit():
+            counter["step"] += 1
+            return counter["step"] == 5
+
+        yield hit
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP.replace('"optimizer.lr" = [0.01, 0.03]', '"optimizer.lr" = [1e300, 1e301]'))
+    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at_step_5)
+    run = str(tmp_path / "run")
+    r = CliRunner().invoke(main, ["train", "--config", str(path), "--out", run, "--quiet"])
+    assert r.exit_code == 130 and f"--resume {run}" in r.output, r.output
+    assert os.path.isdir(run)
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["train", "--resume", run, "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = open(os.path.join(run, "sweep.csv")).read().splitlines()[1:]
+    assert len(rows) == 2 and all("diverged at step" in row for row in rows)
