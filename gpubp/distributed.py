@@ -483,10 +483,11 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     if not path or not os.path.exists(path):
         return None
     if mapped:
-        scan = ', after one pass over it for the rows with a missing value (data.missing = "drop")'
+        drop = (cfg.data.dataset, cfg.data.missing) == ("npz", "drop")
+        scan = ', after one pass over it for the rows with a missing value (data.missing = "drop")' if drop else ""
         return (
             f"data: each of the {size} ranks memory-maps {path} and reads only its rows (its share of each split "
-            f"at start-up, its slice of each batch){scan if (cfg.data.dataset, cfg.data.missing) == ('npz', 'drop') else ''}"
+            f"at start-up, its slice of each batch){scan}"
         )
     nbytes = (
         os.path.getsize(path)

@@ -16,11 +16,13 @@ mean = sum_i x_i / n, then std = sqrt(sum_i (x_i - mean)^2 / n), each sum made o
 per-rank partial sums over the rank's share of the training rows, all-reduced in
 float64. They equal one process's to rounding (the order of the sums, ~1e-16
 relative); tests/test_shard.py checks 1e-12. Standardising is elementwise, so a row
-gives the same bits whether standardised with the whole split or alone. With
-data.missing = "mean" a NaN is a missing value: before them, the fill of each column,
-fill_j = (sum of its present training values) / (their count), from per-rank sums and
-counts. With "drop", every rank finds the rows with a NaN in one chunked pass over the
-map (data.Rows.complete) before the split, so all agree on the rows that remain.
+gives the same bits whether standardised with the whole split or alone.
+
+Missing values (NaN, data.missing): with "mean" each column's gaps are filled first
+with fill_j = (sum of its present training values) / (their count), from per-rank sums
+and counts, and the statistics above are those of the filled values. With "drop"
+every rank finds the rows holding a NaN in one chunked pass over the map
+(data.Rows.complete) before the split, so all agree on the rows that remain.
 
 Targets (N x T numbers, small beside N x F features) stay whole on the host.
 """
