@@ -452,7 +452,9 @@ class SweepTrainer:
                 best = dict(best, best_metric="final_train_loss", best_value=best["final_train_loss"])
                 src = os.path.join(model_dir(self.out_dir, best["model"]), "last.npz")
         if src is not None and os.path.exists(src):
-            atomic_write(os.path.join(self.out_dir, "best.npz"), lambda f: f.write(open(src, "rb").read()))
+            with open(src, "rb") as f:
+                data = f.read()
+            atomic_write(os.path.join(self.out_dir, "best.npz"), lambda out: out.write(data))
         summary = {
             "models": len(rows), "groups": len({r["group"] for r in rows}),
             "diverged": [r["model"] for r in rows if r["status"].startswith("diverged")],

@@ -405,6 +405,14 @@ def test_compressed_files_are_read_whole_and_rank_0_says_why(tmp_path):
     note = whole_file_note(cfg, 2)
     assert note.startswith(f"data: each of the 2 ranks reads the whole dataset {path} ") and "\n" not in note
     assert "compressed" in note and "np.savez" in note  # why, and how to let each rank read only its rows
+    rng = np.random.default_rng(0)
+    for name, a in [("train-images-idx3-ubyte", rng.integers(0, 256, (4, 28, 28))), ("train-labels-idx1-ubyte",
+                    np.arange(4)), ("t10k-images-idx3-ubyte", rng.integers(0, 256, (2, 28, 28))),
+                    ("t10k-labels-idx1-ubyte", np.arange(2))]:  # fmt: skip
+        (tmp_path / "mnist").mkdir(exist_ok=True)
+        write_idx(tmp_path / "mnist" / (name + ".gz"), a, True)
+    cfg = load_config("configs/digits.toml", ["data.dataset=mnist", f"data.path={tmp_path / 'mnist'}"])
+    assert "its IDX files are gzipped" in whole_file_note(cfg, 2)
 
 
 @pytest.mark.parametrize(("missing", "compressed"), [("mean", False), ("drop", False), ("mean", True)])
