@@ -27,6 +27,7 @@ from .numpy_ops import (
     loss_divisor,
     momentum_direction,
 )
+from .threads import run_blocks
 
 
 def _t(a):
@@ -142,10 +143,13 @@ def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> b
     rows = max(1, CACHE_BLOCK // max(1, p.shape[1] * p.itemsize))
     if rows >= p.shape[0]:
         return False
-    for lo in range(0, p.shape[0], rows):
+
+    def block(lo):
         hi = min(lo + rows, p.shape[0])
         step(**{k: a[lo:hi] for k, a in arrays.items()}, scratch=scratch[:, lo:hi],
              **{k: v[lo:hi] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+
+    run_blocks(block, list(range(0, p.shape[0], rows)))  # blocks on the stack's threads
     return True
 
 
