@@ -209,3 +209,30 @@ def test_batched_step_guard_is_the_single_guard_per_model(dtype):
         if not np.isnan(n1):  # a NaN norm: that step is skipped, its scale unused
             assert scale[i] == s1, i
     assert first_bad.tolist() == [-1, 7, 7, -1, 2] and skip.tolist() == [False, True, True, True, True]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shared_data", [False, True])
+def test_blocks_of_models_on_threads_are_bitwise_the_single_runs(monkeypatch, threads, shared_data):
+    # one model per block (BLOCK_BYTES 1), the blocks run one after another or on two threads,
+    # OpenBLAS on one thread meanwhile: each model still the single run, bit for bit
+    import gpubp.stack as stack_module
+    from gpubp.backend import threads as th
+
+    monkeypatch.setattr(stack_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(sops, "CACHE_BLOCK", 8)
+    monkeypatch.setitem(th._STATE, "threads", threads)
+    settings = [dict(s, lr=s["lr"] / 10) for s in GRID]
+    diff = _train_pair([6, 8, 8, 3], settings, "adamw", "softmax_cross_entropy", "float32", 10, residual=True,
+                       clip=[0.0, 0.1, 1.0, 0.0, 0.5, 0.0, 2.0, 0.0], shared_data=shared_data)  # fmt: skip
+    assert diff == 0.0
+    assert len(MLPStack([6, 8, 3], 5).blocks(16)) == 5  # the blocks were single models
+
+
+def test_blocks_cover_every_model_once_and_one_block_on_a_large_budget():
+    stack = MLPStack([64, 128, 10], 64)
+    blocks = stack.blocks(128)
+    covered = np.concatenate([np.arange(64)[b] for b in blocks])
+    np.testing.assert_array_equal(covered, np.arange(64))
+    assert len(blocks) > 1  # 64 models of ~250 KB each: more than one 4 MiB block
+    assert len(MLPStack([6, 8, 3], 5).blocks(16)) == 1

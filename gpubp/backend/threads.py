@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 _STATE: dict = {"threads": None, "pool": None, "blas": None}
+_PREFIX = "gpubp-stack"
 
 
 def _blas_functions():
@@ -94,13 +96,13 @@ def set_num_threads(n: int | None) -> None:
 def run_blocks(fn, items: list) -> list:
     """[fn(item) for item in items], spread over num_threads() threads (in order)."""
     threads = min(num_threads(), len(items))
-    if threads <= 1:
+    if threads <= 1 or threading.current_thread().name.startswith(_PREFIX):  # one thread, or nested: in order
         return [fn(item) for item in items]
     pool = _STATE["pool"]
     if pool is None or pool._max_workers != threads:
         if pool is not None:
             pool.shutdown(wait=False)
-        pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpubp-stack")
+        pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_PREFIX)
     with blas_one_thread():
         return list(pool.map(fn, items))
 
