@@ -53,10 +53,14 @@ def test_batched_loss_in_row_blocks_matches(monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 53, 4))
     y = rng.integers(0, 4, 53).astype(np.int32)  # labels shared by both models
-    spec = make_loss("softmax_cross_entropy")
-    values = sops.loss_forward_backward_batched(x, y, spec, None)
-    for i in range(2):
-        assert values[i] == ops.loss_forward_backward(x[i], y, spec, None)
+    for eps in (0.0, 0.1):
+        spec = make_loss("softmax_cross_entropy", eps)
+        grad = np.empty_like(x)  # its blocks of rows are not contiguous across the models
+        values = sops.loss_forward_backward_batched(x, y, spec, grad)
+        for i in range(2):
+            g = np.empty_like(x[i])
+            assert values[i] == ops.loss_forward_backward(x[i], y, spec, g)
+            np.testing.assert_array_equal(grad[i], g)
 
 
 def test_batched_gemm_bias_act_and_bias_grad_per_slice():

@@ -22,7 +22,6 @@ from .numpy_ops import (
     LOSS_BLOCK,
     _ones,
     act_forward,
-    cross_entropy_rows,
     elementwise_loss,
     loss_divisor,
     momentum_direction,
@@ -96,10 +95,52 @@ def loss_sum_batched(x, target, loss: Loss, grad, divisor: int):
     formulas of numpy_ops, each model's terms summed as numpy_ops sums one model's."""
     n_models = x.shape[0]
     if loss.name == "softmax_cross_entropy":
-        total = cross_entropy_rows(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum(axis=-1)
+        total = cross_entropy_rows_batched(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum(axis=-1)
     else:
         total = elementwise_loss(x, target, loss, grad, 1.0 / divisor).reshape(n_models, -1).sum(axis=-1)
     return np.asarray(total, dtype=x.dtype)
+
+
+def row_max(x):
+    """max over the last axis, keepdims. For a few classes a maximum per column: max is
+    exact, so the same values as x.max(axis=-1), ~10x faster than NumPy's reduction over
+    a short last axis (which pays per row)."""
+    c = x.shape[-1]
+    if c > 32:
+        return x.max(axis=-1, keepdims=True)
+    out = x[..., :1].copy()
+    for k in range(1, c):
+        np.maximum(out, x[..., k : k + 1], out=out)
+    return out
+
+
+def cross_entropy_rows_batched(x, labels, eps: float, grad, scale: float):
+    """numpy_ops.cross_entropy_rows over (M, N, C) with labels (M, N) or shared (N,): the
+    same formulas in the same order (the same bits per model), with the row maximum and
+    the label lookups done faster (row_max; one flat index instead of take/put_along_axis).
+
+        logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
+        L_row = -sum_c q_c logp_c;   dL_row/dx = softmax(x) - q
+    """
+    c = x.shape[-1]
+    shifted = x - row_max(x)
+    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    logp = shifted - lse
+    rows = np.arange(logp.size // c)
+    label = np.broadcast_to(labels, x.shape[:-1]).reshape(-1)
+    nll = -logp.reshape(-1, c)[rows, label].reshape(x.shape[:-1])
+    per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=-1) if eps else nll
+    if grad is not None:
+        np.exp(logp, out=grad)
+        grad -= eps / c
+        if grad.flags.c_contiguous:
+            flat = grad.reshape(-1, c)  # a view of grad
+            flat[rows, label] -= 1.0 - eps
+        else:  # a block of rows of every model (loss_forward_backward_batched): as numpy_ops does it
+            idx = label.reshape(*x.shape[:-1], 1).astype(np.intp)
+            np.put_along_axis(grad, idx, np.take_along_axis(grad, idx, axis=-1) - (1.0 - eps), axis=-1)
+        grad *= scale
+    return per_row
 
 
 def accuracy_count_batched(x, labels, threshold=0.0):
