@@ -25,7 +25,7 @@ import numpy as np
 
 from .activations import SAVES_INPUT, make_activation
 from .backend import get_backend
-from .backend.threads import blas_one_thread, run_blocks
+from .backend.threads import blas_one_thread, num_threads, run_blocks
 from .init import init_weight
 from .losses import make_loss
 from .model import DTYPES, MLP, _Workspace
@@ -223,7 +223,8 @@ class MLPStack:
     def blocks(self, n: int) -> list:
         """The blocks of models (slices) a CPU step runs one after another, or side by side
         on threads (gpubp.backend.threads): each block's buffers about BLOCK_BYTES, so that
-        a block's forward and backward pass run in the core's cache. One block on the GPU."""
+        a block's forward and backward pass run in the core's cache, and at least one block
+        per thread. One block on the GPU."""
         if self.backend.name != "cpu":
             return [slice(None)]
         ws = self._workspace(n)
@@ -233,6 +234,7 @@ class MLPStack:
                 seen.add(id(buf))
                 per_model += buf[0].size
         rows = max(1, BLOCK_BYTES // (per_model * self.dtype.itemsize))
+        rows = min(rows, -(-self.count // num_threads()))  # at least one block per thread
         return [slice(lo, min(lo + rows, self.count)) for lo in range(0, self.count, rows)]
 
     def forward_backward(self, x, target):

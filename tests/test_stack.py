@@ -233,10 +233,24 @@ def test_blocks_of_models_on_threads_are_bitwise_the_single_runs(monkeypatch, th
     assert len(MLPStack([6, 8, 3], 5).blocks(16)) == 5  # the blocks were single models
 
 
-def test_blocks_cover_every_model_once_and_one_block_on_a_large_budget():
+def test_blocks_cover_every_model_once_and_one_block_per_thread_at_least(monkeypatch):
+    from gpubp.backend import threads as th
+
+    monkeypatch.setitem(th._STATE, "threads", 1)
     stack = MLPStack([64, 128, 10], 64)
     blocks = stack.blocks(128)
     covered = np.concatenate([np.arange(64)[b] for b in blocks])
     np.testing.assert_array_equal(covered, np.arange(64))
-    assert len(blocks) > 1  # 64 models of ~250 KB each: more than one 4 MiB block
-    assert len(MLPStack([6, 8, 3], 5).blocks(16)) == 1
+    assert len(blocks) == 4  # 64 models of 246 KiB (parameters, gradients, activations): 16 in 4 MiB
+    small = MLPStack([6, 8, 3], 5)
+    assert small.blocks(16) == [slice(0, 5)]  # all in one block on one thread
+    monkeypatch.setitem(th._STATE, "threads", 2)
+    assert small.blocks(16) == [slice(0, 3), slice(3, 5)]  # one block per thread
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_updates_in_column_blocks_of_one_model_are_bitwise_the_same(monkeypatch, opt):
+    # a row longer than CACHE_BLOCK (16 bytes: 2 float64 per block): blocks of columns
+    monkeypatch.setattr(sops, "CACHE_BLOCK", 16)
+    settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID[:3]]
+    assert _train_pair([6, 8, 3], settings, opt, "mse", "float64", 5) == 0.0

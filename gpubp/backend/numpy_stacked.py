@@ -177,20 +177,24 @@ CACHE_BLOCK = 1 << 17  # bytes of one buffer's rows that an update processes at 
 
 
 def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> bool:
-    """Run an elementwise update over blocks of models whose rows fit in cache: the same
-    arithmetic per element (so the same bits), far less memory traffic than one pass per
-    op over all M rows. Returns False when one block covers every model."""
+    """Run an elementwise update over blocks of models whose rows fit in cache (or over
+    column blocks of one model when its row does not): the same arithmetic per element
+    (so the same bits), far less memory traffic than one pass per op over all M rows.
+    The blocks run on the stack's threads. Returns False when one block covers all."""
     p = arrays["p"]
-    rows = max(1, CACHE_BLOCK // max(1, p.shape[1] * p.itemsize))
-    if rows >= p.shape[0]:
+    m, n = p.shape
+    rows = max(1, CACHE_BLOCK // max(1, n * p.itemsize))
+    cols = n if rows > 1 or n * p.itemsize <= CACHE_BLOCK else max(1, CACHE_BLOCK // p.itemsize)
+    if rows >= m and cols >= n:
         return False
 
-    def block(lo):
-        hi = min(lo + rows, p.shape[0])
-        step(**{k: a[lo:hi] for k, a in arrays.items()}, scratch=scratch[:, lo:hi],
-             **{k: v[lo:hi] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+    def block(item):
+        lo, c0 = item
+        rs, cs = slice(lo, min(lo + rows, m)), slice(c0, min(c0 + cols, n))
+        step(**{k: a[rs, cs] for k, a in arrays.items()}, scratch=scratch[:, rs, cs],
+             **{k: v[rs] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
 
-    run_blocks(block, list(range(0, p.shape[0], rows)))  # blocks on the stack's threads
+    run_blocks(block, [(lo, c0) for lo in range(0, m, rows) for c0 in range(0, n, cols)])
     return True
 
 
