@@ -197,8 +197,8 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
 
 
 def threads_line(threads: dict) -> str:
-    return (f"threads: stacked {threads['stacked']} (GPUBP_THREADS), sequential OpenBLAS {_f(threads['openblas'], 'd')}"
-            f", torch {_f(threads['torch'], 'd')}")  # fmt: skip
+    return (f"threads: stacked {threads['stacked']}, sequential (OpenBLAS) {_f(threads['openblas'], 'd')}, "
+            f"torch.func {_f(threads['torch'], 'd')}")  # fmt: skip
 
 
 HEADER = (f"{'case':<12} {'M':>3} {'stacked ms':>11} {'sequential ms':>14} {'torch.func ms':>14} {'x seq':>6} "
