@@ -49,3 +49,21 @@ def test_blas_runs_on_one_thread_inside_the_context_and_as_before_after():
     with th.blas_one_thread():
         assert th.blas_threads() == 1
     assert th.blas_threads() == before
+
+
+def test_a_forked_child_gets_its_own_pool(fresh):
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    th.set_num_threads(2)
+    assert th.run_blocks(lambda i: i * 2, [1, 2, 3]) == [2, 4, 6]  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker threads are not here; a new pool must run the blocks
+        import signal
+
+        signal.alarm(20)  # a child stuck on the parent's dead pool ends here, not never
+        ok = th.run_blocks(lambda i: i + 1, [1, 2, 3, 4]) == [2, 3, 4, 5]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # not 1 (wrong results), not -SIGALRM (stuck)

@@ -25,7 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-_STATE: dict = {"threads": None, "pool": None, "blas": None}
+_STATE: dict = {"threads": None, "pool": None, "pid": None, "blas": None}
 _PREFIX = "gpubp-stack"
 
 
@@ -99,10 +99,11 @@ def run_blocks(fn, items: list) -> list:
     if threads <= 1 or threading.current_thread().name.startswith(_PREFIX):  # one thread, or nested: in order
         return [fn(item) for item in items]
     pool = _STATE["pool"]
-    if pool is None or pool._max_workers != threads:
-        if pool is not None:
+    if pool is None or pool._max_workers != threads or _STATE["pid"] != os.getpid():  # a forked child: a new pool
+        if pool is not None and _STATE["pid"] == os.getpid():
             pool.shutdown(wait=False)
         pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_PREFIX)
+        _STATE["pid"] = os.getpid()
     with blas_one_thread():
         return list(pool.map(fn, items))
 
