@@ -8,10 +8,12 @@ folder. A reader sees the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -32,6 +34,36 @@ def _digest(arrays: dict) -> str:
 
 
 TMP_PREFIX = ".tmp-"  # temporaries of atomic_write: .tmp-<name>-<random>
+_deferred = threading.local()  # .folders: the folders whose fsync folder_sync_once() holds back
+
+
+@contextlib.contextmanager
+def folder_sync_once():
+    """Within it, atomic_write fsyncs each file but defers the fsync of its folder to the
+    end, once per folder: two files written in turn (best.npz, then last.npz) cost three
+    fsyncs, not four. Each file is still durable before its rename; the renames come in
+    order, and the fsync of the second file commits the first rename with it on a
+    journaling file system (ext4, XFS), so a crash never shows the second new and the
+    first old. The folder is synced on the way out, an error's too."""
+    outer = getattr(_deferred, "folders", None)
+    if outer is not None:  # nested: the outermost syncs
+        yield
+        return
+    _deferred.folders = folders = []
+    try:
+        yield
+    finally:
+        _deferred.folders = None
+        for folder in folders:
+            _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write(path: str, write) -> None:
@@ -53,11 +85,11 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    deferred = getattr(_deferred, "folders", None)
+    if deferred is None:
+        _sync_folder(folder)
+    elif folder not in deferred:
+        deferred.append(folder)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -113,3 +145,44 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
             f"{path}: checkpoint version {meta.get('version')} is not supported (this gpubp reads {VERSION})"
         )
     return meta, arrays
+
+
+def check_params(arrays: dict, path: str, n_params: int, sizes) -> np.ndarray:
+    """The flat parameter vector (n_params,) of a checkpoint's arrays, or CheckpointError
+    naming `path` (missing, or from another architecture)."""
+    params = arrays.get("params")
+    if params is None or params.ndim != 1:
+        raise CheckpointError(f"{path}: no flat 'params' array in the checkpoint")
+    if params.shape[0] != n_params:
+        raise CheckpointError(
+            f"{path}: holds {params.shape[0]} parameters but the model {list(sizes)} has {n_params}; "
+            "it is from another architecture"
+        )
+    return params
+
+
+def best_for_resume(last: str, meta: dict, n_params: int, sizes) -> tuple[dict, dict] | None:
+    """(meta, arrays) of the best.npz beside checkpoint `last` (its `meta`) that a resumed
+    run returns to with train.restore_best, the same rule for a single run and a sweep's
+    models:
+    - none there, or one of a step past last.npz's (written just before a crash that
+      came before last.npz; the resumed run writes it again when it gets there): None;
+    - the step last.npz records as its best (meta["best_step"]), with this model's
+      number of parameters: that checkpoint;
+    - any other (from another run, copied in): CheckpointError naming it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(last)), "best.npz")
+    if not os.path.exists(path):
+        return None
+    best_meta, best_arrays = load_checkpoint(path)
+    step, best_step = best_meta.get("step"), meta.get("best_step")
+    if best_step is not None and step == best_step:
+        check_params(best_arrays, path, n_params, sizes)
+        return best_meta, best_arrays
+    if isinstance(step, int) and step > int(meta["step"]):
+        return None
+    recorded = f"the best at step {best_step}" if best_step is not None else "no best step"
+    raise CheckpointError(
+        f"--resume {last}: {path} is a checkpoint of step {step}, but {os.path.basename(last)} records {recorded}; "
+        "it is not this run's best.npz (copied from another run?): put the run's own back, or remove it to "
+        "go on without the best weights"
+    )

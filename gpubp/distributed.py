@@ -151,7 +151,7 @@ class Local:
     def describe(self) -> str:
         return "1 process"
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         return fn()
 
     def check_same(self, record: dict, what: str) -> None:
@@ -283,10 +283,11 @@ class MPIWorld(Local):
 
     # ---- start-up: the same outcome on every rank
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         """Run fn() (no collectives inside) on every rank; if it raised on any rank,
         every rank raises: rank 0 the first rank's error, once, naming that rank
-        unless all failed alike; the others `Silent`."""
+        unless all failed alike; the others `Silent`. `undo(result)`: on a rank where fn
+        succeeded but another failed, takes back what fn left (a new run directory)."""
         try:
             result, failure = fn(), None
         except GpubpError as e:
@@ -299,6 +300,8 @@ class MPIWorld(Local):
         if not bad:
             return result
         first_rank, (message, code) = bad[0]
+        if failure is None and undo is not None:
+            undo(result)
         if not self.is_root:
             raise Silent(code)
         if not (len(bad) == self.size and all(f == bad[0][1] for _, f in bad)):
@@ -393,35 +396,26 @@ class MPIWorld(Local):
         """Each rank evaluates its share of the split's rows; the sums are all-reduced.
         The metrics of whole outputs (regression's R^2, RMSE, MAE; the classification
         report) come from every rank's outputs, gathered in rank order."""
+        from .trainer import output_metrics, wants_outputs
+
         start, stop = row_range(part.n, self.rank, self.size)
         sums = np.zeros(2)  # [sum of per-row losses, correct predictions]
         x, target, labels = part.share(start, stop)  # this rank's rows (all it holds of a memory-mapped file)
+        # one forward pass: the loss, and this rank's outputs when a metric needs them
+        mine = np.zeros((stop - start, model.sizes[-1])) if wants_outputs(host, report) else None
         if stop > start:
-            loss, correct = model.evaluate(x, target, labels, batch_size)
+            loss, correct = model.evaluate(x, target, labels, batch_size, mine)
             sums[:] = loss * (stop - start), correct or 0
         with self.watch(f"the evaluation of the {name} split"):
             self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
         out = {f"{name}_loss": float(sums[0]) / part.n}
         if labels is not None:
             out[f"{name}_accuracy"] = float(sums[1]) / part.n
-        if host is not None and (not host.is_classification or report):
-            out.update(self._output_metrics(model, x, name, batch_size, host, scaler))
+        if mine is not None:
+            with self.watch(f"the gathering of the {name} split's outputs"):
+                outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
+            out.update(output_metrics(model, outputs, name, host, scaler))
         return out
-
-    def _output_metrics(self, model, x, name, batch_size, host, scaler) -> dict:
-        from . import metrics as M
-        from . import targets as T
-        from .trainer import predict_outputs
-
-        mine = predict_outputs(model, x, batch_size)  # (n_r, width) float64, host
-        with self.watch(f"the gathering of the {name} split's outputs"):
-            outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
-        if not host.is_classification:
-            pred = T.user_outputs(outputs, model.loss.name, False, scaler)
-            return {f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()}
-        labels = T.predicted_classes(outputs, model.decision_threshold)
-        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
-        return {f"{name}_report": M.classification_report(host.y, labels, n_classes, host.class_names)}
 
     def report(self, error: GpubpError) -> GpubpError:
         # divergence and Ctrl-C happen on every rank at the same step: rank 0 says so
@@ -480,9 +474,11 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     if not path or not os.path.exists(path):
         return None
     if mapped:
+        drop = (cfg.data.dataset, cfg.data.missing) == ("npz", "drop")
+        scan = ', after one pass over it for the rows with a missing value (data.missing = "drop")' if drop else ""
         return (
             f"data: each of the {size} ranks memory-maps {path} and reads only its rows (its share of each split "
-            "at start-up, its slice of each batch)"
+            f"at start-up, its slice of each batch){scan}"
         )
     nbytes = (
         os.path.getsize(path)
@@ -494,8 +490,30 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     what = "parses the whole CSV file" if cfg.data.dataset == "csv" else "reads the whole dataset"
     return (
         f"data: each of the {size} ranks {what} {path} ({nbytes / 2**20:.1f} MiB) and keeps the training split "
-        "on its device; each step uses only its share of the rows"
+        f"on its device; each step uses only its share of the rows{_why_whole(cfg, path)}"
     )
+
+
+def _why_whole(cfg, path: str) -> str:
+    """Why a file that could be memory-mapped is read whole, and what would let each rank
+    read only its rows ("" where there is nothing to say)."""
+    import zipfile
+
+    if cfg.data.dataset == "mnist":
+        gz = os.path.isdir(path) and any(f.endswith(".gz") for f in os.listdir(path))
+        return " (its IDX files are gzipped; unzipped, each rank would read only its rows)" if gz else ""
+    if cfg.data.dataset != "npz":
+        return ""
+    try:
+        with zipfile.ZipFile(path) as z:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    if compressed:
+        return (
+            " (its arrays are compressed, np.savez_compressed; saved with np.savez, each rank would read only its rows)"
+        )
+    return " (its arrays cannot be memory-mapped: C-order numeric arrays x and y, or x_train, y_train, x_test, y_test, can)"
 
 
 def _error_type(code: int) -> type:
