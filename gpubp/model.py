@@ -263,15 +263,16 @@ class MLP:
                 beta = 1.0 if self.is_residual[k] else 0.0
                 be.gemm(Dz, W, out=ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
-    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None):
+    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, loss_out=None):
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
         on_layer(k): called once layer k's gradients are issued (see _backward).
+        loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
         """
         ws = self._workspace(x.shape[0])
         out = self._forward(x, ws)
-        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1])
+        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out)
         self._backward(ws, input_grad=input_grad, on_layer=on_layer)
         return loss
 
