@@ -89,7 +89,8 @@ class Step:
     model, opt (the single-model Optimizer), guard (trainer.FiniteGuard), running_loss
     (0-d float64 device sum), train (the training split), batch_size, n_train, clip
     (max norm, 0: none), state (StepState), buffer(name, like, rows) -> a cached array,
-    dist (distributed.LOCAL or a world), capturer (None, or one with warmup/capture)."""
+    dist (distributed.LOCAL or a world), interrupted() (Ctrl-C came?), capturer (None, or
+    one with warmup(key, fn) and capture(key, fn) -> replay; the key is the batch's rows)."""
 
     def __init__(self, model, opt, guard, running_loss, train, batch_size: int, n_train: int, clip: float, state,
                  buffer, dist, interrupted, capturer=None, host_batch: bool = False):  # fmt: skip
@@ -136,10 +137,10 @@ class Step:
             elif self.capturer is None:
                 self._body(n)
             elif n not in self.warmed:
-                self.capturer.warmup(lambda: self._body(n))
+                self.capturer.warmup(n, lambda: self._body(n))
                 self.warmed[n] = self.model._workspace(n)
             else:
-                replay = self.graphs[n] = self.capturer.capture(lambda: self._body(n))
+                replay = self.graphs[n] = self.capturer.capture(n, lambda: self._body(n))
                 self.captures += 1
                 replay()  # capturing records the step; this runs it
             stop = self.interrupted()
