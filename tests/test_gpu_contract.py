@@ -176,3 +176,48 @@ def test_one_gpu_backend_per_device(monkeypatch):
     second = B.get_backend("gpu")
     assert second is not first and B.get_backend("gpu") is second
     assert built == [0, 1]
+
+
+# ---------------------------------------------------------------- CUDA graph capture
+
+
+def test_capture_binds_cublas_to_its_stream_through_the_raw_binding():
+    """The capturer points the cuBLAS handle at its stream with the raw setStream (before
+    the capture begins) and puts the old stream back; the arguments fit the bindings."""
+    from gpubp.backend import cupy_backend
+
+    calls = []
+
+    class Cublas:
+        def getStream(self, *args):
+            calls.append(("getStream", args))
+            return 0
+
+        def setStream(self, *args):
+            calls.append(("setStream", args))
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cublas, be.handle = Cublas(), 12345
+    cap = cupy_backend.CudaGraphCapturer.__new__(cupy_backend.CudaGraphCapturer)
+    cap.backend = be
+    previous = cap.bind_cublas(0x7F00)
+    cap.bind_cublas(previous)
+    assert calls == [("getStream", (12345,)), ("setStream", (12345, 0x7F00)), ("getStream", (12345,)),
+                     ("setStream", (12345, 0))]  # fmt: skip
+    sigs = binding_signatures("cupy_backends.cuda.libs.cublas", ["getStream", "setStream"])
+    assert sigs == {"getStream": [("intptr_t", "handle")], "setStream": [("intptr_t", "handle"), ("size_t", "stream")]}
+    for name, args in calls:
+        assert len(args) == len(sigs[name])
+        assert all(isinstance(a, int) and not isinstance(a, bool) for a in args), (name, args)
+
+
+def test_cupy_offers_what_the_capturer_uses():
+    """Stream capture, graph launch and a private memory pool, as CuPy 14 names them
+    (read without a GPU: the classes import, nothing is created)."""
+    cupy = pytest.importorskip("cupy")
+    for name in ("begin_capture", "end_capture", "__enter__"):
+        assert hasattr(cupy.cuda.Stream, name), name
+    from cupy.cuda.graph import Graph
+
+    assert hasattr(Graph, "launch")
+    assert callable(cupy.cuda.using_allocator) and hasattr(cupy.cuda.MemoryPool, "malloc")
