@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stack import StackAdam, StackAdamW, StackOptimizer, StackSGD
+from .stack import StackAdam, StackAdamW, StackOptimizer, StackSGD, build_optimizer
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -172,12 +172,6 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return model.backend.to_float(norm)
 
 
-def make_optimizer(model, name: str, lr: float, momentum=0.0, dampening=0.0, nesterov=False,
-                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
-    if name == "sgd":
-        return SGD(model, lr, momentum, dampening, nesterov, weight_decay)
-    if name == "adam":
-        return Adam(model, lr, betas, eps, weight_decay)
-    if name == "adamw":
-        return AdamW(model, lr, betas, eps, weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+def make_optimizer(model, name: str, lr, *hyper, **named):
+    """The optimizer `name` (sgd, adam, adamw) for one model; the hyperparameters as stack.build_optimizer."""
+    return build_optimizer(OPTIMIZER_CLASSES, model, name, lr, *hyper, **named)

@@ -406,15 +406,23 @@ class StackAdamW(StackAdam):
         super().__init__(stack, lr, betas, eps, weight_decay)
 
 
-def make_stack_optimizer(stack, name: str, lr, momentum=0.0, dampening=0.0, nesterov=False,
-                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
+STACK_OPTIMIZER_CLASSES = {"sgd": StackSGD, "adam": StackAdam, "adamw": StackAdamW}
+
+
+def build_optimizer(classes: dict, target, name: str, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
+    """classes[name] over `target` (a stack, or one model for optim.py's classes)."""
+    cls = classes.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(classes)}")
     if name == "sgd":
-        return StackSGD(stack, lr, momentum, dampening, nesterov, weight_decay)
-    if name == "adam":
-        return StackAdam(stack, lr, betas, eps, weight_decay)
-    if name == "adamw":
-        return StackAdamW(stack, lr, betas, eps, weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, adam, adamw")
+        return cls(target, lr, momentum, dampening, nesterov, weight_decay)
+    return cls(target, lr, betas, eps, weight_decay)
+
+
+def make_stack_optimizer(stack, name: str, lr, *hyper, **named):
+    """The optimizer `name` (sgd, adam, adamw) for every model of `stack`; the hyperparameters as build_optimizer."""
+    return build_optimizer(STACK_OPTIMIZER_CLASSES, stack, name, lr, *hyper, **named)
 
 
 def clip_scale_batched(backend, flat_grads, max_norm):
