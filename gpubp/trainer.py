@@ -2,8 +2,9 @@
 
 One step on device arrays only (gpubp/step.py): gather batch -> model.forward_backward
 -> guard + clip -> optimizer update, every per-step number read from device state, so
-that on the GPU the step is captured once per batch shape as a CUDA graph and replayed. The host reads numbers back only when it logs (every eval_every
-steps or once per epoch): the running training loss and the validation metrics.
+that on the GPU the step is captured once per batch shape as a CUDA graph and replayed.
+The host reads numbers back only when it logs (every eval_every steps or once per
+epoch): the running training loss and the validation metrics.
 
 Everything a resumed run needs is a function of the checkpoint: the parameters and
 optimizer state, the step (hence the epoch and the batch within it; the epoch's order
