@@ -221,3 +221,29 @@ def test_cupy_offers_what_the_capturer_uses():
 
     assert hasattr(Graph, "launch")
     assert callable(cupy.cuda.using_allocator) and hasattr(cupy.cuda.MemoryPool, "malloc")
+
+
+def test_the_cublas_workspace_goes_through_ctypes_as_its_c_signature_says():
+    """cublasSetWorkspace_v2(cublasHandle_t, void *workspace, size_t bytes) -> status: the
+    ctypes declaration and the call (a stand-in library records it)."""
+    from gpubp.backend.cupy_backend import cublas_set_workspace
+
+    calls = []
+
+    class Fn:
+        def __call__(self, *args):
+            calls.append((self.argtypes, self.restype, args))
+            return self.status
+
+    class Lib:
+        cublasSetWorkspace_v2 = Fn()
+
+    lib = Lib()
+    lib.cublasSetWorkspace_v2.status = 0
+    assert cublas_set_workspace(12345, 0x7000, 32 << 20, lib) is None
+    assert calls == [([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int, (12345, 0x7000, 32 << 20))]
+    lib.cublasSetWorkspace_v2.status = 7
+    assert cublas_set_workspace(1, 2, 3, lib) == "cublasSetWorkspace_v2 returned status 7"
+    assert cublas_set_workspace(1, 2, 3, object()) == "libcublas has no cublasSetWorkspace_v2"
+    # this machine has no libcublas loaded: a reason, not an error
+    assert isinstance(cublas_set_workspace(1, 2, 3), (str, type(None)))

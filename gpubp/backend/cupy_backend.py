@@ -748,9 +748,15 @@ class CudaGraphCapturer:
       temporaries the graph's kernels write (partial sums) stay its own.
     cuBLAS: the raw bindings take the handle as it is; its stream is set to the capture
     stream through the raw setStream before the capture begins (CuPy refuses a
-    setStream during a capture only in its own wrappers) and put back after. cuBLAS 12.2
-    and later allocate their workspace stream-ordered, which a capture records; CuPy 14's
-    raw binding has no cublasSetWorkspace, so none is set (docs/architecture.md)."""
+    setStream during a capture only in its own wrappers) and put back after (which also
+    gives cuBLAS its default workspace back). In between, cuBLAS works in a workspace of
+    ours (WORKSPACE_BYTES, kept for the graphs' life), so it allocates nothing inside a
+    capture: CuPy 14's raw binding has no cublasSetWorkspace, so it is called through
+    ctypes on the libcublas CuPy loaded (`cublas_set_workspace`); where that fails,
+    `workspace_note` says why and cuBLAS (12.2+ allocates stream-ordered) goes on
+    without."""
+
+    WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended workspace on Hopper
 
     def __init__(self, backend):
         cupy = backend._cupy
@@ -758,6 +764,8 @@ class CudaGraphCapturer:
         self.stream = cupy.cuda.Stream(non_blocking=False)  # orders itself with the legacy default stream
         self.pools: dict = {}  # key -> the MemoryPool of that shape's step
         self.graphs: dict = {}  # key -> the captured graph (kept alive)
+        self.workspace = None  # cuBLAS's workspace inside warm-ups and captures (device bytes)
+        self.workspace_note = None  # why cuBLAS has none of ours, if it has not
 
     def bind_cublas(self, stream_ptr: int) -> int:
         """Point the backend's cuBLAS handle at stream `stream_ptr`; returns the stream it had."""
@@ -772,8 +780,13 @@ class CudaGraphCapturer:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = cupy.cuda.MemoryPool()
+        if self.workspace is None:
+            self.workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)  # the default pool: kept
         previous = self.bind_cublas(self.stream.ptr)
         try:
+            self.workspace_note = cublas_set_workspace(
+                self.backend.handle, self.workspace.data.ptr, self.workspace.nbytes
+            )
             with cupy.cuda.using_allocator(pool.malloc), self.stream:
                 yield
         finally:
@@ -795,3 +808,27 @@ class CudaGraphCapturer:
             graph = self.stream.end_capture()
         self.graphs[key] = graph
         return graph.launch
+
+
+def cublas_set_workspace(handle: int, ptr: int, size: int, lib=None) -> str | None:
+    """cublasSetWorkspace_v2(handle, ptr, size) through ctypes on the libcublas this process
+    loaded (CuPy's binding links it; CuPy 14 does not wrap this call). `lib`: the library
+    (tests pass a stand-in). Returns None, or why the workspace was not set."""
+    import ctypes
+
+    if lib is None:
+        try:
+            with open("/proc/self/maps") as f:
+                path = next((ln.split()[-1] for ln in f if "/libcublas.so" in ln), None)
+            if path is None:
+                return "libcublas is not loaded in this process"
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError as e:
+            return f"libcublas cannot be opened ({_one_line(e)})"
+    fn = getattr(lib, "cublasSetWorkspace_v2", None)
+    if fn is None:
+        return "libcublas has no cublasSetWorkspace_v2"
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    status = fn(int(handle), int(ptr), int(size))
+    return None if status == 0 else f"cublasSetWorkspace_v2 returned status {status}"
