@@ -344,13 +344,14 @@ class StackSGD(StackOptimizer):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         self._momentum_v, self._one_minus_damp = self._vec(self.momentum), self._vec(1.0 - self.dampening)
         self._wd = self._vec(self.weight_decay)
+        self._momentum_on, self._decay_on = bool(on.all()), bool(np.any(self.weight_decay))
 
     def _update(self, p, g, scale, skip):
         self.backend.sgd_step_batched(
             p, g, self.momentum_buffer, self._scratch, lr=self.vectors[0], momentum=self._momentum_v,
             one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
-            first_step=self.first_step, grad_scale=scale, skip=skip,
-            momentum_on=bool(self.momentum[0] > 0), decay_on=bool(np.any(self.weight_decay)),
+            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=self._momentum_on,
+            decay_on=self._decay_on,
         )  # fmt: skip
 
 
@@ -377,6 +378,7 @@ class StackAdam(StackOptimizer):
             raise ValueError("eps must be > 0 and weight_decay >= 0")
         self._b1c, self._b2 = self._vec(1.0 - self.beta1), self._vec(self.beta2)
         self._b2c, self._eps, self._wd = self._vec(1.0 - self.beta2), self._vec(self.eps), self._vec(self.weight_decay)
+        self._decay_on = bool(np.any(self.weight_decay))
 
     def step_vectors(self, t: int, lr) -> np.ndarray:
         """Rows lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t):
@@ -393,7 +395,7 @@ class StackAdam(StackOptimizer):
             p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=vec[0],
             one_minus_beta1=self._b1c, beta2=self._b2, one_minus_beta2=self._b2c, eps=self._eps, weight_decay=self._wd,
             step_size=vec[1], bias2_sqrt=vec[2], decoupled=self.decoupled,
-            grad_scale=scale, skip=skip, decay_on=bool(np.any(self.weight_decay)),
+            grad_scale=scale, skip=skip, decay_on=self._decay_on,
         )  # fmt: skip
 
 

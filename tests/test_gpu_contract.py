@@ -215,7 +215,7 @@ def test_cupy_offers_what_the_capturer_uses():
     """Stream capture, graph launch and a private memory pool, as CuPy 14 names them
     (read without a GPU: the classes import, nothing is created)."""
     cupy = pytest.importorskip("cupy")
-    for name in ("begin_capture", "end_capture", "__enter__"):
+    for name in ("begin_capture", "end_capture", "record", "wait_event", "__enter__"):
         assert hasattr(cupy.cuda.Stream, name), name
     from cupy.cuda.graph import Graph
 

@@ -744,7 +744,8 @@ class CudaGraphCapturer:
       every kernel is compiled and loaded before the capture.
     - capture(key, fn): the second step is captured on that stream with that pool
       (CuPy's relaxed capture mode; nothing runs), and replay() launches the graph on
-      the current stream. The pool is never used by anything else afterwards, so the
+      the current stream (the stream is non-blocking: nothing on the legacy default
+      stream can join the capture; the warm-up is ordered with events). The pool is never used by anything else afterwards, so the
       temporaries the graph's kernels write (partial sums) stay its own.
     cuBLAS: the raw bindings take the handle as it is; its stream is set to the capture
     stream through the raw setStream before the capture begins (CuPy refuses a
@@ -761,7 +762,7 @@ class CudaGraphCapturer:
     def __init__(self, backend):
         cupy = backend._cupy
         self.backend = backend
-        self.stream = cupy.cuda.Stream(non_blocking=False)  # orders itself with the legacy default stream
+        self.stream = cupy.cuda.Stream(non_blocking=True)  # a side stream, ordered by events (warmup)
         self.pools: dict = {}  # key -> the MemoryPool of that shape's step
         self.graphs: dict = {}  # key -> the captured graph (kept alive)
         self.workspace = None  # cuBLAS's workspace inside warm-ups and captures (device bytes)
@@ -793,8 +794,12 @@ class CudaGraphCapturer:
             self.bind_cublas(previous)
 
     def warmup(self, key, fn) -> None:
+        """Run fn plainly on the capture stream, after the current stream's work and before its next."""
+        current = self.backend._cupy.cuda.get_current_stream()
+        self.stream.wait_event(current.record())
         with self._on_stream(key):
             fn()
+        current.wait_event(self.stream.record())
 
     def capture(self, key, fn):
         with self._on_stream(key):
