@@ -667,7 +667,7 @@ class Trainer:
             self.metrics_file = scope.enter_context(open(os.path.join(self.out_dir, "metrics.jsonl"), "a", buffering=1))
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
-            step_fn = self.make_step(interrupted)
+            self.step_fn = step_fn = self.make_step(interrupted)
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 if perm_epoch != epoch:

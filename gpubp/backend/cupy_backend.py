@@ -525,11 +525,9 @@ class CupyBackend:
         return out
 
     def graph_capturer(self):
-        """What gpubp/step.py captures the training step with: CUDA graphs."""
-        capturer = self.__dict__.get("_capturer")
-        if capturer is None:
-            capturer = self._capturer = CudaGraphCapturer(self)
-        return capturer
+        """What gpubp/step.py captures the training step with: CUDA graphs. A new one per
+        step function: its stream, memory pools, workspace and graphs live as long as it."""
+        return CudaGraphCapturer(self)
 
     # ------------------------------------------------------------------ stacked models (gpubp.stack)
     # The *_batched ops of numpy_stacked with a leading model axis M: cuBLAS strided-batched
