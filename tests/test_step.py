@@ -30,6 +30,8 @@ BASE = ["data.dataset=spirals", "data.n_samples=300", "data.val_fraction=0.2", "
 CASES = {
     "adam-cosine-warmup-clip": ["optimizer.name=adam", "optimizer.lr=0.01", "schedule.name=cosine",
                                 "schedule.warmup_steps=20", "schedule.min_lr=0.001", "optimizer.clip_grad_norm=0.5"],
+    "adamw-cosine-warmup": ["optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.05",
+                            "schedule.name=cosine", "schedule.warmup_steps=25", "schedule.min_lr=0.0005"],
     "adamw-step-clip": ["optimizer.name=adamw", "optimizer.lr=0.02", "optimizer.weight_decay=0.01",
                         "schedule.name=step", "schedule.step_size=30", "schedule.gamma=0.5",
                         "schedule.warmup_steps=5", "optimizer.clip_grad_norm=1.0"],

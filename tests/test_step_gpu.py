@@ -48,9 +48,9 @@ def host(trainer):
     return c
 
 
-@pytest.mark.parametrize("case", ["adamw-step-clip", "adam-cosine-warmup-clip", "sgd-nesterov-cosine-warmup"])
+@pytest.mark.parametrize("case", ["adamw-cosine-warmup", "adamw-step-clip", "sgd-nesterov-cosine-warmup"])
 def test_graph_run_equals_the_plain_run_bitwise(gpu, case):
-    """200 steps, two batch shapes, warmup + cosine/step schedules, AdamW/Adam/SGD, clipping."""
+    """200 steps, two batch shapes, warmup + cosine/step schedules, AdamW/SGD, clipping."""
     captured = run(case, True)
     assert captured.graph_note is None and len(captured.step_fn.capturer.graphs) == 2  # 64 and 48 rows
     assert_same_run(host(captured), host(run(case, False)))
