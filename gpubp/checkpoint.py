@@ -8,10 +8,12 @@ folder. A reader sees the old checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -32,6 +34,36 @@ def _digest(arrays: dict) -> str:
 
 
 TMP_PREFIX = ".tmp-"  # temporaries of atomic_write: .tmp-<name>-<random>
+_deferred = threading.local()  # .folders: the folders whose fsync folder_sync_once() holds back
+
+
+@contextlib.contextmanager
+def folder_sync_once():
+    """Within it, atomic_write fsyncs each file but defers the fsync of its folder to the
+    end, once per folder: two files written in turn (best.npz, then last.npz) cost three
+    fsyncs, not four. Each file is still durable before its rename; the renames come in
+    order, and the fsync of the second file commits the first rename with it on a
+    journaling file system (ext4, XFS), so a crash never shows the second new and the
+    first old. The folder is synced on the way out, an error's too."""
+    outer = getattr(_deferred, "folders", None)
+    if outer is not None:  # nested: the outermost syncs
+        yield
+        return
+    _deferred.folders = folders = []
+    try:
+        yield
+    finally:
+        _deferred.folders = None
+        for folder in folders:
+            _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write(path: str, write) -> None:
@@ -53,11 +85,11 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    deferred = getattr(_deferred, "folders", None)
+    if deferred is None:
+        _sync_folder(folder)
+    elif folder not in deferred:
+        deferred.append(folder)
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -259,9 +259,28 @@ def _program() -> list[str]:
 # --------------------------------------------------------------------------- eval / predict
 
 
+_DEVICE_NOTES = set()  # the device notes this command printed (each once, however many checkpoints)
+
+
+def _device_for_inference(device: str, meta: dict, cfg):
+    """(backend, note) for eval and predict, which say nothing about the device unless it
+    is news: --device auto found no GPU for a model trained on one (checkpoint meta
+    "device") or configured for one (train.device = "gpu"). Then one line, once per
+    command. (A GPU asked for with --device gpu and not found is an error; train notes
+    the fallback of auto once per run.)"""
+    from .backend import resolve_device
+
+    backend, note = resolve_device(device)
+    trained = str(meta.get("device") or "")
+    expected = trained.startswith("gpu") or (not trained and cfg.train.device == "gpu")  # older checkpoints: config
+    if note and expected and note not in _DEVICE_NOTES:
+        _DEVICE_NOTES.add(note)
+        click.echo(f"{note}; the model was trained on {trained or 'a GPU (train.device = gpu)'}", err=True)
+    return backend, note
+
+
 def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     """(meta, config, model, standardizer, run or None, arrays) rebuilt from a checkpoint."""
-    from .backend import resolve_device
     from .checkpoint import load_checkpoint
     from .data import Standardizer
     from .targets import TargetScaler
@@ -270,14 +289,12 @@ def _load_for_inference(checkpoint: str, device: str, with_data: bool):
     meta, arrays = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(meta, checkpoint)
     std = Standardizer(arrays.get("std.mean"), arrays.get("std.std"), arrays.get("missing.mean"))
-    if with_data:
-        run = prepare(cfg, device, log=lambda m: click.echo(m, err=True), standardizer=std,
+    backend, note = _device_for_inference(device, meta, cfg)
+    if with_data:  # the data's notes; the device's were the rule's above
+        run = prepare(cfg, device, log=lambda m: m == note or click.echo(m, err=True), standardizer=std,
                       checkpoint=(meta, checkpoint), target_scaler=TargetScaler.from_arrays(arrays))  # fmt: skip
         model = run.model
     else:
-        backend, note = resolve_device(device)
-        if note:
-            click.echo(note, err=True)
         sizes = meta["model"]["sizes"]
         model = build_model(cfg, sizes[0], sizes[-1], backend)
         run = None

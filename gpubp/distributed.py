@@ -393,35 +393,26 @@ class MPIWorld(Local):
         """Each rank evaluates its share of the split's rows; the sums are all-reduced.
         The metrics of whole outputs (regression's R^2, RMSE, MAE; the classification
         report) come from every rank's outputs, gathered in rank order."""
+        from .trainer import output_metrics, wants_outputs
+
         start, stop = row_range(part.n, self.rank, self.size)
         sums = np.zeros(2)  # [sum of per-row losses, correct predictions]
         x, target, labels = part.share(start, stop)  # this rank's rows (all it holds of a memory-mapped file)
+        # one forward pass: the loss, and this rank's outputs when a metric needs them
+        mine = np.zeros((stop - start, model.sizes[-1])) if wants_outputs(host, report) else None
         if stop > start:
-            loss, correct = model.evaluate(x, target, labels, batch_size)
+            loss, correct = model.evaluate(x, target, labels, batch_size, mine)
             sums[:] = loss * (stop - start), correct or 0
         with self.watch(f"the evaluation of the {name} split"):
             self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
         out = {f"{name}_loss": float(sums[0]) / part.n}
         if labels is not None:
             out[f"{name}_accuracy"] = float(sums[1]) / part.n
-        if host is not None and (not host.is_classification or report):
-            out.update(self._output_metrics(model, x, name, batch_size, host, scaler))
+        if mine is not None:
+            with self.watch(f"the gathering of the {name} split's outputs"):
+                outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
+            out.update(output_metrics(model, outputs, name, host, scaler))
         return out
-
-    def _output_metrics(self, model, x, name, batch_size, host, scaler) -> dict:
-        from . import metrics as M
-        from . import targets as T
-        from .trainer import predict_outputs
-
-        mine = predict_outputs(model, x, batch_size)  # (n_r, width) float64, host
-        with self.watch(f"the gathering of the {name} split's outputs"):
-            outputs = np.concatenate(self.comm.allgather(mine))  # (n, width), the split's row order
-        if not host.is_classification:
-            pred = T.user_outputs(outputs, model.loss.name, False, scaler)
-            return {f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()}
-        labels = T.predicted_classes(outputs, model.decision_threshold)
-        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
-        return {f"{name}_report": M.classification_report(host.y, labels, n_classes, host.class_names)}
 
     def report(self, error: GpubpError) -> GpubpError:
         # divergence and Ctrl-C happen on every rank at the same step: rank 0 says so

@@ -302,9 +302,11 @@ class MLP:
 
     # ---------------------------------------------------------------- evaluation
 
-    def evaluate(self, x, y, labels=None, batch_size: int = 4096):
+    def evaluate(self, x, y, labels=None, batch_size: int = 4096, outputs=None):
         """(mean loss, correct count or None) over a dataset already on the device,
-        in chunks; nothing is copied to the host but the two numbers."""
+        in chunks; nothing is copied to the host but the two numbers, and the outputs
+        when `outputs` (a host array (N, n_out)) is given: filled from the same forward
+        pass (the metrics that need whole outputs: R^2, the confusion matrix)."""
         n = x.shape[0]
         xp = self.xp
         total = xp.zeros((), dtype=np.float64)
@@ -315,6 +317,8 @@ class MLP:
             out = self._forward(x[start:stop], ws)
             value = self.backend.loss_forward_backward(out, y[start:stop], self.loss, grad=None)
             total += value.astype(np.float64) * (stop - start)
+            if outputs is not None:
+                outputs[start:stop] = self.backend.to_numpy(out)  # a copy: the workspace is reused
             if labels is not None:
                 correct += self.backend.accuracy_count(out, labels[start:stop], self.decision_threshold)
         loss = self.backend.to_float(total) / max(n, 1)

@@ -39,7 +39,7 @@ from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
-from .checkpoint import atomic_write_text, load_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoint import atomic_write_text, folder_sync_once, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import Config, dump_toml, validate
 from .errors import (
     CheckpointError,
@@ -55,7 +55,7 @@ from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .schedules import lr_at
 from .step import Step, StepState
 
-MIN_EVAL_STEPS = 10  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
+MIN_EVAL_STEPS = 20  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
@@ -347,19 +347,32 @@ def evaluate_split(model: MLP, part: D.DeviceSplit, name: str, batch_size: int, 
     split on the host): regression adds name_r2, name_rmse, name_mae in the targets'
     own units (`scaler` maps outputs back); classification with `report` adds
     name_report (per-class precision, recall, F1, support, confusion matrix)."""
-    loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size)
+    # one forward pass over the split: the loss, and the outputs when a metric needs them
+    outputs = np.empty((part.x.shape[0], model.sizes[-1])) if wants_outputs(host, report) else None
+    loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size, outputs)
     out = {f"{name}_loss": loss}
     if correct is not None:
         out[f"{name}_accuracy"] = correct / part.n
-    if host is not None and not host.is_classification:
-        pred = T.user_outputs(predict_outputs(model, part.x, batch_size), model.loss.name, False, scaler)
-        out.update({f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()})
-    elif host is not None and report:
-        outputs = predict_outputs(model, part.x, batch_size)
-        labels = T.predicted_classes(outputs, model.decision_threshold)
-        n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
-        out[f"{name}_report"] = M.classification_report(host.y, labels, n_classes, host.class_names)
+    if outputs is not None:
+        out.update(output_metrics(model, outputs, name, host, scaler))
     return out
+
+
+def wants_outputs(host: D.Dataset | None, report: bool) -> bool:
+    """Whether evaluate_split's metrics need the outputs on the host: regression's R^2,
+    RMSE, MAE (always), classification's report (when asked)."""
+    return host is not None and (not host.is_classification or report)
+
+
+def output_metrics(model: MLP, outputs: np.ndarray, name: str, host: D.Dataset, scaler) -> dict:
+    """The metrics of a split's outputs (N, width) on the host: name_r2, name_rmse,
+    name_mae in the targets' units (`scaler` maps outputs back), or name_report."""
+    if not host.is_classification:
+        pred = T.user_outputs(outputs, model.loss.name, False, scaler)
+        return {f"{name}_{k}": v for k, v in M.regression_report(host.y, pred).items()}
+    labels = T.predicted_classes(outputs, model.decision_threshold)
+    n_classes = max(host.n_classes, outputs.shape[1] if outputs.shape[1] > 1 else 2)
+    return {f"{name}_report": M.classification_report(host.y, labels, n_classes, host.class_names)}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -515,6 +528,9 @@ class Trainer:
         self.best = None  # (meta, arrays) of the best evaluation, on the host
         self.best_written = True  # best.npz on disk holds self.best
         self.eval_seconds = 0.0  # spent in evaluations and checkpoint writes
+        # (step, metrics) of the validation split at the last and at the best evaluation, when they hold
+        # every metric _finish reports (it reuses them for the same weights instead of evaluating again)
+        self.val_at_last = self.val_at_best = None
         self.created_dir = (
             resume is None and out_dir is not None
         )  # a run failing before its first checkpoint removes it
@@ -593,6 +609,7 @@ class Trainer:
         if "_fixed" not in self.__dict__:
             self._fixed = {"model": self.model.config_dict(), "config": config_for_checkpoint(self.cfg),
                            "n_features": self.run.n_features, "n_classes": self.run.n_classes,
+                           "device": self.run.backend.describe(),  # eval/predict: note a GPU model on the CPU
                            **data_meta(self.cfg, self.run)}  # fmt: skip
         return self._fixed
 
@@ -620,11 +637,12 @@ class Trainer:
         the best step matches best.npz, or an older last.npz that repeats the step."""
         if self.out_dir is None:  # in memory: the best state stays in self.best
             return
-        if not self.best_written:
-            if self.dist.is_root:
-                save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
-            self.best_written = True
-        self.save("last.npz")
+        with folder_sync_once():  # both files, then one fsync of the run directory
+            if not self.best_written:
+                if self.dist.is_root:
+                    save_checkpoint(os.path.join(self.out_dir, "best.npz"), *self.best)
+                self.best_written = True
+            self.save("last.npz")
 
     # ---- evaluation
 
@@ -821,7 +839,10 @@ class Trainer:
         self.n_running = 0
         self.opt.lr = self._lr(self.step - 1)  # the rate of the step just taken
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
-        record.update(self.evaluate("val"))
+        val = self.evaluate("val", report=self.step == self.total_steps)  # the last one with the report
+        record.update({k: v for k, v in val.items() if not k.endswith("_report")})
+        full = (self.step, val) if "val_report" in val or "val_r2" in val else None  # all that _finish reports
+        self.val_at_last = full
         record["elapsed_s"] = round(time.perf_counter() - start, 4)
         if self.out_dir is None:
             self.history.append(record)
@@ -834,6 +855,7 @@ class Trainer:
             if improved:
                 self.best_value, self.best_step, self.bad_evals = value, self.step, 0
                 self.best, self.best_written = self.checkpoint(), False
+                self.val_at_best = full
             else:
                 self.bad_evals += 1
         if time.monotonic() - self.saved_at >= self.cfg.train.checkpoint_every_s:
@@ -851,17 +873,19 @@ class Trainer:
         began = time.perf_counter()
         if self.saved_step != self.step or not self.best_written:
             self._write_checkpoints()
-        weights = "last"
+        weights, at = "last", self.step  # the step whose weights are evaluated
         if self.cfg.train.restore_best and self.best is not None:
             restore_params(self.model, self.best[1], os.path.join(self.out_dir or "(in memory)", "best.npz"))
-            weights = f"best.npz (step {self.best_step})"
+            weights, at = f"best.npz (step {self.best_step})", self.best_step
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "stopped_early": stopped_early,
                    "best_step": self.best_step, "best_metric": self._monitor_name(), "best_value": self.best_value,
                    "weights": weights, "task": self.cfg.data.task, "loss": self.cfg.loss.name,
                    "device": self.run.backend.describe(), "run_dir": self.out_dir and os.path.abspath(self.out_dir),
-                   "seconds": round(seconds + time.perf_counter() - began, 3)}  # fmt: skip
+                   "seconds": None}  # fmt: skip
+        known = dict(filter(None, (self.val_at_best, self.val_at_last)))  # step -> validation metrics
         for split in ("train", "val", "test"):
-            summary.update(self.evaluate(split, report=True))
+            summary.update(known[at] if split == "val" and at in known else self.evaluate(split, report=True))
+        summary["seconds"] = round(seconds + time.perf_counter() - began, 3)  # the whole run, this end included
         summary["eval_seconds"] = round(self.eval_seconds + time.perf_counter() - began, 3)
         if self.out_dir is None or not self.dist.is_root:
             return summary

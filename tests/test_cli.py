@@ -160,3 +160,42 @@ def test_regression_csv_end_to_end(tmp_path):
                 "--output", str(tmp_path / "p.npy"), "--device", "cpu")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert np.allclose(np.load(tmp_path / "p.npy")[:, 0], y, atol=0.02)
+
+
+def test_device_note_once_per_run_not_per_command(tmp_path):
+    """--device auto without a GPU: train says so once per run; eval and predict say
+    nothing about a device chosen as usual, and one line (once per command) when the
+    model was trained on a GPU and now runs on the CPU, a fallback the user must know."""
+    from gpubp.checkpoint import load_checkpoint, save_checkpoint
+
+    from .conftest import has_gpu
+
+    if has_gpu():
+        pytest.skip("--device auto takes the GPU here: there is no fallback to note")
+    out = tmp_path / "run"
+    r = run_cli("train", "--config", "configs/spirals.toml", "--out", str(out), "--set", "train.epochs=2",
+                "--set", "train.early_stopping_patience=0")  # fmt: skip  # --device auto, the default
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("device")]
+    assert len(notes) == 1 and notes[0].startswith("device auto: using the CPU (")
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+
+    def device_lines(checkpoint, *device):
+        lines = []
+        for cmd in (["eval", "--checkpoint", checkpoint],
+                    ["predict", "--checkpoint", checkpoint, "--input", str(tmp_path / "x.npy"),
+                     "--output", str(tmp_path / "p.csv"), "--overwrite"]):  # fmt: skip
+            r = run_cli(*cmd, *device)
+            assert r.returncode == 0, r.stderr
+            lines.append([line for line in r.stderr.splitlines() if line.startswith("device")])
+        return lines
+
+    assert device_lines(str(out / "last.npz")) == [[], []]  # trained on the CPU, evaluated on the CPU: no news
+    # the same model as a GPU wrote it (its meta names the device), read where auto finds no GPU
+    meta, arrays = load_checkpoint(str(out / "last.npz"))
+    meta["device"] = "gpu (NVIDIA H100 80GB HBM3, CuPy 13.6.0)"
+    save_checkpoint(str(tmp_path / "gpu.npz"), meta, arrays)
+    for lines in device_lines(str(tmp_path / "gpu.npz")):
+        assert len(lines) == 1 and lines[0].startswith("device auto: using the CPU (")
+        assert lines[0].endswith("; the model was trained on gpu (NVIDIA H100 80GB HBM3, CuPy 13.6.0)")
+    assert device_lines(str(tmp_path / "gpu.npz"), "--device", "cpu") == [[], []]  # the CPU asked for: no news

@@ -65,3 +65,14 @@ def test_json_keeps_matrices_readable():
     import json
 
     assert json.loads(text) == {"a": [[1, 2], [3, 4]], "b": ["x", "y"], "c": 1.5}
+
+
+def test_regression_report_is_the_three_metrics_bit_for_bit():
+    # the report computes the residuals once (it runs at every evaluation); its numbers
+    # must be those of r2, rmse and mae exactly, constant columns included
+    rng = np.random.default_rng(1)
+    cases = [rng.normal(size=s) * rng.uniform(0.1, 100) for s in [(45, 1), (200, 3), (7,), (1, 1)] for _ in range(5)]
+    cases.append(np.array([[2.0, 1.0], [2.0, 3.0]]))  # first column constant
+    for y in cases:
+        for p in (y + rng.normal(size=y.shape), y.copy()):
+            assert M.regression_report(y, p) == {"r2": M.r2(y, p), "rmse": M.rmse(y, p), "mae": M.mae(y, p)}
