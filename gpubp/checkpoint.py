@@ -145,3 +145,44 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
             f"{path}: checkpoint version {meta.get('version')} is not supported (this gpubp reads {VERSION})"
         )
     return meta, arrays
+
+
+def check_params(arrays: dict, path: str, n_params: int, sizes) -> np.ndarray:
+    """The flat parameter vector (n_params,) of a checkpoint's arrays, or CheckpointError
+    naming `path` (missing, or from another architecture)."""
+    params = arrays.get("params")
+    if params is None or params.ndim != 1:
+        raise CheckpointError(f"{path}: no flat 'params' array in the checkpoint")
+    if params.shape[0] != n_params:
+        raise CheckpointError(
+            f"{path}: holds {params.shape[0]} parameters but the model {list(sizes)} has {n_params}; "
+            "it is from another architecture"
+        )
+    return params
+
+
+def best_for_resume(last: str, meta: dict, n_params: int, sizes) -> tuple[dict, dict] | None:
+    """(meta, arrays) of the best.npz beside checkpoint `last` (its `meta`) that a resumed
+    run returns to with train.restore_best, the same rule for a single run and a sweep's
+    models:
+    - none there, or one of a step past last.npz's (written just before a crash that
+      came before last.npz; the resumed run writes it again when it gets there): None;
+    - the step last.npz records as its best (meta["best_step"]), with this model's
+      number of parameters: that checkpoint;
+    - any other (from another run, copied in): CheckpointError naming it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(last)), "best.npz")
+    if not os.path.exists(path):
+        return None
+    best_meta, best_arrays = load_checkpoint(path)
+    step, best_step = best_meta.get("step"), meta.get("best_step")
+    if best_step is not None and step == best_step:
+        check_params(best_arrays, path, n_params, sizes)
+        return best_meta, best_arrays
+    if isinstance(step, int) and step > int(meta["step"]):
+        return None
+    recorded = f"the best at step {best_step}" if best_step is not None else "no best step"
+    raise CheckpointError(
+        f"--resume {last}: {path} is a checkpoint of step {step}, but {os.path.basename(last)} records {recorded}; "
+        "it is not this run's best.npz (copied from another run?): put the run's own back, or remove it to "
+        "go on without the best weights"
+    )

@@ -184,8 +184,13 @@ def _train(dist, config_path, device, overrides, out_dir, resume, seed, overwrit
                      "gpubp version": __version__}, "config")  # fmt: skip
     quiet_here = quiet or not dist.is_root
     trainer = dist.agree(lambda: Trainer(cfg, out_dir, device=device, quiet=quiet_here, overwrite=overwrite,
-                                         resume=resume, dist=dist))  # fmt: skip
-    dist.start(trainer)
+                                         resume=resume, dist=dist),
+                         undo=lambda t: t._remove_if_empty())  # fmt: skip  # another rank failed: no run directory
+    try:
+        dist.start(trainer)  # with N ranks: statistics from every rank's rows, the check that all agree
+    except BaseException:
+        trainer._remove_if_empty()  # a run that fails before its first checkpoint leaves no run directory
+        raise
     if not quiet_here:
         click.echo(f"training on {trainer.run.backend.describe()}: model {trainer.model.sizes}, "
                    f"{trainer.total_steps} steps, run directory {out_dir}", err=True)  # fmt: skip

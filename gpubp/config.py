@@ -61,8 +61,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "missing": _f(
             "str",
             "error",
-            "csv: a missing value (empty, NA, NaN, null, ?): error names it, drop skips its row, "
-            "mean fills the training mean",
+            "csv, npz: a missing value (csv: empty, NA, NaN, null, ?; npz: NaN): error names it, drop skips its "
+            "row, mean fills the training mean",
             ("error", "drop", "mean"),
         ),  # fmt: skip
         "task": _f(

@@ -230,28 +230,52 @@ def load_mnist(directory: str) -> Dataset:
     return Dataset(xtr, ytr, max(n_classes, int(yte.max()) + 1), "mnist", test=test)
 
 
-def load_npz(path: str, classification: bool | None) -> Dataset:
-    """Arrays x and y, or x_train, y_train, x_test, y_test."""
+def load_npz(path: str, classification: bool | None, missing: str = "error") -> Dataset:
+    """Arrays x and y, or x_train, y_train, x_test, y_test. A NaN feature is a missing
+    value (data.missing): "error" names it, "drop" leaves its row out, "mean" keeps it
+    for the training means to fill (Standardizer); infinity is always an error."""
     if not os.path.exists(path):
         raise _not_found(path)
     arrays = read_numpy_file(path, DataError, ".npz file")
     if not isinstance(arrays, dict):
         raise DataError(f"{path}: a single .npy array; data.dataset 'npz' needs an .npz file with arrays x and y")
+    gaps_ok = missing != "error"
     if {"x", "y"} <= arrays.keys():
-        x, y, n_classes = check_arrays(arrays["x"], arrays["y"], path, classification)
-        return Dataset(x, y, n_classes, os.path.basename(path))
-    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
-        x, y, n_classes = check_arrays(arrays["x_train"], arrays["y_train"], path + " (train)", classification)
+        x, y, n_classes = check_arrays(arrays["x"], arrays["y"], path, classification, missing_ok=gaps_ok)
+        ds = Dataset(x, y, n_classes, os.path.basename(path))
+    elif {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
+        x, y, n_classes = check_arrays(
+            arrays["x_train"], arrays["y_train"], path + " (train)", classification, missing_ok=gaps_ok
+        )
         classification = n_classes is not None  # the test part follows the training part's task
-        xt, yt, nt = check_arrays(arrays["x_test"], arrays["y_test"], path + " (test)", classification)
+        xt, yt, nt = check_arrays(arrays["x_test"], arrays["y_test"], path + " (test)", classification, gaps_ok)
         if xt.shape[1] != x.shape[1]:
             raise DataError(f"{path}: x_test has {xt.shape[1]} features but x_train has {x.shape[1]}")
         if n_classes is not None:
             n_classes = max(n_classes, nt)
-        return Dataset(x, y, n_classes, os.path.basename(path), test=Dataset(xt, yt, n_classes, "test"))
-    raise DataError(
-        f"{path}: expected arrays 'x' and 'y' (or x_train, y_train, x_test, y_test), found {sorted(arrays)}"
-    )
+        ds = Dataset(x, y, n_classes, os.path.basename(path), test=Dataset(xt, yt, n_classes, "test"))
+    else:
+        raise DataError(
+            f"{path}: expected arrays 'x' and 'y' (or x_train, y_train, x_test, y_test), found {sorted(arrays)}"
+        )
+    if missing == "drop":
+        _drop_rows(ds, path, [~np.isnan(part.x).any(axis=1) for part in (ds, ds.test) if part is not None])
+    return ds
+
+
+def _drop_rows(ds: Dataset, path: str, keeps: list) -> None:
+    """data.missing = "drop": keep the rows `keeps` (a boolean (N,) per part: ds, then
+    its test part) and note how many went; an empty training part is an error."""
+    dropped = 0
+    for part, keep in zip((ds, ds.test), keeps):
+        dropped += int((~keep).sum())
+        part.x, part.y = part.x[keep], part.y[keep]
+    if len(ds) == 0:
+        raise DataError(
+            f'{path}: every row has a missing value; nothing is left to train on with data.missing = "drop"'
+        )
+    if dropped:
+        ds.notes.append(f'{path}: dropped {dropped} rows with a missing value (data.missing = "drop")')
 
 
 AUTO_LABEL = "auto"
@@ -346,15 +370,28 @@ def make_regression(n_samples: int, n_features: int, noise: float, seed: int) ->
 class Rows:
     """The rows `index` of a memory-mapped feature array (N, ...) as a lazy (n, F)
     matrix: indexing composes the index and reads nothing; `read` reads rows, as
-    float64 divided by `divide` (MNIST's 255), and refuses non-finite values."""
+    float64 divided by `divide` (MNIST's 255), and refuses non-finite values (but NaN,
+    a missing value, with `gaps_ok`: data.missing = "mean")."""
 
-    def __init__(self, array, where: str, divide: float = 1.0, index: np.ndarray | None = None):
-        self.array, self.where, self.divide = array, where, divide
+    def __init__(self, array, where: str, divide: float = 1.0, index: np.ndarray | None = None, gaps_ok=False):
+        self.array, self.where, self.divide, self.gaps_ok = array, where, divide, gaps_ok
         self.index = np.arange(array.shape[0]) if index is None else index
         self.shape = (len(self.index), math.prod(array.shape[1:]))
 
     def __getitem__(self, idx) -> Rows:
-        return Rows(self.array, self.where, self.divide, self.index[idx])
+        return Rows(self.array, self.where, self.divide, self.index[idx], self.gaps_ok)
+
+    def complete(self, chunk_bytes: int = 1 << 24) -> np.ndarray:
+        """(n,) bool: the rows without a NaN, from one pass over the map in chunks of about
+        `chunk_bytes` (data.missing = "drop": every rank must know every dropped row)."""
+        keep = np.ones(len(self.index), dtype=bool)
+        if not np.issubdtype(self.array.dtype, np.floating):
+            return keep  # integers hold no NaN
+        step = max(1, chunk_bytes // max(1, self.shape[1] * self.array.dtype.itemsize))
+        for start in range(0, len(self.index), step):
+            rows = self.array[self.index[start : start + step]].reshape(-1, self.shape[1])
+            keep[start : start + step] = ~np.isnan(rows).any(axis=1)
+        return keep
 
     def read(self, positions) -> np.ndarray:
         """Rows `positions` (of this view) as float64 (k, F): only their pages are read."""
@@ -362,7 +399,7 @@ class Rows:
         x = np.asarray(self.array[rows]).reshape(len(rows), self.shape[1]).astype(np.float64)
         if self.divide != 1.0:
             x = x / self.divide
-        bad = ~np.isfinite(x)
+        bad = np.isinf(x) if self.gaps_ok else ~np.isfinite(x)
         if bad.any():
             i, col = np.argwhere(bad)[0]
             raise DataError(
@@ -429,9 +466,10 @@ def map_idx(path: str):
         return None
 
 
-def load_npz_mapped(path: str, classification: bool | None) -> Dataset | None:
+def load_npz_mapped(path: str, classification: bool | None, missing: str = "error") -> Dataset | None:
     """`load_npz` with the features memory-mapped (`Rows`), or None where the file does
-    not allow it (then `load_npz` reads it whole and reports any problem)."""
+    not allow it (then `load_npz` reads it whole and reports any problem). data.missing
+    "drop": the rows with a NaN are found in one chunked pass and left out of the view."""
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception:
@@ -455,16 +493,19 @@ def load_npz_mapped(path: str, classification: bool | None) -> Dataset | None:
             return None
     if any(y.ndim == 0 or y.shape[0] != x.shape[0] for x, y in zip(xs, ys)):
         return None
+    gaps_ok = missing == "mean"
     y, n_classes = check_targets(ys[0], parts[0][2], classification)
-    ds = Dataset(Rows(xs[0], parts[0][2]), y, n_classes, os.path.basename(path))
+    ds = Dataset(Rows(xs[0], parts[0][2], gaps_ok=gaps_ok), y, n_classes, os.path.basename(path))
     if len(parts) == 2:
-        xt = Rows(xs[1], parts[1][2])
+        xt = Rows(xs[1], parts[1][2], gaps_ok=gaps_ok)
         if xt.shape[1] != ds.x.shape[1]:
             return None
         yt, nt = check_targets(ys[1], parts[1][2], n_classes is not None)
         if n_classes is not None:
             ds.n_classes = n_classes = max(n_classes, nt)
         ds.test = Dataset(xt, yt, n_classes, "test")
+    if missing == "drop":
+        _drop_rows(ds, path, [part.x.complete() for part in (ds, ds.test) if part is not None])
     return ds
 
 
@@ -545,19 +586,16 @@ class Standardizer:
     fill: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, x: np.ndarray, scale: bool = True, names=()) -> Standardizer:
-        """Statistics of the training split x (N, F); `scale` False: only the fill."""
+    def fit(cls, x: np.ndarray, scale: bool = True, names=(), fill_missing: bool = False) -> Standardizer:
+        """Statistics of the training split x (N, F); `scale` False: only the fill.
+        `fill_missing` (data.missing = "mean"): the fill is fitted even when the training
+        split has no gap, for the NaN of the other splits and of new data."""
         fill = None
         gaps = np.isnan(x)
-        if gaps.any():
+        if fill_missing or gaps.any():
             empty = np.flatnonzero(gaps.all(axis=0))
             if empty.size:
-                j = int(empty[0])
-                name = repr(names[j]) if j < len(names) else str(j)
-                raise DataError(
-                    f'data.missing = "mean": column {name} has no value in the training split to take a mean of; '
-                    "drop it (data.drop_columns) or fill it"
-                )
+                raise no_value_error(int(empty[0]), names)
             fill = np.nanmean(x, axis=0)  # (F,)
             x = np.where(gaps, fill, x)
         if not scale:
@@ -575,6 +613,15 @@ class Standardizer:
         if self.fill is not None:
             x = np.where(np.isnan(x), self.fill, x)
         return (x - self.mean) / self.std
+
+
+def no_value_error(column: int, names=()) -> DataError:
+    """data.missing = "mean" and a feature column with no value in the training split."""
+    name = repr(names[column]) if column < len(names) else str(column)
+    return DataError(
+        f'data.missing = "mean": column {name} has no value in the training split to take a mean of; '
+        "drop it (data.drop_columns) or fill it"
+    )
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

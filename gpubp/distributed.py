@@ -151,7 +151,7 @@ class Local:
     def describe(self) -> str:
         return "1 process"
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         return fn()
 
     def check_same(self, record: dict, what: str) -> None:
@@ -283,10 +283,11 @@ class MPIWorld(Local):
 
     # ---- start-up: the same outcome on every rank
 
-    def agree(self, fn, what: str = "start-up"):
+    def agree(self, fn, what: str = "start-up", undo=None):
         """Run fn() (no collectives inside) on every rank; if it raised on any rank,
         every rank raises: rank 0 the first rank's error, once, naming that rank
-        unless all failed alike; the others `Silent`."""
+        unless all failed alike; the others `Silent`. `undo(result)`: on a rank where fn
+        succeeded but another failed, takes back what fn left (a new run directory)."""
         try:
             result, failure = fn(), None
         except GpubpError as e:
@@ -299,6 +300,8 @@ class MPIWorld(Local):
         if not bad:
             return result
         first_rank, (message, code) = bad[0]
+        if failure is None and undo is not None:
+            undo(result)
         if not self.is_root:
             raise Silent(code)
         if not (len(bad) == self.size and all(f == bad[0][1] for _, f in bad)):
@@ -471,9 +474,11 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     if not path or not os.path.exists(path):
         return None
     if mapped:
+        drop = (cfg.data.dataset, cfg.data.missing) == ("npz", "drop")
+        scan = ', after one pass over it for the rows with a missing value (data.missing = "drop")' if drop else ""
         return (
             f"data: each of the {size} ranks memory-maps {path} and reads only its rows (its share of each split "
-            "at start-up, its slice of each batch)"
+            f"at start-up, its slice of each batch){scan}"
         )
     nbytes = (
         os.path.getsize(path)
@@ -485,8 +490,30 @@ def whole_file_note(cfg, size: int, mapped: bool = False) -> str | None:
     what = "parses the whole CSV file" if cfg.data.dataset == "csv" else "reads the whole dataset"
     return (
         f"data: each of the {size} ranks {what} {path} ({nbytes / 2**20:.1f} MiB) and keeps the training split "
-        "on its device; each step uses only its share of the rows"
+        f"on its device; each step uses only its share of the rows{_why_whole(cfg, path)}"
     )
+
+
+def _why_whole(cfg, path: str) -> str:
+    """Why a file that could be memory-mapped is read whole, and what would let each rank
+    read only its rows ("" where there is nothing to say)."""
+    import zipfile
+
+    if cfg.data.dataset == "mnist":
+        gz = os.path.isdir(path) and any(f.endswith(".gz") for f in os.listdir(path))
+        return " (its IDX files are gzipped; unzipped, each rank would read only its rows)" if gz else ""
+    if cfg.data.dataset != "npz":
+        return ""
+    try:
+        with zipfile.ZipFile(path) as z:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return ""
+    if compressed:
+        return (
+            " (its arrays are compressed, np.savez_compressed; saved with np.savez, each rank would read only its rows)"
+        )
+    return " (its arrays cannot be memory-mapped: C-order numeric arrays x and y, or x_train, y_train, x_test, y_test, can)"
 
 
 def _error_type(code: int) -> type:

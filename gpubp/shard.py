@@ -18,6 +18,12 @@ float64. They equal one process's to rounding (the order of the sums, ~1e-16
 relative); tests/test_shard.py checks 1e-12. Standardising is elementwise, so a row
 gives the same bits whether standardised with the whole split or alone.
 
+Missing values (NaN, data.missing): with "mean" each column's gaps are filled first
+with fill_j = (sum of its present training values) / (their count), from per-rank sums
+and counts, and the statistics above are those of the filled values. With "drop"
+every rank finds the rows holding a NaN in one chunked pass over the map
+(data.Rows.complete) before the split, so all agree on the rows that remain.
+
 Targets (N x T numbers, small beside N x F features) stay whole on the host.
 """
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import data as D
-from .distributed import row_range
+from .distributed import Silent, row_range
 
 
 class MappedSplit:
@@ -67,13 +73,29 @@ class MappedSplit:
         return self.backend.asarray(x, dtype=self.model.dtype), self.model.as_target(self.targets[idx], len(idx))
 
 
-def fit_standardizer(world, train: MappedSplit, standardize: bool) -> D.Standardizer:
+def fit_standardizer(world, train: MappedSplit, standardize: bool, fill_missing: bool = False) -> D.Standardizer:
     """`Standardizer.fit` of the whole training split from every rank's share (two
-    passes, per-rank partial sums all-reduced in float64); identity without standardize."""
+    passes, per-rank partial sums all-reduced in float64); identity without standardize.
+    `fill_missing` (data.missing = "mean"): first the fill, each column's mean over its
+    present values, fill_j = sum_i present x_ij / count_j (per-rank sums and counts in one
+    all-reduce), put in the gaps before the mean and std are taken, as Standardizer.fit."""
     n_features = train.rows.shape[1]
-    if not standardize:
-        return D.Standardizer.identity(n_features)
     raw = train.raw  # (k, F) float64
+    fill = None
+    if fill_missing:
+        gaps = np.isnan(raw)  # (k, F)
+        sums = np.concatenate([np.where(gaps, 0.0, raw).sum(axis=0), (~gaps).sum(axis=0)])  # (2F,) float64
+        world.all_sum(sums, "the means that fill missing values")
+        count = sums[n_features:]  # (F,) exact: integers below 2^53
+        empty = np.flatnonzero(count == 0)
+        if empty.size:  # every rank sees it: rank 0 alone says it
+            error = D.no_value_error(int(empty[0]))
+            error.reported = True
+            raise error if world.is_root else Silent(error.exit_code)
+        fill = sums[:n_features] / count
+        raw = np.where(gaps, fill, raw)
+    if not standardize:
+        return D.Standardizer(np.zeros(n_features), np.ones(n_features), fill)
     total = raw.sum(axis=0)  # (F,)
     world.all_sum(total, "the standardisation statistics")
     mean = total / train.n
@@ -81,7 +103,7 @@ def fit_standardizer(world, train: MappedSplit, standardize: bool) -> D.Standard
     world.all_sum(sq, "the standardisation statistics")
     std = np.sqrt(sq / train.n)
     std[std < 1e-12] = 1.0  # a constant feature is only centred, as Standardizer.fit
-    return D.Standardizer(mean, std)
+    return D.Standardizer(mean, std, fill)
 
 
 def finish(trainer, world) -> None:
@@ -91,6 +113,7 @@ def finish(trainer, world) -> None:
     if not parts:
         return
     if run.standardizer is None:
-        run.standardizer = fit_standardizer(world, run.splits["train"], trainer.cfg.data.standardize)
+        d = trainer.cfg.data
+        run.standardizer = fit_standardizer(world, run.splits["train"], d.standardize, d.missing == "mean")
     for part in parts:
         part.finish(run.standardizer)

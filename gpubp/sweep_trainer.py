@@ -35,14 +35,22 @@ import time
 
 import numpy as np
 
-from .checkpoint import atomic_write, atomic_write_text, save_checkpoint
+from .checkpoint import atomic_write, atomic_write_text, remove_temporaries, save_checkpoint
 from .config import dump_toml
 from .errors import CheckpointError, DeviceRuntimeError, Interrupted, UsageError
 from .schedules import lr_at
 from .step import StepState
 from .sweep import Sweep, dump_sweep_toml
 from .sweep_group import Group
-from .trainer import _bytes, catch_sigint, config_for_checkpoint, data_meta, memory_estimate, prepare_out_dir
+from .trainer import (
+    RUN_FILES,
+    _bytes,
+    catch_sigint,
+    config_for_checkpoint,
+    data_meta,
+    memory_estimate,
+    prepare_out_dir,
+)
 
 STATE_FILE = "sweep_state.json"
 SWEEP_FILES = ("sweep.csv", "models", STATE_FILE)
@@ -81,6 +89,7 @@ class SweepTrainer:
         self.rows: dict[int, dict] = {}
         self.start = time.perf_counter()
         self.state = {"done": [], "step": {}, "diverged": {}, "stopped": []}
+        self.created_dir, self.saved = not resume, False  # a new sweep failing before its first checkpoint removes it
         if resume:  # continue the sweep run in out_dir where its state file says it stopped
             self.state = read_state(out_dir)
             self._trim_log()
@@ -121,8 +130,30 @@ class SweepTrainer:
         atomic_write_text(path, "".join(keep))
 
     def train(self) -> dict:
-        with np.errstate(all="ignore"):  # a diverging model's overflow is reported once, by the guard
-            return self._train()
+        try:
+            with np.errstate(all="ignore"):  # a diverging model's overflow is reported once, by the guard
+                return self._train()
+        except Interrupted:
+            raise  # its message names the run directory to resume: it stays
+        except BaseException:
+            self._remove_if_empty()
+            raise
+
+    def _remove_if_empty(self) -> None:
+        """As a single run (Trainer._remove_if_empty): a new sweep that fails before its
+        first checkpoint leaves no run directory; only its own files go."""
+        if not self.created_dir or self.saved:
+            return
+        for name in (*RUN_FILES, *SWEEP_FILES):
+            path = os.path.join(self.out_dir, name)
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+        with contextlib.suppress(OSError):
+            remove_temporaries(self.out_dir)
+            os.rmdir(self.out_dir)
 
     def _train(self) -> dict:
         groups = self.sweep.groups()
@@ -159,7 +190,7 @@ class SweepTrainer:
         """Each model of group g from its models/mNNN checkpoints (last.npz: parameters,
         optimizer state, running loss; best.npz: the best parameters), and the group's
         step, diverged and stopped models from the state file."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import best_for_resume, check_params, load_checkpoint
 
         step = self.state["step"].get(str(g.number), 0)
         params = g.backend.to_numpy(g.stack.flat_params).copy()
@@ -175,8 +206,9 @@ class SweepTrainer:
                 if g.diverged[i] is None and step > 0:
                     raise CheckpointError(f"--resume {self.out_dir}: {folder} has no last.npz; the run cannot go on")
                 continue
-            meta, arrays = load_checkpoint(os.path.join(folder, "last.npz"))
-            params[i] = g.last_saved[i] = arrays["params"]
+            last = os.path.join(folder, "last.npz")
+            meta, arrays = load_checkpoint(last)
+            params[i] = g.last_saved[i] = check_params(arrays, last, g.stack.n_params, g.stack.sizes)
             g.opt.load_state_dict({"steps": meta["optimizer_steps"],
                                    **{k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}}, i)  # fmt: skip
             g.best_value[i], g.best_step[i], g.bad_evals[i] = meta["best_value"], meta["best_step"], meta["bad_evals"]
@@ -184,8 +216,10 @@ class SweepTrainer:
             if g.diverged[i] is None and not g.stopped[i]:
                 g.n_running = int(meta["running_steps"])
                 steps.add((int(meta["step"]), int(meta["optimizer_steps"])))
-            if os.path.exists(os.path.join(folder, "best.npz")):
-                g.best_params[i] = load_checkpoint(os.path.join(folder, "best.npz"))[1]["params"]
+            # the best.npz that last.npz records, as a single run's resume (checkpoint.best_for_resume);
+            # without one (none yet, or a crash between the two writes) the last weights stand in
+            best = best_for_resume(last, meta, g.stack.n_params, g.stack.sizes)
+            g.best_params[i] = params[i] if best is None else best[1]["params"]
         if len(steps) > 1:
             raise CheckpointError(
                 f"--resume {self.out_dir}: the checkpoints of group {g.number + 1} are at different steps "
@@ -358,6 +392,7 @@ class SweepTrainer:
             **data_meta(g.member_cfgs[i], run), "sweep": {"model": m.index, "values": m.values},
         }  # fmt: skip
         save_checkpoint(os.path.join(model_dir(self.out_dir, m.index), name), meta, arrays)
+        self.saved = True
         if name == "last.npz":
             g.last_saved[i] = arrays["params"].copy()
 
@@ -433,7 +468,9 @@ class SweepTrainer:
                 best = dict(best, best_metric="final_train_loss", best_value=best["final_train_loss"])
                 src = os.path.join(model_dir(self.out_dir, best["model"]), "last.npz")
         if src is not None and os.path.exists(src):
-            atomic_write(os.path.join(self.out_dir, "best.npz"), lambda f: f.write(open(src, "rb").read()))
+            with open(src, "rb") as f:
+                data = f.read()
+            atomic_write(os.path.join(self.out_dir, "best.npz"), lambda out: out.write(data))
         summary = {
             "models": len(rows), "groups": len({r["group"] for r in rows}),
             "diverged": [r["model"] for r in rows if r["status"].startswith("diverged")],

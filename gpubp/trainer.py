@@ -39,7 +39,14 @@ from . import metrics as M
 from . import targets as T
 from .activations import ACTIVATIONS, SAVES_INPUT
 from .backend import resolve_device
-from .checkpoint import atomic_write_text, folder_sync_once, load_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoint import (
+    atomic_write_text,
+    best_for_resume,
+    folder_sync_once,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 from .config import Config, dump_toml, validate
 from .errors import (
     CheckpointError,
@@ -76,7 +83,8 @@ def load_dataset(cfg: Config, mapped: bool = False) -> D.Dataset:
     elif d.dataset == "mnist":
         ds = (mapped and D.load_mnist_mapped(cfg.data_path())) or D.load_mnist(cfg.data_path())
     elif d.dataset == "npz":
-        ds = (mapped and D.load_npz_mapped(cfg.data_path(), task)) or D.load_npz(cfg.data_path(), task)
+        path = cfg.data_path()
+        ds = (mapped and D.load_npz_mapped(path, task, d.missing)) or D.load_npz(path, task, d.missing)
     elif d.dataset == "csv":
         ds = D.load_csv(
             cfg.data_path(), d.label_column, task, d.delimiter, d.feature_columns, d.drop_columns, d.missing
@@ -199,12 +207,12 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         raise ConfigError(f"{cfg.source}: train.early_stopping_metric 'val_accuracy' needs a classification dataset")
     if standardizer is not None:
         std = standardizer
-    elif d.standardize and mapped:
+    elif mapped and (d.standardize or d.missing == "mean"):
         std = None  # from every rank's share of the training rows, in shard.finish
     elif mapped:
         std = D.Standardizer.identity(ds.x.shape[1])
     else:  # with data.missing = "mean", also the training means that fill missing values
-        std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names)
+        std = D.Standardizer.fit(splits.train.x, d.standardize, ds.feature_names, fill_missing=d.missing == "mean")
     width = output_width(ds, cfg.loss.name)
     if checkpoint is not None:
         check_data_fits(cfg, ds, width, *checkpoint)
@@ -531,9 +539,10 @@ class Trainer:
         # (step, metrics) of the validation split at the last and at the best evaluation, when they hold
         # every metric _finish reports (it reuses them for the same weights instead of evaluating again)
         self.val_at_last = self.val_at_best = None
-        self.created_dir = (
-            resume is None and out_dir is not None
-        )  # a run failing before its first checkpoint removes it
+        # a run failing before its first checkpoint removes its run directory (a new one: not resumed in place)
+        self.created_dir = out_dir is not None and not (
+            resume is not None and _same_dir(out_dir, os.path.dirname(os.path.abspath(resume)))
+        )
         self.guard = FiniteGuard(self.run.backend, self.model.dtype)
         self.history = []  # in memory: the evaluation records metrics.jsonl would hold
         self.min_eval_steps = MIN_EVAL_STEPS  # train.eval_every = 0: evaluate after whole epochs of >= this
@@ -568,11 +577,9 @@ class Trainer:
         self.step = int(meta["step"])
         self.best_value, self.best_step = meta["best_value"], meta["best_step"]
         self.bad_evals = int(meta["bad_evals"])
-        best = os.path.join(os.path.dirname(os.path.abspath(path)), "best.npz")
-        if self.best_step is not None and os.path.exists(best):
-            best_meta, best_arrays = load_checkpoint(best)
-            if best_meta.get("step") == self.best_step:  # the weights restore_best returns to
-                self.best, self.best_written = (best_meta, best_arrays), False
+        best = best_for_resume(path, meta, self.model.n_params, self.model.sizes)  # None, or the best it records
+        if best is not None:  # the weights restore_best returns to
+            self.best, self.best_written = best, False
         if "train.running_loss" in arrays:  # saved mid-interval (Ctrl-C): the loss summed so far
             self.running_loss[...] = float(arrays["train.running_loss"])  # float64: exact
             self.n_running = int(meta["running_steps"])
