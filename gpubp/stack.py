@@ -25,9 +25,12 @@ import numpy as np
 
 from .activations import SAVES_INPUT, make_activation
 from .backend import get_backend
+from .backend.threads import blas_one_thread, num_threads, run_blocks
 from .init import init_weight
 from .losses import make_loss
 from .model import DTYPES, MLP, _Workspace
+
+BLOCK_BYTES = 1 << 22  # a CPU step's block of models: its buffers' bytes (measured: 1-4 MiB pay, 256 KiB loses)
 
 
 def initial_params(sizes, seed: int, init: str) -> np.ndarray:
@@ -170,44 +173,82 @@ class MLPStack:
 
     # ---------------------------------------------------------------- passes
 
-    def _forward(self, x, ws: _Workspace):
+    def _forward(self, x, ws: _Workspace, sl=slice(None)):
+        """Models sl's outputs (m, n, n_out); x is every model's input (ws.x[0] is set to it)."""
         be = self.backend
         ws.x[0] = x
+        xk = x[sl] if x.ndim == 3 else x  # (m, n, n_in) or shared (n, n_in)
         for k, act in enumerate(self.activations):
-            W, b = self.layer_params(k)
-            z = ws.z[k] if ws.z[k] is not None else ws.a[k]
-            be.gemm_batched(ws.x[k], W, out=z)  # z_k = x_k W_k           (M, n, n_{k+1})
-            be.bias_act_forward_batched(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
+            W, b = self.params[2 * k][sl], self.params[2 * k + 1][sl]
+            z = (ws.z[k] if ws.z[k] is not None else ws.a[k])[sl]
+            a = ws.a[k][sl]
+            be.gemm_batched(xk, W, out=z)  # z_k = x_k W_k           (m, n, n_{k+1})
+            be.bias_act_forward_batched(z, b, act, out=a)  # a_k = f_k(z_k + b_k)
             if self.is_residual[k]:
-                self.xp.add(ws.x[k], ws.a[k], out=ws.x[k + 1])  # x_{k+1} = x_k + a_k
-        return ws.x[-1]
+                self.xp.add(xk, a, out=ws.x[k + 1][sl])  # x_{k+1} = x_k + a_k
+            xk = ws.x[k + 1][sl]
+        return xk
 
     def forward(self, x):
         """Every model's output (M, N, n_out)."""
         x = self.as_input(x)
         return self._forward(x, self._workspace(x.shape[-2])).copy()
 
-    def _backward(self, ws: _Workspace) -> None:
+    def _backward(self, ws: _Workspace, sl=slice(None)) -> None:
+        """Reverse mode for models sl, from D = ws.dx[l][sl]: their rows of self.grads."""
         be = self.backend
+        x0 = ws.x[0]
         for k in reversed(range(self.n_layers)):
             act = self.activations[k]
-            W, _ = self.layer_params(k)
-            dW, db = self.grads[2 * k], self.grads[2 * k + 1]
-            saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
-            D, Dz = ws.dx[k + 1], ws.dz[k]
+            W = self.params[2 * k][sl]
+            dW, db = self.grads[2 * k][sl], self.grads[2 * k + 1][sl]
+            saved = (ws.z[k] if ws.z[k] is not None else ws.a[k])[sl]
+            D, Dz = ws.dx[k + 1][sl], ws.dz[k][sl]
+            xk = x0 if k == 0 and x0.ndim == 2 else ws.x[k][sl]  # a shared batch: (n, n_in)
             be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)
-            be.gemm_batched(ws.x[k], Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'
+            be.gemm_batched(xk, Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'
             be.bias_grad_batched(Dz, out=db)  # db_k = 1^T D'
             if k > 0:
-                be.gemm_batched(Dz, W, out=ws.dx[k], trans_b=True, beta=1.0 if self.is_residual[k] else 0.0)
+                be.gemm_batched(Dz, W, out=ws.dx[k][sl], trans_b=True, beta=1.0 if self.is_residual[k] else 0.0)
+
+    def _forward_backward_block(self, x, target, ws: _Workspace, sl):
+        """Loss (m,) of models sl, their gradients into self.grads."""
+        per_model = target.ndim == (2 if self.loss.info.target == "labels" else 3)
+        out = self._forward(x, ws, sl)
+        t = target[sl] if per_model else target
+        loss = self.backend.loss_forward_backward_batched(out, t, self.loss, grad=ws.dx[-1][sl])
+        self._backward(ws, sl)
+        return loss
+
+    def blocks(self, n: int) -> list:
+        """The blocks of models (slices) a CPU step runs one after another, or side by side
+        on threads (gpubp.backend.threads): each block's buffers about BLOCK_BYTES, so that
+        a block's forward and backward pass run in the core's cache, and at least one block
+        per thread. One block on the GPU."""
+        if self.backend.name != "cpu":
+            return [slice(None)]
+        ws = self._workspace(n)
+        seen, per_model = set(), 2 * self.n_params  # parameters and gradients
+        for buf in [*ws.z, *ws.a, *ws.x[1:], *ws.dx, *ws.dz]:
+            if buf is not None and id(buf) not in seen:
+                seen.add(id(buf))
+                per_model += buf[0].size
+        rows = max(1, BLOCK_BYTES // (per_model * self.dtype.itemsize))
+        rows = min(rows, -(-self.count // num_threads()))  # at least one block per thread
+        return [slice(lo, min(lo + rows, self.count)) for lo in range(0, self.count, rows)]
 
     def forward_backward(self, x, target):
         """Each model's loss (M,) as a backend array, gradients into self.grads."""
         ws = self._workspace(x.shape[-2])
-        out = self._forward(x, ws)
-        loss = self.backend.loss_forward_backward_batched(out, target, self.loss, grad=ws.dx[-1])
-        self._backward(ws)
-        return loss
+        ws.x[0] = x
+        blocks = self.blocks(x.shape[-2])
+        if len(blocks) == 1:
+            if self.backend.name != "cpu":
+                return self._forward_backward_block(x, target, ws, blocks[0])
+            with blas_one_thread():
+                return self._forward_backward_block(x, target, ws, blocks[0])
+        losses = run_blocks(lambda sl: self._forward_backward_block(x, target, ws, sl), blocks)
+        return self.xp.concatenate(losses)
 
     def loss_and_grads(self, x, y):
         """(losses as a host array (M,), gradients in params order: views, overwritten by the next call)."""

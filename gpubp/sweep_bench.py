@@ -7,7 +7,16 @@ of different seeds see different batches), with Adam at lr 1e-3. The three varia
 timed interleaved, one step of each per round (host clock on the CPU, CUDA events on
 the GPU), so that a change of load on a shared machine hits all three alike; the
 figures are the medians over the rounds after warm-up, and the minimum (the least
-disturbed step) beside them.
+disturbed step) beside them. On the CPU each step is followed by an untimed pause
+(cpu_settle_s): OpenBLAS's worker threads spin for ~0.1 s after a threaded call (the
+sequential models' GEMMs), and without the pause they would take a core from the
+variant timed next.
+
+Threads, as a user gets them by default: the stacked step runs blocks of models on
+gpubp.backend.threads (GPUBP_THREADS, else OpenBLAS's thread count; OpenBLAS on one
+thread meanwhile), the sequential models use OpenBLAS's threads, PyTorch its own
+(torch.get_num_threads()). OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 makes all three
+single-threaded.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ class SweepCase:
     steps: int = 40
     cpu_warmup: int = 3
     cpu_steps: int = 30
+    cpu_settle_s: float = 0.15  # untimed pause after each step on the CPU (see the module docstring)
 
 
 CASES = [
@@ -44,8 +54,20 @@ def _data(case: SweepCase):
     return x, y
 
 
-def _counts(case: SweepCase, device: str) -> tuple[int, int]:
-    return (case.cpu_warmup, case.cpu_steps) if device == "cpu" else (case.warmup, case.steps)
+def _counts(case: SweepCase, device: str) -> tuple[int, int, float]:
+    return (case.cpu_warmup, case.cpu_steps, case.cpu_settle_s) if device == "cpu" else (case.warmup, case.steps, 0.0)
+
+
+def thread_settings(with_torch: bool) -> dict:
+    """The threads each variant runs on (None where unknown)."""
+    from .backend.threads import blas_threads, num_threads
+
+    out = {"stacked": num_threads(), "openblas": blas_threads(), "torch": None}
+    if with_torch:
+        import torch
+
+        out["torch"] = torch.get_num_threads()
+    return out
 
 
 def stacked_step(case: SweepCase, backend):
@@ -121,8 +143,9 @@ def torch_func_step(case: SweepCase, device: str):
     return step, sync
 
 
-def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int) -> dict:
-    """name -> every timed step (ms), one step of each variant per round."""
+def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int, settle_s: float = 0.0) -> dict:
+    """name -> every timed step (ms), one step of each variant per round, each followed
+    by an untimed pause of settle_s seconds."""
     import time
 
     for _ in range(warmup):
@@ -137,11 +160,16 @@ def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int) -> dict:
             step()
             syncs[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
+            if settle_s:
+                time.sleep(settle_s)
     return times
 
 
 def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
     reason = torch_unavailable() if with_torch else "--no-torch"
+    threads = thread_settings(not reason) if backend.name == "cpu" else None
+    if threads:
+        log(threads_line(threads))
     rows = []
     for case in cases or CASES:
         steps = {"stacked": stacked_step(case, backend), "sequential": sequential_step(case, backend)}
@@ -165,7 +193,12 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
                "x_torch_func": theirs / med["stacked"] if theirs else None}  # fmt: skip
         rows.append(row)
         log(format_row(row))
-    return {"device": backend.describe(), "results": rows}
+    return {"device": backend.describe(), "threads": threads, "results": rows}
+
+
+def threads_line(threads: dict) -> str:
+    return (f"threads: stacked {threads['stacked']}, sequential (OpenBLAS) {_f(threads['openblas'], 'd')}, "
+            f"torch.func {_f(threads['torch'], 'd')}")  # fmt: skip
 
 
 HEADER = (f"{'case':<12} {'M':>3} {'stacked ms':>11} {'sequential ms':>14} {'torch.func ms':>14} {'x seq':>6} "
@@ -184,7 +217,8 @@ def format_row(row: dict) -> str:
 
 
 def markdown(report: dict, command: str) -> str:
-    lines = [f"Device: {report['device']}", f"Command: `{command}`", "",
+    lines = [f"Device: {report['device']}", f"Command: `{command}`",
+             *([threads_line(report["threads"])] if report.get("threads") else []), "",
              "| case | models x sizes @ batch | stacked ms/step | sequential ms/step | torch.func ms/step "
              "| x sequential | x torch.func | min stacked / sequential ms |", "|" + "---|" * 8]  # fmt: skip
     for r in report["results"]:

@@ -53,10 +53,14 @@ def test_batched_loss_in_row_blocks_matches(monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 53, 4))
     y = rng.integers(0, 4, 53).astype(np.int32)  # labels shared by both models
-    spec = make_loss("softmax_cross_entropy")
-    values = sops.loss_forward_backward_batched(x, y, spec, None)
-    for i in range(2):
-        assert values[i] == ops.loss_forward_backward(x[i], y, spec, None)
+    for eps in (0.0, 0.1):
+        spec = make_loss("softmax_cross_entropy", eps)
+        grad = np.empty_like(x)  # its blocks of rows are not contiguous across the models
+        values = sops.loss_forward_backward_batched(x, y, spec, grad)
+        for i in range(2):
+            g = np.empty_like(x[i])
+            assert values[i] == ops.loss_forward_backward(x[i], y, spec, g)
+            np.testing.assert_array_equal(grad[i], g)
 
 
 def test_batched_gemm_bias_act_and_bias_grad_per_slice():
@@ -209,3 +213,44 @@ def test_batched_step_guard_is_the_single_guard_per_model(dtype):
         if not np.isnan(n1):  # a NaN norm: that step is skipped, its scale unused
             assert scale[i] == s1, i
     assert first_bad.tolist() == [-1, 7, 7, -1, 2] and skip.tolist() == [False, True, True, True, True]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shared_data", [False, True])
+def test_blocks_of_models_on_threads_are_bitwise_the_single_runs(monkeypatch, threads, shared_data):
+    # one model per block (BLOCK_BYTES 1), the blocks run one after another or on two threads,
+    # OpenBLAS on one thread meanwhile: each model still the single run, bit for bit
+    import gpubp.stack as stack_module
+    from gpubp.backend import threads as th
+
+    monkeypatch.setattr(stack_module, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(sops, "CACHE_BLOCK", 8)
+    monkeypatch.setitem(th._STATE, "threads", threads)
+    settings = [dict(s, lr=s["lr"] / 10) for s in GRID]
+    diff = _train_pair([6, 8, 8, 3], settings, "adamw", "softmax_cross_entropy", "float32", 10, residual=True,
+                       clip=[0.0, 0.1, 1.0, 0.0, 0.5, 0.0, 2.0, 0.0], shared_data=shared_data)  # fmt: skip
+    assert diff == 0.0
+    assert len(MLPStack([6, 8, 3], 5).blocks(16)) == 5  # the blocks were single models
+
+
+def test_blocks_cover_every_model_once_and_one_block_per_thread_at_least(monkeypatch):
+    from gpubp.backend import threads as th
+
+    monkeypatch.setitem(th._STATE, "threads", 1)
+    stack = MLPStack([64, 128, 10], 64)
+    blocks = stack.blocks(128)
+    covered = np.concatenate([np.arange(64)[b] for b in blocks])
+    np.testing.assert_array_equal(covered, np.arange(64))
+    assert len(blocks) == 4  # 64 models of 246 KiB (parameters, gradients, activations): 16 in 4 MiB
+    small = MLPStack([6, 8, 3], 5)
+    assert small.blocks(16) == [slice(0, 5)]  # all in one block on one thread
+    monkeypatch.setitem(th._STATE, "threads", 2)
+    assert small.blocks(16) == [slice(0, 3), slice(3, 5)]  # one block per thread
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_updates_in_column_blocks_of_one_model_are_bitwise_the_same(monkeypatch, opt):
+    # a row longer than CACHE_BLOCK (16 bytes: 2 float64 per block): blocks of columns
+    monkeypatch.setattr(sops, "CACHE_BLOCK", 16)
+    settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID[:3]]
+    assert _train_pair([6, 8, 3], settings, opt, "mse", "float64", 5) == 0.0

@@ -11,7 +11,7 @@ from gpubp import sweep_bench as S
 from gpubp.backend import get_backend
 from gpubp.cli import main
 
-SMALL = [S.SweepCase("t", 3, [5, 8, 4], 16, cpu_warmup=1, cpu_steps=3)]
+SMALL = [S.SweepCase("t", 3, [5, 8, 4], 16, cpu_warmup=1, cpu_steps=3, cpu_settle_s=0.0)]
 
 
 def test_run_reports_stacked_sequential_and_ratios():
@@ -21,6 +21,21 @@ def test_run_reports_stacked_sequential_and_ratios():
     assert row["x_sequential"] == pytest.approx(row["sequential_ms"] / row["stacked_ms"])
     assert row["torch_func"] == {"skipped": "--no-torch"} and row["x_torch_func"] is None
     assert "| t | 3 x [5, 8, 4] @ 16 |" in S.markdown(report, "gpubp bench --case sweep")
+    assert report["threads"]["stacked"] >= 1 and "threads: stacked" in S.markdown(report, "gpubp bench")
+
+
+def test_interleaved_rounds_pause_untimed_after_each_step():
+    import time
+
+    calls = []
+    steps = {
+        "a": lambda: calls.append(("a", time.perf_counter())),
+        "b": lambda: calls.append(("b", time.perf_counter())),
+    }
+    times = S.interleaved_ms(steps, {"a": lambda: None, "b": lambda: None}, 0, 2, settle_s=0.05)
+    assert [c[0] for c in calls] == ["a", "b", "a", "b"]  # one step of each per round
+    assert all(t2 - t1 >= 0.05 for (_, t1), (_, t2) in zip(calls, calls[1:]))  # the pause lies between steps
+    assert sorted(times) == ["a", "b"] and all(len(v) == 2 for v in times.values())
 
 
 def test_torch_func_variant_runs_where_torch_is_installed():

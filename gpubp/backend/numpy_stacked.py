@@ -22,11 +22,11 @@ from .numpy_ops import (
     LOSS_BLOCK,
     _ones,
     act_forward,
-    cross_entropy_rows,
     elementwise_loss,
     loss_divisor,
     momentum_direction,
 )
+from .threads import run_blocks
 
 
 def _t(a):
@@ -95,10 +95,52 @@ def loss_sum_batched(x, target, loss: Loss, grad, divisor: int):
     formulas of numpy_ops, each model's terms summed as numpy_ops sums one model's."""
     n_models = x.shape[0]
     if loss.name == "softmax_cross_entropy":
-        total = cross_entropy_rows(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum(axis=-1)
+        total = cross_entropy_rows_batched(x, target, loss.label_smoothing, grad, 1.0 / divisor).sum(axis=-1)
     else:
         total = elementwise_loss(x, target, loss, grad, 1.0 / divisor).reshape(n_models, -1).sum(axis=-1)
     return np.asarray(total, dtype=x.dtype)
+
+
+def row_max(x):
+    """max over the last axis, keepdims. For a few classes a maximum per column: max is
+    exact, so the same values as x.max(axis=-1), ~10x faster than NumPy's reduction over
+    a short last axis (which pays per row)."""
+    c = x.shape[-1]
+    if c > 32:
+        return x.max(axis=-1, keepdims=True)
+    out = x[..., :1].copy()
+    for k in range(1, c):
+        np.maximum(out, x[..., k : k + 1], out=out)
+    return out
+
+
+def cross_entropy_rows_batched(x, labels, eps: float, grad, scale: float):
+    """numpy_ops.cross_entropy_rows over (M, N, C) with labels (M, N) or shared (N,): the
+    same formulas in the same order (the same bits per model), with the row maximum and
+    the label lookups done faster (row_max; one flat index instead of take/put_along_axis).
+
+        logp = x - logsumexp(x); q = (1 - e) onehot(y) + e / C
+        L_row = -sum_c q_c logp_c;   dL_row/dx = softmax(x) - q
+    """
+    c = x.shape[-1]
+    shifted = x - row_max(x)
+    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    logp = shifted - lse
+    rows = np.arange(logp.size // c)
+    label = np.broadcast_to(labels, x.shape[:-1]).reshape(-1)
+    nll = -logp.reshape(-1, c)[rows, label].reshape(x.shape[:-1])
+    per_row = (1.0 - eps) * nll - (eps / c) * logp.sum(axis=-1) if eps else nll
+    if grad is not None:
+        np.exp(logp, out=grad)
+        grad -= eps / c
+        if grad.flags.c_contiguous:
+            flat = grad.reshape(-1, c)  # a view of grad
+            flat[rows, label] -= 1.0 - eps
+        else:  # a block of rows of every model (loss_forward_backward_batched): as numpy_ops does it
+            idx = label.reshape(*x.shape[:-1], 1).astype(np.intp)
+            np.put_along_axis(grad, idx, np.take_along_axis(grad, idx, axis=-1) - (1.0 - eps), axis=-1)
+        grad *= scale
+    return per_row
 
 
 def accuracy_count_batched(x, labels, threshold=0.0):
@@ -135,17 +177,24 @@ CACHE_BLOCK = 1 << 17  # bytes of one buffer's rows that an update processes at 
 
 
 def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> bool:
-    """Run an elementwise update over blocks of models whose rows fit in cache: the same
-    arithmetic per element (so the same bits), far less memory traffic than one pass per
-    op over all M rows. Returns False when one block covers every model."""
+    """Run an elementwise update over blocks of models whose rows fit in cache (or over
+    column blocks of one model when its row does not): the same arithmetic per element
+    (so the same bits), far less memory traffic than one pass per op over all M rows.
+    The blocks run on the stack's threads. Returns False when one block covers all."""
     p = arrays["p"]
-    rows = max(1, CACHE_BLOCK // max(1, p.shape[1] * p.itemsize))
-    if rows >= p.shape[0]:
+    m, n = p.shape
+    rows = max(1, CACHE_BLOCK // max(1, n * p.itemsize))
+    cols = n if rows > 1 or n * p.itemsize <= CACHE_BLOCK else max(1, CACHE_BLOCK // p.itemsize)
+    if rows >= m and cols >= n:
         return False
-    for lo in range(0, p.shape[0], rows):
-        hi = min(lo + rows, p.shape[0])
-        step(**{k: a[lo:hi] for k, a in arrays.items()}, scratch=scratch[:, lo:hi],
-             **{k: v[lo:hi] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+
+    def block(item):
+        lo, c0 = item
+        rs, cs = slice(lo, min(lo + rows, m)), slice(c0, min(c0 + cols, n))
+        step(**{k: a[rs, cs] for k, a in arrays.items()}, scratch=scratch[:, rs, cs],
+             **{k: v[rs] for k, v in vectors.items()}, **kwargs, blocked=True)  # fmt: skip
+
+    run_blocks(block, [(lo, c0) for lo in range(0, m, rows) for c0 in range(0, n, cols)])
     return True
 
 
