@@ -169,6 +169,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "eval_batch_size": _f("int", 4096, "rows per chunk when evaluating", min=1),
         "seed": _f("int", 0, "seeds the split, the initial weights and the shuffle", min=0),
         "device": _f("str", "auto", "auto, cpu or gpu (overridden by --device)", DEVICE_CHOICES),
+        "cuda_graph": _f(
+            "bool",
+            True,
+            "GPU: capture the training step as a CUDA graph per batch shape and replay it (off: launch "
+            "each op); data-parallel runs launch each op",
+        ),
     },
 }
 

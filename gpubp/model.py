@@ -307,13 +307,15 @@ class MLP:
                 beta = 1.0 if self.is_residual[k] else 0.0
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
-    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True):
+    def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
+                         loss_out=None):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
         on_layer(k): called once layer k's gradients are issued (see _backward).
         fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
+        loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
         """
         ws = self._workspace(x.shape[0])
         self._round_params()
@@ -321,7 +323,7 @@ class MLP:
         kw = {}
         if self.loss_scale is not None:
             kw["loss_scale"] = self.loss_scale if scaled else self._unit_scale()
-        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], **kw)
+        loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out, **kw)
         self._backward(ws, input_grad=input_grad, on_layer=on_layer)
         return loss
 

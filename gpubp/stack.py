@@ -281,10 +281,18 @@ class StackOptimizer:
     """torch.optim's rules for every model of a stack, one fused update over (M, P).
 
     Hyperparameters are scalars (shared) or one value per model; `lr` is a host float64
-    array (M,) that a schedule may rewrite before each step. The per-model vectors the
-    update reads are (M, 1) arrays of the parameters' dtype (device vectors on the GPU)."""
+    array (M,) that a schedule may rewrite before each step. Constant per-model values
+    are (M, 1) arrays of the parameters' dtype (device vectors on the GPU).
+
+    What changes from one update to the next lives on the device too, and `update`
+    reads only that: `vectors` (n_vectors, M, 1), this update's per-model numbers
+    (`step_vectors`: SGD's learning rate; Adam's 1 - lr wd, lr / (1 - b1^t) and
+    sqrt(1 - b2^t)), and `first_step` (0-d bool, SGD's momentum start). `step` fills
+    them from the host each update; the trainer's step (gpubp/step.py) fills them on the
+    device from precomputed tables, so a captured CUDA graph replays a new step each time."""
 
     state_names: tuple[str, ...] = ()
+    vector_names: tuple[str, ...] = ("lr",)
 
     def __init__(self, stack: MLPStack, lr):
         self.stack = stack
@@ -299,6 +307,8 @@ class StackOptimizer:
         rows = self.backend.optimizer_scratch_rows
         self._scratch = self.backend.empty((rows, *shape), stack.dtype) if rows else None
         self._ones = self._vec(np.ones(stack.count))
+        self.vectors = self.backend.zeros((len(self.vector_names), stack.count, 1), stack.dtype)
+        self.first_step = self.backend.zeros((), np.bool_)
 
     def _vec(self, host) -> object:
         """(M, 1) backend array of the stack's dtype from host float64 values."""
@@ -306,6 +316,11 @@ class StackOptimizer:
 
     def _hyper(self, value, name: str) -> np.ndarray:
         return np.array([float(v) for v in _per_model(value, self.stack.count, name)])
+
+    def step_vectors(self, t: int, lr) -> np.ndarray:
+        """(n_vectors, M) float64: what update number t (1-based) reads, lr (M,) the models'
+        learning rates; computed with the Python-float arithmetic of numpy_ops (the same bits)."""
+        return np.array([[float(x) for x in lr]])
 
     def step(self, grads=None, grad_scale=None, skip=None) -> None:
         """Update every model (grads: the stack's own gradient views, or None); grad_scale
@@ -315,7 +330,17 @@ class StackOptimizer:
                 if src is not dst:
                     dst[...] = self.backend.asarray(src, dtype=self.stack.dtype)
         self.steps += 1
-        scale = self._ones if grad_scale is None else grad_scale.reshape(-1, 1).astype(self.stack.dtype)
+        host = self.step_vectors(self.steps, self.lr)[..., None]  # (n_vectors, M, 1): one host-to-device copy
+        self.vectors[...] = self.backend.asarray(host, dtype=self.stack.dtype)
+        self.first_step[...] = self.steps == 1
+        self.update(grad_scale, skip)
+
+    def update(self, grad_scale=None, skip=None) -> None:
+        """The update from the device-side `vectors` and `first_step` alone: nothing here
+        changes between steps, so it can be captured once and replayed. grad_scale: (M,)
+        (or 0-d for one model) or None; skip: (M,) / 0-d bool or None."""
+        scale = self._ones if grad_scale is None else grad_scale.reshape(-1, 1).astype(self.stack.dtype, copy=False)
+        skip = None if skip is None else skip.reshape(-1)
         self._update(self.stack.flat_params, self.stack.flat_grads, scale, skip)
 
     def state_dict(self, i: int | None = None) -> dict:
@@ -360,13 +385,14 @@ class StackSGD(StackOptimizer):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         self._momentum_v, self._one_minus_damp = self._vec(self.momentum), self._vec(1.0 - self.dampening)
         self._wd = self._vec(self.weight_decay)
+        self._momentum_on, self._decay_on = bool(on.all()), bool(np.any(self.weight_decay))
 
     def _update(self, p, g, scale, skip):
         self.backend.sgd_step_batched(
-            p, g, self.momentum_buffer, self._scratch, lr=self._vec(self.lr), momentum=self._momentum_v,
+            p, g, self.momentum_buffer, self._scratch, lr=self.vectors[0], momentum=self._momentum_v,
             one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
-            first_step=self.steps == 1, grad_scale=scale, skip=skip,
-            momentum_on=bool(self.momentum[0] > 0), decay_on=bool(np.any(self.weight_decay)),
+            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=self._momentum_on,
+            decay_on=self._decay_on,
         )  # fmt: skip
 
 
@@ -374,6 +400,7 @@ class StackAdam(StackOptimizer):
     """torch.optim.Adam per model (L2 weight decay); StackAdamW decouples it."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    vector_names = ("lr_decay", "step_size", "bias2_sqrt")
     decoupled = False
 
     def __init__(self, stack, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -392,21 +419,24 @@ class StackAdam(StackOptimizer):
             raise ValueError("eps must be > 0 and weight_decay >= 0")
         self._b1c, self._b2 = self._vec(1.0 - self.beta1), self._vec(self.beta2)
         self._b2c, self._eps, self._wd = self._vec(1.0 - self.beta2), self._vec(self.eps), self._vec(self.weight_decay)
+        self._decay_on = bool(np.any(self.weight_decay))
 
-    def _update(self, p, g, scale, skip):
-        t = self.steps
-        # per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits)
-        lr, b1, b2, wd = self.lr.tolist(), self.beta1.tolist(), self.beta2.tolist(), self.weight_decay.tolist()
+    def step_vectors(self, t: int, lr) -> np.ndarray:
+        """Rows lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t):
+        per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits)."""
+        lr, b1, b2, wd = [float(x) for x in lr], self.beta1.tolist(), self.beta2.tolist(), self.weight_decay.tolist()
         step_size = [lr[i] / (1.0 - b1[i] ** t) for i in range(len(lr))]
         bias2_sqrt = [math.sqrt(1.0 - b2[i] ** t) for i in range(len(lr))]
         lr_decay = [1.0 - lr[i] * wd[i] for i in range(len(lr))]
-        # the step's three vectors in one host-to-device copy: rows lr_decay, step_size, bias2_sqrt
-        vec = self.backend.asarray(np.array([lr_decay, step_size, bias2_sqrt])[..., None], dtype=self.stack.dtype)
+        return np.array([lr_decay, step_size, bias2_sqrt])
+
+    def _update(self, p, g, scale, skip):
+        vec = self.vectors
         self.backend.adam_step_batched(
             p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=vec[0],
             one_minus_beta1=self._b1c, beta2=self._b2, one_minus_beta2=self._b2c, eps=self._eps, weight_decay=self._wd,
             step_size=vec[1], bias2_sqrt=vec[2], decoupled=self.decoupled,
-            grad_scale=scale, skip=skip, decay_on=bool(np.any(self.weight_decay)),
+            grad_scale=scale, skip=skip, decay_on=self._decay_on,
         )  # fmt: skip
 
 
@@ -419,15 +449,23 @@ class StackAdamW(StackAdam):
         super().__init__(stack, lr, betas, eps, weight_decay)
 
 
-def make_stack_optimizer(stack, name: str, lr, momentum=0.0, dampening=0.0, nesterov=False,
-                         betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
+STACK_OPTIMIZER_CLASSES = {"sgd": StackSGD, "adam": StackAdam, "adamw": StackAdamW}
+
+
+def build_optimizer(classes: dict, target, name: str, lr, momentum=0.0, dampening=0.0, nesterov=False,
+                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):  # fmt: skip
+    """classes[name] over `target` (a stack, or one model for optim.py's classes)."""
+    cls = classes.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(classes)}")
     if name == "sgd":
-        return StackSGD(stack, lr, momentum, dampening, nesterov, weight_decay)
-    if name == "adam":
-        return StackAdam(stack, lr, betas, eps, weight_decay)
-    if name == "adamw":
-        return StackAdamW(stack, lr, betas, eps, weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of sgd, adam, adamw")
+        return cls(target, lr, momentum, dampening, nesterov, weight_decay)
+    return cls(target, lr, betas, eps, weight_decay)
+
+
+def make_stack_optimizer(stack, name: str, lr, *hyper, **named):
+    """The optimizer `name` (sgd, adam, adamw) for every model of `stack`; the hyperparameters as build_optimizer."""
+    return build_optimizer(STACK_OPTIMIZER_CLASSES, stack, name, lr, *hyper, **named)
 
 
 def clip_scale_batched(backend, flat_grads, max_norm):

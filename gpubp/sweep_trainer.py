@@ -10,7 +10,8 @@ One step (M models):
     losses (M,) = stack.forward_backward(x, y)               batched GEMMs
     norms (M,) -> per-model clip scales; guard: a model whose loss or gradient is not
     finite is frozen from that step on (its update is skipped), the others go on
-    opt.step(scales, skip)                                   one fused update over (M, P)
+    opt.update(scales, skip)                                 one fused update over (M, P), its per-step
+                                                             numbers from device tables (gpubp/step.py)
 
 Run directory:
     config.toml            the sweep's config, [sweep] table included
@@ -38,6 +39,7 @@ from .checkpoint import atomic_write, atomic_write_text, remove_temporaries, sav
 from .config import dump_toml
 from .errors import CheckpointError, DeviceRuntimeError, Interrupted, UsageError
 from .schedules import lr_at
+from .step import StepState
 from .sweep import Sweep, dump_sweep_toml
 from .sweep_group import Group
 from .trainer import (
@@ -247,18 +249,22 @@ class SweepTrainer:
         scope = contextlib.ExitStack()
         interrupted = scope.enter_context(catch_sigint())
         scope.enter_context(np.errstate(all="ignore"))
+        # the per-step numbers (each model's learning rate, Adam's bias corrections, the step
+        # index) as device tables, as the single-run trainer's step reads them (gpubp/step.py)
+        state = StepState(be, opt, lambda s: self._lrs(g, s), lambda s: 0, g.total_steps)
         try:
             while step < g.total_steps:
                 xb, yb = g.batch(step, perm_cache)
-                for i, m in enumerate(g.members):
-                    s = m.cfg.schedule
-                    opt.lr[i] = lr_at(step, m.cfg.optimizer.lr, s.name, g.total_steps, s.warmup_steps, s.step_size,
-                                      s.gamma, s.min_lr)  # fmt: skip
+                state.ensure(step, opt.steps)
+                state.select()
                 loss = stack.forward_backward(xb, yb)
                 # one launch: first non-finite step, skip flags, norms and clipping scales of all models
-                be.step_guard_batched(loss, be.sum_squares_batched(stack.flat_grads), step, g.max_norm, frozen_dev,
-                                      g.first_bad, g.skip, g.norm, g.scale)  # fmt: skip
-                opt.step(grad_scale=g.scale, skip=g.skip)
+                be.step_guard_batched(loss, be.sum_squares_batched(stack.flat_grads), state.step, g.max_norm,
+                                      frozen_dev, g.first_bad, g.skip, g.norm, g.scale)  # fmt: skip
+                opt.update(grad_scale=g.scale, skip=g.skip)
+                state.advance()
+                opt.steps += 1
+                state.host_pos += 1
                 g.running += loss
                 g.n_running += 1
                 step += 1
@@ -287,8 +293,18 @@ class SweepTrainer:
             bar.close()
         g.final_step = step
 
+    def _lrs(self, g: Group, step: int) -> list:
+        """Each model's learning rate at step `step` (0-based), from its own schedule."""
+        out = []
+        for m in g.members:
+            s = m.cfg.schedule
+            out.append(lr_at(step, m.cfg.optimizer.lr, s.name, g.total_steps, s.warmup_steps, s.step_size, s.gamma,
+                             s.min_lr))  # fmt: skip
+        return out
+
     def _log_eval(self, g: Group, step: int) -> None:
         be = g.backend
+        g.opt.lr[:] = self._lrs(g, step - 1)  # the rates of the step just taken
         epoch = (step - 1) // g.steps_per_epoch
         first_bad = be.to_numpy(g.first_bad)
         self._note_divergence(g, first_bad)

@@ -1,8 +1,10 @@
 """The training loop: data to the device, batches, steps, evaluation, logs, checkpoints.
 
-One step on device arrays only:  gather batch -> model.forward_backward -> (clip) ->
-optimizer.step. The host reads numbers back only when it logs (every eval_every
-steps or once per epoch): the running training loss and the validation metrics.
+One step on device arrays only (gpubp/step.py): gather batch -> model.forward_backward
+-> guard + clip -> optimizer update, every per-step number read from device state, so
+that on the GPU the step is captured once per batch shape as a CUDA graph and replayed.
+The host reads numbers back only when it logs (every eval_every steps or once per
+epoch): the running training loss and the validation metrics.
 
 Everything a resumed run needs is a function of the checkpoint: the parameters and
 optimizer state, the step (hence the epoch and the batch within it; the epoch's order
@@ -59,12 +61,13 @@ from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .precision import get_precision
 from .schedules import lr_at
+from .step import Step, StepState
 
 MIN_EVAL_STEPS = 20  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
-                     "restore_best", "checkpoint_every_s"}  # fmt: skip
+                     "restore_best", "checkpoint_every_s", "cuda_graph"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -713,12 +716,10 @@ class Trainer:
     def train(self) -> dict:
         from tqdm import tqdm
 
-        be, model, opt, cfg = self.run.backend, self.model, self.opt, self.cfg
-        t, sch = cfg.train, cfg.schedule
-        train = self.run.splits["train"]
-        clip = cfg.optimizer.clip_grad_norm
+        be, model, cfg = self.run.backend, self.model, self.cfg
+        t = cfg.train
         eval_every = t.eval_every or self.steps_per_epoch * math.ceil(self.min_eval_steps / self.steps_per_epoch)
-        perm_epoch, perm = None, None
+        perm_epoch = None
         stopped_early = False
         start = time.perf_counter()
         self.saved_at = time.monotonic()  # the first checkpoint comes after checkpoint_every_s, or at the end
@@ -732,22 +733,15 @@ class Trainer:
             self.metrics_file = scope.enter_context(open(os.path.join(self.out_dir, "metrics.jsonl"), "a", buffering=1))
         scope.enter_context(np.errstate(all="ignore"))  # NumPy's overflow warnings: the guard reports it once
         try:
+            self.step_fn = step_fn = self.make_step(interrupted)
             while self.step < self.total_steps:
-                epoch, b = divmod(self.step, self.steps_per_epoch)
+                epoch = self.step // self.steps_per_epoch
                 if perm_epoch != epoch:
-                    perm = train.order(D.epoch_permutation(t.seed, epoch, self.n_train))
+                    step_fn.new_epoch(D.epoch_permutation(t.seed, epoch, self.n_train))
                     perm_epoch = epoch
-                batch = perm[b * t.batch_size : (b + 1) * t.batch_size]
-                idx = self.dist.rows(batch)  # this rank's slice of the global batch
-                xb, yb = train.batch(idx, self._batch_buffer)  # on the device, or read from the file (shard.py)
-                opt.lr = lr_at(self.step, cfg.optimizer.lr, sch.name, self.total_steps, sch.warmup_steps,
-                               sch.step_size, sch.gamma, sch.min_lr)  # fmt: skip
-                # the loss and gradients of the global batch (with N ranks: one all-reduce),
-                # and whether any rank was interrupted
-                loss, stop = self.dist.forward_backward(model, xb, yb, batch.shape[0], interrupted)
-                self.guard.check(self.step, loss, be.sum_squares(model.flat_grads), clip)
-                opt.step(grad_scale=self.guard.scale, skip=self.guard.skip)
-                self.running_loss += loss
+                # gather, forward, loss, backward (with N ranks: one all-reduce), guard + clip,
+                # update: one step of device work (a replayed CUDA graph on the GPU)
+                stop = step_fn.run(self.step)
                 self.n_running += 1
                 self.step += 1
                 bar.update(1)
@@ -775,6 +769,36 @@ class Trainer:
         finally:
             scope.close()
             bar.close()
+
+    def _lr(self, step: int) -> float:
+        """The schedule's learning rate at step `step` (0-based)."""
+        o, sch = self.cfg.optimizer, self.cfg.schedule
+        return lr_at(step, o.lr, sch.name, self.total_steps, sch.warmup_steps, sch.step_size, sch.gamma, sch.min_lr)
+
+    def make_step(self, interrupted=lambda: False) -> Step:
+        """The step function (gpubp/step.py) over this run's buffers: captured as a CUDA
+        graph per batch shape on the GPU unless train.cuda_graph is false or the run
+        cannot be captured (`graph_note` says why; printed once on the GPU)."""
+        be, t = self.run.backend, self.cfg.train
+        train = self.run.splits["train"]
+        host_batch = self.dist.size > 1 or not isinstance(train, D.DeviceSplit)
+        capturer = getattr(be, "graph_capturer", None)
+        if not t.cuda_graph:
+            self.graph_note = "train.cuda_graph = false"
+        elif host_batch:
+            self.graph_note = f"{self.dist.size} data-parallel ranks" if self.dist.size > 1 else "a mapped split"
+        elif capturer is None:
+            self.graph_note = f"the {be.name} backend runs the step uncaptured"
+        else:
+            self.graph_note = None
+        if self.graph_note is not None and t.cuda_graph and be.name == "gpu" and self.dist.is_root:
+            self.log(f"CUDA graph off: {self.graph_note}")
+        bs = t.batch_size
+        state = StepState(be, self.opt.rule_opt, lambda s: [self._lr(s)],
+                          lambda s: (s % self.steps_per_epoch) * bs, self.total_steps)  # fmt: skip
+        return Step(self.model, self.opt, self.guard, self.running_loss, train, bs, self.n_train,
+                    self.cfg.optimizer.clip_grad_norm, state, self._batch_buffer, self.dist, interrupted,
+                    capturer() if self.graph_note is None else None, host_batch)  # fmt: skip
 
     def _epoch_label(self) -> str:
         n_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -861,6 +885,7 @@ class Trainer:
         train_loss = self.run.backend.to_float(self.running_loss) / max(self.n_running, 1)
         self.running_loss[...] = 0.0
         self.n_running = 0
+        self.opt.lr = self._lr(self.step - 1)  # the rate of the step just taken
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.guard.scaler_record())  # fp16: skipped steps so far, the loss scale
         val = self.evaluate("val", report=self.step == self.total_steps)  # the last one with the report

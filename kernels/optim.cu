@@ -51,14 +51,15 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
   }
 }
 
-// The verdict on one step, one thread (it replaces a dozen tiny array ops):
+// The verdict on one step, one thread (it replaces a dozen tiny array ops). `step` points to
+// the step index on the device (the trainer's counter: a captured step reads it when it runs).
 // first_bad = step if it is -1 and loss or grad_sq is not finite; skip = first_bad >= 0;
 // norm = sqrt(grad_sq); scale = min(1, max_norm / (norm + 1e-6)) if max_norm > 0, else 1
 template <typename T>
-__device__ void step_guard(const T* loss, const T* grad_sq, long long step, T max_norm, long long* first_bad,
+__device__ void step_guard(const T* loss, const T* grad_sq, const long long* step, T max_norm, long long* first_bad,
                            bool* skip, T* norm, T* scale) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  if (first_bad[0] == -1 && !(isfinite(loss[0]) && isfinite(grad_sq[0]))) first_bad[0] = step;
+  if (first_bad[0] == -1 && !(isfinite(loss[0]) && isfinite(grad_sq[0]))) first_bad[0] = step[0];
   skip[0] = first_bad[0] >= 0;
   const T r = sqrt(grad_sq[0]);
   norm[0] = r;
@@ -84,7 +85,7 @@ __device__ void step_guard(const T* loss, const T* grad_sq, long long step, T ma
     adam_step<T>(p, g, m, v, n, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decoupled, decay,   \
                  step_size, bias2_sqrt, grad_scale, skip);                                                      \
   }                                                                                                             \
-  extern "C" __global__ void step_guard_##S(const T* loss, const T* grad_sq, long long step, T max_norm,        \
+  extern "C" __global__ void step_guard_##S(const T* loss, const T* grad_sq, const long long* step, T max_norm, \
                                              long long* first_bad, bool* skip, T* norm, T* scale) {             \
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
   }
@@ -98,14 +99,14 @@ FOR_FLOAT_TYPES(OPTIM_KERNELS)
 //   while first_bad == -1: overflow: S = S backoff, good_steps = 0, skipped += 1;
 //   else good_steps += 1, and at `interval`: S = S growth (if finite), good_steps = 0
 // See numpy_ops.step_guard_scaled, the reference.
-extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float* grad_sq, long long step,
+extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float* grad_sq, const long long* step,
                                                  float max_norm, long long* first_bad, bool* skip, float* norm,
                                                  float* scale, float* loss_scale, long long* good_steps,
                                                  long long* skipped, long long interval, float backoff,
                                                  float growth) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   const float s = loss_scale[0];
-  if (first_bad[0] == -1 && !isfinite(loss[0])) first_bad[0] = step;
+  if (first_bad[0] == -1 && !isfinite(loss[0])) first_bad[0] = step[0];
   const bool overflow = !isfinite(grad_sq[0]);
   skip[0] = first_bad[0] >= 0 || overflow;
   const float r = sqrt(grad_sq[0]) / s;

@@ -209,3 +209,74 @@ def test_16bit_gemm_calls_gemmex_with_16bit_inputs_and_float_compute():
     be._cublas.calls.clear()
     be.gemm(FakeArray((5, 7), np.float32), FakeArray((7, 6), np.float32), FakeArray((5, 6), np.float32), tf32=True)
     assert be._cublas.calls[0][1][17] == 77  # CUBLAS_COMPUTE_32F_FAST_TF32
+
+
+# ---------------------------------------------------------------- CUDA graph capture
+
+
+def test_capture_binds_cublas_to_its_stream_through_the_raw_binding():
+    """The capturer points the cuBLAS handle at its stream with the raw setStream (before
+    the capture begins) and puts the old stream back; the arguments fit the bindings."""
+    from gpubp.backend import cupy_backend
+
+    calls = []
+
+    class Cublas:
+        def getStream(self, *args):
+            calls.append(("getStream", args))
+            return 0
+
+        def setStream(self, *args):
+            calls.append(("setStream", args))
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cublas, be.handle = Cublas(), 12345
+    cap = cupy_backend.CudaGraphCapturer.__new__(cupy_backend.CudaGraphCapturer)
+    cap.backend = be
+    previous = cap.bind_cublas(0x7F00)
+    cap.bind_cublas(previous)
+    assert calls == [("getStream", (12345,)), ("setStream", (12345, 0x7F00)), ("getStream", (12345,)),
+                     ("setStream", (12345, 0))]  # fmt: skip
+    sigs = binding_signatures("cupy_backends.cuda.libs.cublas", ["getStream", "setStream"])
+    assert sigs == {"getStream": [("intptr_t", "handle")], "setStream": [("intptr_t", "handle"), ("size_t", "stream")]}
+    for name, args in calls:
+        assert len(args) == len(sigs[name])
+        assert all(isinstance(a, int) and not isinstance(a, bool) for a in args), (name, args)
+
+
+def test_cupy_offers_what_the_capturer_uses():
+    """Stream capture, graph launch and a private memory pool, as CuPy 14 names them
+    (read without a GPU: the classes import, nothing is created)."""
+    cupy = pytest.importorskip("cupy")
+    for name in ("begin_capture", "end_capture", "record", "wait_event", "__enter__"):
+        assert hasattr(cupy.cuda.Stream, name), name
+    from cupy.cuda.graph import Graph
+
+    assert hasattr(Graph, "launch")
+    assert callable(cupy.cuda.using_allocator) and hasattr(cupy.cuda.MemoryPool, "malloc")
+
+
+def test_the_cublas_workspace_goes_through_ctypes_as_its_c_signature_says():
+    """cublasSetWorkspace_v2(cublasHandle_t, void *workspace, size_t bytes) -> status: the
+    ctypes declaration and the call (a stand-in library records it)."""
+    from gpubp.backend.cupy_backend import cublas_set_workspace
+
+    calls = []
+
+    class Fn:
+        def __call__(self, *args):
+            calls.append((self.argtypes, self.restype, args))
+            return self.status
+
+    class Lib:
+        cublasSetWorkspace_v2 = Fn()
+
+    lib = Lib()
+    lib.cublasSetWorkspace_v2.status = 0
+    assert cublas_set_workspace(12345, 0x7000, 32 << 20, lib) is None
+    assert calls == [([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int, (12345, 0x7000, 32 << 20))]
+    lib.cublasSetWorkspace_v2.status = 7
+    assert cublas_set_workspace(1, 2, 3, lib) == "cublasSetWorkspace_v2 returned status 7"
+    assert cublas_set_workspace(1, 2, 3, object()) == "libcublas has no cublasSetWorkspace_v2"
+    # this machine has no libcublas loaded: a reason, not an error
+    assert isinstance(cublas_set_workspace(1, 2, 3), (str, type(None)))

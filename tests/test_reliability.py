@@ -65,12 +65,14 @@ def same_run(a, b):
 
 def poison_step(monkeypatch, step: int, what: str):
     """The `step`-th call of forward_backward (1-based) returns a NaN loss, or leaves an
-    infinite gradient with a finite loss."""
+    infinite gradient with a finite loss. (A Python-side fault: the trainer that meets it
+    must run its step uncaptured, train.cuda_graph = false, as a CUDA graph replays only
+    what the device did when it was captured.)"""
     original = MLP.forward_backward
     calls = []
 
-    def forward_backward(self, x, target, input_grad=False):
-        loss = original(self, x, target, input_grad)
+    def forward_backward(self, x, target, input_grad=False, **kw):
+        loss = original(self, x, target, input_grad, **kw)
         calls.append(1)
         if len(calls) == step:
             if what == "loss":
@@ -86,7 +88,7 @@ def poison_step(monkeypatch, step: int, what: str):
 @pytest.mark.parametrize("what", ["loss", "gradient"])
 def test_divergence_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, what, device):
     poison_step(monkeypatch, 23, what)
-    bad = trainer(tmp_path / "bad", device=device)
+    bad = trainer(tmp_path / "bad", ["train.cuda_graph=false"], device=device)
     with pytest.raises(TrainingError) as e:
         bad.train()
     monkeypatch.undo()
@@ -158,14 +160,14 @@ def test_ctrl_c_mid_interval_saves_a_checkpoint_that_resumes_exactly(tmp_path, m
     """SIGINT during step 18 (between evaluations at 10 and 20): last.npz at step 18,
     holding the training loss summed over steps 11..18, so that the resumed run logs
     the same train_loss at step 20 as an uninterrupted one."""
-    original = T.lr_at
+    original = T.Step.run
 
-    def lr_at(step, *args):
+    def run(self, step):
         if step == 17:  # the 18th step is starting
             os.kill(os.getpid(), signal.SIGINT)
-        return original(step, *args)
+        return original(self, step)
 
-    monkeypatch.setattr(T, "lr_at", lr_at)
+    monkeypatch.setattr(T.Step, "run", run)
     a = trainer(tmp_path / "a")
     with pytest.raises(Interrupted) as e:
         a.train()
@@ -271,7 +273,7 @@ def test_resume_drops_temporaries_and_a_torn_log_line(tmp_path, torn):
 
 
 def test_out_of_memory_names_batch_size_and_memory_needed(tmp_path, monkeypatch):
-    def forward_backward(self, x, target, input_grad=False):
+    def forward_backward(self, x, target, input_grad=False, **kw):
         raise MemoryError
 
     monkeypatch.setattr(MLP, "forward_backward", forward_backward)

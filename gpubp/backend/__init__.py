@@ -38,6 +38,8 @@ class NumpyBackend:
     add = staticmethod(numpy_ops.add)
     step_guard_scaled = staticmethod(numpy_ops.step_guard_scaled)
     gather_rows = staticmethod(numpy_ops.gather_rows)
+    select_row = staticmethod(numpy_ops.select_row)
+    index_window = staticmethod(numpy_ops.index_window)
     # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
     gemm_batched = staticmethod(numpy_stacked.gemm_batched)
     bias_act_forward_batched = staticmethod(numpy_stacked.bias_act_forward_batched)
@@ -131,6 +133,8 @@ def get_backend(device: str = "cpu"):
 
 def resolve_device(device: str):
     """(backend, note): note is None, or one line saying why "auto" fell back to the CPU."""
+    if not isinstance(device, str):  # a backend object itself (tests: the recording backend)
+        return device, None
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu":

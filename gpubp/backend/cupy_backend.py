@@ -12,6 +12,7 @@ This module imports cupy only inside functions, so importing it never fails.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -436,15 +437,15 @@ class CupyBackend:
         )
         return out
 
-    def sum_squares(self, g):
-        """sum_j g_j^2 as a 0-d array; see numpy_ops.sum_squares."""
+    def sum_squares(self, g, out=None):
+        """sum_j g_j^2 as a 0-d array (`out` when given); see numpy_ops.sum_squares."""
         self._check("sum_squares", g.dtype, g=g)
-        out = self._cupy.empty((), dtype=g.dtype)
+        out = self._cupy.empty((), dtype=g.dtype) if out is None else out
         return self._sum(g, True, 1, out, "sum_partial", "sum_finish", g.dtype)
 
-    def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None):
-        """Mean loss (0-d) and grad = dL/dx; see numpy_ops.loss_forward_backward. 16-bit
-        x, grad: float32 targets, value and row losses; grad = round(dL/dx S), S =
+    def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None, out=None):
+        """Mean loss (0-d, `out` when given) and grad = dL/dx; see numpy_ops.loss_forward_backward.
+        16-bit x, grad: float32 targets, value and row losses; grad = round(dL/dx S), S =
         loss_scale (a device float32, fp16) or 1."""
         dtype = x.dtype
         mt = _math(dtype)  # the type of the targets, the value and the scalars
@@ -464,7 +465,10 @@ class CupyBackend:
         if grad is not None and grad.shape != x.shape:
             raise ValueError(f"loss_forward_backward: grad {grad.shape} differs from x {x.shape}")
         divisor = n if labels_kind else n * c
-        out = self._cupy.empty((), dtype=mt)
+        if out is None:
+            out = self._cupy.empty((), dtype=mt)
+        elif out.shape != () or out.dtype != mt:
+            raise ValueError(f"loss_forward_backward: out must be a 0-d array of {mt}")
         if n == 0:
             out.fill(np.nan)
             return out
@@ -541,7 +545,7 @@ class CupyBackend:
             if a.size != 1:
                 raise ValueError(f"step_guard: {name} must hold one value, has {a.size}")
         self._function("step_guard", dtype)(
-            (1,), (32,), (loss, grad_sq, np.int64(step), dtype.type(max_norm), first_bad, skip, norm, scale)
+            (1,), (32,), (loss, grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
 
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
@@ -553,7 +557,7 @@ class CupyBackend:
         self._check("step_guard_scaled", np.bool_, skip=skip)
         self._function("step_guard_scaled_f32", None)(
             (1,), (32,),
-            (loss, grad_sq, np.int64(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps,
+            (loss, grad_sq, self._step_array(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps,
              skipped, np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH)),
         )  # fmt: skip
 
@@ -591,12 +595,44 @@ class CupyBackend:
             self._function("add", out.dtype)((self._blocks(out.size),), (BLOCK,), (a, b, out, np.int64(out.size)))
         return out
 
+    def _step_array(self, step):
+        """The step index as a 0-d int64 device array: the trainer's device counter as it
+        is (a captured step reads it when it runs), or a Python int copied over."""
+        if isinstance(step, self._cupy.ndarray):
+            if step.dtype != np.int64 or step.size != 1:
+                raise ValueError("step must be a 0-d int64 array")
+            return step
+        return self._cupy.full((), int(step), dtype=np.int64)
+
     # ------------------------------------------------------------------ data
 
     def gather_rows(self, src, idx, out):
         """out[i] = src[idx[i]] on the device; see numpy_ops.gather_rows."""
         self._cupy.take(src, idx, axis=0, out=out)
         return out
+
+    # ------------------------------------------------------------------ device-side step state (gpubp/step.py)
+
+    def select_row(self, table, pos, out):
+        """out = table[pos], pos a 0-d int64 device counter; see numpy_ops.select_row."""
+        if not (table.flags.c_contiguous and out.flags.c_contiguous) or table.shape[1:] != out.shape:
+            raise ValueError(f"select_row: table {table.shape} rows do not fit out {out.shape}")
+        if table.dtype != out.dtype or pos.dtype != np.int64 or pos.size != 1:
+            raise TypeError("select_row: table and out share a dtype; pos is one int64")
+        self._stacked_kernel("select")(table, pos, np.int64(out.size), out)
+        return out
+
+    def index_window(self, perm, start, out):
+        """out[i] = perm[start + i]; see numpy_ops.index_window."""
+        if perm.dtype != out.dtype or start.dtype != np.int64 or start.size != 1 or not perm.flags.c_contiguous:
+            raise TypeError("index_window: perm and out share an integer dtype; start is one int64")
+        self._stacked_kernel("window")(perm, start, out)
+        return out
+
+    def graph_capturer(self):
+        """What gpubp/step.py captures the training step with: CUDA graphs. A new one per
+        step function: its stream, memory pools, workspace and graphs live as long as it."""
+        return CudaGraphCapturer(self)
 
     # ------------------------------------------------------------------ stacked models (gpubp.stack)
     # The *_batched ops of numpy_stacked with a leading model axis M: cuBLAS strided-batched
@@ -710,7 +746,8 @@ class CupyBackend:
 
     def step_guard_batched(self, loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
         """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
-        self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, np.int64(step), first_bad, skip, norm, scale)
+        step = step if isinstance(step, self._cupy.ndarray) else np.int64(step)
+        self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, step, first_bad, skip, norm, scale)
 
     def _stacked_kernel(self, name: str):
         cache = self.__dict__.setdefault("_stacked", {})
@@ -729,11 +766,22 @@ class CupyBackend:
                     """,
                     "gpubp_step_guard_batched",
                 )
+            elif name == "select":
+                cache[name] = cupy.ElementwiseKernel(
+                    "raw T table, raw int64 pos, int64 width",
+                    "T out",
+                    "out = table[pos[0] * width + i]",
+                    "gpubp_select_row",
+                )
+            elif name == "window":
+                cache[name] = cupy.ElementwiseKernel(
+                    "raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"
+                )
             elif name == "sumsq":
                 cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")
             elif name == "sgd":
                 cache[name] = cupy.ElementwiseKernel(
-                    "T g, T scale, T wd, T mu, T omd, T lr, bool skip, int32 first, int32 nesterov, int32 mom_on",
+                    "T g, T scale, T wd, T mu, T omd, T lr, bool skip, bool first, int32 nesterov, int32 mom_on",
                     "T p, T buf",
                     """
                     if (!skip) {
@@ -767,7 +815,7 @@ class CupyBackend:
 
     def _skip_rows(self, skip, count: int):
         if skip is None:
-            return self._cupy.zeros((count, 1), dtype=np.bool_)
+            return self._constant(False, (count, 1), np.bool_)
         return skip.reshape(count, 1).astype(np.bool_, copy=False)
 
     def sgd_step_batched(self, p, g, buf, scratch, *, lr, momentum, one_minus_dampening, nesterov, weight_decay,
@@ -776,7 +824,8 @@ class CupyBackend:
         self._check("sgd_step_batched", p.dtype, p=p, g=g, buf=buf)
         self._stacked_kernel("sgd")(
             g, grad_scale, weight_decay, momentum, one_minus_dampening, lr, self._skip_rows(skip, p.shape[0]),
-            np.int32(bool(first_step)), np.int32(bool(nesterov)), np.int32(bool(momentum_on)), p, buf,
+            first_step if isinstance(first_step, self._cupy.ndarray) else np.bool_(first_step),
+            np.int32(bool(nesterov)), np.int32(bool(momentum_on)), p, buf,
         )  # fmt: skip
 
     def adam_step_batched(self, p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -788,3 +837,106 @@ class CupyBackend:
             g, grad_scale, weight_decay, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
             bias2_sqrt, self._skip_rows(skip, p.shape[0]), np.int32(bool(decoupled)), p, m, v,
         )  # fmt: skip
+
+
+class CudaGraphCapturer:
+    """Captures the trainer's step (gpubp/step.py) as one CUDA graph per batch shape.
+
+    - warmup(key, fn): the shape's first step runs plainly, on the capture stream, with
+      a memory pool of its own: its buffers (workspace, batch, index) are made there, and
+      every kernel is compiled and loaded before the capture.
+    - capture(key, fn): the second step is captured on that stream with that pool
+      (CuPy's relaxed capture mode; nothing runs), and replay() launches the graph on
+      the current stream (the stream is non-blocking: nothing on the legacy default
+      stream can join the capture; the warm-up is ordered with events). The pool is never used by anything else afterwards, so the
+      temporaries the graph's kernels write (partial sums) stay its own.
+    cuBLAS: the raw bindings take the handle as it is; its stream is set to the capture
+    stream through the raw setStream before the capture begins (CuPy refuses a
+    setStream during a capture only in its own wrappers) and put back after (which also
+    gives cuBLAS its default workspace back). In between, cuBLAS works in a workspace of
+    ours (WORKSPACE_BYTES, kept for the graphs' life), so it allocates nothing inside a
+    capture: CuPy 14's raw binding has no cublasSetWorkspace, so it is called through
+    ctypes on the libcublas CuPy loaded (`cublas_set_workspace`); where that fails,
+    `workspace_note` says why and cuBLAS (12.2+ allocates stream-ordered) goes on
+    without."""
+
+    WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended workspace on Hopper
+
+    def __init__(self, backend):
+        cupy = backend._cupy
+        self.backend = backend
+        self.stream = cupy.cuda.Stream(non_blocking=True)  # a side stream, ordered by events (warmup)
+        self.pools: dict = {}  # key -> the MemoryPool of that shape's step
+        self.graphs: dict = {}  # key -> the captured graph (kept alive)
+        self.workspace = None  # cuBLAS's workspace inside warm-ups and captures (device bytes)
+        self.workspace_note = None  # why cuBLAS has none of ours, if it has not
+
+    def bind_cublas(self, stream_ptr: int) -> int:
+        """Point the backend's cuBLAS handle at stream `stream_ptr`; returns the stream it had."""
+        cublas, handle = self.backend._cublas, self.backend.handle
+        previous = int(cublas.getStream(handle))
+        cublas.setStream(handle, int(stream_ptr))
+        return previous
+
+    @contextlib.contextmanager
+    def _on_stream(self, key):
+        cupy = self.backend._cupy
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = cupy.cuda.MemoryPool()
+        if self.workspace is None:
+            self.workspace = cupy.empty(self.WORKSPACE_BYTES, dtype=np.uint8)  # the default pool: kept
+        previous = self.bind_cublas(self.stream.ptr)
+        try:
+            self.workspace_note = cublas_set_workspace(
+                self.backend.handle, self.workspace.data.ptr, self.workspace.nbytes
+            )
+            with cupy.cuda.using_allocator(pool.malloc), self.stream:
+                yield
+        finally:
+            self.bind_cublas(previous)
+
+    def warmup(self, key, fn) -> None:
+        """Run fn plainly on the capture stream, after the current stream's work and before its next."""
+        current = self.backend._cupy.cuda.get_current_stream()
+        self.stream.wait_event(current.record())
+        with self._on_stream(key):
+            fn()
+        current.wait_event(self.stream.record())
+
+    def capture(self, key, fn):
+        with self._on_stream(key):
+            self.stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.stream.end_capture()
+                raise
+            graph = self.stream.end_capture()
+        self.graphs[key] = graph
+        return graph.launch
+
+
+def cublas_set_workspace(handle: int, ptr: int, size: int, lib=None) -> str | None:
+    """cublasSetWorkspace_v2(handle, ptr, size) through ctypes on the libcublas this process
+    loaded (CuPy's binding links it; CuPy 14 does not wrap this call). `lib`: the library
+    (tests pass a stand-in). Returns None, or why the workspace was not set."""
+    import ctypes
+
+    if lib is None:
+        try:
+            with open("/proc/self/maps") as f:
+                path = next((ln.split()[-1] for ln in f if "/libcublas.so" in ln), None)
+            if path is None:
+                return "libcublas is not loaded in this process"
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError as e:
+            return f"libcublas cannot be opened ({_one_line(e)})"
+    fn = getattr(lib, "cublasSetWorkspace_v2", None)
+    if fn is None:
+        return "libcublas has no cublasSetWorkspace_v2"
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    status = fn(int(handle), int(ptr), int(size))
+    return None if status == 0 else f"cublasSetWorkspace_v2 returned status {status}"

@@ -244,11 +244,12 @@ def loss_divisor(loss: Loss, n: int, c: int) -> int:
 LOSS_BLOCK = 32768  # elements per block of rows in loss_forward_backward
 
 
-def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None):
+def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None, out=None):
     """Mean loss over the batch, and grad = dL/dx when grad is not None.
 
     x: (N, C) network output; target: (N,) integer labels for softmax_cross_entropy,
-    (N, C) values otherwise; grad: (N, C) or None. Returns a 0-d array of x.dtype.
+    (N, C) values otherwise; grad: (N, C) or None. Returns a 0-d array of x.dtype
+    (`out`, when given: a captured step writes only into buffers it holds).
     Rows go through loss_sum in blocks of about LOSS_BLOCK elements, so that the
     formulas' temporaries stay small (a large batch would otherwise allocate, and
     page-fault, several arrays of its size); the blocks' sums are added in order.
@@ -264,7 +265,10 @@ def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None):
             if loss_scale is not None:
                 gf *= loss_scale
             PR.store(gf, grad)
-        return value
+        if out is None:
+            return value
+        out[...] = value
+        return out
     n, c = x.shape
     divisor = loss_divisor(loss, n, c)
     rows = max(1, LOSS_BLOCK // c)
@@ -276,7 +280,11 @@ def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None):
             for r in range(0, n, rows)
         ]
         total = np.sum(sums, dtype=x.dtype)
-    return np.asarray(total / divisor, dtype=x.dtype)
+    mean = np.asarray(total / divisor, dtype=x.dtype)
+    if out is None:
+        return mean
+    out[...] = mean
+    return out
 
 
 def loss_sum(x, target, loss: Loss, grad, divisor: int):
@@ -448,9 +456,12 @@ def _scaled(g, grad_scale, d, will_add):
     return d
 
 
-def sum_squares(g):
-    """sum_j g_j^2 over a flat buffer (P,), as a 0-d array: the squared global norm."""
-    return np.asarray(np.dot(g, g))
+def sum_squares(g, out=None):
+    """sum_j g_j^2 over a flat buffer (P,), as a 0-d array (`out` when given): the squared global norm."""
+    if out is None:
+        return np.asarray(np.dot(g, g))
+    out[...] = np.dot(g, g)
+    return out
 
 
 def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
@@ -462,7 +473,8 @@ def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
         scale     = min(1, max_norm / (norm + 1e-6)) if max_norm > 0 else 1
                                     (torch.nn.utils.clip_grad_norm_'s factor)
 
-    loss, grad_sq, norm, scale: dtype T; first_bad: int64; skip: bool; step: int."""
+    loss, grad_sq, norm, scale: dtype T; first_bad: int64; skip: bool; step: an int or a
+    0-d int64 array (the trainer's device-side step counter)."""
     t = norm.dtype.type
     if first_bad == -1 and not (np.isfinite(loss) and np.isfinite(grad_sq)):
         first_bad[...] = step
@@ -515,4 +527,22 @@ def step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scal
 def gather_rows(src, idx, out):
     """out[i] = src[idx[i]]. src: (M, ...); idx: (N,) integers; out: (N, ...)."""
     np.take(src, idx, axis=0, out=out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# device-side step state (gpubp/step.py): what changes between steps is read on the device
+
+
+def select_row(table, pos, out):
+    """out = table[pos]: this step's row of a precomputed per-step table.
+    table: (K, ...); pos: 0-d int64 array (the row, a device counter); out: table[0]'s shape."""
+    np.take(table, pos, axis=0, out=out)
+    return out
+
+
+def index_window(perm, start, out):
+    """out[i] = perm[start + i], i < N: a batch's row indices from the epoch's order.
+    perm: (n,) integers; start: 0-d int64 array; out: (N,) of perm's dtype."""
+    np.take(perm, np.arange(out.shape[0]) + start, out=out)
     return out

@@ -1,0 +1,139 @@
+"""The NumPy backend with a CUDA graph's semantics: the CPU stand-in for graph capture.
+
+A CUDA graph records kernel launches with their arguments: device pointers (whose
+contents are read when the graph runs) and scalars (frozen at capture). Replaying it
+runs the same launches on the same memory; nothing on the host runs. `RecordingBackend`
+does the same with NumPy: while capturing it records every op call (arrays by
+reference, like pointers; Python scalars as they were, frozen) without running it, and
+the replay calls the recorded ops again. So a step that passes a changing number as a
+Python value (a learning rate, a step count) replays the captured number, and a CPU
+test that compares a captured run with a plain one sees it.
+
+What a CUDA graph cannot hold fails here too, at capture:
+- memory: `empty`, `zeros`, `asarray`, and an op that returns a new array (one with an
+  `out` parameter called without it, or an `xp` function called without `out=`):
+  a captured step must write only into buffers it was given (`CaptureError`);
+- host reads: `to_numpy`, `to_float`, `synchronize` (a sync inside a capture).
+Outside a capture it is the NumPy backend, op for op.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from . import NumpyBackend
+
+# the backend's ops: recorded while capturing (everything else passes through)
+OPS = (
+    "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "accuracy_count",
+    "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
+    "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
+    "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
+)  # fmt: skip
+MEMORY = ("empty", "zeros", "asarray")
+HOST_READS = ("to_numpy", "to_float", "synchronize")
+
+
+class CaptureError(RuntimeError):
+    """Something a CUDA graph cannot capture happened inside a captured step."""
+
+
+class RecordingBackend:
+    """NumpyBackend, plus `graph_capturer()` with capture-and-replay semantics (see above)."""
+
+    def __init__(self):
+        self.inner = NumpyBackend()
+        self.recording: list | None = None  # the calls of the capture in progress
+        self.xp = _RecordingXp(self)
+        self.graphs: list[list] = []  # every capture's calls (tests look at them)
+        self.replays = 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name in OPS:
+            return self._op(name, attr)
+        if name in MEMORY or name in HOST_READS:
+            return self._guarded(name, attr)
+        return attr
+
+    def _op(self, name, fn):
+        signature = inspect.signature(fn)
+
+        def call(*args, **kwargs):
+            if self.recording is None:
+                return fn(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            if "out" in signature.parameters:
+                out = bound.arguments.get("out")
+                if out is None:
+                    raise CaptureError(f"{name} returns a new array inside a captured step: pass out=")
+                self.recording.append((fn, args, kwargs))
+                return out
+            if name.startswith(("sgd_step", "adam_step", "step_guard")):  # in place, nothing returned
+                self.recording.append((fn, args, kwargs))
+                return None
+            raise CaptureError(f"{name} returns a new array inside a captured step")
+
+        return call
+
+    def _guarded(self, name, fn):
+        def call(*args, **kwargs):
+            if self.recording is not None:
+                what = "allocates memory" if name in MEMORY else "reads the device from the host"
+                raise CaptureError(f"{name} {what} inside a captured step")
+            return fn(*args, **kwargs)
+
+        return call
+
+    # ---- the capturer (CupyBackend.graph_capturer's interface)
+
+    def graph_capturer(self):
+        return self
+
+    def warmup(self, key, fn) -> None:
+        """The first run of a batch shape: plain (it allocates that shape's buffers)."""
+        fn()
+
+    def capture(self, key, fn):
+        """Record fn's op calls without running them; returns replay()."""
+        if self.recording is not None:
+            raise CaptureError("a capture is already in progress")
+        self.recording = []
+        try:
+            fn()
+            calls = self.recording
+        finally:
+            self.recording = None
+        self.graphs.append(calls)
+
+        def replay():
+            self.replays += 1
+            for op, args, kwargs in calls:
+                op(*args, **kwargs)
+
+        return replay
+
+
+class _RecordingXp:
+    """numpy, with its functions recorded while capturing (only as `out=` calls)."""
+
+    def __init__(self, backend: RecordingBackend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+        backend = self._backend
+
+        def call(*args, **kwargs):
+            if backend.recording is None:
+                return attr(*args, **kwargs)
+            if kwargs.get("out") is None:
+                raise CaptureError(f"numpy.{name} returns a new array inside a captured step: pass out=")
+            backend.recording.append((attr, args, kwargs))
+            return kwargs["out"]
+
+        return call

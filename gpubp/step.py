@@ -1,0 +1,169 @@
+"""One training step as a function of device state alone, and its capture as a CUDA graph.
+
+    select     vectors, first, step, offset <- tables[pos]      what this step reads
+    gather     idx = perm[offset : offset + n];  x, y = rows idx     (index_window, gather_rows)
+    forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
+    guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
+    update     opt.update(scale, skip)                               reads vectors, first
+    advance    running_loss += loss;  pos += 1
+
+Everything that changes from one step to the next (the learning rate of the schedule,
+Adam's bias corrections, SGD's first step, the step index, where the batch starts in
+the epoch's order) is read from device memory: per-step tables computed on the host
+with the optimizer's own Python-float arithmetic (so the same bits as an eager step),
+uploaded once per CHUNK steps, and a device counter `pos` that the step itself
+advances. No Python value changes between steps, so the step can be captured once per
+batch shape and replayed: a CUDA graph on the GPU (`CupyBackend.graph_capturer`), a
+recording of the op calls in the CPU tests (gpubp/backend/recording.py). The host
+keeps a mirror of the counter (it knows which step comes next) and only ever writes
+the tables, the counter and the epoch's order between steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK = 1024  # steps per table upload
+
+
+class StepState:
+    """The device-side per-step state; see the module docstring.
+
+    opt: a StackOptimizer (the single-model optimizer's `rule_opt`); lrs(s): the models'
+    learning rates (M,) at step s (0-based); offset(s): where step s's batch starts in
+    its epoch's order. Tables, K = CHUNK rows (one per step):
+        vectors (K, R, M, 1)  opt.step_vectors   -> opt.vectors
+        first   (K,) bool     update number == 1 -> opt.first_step
+        steps   (K,) int64    the step index     -> step (the guard's first bad step)
+        offsets (K,) int64    the batch's start  -> offset"""
+
+    def __init__(self, backend, opt, lrs, offset, total_steps: int, chunk: int = CHUNK):
+        self.backend, self.opt, self.lrs, self.offset_of = backend, opt, lrs, offset
+        self.total_steps = int(total_steps)
+        k = max(1, min(int(chunk), self.total_steps))
+        self.vectors = backend.zeros((k, *opt.vectors.shape), opt.vectors.dtype)
+        self.first = backend.zeros((k,), np.bool_)
+        self.steps = backend.zeros((k,), np.int64)
+        self.offsets = backend.zeros((k,), np.int64)
+        self.pos = backend.zeros((), np.int64)  # the row of the step about to run
+        self.step = backend.zeros((), np.int64)  # that step's index, for the guard
+        self.offset = backend.zeros((), np.int64)  # where its batch starts in the epoch's order
+        self.base, self.rows, self.host_pos = 0, 0, -1  # host mirror: row 0's step, valid rows, pos
+
+    def ensure(self, step: int, updates: int) -> None:
+        """Make step `step` the next one the device reads (host side, between steps):
+        nothing when it already is, else tables for steps step.. are uploaded. `updates`:
+        the optimizer's updates so far (the next one is number updates + 1)."""
+        if self.host_pos >= 0 and self.base + self.host_pos == step and self.host_pos < self.rows:
+            return
+        k = min(self.first.shape[0], self.total_steps - step)
+        vectors = np.stack([self.opt.step_vectors(updates + 1 + j, self.lrs(step + j)) for j in range(k)])
+        be = self.backend
+        self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
+        self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
+        self.steps[:k] = be.asarray(np.arange(step, step + k, dtype=np.int64))
+        self.offsets[:k] = be.asarray(np.array([self.offset_of(step + j) for j in range(k)], dtype=np.int64))
+        self.pos[...] = 0
+        self.base, self.rows, self.host_pos = step, k, 0
+
+    def select(self) -> None:
+        """On the device: this step's row of every table into the buffers the ops read."""
+        be = self.backend
+        be.select_row(self.vectors, self.pos, out=self.opt.vectors)
+        be.select_row(self.first, self.pos, out=self.opt.first_step)
+        be.select_row(self.steps, self.pos, out=self.step)
+        be.select_row(self.offsets, self.pos, out=self.offset)
+
+    def advance(self) -> None:
+        """On the device: pos += 1 (the host mirror follows in Step.run)."""
+        self.backend.xp.add(self.pos, 1, out=self.pos)
+
+
+class Step:
+    """The trainer's step (see the module docstring). `run(step)` runs step `step`:
+    captured and replayed when a capturer is given (once per batch shape: the first call
+    of a shape runs it plainly, which also allocates its buffers, the second captures it),
+    else plainly. With `host_batch` (data-parallel ranks, memory-mapped splits) the batch
+    is gathered from host indices and the step is never captured.
+
+    model, opt (the single-model Optimizer), guard (trainer.FiniteGuard), running_loss
+    (0-d float64 device sum), train (the training split), batch_size, n_train, clip
+    (max norm, 0: none), state (StepState), buffer(name, like, rows) -> a cached array,
+    dist (distributed.LOCAL or a world), interrupted() (Ctrl-C came?), capturer (None, or
+    one with warmup(key, fn) and capture(key, fn) -> replay; the key is the batch's rows)."""
+
+    def __init__(self, model, opt, guard, running_loss, train, batch_size: int, n_train: int, clip: float, state,
+                 buffer, dist, interrupted, capturer=None, host_batch: bool = False):  # fmt: skip
+        self.model, self.opt, self.guard, self.running = model, opt, guard, running_loss
+        self.train, self.batch_size, self.n_train, self.clip = train, int(batch_size), int(n_train), float(clip)
+        self.state, self.buffer, self.dist, self.interrupted = state, buffer, dist, interrupted
+        self.backend = be = model.backend
+        self.capturer = None if host_batch else capturer
+        self.host_batch = host_batch
+        self.steps_per_epoch = -(-self.n_train // self.batch_size)
+        self.loss = be.zeros((), model.dtype)
+        self.grad_sq = be.zeros((), model.dtype)
+        self.perm = None if host_batch else be.zeros((self.n_train,), np.int64)  # the epoch's order
+        self.perm_host = None
+        self.idx: dict = {}  # rows -> its index buffer
+        self.graphs: dict = {}  # rows -> replay()
+        self.warmed: dict = {}  # rows -> the workspace its first (plain) run allocated, kept for its graph
+        self.captures = 0  # graphs captured (tests)
+
+    def new_epoch(self, perm: np.ndarray) -> None:
+        """The epoch's order (host int64 (n_train,)) into the fixed buffer the step reads."""
+        if self.host_batch:
+            self.perm_host = self.train.order(perm)
+        else:
+            self.perm[...] = self.backend.asarray(perm.astype(np.int64, copy=False))
+
+    def run(self, step: int) -> bool:
+        """Run step `step` (0-based); returns whether Ctrl-C came (on any rank)."""
+        b = step % self.steps_per_epoch
+        n = min(self.batch_size, self.n_train - b * self.batch_size)  # this batch's rows
+        self.state.ensure(step, self.opt.steps)
+        stop = False
+        if self.host_batch:
+            batch = self.perm_host[b * self.batch_size : b * self.batch_size + n]
+            idx = self.dist.rows(batch)  # this rank's slice of the global batch
+            xb, yb = self.train.batch(idx, self.buffer)
+            self.state.select()
+            loss, stop = self.dist.forward_backward(self.model, xb, yb, n, self.interrupted)
+            self._finish(loss)
+        else:
+            replay = self.graphs.get(n)
+            if replay is not None:
+                replay()
+            elif self.capturer is None:
+                self._body(n)
+            elif n not in self.warmed:
+                self.capturer.warmup(n, lambda: self._body(n))
+                self.warmed[n] = self.model._workspace(n)
+            else:
+                replay = self.graphs[n] = self.capturer.capture(n, lambda: self._body(n))
+                self.captures += 1
+                replay()  # capturing records the step; this runs it
+            stop = self.interrupted()
+        self.opt.steps += 1  # host mirrors of the device counters
+        self.state.host_pos += 1
+        return stop
+
+    def _body(self, n: int) -> None:
+        """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
+        be, st = self.backend, self.state
+        st.select()
+        idx = self.idx.get(n)
+        if idx is None:
+            idx = self.idx[n] = be.zeros((n,), np.int64)
+        be.index_window(self.perm, st.offset, out=idx)
+        xb, yb = self.train.batch(idx, self.buffer)
+        loss = self.model.forward_backward(xb, yb, loss_out=self.loss)
+        self._finish(loss)
+
+    def _finish(self, loss) -> None:
+        """guard + clip, update, running loss, advance."""
+        be, st = self.backend, self.state
+        self.guard.check(st.step, loss, be.sum_squares(self.model.flat_grads, out=self.grad_sq), self.clip)
+        self.opt.update(self.guard.scale, self.guard.skip)
+        be.xp.add(self.running, loss, out=self.running)
+        st.advance()

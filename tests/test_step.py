@@ -1,0 +1,203 @@
+"""The training step as a function of device state (gpubp/step.py), and its capture.
+
+The GPU replays a captured CUDA graph; on the CPU, gpubp/backend/recording.py gives the
+NumPy backend a graph's semantics (op calls recorded with arrays by reference and
+Python scalars frozen, then replayed). A run whose step is captured once per batch
+shape and replayed must equal the plain run bitwise: any per-step number passed as a
+Python value (learning rate, bias correction, step count, batch position) would be
+replayed frozen and change the result, which the comparison sees (see
+test_the_comparison_catches_a_frozen_learning_rate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp.trainer as T
+from gpubp import stack
+from gpubp.backend.recording import CaptureError, RecordingBackend
+from gpubp.config import load_config
+from gpubp.data import epoch_permutation
+from gpubp.step import Step
+
+# 240 training rows in batches of 64: 4 steps an epoch, the last of 48 rows (two shapes);
+# 200 steps = 50 epochs
+BASE = ["data.dataset=spirals", "data.n_samples=300", "data.val_fraction=0.2", "data.test_fraction=0.0",
+        "model.hidden=[16, 16]", "train.batch_size=64", "train.steps=200", "train.eval_every=25",
+        "train.early_stopping_patience=0", "train.restore_best=false"]  # fmt: skip
+
+CASES = {
+    "adam-cosine-warmup-clip": ["optimizer.name=adam", "optimizer.lr=0.01", "schedule.name=cosine",
+                                "schedule.warmup_steps=20", "schedule.min_lr=0.001", "optimizer.clip_grad_norm=0.5"],
+    "adamw-cosine-warmup": ["optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.05",
+                            "schedule.name=cosine", "schedule.warmup_steps=25", "schedule.min_lr=0.0005"],
+    "adamw-step-clip": ["optimizer.name=adamw", "optimizer.lr=0.02", "optimizer.weight_decay=0.01",
+                        "schedule.name=step", "schedule.step_size=30", "schedule.gamma=0.5",
+                        "schedule.warmup_steps=5", "optimizer.clip_grad_norm=1.0"],
+    "sgd-nesterov-cosine-warmup": ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9",
+                                   "optimizer.nesterov=true", "optimizer.weight_decay=0.001",
+                                   "schedule.name=cosine", "schedule.warmup_steps=10"],
+    "sgd-dampening-step-clip": ["optimizer.name=sgd", "optimizer.lr=0.2", "optimizer.momentum=0.8",
+                                "optimizer.dampening=0.3", "schedule.name=step", "schedule.step_size=50",
+                                "optimizer.clip_grad_norm=0.3"],
+    "adam-residual-gelu-float64": ["optimizer.name=adam", "optimizer.lr=0.005", "schedule.name=cosine",
+                                   "schedule.warmup_steps=15", "model.activation=gelu", "model.residual=true",
+                                   "model.dtype=float64"],
+}  # fmt: skip
+
+
+def run(case: str, device, extra=()) -> T.Trainer:
+    cfg = load_config(None, BASE + CASES[case] + list(extra))
+    trainer = T.Trainer(cfg, None, device=device, quiet=True)
+    trainer.summary = trainer.train()
+    return trainer
+
+
+def assert_same_run(a: T.Trainer, b: T.Trainer) -> None:
+    """Bitwise: parameters, optimizer state, the guard's record, every logged number."""
+    assert np.array_equal(a.model.flat_params, b.model.flat_params)
+    sa, sb = a.opt.state_dict(), b.opt.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+    assert a.guard.first_bad_step() == b.guard.first_bad_step()
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in a.history]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in b.history]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_captured_run_equals_the_plain_run_bitwise(case):
+    plain = run(case, "cpu")
+    rec = RecordingBackend()
+    captured = run(case, rec)
+    assert captured.graph_note is None
+    assert len(rec.graphs) == 2  # one capture per batch shape (64 and 48 rows)
+    assert rec.replays == 200 - 2  # each shape: one plain run (warm-up), then captured once, replayed
+    assert_same_run(plain, captured)
+
+
+def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
+    """The old way (the host sets opt.lr each step, the update takes it as a Python float):
+    right when every step runs, wrong when the step is captured once and replayed."""
+
+    def update(self, p, g, scale, skip):
+        self.backend.sgd_step_batched(
+            p, g, self.momentum_buffer, self._scratch, lr=float(self.lr[0]), momentum=self._momentum_v,
+            one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
+            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=True, decay_on=True,
+        )  # fmt: skip
+
+    original = Step.run
+
+    def host_lr_run(self, step):
+        self.opt.lr = self.state.lrs(step)[0]
+        return original(self, step)
+
+    monkeypatch.setattr(stack.StackSGD, "_update", update)
+    monkeypatch.setattr(Step, "run", host_lr_run)
+    case = "sgd-nesterov-cosine-warmup"
+    plain, captured = run(case, "cpu"), run(case, RecordingBackend())
+    assert not np.array_equal(plain.model.flat_params, captured.model.flat_params)
+    monkeypatch.undo()
+    assert np.array_equal(plain.model.flat_params, run(case, "cpu").model.flat_params)  # the patch was exact
+
+
+def signature(calls):
+    """A recording with arrays as (address, shape, strides, dtype), like device pointers."""
+
+    def norm(v):
+        if isinstance(v, np.ndarray):
+            return ("array", v.__array_interface__["data"][0], v.shape, v.strides, v.dtype.str)
+        if isinstance(v, (list, tuple)):
+            return tuple(norm(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((k, norm(x)) for k, x in sorted(v.items()))
+        return v if isinstance(v, (int, float, bool, str, type(None), np.generic)) else repr(v)
+
+    return [(op.__name__, norm(args), norm(kwargs)) for op, args, kwargs in calls]
+
+
+@pytest.mark.parametrize("case", ["adamw-step-clip", "sgd-dampening-step-clip"])
+def test_a_step_captured_later_records_the_same_calls(case):
+    """Every per-step number is read from device state: a capture at step 1 and one at
+    step 41 (other learning rate, bias corrections, step, batch position, epoch order)
+    record the same ops with the same scalars on the same buffers."""
+    rec = RecordingBackend()
+    cfg = load_config(None, BASE + CASES[case])
+    trainer = T.Trainer(cfg, None, device=rec, quiet=True)
+    step_fn = trainer.make_step()
+    for s in range(42):
+        if s % trainer.steps_per_epoch == 0:
+            step_fn.new_epoch(epoch_permutation(cfg.train.seed, s // trainer.steps_per_epoch, trainer.n_train))
+        if s == 41:
+            step_fn.graphs.clear()  # capture the 64-row step again
+        step_fn.run(s)
+    assert len(rec.graphs) == 3 and len(rec.graphs[0]) > 10  # 64 rows (step 1), 48 rows (step 7), 64 again
+    assert signature(rec.graphs[0]) == signature(rec.graphs[2])
+
+
+def test_nothing_is_allocated_inside_a_captured_step(monkeypatch):
+    """The capture succeeded above only if no op allocated; here a step that lets an op
+    return a new array (the squared norm without out=) is refused at capture."""
+    original = T.Step._finish
+
+    def allocating_finish(self, loss):
+        self.backend.sum_squares(self.model.flat_grads)  # a new 0-d array each step
+        original(self, loss)
+
+    monkeypatch.setattr(T.Step, "_finish", allocating_finish)
+    with pytest.raises(CaptureError, match="sum_squares returns a new array inside a captured step"):
+        run("adam-cosine-warmup-clip", RecordingBackend())
+
+
+def test_the_recording_backend_refuses_what_a_graph_cannot_hold():
+    rec = RecordingBackend()
+    buf = rec.zeros((3,), np.float64)  # outside a capture: the NumPy backend
+    for fn, message in [
+        (lambda: rec.zeros((3,), np.float64), "zeros allocates memory"),
+        (lambda: rec.to_float(buf[0]), "to_float reads the device from the host"),
+        (lambda: rec.xp.add(buf, 1.0), "numpy.add returns a new array"),
+        (lambda: rec.loss_forward_backward(buf.reshape(3, 1), buf.reshape(3, 1), None), "pass out="),
+    ]:
+        with pytest.raises(CaptureError, match=message):
+            rec.capture(0, fn)
+    replay = rec.capture(0, lambda: rec.xp.add(buf, 1.0, out=buf))
+    assert buf.tolist() == [0.0, 0.0, 0.0]  # capturing runs nothing
+    replay()
+    replay()
+    assert buf.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_cuda_graph_off_runs_every_step_plainly():
+    rec = RecordingBackend()
+    trainer = run("adam-cosine-warmup-clip", rec, ["train.cuda_graph=false"])
+    assert trainer.graph_note == "train.cuda_graph = false" and rec.graphs == []
+    assert_same_run(trainer, run("adam-cosine-warmup-clip", "cpu"))
+
+
+def test_a_resumed_captured_run_repeats_the_uninterrupted_one(tmp_path):
+    """Resume mid-epoch from a checkpoint: the tables are rebuilt from the restored step
+    and optimizer count, the epoch's order from (seed, epoch)."""
+    case = CASES["adamw-step-clip"]
+    whole = T.Trainer(load_config(None, BASE + case), str(tmp_path / "a"), device=RecordingBackend(), quiet=True)
+    whole.train()
+    half = T.Trainer(load_config(None, BASE + case + ["train.steps=75"]), str(tmp_path / "b"),
+                     device=RecordingBackend(), quiet=True)  # fmt: skip
+    half.train()
+    rest = T.Trainer(load_config(None, BASE + case), str(tmp_path / "c"), device=RecordingBackend(), quiet=True,
+                     resume=str(tmp_path / "b" / "last.npz"))  # fmt: skip
+    rest.train()
+    assert np.array_equal(whole.model.flat_params, rest.model.flat_params)
+
+
+def test_tables_longer_runs_than_one_chunk(monkeypatch):
+    """More steps than one table holds: the tables are reloaded mid-run (and mid-graph)."""
+    from gpubp import step as S
+
+    monkeypatch.setattr(S, "CHUNK", 7)
+    monkeypatch.setattr(S.StepState.__init__, "__defaults__", (7,))
+    captured = run("sgd-dampening-step-clip", RecordingBackend())
+    assert captured.opt.steps == 200
+    monkeypatch.undo()
+    assert_same_run(captured, run("sgd-dampening-step-clip", "cpu"))

@@ -1,0 +1,78 @@
+"""The captured training step on the GPU (marked gpu: skipped without a CUDA device).
+
+A CUDA-graph run must equal the same run with train.cuda_graph = false bitwise: the
+graph replays the same kernels on the same buffers, and every per-step number comes
+from device memory (gpubp/step.py). tests/test_step.py checks the same on the CPU with
+the recording backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubp.trainer as T
+from gpubp.config import load_config
+
+from .test_step import BASE, CASES, assert_same_run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from gpubp.backend import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def run(case, graph: bool) -> T.Trainer:
+    cfg = load_config(None, BASE + CASES[case] + [f"train.cuda_graph={str(graph).lower()}"])
+    trainer = T.Trainer(cfg, None, device="gpu", quiet=True)
+    trainer.summary = trainer.train()
+    return trainer
+
+
+def host(trainer):
+    """The run's state copied to the host, for assert_same_run."""
+    be = trainer.run.backend
+
+    class Copy:
+        pass
+
+    c = Copy()
+    c.model = type("M", (), {"flat_params": be.to_numpy(trainer.model.flat_params)})()
+    c.opt = type("O", (), {"state_dict": lambda self: trainer.opt.state_dict()})()
+    c.guard, c.history = trainer.guard, trainer.history
+    return c
+
+
+@pytest.mark.parametrize("case", ["adamw-cosine-warmup", "adamw-step-clip", "sgd-nesterov-cosine-warmup"])
+def test_graph_run_equals_the_plain_run_bitwise(gpu, case):
+    """200 steps, two batch shapes, warmup + cosine/step schedules, AdamW/SGD, clipping."""
+    captured = run(case, True)
+    assert captured.graph_note is None and len(captured.step_fn.capturer.graphs) == 2  # 64 and 48 rows
+    assert_same_run(host(captured), host(run(case, False)))
+
+
+def test_replays_allocate_nothing(gpu):
+    """After the capture, steps take no memory from CuPy's default pool (the graph's
+    temporaries live in its own pool)."""
+    import cupy
+
+    cfg = load_config(None, BASE + CASES["adamw-step-clip"])
+    trainer = T.Trainer(cfg, None, device="gpu", quiet=True)
+    step_fn = trainer.make_step()
+    from gpubp.data import epoch_permutation
+
+    step_fn.new_epoch(epoch_permutation(cfg.train.seed, 0, trainer.n_train))
+    step_fn.run(0)
+    step_fn.run(1)  # warm-up, capture (64 rows)
+    cupy.cuda.get_current_stream().synchronize()
+    pool = cupy.get_default_memory_pool()
+    used = pool.used_bytes()
+    for _ in range(20):
+        step_fn.graphs[64]()
+    cupy.cuda.get_current_stream().synchronize()
+    assert pool.used_bytes() == used and np.isfinite(trainer.run.backend.to_float(trainer.running_loss))
