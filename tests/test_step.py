@@ -44,6 +44,12 @@ CASES = {
     "adam-residual-gelu-float64": ["optimizer.name=adam", "optimizer.lr=0.005", "schedule.name=cosine",
                                    "schedule.warmup_steps=15", "model.activation=gelu", "model.residual=true",
                                    "model.dtype=float64"],
+    # mixed precision: the 16-bit weight copy, the casts and (fp16) the device loss scale in the graph
+    "adamw-cosine-bf16": ["optimizer.name=adamw", "optimizer.lr=0.01", "schedule.name=cosine",
+                          "schedule.warmup_steps=10", "model.dtype=bf16", "optimizer.clip_grad_norm=1.0"],
+    "adam-step-fp16": ["optimizer.name=adam", "optimizer.lr=0.01", "schedule.name=step", "schedule.step_size=40",
+                       "model.dtype=fp16"],
+    "sgd-momentum-tf32": ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9", "model.dtype=tf32"],
 }  # fmt: skip
 
 
@@ -151,7 +157,11 @@ def test_nothing_is_allocated_inside_a_captured_step(monkeypatch):
         run("adam-cosine-warmup-clip", RecordingBackend())
 
 
-def test_the_recording_backend_refuses_what_a_graph_cannot_hold():
+def test_the_recording_backend_refuses_what_a_graph_cannot_hold(monkeypatch):
+    from gpubp.backend import NumpyBackend
+
+    # an op the recording does not list would run once, at capture, and never in a replay
+    monkeypatch.setattr(NumpyBackend, "new_op", lambda self, out: out.fill(1.0), raising=False)
     rec = RecordingBackend()
     buf = rec.zeros((3,), np.float64)  # outside a capture: the NumPy backend
     for fn, message in [
@@ -159,6 +169,7 @@ def test_the_recording_backend_refuses_what_a_graph_cannot_hold():
         (lambda: rec.to_float(buf[0]), "to_float reads the device from the host"),
         (lambda: rec.xp.add(buf, 1.0), "numpy.add returns a new array"),
         (lambda: rec.loss_forward_backward(buf.reshape(3, 1), buf.reshape(3, 1), None), "pass out="),
+        (lambda: rec.new_op(buf), "new_op is not a recorded op"),
     ]:
         with pytest.raises(CaptureError, match=message):
             rec.capture(0, fn)

@@ -48,7 +48,11 @@ def host(trainer):
     return c
 
 
-@pytest.mark.parametrize("case", ["adamw-cosine-warmup", "adamw-step-clip", "sgd-nesterov-cosine-warmup"])
+@pytest.mark.parametrize(
+    "case",
+    ["adamw-cosine-warmup", "adamw-step-clip", "sgd-nesterov-cosine-warmup", "adamw-cosine-bf16", "adam-step-fp16",
+     "sgd-momentum-tf32"],
+)  # fmt: skip
 def test_graph_run_equals_the_plain_run_bitwise(gpu, case):
     """200 steps, two batch shapes, warmup + cosine/step schedules, AdamW/SGD, clipping."""
     captured = run(case, True)

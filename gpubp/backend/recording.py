@@ -31,7 +31,11 @@ OPS = (
     "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
+    "cast", "add", "step_guard_scaled",
 )  # fmt: skip
+# the backend's callables that touch no device memory: anything else not listed above is
+# refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
+HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer")
 MEMORY = ("empty", "zeros", "asarray")
 HOST_READS = ("to_numpy", "to_float", "synchronize")
 
@@ -55,6 +59,8 @@ class RecordingBackend:
         if name in OPS:
             return self._op(name, attr)
         if name in MEMORY or name in HOST_READS:
+            return self._guarded(name, attr)
+        if callable(attr) and not name.startswith("_") and name not in HOST_ONLY:
             return self._guarded(name, attr)
         return attr
 
@@ -81,7 +87,13 @@ class RecordingBackend:
     def _guarded(self, name, fn):
         def call(*args, **kwargs):
             if self.recording is not None:
-                what = "allocates memory" if name in MEMORY else "reads the device from the host"
+                what = (
+                    "allocates memory"
+                    if name in MEMORY
+                    else "reads the device from the host"
+                    if name in HOST_READS
+                    else "is not a recorded op (add it to recording.OPS)"
+                )
                 raise CaptureError(f"{name} {what} inside a captured step")
             return fn(*args, **kwargs)
 
