@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ DEVICE_CHOICES = ("auto", "cpu", "gpu")
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair", "str_list"
+    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair", "str_list", "size"
     default: Any
     doc: str
     choices: tuple = ()
@@ -97,6 +98,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "n_classes": _f("int", 3, "spirals: number of arms", min=2),
         "n_features": _f("int", 2, "regression: input dimension", min=1),
         "noise": _f("float", 0.1, "spirals, regression: noise level", min=0.0),
+        "device_memory": _f(
+            "size",
+            "free",
+            'device memory the run may use, bytes or e.g. "4GiB"; free: the device\'s free memory (no limit on the '
+            "CPU); a training split that does not fit streams from host memory in chunks",
+        ),  # fmt: skip
     },
     "model": {
         "hidden": _f("int_list", [128], "widths of the hidden layers, e.g. [256, 128]; [] for a linear model", min=1),
@@ -297,7 +304,34 @@ def _coerce(where: str, f: Field, value):
             _check_range(f"{where}[{i}]", f, float(item))
             out.append(float(item))
         return out
+    if kind == "size":
+        if parse_size(value) is None and value != "free":
+            raise ConfigError(
+                f'{where}: expected a number of bytes, a size such as "4GiB" or "512MiB", or "free", got {_describe(value)}'
+            )
+        return value
     raise AssertionError(kind)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value) -> int | None:
+    """Bytes of a size: a positive integer, or a string "<number> <unit>" with unit one of
+    B, kB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), any case, e.g.
+    "4GiB" = 4 * 2^30, "1.5 GB" = 1.5e9. None for anything else ("free" included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", value)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        return None
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return n if n > 0 else None
 
 
 def _cross_checks(cfg: Config, source: str, raw: dict) -> None:
@@ -483,7 +517,8 @@ def reference_markdown() -> str:
 
 def _allowed(f: Field) -> str:
     kind = {"int": "integer", "float": "number", "bool": "true/false", "str": "string",
-            "int_list": "list of integers", "float_pair": "two numbers", "str_list": "list of strings"}[f.kind]  # fmt: skip
+            "int_list": "list of integers", "float_pair": "two numbers", "str_list": "list of strings",
+            "size": 'bytes, a size such as "4GiB", or "free"'}[f.kind]  # fmt: skip
     bounds = []
     if f.min is not None:
         bounds.append(f"{'>' if f.min_exclusive else '>='} {f.min:g}")

@@ -103,16 +103,22 @@ class Step:
         self.steps_per_epoch = -(-self.n_train // self.batch_size)
         self.loss = be.zeros((), model.dtype)
         self.grad_sq = be.zeros((), model.dtype)
+        self.streamed = getattr(train, "streams", False)  # stream.StreamSplit: the order is applied on the host
         self.perm = None if host_batch else be.zeros((self.n_train,), np.int64)  # the epoch's order
+        if self.streamed and not host_batch:
+            self.perm = train.ring_index  # fixed: positions in its ring of two chunks (gpubp/stream.py)
         self.perm_host = None
         self.idx: dict = {}  # rows -> its index buffer
         self.graphs: dict = {}  # rows -> replay()
         self.warmed: dict = {}  # rows -> the workspace its first (plain) run allocated, kept for its graph
         self.captures = 0  # graphs captured (tests)
 
-    def new_epoch(self, perm: np.ndarray) -> None:
-        """The epoch's order (host int64 (n_train,)) into the fixed buffer the step reads."""
-        if self.host_batch:
+    def new_epoch(self, perm: np.ndarray, epoch: int | None = None) -> None:
+        """The epoch's order (host int64 (n_train,)) into the fixed buffer the step reads
+        (a streamed split: to the split, which gathers its chunks on the host)."""
+        if self.streamed and not self.host_batch:
+            self.train.new_epoch(epoch, perm)
+        elif self.host_batch:
             self.perm_host = self.train.order(perm)
         else:
             self.perm[...] = self.backend.asarray(perm.astype(np.int64, copy=False))
@@ -131,6 +137,8 @@ class Step:
             loss, stop = self.dist.forward_backward(self.model, xb, yb, n, self.interrupted)
             self._finish(loss)
         else:
+            if self.streamed:
+                self.train.ready(step)  # its batch's chunks resident, the next one on its way
             replay = self.graphs.get(n)
             if replay is not None:
                 replay()

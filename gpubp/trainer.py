@@ -22,6 +22,7 @@ with the batch size and an estimate of the memory the run needs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -62,6 +63,9 @@ from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .precision import get_precision
 from .schedules import lr_at
 from .step import Step, StepState
+from .stream import StreamSplit
+from .stream import budget as stream_budget
+from .stream import plan as stream_plan
 
 MIN_EVAL_STEPS = 20  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
@@ -222,6 +226,8 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
         target_scaler = T.TargetScaler.fit(splits.train.y) if scaled else T.TargetScaler.identity(width)
     try:
         model = build_model(cfg, ds.x.shape[1], width, backend)
+        chunk = None if mapped or ranks is not None or (dist is not None and dist.size > 1) else \
+            stream_chunk(cfg, backend, model, splits, log)  # fmt: skip
         dev = {}
         for name in ("train", "val", "test"):
             part = getattr(splits, name)
@@ -230,6 +236,9 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
                 target = target if part.is_classification else target_scaler.transform(target)
                 if mapped:
                     dev[name] = shard.MappedSplit(model, part, target, *ranks)
+                elif name == "train" and chunk is not None:  # over data.device_memory: from host memory
+                    order_of = functools.partial(D.epoch_permutation, cfg.train.seed, n=len(part))  # (epoch)
+                    dev[name] = StreamSplit(model, part, std, target, chunk, cfg.train.batch_size, order_of)
                 else:
                     dev[name] = D.DeviceSplit(model, part, std, target)
             else:
@@ -244,6 +253,28 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
               feature_names=ds.feature_names)  # fmt: skip
     run.target_scaler = None if ds.is_classification else target_scaler
     return run
+
+
+def stream_chunk(cfg: Config, backend, model: MLP, splits: D.Splits, log=None) -> int | None:
+    """Rows per chunk when the training split streams from host memory (gpubp/stream.py):
+    the run's memory estimate is over data.device_memory; None when it fits. Says so once."""
+    limit = stream_budget(cfg.data.device_memory, backend)
+    if limit is None:
+        return None
+    parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
+    n_rows, n_train = sum(len(p) for p in parts), len(splits.train)
+    batch = min(cfg.train.batch_size, n_train)
+    est = memory_estimate(cfg, model.sizes, batch, n_rows, backend)
+    item = np.dtype(model.dtype).itemsize
+    row_bytes = model.sizes[0] * item + (4 if model.loss.info.target == "labels" else model.sizes[-1] * item)
+    where = f"data.device_memory = {cfg.data.device_memory!r}"
+    if cfg.data.device_memory == "free":
+        where = "the device's free memory (data.device_memory = 'free')"
+    chunk, note = stream_plan(est, n_rows, n_train, row_bytes, batch, min(cfg.train.eval_batch_size, n_train),
+                              limit, where)  # fmt: skip
+    if chunk is not None and log:
+        log(note)
+    return chunk
 
 
 def check_data_fits(cfg: Config, ds: D.Dataset, width: int, meta: dict, path: str) -> None:
@@ -359,8 +390,11 @@ def evaluate_split(model: MLP, part: D.DeviceSplit, name: str, batch_size: int, 
     own units (`scaler` maps outputs back); classification with `report` adds
     name_report (per-class precision, recall, F1, support, confusion matrix)."""
     # one forward pass over the split: the loss, and the outputs when a metric needs them
-    outputs = np.empty((part.x.shape[0], model.sizes[-1])) if wants_outputs(host, report) else None
-    loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size, outputs)
+    outputs = np.empty((part.n, model.sizes[-1])) if wants_outputs(host, report) else None
+    if getattr(part, "streams", False):  # stream.StreamSplit: its rows copied batch by batch
+        loss, correct = part.evaluate(model, batch_size, outputs)
+    else:
+        loss, correct = model.evaluate(part.x, part.target, part.labels, batch_size, outputs)
     out = {f"{name}_loss": loss}
     if correct is not None:
         out[f"{name}_accuracy"] = correct / part.n
@@ -737,7 +771,7 @@ class Trainer:
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 if perm_epoch != epoch:
-                    step_fn.new_epoch(D.epoch_permutation(t.seed, epoch, self.n_train))
+                    step_fn.new_epoch(D.epoch_permutation(t.seed, epoch, self.n_train), epoch)
                     perm_epoch = epoch
                 # gather, forward, loss, backward (with N ranks: one all-reduce), guard + clip,
                 # update: one step of device work (a replayed CUDA graph on the GPU)
@@ -781,7 +815,7 @@ class Trainer:
         cannot be captured (`graph_note` says why; printed once on the GPU)."""
         be, t = self.run.backend, self.cfg.train
         train = self.run.splits["train"]
-        host_batch = self.dist.size > 1 or not isinstance(train, D.DeviceSplit)
+        host_batch = self.dist.size > 1 or not isinstance(train, (D.DeviceSplit, StreamSplit))
         capturer = getattr(be, "graph_capturer", None)
         if not t.cuda_graph:
             self.graph_note = "train.cuda_graph = false"
@@ -794,8 +828,10 @@ class Trainer:
         if self.graph_note is not None and t.cuda_graph and be.name == "gpu" and self.dist.is_root:
             self.log(f"CUDA graph off: {self.graph_note}")
         bs = t.batch_size
-        state = StepState(be, self.opt.rule_opt, lambda s: [self._lr(s)],
-                          lambda s: (s % self.steps_per_epoch) * bs, self.total_steps)  # fmt: skip
+        offset = lambda s: (s % self.steps_per_epoch) * bs  # noqa: E731  where step s's batch starts in the order
+        if isinstance(train, StreamSplit) and not host_batch:  # in the ring of a streamed split's chunks
+            offset = train.ring_offset
+        state = StepState(be, self.opt.rule_opt, lambda s: [self._lr(s)], offset, self.total_steps)
         return Step(self.model, self.opt, self.guard, self.running_loss, train, bs, self.n_train,
                     self.cfg.optimizer.clip_grad_norm, state, self._batch_buffer, self.dist, interrupted,
                     capturer() if self.graph_note is None else None, host_batch)  # fmt: skip
@@ -980,7 +1016,7 @@ def _check_resume_compatible(stored: Config, given: Config, path: str) -> None:
     a["data"]["path"], b["data"]["path"] = stored.data_path(), given.data_path()
     for section, values in a.items():
         for key, value in values.items():
-            if section == "train" and key in RESUMABLE_CHANGES:
+            if section == "train" and key in RESUMABLE_CHANGES or (section, key) == ("data", "device_memory"):
                 continue
             if (section, key) in (("data", "task"), ("data", "label_column"), ("loss", "name")) and b[section][
                 key
