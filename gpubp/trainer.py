@@ -186,7 +186,7 @@ _NOTES_SHOWN = set()  # device notes already printed by this process: each once
 
 def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | None = None,
             checkpoint: tuple[dict, str] | None = None, target_scaler: T.TargetScaler | None = None,
-            dataset: D.Dataset | None = None, dist=None) -> Run:  # fmt: skip
+            dataset: D.Dataset | None = None, dist=None, stream: bool = False) -> Run:  # fmt: skip
     """Backend, data (split, standardised, on the device) and a freshly initialised
     model. `standardizer`, `target_scaler` replace the statistics fitted on the
     training split (a checkpoint's own, for eval); `checkpoint` (meta, path): the
@@ -194,7 +194,9 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     data given in memory (the estimators), used instead of cfg.data's loader. Run.cfg
     has "auto" resolved (see resolve_auto). `dist`: this rank of N (distributed.py);
     with N > 1 a memory-mapped file's splits are `shard.MappedSplit`s, holding only
-    this rank's rows, and the statistics come later, from every rank (shard.finish)."""
+    this rank's rows, and the statistics come later, from every rank (shard.finish).
+    `stream` (the trainer's runs): a training split over data.device_memory streams from
+    host memory (gpubp/stream.py); elsewhere (sweeps, gradcheck) every split is resident."""
     backend, note = resolve_device(device)
     if note and log and note not in _NOTES_SHOWN:
         _NOTES_SHOWN.add(note)
@@ -224,10 +226,11 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     if target_scaler is None:
         scaled = not ds.is_classification and cfg.loss.name in T.SCALED_LOSSES and d.standardize_targets
         target_scaler = T.TargetScaler.fit(splits.train.y) if scaled else T.TargetScaler.identity(width)
+    single = not mapped and (dist is None or dist.size == 1)  # "free": measured before the model is built
+    limit = stream_budget(cfg.data.device_memory, backend) if stream and single else None
     try:
         model = build_model(cfg, ds.x.shape[1], width, backend)
-        chunk = None if mapped or ranks is not None or (dist is not None and dist.size > 1) else \
-            stream_chunk(cfg, backend, model, splits, log)  # fmt: skip
+        chunk = stream_chunk(cfg, backend, model, splits, limit, log)
         dev = {}
         for name in ("train", "val", "test"):
             part = getattr(splits, name)
@@ -255,10 +258,10 @@ def prepare(cfg: Config, device: str, log=None, standardizer: D.Standardizer | N
     return run
 
 
-def stream_chunk(cfg: Config, backend, model: MLP, splits: D.Splits, log=None) -> int | None:
+def stream_chunk(cfg: Config, backend, model: MLP, splits: D.Splits, limit: int | None, log=None) -> int | None:
     """Rows per chunk when the training split streams from host memory (gpubp/stream.py):
-    the run's memory estimate is over data.device_memory; None when it fits. Says so once."""
-    limit = stream_budget(cfg.data.device_memory, backend)
+    the run's memory estimate is over `limit` bytes (data.device_memory); None when it
+    fits or there is no limit. Says so once."""
     if limit is None:
         return None
     parts = [p for p in (splits.train, splits.val, splits.test) if p is not None]
@@ -587,7 +590,7 @@ class Trainer:
         self.out_dir = out_dir
         fits = (self.resume_meta, resume) if resume is not None else None
         self.run = prepare(cfg, device or cfg.train.device, self.log, standardizer, checkpoint=fits, dataset=dataset,
-                           dist=self.dist)  # fmt: skip
+                           dist=self.dist, stream=True)  # fmt: skip
         self.cfg = cfg = self.run.cfg  # "auto" resolved
         self.model = self.run.model
         o = cfg.optimizer
