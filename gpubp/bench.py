@@ -46,6 +46,11 @@ class Case:
     steps: int = 100
     cpu_warmup: int | None = None  # fewer steps where a CPU step takes seconds
     cpu_steps: int | None = None
+    # the stream case (gpubp/stream_bench.py): a dataset of stream_gib GiB under a device budget of
+    # budget_gib GiB, against the resident case; on the CPU cpu_stream_mib MiB under a quarter of it
+    stream_gib: float = 0.0
+    budget_gib: float = 0.0
+    cpu_stream_mib: float = 4.0
 
     @property
     def weights(self) -> int:
@@ -431,6 +436,16 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
             peaks[precision] = _new_path(precision, functools.partial(device_peak, backend, precision), {})
         row = {"case": case.name, "precision": precision, "batch": case.batch, "sizes": case.sizes,
                "flops_per_step": case.flops_per_step}  # fmt: skip
+        if case.stream_gib:  # streamed vs resident gpubp (gpubp/stream_bench.py); PyTorch has no counterpart here
+            from . import stream_bench
+
+            row["gpubp"] = stream_bench.bench_stream(case, backend, precision)
+            row.update({k: {"skipped": "the stream case compares gpubp streamed with gpubp resident"}
+                        for k in ("torch_eager", "torch_compile")}, speedup_vs_torch_eager=None,
+                       speedup_vs_torch_compile=None, share_of_gemm_peak=None, stream=True)  # fmt: skip
+            results.append(row)
+            log(stream_bench.format_row(row))
+            continue
         row["gpubp"] = _new_path(precision, functools.partial(bench_gpubp, case, backend, precision))
         for key, compiled in (("torch_eager", False), ("torch_compile", True)):
             if reason:
@@ -466,6 +481,10 @@ HEADER = (f"{'case':<11} {'prec':<8} {'ms/step':>9} {'samples/s':>11} {'TFLOP/s'
 
 
 def format_row(row: dict) -> str:
+    if row.get("stream"):
+        from .stream_bench import format_row as stream_row
+
+        return stream_row(row)
     g = row["gpubp"]
     if "skipped" in g:
         return f"{row['case']:<11} {row['precision']:<8} skipped: {g['skipped']}"
@@ -493,6 +512,11 @@ def markdown(report: dict) -> str:
               "| x eager | x compile | GEMM / ops / host | peak MiB |", "|" + "---|" * 11]  # fmt: skip
     for row in report["results"]:
         g = row["gpubp"]
+        if row.get("stream"):
+            from .stream_bench import markdown_row
+
+            lines.append(markdown_row(row))
+            continue
         if "skipped" in g:
             lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 8)
             continue

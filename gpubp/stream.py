@@ -36,11 +36,33 @@ MLP.evaluate: the same numbers as a resident evaluation.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .backend.transfer import free_memory, make_transfer
 from .config import parse_size
 from .errors import ConfigError
+
+GATHER_THREADS = min(8, os.cpu_count() or 1)
+_POOL = []  # the gather's thread pool, made when first needed
+
+
+def gather(src: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = src[rows[i]] on the host: np.take, in GATHER_THREADS slices of the rows
+    when out is large (np.take releases the GIL; one thread copies a few GB/s, short of
+    what a GPU step consumes on a wide model)."""
+    parts = min(GATHER_THREADS, out.nbytes // (16 << 20))
+    if parts <= 1:
+        np.take(src, rows, axis=0, out=out)
+        return
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="gpubp-gather"))
+    bounds = np.linspace(0, rows.shape[0], parts + 1).astype(np.int64)
+    jobs = [_POOL[0].submit(np.take, src, rows[a:b], 0, out[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    for job in jobs:
+        job.result()
 
 
 def budget(value, backend) -> int | None:
@@ -108,7 +130,8 @@ class StreamSplit:
         self.model, self.backend = model, model.backend
         be = self.backend
         self.n = n = len(ds)
-        self.x_host = np.ascontiguousarray(standardizer(ds.x), dtype=model.dtype)  # (n, F): the same bits as resident
+        x = ds.x if standardizer is None else standardizer(ds.x)  # None: ds.x is the model's input as it is
+        self.x_host = np.ascontiguousarray(x, dtype=model.dtype)  # (n, F): the same bits as a resident split
         self.target_host = np.ascontiguousarray(be.to_numpy(model.as_target(targets, n)))  # (n,) int32 or (n, T)
         self.labels_host = np.asarray(ds.y, dtype=np.int32) if ds.is_classification else None
         self.chunk = c = int(chunk)
@@ -183,8 +206,8 @@ class StreamSplit:
         t = self.transfer
         t.wait_staging(slot)  # its previous copy has read the staging buffer
         sx, st = self.stage_x[slot][:k], self.stage_t[slot][:k]
-        np.take(self.x_host, rows, axis=0, out=sx)
-        np.take(self.target_host, rows, axis=0, out=st)
+        gather(self.x_host, rows, sx)
+        gather(self.target_host, rows, st)
         lo = slot * self.chunk
         t.copy(self.x[lo : lo + k], sx, slot)
         t.copy(self.target[lo : lo + k], st, slot)

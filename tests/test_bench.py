@@ -14,7 +14,7 @@ from .conftest import run_cli
 
 def test_every_case_loads_and_counts_flops():
     cases = {c.name: c for c in B.find_cases()}
-    assert set(cases) == {"tiny", "mnist-100", "mnist-1024", "narrow", "wide"}
+    assert set(cases) == {"tiny", "mnist-100", "mnist-1024", "narrow", "wide", "stream"}
     tiny = cases["tiny"]
     assert tiny.sizes == [64, 128, 10] and tiny.batch == 128
     # 6 x weights x batch: 2 (forward) + 2 (dW) + 2 (dX) flops per weight and sample

@@ -216,3 +216,31 @@ def test_device_memory_may_change_on_resume(tmp_path):
     cfg = load_config(None, BASE + ["train.steps=12", "data.device_memory=1GiB"])
     t = T.Trainer(cfg, str(tmp_path / "r"), device="cpu", quiet=True, resume=str(tmp_path / "r" / "last.npz"))
     assert t.step == 8
+
+
+# ---- the host gather, the bench case
+
+
+def test_threaded_gather_equals_take():
+    """stream.gather splits a large gather over threads (48 MiB: several slices)."""
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((30000, 500)).astype(np.float32)
+    rows = rng.permutation(30000)[:25000]
+    out = np.empty((25000, 500), np.float32)
+    stream.gather(src, rows, out)
+    assert np.array_equal(out, src[rows])
+
+
+def test_bench_stream_case_runs_scaled_down_on_the_cpu():
+    from gpubp import bench
+
+    (case,) = bench.find_cases(["stream"])
+    assert case.stream_gib == 16.0 and case.budget_gib == 4.0  # the issue's case, on the GPU
+    report = bench.run([case], T.resolve_device("cpu")[0], with_torch=False, log=lambda line: None)
+    (row,) = report["results"]
+    g = row["gpubp"]
+    assert "not a speed figure" in g["note"]
+    assert g["chunk_rows"] % 64 == 0 and g["dataset_bytes"] > 2 * g["chunk_rows"] * (784 * 4 + 4)
+    assert g["chunks_copied"] >= 2 and g["chunk_waits"] == 1  # each later chunk was sent ahead
+    assert g["samples_per_s"] > 0 and g["resident_samples_per_s"] > 0 and g["vs_resident"] > 0
+    assert "x the resident" in bench.format_row(row) and "x resident" in bench.markdown(report)
