@@ -80,7 +80,7 @@ def test_a_budget_streams_on_the_gpu(gpu):
     """data.device_memory below the run's estimate: the split streams (chunks a multiple of
     the batch) and trains as the resident run."""
     lines = []
-    cfg = load_config(None, BASE + BIG + ["data.device_memory=3MiB"])
+    cfg = load_config(None, BASE + BIG + ["data.device_memory=4MiB"])
     trainer = T.Trainer(cfg, None, device="gpu", log=lines.append)
     split = trainer.run.splits["train"]
     assert isinstance(split, stream.StreamSplit) and split.chunk % 128 == 0
