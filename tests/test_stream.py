@@ -244,3 +244,126 @@ def test_bench_stream_case_runs_scaled_down_on_the_cpu():
     assert g["chunks_copied"] >= 2 and g["chunk_waits"] == 1  # each later chunk was sent ahead
     assert g["samples_per_s"] > 0 and g["resident_samples_per_s"] > 0 and g["vs_resident"] > 0
     assert "x the resident" in bench.format_row(row) and "x resident" in bench.markdown(report)
+
+
+# ---- the GPU's ordering, checked on the CPU
+
+
+class FakeEvent:
+    def __init__(self, log, stream):
+        self.log, self.stream = log, stream
+
+    def synchronize(self):
+        self.log.append(("host waits", self.stream.name))
+
+
+class FakeStream:
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def record(self):
+        self.log.append(("record", self.name))
+        return FakeEvent(self.log, self)
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name, event.stream.name))
+
+
+class FakeCupy:
+    """cupy.cuda.Stream / get_current_stream as CupyTransfer uses them, logging each call."""
+
+    def __init__(self):
+        self.log = []
+        compute = FakeStream(self.log, "compute")
+        log = self.log
+
+        class Cuda:
+            @staticmethod
+            def Stream(non_blocking=False):
+                assert non_blocking  # the legacy default stream would serialise it with the step
+                return FakeStream(log, "copy")
+
+            @staticmethod
+            def get_current_stream():
+                return compute
+
+        self.cuda = Cuda
+
+
+def test_gpu_transfer_orders_copies_with_events():
+    """CupyTransfer: a copy waits for the compute stream's work so far, runs on the copy
+    stream from pinned memory, and is recorded; the step waits for it; the host waits
+    only before writing a staging buffer again."""
+    from gpubp.backend.transfer import CupyTransfer
+
+    cp = FakeCupy()
+    t = CupyTransfer(cp)
+    copies = []
+
+    class Dst:
+        nbytes = 32
+        flags = type("F", (), {"c_contiguous": True})()
+        data = type("D", (), {"copy_from_host_async": lambda self, ptr, n, s: copies.append((ptr, n, s.name))})()
+
+    src = np.zeros(8, np.float32)
+    t.wait_staging(0)  # nothing copied yet: no wait
+    t.copy(Dst(), src, 0)
+    t.ready(0)
+    t.wait_staging(0)
+    assert cp.log == [("record", "compute"), ("wait", "copy", "compute"), ("record", "copy"),
+                      ("wait", "compute", "copy"), ("host waits", "copy")]  # fmt: skip
+    assert copies == [(src.ctypes.data, 32, "copy")]
+
+
+def test_each_step_waits_for_the_copies_of_its_chunks(monkeypatch):
+    """The protocol on a streamed run: before each step, the slots holding its batch's
+    chunks are waited on (ready) after their last copy; a slot is copied into only when
+    no step still to come reads its old chunk."""
+    log = []
+    monkeypatch.setattr(T, "stream_chunk", lambda *a, **k: 100)
+    trainer = T.Trainer(load_config(None, BASE), None, device="cpu", quiet=True)
+    split = trainer.run.splits["train"]
+    inner = split.transfer
+
+    class Logged:
+        def staging(self, shape, dtype):
+            return inner.staging(shape, dtype)
+
+        def wait_staging(self, slot):
+            pass
+
+        def copy(self, dst, src, slot):
+            inner.copy(dst, src, slot)
+            log.append(("copy", slot, split_loading[0]))
+
+        def ready(self, slot):
+            log.append(("ready", slot))
+
+    split_loading = [None]
+    load = split._load
+    monkeypatch.setattr(split, "_load", lambda g: (split_loading.__setitem__(0, g), load(g)))
+    split.transfer = Logged()
+    ready = split.ready
+
+    def ready_and_log(step):
+        ready(step)
+        epoch, b = divmod(step, 4)
+        o, n = b * BATCH, min(BATCH, N_TRAIN - b * BATCH)
+        chunks = {epoch * 3 + o // 100, epoch * 3 + (o + n - 1) // 100}
+        log.append(("step", step, chunks))
+
+    monkeypatch.setattr(split, "ready", ready_and_log)
+    trainer.train()
+    held, waited = {}, set()  # slot -> chunk; slots waited on since their last copy
+    for i, entry in enumerate(log):
+        if entry[0] == "copy":
+            slot, g = entry[1], entry[2]
+            held[slot] = g
+            waited.discard(slot)
+            old = g - 2  # the chunk this slot held: no later step may read it
+            assert all(old not in e[2] for e in log[i:] if e[0] == "step")
+        elif entry[0] == "ready":
+            waited.add(entry[1])
+        else:
+            for g in entry[2]:
+                assert held[g % 2] == g and g % 2 in waited, (entry, held, waited)
