@@ -33,7 +33,7 @@ import numpy as np
 
 from .checkpoint import atomic_write_text
 from .config import read_raw
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 PRECISIONS = ("float32", "tf32", "bf16", "float64")
 
@@ -502,14 +502,18 @@ def versions() -> dict:
 
 
 def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print,
-        progress=None) -> dict:  # fmt: skip
-    """Measure every case and precision; log(row) for the table, progress(line) before each measurement."""
+        progress=None, precisions=(), compile_precisions=()) -> dict:  # fmt: skip
+    """Measure every case and precision; log(row) for the table, progress(line) before each
+    measurement. `precisions`: only these of each case's dtypes (all when empty);
+    `compile_precisions`: torch.compile only in rows of these (all when empty)."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
         log(reason)
     results, peaks = [], {}
-    todo = [(case, precision) for case in cases for precision in case.dtypes]
+    todo = [(case, p) for case in cases for p in case.dtypes if not precisions or p in precisions]
+    if not todo:
+        raise UsageError(f"--precision {', '.join(precisions)}: none of the chosen cases lists it in its dtypes")
     for i, (case, precision) in enumerate(todo, start=1):
         if progress is not None:
             progress(f"[{i}/{len(todo)}] {case.name} {precision}: measuring")
@@ -523,6 +527,8 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
                 row[key] = {"skipped": reason}
             elif compiled and not with_compile:
                 row[key] = {"skipped": "--no-compile"}
+            elif compiled and compile_precisions and precision not in compile_precisions:
+                row[key] = {"skipped": f"--compile-precision {' '.join(compile_precisions)}"}
             else:
                 row[key] = bench_torch(case, device, precision, compiled)
         ours = row["gpubp"].get("ms_per_step")

@@ -129,3 +129,19 @@ def test_bench_cli_writes_json_and_refuses_to_overwrite(tmp_path):
     assert report["results"][0]["case"] == "tiny" and "numpy" in report["versions"]
     r = run_cli("bench", "--device", "cpu", "--case", "tiny", "--no-torch", "--json", str(out))
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
+
+
+def test_precision_filters_choose_the_rows_and_the_compiled_ones():
+    pytest.importorskip("torch")
+    from gpubp.cli import B_PRECISIONS
+    from gpubp.errors import UsageError
+
+    assert B_PRECISIONS == B.PRECISIONS  # the CLI's copy (cli.py does not import bench at startup)
+    case = B.Case("t", [8, 16, 4], 32, steps=2, warmup=1, dtypes=["float32", "float64"])
+    report = B.run([case], get_backend("cpu"), log=lambda m: None, precisions=("float64",),
+                   compile_precisions=("float32",))  # fmt: skip
+    (row,) = report["results"]
+    assert row["precision"] == "float64" and row["torch_eager"]["ms_per_step"] > 0
+    assert row["torch_compile"] == {"skipped": "--compile-precision float32"}
+    with pytest.raises(UsageError, match="--precision bf16: none of the chosen cases"):
+        B.run([case], get_backend("cpu"), with_torch=False, log=lambda m: None, precisions=("bf16",))
