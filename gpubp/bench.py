@@ -502,15 +502,25 @@ def versions() -> dict:
 
 
 def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print,
-        progress=None, precisions=(), compile_precisions=()) -> dict:  # fmt: skip
+        progress=None, precisions=(), compile_precisions=(), partial=None) -> dict:  # fmt: skip
     """Measure every case and precision; log(row) for the table, progress(line) before each
     measurement. `precisions`: only these of each case's dtypes (all when empty);
-    `compile_precisions`: torch.compile only in rows of these (all when empty)."""
+    `compile_precisions`: torch.compile only in rows of these (all when empty);
+    partial(report): after each row but the last, the report so far (its "partial" key
+    says how far), so that a run cut short by a time limit leaves its rows behind."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
         log(reason)
     results, peaks = [], {}
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": backend.describe(),
+        "versions": versions(),
+        "command": " ".join(["gpubp", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "gpubp bench",
+        "device_peak": peaks,
+        "results": results,
+    }
     todo = [(case, p) for case in cases for p in case.dtypes if not precisions or p in precisions]
     if not todo:
         raise UsageError(f"--precision {', '.join(precisions)}: none of the chosen cases lists it in its dtypes")
@@ -539,14 +549,9 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
         row["share_of_gemm_peak"] = row["gpubp"]["tflops"] / peak if peak and ours else None
         results.append(row)
         log(format_row(row))
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": backend.describe(),
-        "versions": versions(),
-        "command": " ".join(["gpubp", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "gpubp bench",
-        "device_peak": peaks,
-        "results": results,
-    }
+        if partial is not None and i < len(todo):
+            partial(report | {"partial": f"{i} of {len(todo)} rows"})
+    return report
 
 
 def _fmt(value, spec):
@@ -605,6 +610,8 @@ def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; {report['date']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"Command: `{report['command']}`", ""]  # fmt: skip
+    if report.get("partial"):
+        lines[-1:] = ["", f"**Partial report: {report['partial']} (the run did not finish).**", ""]
     for prec, peak in report["device_peak"].items():
         if peak:
             lines.append(

@@ -496,15 +496,22 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisio
     click.echo(B.HEADER)
     report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
                    progress=lambda m: click.echo(m, err=True), precisions=precisions,
-                   compile_precisions=compile_precisions)  # fmt: skip
+                   compile_precisions=compile_precisions,
+                   partial=functools.partial(_bench_files, json_path, md_path))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:
         click.echo(summary)
+    _bench_files(json_path, md_path, report)
+
+
+def _bench_files(json_path, md_path, report) -> None:
+    """The report into --json / --markdown (after each row too: a run cut short keeps its rows)."""
+    from . import bench as B
+    from .checkpoint import atomic_write_text
+
     if json_path:
         B.write_json(report, json_path)
     if md_path:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(md_path, B.markdown(report))
 
 

@@ -127,6 +127,7 @@ def test_bench_cli_writes_json_and_refuses_to_overwrite(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["results"][0]["case"] == "tiny" and "numpy" in report["versions"]
+    assert "partial" not in report  # the finished run's files replace the partial ones
     r = run_cli("bench", "--device", "cpu", "--case", "tiny", "--no-torch", "--json", str(out))
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
 
@@ -145,3 +146,14 @@ def test_precision_filters_choose_the_rows_and_the_compiled_ones():
     assert row["torch_compile"] == {"skipped": "--compile-precision float32"}
     with pytest.raises(UsageError, match="--precision bf16: none of the chosen cases"):
         B.run([case], get_backend("cpu"), with_torch=False, log=lambda m: None, precisions=("bf16",))
+
+
+def test_a_run_leaves_its_rows_behind_as_it_goes():
+    case = B.Case("t", [8, 16, 4], 32, steps=2, warmup=1, dtypes=["float32", "float64"])
+    seen = []
+    report = B.run([case], get_backend("cpu"), with_torch=False, log=lambda m: None,
+                   partial=lambda r: seen.append((r["partial"], [row["precision"] for row in r["results"]],
+                                                  B.markdown(r))))  # fmt: skip
+    assert [(p, rows) for p, rows, _ in seen] == [("1 of 2 rows", ["float32"])]  # not after the last row
+    assert "Partial report: 1 of 2 rows" in seen[0][2] and "| t | float32 |" in seen[0][2]
+    assert "partial" not in report and "Partial" not in B.markdown(report)
