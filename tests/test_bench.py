@@ -83,7 +83,7 @@ def test_the_gpubp_row_times_the_trainers_step_captured_and_plain(monkeypatch):
     case = B.Case("t", [8, 16, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adamw")
     report = B.run([case], rec, with_torch=False, log=lambda m: None)
     g = report["results"][0]["gpubp"]
-    assert g["captured"] and g["graph_note"] is None
+    assert g["captured"] and g["graph_note"] is None and g["finite_loss"]
     assert g["ms_per_step"] > 0 and g["ms_per_step_no_graph"] > 0
     assert g["graph_speedup"] == pytest.approx(g["ms_per_step_no_graph"] / g["ms_per_step"], rel=1e-12)
     (captured, plain) = sorted(calls, key=lambda s: s.capturer is None)
