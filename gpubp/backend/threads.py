@@ -25,6 +25,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numpy as np
+
 _STATE: dict = {"threads": None, "pool": None, "pid": None, "blas": None}
 _PREFIX = "gpubp-stack"
 
@@ -104,8 +106,14 @@ def run_blocks(fn, items: list) -> list:
             pool.shutdown(wait=False)
         pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_PREFIX)
         _STATE["pid"] = os.getpid()
+    err = np.geterr()  # the caller's floating-point error handling: a thread does not inherit it
+
+    def block(item):
+        with np.errstate(**err):
+            return fn(item)
+
     with blas_one_thread():
-        return list(pool.map(fn, items))
+        return list(pool.map(block, items))
 
 
 @contextmanager
