@@ -157,24 +157,25 @@ def _size(n: float) -> str:
 
 
 def format_row(row: dict) -> str:
-    """One line of the bench's table for the stream case."""
+    """One line of the bench's console table for the stream case (us/step, then words)."""
     g = row["gpubp"]
     if "skipped" in g:
         return f"{row['case']:<11} {row['precision']:<8} skipped: {g['skipped']}"
-    line = (f"{row['case']:<11} {row['precision']:<8} {g['ms_per_step']:>9.3f} {g['samples_per_s']:>11.4g} "
-            f"{g['tflops']:>8.3g}  streamed {_size(g['dataset_bytes'])} under {_size(g['budget_bytes'])} "
+    line = (f"{row['case']:<11} {row['precision']:<8} {1e3 * g['ms_per_step']:>9.0f}  {g['samples_per_s']:.4g} "
+            f"samples/s streamed {_size(g['dataset_bytes'])} under {_size(g['budget_bytes'])} "
             f"(chunks of {g['chunk_rows']} rows): {g['vs_resident']:.2f} x the resident "
             f"{g['resident_samples_per_s']:.4g} samples/s (target >= 0.8)")  # fmt: skip
     return line + (f"; {g['note']}" if "note" in g else "")
 
 
 def markdown_row(row: dict) -> str:
-    """The stream case's row of bench.markdown's table (11 columns)."""
+    """The stream case's row of bench.markdown's table (16 columns; the comparison with the
+    resident case in the GEMM / ops / host column)."""
     g = row["gpubp"]
     if "skipped" in g:
-        return f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 8
+        return f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 13
     what = (f"streamed {_size(g['dataset_bytes'])} under a {_size(g['budget_bytes'])} budget: "
             f"{g['vs_resident']:.2f} x resident ({g['resident_samples_per_s']:.4g} samples/s)")  # fmt: skip
     what += f"; {g['note']}" if "note" in g else ""
-    return (f"| {row['case']} | {row['precision']} | {g['ms_per_step']:.3f} | {g['samples_per_s']:.4g} | "
-            f"{g['tflops']:.3g} | n/a | n/a | - | - | {what} | - |")  # fmt: skip
+    return (f"| {row['case']} | {row['precision']} | {1e3 * g['ms_per_step']:.0f} | - | - | {g['samples_per_s']:.4g} | "
+            f"{g['tflops']:.3g} | - | - | - | n/a | n/a | - | - | {what} | - |")  # fmt: skip
