@@ -65,6 +65,11 @@ CASES = {
         dict(opt="adamw", momentum=0.0, clip=0.0, hidden="12", residual="false", dtype="float32"),
         '"optimizer.lr" = [1e-3, 3e-3, 1e-2]\n"optimizer.weight_decay" = [0, 0.05]\n',
     ),
+    # with eval_every = 5 and early_stopping_patience = 1 the large rates stop early (frozen flags)
+    "adamw-early-stop": (
+        dict(opt="adamw", momentum=0.0, clip=0.0, hidden="12", residual="false", dtype="float32"),
+        '"optimizer.lr" = [0.5, 0.2, 1e-3]\n',
+    ),
     # model 1 diverges (lr 1e6): frozen by the captured guard, the others go on
     "sgd-diverging-member": (
         dict(opt="sgd", momentum=0.9, clip=0.0, hidden="16", residual="false", dtype="float64"),
@@ -84,7 +89,10 @@ def threads(request):
 def _sweep(tmp_path, case: str, device, name: str, extra: str = ""):
     settings, sweep = CASES[case]
     path = tmp_path / f"{name}.toml"
-    path.write_text(BASE.format(**settings).replace("[train]\n", "[train]\n" + extra) + "[sweep]\n" + sweep)
+    text = BASE.format(**settings)
+    if "eval_every" in extra:
+        text = text.replace("eval_every = 50\n", "")
+    path.write_text(text.replace("[train]\n", "[train]\n" + extra) + "[sweep]\n" + sweep)
     cfg = load_config(str(path))
     out = str(tmp_path / name)
     trainer = SweepTrainer(cfg, out, device=device, quiet=True)
@@ -156,17 +164,22 @@ def test_the_comparison_catches_frozen_flags(tmp_path, monkeypatch):
     runs, wrong when the step is captured once and replayed (the graph keeps reading the
     old array, so a model frozen later, here one that stops early, keeps training)."""
     import gpubp.sweep_trainer as ST
+    from gpubp.sweep_step import SweepStep
 
-    original = ST.SweepTrainer._log_eval
+    original, init = ST.SweepTrainer._log_eval, SweepStep.__init__
+
+    def own_flags(self, g, state, frozen, capturer=None):  # the step's flags are not the trainer's buffer
+        init(self, g, state, frozen.copy(), capturer)
 
     def replacing_log_eval(self, g, step):
         original(self, g, step)
         self.step_fn.frozen = g.backend.asarray(g.stopped | np.array([d is not None for d in g.diverged]))
 
+    monkeypatch.setattr(SweepStep, "__init__", own_flags)
     monkeypatch.setattr(ST.SweepTrainer, "_log_eval", replacing_log_eval)
-    extra = "early_stopping_patience = 1\nrestore_best = false\n"
-    plain, plain_dir = _sweep(tmp_path, "adamw-one-seed", "cpu", "plain", extra)
-    captured, captured_dir = _sweep(tmp_path, "adamw-one-seed", RecordingBackend(), "captured", extra)
+    case, extra = "adamw-early-stop", "early_stopping_patience = 1\nrestore_best = false\neval_every = 5\n"
+    plain, plain_dir = _sweep(tmp_path, case, "cpu", "plain", extra)
+    captured, captured_dir = _sweep(tmp_path, case, RecordingBackend(), "captured", extra)
     stopped = [i for i, s in enumerate(plain.step_fn.g.stopped) if s]
     assert stopped  # some model stopped early before the end
     i = stopped[0]
@@ -176,9 +189,9 @@ def test_the_comparison_catches_frozen_flags(tmp_path, monkeypatch):
     assert np.array_equal(a, p)  # plain: frozen from its stop on
     assert not np.array_equal(p, b)  # captured with the replaced array: it went on training
     monkeypatch.undo()
-    fixed, fixed_dir = _sweep(tmp_path, "adamw-one-seed", RecordingBackend(), "fixed", extra)
+    fixed, fixed_dir = _sweep(tmp_path, case, RecordingBackend(), "fixed", extra)
     assert np.array_equal(fixed.step_fn.g.backend.to_numpy(fixed.step_fn.g.stack.flat_params)[i], p)
-    assert_same_sweep(plain_dir, fixed_dir, 6)
+    assert_same_sweep(plain_dir, fixed_dir, 3)
 
 
 def test_nothing_is_allocated_inside_a_captured_sweep_step(tmp_path, monkeypatch):
