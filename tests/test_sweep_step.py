@@ -236,3 +236,45 @@ def test_batched_loss_and_norms_into_buffers_equal_the_returned_ones():
     sq = np.zeros(3)
     S.sum_squares_batched(flat, out=sq)
     np.testing.assert_array_equal(sq, [np.dot(r, r) for r in flat])
+
+
+def test_a_captured_sweep_resumed_mid_epoch_ends_as_the_plain_uninterrupted_one(tmp_path, monkeypatch):
+    """Two shape groups (each its own captured step), a diverging member in each, Ctrl-C
+    at step 120 of the second group (mid-epoch), --resume with a fresh capture: the same
+    bits as the plain sweep that ran through."""
+    import contextlib
+
+    import gpubp.sweep_trainer as ST
+    from gpubp.errors import Interrupted
+
+    settings = dict(opt="sgd", momentum=0.9, clip=0.0, hidden="16", residual="false", dtype="float64")
+    path = tmp_path / "s.toml"
+    path.write_text(BASE.format(**settings) + '[sweep]\n"optimizer.lr" = [0.05, 1e6, 0.01]\n"train.seed" = [0, 1]\n'
+                    '"model.hidden" = [[8], [12]]\n')  # fmt: skip
+    whole = str(tmp_path / "whole")
+    SweepTrainer(load_config(str(path)), whole, device="cpu", quiet=True).train()
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def ctrl_c_at_step_120_of_group_2():
+        calls["n"] += 1
+        counter = {"step": 0}
+
+        def hit():
+            counter["step"] += 1
+            return calls["n"] == 2 and counter["step"] == 120
+
+        yield hit
+
+    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at_step_120_of_group_2)
+    run = str(tmp_path / "run")
+    rec = RecordingBackend()
+    with pytest.raises(Interrupted):
+        SweepTrainer(load_config(str(path)), run, device=rec, quiet=True).train()
+    assert len(rec.graphs) == 4  # two groups, two batch shapes each
+    monkeypatch.undo()
+    rec = RecordingBackend()
+    resumed = SweepTrainer(load_config(str(path)), run, device=rec, quiet=True, resume=True)
+    resumed.train()
+    assert resumed.graph_note is None and len(rec.graphs) == 2  # the second group's shapes, captured anew
+    assert_same_sweep(whole, run, 12)

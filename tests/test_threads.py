@@ -67,3 +67,21 @@ def test_a_forked_child_gets_its_own_pool(fresh):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0  # not 1 (wrong results), not -SIGALRM (stuck)
+
+
+def test_the_pool_keeps_the_callers_numpy_errstate():
+    """np.errstate (a context variable) holds on the pool's threads: no warning from a
+    block when the caller ignores them."""
+    import warnings
+
+    th.set_num_threads(2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with np.errstate(all="ignore"):
+                out = th.run_blocks(lambda v: np.float32(v) * np.float32(1e38), [1e3, 2e3])
+        assert all(np.isinf(o) for o in out)
+        with pytest.warns(RuntimeWarning), np.errstate(over="warn"):
+            th.run_blocks(lambda v: np.float32(v) * np.float32(1e38), [1e3, 2e3])
+    finally:
+        th.set_num_threads(None)

@@ -19,6 +19,7 @@ slice is computed by the same calls, so the bits do not depend on the thread cou
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import threading
@@ -104,8 +105,12 @@ def run_blocks(fn, items: list) -> list:
             pool.shutdown(wait=False)
         pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_PREFIX)
         _STATE["pid"] = os.getpid()
+    # each item runs in a copy of the caller's context: NumPy's errstate (a context
+    # variable) holds on the pool's threads as on the caller's (a diverging model's
+    # overflow is reported once, by the guard, not as warnings from the pool)
+    context = contextvars.copy_context()
     with blas_one_thread():
-        return list(pool.map(fn, items))
+        return list(pool.map(lambda item: context.copy().run(fn, item), items))
 
 
 @contextmanager
