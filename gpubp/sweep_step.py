@@ -43,7 +43,7 @@ class SweepStep:
         self.epoch = None  # the epoch whose orders self.perm holds
         self.buffers: dict = {}  # rows -> (idx, idx rows view, x, y, x view, y view)
         self.graphs: dict = {}  # rows -> replay()
-        self.warmed: set = set()
+        self.warmed: dict = {}  # rows -> the stack's workspace its first (plain) run made, kept for its graph
         self.captures = 0  # graphs captured (tests)
 
     def new_epoch(self, epoch: int) -> None:
@@ -71,7 +71,7 @@ class SweepStep:
             self._body(n)
         elif n not in self.warmed:
             self.capturer.warmup(n, lambda: self._body(n))  # allocates the shape's buffers, compiles
-            self.warmed.add(n)
+            self.warmed[n] = self.g.stack._workspace(n)  # the stack evicts old workspaces; the graph keeps this one
         else:
             replay = self.graphs[n] = self.capturer.capture(n, lambda: self._body(n))
             self.captures += 1
