@@ -278,3 +278,19 @@ def test_a_captured_sweep_resumed_mid_epoch_ends_as_the_plain_uninterrupted_one(
     resumed.train()
     assert resumed.graph_note is None and len(rec.graphs) == 2  # the second group's shapes, captured anew
     assert_same_sweep(whole, run, 12)
+
+
+def test_every_recorded_op_has_the_same_parameters_on_the_gpu_backend():
+    """What the CPU captures (recording.OPS) the GPU backend offers with the same
+    parameters (out= included), so the GPU graph runs the calls the CPU tests replay."""
+    import inspect
+
+    from gpubp.backend import NumpyBackend
+    from gpubp.backend.cupy_backend import CupyBackend
+    from gpubp.backend.recording import OPS
+
+    for name in OPS:
+        cpu = [p for p in inspect.signature(getattr(NumpyBackend, name)).parameters if p != "blocked"]
+        gpu = [p for p in inspect.signature(getattr(CupyBackend, name)).parameters if p != "self"]
+        assert cpu == gpu, name
+    assert {"index_window_batched", "loss_forward_backward_batched", "sum_squares_batched"} <= set(OPS)
