@@ -58,6 +58,27 @@ class _Workspace:
     x0: object = None  # (n, n_0) the batch rounded to 16 bits (mixed precision), else None
 
 
+def param_layout(sizes) -> tuple[list, int]:
+    """([(offset of W_k, offset of b_k, n_k, n_{k+1}), ...], P): the flat buffer's layout,
+    W_k (n_k x n_{k+1}, row-major) then b_k, layer after layer; P parameters in all."""
+    layout, offset = [], 0
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layout.append((offset, offset + fan_in * fan_out, fan_in, fan_out))
+        offset += fan_in * fan_out + fan_out
+    return layout, offset
+
+
+def layer_views(flat, layout) -> list:
+    """[W1, b1, W2, b2, ...] as views into a flat buffer (P,) or stacked (M, P):
+    W_k (..., n_k, n_{k+1}), b_k (..., n_{k+1})."""
+    lead = flat.shape[:-1]
+    views = []
+    for w_off, b_off, fan_in, fan_out in layout:
+        views.append(flat[..., w_off:b_off].reshape(*lead, fan_in, fan_out))
+        views.append(flat[..., b_off : b_off + fan_out])
+    return views
+
+
 class MLP:
     """A multilayer perceptron with explicit forward and backward passes.
 
@@ -110,12 +131,7 @@ class MLP:
         self.decision_threshold = 0.0 if self.loss.name == "binary_cross_entropy" else 0.5
 
         # one flat buffer each for parameters and gradients; W_k, b_k are views
-        self.layout = []  # (offset of W, offset of b, fan_in, fan_out)
-        offset = 0
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            self.layout.append((offset, offset + fan_in * fan_out, fan_in, fan_out))
-            offset += fan_in * fan_out + fan_out
-        self.n_params = offset
+        self.layout, self.n_params = param_layout(sizes)
         rng = np.random.default_rng(self.seed)
         host = np.zeros(self.n_params, dtype=np.float64)
         for w_off, b_off, fan_in, fan_out in self.layout:
@@ -143,11 +159,7 @@ class MLP:
 
     def _views(self, flat):
         """[W1, b1, W2, b2, ...] as views into a flat buffer."""
-        views = []
-        for w_off, b_off, fan_in, fan_out in self.layout:
-            views.append(flat[w_off:b_off].reshape(fan_in, fan_out))
-            views.append(flat[b_off : b_off + fan_out])
-        return views
+        return layer_views(flat, self.layout)
 
     def layer_params(self, k: int):
         """(W_k, b_k) of layer k, 0-based."""

@@ -28,7 +28,7 @@ from .backend import get_backend
 from .backend.threads import blas_one_thread, num_threads, run_blocks
 from .init import init_weight
 from .losses import make_loss
-from .model import DTYPES, MLP, _Workspace
+from .model import DTYPES, MLP, _Workspace, layer_views, param_layout
 
 BLOCK_BYTES = 1 << 22  # a CPU step's block of models: its buffers' bytes (measured: 1-4 MiB pay, 256 KiB loses)
 
@@ -87,12 +87,7 @@ class MLPStack:
             self.residual and k < self.n_layers - 1 and sizes[k] == sizes[k + 1] for k in range(self.n_layers)
         ]
         self.decision_threshold = 0.0 if self.loss.name == "binary_cross_entropy" else 0.5
-        self.layout = []
-        offset = 0
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            self.layout.append((offset, offset + fan_in * fan_out, fan_in, fan_out))
-            offset += fan_in * fan_out + fan_out
-        self.n_params = offset
+        self.layout, self.n_params = param_layout(sizes)
         host = np.stack([initial_params(sizes, s, i) for s, i in zip(self.seeds, self.inits)])
         self.flat_params = self.backend.asarray(host.astype(self.dtype))  # (M, P)
         self.flat_grads = self.backend.zeros((count, self.n_params), self.dtype)
@@ -106,11 +101,7 @@ class MLPStack:
 
     def _views(self, flat):
         """[W1, b1, ...]: W_k (M, n_k, n_{k+1}), b_k (M, n_{k+1}), views of the (M, P) buffer."""
-        views = []
-        for w_off, b_off, fan_in, fan_out in self.layout:
-            views.append(flat[:, w_off:b_off].reshape(self.count, fan_in, fan_out))
-            views.append(flat[:, b_off : b_off + fan_out])
-        return views
+        return layer_views(flat, self.layout)
 
     def layer_params(self, k: int):
         return self.params[2 * k], self.params[2 * k + 1]

@@ -22,6 +22,16 @@ from tests.conftest import ROOT
 from tests.test_data import write_idx
 from tests.test_distributed import _env, _mpirun, assert_same_run, mpi_train, params
 
+
+def run_ranks(rank, size: int) -> None:
+    """rank(r) for r < size, each on its own thread (the ranks of a ThreadWorld), joined."""
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # ----------------------------------------------------------------- loaders, without MPI
 
 
@@ -132,11 +142,7 @@ def test_statistics_from_partial_sums_equal_one_process(tmp_path, size):
         assert part.raw.shape[0] == row_range(900, r, size)[1] - row_range(900, r, size)[0]  # only its share
         out[r] = shard.fit_standardizer(world.rank(r), part, True)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_ranks(rank, size)
     for std in out:
         # float64, sums in another order: the issue's bound of 1e-12, relative to the values
         assert np.all(np.abs(std.mean - ref.mean) <= 1e-12 * np.abs(ref.mean))
@@ -354,11 +360,7 @@ def test_missing_means_from_partial_sums_equal_one_process(tmp_path, size, stand
         part = shard.MappedSplit(model, D.Dataset(train, np.zeros((900, 1)), None, "t"), np.zeros((900, 1)), r, size)
         out[r] = shard.fit_standardizer(world.rank(r), part, standardize, fill_missing=True)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_ranks(rank, size)
     for std in out:
         # float64 sums in another order: the issue's bound of 1e-12, relative to the values
         for key in ("fill", "mean", "std"):
@@ -386,11 +388,7 @@ def test_a_column_without_values_is_reported_by_rank_0_alone(tmp_path):
         except Exception as e:
             out[r] = e
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_ranks(rank, 2)
     assert isinstance(out[0], DataError) and "column 1 has no value in the training split" in str(out[0])
     assert getattr(out[0], "reported", False)  # not prefixed with "rank 0:" by distributed.report
     assert isinstance(out[1], Silent)

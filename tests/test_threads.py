@@ -4,6 +4,7 @@ OpenBLAS set to one thread inside blas_one_thread and back afterwards."""
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -42,6 +43,26 @@ def test_run_blocks_returns_results_in_order_and_uses_the_pool(fresh):
     assert th.run_blocks(work, [0, 1]) == [3.0, 6.0] and names == {threading.current_thread().name}
 
 
+def test_the_workers_keep_the_callers_floating_point_error_handling(fresh):
+    """A diverging sweep member overflows inside the workers: the trainer's
+    np.errstate(all="ignore") must hold there too (a thread does not inherit it),
+    and np.errstate(over="raise") too."""
+    th.set_num_threads(2)
+    if th.num_threads() < 2:
+        pytest.skip("one CPU: the blocks run on the caller's thread")
+    big = np.full(4, 1e300)
+
+    def work(i):
+        return float((big * big)[0])  # overflows
+
+    with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert th.run_blocks(work, [0, 1, 2, 3]) == [np.inf] * 4
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        th.run_blocks(work, [0, 1])
+
+
 def test_blas_runs_on_one_thread_inside_the_context_and_as_before_after():
     before = th.blas_threads()
     if before is None:
@@ -67,21 +88,3 @@ def test_a_forked_child_gets_its_own_pool(fresh):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0  # not 1 (wrong results), not -SIGALRM (stuck)
-
-
-def test_the_pool_keeps_the_callers_numpy_errstate():
-    """np.errstate (a context variable) holds on the pool's threads: no warning from a
-    block when the caller ignores them."""
-    import warnings
-
-    th.set_num_threads(2)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with np.errstate(all="ignore"):
-                out = th.run_blocks(lambda v: np.float32(v) * np.float32(1e38), [1e3, 2e3])
-        assert all(np.isinf(o) for o in out)
-        with pytest.warns(RuntimeWarning), np.errstate(over="warn"):
-            th.run_blocks(lambda v: np.float32(v) * np.float32(1e38), [1e3, 2e3])
-    finally:
-        th.set_num_threads(None)

@@ -127,6 +127,24 @@ class EventTimer:
         return float(self._cupy.cuda.get_elapsed_time(self._start, self._stop))
 
 
+def _gemm_dims(a, b, out, trans_a: bool, trans_b: bool, beta: float):
+    """(m, n, k) of out (m, n) = op(a) (m, k) @ op(b) (k, n) + beta out, checked; None when
+    no product is left for cuBLAS (an empty out, or k = 0: out = beta out, done here)."""
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb or out.shape != (m, n):
+        raise ValueError(f"gemm: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
+    if beta not in (0.0, 1.0):
+        raise ValueError("gemm: beta must be 0 or 1")
+    if m == 0 or n == 0:
+        return None
+    if k == 0:
+        if beta == 0.0:
+            out.fill(0)
+        return None
+    return m, n, k
+
+
 class CupyBackend:
     """The GPU backend: CuPy arrays, our kernels, cuBLAS."""
 
@@ -283,19 +301,11 @@ class CupyBackend:
             return self._gemm_low(a, b, out, trans_a, trans_b, beta)
         dtype = out.dtype
         self._check("gemm", dtype, a=a, b=b, out=out)
-        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-        kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
-        if k != kb or out.shape != (m, n):
-            raise ValueError(f"gemm: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
-        if beta not in (0.0, 1.0):
-            raise ValueError("gemm: beta must be 0 or 1")
-        if m == 0 or n == 0:
+        dims = _gemm_dims(a, b, out, trans_a, trans_b, beta)
+        if dims is None:
             return out
+        m, n, k = dims
         cublas, h = self._cublas, self.handle
-        if k == 0:
-            if beta == 0.0:
-                out.fill(0)
-            return out
         if m == 1 or n == 1:
             return self._gemv(a, b, out, trans_a, trans_b, beta, m, n, k)
         t = dtype.type
@@ -318,18 +328,10 @@ class CupyBackend:
             raise TypeError(f"gemm: out has dtype {out.dtype}, expected {low} or float32 for {low} inputs")
         self._check("gemm", low, a=a, b=b)
         self._check("gemm", out.dtype, out=out)
-        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-        kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
-        if k != kb or out.shape != (m, n):
-            raise ValueError(f"gemm: op(a) {(m, k)} @ op(b) {(kb, n)} does not fit out {out.shape}")
-        if beta not in (0.0, 1.0):
-            raise ValueError("gemm: beta must be 0 or 1")
-        if m == 0 or n == 0:
+        dims = _gemm_dims(a, b, out, trans_a, trans_b, beta)
+        if dims is None:
             return out
-        if k == 0:
-            if beta == 0.0:
-                out.fill(0)
-            return out
+        m, n, k = dims
         t, io, c = np.float32, _CUDA_TYPE[low], _CUDA_TYPE[out.dtype]
         self._cublas.gemmEx(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,

@@ -46,8 +46,12 @@ def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0, tf32=False):
         return out
     if tf32 and a.dtype == np.float32:
         a, b = PR.round_tf32(a), PR.round_tf32(b)
-    a = a.T if trans_a else a
-    b = b.T if trans_b else b
+    return matmul_into(a.T if trans_a else a, b.T if trans_b else b, out, beta)
+
+
+def matmul_into(a, b, out, beta: float):
+    """out = a @ b + beta out (a, b already transposed as wanted; a leading model axis
+    broadcasts, as np.matmul's does): the one product of gemm and gemm_batched."""
     if beta == 0.0:
         np.matmul(a, b, out=out)
     else:

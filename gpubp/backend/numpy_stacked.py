@@ -24,6 +24,7 @@ from .numpy_ops import (
     act_forward,
     elementwise_loss,
     loss_divisor,
+    matmul_into,
     momentum_direction,
 )
 from .threads import run_blocks
@@ -38,15 +39,7 @@ def gemm_batched(a, b, out, trans_a=False, trans_b=False, beta=0.0):
 
     a: (M, m, k) or a shared (m, k) (transposed: (M, k, m) / (k, m)); b: (M, k, n)
     (transposed (M, n, k)); out: (M, m, n). Transposes are views."""
-    a = _t(a) if trans_a else a
-    b = _t(b) if trans_b else b
-    if beta == 0.0:
-        np.matmul(a, b, out=out)
-    else:
-        if beta != 1.0:
-            out *= beta
-        out += a @ b
-    return out
+    return matmul_into(_t(a) if trans_a else a, _t(b) if trans_b else b, out, beta)
 
 
 def bias_act_forward_batched(z, b, act: Activation, out):

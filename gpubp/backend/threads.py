@@ -19,12 +19,13 @@ slice is computed by the same calls, so the bits do not depend on the thread cou
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+
+import numpy as np
 
 _STATE: dict = {"threads": None, "pool": None, "pid": None, "blas": None}
 _PREFIX = "gpubp-stack"
@@ -105,12 +106,14 @@ def run_blocks(fn, items: list) -> list:
             pool.shutdown(wait=False)
         pool = _STATE["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_PREFIX)
         _STATE["pid"] = os.getpid()
-    # each item runs in a copy of the caller's context: NumPy's errstate (a context
-    # variable) holds on the pool's threads as on the caller's (a diverging model's
-    # overflow is reported once, by the guard, not as warnings from the pool)
-    context = contextvars.copy_context()
+    err = np.geterr()  # the caller's floating-point error handling: a thread does not inherit it
+
+    def block(item):
+        with np.errstate(**err):
+            return fn(item)
+
     with blas_one_thread():
-        return list(pool.map(lambda item: context.copy().run(fn, item), items))
+        return list(pool.map(block, items))
 
 
 @contextmanager
