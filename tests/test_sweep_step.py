@@ -294,3 +294,20 @@ def test_every_recorded_op_has_the_same_parameters_on_the_gpu_backend():
         gpu = [p for p in inspect.signature(getattr(CupyBackend, name)).parameters if p != "self"]
         assert cpu == gpu, name
     assert {"index_window_batched", "loss_forward_backward_batched", "sum_squares_batched"} <= set(OPS)
+
+
+def test_capture_note_states_the_one_reason_a_sweep_runs_plainly():
+    from types import SimpleNamespace
+
+    from gpubp.backend import NumpyBackend
+    from gpubp.data import DeviceSplit
+    from gpubp.sweep_step import capture_note
+
+    def cfg(on):
+        return SimpleNamespace(train=SimpleNamespace(cuda_graph=on))
+
+    rec, split = RecordingBackend(), DeviceSplit.__new__(DeviceSplit)
+    assert capture_note(cfg(True), rec, split) is None
+    assert capture_note(cfg(False), rec, split) == "train.cuda_graph = false"
+    assert capture_note(cfg(True), NumpyBackend(), split) == "the cpu backend runs the step uncaptured"
+    assert capture_note(cfg(True), rec, object()) == "a mapped split"
