@@ -1,16 +1,21 @@
 """`gpubp bench`: training-step throughput of gpubp and of PyTorch, measured in one run.
 
 For each case (configs/bench/*.toml) and precision, on one device:
-  - gpubp: warm-up, then the median of many timed steps (CUDA events on the GPU, the
-    host clock on the CPU); samples/s; achieved TFLOP/s, counting 6 x weights x batch
-    per step (2 for the forward GEMM, 4 for the two backward ones); the share of the
-    step spent in GEMMs, in our other ops, and on the host (a second, instrumented
-    pass); the peak memory of the step.
+  - gpubp: its training step as `gpubp train` runs it: a Trainer over random data of the
+    case's shape, resident on the device (two batches), and its Step (gpubp/step.py,
+    Trainer.make_step: gather, forward, loss, backward, guard, update), captured as a
+    CUDA graph per batch shape where the backend can (the GPU's default), and the same
+    step uncaptured (train.cuda_graph = false), timed in the same rounds, so the graph's
+    gain is a ratio of one run. Per step: time, samples/s, achieved TFLOP/s (6 x weights
+    x batch: 2 for the forward GEMM, 4 for the two backward ones), the peak memory; from
+    a further, instrumented pass of the uncaptured step: each op's time, the sum of the
+    GEMM times and the step's ratio to it, and the shares of GEMMs, other ops and host.
   - PyTorch, the same model, data shape, dtype and optimizer: eager, and torch.compile
-    where it works (each skipped with the reason when it cannot run).
+    in each mode, the fastest kept (each skipped with the reason when it cannot run).
   - The device's own peak in the same run: a large GEMM of the same precision, and a
     device-to-device (or memory-to-memory) copy for bandwidth.
-A step is forward, loss, backward and update on a batch resident on the device.
+Step times (steps_ms): blocks of consecutive steps, host clock from a drained device to
+the end of a device synchronize; the median of the blocks' per-step means.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 
 from .checkpoint import atomic_write_text
 from .config import read_raw
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 PRECISIONS = ("float32", "tf32", "bf16", "float64")
 
@@ -109,7 +114,7 @@ def find_cases(names=()) -> list[Case]:
 
 def median_ms(step, backend, warmup: int, steps: int) -> float:
     """Median time of `step()` over `steps` calls after `warmup` calls, each timed by the
-    backend's stopwatch (CUDA events on the GPU)."""
+    backend's stopwatch (CUDA events on the GPU): for single ops (the device's peak)."""
     for _ in range(warmup):
         step()
     backend.synchronize()
@@ -122,12 +127,42 @@ def median_ms(step, backend, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
+ROUNDS = 5  # timed blocks per measurement: the median of their per-step means
+
+
+def steps_ms(steps: dict, synchronize, warmup: int, n_steps: int, rounds: int = ROUNDS) -> dict:
+    """Per-step time (ms) of each callable of `steps` (name -> one training step), as a
+    training loop sees it: each runs `warmup` steps, then `rounds` rounds in which each in
+    turn runs a block of n_steps // rounds consecutive steps (so that a change of load
+    hits every one alike), timed by the host clock from a drained device to the end of a
+    device synchronize (host overhead, launch gaps and all streams included); the median
+    over the rounds of each block's mean."""
+    import time
+
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    rounds = max(1, min(rounds, n_steps))
+    block = max(1, n_steps // rounds)
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            synchronize()
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e3 / block)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 class OpProfile:
     """Wraps a backend's ops to time each one (CUDA events on the GPU): totals by
     category ("gemm" or "kernels") and by op name, in milliseconds."""
 
     OPS = ("bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "sgd_step", "adam_step",
-           "sum_squares", "accuracy_count")  # fmt: skip
+           "sum_squares", "step_guard", "step_guard_scaled", "cast", "add", "gather_rows", "select_row",
+           "index_window", "accuracy_count")  # fmt: skip
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
     ALIASES = {"sgd_step_batched": "sgd_step", "adam_step_batched": "adam_step"}
 
@@ -140,7 +175,9 @@ class OpProfile:
     def __enter__(self):
         be = self.backend
         for name in ("gemm", *self.OPS, *self.ALIASES):
-            original = getattr(be, name)
+            original = getattr(be, name, None)
+            if original is None:
+                continue
             self._saved[name] = be.__dict__.get(name)
             setattr(
                 be, name, self._wrap(original, self.ALIASES.get(name, name), "gemm" if name == "gemm" else "kernels")
@@ -171,57 +208,130 @@ class OpProfile:
 # --------------------------------------------------------------------------- gpubp
 
 
-def _data(case: Case, rng):
-    x = rng.standard_normal((case.batch, case.sizes[0])).astype(np.float32)
+def _data(case: Case, rng, rows: int | None = None):
+    """Random features (rows, n_in) float32 and targets of the case's loss (rows = batch)."""
+    rows = case.batch if rows is None else rows
+    x = rng.standard_normal((rows, case.sizes[0]), dtype=np.float32)
     if case.loss == "softmax_cross_entropy":
-        y = rng.integers(0, case.sizes[-1], size=case.batch)
+        y = rng.integers(0, case.sizes[-1], size=rows)
+    elif case.loss == "binary_cross_entropy":
+        y = rng.random((rows, case.sizes[-1]), dtype=np.float32)
     else:
-        y = rng.standard_normal((case.batch, case.sizes[-1])).astype(np.float32)
+        y = rng.standard_normal((rows, case.sizes[-1]), dtype=np.float32)
     return x, y
 
 
+DATA_BATCHES = 2  # the resident training split: this many full batches (one batch shape)
+
+
+def _dataset(case: Case):
+    from .data import Dataset
+
+    x, y = _data(case, np.random.default_rng(0), DATA_BATCHES * case.batch)
+    n_classes = case.sizes[-1] if case.loss == "softmax_cross_entropy" else None
+    return Dataset(x, y, n_classes, f"bench {case.name}")
+
+
+class TrainerStep:
+    """One training step of gpubp as `gpubp train` runs it: a Trainer over `dataset`
+    (resident on the device), its Step (gpubp/step.py, Trainer.make_step), captured as a
+    CUDA graph per batch shape when `graph` and the backend can (the first two steps of
+    a shape run plainly and capture; `graph_note` says why not otherwise). Calling it
+    runs the next step. The epoch's order is set once (training sets it once an epoch:
+    one copy of n_train indices to the device, left out of the timed steps)."""
+
+    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset):
+        from .config import load_config
+        from .data import epoch_permutation
+        from .trainer import Trainer
+
+        overrides = [f"model.hidden={list(case.sizes[1:-1])}", f"model.activation={case.activation}",
+                     "model.output_activation=identity", f"model.dtype={dtype}", f"loss.name={case.loss}",
+                     f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
+                     f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
+                     f"train.cuda_graph={str(bool(graph)).lower()}", "data.val_fraction=0", "data.test_fraction=0",
+                     "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
+        self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
+        self.step_fn = self.trainer.make_step()
+        self.graph_note = self.trainer.graph_note
+        self.step_fn.new_epoch(epoch_permutation(0, 0, self.trainer.n_train))
+        self.steps = 0
+
+    def __call__(self) -> None:
+        self.step_fn.run(self.steps)
+        self.steps += 1
+
+    def graph_bytes(self) -> int:
+        """Device bytes of the graphs' own memory pools (CudaGraphCapturer.pools; 0 without)."""
+        pools = getattr(self.step_fn.capturer, "pools", None) or {}
+        return int(sum(p.total_bytes() for p in pools.values()))
+
+
 def bench_gpubp(case: Case, backend, precision: str) -> dict:
-    from .model import MLP
-    from .optim import make_optimizer
+    """gpubp's training step (TrainerStep): the captured step (the default on the GPU)
+    and the uncaptured one (train.cuda_graph = false) timed in the same rounds
+    (steps_ms), then a profiled pass of the uncaptured step (each op timed alone)."""
+    import gc
 
     if precision == "bf16" and backend.name != "gpu":
         return {"skipped": "bf16 on the CPU is an exact emulation (the GPU path's reference), not a speed figure"}
     if precision == "tf32" and backend.name != "gpu":
         return {"skipped": "tf32 exists on NVIDIA GPUs only"}
-    dtype = {"float64": "float64", "bf16": "bf16"}.get(precision, "float32")  # bf16: mixed precision
-    if backend.name == "gpu":
-        backend.tf32 = precision == "tf32"
+    warmup, steps = case.counts(backend.name)
+    warmup = max(warmup, 3)  # plain, capture, and at least one replay before timing
+    n_prof = max(1, min(steps, 20))
+    total = 2 * warmup + steps + n_prof  # the captured run warms up twice (alone, then in steps_ms)
+    dataset = _dataset(case)
+    runs, graph, plain = {}, None, None
     try:
         backend.memory_reset()
-        model = MLP(case.sizes, case.activation, "identity", case.loss, dtype=dtype, backend=backend, seed=0)
-        opt = make_optimizer(model, case.optimizer, 1e-3)
-        x, y = _data(case, np.random.default_rng(0))
-        xd, yd = model.as_input(x), model.as_target(y, case.batch)
-
-        def step():
-            model.forward_backward(xd, yd)
-            opt.step()
-
-        warmup, steps = case.counts(backend.name)
-        ms = median_ms(step, backend, warmup, steps)
-        peak = backend.memory_peak()
-        # a second pass, instrumented: where the time of a step goes
-        n_prof = max(1, min(steps, 20))
+        runs["graph"] = graph = TrainerStep(case, backend, precision, True, total, dataset)
+        for _ in range(warmup):
+            graph()
+        backend.synchronize()
+        peak = backend.memory_peak() + graph.graph_bytes()  # the captured run: data, model, workspace, graph
+        captured = graph.graph_note is None
+        if captured:  # the same step uncaptured, timed in the same rounds
+            runs["plain"] = TrainerStep(case, backend, precision, False, total, dataset)
+        ms = steps_ms(runs, backend.synchronize, warmup, steps)
+        plain = runs.get("plain", graph)
+        # a further pass of the uncaptured step, instrumented: where the time of a step goes
         timer = backend.timer()
+        backend.synchronize()
         with OpProfile(backend) as prof:
             timer.start()
             for _ in range(n_prof):
-                step()
-            total = timer.stop()
-        gemm, kern = prof.totals["gemm"], prof.totals["kernels"]
-        share = {"gemm": gemm / total, "kernels": kern / total, "host": max(0.0, 1.0 - (gemm + kern) / total)}
-        # microseconds per step of each op (each timed alone), and the rest of the step
-        ops_us = {name: 1e3 * t / n_prof for name, t in prof.per_op.items() if t > 0}
-        ops_us["host and launch"] = max(0.0, 1e3 * total / n_prof - sum(ops_us.values()))
+                plain()
+            prof_total = timer.stop()
+        # a step that diverged would time NaN arithmetic (and skipped updates): said beside the row
+        finite = all(np.isfinite(backend.to_float(r.trainer.running_loss)) for r in runs.values())
+        note = graph.graph_note
     finally:
-        if backend.name == "gpu":
-            backend.tf32 = False
-    return _figures(case, ms) | {"share": share, "ops_us": ops_us, "peak_mem_mib": peak / 2**20}
+        runs.clear()
+        graph = plain = None
+        gc.collect()  # the trainers' device memory (and graphs) back before the next measurement
+    gemm, kern = prof.totals["gemm"], prof.totals["kernels"]
+    share = {"gemm": gemm / prof_total, "kernels": kern / prof_total,
+             "host": max(0.0, 1.0 - (gemm + kern) / prof_total)}  # fmt: skip
+    # microseconds per step of each op (each timed alone), and the rest of the step
+    ops_us = {name: 1e3 * t / n_prof for name, t in prof.per_op.items() if t > 0}
+    ops_us["host and launch"] = max(0.0, 1e3 * prof_total / n_prof - sum(ops_us.values()))
+    out = _figures(case, ms["graph"])
+    no_graph = ms.get("plain")
+    gemm_us = ops_us.get("gemm")
+    out |= {
+        "captured": captured,
+        "finite_loss": finite,
+        "graph_note": note,
+        "ms_per_step_no_graph": no_graph,
+        "graph_speedup": no_graph / ms["graph"] if no_graph else None,
+        "gemm_us": gemm_us,  # the sum of the step's GEMM times (each timed alone), per step
+        "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
+        "share": share,
+        "ops_us": ops_us,
+        "peak_mem_mib": peak / 2**20,
+    }
+    return out
 
 
 def _new_path(precision: str, measure, failed=None):
@@ -287,7 +397,7 @@ def _bench_torch(case: Case, device: str, precision: str, compile_mode: str | No
         if i < len(case.sizes) - 2:
             layers.append(acts[case.activation]())
     model = torch.nn.Sequential(*layers).to(device=tdev, dtype=dtype)
-    x, y = _data(case, np.random.default_rng(0))
+    x, y = _data(case, np.random.default_rng(0))  # one batch, resident
     xt = torch.tensor(x, device=tdev, dtype=dtype)
     if case.loss == "softmax_cross_entropy":
         yt = torch.tensor(y, device=tdev)
@@ -315,23 +425,15 @@ def _bench_torch(case: Case, device: str, precision: str, compile_mode: str | No
         loss.backward()
         opt.step()
 
-    class Sync:
-        name = device
-
-        def synchronize(self):
-            if tdev == "cuda":
-                torch.cuda.synchronize()
-
-        def timer(self):
-            from .backend import HostTimer
-
-            return _TorchEventTimer(torch) if tdev == "cuda" else HostTimer()
+    def sync():
+        if tdev == "cuda":
+            torch.cuda.synchronize()
 
     warmup, steps = case.counts(device)
     try:
         if tdev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(step, Sync(), warmup + (3 if compiled else 0), steps)
+        ms = steps_ms({"torch": step}, sync, warmup + (3 if compiled else 0), steps)["torch"]
     except Exception as e:
         return {
             "skipped": f"{'torch.compile' if compiled else 'torch'} failed: {type(e).__name__}: {e}".splitlines()[0]
@@ -342,21 +444,6 @@ def _bench_torch(case: Case, device: str, precision: str, compile_mode: str | No
     if tdev == "cuda":
         out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-class _TorchEventTimer:
-    def __init__(self, torch):
-        self._torch = torch
-        self._a = torch.cuda.Event(enable_timing=True)
-        self._b = torch.cuda.Event(enable_timing=True)
-
-    def start(self):
-        self._a.record()
-
-    def stop(self):
-        self._b.record()
-        self._b.synchronize()
-        return float(self._a.elapsed_time(self._b))
 
 
 # --------------------------------------------------------------------------- device peak
@@ -416,14 +503,28 @@ def versions() -> dict:
 
 
 def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print,
-        progress=None) -> dict:  # fmt: skip
-    """Measure every case and precision; log(row) for the table, progress(line) before each measurement."""
+        progress=None, precisions=(), compile_precisions=(), partial=None) -> dict:  # fmt: skip
+    """Measure every case and precision; log(row) for the table, progress(line) before each
+    measurement. `precisions`: only these of each case's dtypes (all when empty);
+    `compile_precisions`: torch.compile only in rows of these (all when empty);
+    partial(report): after each row but the last, the report so far (its "partial" key
+    says how far), so that a run cut short by a time limit leaves its rows behind."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
         log(reason)
     results, peaks = [], {}
-    todo = [(case, precision) for case in cases for precision in case.dtypes]
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": backend.describe(),
+        "versions": versions(),
+        "command": " ".join(["gpubp", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "gpubp bench",
+        "device_peak": peaks,
+        "results": results,
+    }
+    todo = [(case, p) for case in cases for p in case.dtypes if not precisions or p in precisions]
+    if not todo:
+        raise UsageError(f"--precision {', '.join(precisions)}: none of the chosen cases lists it in its dtypes")
     for i, (case, precision) in enumerate(todo, start=1):
         if progress is not None:
             progress(f"[{i}/{len(todo)}] {case.name} {precision}: measuring")
@@ -437,6 +538,8 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
                 row[key] = {"skipped": reason}
             elif compiled and not with_compile:
                 row[key] = {"skipped": "--no-compile"}
+            elif compiled and compile_precisions and precision not in compile_precisions:
+                row[key] = {"skipped": f"--compile-precision {' '.join(compile_precisions)}"}
             else:
                 row[key] = bench_torch(case, device, precision, compiled)
         ours = row["gpubp"].get("ms_per_step")
@@ -447,36 +550,60 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
         row["share_of_gemm_peak"] = row["gpubp"]["tflops"] / peak if peak and ours else None
         results.append(row)
         log(format_row(row))
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": backend.describe(),
-        "versions": versions(),
-        "command": " ".join(["gpubp", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "gpubp bench",
-        "device_peak": peaks,
-        "results": results,
-    }
+        if partial is not None and i < len(todo):
+            partial(report | {"partial": f"{i} of {len(todo)} rows"})
+    return report
 
 
 def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-HEADER = (f"{'case':<11} {'prec':<8} {'ms/step':>9} {'samples/s':>11} {'TFLOP/s':>8} {'%peak':>6} "
-          f"{'eager':>9} {'compile':>9} {'x eager':>8} {'x comp':>7} {'gemm/kern/host %':>17} {'MiB':>8}")  # fmt: skip
+def _us(ms) -> str:
+    """Milliseconds as microseconds: one decimal below 10 ms, whole above."""
+    if ms is None:
+        return "-"
+    return f"{1e3 * ms:.1f}" if ms < 10 else f"{1e3 * ms:.0f}"
+
+
+def _torch_ms(row: dict, key: str):
+    return row[key].get("ms_per_step") if "skipped" not in row[key] else None
+
+
+HEADER = (f"{'case':<11} {'prec':<8} {'us/step':>9} {'no graph':>9} {'graph x':>7} {'samples/s':>10} "
+          f"{'TFLOP/s':>8} {'%peak':>6} {'GEMM us':>9} {'/GEMM':>6} {'eager us':>9} {'compile us':>10} "
+          f"{'x eager':>7} {'x comp':>6} {'gemm/kern/host %':>16} {'MiB':>8}")  # fmt: skip
 
 
 def format_row(row: dict) -> str:
+    """One line of the console table (times in microseconds; see `markdown` for the columns)."""
     g = row["gpubp"]
     if "skipped" in g:
         return f"{row['case']:<11} {row['precision']:<8} skipped: {g['skipped']}"
     s = g["share"]
     share = f"{100 * s['gemm']:.0f}/{100 * s['kernels']:.0f}/{100 * s['host']:.0f}"
     pk = row.get("share_of_gemm_peak")
-    return (f"{row['case']:<11} {row['precision']:<8} {g['ms_per_step']:>9.3f} {g['samples_per_s']:>11.4g} "
-            f"{g['tflops']:>8.3g} {_fmt(pk and 100 * pk, '>6.1f')} "
-            f"{_fmt(row['torch_eager'].get('ms_per_step'), '>9.3f')} {_fmt(row['torch_compile'].get('ms_per_step'), '>9.3f')} "
-            f"{_fmt(row['speedup_vs_torch_eager'], '>8.2f')} {_fmt(row['speedup_vs_torch_compile'], '>7.2f')} "
-            f"{share:>17} {g['peak_mem_mib']:>8.1f}")  # fmt: skip
+    return (f"{row['case']:<11} {row['precision']:<8} {_us(g['ms_per_step']):>9} {_us(g['ms_per_step_no_graph']):>9} "
+            f"{_fmt(g['graph_speedup'], '>7.2f')} {g['samples_per_s']:>10.4g} {g['tflops']:>8.3g} "
+            f"{_fmt(pk and 100 * pk, '>6.1f')} {_fmt(g['gemm_us'], '>9.1f')} {_fmt(g['step_over_gemm'], '>6.2f')} "
+            f"{_us(_torch_ms(row, 'torch_eager')):>9} {_us(_torch_ms(row, 'torch_compile')):>10} "
+            f"{_fmt(row['speedup_vs_torch_eager'], '>7.2f')} {_fmt(row['speedup_vs_torch_compile'], '>6.2f')} "
+            f"{share:>16} {g['peak_mem_mib']:>8.1f}")  # fmt: skip
+
+
+COLUMNS = """Columns: **us/step**, gpubp's training step as `gpubp train` runs it (gpubp/step.py
+through Trainer.make_step; the batch gathered on the device from a resident split of
+two batches), captured as a CUDA graph where the backend can (the GPU's default; the
+first two steps of a shape run plainly and capture, both in the warm-up); **no graph**,
+the same step uncaptured (`train.cuda_graph = false`), timed in the same rounds; **graph
+x**, no graph / us/step. Times: blocks of consecutive steps from a drained device to the
+end of a device synchronize, host clock (host overhead and launch gaps included), the
+median of the blocks' means; PyTorch's the same way, on one resident batch.
+**TFLOP/s** counts 6 x weights x batch per step (of the captured step); **% peak**, of a
+large GEMM of the same precision timed in this run. **GEMM us**, the sum of the step's
+GEMM times (each GEMM timed alone, in the profiled uncaptured pass below); **step /
+GEMM**, us/step over it. **x eager**, **x compile**: PyTorch's time over ours (captured).
+**GEMM / ops / host**: shares of the profiled uncaptured step."""
 
 
 def markdown(report: dict) -> str:
@@ -484,30 +611,43 @@ def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; {report['date']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"Command: `{report['command']}`", ""]  # fmt: skip
+    if report.get("partial"):
+        lines[-1:] = ["", f"**Partial report: {report['partial']} (the run did not finish).**", ""]
     for prec, peak in report["device_peak"].items():
         if peak:
             lines.append(
                 f"- device peak, {prec}: GEMM {peak['gemm_tflops']:.3g} TFLOP/s, copy {peak['copy_gb_s']:.3g} GB/s"
             )
-    lines += ["", "| case | precision | gpubp ms/step | samples/s | TFLOP/s | torch eager ms | torch.compile ms "
-              "| x eager | x compile | GEMM / ops / host | peak MiB |", "|" + "---|" * 11]  # fmt: skip
+    lines += ["", COLUMNS, "",
+              "| case | precision | gpubp us/step | no graph us/step | graph x | samples/s | TFLOP/s | % peak "
+              "| GEMM us | step / GEMM | torch eager us | torch.compile us | x eager | x compile | GEMM / ops / host "
+              "| peak MiB |", "|" + "---|" * 16]  # fmt: skip
+    notes = set()
     for row in report["results"]:
         g = row["gpubp"]
         if "skipped" in g:
-            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 8)
+            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 13)
             continue
+        if g.get("graph_note"):
+            notes.add(f"{row['case']} {row['precision']}: not captured ({g['graph_note']})")
+        if not g.get("finite_loss", True):
+            notes.add(f"{row['case']} {row['precision']}: the training loss went non-finite (times of NaN arithmetic)")
         s = g["share"]
+        pk = row.get("share_of_gemm_peak")
 
         def t(key, row=row):
-            r = row[key]
-            return _fmt(r.get("ms_per_step"), ".3f") if "skipped" not in r else "n/a"
+            return _us(_torch_ms(row, key)) if "skipped" not in row[key] else "n/a"
 
         lines.append(
-            f"| {row['case']} | {row['precision']} | {g['ms_per_step']:.3f} | {g['samples_per_s']:.4g} | "
-            f"{g['tflops']:.3g} | {t('torch_eager')} | {t('torch_compile')} | "
+            f"| {row['case']} | {row['precision']} | {_us(g['ms_per_step'])} | {_us(g['ms_per_step_no_graph'])} | "
+            f"{_fmt(g['graph_speedup'], '.2f')} | {g['samples_per_s']:.4g} | {g['tflops']:.3g} | "
+            f"{_fmt(pk and 100 * pk, '.1f')} | {_fmt(g['gemm_us'], '.1f')} | {_fmt(g['step_over_gemm'], '.2f')} | "
+            f"{t('torch_eager')} | {t('torch_compile')} | "
             f"{_fmt(row['speedup_vs_torch_eager'], '.2f')} | {_fmt(row['speedup_vs_torch_compile'], '.2f')} | "
             f"{100 * s['gemm']:.0f} / {100 * s['kernels']:.0f} / {100 * s['host']:.0f} % | {g['peak_mem_mib']:.1f} |"
         )
+    if notes:
+        lines += ["", "Notes: " + "; ".join(sorted(notes))]
     lines += per_op_table(report)
     skipped = {f"{row['case']} {row['precision']} {k}: {row[k]['skipped']}" for row in report["results"]
                for k in ("torch_eager", "torch_compile") if "skipped" in row[k]}  # fmt: skip
@@ -522,8 +662,10 @@ def per_op_table(report: dict) -> list[str]:
     if not rows:
         return []
     names = [n for n in ("gemm", *OpProfile.OPS, "host and launch") if any(n in r["gpubp"]["ops_us"] for r in rows)]
-    lines = ["", "Where a step's time goes, microseconds per step (a second pass with each op timed alone by "
-             "the backend's stopwatch; 'host and launch' is the step's time outside the ops):", "",
+    lines = ["", "Where a step's time goes, microseconds per step, of the **uncaptured** step (train.cuda_graph "
+             "= false; a graph cannot be timed op by op): a further pass with each op timed alone by the "
+             "backend's stopwatch; 'host and launch' is the step's time outside the ops. 'gemm' is the "
+             "'GEMM us' of the table above:", "",
              "| case | precision | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]  # fmt: skip
     for r in rows:
         ops = r["gpubp"]["ops_us"]

@@ -460,6 +460,8 @@ def _write_text(text: str, f) -> None:
 
 # --------------------------------------------------------------------------- bench
 
+B_PRECISIONS = ("float32", "tf32", "bf16", "float64")  # gpubp.bench.PRECISIONS (not imported: startup time)
+
 
 @main.command()
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
@@ -470,9 +472,13 @@ def _write_text(text: str, f) -> None:
 @click.option("--markdown", "md_path", type=str, default=None, help="Write the table as Markdown (docs/benchmarks.md).")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch columns.")
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile (it compiles for a while on the first step).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(B_PRECISIONS),
+              help="Only these of each case's precisions (repeatable; default all).")  # fmt: skip
+@click.option("--compile-precision", "compile_precisions", multiple=True, type=click.Choice(B_PRECISIONS),
+              help="torch.compile only in rows of these precisions (repeatable; default all).")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace existing --json / --markdown files.")
 @handle_errors
-def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrite):
+def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisions, compile_precisions, overwrite):
     """Training-step throughput of gpubp vs PyTorch, measured in the same run."""
     from . import bench as B
     from .backend import resolve_device
@@ -489,15 +495,23 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, overwrit
     click.echo(f"gpubp bench on {backend.describe()}", err=True)
     click.echo(B.HEADER)
     report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
-                   progress=lambda m: click.echo(m, err=True))  # fmt: skip
+                   progress=lambda m: click.echo(m, err=True), precisions=precisions,
+                   compile_precisions=compile_precisions,
+                   partial=functools.partial(_bench_files, json_path, md_path))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:
         click.echo(summary)
+    _bench_files(json_path, md_path, report)
+
+
+def _bench_files(json_path, md_path, report) -> None:
+    """The report into --json / --markdown (after each row too: a run cut short keeps its rows)."""
+    from . import bench as B
+    from .checkpoint import atomic_write_text
+
     if json_path:
         B.write_json(report, json_path)
     if md_path:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(md_path, B.markdown(report))
 
 

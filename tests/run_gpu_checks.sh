@@ -7,7 +7,8 @@
 #                       precision: tests/test_precision_gpu.py, the tf32 conversion it finds)
 #   sanitizer.txt       compute-sanitizer memcheck, racecheck, synccheck (run beside pytest)
 #   bias-grad.txt       column sums of D': our kernel vs cuBLAS GEMV (ones^T D')
-#   bench.md/.json      gpubp bench --device gpu against PyTorch (the GPU speed issue's baseline)
+#   bench.md/.json/.txt gpubp bench --device gpu against PyTorch eager and torch.compile: the GPU
+#                       speed issue's table (tests/run_gpu_bench.sh; CUDA graph and no graph)
 # Run from the repository root: OUT=/some/dir bash tests/run_gpu_checks.sh
 # Budgets in seconds (env): T_PYTEST, T_SANITIZER, T_BIAS, T_BENCH.
 set -u
@@ -93,8 +94,7 @@ for dtype in (np.float32, np.float64):
 PY
 echo "exit: $?" >> "$OUT/bias-grad.txt"
 
-# BENCH_ARGS (default --no-compile: eager PyTorch only, as torch.compile compiles for minutes)
-timeout "${T_BENCH:-150}" "$PY" -m gpubp.cli bench --device gpu ${BENCH_ARGS---no-compile} --json "$OUT/bench.json" \
-  --markdown "$OUT/bench.md" > "$OUT/bench.txt" 2>&1
-echo "exit: $?" >> "$OUT/bench.txt"
+# the GPU speed issue's whole table, PyTorch eager and torch.compile beside it (tests/run_gpu_bench.sh;
+# T_BENCH, BENCH_ARGS pass through)
+OUT="$OUT" bash tests/run_gpu_bench.sh
 echo "done; logs in $OUT"

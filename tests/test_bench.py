@@ -51,7 +51,66 @@ def test_run_reports_every_figure():
     assert {"gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "adam_step"} <= set(ops)
     assert all(v >= 0 for v in ops.values())
     table = B.markdown(report).split("Where a step's time goes")[1]
-    assert "| t | float32 | " in table and "adam_step" in table
+    assert "| t | float32 | " in table and "adam_step" in table and "uncaptured" in table.split("\n")[0]
+    # the NumPy backend runs the step uncaptured: no second row to compare, and the note says why
+    assert not g["captured"] and g["ms_per_step_no_graph"] is None and g["graph_speedup"] is None
+    assert "uncaptured" in g["graph_note"]
+    # the wide target's figures: the sum of the step's GEMM times (the per-op table's) and step / that sum
+    assert g["gemm_us"] == ops["gemm"] > 0
+    assert g["step_over_gemm"] == pytest.approx(1e3 * g["ms_per_step"] / ops["gemm"], rel=1e-12)
+
+
+def test_the_gpubp_row_times_the_trainers_step_captured_and_plain(monkeypatch):
+    """With a backend that captures (the recording backend: a CUDA graph's semantics on the
+    CPU), the gpubp row runs the trainer's Step twice over: captured (one capture, then
+    replays: no op runs outside the replays) and uncaptured (train.cuda_graph = false),
+    timed in the same rounds; the per-op profile runs the uncaptured one."""
+    from gpubp.backend.recording import RecordingBackend
+    from gpubp.step import Step
+
+    calls = {}  # Step -> [runs, runs while an op profile was on]
+    run = Step.run
+
+    def counting(self, step):
+        c = calls.setdefault(self, [0, 0])
+        c[0] += 1
+        c[1] += "gemm" in self.backend.__dict__  # OpProfile wraps the backend's gemm
+        assert step == c[0] - 1  # steps 0, 1, 2, ... as a training loop runs them
+        return run(self, step)
+
+    monkeypatch.setattr(Step, "run", counting)
+    rec = RecordingBackend()
+    case = B.Case("t", [8, 16, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adamw")
+    report = B.run([case], rec, with_torch=False, log=lambda m: None)
+    g = report["results"][0]["gpubp"]
+    assert g["captured"] and g["graph_note"] is None and g["finite_loss"]
+    assert g["ms_per_step"] > 0 and g["ms_per_step_no_graph"] > 0
+    assert g["graph_speedup"] == pytest.approx(g["ms_per_step_no_graph"] / g["ms_per_step"], rel=1e-12)
+    (captured, plain) = sorted(calls, key=lambda s: s.capturer is None)
+    assert captured.capturer is not None and plain.capturer is None
+    warmup = 3  # max(case.warmup, 3): plain, capture, one replay
+    timed = B.ROUNDS * (case.steps // B.ROUNDS)
+    n_prof = 10  # min(steps, 20)
+    assert calls[captured] == [2 * warmup + timed, 0]  # warmed alone (peak memory), then in steps_ms
+    assert calls[plain] == [warmup + timed + n_prof, n_prof]  # the profiled pass: the uncaptured step
+    # one capture (one batch shape); every captured step after the first two was a replay
+    assert len(rec.graphs) == 1 and captured.captures == 1
+    assert rec.replays == calls[captured][0] - 1  # the capturing call replays once too
+    ops = {fn.__name__ for fn, _, _ in rec.graphs[0]}
+    assert {"gather_rows", "gemm", "step_guard", "adam_step_batched"} <= ops
+
+
+def test_steps_ms_times_blocks_ending_with_a_synchronize():
+    """Each block of steps ends with a device synchronize before the clock stops; every
+    callable is warmed up and then timed in the same rounds."""
+    events = []
+    steps = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    out = B.steps_ms(steps, lambda: events.append("sync"), warmup=2, n_steps=6, rounds=3)
+    assert set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    assert events[:4] == ["a", "a", "b", "b"]  # warm-up
+    rounds = events[4:]
+    block = ["sync", "a", "a", "sync", "sync", "b", "b", "sync"]  # a round: each in turn, 6 // 3 steps
+    assert rounds == block * 3
 
 
 def test_profile_restores_the_backend():
@@ -68,5 +127,33 @@ def test_bench_cli_writes_json_and_refuses_to_overwrite(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["results"][0]["case"] == "tiny" and "numpy" in report["versions"]
+    assert "partial" not in report  # the finished run's files replace the partial ones
     r = run_cli("bench", "--device", "cpu", "--case", "tiny", "--no-torch", "--json", str(out))
     assert r.returncode == 2 and "exists; pass --overwrite" in r.stderr
+
+
+def test_precision_filters_choose_the_rows_and_the_compiled_ones():
+    pytest.importorskip("torch")
+    from gpubp.cli import B_PRECISIONS
+    from gpubp.errors import UsageError
+
+    assert B_PRECISIONS == B.PRECISIONS  # the CLI's copy (cli.py does not import bench at startup)
+    case = B.Case("t", [8, 16, 4], 32, steps=2, warmup=1, dtypes=["float32", "float64"])
+    report = B.run([case], get_backend("cpu"), log=lambda m: None, precisions=("float64",),
+                   compile_precisions=("float32",))  # fmt: skip
+    (row,) = report["results"]
+    assert row["precision"] == "float64" and row["torch_eager"]["ms_per_step"] > 0
+    assert row["torch_compile"] == {"skipped": "--compile-precision float32"}
+    with pytest.raises(UsageError, match="--precision bf16: none of the chosen cases"):
+        B.run([case], get_backend("cpu"), with_torch=False, log=lambda m: None, precisions=("bf16",))
+
+
+def test_a_run_leaves_its_rows_behind_as_it_goes():
+    case = B.Case("t", [8, 16, 4], 32, steps=2, warmup=1, dtypes=["float32", "float64"])
+    seen = []
+    report = B.run([case], get_backend("cpu"), with_torch=False, log=lambda m: None,
+                   partial=lambda r: seen.append((r["partial"], [row["precision"] for row in r["results"]],
+                                                  B.markdown(r))))  # fmt: skip
+    assert [(p, rows) for p, rows, _ in seen] == [("1 of 2 rows", ["float32"])]  # not after the last row
+    assert "Partial report: 1 of 2 rows" in seen[0][2] and "| t | float32 |" in seen[0][2]
+    assert "partial" not in report and "Partial" not in B.markdown(report)
