@@ -179,8 +179,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "cuda_graph": _f(
             "bool",
             True,
-            "GPU: capture the training step as a CUDA graph per batch shape and replay it (off: launch "
-            "each op); data-parallel runs launch each op",
+            "GPU: capture the training step (a sweep's stacked step too) as a CUDA graph per batch shape and "
+            "replay it (off: launch each op); data-parallel runs launch each op",
         ),
     },
 }

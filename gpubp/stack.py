@@ -202,12 +202,12 @@ class MLPStack:
             if k > 0:
                 be.gemm_batched(Dz, W, out=ws.dx[k][sl], trans_b=True, beta=1.0 if self.is_residual[k] else 0.0)
 
-    def _forward_backward_block(self, x, target, ws: _Workspace, sl):
-        """Loss (m,) of models sl, their gradients into self.grads."""
+    def _forward_backward_block(self, x, target, ws: _Workspace, sl, loss_out=None):
+        """Loss (m,) of models sl (into loss_out (m,) when given), their gradients into self.grads."""
         per_model = target.ndim == (2 if self.loss.info.target == "labels" else 3)
         out = self._forward(x, ws, sl)
         t = target[sl] if per_model else target
-        loss = self.backend.loss_forward_backward_batched(out, t, self.loss, grad=ws.dx[-1][sl])
+        loss = self.backend.loss_forward_backward_batched(out, t, self.loss, grad=ws.dx[-1][sl], out=loss_out)
         self._backward(ws, sl)
         return loss
 
@@ -228,18 +228,23 @@ class MLPStack:
         rows = min(rows, -(-self.count // num_threads()))  # at least one block per thread
         return [slice(lo, min(lo + rows, self.count)) for lo in range(0, self.count, rows)]
 
-    def forward_backward(self, x, target):
-        """Each model's loss (M,) as a backend array, gradients into self.grads."""
+    def forward_backward(self, x, target, loss_out=None):
+        """Each model's loss (M,) as a backend array (loss_out (M,) when given: nothing is
+        allocated, so a captured sweep step can call it), gradients into self.grads."""
         ws = self._workspace(x.shape[-2])
         ws.x[0] = x
         blocks = self.blocks(x.shape[-2])
-        if len(blocks) == 1:
-            if self.backend.name != "cpu":
-                return self._forward_backward_block(x, target, ws, blocks[0])
-            with blas_one_thread():
-                return self._forward_backward_block(x, target, ws, blocks[0])
-        losses = run_blocks(lambda sl: self._forward_backward_block(x, target, ws, sl), blocks)
-        return self.xp.concatenate(losses)
+        if self.backend.name != "cpu":  # one block
+            return self._forward_backward_block(x, target, ws, blocks[0], loss_out)
+
+        def block(sl):
+            return self._forward_backward_block(x, target, ws, sl, None if loss_out is None else loss_out[sl])
+
+        runner = getattr(self.backend, "run_blocks", None)  # the RecordingBackend records each block's calls
+        losses = run_cpu_blocks(block, blocks) if runner is None else runner(block, blocks, run_cpu_blocks)
+        if loss_out is not None:
+            return loss_out
+        return losses[0] if len(losses) == 1 else self.xp.concatenate(losses)
 
     def loss_and_grads(self, x, y):
         """(losses as a host array (M,), gradients in params order: views, overwritten by the next call)."""
@@ -263,6 +268,15 @@ class MLPStack:
                     self.backend.accuracy_count_batched(out, labels[..., start:stop], self.decision_threshold)
                 )
         return total / max(n, 1), correct
+
+
+def run_cpu_blocks(fn, blocks: list) -> list:
+    """[fn(sl) for sl in blocks] as a CPU step runs them: one block inline, several on the
+    thread pool (gpubp.backend.threads), OpenBLAS on one thread either way."""
+    if len(blocks) == 1:
+        with blas_one_thread():
+            return [fn(blocks[0])]
+    return run_blocks(fn, blocks)
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -12,6 +12,15 @@ disturbed step) beside them. On the CPU each step is followed by an untimed paus
 sequential models' GEMMs), and without the pause they would take a core from the
 variant timed next.
 
+Where the backend captures steps (the GPU: CUDA graphs), two more variants run the
+sweep trainer's own step (gpubp/sweep_step.py: each model's batch gathered from its own
+order by device index buffers, batched forward/backward, loss into a fixed (M,) buffer,
+the per-model guard and clipping, the stacked update from device vectors): `step_plain`
+uncaptured and `step_graph` captured once and replayed, so the pair shows what the graph
+removes on the same work (it does more than `stacked`: the gather and the guard). Each
+model has 8 batches of its own random rows; at each epoch's start (one step in 8) the host
+writes the new orders, as in training, so the medians are steps without that upload.
+
 Threads, as a user gets them by default: the stacked step runs blocks of models on
 gpubp.backend.threads (GPUBP_THREADS, else OpenBLAS's thread count; OpenBLAS on one
 thread meanwhile), the sequential models use OpenBLAS's threads, PyTorch its own
@@ -82,6 +91,45 @@ def stacked_step(case: SweepCase, backend):
         stack.forward_backward(xd, yd)
         opt.step()
 
+    return step
+
+
+def sweep_step(case: SweepCase, backend, graph: bool, batches: int = 8):
+    """The sweep trainer's step (gpubp.sweep_step.SweepStep) over M models with their own
+    data (`batches` batches each) and their own orders; captured when `graph`."""
+    from types import SimpleNamespace
+
+    from .stack import MLPStack, StackAdam
+    from .step import StepState
+    from .sweep_step import SweepStep
+
+    m, b = case.count, case.batch
+    n = batches * b
+    stack = MLPStack(case.sizes, m, "relu", "identity", "softmax_cross_entropy", backend=backend)
+    opt = StackAdam(stack, lr=1e-3)
+    rng = np.random.default_rng(0)
+    train = SimpleNamespace(
+        x=backend.asarray(rng.standard_normal((m * n, case.sizes[0])).astype(np.float32)),
+        target=backend.asarray(rng.integers(0, case.sizes[-1], m * n).astype(np.int32)),
+    )  # model i's rows: i*n .. (i+1)*n, as sweep_group.Concat
+    g = SimpleNamespace(
+        members=[None] * m, unique_seeds=list(range(m)), seed_index=np.arange(m),
+        cfg=SimpleNamespace(train=SimpleNamespace(batch_size=b)), backend=backend, stack=stack, opt=opt,
+        n_train=n, steps_per_epoch=batches, data={"train": train},
+        max_norm=backend.zeros((m,), stack.dtype), first_bad=backend.asarray(np.full(m, -1, np.int64)),
+        skip=backend.zeros((m,), np.bool_), norm=backend.zeros((m,), stack.dtype),
+        scale=backend.zeros((m,), stack.dtype), running=backend.zeros((m,), np.float64),
+    )  # fmt: skip
+    total = 1024  # one table upload (gpubp.step.CHUNK); the steps wrap around after it
+    state = StepState(backend, opt, lambda s: [1e-3] * m, lambda s: (s % batches) * b, total)
+    fn = SweepStep(g, state, backend.zeros((m,), np.bool_), backend.graph_capturer() if graph else None)
+    count = [0]
+
+    def step():
+        fn.run(count[0] % total)
+        count[0] += 1
+
+    step.sweep_step = fn  # tests look at its captures
     return step
 
 
@@ -173,7 +221,9 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
     rows = []
     for case in cases or CASES:
         steps = {"stacked": stacked_step(case, backend), "sequential": sequential_step(case, backend)}
-        syncs = {"stacked": backend.synchronize, "sequential": backend.synchronize}
+        if getattr(backend, "graph_capturer", None) is not None:  # the trainer's step, plain and captured
+            steps["step_plain"], steps["step_graph"] = sweep_step(case, backend, False), sweep_step(case, backend, True)
+        syncs = dict.fromkeys(steps, backend.synchronize)
         torch_row = {"skipped": reason} if reason else None
         if not reason:
             try:
@@ -191,6 +241,10 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
                "stacked_min_ms": low["stacked"], "sequential_min_ms": low["sequential"], "torch_func": torch_row,
                "x_sequential": med["sequential"] / med["stacked"],
                "x_torch_func": theirs / med["stacked"] if theirs else None}  # fmt: skip
+        if "step_graph" in med:  # the sweep trainer's step: uncaptured, and as a replayed graph
+            row.update(step_plain_ms=med["step_plain"], step_graph_ms=med["step_graph"],
+                       step_graph_min_ms=low["step_graph"], x_sequential_graph=med["sequential"] / med["step_graph"],
+                       x_torch_func_graph=theirs / med["step_graph"] if theirs else None)  # fmt: skip
         rows.append(row)
         log(format_row(row))
     return {"device": backend.describe(), "threads": threads, "results": rows}
@@ -211,9 +265,16 @@ def _f(value, spec):
 
 def format_row(row: dict) -> str:
     t = row["torch_func"].get("ms_per_step")
-    return (f"{row['case']:<12} {row['models']:>3} {row['stacked_ms']:>11.2f} {row['sequential_ms']:>14.2f} "
+    line = (f"{row['case']:<12} {row['models']:>3} {row['stacked_ms']:>11.2f} {row['sequential_ms']:>14.2f} "
             f"{_f(t, '.2f'):>14} {row['x_sequential']:>6.2f} {_f(row['x_torch_func'], '.2f'):>7}   "
             f"min {row['stacked_min_ms']:.2f} / {row['sequential_min_ms']:.2f}")  # fmt: skip
+    return line + ("\n" + graph_line(row) if "step_graph_ms" in row else "")
+
+
+def graph_line(row: dict) -> str:
+    return (f"{'':<12} {'':>3} sweep step: plain {row['step_plain_ms']:.3f} ms, CUDA graph "
+            f"{row['step_graph_ms']:.3f} ms (min {row['step_graph_min_ms']:.3f}); graph x sequential "
+            f"{row['x_sequential_graph']:.2f}, x torch.func {_f(row['x_torch_func_graph'], '.2f')}")  # fmt: skip
 
 
 def markdown(report: dict, command: str) -> str:
@@ -228,4 +289,13 @@ def markdown(report: dict, command: str) -> str:
             f"{r['sequential_ms']:.2f} | {_f(t, '.2f')} | {r['x_sequential']:.2f} | {_f(r['x_torch_func'], '.2f')} | "
             f"{r['stacked_min_ms']:.2f} / {r['sequential_min_ms']:.2f} |"
         )
+    graphs = [r for r in report["results"] if "step_graph_ms" in r]
+    if graphs:  # the sweep trainer's step (gather, guard included), uncaptured and as a CUDA graph
+        lines += ["", "| case | sweep step plain ms | sweep step graph ms (min) | graph x sequential | graph x torch.func |",
+                  "|" + "---|" * 5]  # fmt: skip
+        for r in graphs:
+            lines.append(
+                f"| {r['case']} | {r['step_plain_ms']:.3f} | {r['step_graph_ms']:.3f} ({r['step_graph_min_ms']:.3f}) | "
+                f"{r['x_sequential_graph']:.2f} | {_f(r['x_torch_func_graph'], '.2f')} |"
+            )
     return "\n".join(lines) + "\n"

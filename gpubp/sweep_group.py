@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 
-from . import data as D
 from .errors import ConfigError
 from .stack import MLPStack, make_stack_optimizer
 from .trainer import prepare, resolve_auto
@@ -89,35 +88,6 @@ class Group:
         self.model_cfg = [self.stack.member(i).config_dict() if i == 0 else None for i in range(count)]
         for i in range(1, count):
             self.model_cfg[i] = dict(self.model_cfg[0], seed=self.stack.seeds[i], init=self.stack.inits[i])
-
-    # ---- batches
-
-    def batch(self, step: int, perm_cache: dict):
-        """(x, y) of step `step` for every model: shared (B, F) when one seed, else (M, B, F)."""
-        t = self.cfg.train
-        epoch, b = divmod(step, self.steps_per_epoch)
-        if perm_cache.get("epoch") != epoch:
-            perms = np.stack([D.epoch_permutation(s, epoch, self.n_train) for s in self.unique_seeds])
-            if len(self.unique_seeds) > 1:
-                perms = perms[self.seed_index] + (self.seed_index * self.n_train)[:, None]  # (M, n) rows of _Concat
-            perm_cache.update(epoch=epoch, perms=self.backend.asarray(perms))
-        idx = perm_cache["perms"][:, b * t.batch_size : (b + 1) * t.batch_size]
-        train = self.data["train"]
-        if len(self.unique_seeds) == 1:
-            idx = idx[0]
-            return self._gather(train.x, idx, "x"), self._gather(train.target, idx, "y")
-        flat = self.backend.asarray(idx.reshape(-1))
-        rows = idx.shape
-        x = self._gather(train.x, flat, "x").reshape(*rows, -1)
-        y = self._gather(train.target, flat, "y")
-        return x, y.reshape(*rows, *y.shape[1:])
-
-    def _gather(self, src, idx, name):
-        key = (name, idx.shape[0])
-        cache = self.__dict__.setdefault("_buffers", {})
-        if key not in cache:
-            cache[key] = self.backend.empty((idx.shape[0], *src.shape[1:]), src.dtype)
-        return self.backend.gather_rows(src, idx, cache[key])
 
     # ---- evaluation
 

@@ -42,6 +42,7 @@ from .schedules import lr_at
 from .step import StepState
 from .sweep import Sweep, dump_sweep_toml
 from .sweep_group import Group
+from .sweep_step import SweepStep, capture_note
 from .trainer import (
     RUN_FILES,
     _bytes,
@@ -89,6 +90,7 @@ class SweepTrainer:
         self.rows: dict[int, dict] = {}
         self.start = time.perf_counter()
         self.state = {"done": [], "step": {}, "diverged": {}, "stopped": []}
+        self.graph_note, self.step_fn = None, None  # the last group's: why its step ran uncaptured, its SweepStep
         self.created_dir, self.saved = not resume, False  # a new sweep failing before its first checkpoint removes it
         if resume:  # continue the sweep run in out_dir where its state file says it stopped
             self.state = read_state(out_dir)
@@ -230,7 +232,7 @@ class SweepTrainer:
         be = g.backend
         g.stack.flat_params[...] = be.asarray(params, dtype=g.stack.dtype)
         g.running[...] = be.asarray(running)
-        g.first_bad = be.asarray(np.array([-1 if d is None else d for d in g.diverged], dtype=np.int64))
+        g.first_bad[...] = be.asarray(np.array([-1 if d is None else d for d in g.diverged], dtype=np.int64))
         g.start_step = g.final_step = step
 
     # ---- the loop
@@ -241,9 +243,8 @@ class SweepTrainer:
         be, stack, opt = g.backend, g.stack, g.opt
         t = g.cfg.train
         eval_every = t.eval_every or g.steps_per_epoch
-        perm_cache: dict = {}
         step = g.start_step
-        frozen_dev = be.asarray(g.stopped | np.array([d is not None for d in g.diverged]))
+        frozen_dev = be.asarray(g.stopped | np.array([d is not None for d in g.diverged]))  # rewritten in place
         bar = tqdm(total=g.total_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not sys.stderr.isatty())  # fmt: skip
         scope = contextlib.ExitStack()
@@ -251,28 +252,25 @@ class SweepTrainer:
         scope.enter_context(np.errstate(all="ignore"))
         # the per-step numbers (each model's learning rate, Adam's bias corrections, the step
         # index) as device tables, as the single-run trainer's step reads them (gpubp/step.py)
-        state = StepState(be, opt, lambda s: self._lrs(g, s), lambda s: 0, g.total_steps)
+        state = StepState(be, opt, lambda s: self._lrs(g, s), lambda s: (s % g.steps_per_epoch) * t.batch_size,
+                          g.total_steps)  # fmt: skip
+        # the whole step as one function of device state (gpubp/sweep_step.py), captured as a
+        # CUDA graph per batch shape on the GPU unless train.cuda_graph is false (graph_note says why not)
+        self.graph_note = g.graph_note = capture_note(g.cfg, be, g.data["train"])
+        if self.graph_note is not None and t.cuda_graph and be.name == "gpu":
+            self.log(f"CUDA graph off: {self.graph_note}")
+        capturer = be.graph_capturer() if self.graph_note is None else None
+        self.step_fn = step_fn = SweepStep(g, state, frozen_dev, capturer)
         try:
             while step < g.total_steps:
-                xb, yb = g.batch(step, perm_cache)
-                state.ensure(step, opt.steps)
-                state.select()
-                loss = stack.forward_backward(xb, yb)
-                # one launch: first non-finite step, skip flags, norms and clipping scales of all models
-                be.step_guard_batched(loss, be.sum_squares_batched(stack.flat_grads), state.step, g.max_norm,
-                                      frozen_dev, g.first_bad, g.skip, g.norm, g.scale)  # fmt: skip
-                opt.update(grad_scale=g.scale, skip=g.skip)
-                state.advance()
-                opt.steps += 1
-                state.host_pos += 1
-                g.running += loss
+                step_fn.run(step)
                 g.n_running += 1
                 step += 1
                 bar.update(1)
                 if step % eval_every == 0 or step == g.total_steps:
                     self._log_eval(g, step)
                     frozen = g.stopped | np.array([d is not None for d in g.diverged])
-                    frozen_dev = be.asarray(frozen)
+                    frozen_dev[...] = be.asarray(frozen)  # in place: a captured step reads this buffer
                     if frozen.all():
                         break
                 if interrupted():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -56,3 +57,35 @@ def test_cli_writes_the_report(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["bench", "--case", "sweep", "--device", "cpu", "--no-torch", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert json.loads(out.read_text())["results"][0]["case"] == "t"
+
+
+def test_a_capturing_backend_also_times_the_sweep_step_plain_and_as_a_graph(monkeypatch):
+    """On the GPU the sweep trainer's step runs beside the others, uncaptured and captured;
+    here the recording backend (a CUDA graph's semantics on the CPU) stands in for it."""
+    from gpubp.backend.recording import RecordingBackend
+
+    rec = RecordingBackend()
+    made = []
+    original = S.sweep_step
+    monkeypatch.setattr(S, "sweep_step", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    report = S.run(rec, with_torch=False, cases=SMALL, log=lambda m: None)
+    (row,) = report["results"]
+    assert row["step_plain_ms"] > 0 and row["step_graph_ms"] > 0
+    assert row["x_sequential_graph"] == pytest.approx(row["sequential_ms"] / row["step_graph_ms"])
+    plain, graph = (f.sweep_step for f in made)
+    assert plain.captures == 0 and graph.captures == 1 and rec.replays == 1 + 1 + 3 - 2  # warm-up, capture, replays
+    assert "sweep step plain ms" in S.markdown(report, "gpubp bench --case sweep")
+
+
+def test_the_benchs_sweep_step_captured_equals_it_plain():
+    """The bench's captured sweep step computes what its plain one does (the same bits)."""
+    from gpubp.backend.recording import RecordingBackend
+
+    case = SMALL[0]
+    plain, graph = S.sweep_step(case, get_backend("cpu"), False), S.sweep_step(case, RecordingBackend(), True)
+    for _ in range(20):  # 2.5 epochs of 8 batches
+        plain()
+        graph()
+    a, b = plain.sweep_step.g, graph.sweep_step.g
+    assert graph.sweep_step.captures == 1
+    assert np.array_equal(a.stack.flat_params, b.stack.flat_params) and np.array_equal(a.running, b.running)

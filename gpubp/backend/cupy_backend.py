@@ -706,9 +706,10 @@ class CupyBackend:
                 target = cupy.broadcast_to(target, (count, *target.shape))
         return cupy.ascontiguousarray(target).reshape(-1, *target.shape[2:])
 
-    def loss_forward_backward_batched(self, x, target, loss: Loss, grad=None):
+    def loss_forward_backward_batched(self, x, target, loss: Loss, grad=None, out=None):
         """Each model's mean loss (M,) and grad; see numpy_stacked.loss_forward_backward_batched.
-        The loss_rows kernel runs over all M * N rows; each model's row losses are then summed."""
+        The loss_rows kernel runs over all M * N rows; each model's row losses are then summed
+        (into `out` (M,) when given: a captured step's fixed buffer, the same two kernels)."""
         dtype = x.dtype
         count, n, c = x.shape
         labels_kind = loss.info.target == "labels"
@@ -728,7 +729,13 @@ class CupyBackend:
              np.int32(loss.info.kernel_id), dtype.type(loss.label_smoothing), dtype.type(loss.huber_delta),
              dtype.type(1.0 / divisor)),
         )  # fmt: skip
-        return row_loss.reshape(count, n).sum(axis=1) / dtype.type(divisor)
+        if out is None:
+            return row_loss.reshape(count, n).sum(axis=1) / dtype.type(divisor)
+        if out.shape != (count,) or out.dtype != dtype:
+            raise ValueError(f"loss_forward_backward_batched: out must be ({count},) of {dtype}")
+        row_loss.reshape(count, n).sum(axis=1, out=out)
+        self._cupy.divide(out, dtype.type(divisor), out=out)
+        return out
 
     def accuracy_count_batched(self, x, labels, threshold=0.0):
         """Rows classified right per model (M,) int64."""
@@ -741,10 +748,19 @@ class CupyBackend:
         )  # fmt: skip
         return correct.reshape(count, n).sum(axis=1, dtype=np.int64)
 
-    def sum_squares_batched(self, g):
-        """sum_j g_ij^2 per model (M,), one reduction kernel."""
+    def sum_squares_batched(self, g, out=None):
+        """sum_j g_ij^2 per model (M,), one reduction kernel (into `out` when given)."""
         kernel = self._stacked_kernel("sumsq")
-        return kernel(g, axis=1)
+        return kernel(g, axis=1) if out is None else kernel(g, axis=1, out=out)
+
+    def index_window_batched(self, perm, start, out):
+        """out[i, j] = perm[i, start + j]; see numpy_stacked.index_window_batched."""
+        if perm.dtype != out.dtype or start.dtype != np.int64 or start.size != 1 or not perm.flags.c_contiguous:
+            raise TypeError("index_window_batched: perm and out share an integer dtype; start is one int64")
+        if perm.ndim != 2 or out.ndim != 2 or perm.shape[0] != out.shape[0] or not out.flags.c_contiguous:
+            raise ValueError(f"index_window_batched: perm {perm.shape} and out {out.shape} must be (M, n), (M, N)")
+        self._stacked_kernel("window_rows")(perm, start, np.int64(perm.shape[1]), np.int64(out.shape[1]), out)
+        return out
 
     def step_guard_batched(self, loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
         """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
@@ -778,6 +794,13 @@ class CupyBackend:
             elif name == "window":
                 cache[name] = cupy.ElementwiseKernel(
                     "raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"
+                )
+            elif name == "window_rows":  # i runs over out's M * N elements, row-major
+                cache[name] = cupy.ElementwiseKernel(
+                    "raw I perm, raw int64 start, int64 n, int64 width",
+                    "I out",
+                    "out = perm[(i / width) * n + start[0] + i % width]",
+                    "gpubp_index_window_batched",
                 )
             elif name == "sumsq":
                 cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")

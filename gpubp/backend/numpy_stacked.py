@@ -54,12 +54,12 @@ def bias_grad_batched(d, out):
     return out
 
 
-def loss_forward_backward_batched(x, target, loss: Loss, grad=None):
+def loss_forward_backward_batched(x, target, loss: Loss, grad=None, out=None):
     """Each model's mean loss (M,) and grad[i] = dL_i/dx[i], as numpy_ops.loss_forward_backward
     per model (the same row blocks, their sums added in the same order).
 
     x: (M, N, C); target: labels (M, N) or shared (N,), values (M, N, C) or shared (N, C);
-    grad: (M, N, C) or None."""
+    grad: (M, N, C) or None; out: (M,) of x's dtype (a captured step's fixed buffer) or None."""
     n_models, n, c = x.shape
     divisor = loss_divisor(loss, n, c)
     rows = max(1, LOSS_BLOCK // c)
@@ -75,7 +75,11 @@ def loss_forward_backward_batched(x, target, loss: Loss, grad=None):
         ]  # fmt: skip
         # (M, blocks), each model's block sums contiguous: the same pairwise sum as np.sum(list)
         total = np.ascontiguousarray(np.stack(sums, axis=1)).sum(axis=1, dtype=x.dtype)
-    return (total / divisor).astype(x.dtype, copy=False)
+    value = (total / divisor).astype(x.dtype, copy=False)
+    if out is None:
+        return value
+    out[...] = value
+    return out
 
 
 def _rows(target, r, rows):
@@ -161,9 +165,21 @@ def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, n
     scale[...] = np.where(max_norm > 0, clipped, t(1))
 
 
-def sum_squares_batched(g):
-    """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares."""
-    return np.array([np.dot(row, row) for row in g], dtype=g.dtype)
+def sum_squares_batched(g, out=None):
+    """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares; into out (M,) when given."""
+    value = np.array([np.dot(row, row) for row in g], dtype=g.dtype)
+    if out is None:
+        return value
+    out[...] = value
+    return out
+
+
+def index_window_batched(perm, start, out):
+    """out[i, j] = perm[i, start + j], j < N: each model's batch indices from its own epoch
+    order (numpy_ops.index_window per row). perm: (M, n) integers; start: 0-d int64 array;
+    out: (M, N) of perm's dtype."""
+    np.take(perm, np.arange(out.shape[1]) + start, axis=1, out=out)
+    return out
 
 
 CACHE_BLOCK = 1 << 17  # bytes of one buffer's rows that an update processes at a time (L2-sized)

@@ -31,7 +31,7 @@ OPS = (
     "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
-    "cast", "add", "step_guard_scaled",
+    "cast", "add", "step_guard_scaled", "index_window_batched",
 )  # fmt: skip
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
@@ -99,6 +99,26 @@ class RecordingBackend:
 
         return call
 
+    def run_blocks(self, fn, items, runner):
+        """runner(fn, items): the stack's CPU blocks of models (gpubp.stack.run_cpu_blocks:
+        one block inline, several on the thread pool, OpenBLAS on one thread either way).
+        Outside a capture it just runs. Inside one, each block's op calls are recorded in a
+        list of their own (fn runs once per block, nothing executes), and the recording gets
+        one entry: the same runner over those lists. A replay therefore runs each block's
+        ops in order, on the pool's threads, with OpenBLAS set as in the plain step."""
+        if self.recording is None:
+            return runner(fn, items)
+        outer, results, blocks = self.recording, [], []
+        try:
+            for item in items:
+                self.recording = []
+                results.append(fn(item))
+                blocks.append(self.recording)
+        finally:
+            self.recording = outer
+        outer.append((runner, (_run_calls, blocks), {}))
+        return results
+
     # ---- the capturer (CupyBackend.graph_capturer's interface)
 
     def graph_capturer(self):
@@ -122,10 +142,15 @@ class RecordingBackend:
 
         def replay():
             self.replays += 1
-            for op, args, kwargs in calls:
-                op(*args, **kwargs)
+            _run_calls(calls)
 
         return replay
+
+
+def _run_calls(calls: list) -> None:
+    """Run recorded op calls in order (a replay, or one block of one)."""
+    for op, args, kwargs in calls:
+        op(*args, **kwargs)
 
 
 class _RecordingXp:
