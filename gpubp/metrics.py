@@ -17,6 +17,9 @@ Classification (integer labels 0..C-1):
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 
 
@@ -125,11 +128,13 @@ def format_classification(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# a JSON list that holds no list or object, spread over lines by json.dumps(indent=2); compiled
+# once at import, not in the summary's write at the end of each run
+_FLAT_LIST = re.compile(r"\[\s+([^\[\]{}]*?)\s+\]")
+
+
 def to_json(obj) -> str:
     """JSON with two-space indents, but each list of plain numbers or strings on one
     line (a confusion matrix reads as a matrix)."""
-    import json
-    import re
-
     text = json.dumps(obj, indent=2)
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    return _FLAT_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
