@@ -160,7 +160,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "int",
             0,
             "evaluate and log every N steps; 0: at the end of each epoch, or of every k-th epoch when an epoch "
-            "has fewer than 20 steps (k = ceil(20 / steps per epoch), so that evaluating costs under 10% of a small-data run)",
+            "has fewer than 25 steps (k = ceil(25 / steps per epoch), so that evaluating costs under 10% of a small-data run)",
             min=0,
         ),
         "early_stopping_patience": _f(

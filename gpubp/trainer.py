@@ -67,7 +67,7 @@ from .stream import StreamSplit
 from .stream import budget as stream_budget
 from .stream import plan as stream_plan
 
-MIN_EVAL_STEPS = 20  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
+MIN_EVAL_STEPS = 25  # train.eval_every = 0: whole epochs of at least this many steps between evaluations
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
