@@ -317,6 +317,15 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
+def format_size(n: float) -> str:
+    """A byte count as people read it: "512 bytes", "3.2 MiB", "16.0 GiB" (parse_size reads it back)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
 def parse_size(value) -> int | None:
     """Bytes of a size: a positive integer, or a string "<number> <unit>" with unit one of
     B, kB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), any case, e.g.

@@ -79,7 +79,36 @@ class StepState:
         self.backend.xp.add(self.pos, 1, out=self.pos)
 
 
-class Step:
+class ShapeGraphs:
+    """The device part of a step, `self._body(n)` for a batch of n rows, run plainly or,
+    with a capturer, once per batch shape: the shape's first call runs plainly (it
+    allocates the shape's buffers and compiles the kernels; `workspace(n)` is then kept
+    for the graph, whoever evicts it later), the second is captured, later calls replay
+    the graph. Shared by Step and sweep_step.SweepStep."""
+
+    def _init_shapes(self, capturer) -> None:
+        self.capturer = capturer
+        self.graphs: dict = {}  # rows -> replay()
+        self.warmed: dict = {}  # rows -> the workspace its graph uses (kept: its owner may evict it)
+        self.captures = 0  # graphs captured (tests)
+
+    def _run_shape(self, n: int, workspace) -> None:
+        graphs, warmed = self.graphs, self.warmed
+        replay = graphs.get(n)
+        if replay is not None:
+            replay()
+        elif self.capturer is None:
+            self._body(n)
+        elif n not in warmed:
+            self.capturer.warmup(n, lambda: self._body(n))
+            warmed[n] = workspace(n)
+        else:
+            replay = graphs[n] = self.capturer.capture(n, lambda: self._body(n))
+            self.captures += 1
+            replay()  # capturing records the step; this runs it
+
+
+class Step(ShapeGraphs):
     """The trainer's step (see the module docstring). `run(step)` runs step `step`:
     captured and replayed when a capturer is given (once per batch shape: the first call
     of a shape runs it plainly, which also allocates its buffers, the second captures it),
@@ -98,7 +127,7 @@ class Step:
         self.train, self.batch_size, self.n_train, self.clip = train, int(batch_size), int(n_train), float(clip)
         self.state, self.buffer, self.dist, self.interrupted = state, buffer, dist, interrupted
         self.backend = be = model.backend
-        self.capturer = None if host_batch else capturer
+        self._init_shapes(None if host_batch else capturer)
         self.host_batch = host_batch
         self.steps_per_epoch = -(-self.n_train // self.batch_size)
         self.loss = be.zeros((), model.dtype)
@@ -109,9 +138,6 @@ class Step:
             self.perm = train.ring_index  # fixed: positions in its ring of two chunks (gpubp/stream.py)
         self.perm_host = None
         self.idx: dict = {}  # rows -> its index buffer
-        self.graphs: dict = {}  # rows -> replay()
-        self.warmed: dict = {}  # rows -> the workspace its first (plain) run allocated, kept for its graph
-        self.captures = 0  # graphs captured (tests)
 
     def new_epoch(self, perm: np.ndarray, epoch: int | None = None) -> None:
         """The epoch's order (host int64 (n_train,)) into the fixed buffer the step reads
@@ -139,18 +165,7 @@ class Step:
         else:
             if self.streamed:
                 self.train.ready(step)  # its batch's chunks resident, the next one on its way
-            replay = self.graphs.get(n)
-            if replay is not None:
-                replay()
-            elif self.capturer is None:
-                self._body(n)
-            elif n not in self.warmed:
-                self.capturer.warmup(n, lambda: self._body(n))
-                self.warmed[n] = self.model._workspace(n)
-            else:
-                replay = self.graphs[n] = self.capturer.capture(n, lambda: self._body(n))
-                self.captures += 1
-                replay()  # capturing records the step; this runs it
+            self._run_shape(n, self.model._workspace)
             stop = self.interrupted()
         self.opt.steps += 1  # host mirrors of the device counters
         self.state.host_pos += 1

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .backend.transfer import free_memory, make_transfer
-from .config import parse_size
+from .config import format_size, parse_size
 from .errors import ConfigError
 
 GATHER_THREADS = min(8, os.cpu_count() or 1)
@@ -71,14 +71,6 @@ def budget(value, backend) -> int | None:
     return free_memory(backend) if value == "free" else parse_size(value)
 
 
-def _bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def plan(est: dict, n_rows: int, n_train: int, row_bytes: int, batch: int, eval_rows: int, limit: int | None,
          where: str) -> tuple[int | None, str]:  # fmt: skip
     """(C, note): the chunk rows of a streamed training split, or None when everything
@@ -99,17 +91,17 @@ def plan(est: dict, n_rows: int, n_train: int, row_bytes: int, batch: int, eval_
     need = fixed + per_chunk_row * batch
     if chunk < batch:
         raise ConfigError(
-            f"{where}: {_bytes(limit)} is too small even to stream the training split: the run needs about "
-            f"{_bytes(need)} (parameters, optimizer state, one batch, the other splits, two chunks of one batch); "
+            f"{where}: {format_size(limit)} is too small even to stream the training split: the run needs about "
+            f"{format_size(need)} (parameters, optimizer state, one batch, the other splits, two chunks of one batch); "
             "raise it, or lower train.batch_size or the model's widths"
         )
     # a multiple of the batch: no batch straddles two chunks, so the next chunk is always on its way
     # while one is trained on (a straddling batch needs both slots, and the chunk after it waits)
     chunk = min(chunk - chunk % batch, n_train)
     note = (
-        f"data: the training split streams from host memory ({n_train} rows, {_bytes(n_train * row_bytes)}): the run "
-        f"needs about {_bytes(total)} on the device, over {where} ({_bytes(limit)}); two chunks of {chunk} rows "
-        f"({_bytes(chunk * row_bytes)} each) on the device, one copied while the other is trained on"
+        f"data: the training split streams from host memory ({n_train} rows, {format_size(n_train * row_bytes)}): the run "
+        f"needs about {format_size(total)} on the device, over {where} ({format_size(limit)}); two chunks of {chunk} rows "
+        f"({format_size(chunk * row_bytes)} each) on the device, one copied while the other is trained on"
     )
     return chunk, note
 

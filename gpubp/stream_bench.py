@@ -28,7 +28,7 @@ import numpy as np
 
 from . import data as D
 from . import distributed, stream
-from .config import load_config
+from .config import format_size, load_config
 from .step import Step, StepState
 
 CPU_HIDDEN, CPU_BATCH = [32], 64
@@ -152,17 +152,13 @@ def bench_stream(case, backend, precision: str) -> dict:
     return out
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
-
-
 def format_row(row: dict) -> str:
     """One line of the bench's console table for the stream case (us/step, then words)."""
     g = row["gpubp"]
     if "skipped" in g:
         return f"{row['case']:<11} {row['precision']:<8} skipped: {g['skipped']}"
     line = (f"{row['case']:<11} {row['precision']:<8} {1e3 * g['ms_per_step']:>9.0f}  {g['samples_per_s']:.4g} "
-            f"samples/s streamed {_size(g['dataset_bytes'])} under {_size(g['budget_bytes'])} "
+            f"samples/s streamed {format_size(g['dataset_bytes'])} under {format_size(g['budget_bytes'])} "
             f"(chunks of {g['chunk_rows']} rows): {g['vs_resident']:.2f} x the resident "
             f"{g['resident_samples_per_s']:.4g} samples/s (target >= 0.8)")  # fmt: skip
     return line + (f"; {g['note']}" if "note" in g else "")
@@ -174,7 +170,7 @@ def markdown_row(row: dict) -> str:
     g = row["gpubp"]
     if "skipped" in g:
         return f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 13
-    what = (f"streamed {_size(g['dataset_bytes'])} under a {_size(g['budget_bytes'])} budget: "
+    what = (f"streamed {format_size(g['dataset_bytes'])} under a {format_size(g['budget_bytes'])} budget: "
             f"{g['vs_resident']:.2f} x resident ({g['resident_samples_per_s']:.4g} samples/s)")  # fmt: skip
     what += f"; {g['note']}" if "note" in g else ""
     return (f"| {row['case']} | {row['precision']} | {1e3 * g['ms_per_step']:.0f} | - | - | {g['samples_per_s']:.4g} | "

@@ -24,15 +24,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import data as D
+from .step import ShapeGraphs
 
 
-class SweepStep:
+class SweepStep(ShapeGraphs):
     """The step of group `g` (gpubp.sweep_group.Group) over StepState `state`; `frozen`
     (M,) bool device flags (stopped early, or diverged at an earlier evaluation), written
     in place by the caller; capturer: None, or one with warmup(key, fn) / capture(key, fn)."""
 
     def __init__(self, g, state, frozen, capturer=None):
-        self.g, self.state, self.frozen, self.capturer = g, state, frozen, capturer
+        self.g, self.state, self.frozen = g, state, frozen
+        self._init_shapes(capturer)
         self.backend = be = g.backend
         self.count = len(g.members)
         self.shared = len(g.unique_seeds) == 1  # one seed: one order, a batch shared by every model
@@ -42,9 +44,6 @@ class SweepStep:
         self.grad_sq = be.zeros((self.count,), g.stack.dtype)
         self.epoch = None  # the epoch whose orders self.perm holds
         self.buffers: dict = {}  # rows -> (idx, idx rows view, x, y, x view, y view)
-        self.graphs: dict = {}  # rows -> replay()
-        self.warmed: dict = {}  # rows -> the stack's workspace its first (plain) run made, kept for its graph
-        self.captures = 0  # graphs captured (tests)
 
     def new_epoch(self, epoch: int) -> None:
         """Each model's order of epoch `epoch` into the fixed buffer (host, between steps):
@@ -64,18 +63,7 @@ class SweepStep:
             self.new_epoch(epoch)
         n = min(self.batch_size, g.n_train - b * self.batch_size)  # this batch's rows
         self.state.ensure(step, g.opt.steps)
-        replay = self.graphs.get(n)
-        if replay is not None:
-            replay()
-        elif self.capturer is None:
-            self._body(n)
-        elif n not in self.warmed:
-            self.capturer.warmup(n, lambda: self._body(n))  # allocates the shape's buffers, compiles
-            self.warmed[n] = self.g.stack._workspace(n)  # the stack evicts old workspaces; the graph keeps this one
-        else:
-            replay = self.graphs[n] = self.capturer.capture(n, lambda: self._body(n))
-            self.captures += 1
-            replay()  # capturing records the step; this runs it
+        self._run_shape(n, self.g.stack._workspace)
         g.opt.steps += 1  # host mirrors of the device counters
         self.state.host_pos += 1
 

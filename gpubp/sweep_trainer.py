@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from .checkpoint import atomic_write, atomic_write_text, remove_temporaries, save_checkpoint
-from .config import dump_toml
+from .config import dump_toml, format_size
 from .errors import CheckpointError, DeviceRuntimeError, Interrupted, UsageError
 from .schedules import lr_at
 from .step import StepState
@@ -45,7 +45,6 @@ from .sweep_group import Group
 from .sweep_step import SweepStep, capture_note
 from .trainer import (
     RUN_FILES,
-    _bytes,
     catch_sigint,
     config_for_checkpoint,
     data_meta,
@@ -496,9 +495,9 @@ def _stack_oom(members: list, g) -> DeviceRuntimeError:
     total = count * (est["params"] + est["batch"] + est["eval"]) + len(g.unique_seeds) * est["data"]
     return DeviceRuntimeError(
         f"out of memory on {g.backend.describe()} training {count} models {g.stack.sizes} as one stack with "
-        f"train.batch_size = {cfg.train.batch_size}: they need about {_bytes(total)} together "
-        f"({_bytes(count * est['params'])} for parameters, gradients and optimizer state, "
-        f"{_bytes(count * est['batch'])} for one batch's activations); {fix}"
+        f"train.batch_size = {cfg.train.batch_size}: they need about {format_size(total)} together "
+        f"({format_size(count * est['params'])} for parameters, gradients and optimizer state, "
+        f"{format_size(count * est['batch'])} for one batch's activations); {fix}"
     )
 
 

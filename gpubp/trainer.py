@@ -48,7 +48,7 @@ from .checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from .config import Config, dump_toml, validate
+from .config import Config, dump_toml, format_size, validate
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -330,14 +330,6 @@ def memory_estimate(cfg: Config, sizes: list, batch: int, n_rows: int, backend) 
     }
 
 
-def _bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def out_of_memory(backend, cfg: Config, sizes: list, batch: int, n_rows: int) -> DeviceRuntimeError:
     """The error for running out of device memory; `batch`: the rows of a training batch
     (train.batch_size, or fewer when the training split is smaller)."""
@@ -345,9 +337,9 @@ def out_of_memory(backend, cfg: Config, sizes: list, batch: int, n_rows: int) ->
     smaller = f"e.g. {max(1, batch // 4)}" if batch > 1 else "or narrower model.hidden layers"
     return DeviceRuntimeError(
         f"out of memory on {backend.describe()} with train.batch_size = {cfg.train.batch_size} and model {sizes}: "
-        f"the run needs about {_bytes(sum(est.values()))} ({_bytes(est['batch'])} for one batch's activations, "
-        f"{_bytes(est['params'])} for parameters, gradients and optimizer state, {_bytes(est['data'])} for the data, "
-        f"{_bytes(est['eval'])} for evaluation); use a smaller train.batch_size ({smaller})"
+        f"the run needs about {format_size(sum(est.values()))} ({format_size(est['batch'])} for one batch's activations, "
+        f"{format_size(est['params'])} for parameters, gradients and optimizer state, {format_size(est['data'])} for the data, "
+        f"{format_size(est['eval'])} for evaluation); use a smaller train.batch_size ({smaller})"
     )
 
 

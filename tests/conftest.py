@@ -77,3 +77,14 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if "gpu" in item.keywords:
                     item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """Skips the test where no GPU can be used (the reason in the skip line); the GPU test
+    modules that need a backend object define their own `gpu`."""
+    from gpubp.backend import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)

@@ -18,15 +18,6 @@ from .test_step import BASE, CASES, assert_same_run
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    from gpubp.backend import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def run(case, graph: bool) -> T.Trainer:
     cfg = load_config(None, BASE + CASES[case] + [f"train.cuda_graph={str(graph).lower()}"])
     trainer = T.Trainer(cfg, None, device="gpu", quiet=True)

@@ -29,15 +29,6 @@ BIG = ["data.dataset=regression", "data.n_samples=20000", "data.n_features=64", 
        "train.eval_batch_size=512"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    from gpubp.backend import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def run(extra, graph: bool, chunk=None, monkeypatch=None) -> T.Trainer:
     if chunk is not None:
         monkeypatch.setattr(T, "stream_chunk", lambda *a, **k: chunk)

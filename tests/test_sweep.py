@@ -4,6 +4,7 @@ per-model checkpoints work with eval, predict and --resume."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -90,6 +91,25 @@ def _check_equal_to_single_runs(tmp_path, path, members_to_check=None):
         for key in ("test_loss", "test_accuracy", "val_loss", "train_loss", "best_step"):
             assert msum[key] == ssum[key], (m.index, key)
     return run, summary
+
+
+def ctrl_c_at(group: int, step: int):
+    """A stand-in for sweep_trainer.catch_sigint: Ctrl-C comes at step `step` of the
+    `group`-th group the sweep trains (both 1-based)."""
+    calls = {"n": 0}
+
+    @contextlib.contextmanager
+    def fake():
+        calls["n"] += 1
+        counter = {"step": 0}
+
+        def hit():
+            counter["step"] += 1
+            return calls["n"] == group and counter["step"] == step
+
+        yield hit
+
+    return fake
 
 
 def test_sgd_momentum_grid_lr_seed_wd_is_bitwise_the_single_runs(tmp_path):
@@ -267,8 +287,6 @@ def test_the_readme_sweep_runs_in_one_command_and_prints_its_table(tmp_path):
 
 
 def test_ctrl_c_saves_every_model_and_exits_130(tmp_path, monkeypatch):
-    import contextlib
-
     import gpubp.sweep_trainer as ST
 
     @contextlib.contextmanager
@@ -302,7 +320,6 @@ def test_ctrl_c_saves_every_model_and_exits_130(tmp_path, monkeypatch):
 
 
 def test_a_sweep_resumed_from_its_directory_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
-    import contextlib
 
     import gpubp.sweep_trainer as ST
 
@@ -311,20 +328,7 @@ def test_a_sweep_resumed_from_its_directory_ends_as_an_uninterrupted_one(tmp_pat
     whole = str(tmp_path / "whole")
     SweepTrainer(load_config(path), whole, device="cpu", quiet=True).train()
     # the same sweep, stopped by Ctrl-C at step 120 of the second group (after a divergence in both)
-    calls = {"n": 0}
-
-    @contextlib.contextmanager
-    def ctrl_c_at_step_120_of_group_2():
-        calls["n"] += 1
-        counter = {"step": 0}
-
-        def hit():
-            counter["step"] += 1
-            return calls["n"] == 2 and counter["step"] == 120
-
-        yield hit
-
-    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at_step_120_of_group_2)
+    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at(2, 120))
     run = str(tmp_path / "run")
     runner = CliRunner()
     r = runner.invoke(main, ["train", "--config", path, "--out", run, "--quiet"])

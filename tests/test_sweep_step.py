@@ -25,6 +25,8 @@ from gpubp.checkpoint import load_checkpoint
 from gpubp.config import load_config
 from gpubp.sweep_trainer import SweepTrainer, model_dir
 
+from .test_sweep import ctrl_c_at
+
 # digits, 200 steps of 32 rows, warmup + cosine; 1077 training rows: 34 steps an epoch,
 # the last of 21 rows (two batch shapes)
 BASE = """
@@ -242,7 +244,6 @@ def test_a_captured_sweep_resumed_mid_epoch_ends_as_the_plain_uninterrupted_one(
     """Two shape groups (each its own captured step), a diverging member in each, Ctrl-C
     at step 120 of the second group (mid-epoch), --resume with a fresh capture: the same
     bits as the plain sweep that ran through."""
-    import contextlib
 
     import gpubp.sweep_trainer as ST
     from gpubp.errors import Interrupted
@@ -253,20 +254,7 @@ def test_a_captured_sweep_resumed_mid_epoch_ends_as_the_plain_uninterrupted_one(
                     '"model.hidden" = [[8], [12]]\n')  # fmt: skip
     whole = str(tmp_path / "whole")
     SweepTrainer(load_config(str(path)), whole, device="cpu", quiet=True).train()
-    calls = {"n": 0}
-
-    @contextlib.contextmanager
-    def ctrl_c_at_step_120_of_group_2():
-        calls["n"] += 1
-        counter = {"step": 0}
-
-        def hit():
-            counter["step"] += 1
-            return calls["n"] == 2 and counter["step"] == 120
-
-        yield hit
-
-    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at_step_120_of_group_2)
+    monkeypatch.setattr(ST, "catch_sigint", ctrl_c_at(2, 120))
     run = str(tmp_path / "run")
     rec = RecordingBackend()
     with pytest.raises(Interrupted):

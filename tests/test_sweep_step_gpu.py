@@ -16,15 +16,6 @@ from .test_sweep_step import CASES, _sweep, assert_same_sweep
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu():
-    from gpubp.backend import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_graph_sweep_equals_the_plain_sweep_bitwise(gpu, tmp_path, case):
     """200 steps, two batch shapes; grid lr x seed x wd (SGD-momentum, AdamW), warmup +
