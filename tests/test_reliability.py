@@ -17,7 +17,7 @@ import pytest
 
 import gpubp.trainer as T
 from gpubp.checkpoint import load_checkpoint
-from gpubp.config import load_config
+from gpubp.config import format_size, load_config
 from gpubp.data import epoch_permutation
 from gpubp.errors import DeviceRuntimeError, Interrupted, TrainingError
 from gpubp.model import MLP
@@ -283,7 +283,7 @@ def test_out_of_memory_names_batch_size_and_memory_needed(tmp_path, monkeypatch)
     est = T.memory_estimate(t.cfg, t.model.sizes, 64, 300, t.run.backend)
     assert str(e.value).startswith(
         f"out of memory on cpu (NumPy {np.__version__}) with train.batch_size = 64 and model [2, 8, 3]: "
-        f"the run needs about {T._bytes(sum(est.values()))} ("
+        f"the run needs about {format_size(sum(est.values()))} ("
     )
     assert str(e.value).endswith("use a smaller train.batch_size (e.g. 16)")
     assert e.value.exit_code == 1
