@@ -280,3 +280,25 @@ def test_the_cublas_workspace_goes_through_ctypes_as_its_c_signature_says():
     assert cublas_set_workspace(1, 2, 3, object()) == "libcublas has no cublasSetWorkspace_v2"
     # this machine has no libcublas loaded: a reason, not an error
     assert isinstance(cublas_set_workspace(1, 2, 3), (str, type(None)))
+
+
+def test_reductions_reuse_their_working_buffers():
+    """Partial sums (sum_squares, the loss's mean) are made once per shape and kept: a
+    step allocates nothing, and a captured step's kernels write where the graph recorded.
+    CuPy stand-in: empty() is counted, the kernels are no-ops."""
+    from gpubp.backend import cupy_backend
+
+    made = []
+
+    class FakeCupy:
+        def empty(self, shape, dtype):
+            made.append((shape, np.dtype(dtype)))
+            return np.empty(shape, dtype)
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cupy = FakeCupy()
+    be._function = lambda name, dtype: lambda grid, block, args: None
+    out = np.empty((), np.float32)
+    for n in (100_000, 100_000, 100_000, 7):
+        be._sum(np.ones(n, np.float32), True, 1, out, "sum_partial", "sum_finish", np.float32)
+    assert len(made) == 2  # one buffer per partial-sum shape, not one per call

@@ -197,6 +197,18 @@ class CupyBackend:
     def zeros(self, shape, dtype):
         return self._cupy.zeros(shape, dtype=dtype)
 
+    def _scratch(self, name: str, shape, dtype):
+        """A working buffer an op fills and reads before it returns (partial sums, row
+        losses), made once per (name, shape, dtype) and kept: a step allocates nothing, and
+        a captured step's kernels keep writing where the graph recorded. Ops run in order on
+        one stream, so one buffer serves every call of that op."""
+        key = (name, tuple(shape) if isinstance(shape, tuple) else (int(shape),), np.dtype(dtype))
+        cache = self.__dict__.setdefault("_scratches", {})
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = self._cupy.empty(key[1], dtype=key[2])
+        return buf
+
     def synchronize(self) -> None:
         self._cupy.cuda.get_current_stream().synchronize()
 
@@ -418,7 +430,7 @@ class CupyBackend:
         tiles = math.ceil(m / 32)
         chunks = max(1, min(BIAS_GRAD_MAX_CHUNKS, math.ceil(1024 / tiles), n // 256))
         rows_per_chunk = math.ceil(n / chunks)
-        partial = out if chunks == 1 else self._cupy.empty((chunks, m), dtype=out.dtype)
+        partial = out if chunks == 1 else self._scratch("bias_grad", (chunks, m), out.dtype)
         self._function("bias_grad_partial", dtype)(
             (tiles, chunks), (32, 8), (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk))
         )
@@ -432,7 +444,7 @@ class CupyBackend:
         """out (0-d) = sum of x (or x^2) / divisor, in two deterministic passes."""
         n = x.size
         blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))  # a function of n only
-        partial = self._cupy.empty(blocks, dtype=acc_dtype)
+        partial = self._scratch("sum", blocks, acc_dtype)
         self._function(partial_kernel, x.dtype)((blocks,), (BLOCK,), (x, np.int64(n), np.int32(square), partial))
         self._function(finish_kernel, x.dtype)(
             (1,), (1024,), (partial, np.int32(blocks), out, np.dtype(acc_dtype).type(divisor))
@@ -474,7 +486,7 @@ class CupyBackend:
         if n == 0:
             out.fill(np.nan)
             return out
-        row_loss = self._cupy.empty(n, dtype=mt)
+        row_loss = self._scratch("loss_rows", n, mt)
         warps_per_block = BLOCK // 32
         args = (x, labels, targets, grad if grad is not None else x, np.int32(grad is not None), row_loss,
                 np.int32(n), np.int32(c),
@@ -496,7 +508,7 @@ class CupyBackend:
         out = self._cupy.zeros((), dtype=np.int64)
         if n == 0:
             return out
-        correct = self._cupy.empty(n, dtype=np.int32)
+        correct = self._scratch("accuracy_rows", n, np.int32)
         self._function("accuracy_rows", dtype)(
             (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), _math(dtype).type(threshold))
         )
@@ -719,7 +731,7 @@ class CupyBackend:
         else:
             labels, targets = self._unit_scale(np.int32), rows
         divisor = n if labels_kind else n * c
-        row_loss = self._cupy.empty(count * n, dtype=dtype)
+        row_loss = self._scratch("loss_rows", count * n, dtype)
         x2 = x.reshape(-1, c)
         g2 = grad.reshape(-1, c) if grad is not None else x2
         self._check("loss_forward_backward_batched", dtype, x=x2, grad=g2)
@@ -741,7 +753,7 @@ class CupyBackend:
         """Rows classified right per model (M,) int64."""
         count, n, c = x.shape
         lab = self._stack_rows(labels, count)
-        correct = self._cupy.empty(count * n, dtype=np.int32)
+        correct = self._scratch("accuracy_rows", count * n, np.int32)
         self._function("accuracy_rows", x.dtype)(
             (self._blocks(count * n),), (BLOCK,),
             (x.reshape(-1, c), lab, correct, np.int32(count * n), np.int32(c), x.dtype.type(threshold)),
