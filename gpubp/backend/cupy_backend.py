@@ -169,7 +169,6 @@ class CupyBackend:
         self._modules: dict[str, object] = {}
         self._functions: dict[str, object] = {}
         self._kernel_file = {n: f for f in K.KERNEL_FILES for n in K.kernel_names(f)}
-        self._unit: dict = {}  # dtype -> device scalar 1 (the default gradient scale)
         self._no_skip = cupy.zeros((), dtype=np.bool_)  # the update's skip flag when none is given
         # host scalars for cuBLAS (pointer mode host): the raw bindings take alpha and beta
         # as host *addresses* (size_t), so each value lives in a NumPy array kept alive here
@@ -197,17 +196,22 @@ class CupyBackend:
     def zeros(self, shape, dtype):
         return self._cupy.zeros(shape, dtype=dtype)
 
-    def _scratch(self, name: str, shape, dtype):
-        """A working buffer an op fills and reads before it returns (partial sums, row
-        losses), made once per (name, shape, dtype) and kept: a step allocates nothing, and
-        a captured step's kernels keep writing where the graph recorded. Ops run in order on
-        one stream, so one buffer serves every call of that op."""
-        key = (name, tuple(shape) if isinstance(shape, tuple) else (int(shape),), np.dtype(dtype))
-        cache = self.__dict__.setdefault("_scratches", {})
+    def _kept(self, key, make):
+        """The device array cached under `key`, made by make() on first use and kept: the
+        backend's constants and working buffers (a step allocates nothing, and a captured
+        step's kernels keep reading and writing where the graph recorded)."""
+        cache = self.__dict__.setdefault("_kept_arrays", {})
         buf = cache.get(key)
         if buf is None:
-            buf = cache[key] = self._cupy.empty(key[1], dtype=key[2])
+            buf = cache[key] = make()
         return buf
+
+    def _scratch(self, name: str, shape, dtype):
+        """A working buffer an op fills and reads before it returns (partial sums, row
+        losses), one per (name, shape, dtype). Ops run in order on one stream, so one
+        buffer serves every call of that op."""
+        shape = tuple(shape) if isinstance(shape, tuple) else (int(shape),)
+        return self._kept(("scratch", name, shape, np.dtype(dtype)), lambda: self._cupy.empty(shape, dtype=dtype))
 
     def synchronize(self) -> None:
         self._cupy.cuda.get_current_stream().synchronize()
@@ -279,10 +283,8 @@ class CupyBackend:
                 raise ValueError(f"{op}: {name} must be C-contiguous")
 
     def _unit_scale(self, dtype):
-        one = self._unit.get(np.dtype(dtype))
-        if one is None:
-            one = self._unit[np.dtype(dtype)] = self._cupy.ones((), dtype=dtype)
-        return one
+        """A device scalar 1 of `dtype` (the default gradient scale)."""
+        return self._constant(1, (), dtype)
 
     def _skip_flag(self, skip):
         """A device bool scalar: the caller's flag, or a cached False."""
@@ -697,12 +699,10 @@ class CupyBackend:
         return out
 
     def _constant(self, value: float, shape: tuple, dtype):
-        """A cached device array filled with `value` (the zero bias, the ones row)."""
-        cache = self.__dict__.setdefault("_stack_constants", {})
-        key = (value, shape, np.dtype(dtype))
-        if key not in cache:
-            cache[key] = self._cupy.full(shape, value, dtype=dtype)
-        return cache[key]
+        """A cached device array filled with `value` (the unit scale, the zero bias, the ones row)."""
+        return self._kept(
+            ("constant", value, shape, np.dtype(dtype)), lambda: self._cupy.full(shape, value, dtype=dtype)
+        )
 
     def bias_grad_batched(self, d, out):
         """out[i] = 1^T d[i] (M, n): one strided-batched GEMM with a shared ones row."""
