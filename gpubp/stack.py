@@ -308,6 +308,7 @@ class StackOptimizer:
 
     state_names: tuple[str, ...] = ()
     vector_names: tuple[str, ...] = ("lr",)
+    bias_corrected = False  # Adam: vectors from rate_rows and count_rows (backend.update_vectors)
 
     def __init__(self, stack: MLPStack, lr):
         self.stack = stack
@@ -340,6 +341,18 @@ class StackOptimizer:
         """(n_vectors, M) float64: what update number t (1-based) reads, lr (M,) the models'
         learning rates; computed with the Python-float arithmetic of numpy_ops (the same bits)."""
         return np.array([[float(x) for x in lr]])
+
+    def rate_rows(self, lr) -> np.ndarray:
+        """(2, M) float64, what a step's vectors take from its learning rates lr (M,) (the
+        schedule's, by step): lr and 1 - lr wd (Python floats, as step_vectors)."""
+        wd = getattr(self, "weight_decay", np.zeros(len(lr))).tolist()
+        lr = [float(x) for x in lr]
+        return np.array([lr, [1.0 - lr[i] * wd[i] for i in range(len(lr))]])
+
+    def count_rows(self, t: int) -> np.ndarray:
+        """(2, M) float64, what update number t (1-based) takes from t: Adam's 1 - b1^t and
+        sqrt(1 - b2^t); ones for SGD (its vectors do not depend on t)."""
+        return np.ones((2, self.stack.count))
 
     def step(self, grads=None, grad_scale=None, skip=None) -> None:
         """Update every model (grads: the stack's own gradient views, or None); grad_scale
@@ -430,6 +443,7 @@ class StackAdam(StackOptimizer):
     state_names = ("exp_avg", "exp_avg_sq")
     vector_names = ("lr_decay", "step_size", "bias2_sqrt")
     decoupled = False
+    bias_corrected = True
 
     def __init__(self, stack, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(stack, lr)
@@ -451,12 +465,16 @@ class StackAdam(StackOptimizer):
 
     def step_vectors(self, t: int, lr) -> np.ndarray:
         """Rows lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t):
-        per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits)."""
-        lr, b1, b2, wd = [float(x) for x in lr], self.beta1.tolist(), self.beta2.tolist(), self.weight_decay.tolist()
-        step_size = [lr[i] / (1.0 - b1[i] ** t) for i in range(len(lr))]
-        bias2_sqrt = [math.sqrt(1.0 - b2[i] ** t) for i in range(len(lr))]
-        lr_decay = [1.0 - lr[i] * wd[i] for i in range(len(lr))]
-        return np.array([lr_decay, step_size, bias2_sqrt])
+        per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits: float64
+        division is IEEE's, in NumPy as in Python). numpy_ops.update_vectors forms the same
+        rows on the device from rate_rows (by step) and count_rows (by update)."""
+        rates, counts = self.rate_rows(lr), self.count_rows(t)
+        return np.array([rates[1], rates[0] / counts[0], counts[1]])
+
+    def count_rows(self, t: int) -> np.ndarray:
+        """(2, M) float64: 1 - b1^t and sqrt(1 - b2^t) for update number t (Python floats)."""
+        b1, b2 = self.beta1.tolist(), self.beta2.tolist()
+        return np.array([[1.0 - b ** t for b in b1], [math.sqrt(1.0 - b ** t) for b in b2]])
 
     def _update(self, p, g, scale, skip, rows):
         vec = self.vectors

@@ -4,6 +4,7 @@
     gather     idx = perm[offset : offset + n];  x, y = rows idx     (index_window, gather_rows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
+    (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip)                               reads vectors, first
     advance    running_loss += loss;  pos += 1
 
@@ -17,6 +18,18 @@ batch shape and replayed: a CUDA graph on the GPU (`CupyBackend.graph_capturer`)
 recording of the op calls in the CPU tests (gpubp/backend/recording.py). The host
 keeps a mirror of the counter (it knows which step comes next) and only ever writes
 the tables, the counter and the epoch's order between steps.
+
+Steps and updates: the schedule's learning rate follows the step; Adam's bias
+corrections and SGD's first momentum step follow the optimizer's updates. They are the
+same count unless a step is skipped and the run goes on, which only fp16's loss scaling
+does (a non-finite scaled gradient: no update, the scale halved, as torch.amp.GradScaler
+skips optimizer.step() while the LR scheduler still steps). So an fp16 run counts the
+updates on the device (`StepState.count_updates`): a counter `updates` that the step
+advances when its guard did not skip, per-step rates (lr, 1 - lr wd) by `pos`, and per-update
+corrections (1 - b1^t, sqrt(1 - b2^t)) by `updates - t0`, from which `update_vectors`
+forms the optimizer's numbers after the guard (lr / (1 - b1^t) divided in float64 and
+rounded once: the bits of the host's Python floats). Other precisions skip a step only
+once the run has diverged (it then stops), and read precomputed vectors by `pos`.
 """
 
 from __future__ import annotations
@@ -49,30 +62,69 @@ class StepState:
         self.step = backend.zeros((), np.int64)  # that step's index, for the guard
         self.offset = backend.zeros((), np.int64)  # where its batch starts in the epoch's order
         self.base, self.rows, self.host_pos = 0, 0, -1  # host mirror: row 0's step, valid rows, pos
+        self.counted = False  # count_updates() sets it
+
+    def count_updates(self) -> None:
+        """Count the updates taken on the device (fp16: a skipped step takes none and the run
+        goes on). Tables, K rows:
+            rates  (K, 2, M) float64  opt.rate_rows(lr of step base + r)   by pos
+            counts (K, 2, M) float64  opt.count_rows(t0 + 1 + r)           by updates - t0
+        and 0-d int64 `updates` (updates taken; the host's opt.steps at the start) and `t0`
+        (the updates taken when the tables were written: one device read per upload)."""
+        be, k, m = self.backend, self.first.shape[0], self.opt.vectors.shape[1]
+        self.rates = be.zeros((k, 2, m), np.float64)
+        self.counts = be.zeros((k, 2, m), np.float64)
+        self.updates = be.zeros((), np.int64)
+        self.updates[...] = int(self.opt.steps)
+        self.t0 = be.zeros((), np.int64)
+        self.counted, self.host_pos = True, -1  # the next ensure() uploads
+
+    def updates_taken(self) -> int:
+        """The optimizer's updates so far; counted: one device read, also kept in opt.steps."""
+        if self.counted:
+            self.opt.steps = int(self.backend.to_float(self.updates))
+        return self.opt.steps
 
     def ensure(self, step: int, updates: int) -> None:
         """Make step `step` the next one the device reads (host side, between steps):
         nothing when it already is, else tables for steps step.. are uploaded. `updates`:
-        the optimizer's updates so far (the next one is number updates + 1)."""
+        the optimizer's updates so far (the next one is number updates + 1); counted, the
+        device's count is read instead."""
         if self.host_pos >= 0 and self.base + self.host_pos == step and self.host_pos < self.rows:
             return
         k = min(self.first.shape[0], self.total_steps - step)
-        vectors = np.stack([self.opt.step_vectors(updates + 1 + j, self.lrs(step + j)) for j in range(k)])
         be = self.backend
-        self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
-        self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
+        if self.counted:  # at most k updates in k steps: counts for t = updates + 1 .. updates + k
+            updates = self.updates_taken()
+            rates = np.stack([self.opt.rate_rows(self.lrs(step + j)) for j in range(k)])
+            self.rates[:k] = be.asarray(rates)
+            self.counts[:k] = be.asarray(np.stack([self.opt.count_rows(updates + 1 + j) for j in range(k)]))
+            self.t0[...] = updates
+        else:
+            vectors = np.stack([self.opt.step_vectors(updates + 1 + j, self.lrs(step + j)) for j in range(k)])
+            self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
+            self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
         self.steps[:k] = be.asarray(np.arange(step, step + k, dtype=np.int64))
         self.offsets[:k] = be.asarray(np.array([self.offset_of(step + j) for j in range(k)], dtype=np.int64))
         self.pos[...] = 0
         self.base, self.rows, self.host_pos = step, k, 0
 
     def select(self) -> None:
-        """On the device: this step's row of every table into the buffers the ops read."""
+        """On the device: this step's row of every table into the buffers the ops read
+        (counted: the optimizer's numbers come after the guard, from `count`)."""
         be = self.backend
-        be.select_row(self.vectors, self.pos, out=self.opt.vectors)
-        be.select_row(self.first, self.pos, out=self.opt.first_step)
+        if not self.counted:
+            be.select_row(self.vectors, self.pos, out=self.opt.vectors)
+            be.select_row(self.first, self.pos, out=self.opt.first_step)
         be.select_row(self.steps, self.pos, out=self.step)
         be.select_row(self.offsets, self.pos, out=self.offset)
+
+    def count(self, skip) -> None:
+        """On the device, after the guard (counted only): the update's numbers from this
+        step's rates and the next update's counts, then updates += 1 unless `skip`."""
+        if self.counted:
+            self.backend.update_vectors(self.rates, self.pos, self.counts, self.t0, self.updates, skip,
+                                        self.opt.vectors, self.opt.first_step, self.opt.bias_corrected)  # fmt: skip
 
     def advance(self) -> None:
         """On the device: pos += 1 (the host mirror follows in Step.run)."""
@@ -127,6 +179,8 @@ class Step(ShapeGraphs):
         self.train, self.batch_size, self.n_train, self.clip = train, int(batch_size), int(n_train), float(clip)
         self.state, self.buffer, self.dist, self.interrupted = state, buffer, dist, interrupted
         self.backend = be = model.backend
+        if guard.loss_scale is not None:  # fp16: a skipped step is no update (see the module docstring)
+            state.count_updates()
         self._init_shapes(None if host_batch else capturer)
         self.host_batch = host_batch
         self.steps_per_epoch = -(-self.n_train // self.batch_size)
@@ -167,9 +221,15 @@ class Step(ShapeGraphs):
                 self.train.ready(step)  # its batch's chunks resident, the next one on its way
             self._run_shape(n, self.model._workspace)
             stop = self.interrupted()
-        self.opt.steps += 1  # host mirrors of the device counters
+        if not self.state.counted:  # host mirrors of the device counters (counted: read at uploads, sync_updates)
+            self.opt.steps += 1
         self.state.host_pos += 1
         return stop
+
+    def sync_updates(self) -> int:
+        """The optimizer's updates so far into opt.steps (an fp16 run: one device read), e.g.
+        before a checkpoint records them."""
+        return self.state.updates_taken()
 
     def _body(self, n: int) -> None:
         """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
@@ -187,6 +247,7 @@ class Step(ShapeGraphs):
         """guard + clip, update, running loss, advance."""
         be, st = self.backend, self.state
         self.guard.check(st.step, loss, be.sum_squares(self.model.flat_grads, out=self.grad_sq), self.clip)
+        st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip)
         be.xp.add(self.running, loss, out=self.running)
         st.advance()

@@ -691,6 +691,8 @@ class Trainer:
 
     def checkpoint(self) -> tuple[dict, dict]:
         """(meta, arrays) of the current state: what `save` writes."""
+        if getattr(self, "step_fn", None) is not None:
+            self.step_fn.sync_updates()  # fp16 counts the updates taken on the device
         arrays = checkpoint_arrays(self.run, self.opt)
         arrays["params"] = np.array(arrays["params"])  # a copy: NumPy's to_numpy is a view of the live buffer
         arrays["train.running_loss"] = np.array(self.run.backend.to_numpy(self.running_loss))

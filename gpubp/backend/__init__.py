@@ -40,6 +40,7 @@ class NumpyBackend:
     gather_rows = staticmethod(numpy_ops.gather_rows)
     select_row = staticmethod(numpy_ops.select_row)
     index_window = staticmethod(numpy_ops.index_window)
+    update_vectors = staticmethod(numpy_ops.update_vectors)
     # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
     gemm_batched = staticmethod(numpy_stacked.gemm_batched)
     bias_act_forward_batched = staticmethod(numpy_stacked.bias_act_forward_batched)

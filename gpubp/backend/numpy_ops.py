@@ -545,6 +545,37 @@ def select_row(table, pos, out):
     return out
 
 
+def update_vectors(rates, pos, counts, t0, updates, skip, vectors, first_step, bias_corrected):
+    """This update's optimizer numbers from two device counters (fp16, where a skipped step
+    takes no update and the run goes on: the schedule follows the steps, Adam's bias
+    corrections and SGD's first momentum step the updates taken, as with GradScaler).
+
+    rates  (K, 2, M) float64   per step: lr, 1 - lr wd (the host's Python floats)
+    counts (K, 2, M) float64   per update t = t0 + 1 + r: 1 - b1^t, sqrt(1 - b2^t)
+    pos, t0, updates: 0-d int64 (the step's row; the table's first update - 1; updates taken)
+    skip: 0-d bool, this step's verdict (the guard's); vectors (R, M, 1), first_step 0-d bool
+
+        lr, decay = rates[pos]               this step's
+        c1, c2    = counts[updates - t0]      update t = updates + 1
+        Adam (R = 3): vectors = [decay, lr / c1, c2]     SGD (R = 1): vectors = [lr]
+        first_step = updates == 0
+        updates   += 1 unless skip
+
+    lr / c1 is divided in float64 and then rounded once to vectors' dtype, as the host's
+    Python floats are stored (StackAdam.step_vectors): the same bits."""
+    lr, decay = rates[int(pos)]
+    u = int(updates)
+    if bias_corrected:
+        c1, c2 = counts[u - int(t0)]
+        for r, value in enumerate((decay, lr / c1, c2)):
+            vectors[r, :, 0] = value  # float64 -> vectors' dtype: rounded to nearest even
+    else:
+        vectors[0, :, 0] = lr
+    first_step[...] = u == 0
+    if not skip:
+        updates[...] = u + 1
+
+
 def index_window(perm, start, out):
     """out[i] = perm[start + i], i < N: a batch's row indices from the epoch's order.
     perm: (n,) integers; start: 0-d int64 array; out: (N,) of perm's dtype."""

@@ -31,7 +31,7 @@ OPS = (
     "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
-    "cast", "add", "step_guard_scaled", "index_window_batched",
+    "cast", "add", "step_guard_scaled", "index_window_batched", "update_vectors",
 )  # fmt: skip
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
@@ -77,7 +77,7 @@ class RecordingBackend:
                     raise CaptureError(f"{name} returns a new array inside a captured step: pass out=")
                 self.recording.append((fn, args, kwargs))
                 return out
-            if name.startswith(("sgd_step", "adam_step", "step_guard")):  # in place, nothing returned
+            if name.startswith(("sgd_step", "adam_step", "step_guard", "update_vectors")):  # in place, nothing returned
                 self.recording.append((fn, args, kwargs))
                 return None
             raise CaptureError(f"{name} returns a new array inside a captured step")
