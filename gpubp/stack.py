@@ -474,7 +474,7 @@ class StackAdam(StackOptimizer):
     def count_rows(self, t: int) -> np.ndarray:
         """(2, M) float64: 1 - b1^t and sqrt(1 - b2^t) for update number t (Python floats)."""
         b1, b2 = self.beta1.tolist(), self.beta2.tolist()
-        return np.array([[1.0 - b ** t for b in b1], [math.sqrt(1.0 - b ** t) for b in b2]])
+        return np.array([[1.0 - b**t for b in b1], [math.sqrt(1.0 - b**t) for b in b2]])
 
     def _update(self, p, g, scale, skip, rows):
         vec = self.vectors

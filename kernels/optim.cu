@@ -71,6 +71,42 @@ __device__ void step_guard(const T* loss, const T* grad_sq, const long long* ste
   }
 }
 
+// This update's optimizer numbers from two device counters (fp16: the schedule follows the
+// steps, Adam's bias corrections and SGD's first momentum step the updates taken). One block;
+// its threads run over the m models, then thread 0 moves the counter (after every thread
+// has read it). rates (K, 2, m), counts (K, 2, m): double, row-major.
+//   lr = rates[pos][0][i], decay = rates[pos][1][i]          this step's (the host's doubles)
+//   c1 = counts[u - t0][0][i] = 1 - b1^t, c2 = counts[u - t0][1][i] = sqrt(1 - b2^t), t = u + 1
+//   bias_corrected (Adam): vectors = (T) {decay, lr / c1, c2}     else (SGD): vectors = (T) {lr}
+//   first_step = u == 0;  updates = u + 1 unless skip
+// lr / c1 is an IEEE double division (correctly rounded, as the host's), then one rounding
+// to T (cvt.rn to float): the bits of the host's Python floats stored as T. (CuPy's -ftz=true
+// would flush a float32 subnormal result, a rate below 2^-126, to zero; the host would keep it.)
+// See numpy_ops.update_vectors, the reference.
+template <typename T>
+__device__ void update_vectors(const double* rates, const long long* pos, const double* counts, const long long* t0,
+                               long long* updates, const bool* skip, long long m, int bias_corrected, T* vectors,
+                               bool* first_step) {
+  if (blockIdx.x != 0) return;
+  const long long u = updates[0];
+  const double* rate = rates + pos[0] * 2 * m;
+  const double* count = counts + (u - t0[0]) * 2 * m;
+  for (long long i = threadIdx.x; i < m; i += blockDim.x) {
+    if (bias_corrected) {
+      vectors[i] = (T)rate[m + i];
+      vectors[m + i] = (T)(rate[i] / count[i]);
+      vectors[2 * m + i] = (T)count[m + i];
+    } else {
+      vectors[i] = (T)rate[i];
+    }
+  }
+  __syncthreads();  // every thread has read updates[0]
+  if (threadIdx.x == 0) {
+    first_step[0] = u == 0;
+    if (!skip[0]) updates[0] = u + 1;
+  }
+}
+
 #define OPTIM_KERNELS(T, S)                                                                                     \
   extern "C" __global__ void sgd_step_##S(T* p, const T* g, T* buf, long long n, T lr, T momentum,              \
                                            T one_minus_dampening, int nesterov, T weight_decay, int first_step, \
@@ -88,6 +124,11 @@ __device__ void step_guard(const T* loss, const T* grad_sq, const long long* ste
   extern "C" __global__ void step_guard_##S(const T* loss, const T* grad_sq, const long long* step, T max_norm, \
                                              long long* first_bad, bool* skip, T* norm, T* scale) {             \
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
+  }                                                                                                             \
+  extern "C" __global__ void update_vectors_##S(const double* rates, const long long* pos, const double* counts, \
+                                                 const long long* t0, long long* updates, const bool* skip,     \
+                                                 long long m, int bias_corrected, T* vectors, bool* first_step) { \
+    update_vectors<T>(rates, pos, counts, t0, updates, skip, m, bias_corrected, vectors, first_step);           \
   }
 FOR_FLOAT_TYPES(OPTIM_KERNELS)
 

@@ -28,7 +28,7 @@ from ..losses import Loss
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum_partial",
-    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step", "step_guard",
+    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step", "step_guard", "update_vectors",
 )  # fmt: skip
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
@@ -644,6 +644,27 @@ class CupyBackend:
             raise TypeError("index_window: perm and out share an integer dtype; start is one int64")
         self._stacked_kernel("window")(perm, start, out)
         return out
+
+    def update_vectors(self, rates, pos, counts, t0, updates, skip, vectors, first_step, bias_corrected):
+        """The update's numbers from the counters, and updates += !skip, in one launch (one
+        block over the M models); see numpy_ops.update_vectors."""
+        dtype = vectors.dtype
+        self._check("update_vectors", np.float64, rates=rates, counts=counts)
+        self._check("update_vectors", np.int64, pos=pos, t0=t0, updates=updates)
+        self._check("update_vectors", np.bool_, skip=skip, first_step=first_step)
+        self._check("update_vectors", dtype, vectors=vectors)
+        m = vectors.shape[1] if vectors.ndim == 3 else -1
+        rows = 3 if bias_corrected else 1
+        if vectors.shape != (rows, m, 1) or rates.ndim != 3 or rates.shape[1:] != (2, m) or counts.shape[1:] != (2, m):
+            raise ValueError(f"update_vectors: vectors {vectors.shape} must be ({rows}, M, 1), rates {rates.shape} "
+                             f"and counts {counts.shape} (K, 2, M)")  # fmt: skip
+        for name, a in (("pos", pos), ("t0", t0), ("updates", updates), ("skip", skip), ("first_step", first_step)):
+            if a.size != 1:
+                raise ValueError(f"update_vectors: {name} must hold one value, has {a.size}")
+        self._function("update_vectors", dtype)(
+            (1,), (32,), (rates, pos, counts, t0, updates, skip, np.int64(m), np.int32(bool(bias_corrected)), vectors,
+                          first_step),
+        )  # fmt: skip
 
     def graph_capturer(self):
         """What gpubp/step.py captures the training step with: CUDA graphs. A new one per
