@@ -302,3 +302,47 @@ def test_reductions_reuse_their_working_buffers():
     for n in (100_000, 100_000, 100_000, 7):
         be._sum(np.ones(n, np.float32), True, 1, out, "sum_partial", "sum_finish", np.float32)
     assert len(made) == 2  # one buffer per partial-sum shape, not one per call
+
+
+@pytest.mark.parametrize("bias_corrected", [True, False])
+def test_update_vectors_launch_matches_the_kernel_signature(bias_corrected):
+    """The launcher hands update_vectors_f32 its arguments in the order and types of the
+    kernel's C parameters (kernels/optim.cu), read from the source: each pointer gets
+    the array of that name and C type, m the models' count as int64, the flag an int32
+    (a swapped pair would pass the NVRTC compile and be caught only on a GPU). CuPy
+    stand-in: NumPy arrays, no launch."""
+    import re
+
+    from gpubp import kernels
+    from gpubp.backend import cupy_backend
+
+    source = kernels.read_source("optim.cu")
+    params = re.search(r"__device__ void update_vectors\(([^)]*)\)", source).group(1)
+    c_params = [re.match(r"\s*(.*?)\s*(\w+)$", p).groups() for p in params.split(",")]
+    launched = []
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cupy = type("FakeCupy", (), {"ndarray": np.ndarray})()
+    be._function = lambda name, dtype: lambda grid, block, args: launched.append((name, dtype, grid, block, args))
+    m, k = 4, 6
+    rng = np.random.default_rng(1)
+    given = {
+        "rates": rng.uniform(0.01, 1, (k, 2, m)), "pos": np.asarray(3, np.int64),
+        "counts": rng.uniform(0.1, 1, (k, 2, m)), "t0": np.asarray(7, np.int64), "updates": np.asarray(9, np.int64),
+        "skip": np.asarray(False), "vectors": np.zeros((3 if bias_corrected else 1, m, 1), np.float32),
+        "first_step": np.asarray(True),
+    }  # fmt: skip
+    be.update_vectors(**given, bias_corrected=bias_corrected)
+    ((name, dtype, grid, block, args),) = launched
+    assert name == "update_vectors" and np.dtype(dtype) == np.float32 and grid == (1,)
+    assert [n for _, n in c_params] == ["rates", "pos", "counts", "t0", "updates", "skip", "m", "bias_corrected",
+                                         "vectors", "first_step"]  # fmt: skip
+    c_types = {"const double*": np.float64, "const long long*": np.int64, "long long*": np.int64,
+               "const bool*": np.bool_, "bool*": np.bool_, "T*": np.float32}  # fmt: skip
+    assert len(args) == len(c_params)
+    for (c_type, pname), arg in zip(c_params, args):
+        if c_type == "long long":
+            assert isinstance(arg, np.int64) and arg == m, pname
+        elif c_type == "int":
+            assert isinstance(arg, np.int32) and arg == int(bias_corrected), pname
+        else:
+            assert arg is given[pname] and arg.dtype == c_types[c_type], pname

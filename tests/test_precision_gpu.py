@@ -183,6 +183,37 @@ def test_step_guard_scaled_matches_the_reference(gpu):
             assert np.array_equal(cg, c, equal_nan=True), (step, c, cg)
 
 
+@pytest.mark.parametrize("bias_corrected", [True, False])
+def test_update_vectors_matches_the_reference_bitwise(gpu, bias_corrected):
+    """The update's numbers from the counters (fp16's skipped steps): lr / (1 - b1^t)
+    divided in double and rounded once, the other rows rounded once: the same bits as
+    the NumPy reference, the same first-update flag (no update yet at the start) and
+    the same counter moves (skip every third step)."""
+    rng = np.random.default_rng(8)
+    k, m = 9, 37  # more models than the kernel's 32 threads
+    rates = np.stack([rng.uniform(1e-6, 0.9, (2, m)) for _ in range(k)])
+    counts = np.stack([rng.uniform(1e-3, 1.0, (2, m)) for _ in range(k)])
+    rows = 3 if bias_corrected else 1
+    host = {"pos": np.zeros((), np.int64), "t0": np.asarray(0, np.int64), "updates": np.asarray(0, np.int64)}
+    dev = {name: gpu.zeros((), np.int64) for name in host}
+    for name, a in host.items():
+        dev[name][...] = int(a)
+    skip_g = gpu.zeros((), np.bool_)
+    vc, fc = np.zeros((rows, m, 1), np.float32), np.ones((), np.bool_)
+    vg, fg = gpu.zeros((rows, m, 1), np.float32), gpu.zeros((), np.bool_)
+    rates_g, counts_g = gpu.asarray(rates), gpu.asarray(counts)
+    for j in range(k):
+        skip = np.asarray(j % 3 == 2)
+        host["pos"][...] = j
+        dev["pos"][...] = j
+        skip_g[...] = bool(skip)
+        numpy_ops.update_vectors(rates, host["pos"], counts, host["t0"], host["updates"], skip, vc, fc, bias_corrected)
+        gpu.update_vectors(rates_g, dev["pos"], counts_g, dev["t0"], dev["updates"], skip_g, vg, fg,
+                           bias_corrected)  # fmt: skip
+        assert np.array_equal(gpu.to_numpy(vg), vc) and bool(gpu.to_numpy(fg)) == bool(fc), j
+        assert int(gpu.to_numpy(dev["updates"])) == int(host["updates"]), j
+
+
 @pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_model_gradients_gpu_against_the_emulation(gpu, name, residual):

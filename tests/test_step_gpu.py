@@ -71,3 +71,28 @@ def test_replays_allocate_nothing(gpu):
         step_fn.graphs[64]()
     cupy.cuda.get_current_stream().synchronize()
     assert pool.used_bytes() == used and np.isfinite(trainer.run.backend.to_float(trainer.running_loss))
+
+
+def test_graph_run_with_skipped_fp16_steps_equals_the_plain_run_bitwise(gpu, monkeypatch):
+    """fp16 with overflows forced (tests/test_skipped_steps.py): the device counts the
+    updates taken (update_vectors, in the graph) and the tables are reloaded from that
+    count; the graph run equals the uncaptured one, and the count is steps - skipped."""
+    from gpubp import precision as PR
+
+    from .test_skipped_steps import CASES as SKIP_CASES
+    from .test_skipped_steps import INIT_SCALE, INTERVAL
+
+    monkeypatch.setattr("gpubp.model.LOSS_SCALE_INIT", INIT_SCALE)
+    monkeypatch.setattr(PR, "LOSS_SCALE_INTERVAL", INTERVAL)
+    runs = []
+    for graph in (True, False):
+        cfg = load_config(
+            None, BASE + SKIP_CASES["adam"] + ["model.dtype=fp16", f"train.cuda_graph={str(graph).lower()}"]
+        )
+        trainer = T.Trainer(cfg, None, device="gpu", quiet=True)
+        trainer.summary = trainer.train()
+        runs.append(trainer)
+    captured, plain = runs
+    assert captured.summary["skipped_steps"] >= 12
+    assert captured.opt.steps == plain.opt.steps == 200 - captured.summary["skipped_steps"]
+    assert_same_run(host(captured), host(plain))
