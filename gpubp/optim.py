@@ -88,7 +88,8 @@ class Optimizer:
         each gradient first multiplied by `grad_scale` (gradient clipping: a Python float
         or a 0-d backend array). `skip`, a 0-d boolean backend array, makes the update
         change nothing when true (the trainer's guard against a non-finite step; no host
-        sync on the GPU)."""
+        sync on the GPU, so the update is counted in `steps` either way; the trainer's
+        fp16 step counts only the updates taken, on the device: gpubp/step.py)."""
         self._flat_grads(grads)
         if isinstance(grad_scale, (int, float)):
             grad_scale = None if grad_scale == 1.0 else self.backend.asarray(np.full(1, grad_scale), self.model.dtype)

@@ -1,4 +1,6 @@
-"""Learning-rate schedules: the rate for update number t (0-based), with linear warmup.
+"""Learning-rate schedules: the rate for step t (0-based), with linear warmup. (A step is
+an iteration of the loop: an fp16 step skipped for an overflowing gradient still moves
+the schedule on, as a torch LR scheduler stepped every iteration does.)
 
 | name     | lr(t) after warmup (s = t - warmup_steps, T = total_steps - warmup_steps)  |
 |----------|-----------------------------------------------------------------------------|

@@ -304,7 +304,9 @@ class StackOptimizer:
     (`step_vectors`: SGD's learning rate; Adam's 1 - lr wd, lr / (1 - b1^t) and
     sqrt(1 - b2^t)), and `first_step` (0-d bool, SGD's momentum start). `step` fills
     them from the host each update; the trainer's step (gpubp/step.py) fills them on the
-    device from precomputed tables, so a captured CUDA graph replays a new step each time."""
+    device from precomputed tables, so a captured CUDA graph replays a new step each time
+    (fp16: from per-step `rate_rows` and per-update `count_rows` and a device count of the
+    updates taken, backend.update_vectors)."""
 
     state_names: tuple[str, ...] = ()
     vector_names: tuple[str, ...] = ("lr",)

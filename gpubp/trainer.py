@@ -481,8 +481,9 @@ class FiniteGuard:
     the clipping scale (`norm`, `scale`); see numpy_ops.step_guard.
 
     fp16 (`loss_scale`, the model's dynamic loss scale on the device): a non-finite
-    gradient skips that step only and halves the scale, counted in `skipped`; a
-    non-finite loss still stops the run; see numpy_ops.step_guard_scaled."""
+    gradient skips that step only (no update: gpubp/step.py counts the updates taken)
+    and halves the scale, counted in `skipped`; a non-finite loss still stops the run;
+    see numpy_ops.step_guard_scaled."""
 
     def __init__(self, backend, dtype, loss_scale=None):
         self.backend = backend
