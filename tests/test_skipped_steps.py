@@ -129,12 +129,19 @@ def test_run_with_skipped_steps_equals_the_gradscaler_reference_bitwise(overflow
     assert not np.array_equal(old, params)
 
 
-def test_without_overflow_updates_are_steps():
-    """No skipped step: the device count is the step count, and the run is the float32
-    tables' one (the same bits as before this change: update_vectors forms what
-    StackAdam.step_vectors computes)."""
-    run = train("adam", steps=30)
-    assert run.summary["skipped_steps"] == 0 and run.opt.steps == 30
+@pytest.mark.parametrize("case", ["adamw", "sgd"])
+def test_without_overflow_the_counted_run_is_the_tables_run_bitwise(monkeypatch, case):
+    """No skipped step: the device's count is the step count, and the run equals, bit for
+    bit, the same run reading the host's precomputed vectors (StackAdam.step_vectors, as
+    float32 runs do): update_vectors forms the same numbers on the device."""
+    from gpubp import step as S
+
+    counted = train(case, steps=60)
+    assert counted.summary["skipped_steps"] == 0 and counted.opt.steps == 60
+    monkeypatch.setattr(S.StepState, "count_updates", lambda self: None)  # the vectors tables, by step
+    tables = train(case, steps=60)
+    assert not tables.step_fn.state.counted
+    assert_same_run(counted, tables)
 
 
 # --------------------------------------------------------------------------- torch

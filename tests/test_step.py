@@ -125,7 +125,7 @@ def signature(calls):
     return [(op.__name__, norm(args), norm(kwargs)) for op, args, kwargs in calls]
 
 
-@pytest.mark.parametrize("case", ["adamw-step-clip", "sgd-dampening-step-clip"])
+@pytest.mark.parametrize("case", ["adamw-step-clip", "sgd-dampening-step-clip", "adam-step-fp16"])
 def test_a_step_captured_later_records_the_same_calls(case):
     """Every per-step number is read from device state: a capture at step 1 and one at
     step 41 (other learning rate, bias corrections, step, batch position, epoch order)
