@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Issue 12 on a GPU machine: the stacked-model GPU tests, the captured sweep step's GPU
 # tests (CUDA graph == plain, bitwise), a sweep run on the GPU, and `gpubp bench --case
-# sweep` (stacked vs sequential vs torch.func; the sweep step plain and as a CUDA graph). Run from the repo root:
+# sweep` (stacked vs sequential vs torch.func; the sweep step plain and as a CUDA graph;
+# sequential_graph: M single runs' captured steps). Then the CPU target on the machine's
+# many cores (the dev VM has 2): `gpubp bench --case sweep --device cpu` with the default
+# threads (the stacked pool: every usable CPU) -> bench-sweep-cpu.{json,md,txt}, and again
+# with GPUBP_THREADS=n for each n in SWEEP_CPU_THREADS (default "8": half, the physical
+# cores where the CPUs are SMT pairs; "" skips it) -> bench-sweep-cpu-t$n.*; cpu.txt: lscpu.
+# Budgets in seconds (env): T_STACK, T_SWEEP_GRAPH, T_SWEEP_TRAIN, T_SWEEP_BENCH, T_SWEEP_CPU (each CPU run).
+# Run from the repo root:
 #   OUT=/some/dir bash tests/run_gpu_sweep_checks.sh
 set -u
 OUT=${OUT:-gpu-out}
@@ -21,4 +28,18 @@ echo "train exit code: $?" >> "$OUT/sweep-train.txt"
 rm -rf "$OUT/sweep-run"
 timeout "${T_SWEEP_BENCH:-240}" $PY -m gpubp bench --case sweep --device gpu --json "$OUT/bench-sweep.json" --markdown "$OUT/bench-sweep.md" > "$OUT/bench-sweep.txt" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench-sweep.txt"
-cat "$OUT"/env.txt "$OUT"/pytest-stack-gpu.txt "$OUT"/pytest-sweep-graph-gpu.txt "$OUT"/sweep-train.txt "$OUT"/bench-sweep.txt
+# the CPU target (>= 3x sequential gpubp, >= 1.2x torch.func at M = 64 tiny models) on this machine's cores
+{ nproc; lscpu; } > "$OUT/cpu.txt" 2>&1
+timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu --json "$OUT/bench-sweep-cpu.json" \
+  --markdown "$OUT/bench-sweep-cpu.md" > "$OUT/bench-sweep-cpu.txt" 2>&1
+echo "bench exit code: $?" >> "$OUT/bench-sweep-cpu.txt"
+cpu_logs="$OUT/bench-sweep-cpu.txt"
+for n in ${SWEEP_CPU_THREADS-8}; do
+  GPUBP_THREADS=$n timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu \
+    --json "$OUT/bench-sweep-cpu-t$n.json" --markdown "$OUT/bench-sweep-cpu-t$n.md" > "$OUT/bench-sweep-cpu-t$n.txt" 2>&1
+  echo "bench (GPUBP_THREADS=$n) exit code: $?" >> "$OUT/bench-sweep-cpu-t$n.txt"
+  cpu_logs="$cpu_logs $OUT/bench-sweep-cpu-t$n.txt"
+done
+# shellcheck disable=SC2086  # cpu_logs is a list of paths
+cat "$OUT"/env.txt "$OUT"/pytest-stack-gpu.txt "$OUT"/pytest-sweep-graph-gpu.txt "$OUT"/sweep-train.txt "$OUT"/bench-sweep.txt \
+  $cpu_logs
