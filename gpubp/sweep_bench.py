@@ -366,4 +366,6 @@ def markdown(report: dict, command: str) -> str:
                 f"{r['x_sequential_graph']:.2f} | {_f(r['x_torch_func_graph'], '.2f')} | "
                 f"{r['sequential_graph_ms']:.3f} ({r['sequential_graph_min_ms']:.3f}) | {r['x_seq_graph']:.2f} |"
             )
+        lines += ["", "sequential graphs: the M models as M single runs step them (each run's step, gpubp/step.py, "
+                  "captured once and replayed), one after another; x seq graph = sequential graphs / sweep step graph."]  # fmt: skip
     return "\n".join(lines) + "\n"
