@@ -202,13 +202,16 @@ class MLPStack:
             if k > 0:
                 be.gemm_batched(Dz, W, out=ws.dx[k][sl], trans_b=True, beta=1.0 if self.is_residual[k] else 0.0)
 
-    def _forward_backward_block(self, x, target, ws: _Workspace, sl, loss_out=None):
-        """Loss (m,) of models sl (into loss_out (m,) when given), their gradients into self.grads."""
+    def _forward_backward_block(self, x, target, ws: _Workspace, sl, loss_out=None, then=None):
+        """Loss (m,) of models sl (into loss_out (m,) when given), their gradients into
+        self.grads; then then(sl), when given."""
         per_model = target.ndim == (2 if self.loss.info.target == "labels" else 3)
         out = self._forward(x, ws, sl)
         t = target[sl] if per_model else target
         loss = self.backend.loss_forward_backward_batched(out, t, self.loss, grad=ws.dx[-1][sl], out=loss_out)
         self._backward(ws, sl)
+        if then is not None:
+            then(sl)
         return loss
 
     def blocks(self, n: int) -> list:
@@ -228,17 +231,24 @@ class MLPStack:
         rows = min(rows, -(-self.count // num_threads()))  # at least one block per thread
         return [slice(lo, min(lo + rows, self.count)) for lo in range(0, self.count, rows)]
 
-    def forward_backward(self, x, target, loss_out=None):
+    def forward_backward(self, x, target, loss_out=None, then=None):
         """Each model's loss (M,) as a backend array (loss_out (M,) when given: nothing is
-        allocated, so a captured sweep step can call it), gradients into self.grads."""
+        allocated, so a captured sweep step can call it), gradients into self.grads.
+
+        then(sl), when given, runs after the backward pass of each block of models sl, in
+        that block's task: the rest of a training step for those models alone (their
+        guard and update; StackOptimizer.update(rows=sl)), while their gradients, moments
+        and parameters are still in the core's cache, and on the block's thread instead
+        of in a second pass over all M models. The models are independent, so it gives
+        the bits of a whole-stack update after the whole pass. On the GPU: one block."""
         ws = self._workspace(x.shape[-2])
         ws.x[0] = x
         blocks = self.blocks(x.shape[-2])
         if self.backend.name != "cpu":  # one block
-            return self._forward_backward_block(x, target, ws, blocks[0], loss_out)
+            return self._forward_backward_block(x, target, ws, blocks[0], loss_out, then)
 
         def block(sl):
-            return self._forward_backward_block(x, target, ws, sl, None if loss_out is None else loss_out[sl])
+            return self._forward_backward_block(x, target, ws, sl, None if loss_out is None else loss_out[sl], then)
 
         runner = getattr(self.backend, "run_blocks", None)  # the RecordingBackend records each block's calls
         losses = run_cpu_blocks(block, blocks) if runner is None else runner(block, blocks, run_cpu_blocks)
@@ -315,6 +325,10 @@ class StackOptimizer:
         self.vectors = self.backend.zeros((len(self.vector_names), stack.count, 1), stack.dtype)
         self.first_step = self.backend.zeros((), np.bool_)
 
+    def _scratch_rows(self, rows):
+        """The update's working rows for models `rows` (None on backends that need none)."""
+        return None if self._scratch is None else self._scratch[:, rows]
+
     def _vec(self, host) -> object:
         """(M, 1) backend array of the stack's dtype from host float64 values."""
         return self.backend.asarray(np.asarray(host, dtype=np.float64).reshape(-1, 1), dtype=self.stack.dtype)
@@ -334,19 +348,28 @@ class StackOptimizer:
             for dst, src in zip(self.stack.grads, grads):
                 if src is not dst:
                     dst[...] = self.backend.asarray(src, dtype=self.stack.dtype)
+        self.begin_step()
+        self.update(grad_scale, skip)
+
+    def begin_step(self) -> None:
+        """Count the update about to be taken and write what it reads (`vectors`,
+        `first_step`) from the host; `update` then takes it, for all models at once or
+        block by block (MLPStack.forward_backward's `then`)."""
         self.steps += 1
         host = self.step_vectors(self.steps, self.lr)[..., None]  # (n_vectors, M, 1): one host-to-device copy
         self.vectors[...] = self.backend.asarray(host, dtype=self.stack.dtype)
         self.first_step[...] = self.steps == 1
-        self.update(grad_scale, skip)
 
-    def update(self, grad_scale=None, skip=None) -> None:
-        """The update from the device-side `vectors` and `first_step` alone: nothing here
-        changes between steps, so it can be captured once and replayed. grad_scale: (M,)
-        (or 0-d for one model) or None; skip: (M,) / 0-d bool or None."""
-        scale = self._ones if grad_scale is None else grad_scale.reshape(-1, 1).astype(self.stack.dtype, copy=False)
+    def update(self, grad_scale=None, skip=None, rows=slice(None)) -> None:
+        """The update of models `rows` (a slice; default all) from the device-side `vectors`
+        and `first_step` alone: nothing here changes between steps, so it can be captured
+        once and replayed. grad_scale: those models' (m,) (or 0-d for one model) or None;
+        skip: their (m,) / 0-d bool or None. Each model's rows are updated by the same
+        arithmetic whatever the slice, so updating block by block gives the same bits."""
+        dtype = self.stack.dtype
+        scale = self._ones[rows] if grad_scale is None else grad_scale.reshape(-1, 1).astype(dtype, copy=False)
         skip = None if skip is None else skip.reshape(-1)
-        self._update(self.stack.flat_params, self.stack.flat_grads, scale, skip)
+        self._update(self.stack.flat_params[rows], self.stack.flat_grads[rows], scale, skip, rows)
 
     def state_dict(self, i: int | None = None) -> dict:
         """State of every model ((M, P) arrays), or of model i as a single run stores it ((P,))."""
@@ -392,12 +415,12 @@ class StackSGD(StackOptimizer):
         self._wd = self._vec(self.weight_decay)
         self._momentum_on, self._decay_on = bool(on.all()), bool(np.any(self.weight_decay))
 
-    def _update(self, p, g, scale, skip):
+    def _update(self, p, g, scale, skip, rows):
         self.backend.sgd_step_batched(
-            p, g, self.momentum_buffer, self._scratch, lr=self.vectors[0], momentum=self._momentum_v,
-            one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
-            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=self._momentum_on,
-            decay_on=self._decay_on,
+            p, g, self.momentum_buffer[rows], self._scratch_rows(rows), lr=self.vectors[0][rows],
+            momentum=self._momentum_v[rows], one_minus_dampening=self._one_minus_damp[rows], nesterov=self.nesterov,
+            weight_decay=self._wd[rows], first_step=self.first_step, grad_scale=scale, skip=skip,
+            momentum_on=self._momentum_on, decay_on=self._decay_on,
         )  # fmt: skip
 
 
@@ -435,12 +458,12 @@ class StackAdam(StackOptimizer):
         lr_decay = [1.0 - lr[i] * wd[i] for i in range(len(lr))]
         return np.array([lr_decay, step_size, bias2_sqrt])
 
-    def _update(self, p, g, scale, skip):
+    def _update(self, p, g, scale, skip, rows):
         vec = self.vectors
         self.backend.adam_step_batched(
-            p, g, self.exp_avg, self.exp_avg_sq, self._scratch, lr_decay=vec[0],
-            one_minus_beta1=self._b1c, beta2=self._b2, one_minus_beta2=self._b2c, eps=self._eps, weight_decay=self._wd,
-            step_size=vec[1], bias2_sqrt=vec[2], decoupled=self.decoupled,
+            p, g, self.exp_avg[rows], self.exp_avg_sq[rows], self._scratch_rows(rows), lr_decay=vec[0][rows],
+            one_minus_beta1=self._b1c[rows], beta2=self._b2[rows], one_minus_beta2=self._b2c[rows], eps=self._eps[rows],
+            weight_decay=self._wd[rows], step_size=vec[1][rows], bias2_sqrt=vec[2][rows], decoupled=self.decoupled,
             grad_scale=scale, skip=skip, decay_on=self._decay_on,
         )  # fmt: skip
 

@@ -93,9 +93,9 @@ def stacked_step(case: SweepCase, backend):
     x, y = _data(case)
     xd, yd = stack.as_input(x), stack.as_target(y, case.batch)
 
-    def step():
-        stack.forward_backward(xd, yd)
-        opt.step()
+    def step():  # as the sweep trainer's step: each block of models updated right after its backward pass
+        opt.begin_step()
+        stack.forward_backward(xd, yd, then=lambda sl: opt.update(rows=sl))
 
     return step
 

@@ -7,6 +7,8 @@ once per batch shape as gpubp/step.py's Step is for a single model.
     forward    loss (M,), grads (M, P) = stack.forward_backward(x, y, loss_out)
     guard      first_bad, skip, norm, scale (M,) = step_guard_batched(loss, |g_i|^2, step, max_norm, frozen)
     update     opt.update(scale, skip)                                    reads vectors, first
+               (guard and update per block of models, inside forward_backward's blocks:
+               on the CPU each block's task runs them while its models are in cache)
     advance    running += loss;  pos += 1
 
 Every array it touches is a fixed buffer: the epoch's orders (M, n_train) written by the
@@ -95,11 +97,15 @@ class SweepStep(ShapeGraphs):
         train = g.data["train"]
         be.gather_rows(train.x, idx, x)
         be.gather_rows(train.target, idx, y)
-        loss = stack.forward_backward(xv, yv, loss_out=self.loss)
-        # one launch: first non-finite step, skip flags, norms and clipping scales of all models
-        grad_sq = be.sum_squares_batched(stack.flat_grads, out=self.grad_sq)
-        be.step_guard_batched(loss, grad_sq, st.step, g.max_norm, self.frozen, g.first_bad, g.skip, g.norm, g.scale)
-        g.opt.update(grad_scale=g.scale, skip=g.skip)
+
+        def guard_and_update(sl):  # models sl, right after their backward pass (one block on the GPU)
+            # one launch: first non-finite step, skip flags, norms and clipping scales of these models
+            grad_sq = be.sum_squares_batched(stack.flat_grads[sl], out=self.grad_sq[sl])
+            be.step_guard_batched(self.loss[sl], grad_sq, st.step, g.max_norm[sl], self.frozen[sl], g.first_bad[sl],
+                                  g.skip[sl], g.norm[sl], g.scale[sl])  # fmt: skip
+            g.opt.update(grad_scale=g.scale[sl], skip=g.skip[sl], rows=sl)
+
+        loss = stack.forward_backward(xv, yv, loss_out=self.loss, then=guard_and_update)
         be.xp.add(g.running, loss, out=g.running)
         st.advance()
 

@@ -12,6 +12,8 @@ One step (M models):
     finite is frozen from that step on (its update is skipped), the others go on
     opt.update(scales, skip)                                 one fused update over (M, P), its per-step
                                                              numbers from device tables (gpubp/step.py)
+    (on the CPU guard and update run per block of models, in the block's task right after
+    its backward pass: gpubp/sweep_step.py)
 
 Run directory:
     config.toml            the sweep's config, [sweep] table included

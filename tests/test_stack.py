@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpubp.activations import make_activation
+from gpubp.backend import cpu_kernels as CK
 from gpubp.backend import get_backend
 from gpubp.backend import numpy_ops as ops
 from gpubp.backend import numpy_stacked as sops
@@ -189,6 +190,7 @@ def test_member_and_bad_arguments():
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_updates_in_cache_sized_blocks_of_models_are_bitwise_the_same(monkeypatch, opt):
     # one model per block (a tiny CACHE_BLOCK) against the single runs: the blocking changes no bits
+    monkeypatch.setitem(CK._STATE, "numba", False)  # the NumPy update, which blocks (the compiled one needs none)
     monkeypatch.setattr(sops, "CACHE_BLOCK", 8)
     settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID]
     assert _train_pair([6, 8, 3], settings, opt, "softmax_cross_entropy", "float32", 10) == 0.0
@@ -251,6 +253,39 @@ def test_blocks_cover_every_model_once_and_one_block_per_thread_at_least(monkeyp
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_updates_in_column_blocks_of_one_model_are_bitwise_the_same(monkeypatch, opt):
     # a row longer than CACHE_BLOCK (16 bytes: 2 float64 per block): blocks of columns
+    monkeypatch.setitem(CK._STATE, "numba", False)  # the NumPy update, which blocks
     monkeypatch.setattr(sops, "CACHE_BLOCK", 16)
     settings = [dict(s, momentum=0.9) if opt == "sgd" else dict(s, lr=s["lr"] / 10) for s in GRID[:3]]
     assert _train_pair([6, 8, 3], settings, opt, "mse", "float64", 5) == 0.0
+
+
+@pytest.mark.parametrize("kernels", [False, None])  # the NumPy update; the compiled one where numba is installed
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_update_block_by_block_inside_the_pass_is_the_whole_update(monkeypatch, kernels, opt):
+    """forward_backward(then=update(rows=sl)) on three blocks of models on two threads (the
+    sweep step's CPU order) against the whole pass and then one update of all models:
+    the same bits, parameters and optimizer state, over several steps."""
+    import gpubp.stack as stack_module
+    from gpubp.backend import threads as th
+
+    monkeypatch.setitem(CK._STATE, "numba", kernels)
+    monkeypatch.setitem(th._STATE, "threads", 2)
+    monkeypatch.setattr(stack_module, "BLOCK_BYTES", 16000)  # blocks of 3, 3 and 1 models
+    hyper = dict(lr=[0.05, 0.1, 0.2, 0.05, 0.1, 0.2, 0.3], weight_decay=1e-3)
+    hyper.update(momentum=0.9) if opt == "sgd" else hyper.update(lr=[v / 10 for v in hyper["lr"]])
+    stacks = [MLPStack([6, 8, 8, 3], 7, activation="tanh", loss="softmax_cross_entropy") for _ in range(2)]
+    opts = [make_stack_optimizer(st, opt, **hyper) for st in stacks]
+    assert len(stacks[1].blocks(16)) == 3
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        x, y = rng.standard_normal((7, 16, 6)).astype(np.float32), rng.integers(0, 3, (7, 16))
+        stacks[0].loss_and_grads(x, y)
+        opts[0].step()
+        opts[1].begin_step()
+        stacks[1].forward_backward(
+            stacks[1].as_input(x), stacks[1].as_target(y, 16), then=lambda sl: opts[1].update(rows=sl)
+        )
+    assert np.any(stacks[0].flat_params != MLPStack([6, 8, 8, 3], 7).flat_params)  # it trained
+    np.testing.assert_array_equal(stacks[0].flat_params, stacks[1].flat_params)
+    for name in opts[0].state_names:
+        np.testing.assert_array_equal(getattr(opts[0], name), getattr(opts[1], name))

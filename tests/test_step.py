@@ -87,10 +87,11 @@ def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     """The old way (the host sets opt.lr each step, the update takes it as a Python float):
     right when every step runs, wrong when the step is captured once and replayed."""
 
-    def update(self, p, g, scale, skip):
+    def update(self, p, g, scale, skip, rows):
         self.backend.sgd_step_batched(
-            p, g, self.momentum_buffer, self._scratch, lr=float(self.lr[0]), momentum=self._momentum_v,
-            one_minus_dampening=self._one_minus_damp, nesterov=self.nesterov, weight_decay=self._wd,
+            p, g, self.momentum_buffer[rows], self._scratch_rows(rows), lr=float(self.lr[0]),
+            momentum=self._momentum_v[rows], one_minus_dampening=self._one_minus_damp[rows], nesterov=self.nesterov,
+            weight_decay=self._wd[rows],
             first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=True, decay_on=True,
         )  # fmt: skip
 

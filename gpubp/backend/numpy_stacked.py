@@ -18,6 +18,7 @@ import numpy as np
 
 from ..activations import Activation
 from ..losses import Loss
+from . import cpu_kernels
 from .numpy_ops import (
     LOSS_BLOCK,
     _ones,
@@ -27,7 +28,7 @@ from .numpy_ops import (
     matmul_into,
     momentum_direction,
 )
-from .threads import run_blocks
+from .threads import num_threads, run_blocks
 
 
 def _t(a):
@@ -207,6 +208,36 @@ def _blocked_step(step, arrays: dict, scratch, vectors: dict, kwargs: dict) -> b
     return True
 
 
+KERNEL_CHUNK = 1 << 16  # elements per task of a compiled update split over threads (one model's row or part of it)
+
+
+def _kernel_step(kernel, arrays: dict, vectors: dict, kwargs: dict, skip) -> bool:
+    """Run a compiled update (gpubp.backend.cpu_kernels) when it applies: one pass per
+    element instead of one per NumPy operation, the same bits. Rows (models) are split
+    over the stack's threads; a stack of few models with long rows is split by columns.
+    Returns False when the kernels are off or the arrays do not suit them."""
+    p = arrays["p"]
+    if not cpu_kernels.usable(*arrays.values(), *vectors.values()):
+        return False
+    m, n = p.shape
+    skip = None if skip is None else np.asarray(skip, np.bool_).reshape(m)
+    tasks = max(1, min(num_threads(), -(-m * n // KERNEL_CHUNK)))
+    if m >= tasks:  # blocks of whole rows
+        step = -(-m // tasks)
+        items = [(slice(lo, min(lo + step, m)), slice(None)) for lo in range(0, m, step)]
+    else:  # column blocks of every row
+        step = -(-n // tasks)
+        items = [(slice(None), slice(c0, min(c0 + step, n))) for c0 in range(0, n, step)]
+
+    def block(item):
+        rs, cs = item
+        kernel(**{k: a[rs, cs] for k, a in arrays.items()}, **{k: v[rs] for k, v in vectors.items()},
+               skip=None if skip is None else skip[rs], **kwargs)  # fmt: skip
+
+    run_blocks(block, items)
+    return True
+
+
 def _subset_step(step, skip, arrays: dict, vectors: dict, kwargs: dict) -> bool:
     """When some models are frozen (skip[i] true), run `step` on the others' rows only and
     write them back; returns whether it did (the caller then returns)."""
@@ -240,6 +271,9 @@ def sgd_step_batched(p, g, buf, scratch, *, lr, momentum, one_minus_dampening, n
         grad_scale=grad_scale,
     )
     flags = dict(nesterov=nesterov, first_step=first_step, momentum_on=momentum_on, decay_on=decay_on)
+    if not blocked and _kernel_step(cpu_kernels.sgd_rows, dict(p=p, g=g, buf=buf), vectors,
+                                    dict(flags, first_step=bool(first_step)), skip):  # fmt: skip
+        return
     if _subset_step(sgd_step_batched, skip, dict(p=p, g=g, buf=buf), vectors, flags):
         return
     if not blocked and _blocked_step(sgd_step_batched, dict(p=p, g=g, buf=buf), scratch, vectors, flags):
@@ -268,6 +302,8 @@ def adam_step_batched(p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, 
                    eps=eps, weight_decay=weight_decay, step_size=step_size, bias2_sqrt=bias2_sqrt,
                    grad_scale=grad_scale)  # fmt: skip
     flags = dict(decoupled=decoupled, decay_on=decay_on)
+    if not blocked and _kernel_step(cpu_kernels.adam_rows, dict(p=p, g=g, m=m, v=v), vectors, flags, skip):
+        return
     if _subset_step(adam_step_batched, skip, dict(p=p, g=g, m=m, v=v), vectors, flags):
         return
     if not blocked and _blocked_step(adam_step_batched, dict(p=p, g=g, m=m, v=v), scratch, vectors, flags):

@@ -1,0 +1,117 @@
+"""The compiled CPU updates (gpubp/backend/cpu_kernels.py, Numba) against the NumPy code
+they replace, bit for bit; and the stack's per-block update (forward_backward's `then`)
+against one update of the whole stack.
+
+The kernels claim the NumPy code's exact arithmetic (same operations, same order, same
+precision, no fused multiply-add), so the reference is the NumPy path of the same
+function with the kernels switched off, and the comparison is on the bytes: NaN,
+infinities and -0 in the inputs included. Skipped without numba (CI's first step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpubp.backend import cpu_kernels as CK
+from gpubp.backend import numpy_stacked as NS
+
+numba = pytest.importorskip("numba")
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _arr(rng, shape, dtype, positive=False):
+    """Normal values with a few NaN, +-inf, -0 and +0 planted."""
+    a = rng.standard_normal(shape).astype(dtype)
+    if positive:
+        a = np.abs(a)
+    flat = a.reshape(-1)
+    for value in (np.nan, np.inf, -np.inf, -0.0, 0.0):
+        flat[rng.integers(0, flat.size, 3)] = value
+    return a
+
+
+def _both(monkeypatch, fn, arrays, kwargs):
+    """fn over copies of `arrays`, once on NumPy (kernels off) and once compiled."""
+    out = []
+    for on in (False, True):
+        monkeypatch.setitem(CK._STATE, "numba", None if on else False)
+        a = [x.copy() for x in arrays]
+        p = a[0]
+        with np.errstate(all="ignore"):
+            fn(*a, np.empty((2, *p.shape), p.dtype), **kwargs)
+        out.append(a)
+    return out
+
+
+SHAPES = [(6, 1000), (2, 150_000)]  # many short rows (split by rows), few long ones (split by columns)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("decay_on", [False, True])
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_adam_kernel_is_the_numpy_update_bitwise(monkeypatch, dtype, shape, decoupled, decay_on, with_skip):
+    rng = np.random.default_rng(hash((shape, decoupled, decay_on, with_skip)) % 2**32)
+    m = shape[0]
+
+    def vec(lo, hi):
+        return rng.uniform(lo, hi, (m, 1)).astype(dtype)
+
+    kwargs = dict(lr_decay=vec(0.9, 1), one_minus_beta1=vec(0, 0.2), beta2=vec(0.9, 1), one_minus_beta2=vec(0, 0.1),
+                  eps=vec(1e-9, 1e-7), weight_decay=vec(0, 0.1), step_size=vec(0, 1e-2), bias2_sqrt=vec(0.01, 1),
+                  grad_scale=vec(0.5, 1.5), decoupled=decoupled, decay_on=decay_on,
+                  skip=np.arange(m) % 2 == 1 if with_skip else None)  # fmt: skip
+    arrays = [_arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype, True)]
+    ref, got = _both(monkeypatch, NS.adam_step_batched, arrays, kwargs)
+    for name, a, b in zip("pgmv", ref, got):
+        assert _same(a, b), f"{name} differs"
+    assert not _same(ref[0], arrays[0]), "the update changed nothing: the comparison would be empty"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("nesterov,momentum_on", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("decay_on", [False, True])
+@pytest.mark.parametrize("first_step", [False, True])
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_sgd_kernel_is_the_numpy_update_bitwise(monkeypatch, dtype, shape, nesterov, momentum_on, decay_on,
+                                                first_step, with_skip):  # fmt: skip
+    rng = np.random.default_rng(hash((shape, nesterov, momentum_on, decay_on, first_step, with_skip)) % 2**32)
+    m = shape[0]
+
+    def vec(lo, hi):
+        return rng.uniform(lo, hi, (m, 1)).astype(dtype)
+
+    kwargs = dict(lr=vec(0, 0.1), momentum=vec(0.5, 0.99) if momentum_on else vec(0, 0),
+                  one_minus_dampening=np.ones((m, 1), dtype) if nesterov else vec(0.5, 1), weight_decay=vec(0, 0.1),
+                  nesterov=nesterov, first_step=np.array(first_step), grad_scale=vec(0.5, 1.5),
+                  skip=np.arange(m) % 2 == 0 if with_skip else None, momentum_on=momentum_on, decay_on=decay_on)  # fmt: skip
+    arrays = [_arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype)]
+    ref, got = _both(monkeypatch, NS.sgd_step_batched, arrays, kwargs)
+    for name, a, b in zip(["p", "g", "buf"], ref, got):
+        assert _same(a, b), f"{name} differs"
+
+
+def test_kernels_off_and_refused_arguments(monkeypatch):
+    """GPUBP_CPU_KERNELS=numpy turns them off; a Python scalar or a 16-bit array makes the
+    NumPy code run (usable() says no) instead of failing or converting."""
+    monkeypatch.setitem(CK._STATE, "numba", None)
+    monkeypatch.setenv("GPUBP_CPU_KERNELS", "numpy")
+    assert not CK.enabled() and CK.describe() == "numpy"
+    monkeypatch.setitem(CK._STATE, "numba", None)
+    monkeypatch.setenv("GPUBP_CPU_KERNELS", "auto")
+    assert CK.enabled() and CK.describe().startswith("numba ")
+    a = np.zeros((2, 3), np.float32)
+    assert CK.usable(a, a)
+    assert not CK.usable(a, 0.1)  # a Python float (a hand-set lr)
+    assert not CK.usable(a, a.astype(np.float16))
+    assert not CK.usable(a, np.zeros((3, 2), np.float32).T)  # rows not contiguous
+    monkeypatch.setitem(CK._STATE, "numba", None)
+    monkeypatch.setenv("GPUBP_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="GPUBP_CPU_KERNELS must be auto, numba or numpy"):
+        CK.enabled()
+    monkeypatch.setitem(CK._STATE, "numba", None)
