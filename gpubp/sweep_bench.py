@@ -4,13 +4,17 @@ models trained one after another by gpubp, and against PyTorch's torch.func ense
 
 A step trains every one of the M models once on its own batch (x: (M, B, F), as models
 of different seeds see different batches), with Adam at lr 1e-3. The three variants are
-timed interleaved, one step of each per round (host clock on the CPU, CUDA events on
-the GPU), so that a change of load on a shared machine hits all three alike; the
-figures are the medians over the rounds after warm-up, and the minimum (the least
-disturbed step) beside them. On the CPU each step is followed by an untimed pause
-(cpu_settle_s): OpenBLAS's worker threads spin for ~0.1 s after a threaded call (the
-sequential models' GEMMs), and without the pause they would take a core from the
-variant timed next.
+timed interleaved, in rounds, so that a change of load on a shared machine hits all
+three alike; the figures are the medians over the timed steps, and the minimum (the
+least disturbed step) beside them. On the GPU a round is one step of each variant
+(CUDA events). On the CPU (host clock) it is, per variant, untimed steps for cpu_warm_s,
+then cpu_stretch timed steps back to back, then an untimed pause (cpu_settle_s):
+training runs its steps back to back, and a thread pool idle for a while (the other
+variants' turns, the pause) takes several steps to come back to speed: measured on the
+2-core VM, the stacked tiny step took 11.4, 9.9, 9.7, 9.2, 9.4 ms on its first five steps
+after a 0.15 s pause and ~7.1 ms from the sixth on; torch.func 10.1 then ~6.5 ms. The
+pause itself is for OpenBLAS: its worker threads spin for ~0.1 s after a threaded call
+(the sequential models' GEMMs) and would take a core from the variant timed next.
 
 Where the backend captures steps (the GPU: CUDA graphs), two more variants run the
 sweep trainer's own step (gpubp/sweep_step.py: each model's batch gathered from its own
@@ -53,12 +57,14 @@ class SweepCase:
     steps: int = 40
     cpu_warmup: int = 3
     cpu_steps: int = 30
-    cpu_settle_s: float = 0.15  # untimed pause after each step on the CPU (see the module docstring)
+    cpu_settle_s: float = 0.15  # untimed pause after each stretch on the CPU (see the module docstring)
+    cpu_stretch: int = 5  # timed steps back to back per variant and round on the CPU
+    cpu_warm_s: float = 0.1  # untimed steps before each stretch on the CPU (see the module docstring)
 
 
 CASES = [
     SweepCase("sweep-tiny", 64, [64, 128, 10], 128),
-    SweepCase("sweep-mnist", 16, [784, 512, 512, 10], 100, cpu_warmup=2, cpu_steps=10),
+    SweepCase("sweep-mnist", 16, [784, 512, 512, 10], 100, cpu_warmup=2, cpu_steps=10, cpu_stretch=2),
 ]
 
 
@@ -69,8 +75,12 @@ def _data(case: SweepCase):
     return x, y
 
 
-def _counts(case: SweepCase, device: str) -> tuple[int, int, float]:
-    return (case.cpu_warmup, case.cpu_steps, case.cpu_settle_s) if device == "cpu" else (case.warmup, case.steps, 0.0)
+def _counts(case: SweepCase, device: str) -> tuple:
+    """interleaved_ms's (warmup, rounds, settle_s, stretch, warm_s) on this device."""
+    if device == "cpu":
+        stretch = case.cpu_stretch
+        return case.cpu_warmup, -(-case.cpu_steps // stretch), case.cpu_settle_s, stretch, case.cpu_warm_s
+    return case.warmup, case.steps, 0.0, 1, 0.0
 
 
 def thread_settings(with_torch: bool) -> dict:
@@ -253,9 +263,11 @@ def torch_func_step(case: SweepCase, device: str):
     return step, sync
 
 
-def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int, settle_s: float = 0.0) -> dict:
-    """name -> every timed step (ms), one step of each variant per round, each followed
-    by an untimed pause of settle_s seconds."""
+def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int, settle_s: float = 0.0, stretch: int = 1,
+                   warm_s: float = 0.0) -> dict:  # fmt: skip
+    """name -> every timed step (ms). Each round runs each variant in turn: untimed steps
+    for warm_s seconds (at least two when warm_s > 0), then `stretch` timed steps back to
+    back, then an untimed pause of settle_s seconds."""
     import time
 
     for _ in range(warmup):
@@ -266,10 +278,17 @@ def interleaved_ms(steps: dict, syncs: dict, warmup: int, rounds: int, settle_s:
     for _ in range(rounds):
         for name, step in steps.items():
             syncs[name]()
-            start = time.perf_counter()
-            step()
-            syncs[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            if warm_s:
+                end, done = time.perf_counter() + warm_s, 0
+                while done < 2 or time.perf_counter() < end:
+                    step()
+                    syncs[name]()
+                    done += 1
+            for _ in range(stretch):
+                start = time.perf_counter()
+                step()
+                syncs[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
             if settle_s:
                 time.sleep(settle_s)
     return times

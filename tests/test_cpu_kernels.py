@@ -14,6 +14,7 @@ import pytest
 
 from gpubp.backend import cpu_kernels as CK
 from gpubp.backend import numpy_stacked as NS
+from gpubp.errors import UsageError
 
 numba = pytest.importorskip("numba")
 
@@ -112,6 +113,24 @@ def test_kernels_off_and_refused_arguments(monkeypatch):
     assert not CK.usable(a, np.zeros((3, 2), np.float32).T)  # rows not contiguous
     monkeypatch.setitem(CK._STATE, "numba", None)
     monkeypatch.setenv("GPUBP_CPU_KERNELS", "fast")
-    with pytest.raises(ValueError, match="GPUBP_CPU_KERNELS must be auto, numba or numpy"):
+    with pytest.raises(UsageError, match="GPUBP_CPU_KERNELS must be auto, numba or numpy, got 'fast'"):
         CK.enabled()
     monkeypatch.setitem(CK._STATE, "numba", None)
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    """The CLI turns a bad GPUBP_CPU_KERNELS into one line naming it, exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\ndataset = "spirals"\n[train]\nsteps = 3\n')
+    env = dict(os.environ, GPUBP_CPU_KERNELS="fast")
+    r = subprocess.run([sys.executable, "-m", "gpubp", "train", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                        "--quiet"], capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert not (tmp_path / "run").exists()  # failed before the run directory
+    assert r.stderr.strip().splitlines() == [
+        "gpubp: error: environment variable GPUBP_CPU_KERNELS must be auto, numba or numpy, got 'fast'"
+    ]

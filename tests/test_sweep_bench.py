@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from gpubp import sweep_bench as S
 from gpubp.backend import get_backend
 from gpubp.cli import main
 
-SMALL = [S.SweepCase("t", 3, [5, 8, 4], 16, cpu_warmup=1, cpu_steps=3, cpu_settle_s=0.0)]
+SMALL = [S.SweepCase("t", 3, [5, 8, 4], 16, cpu_warmup=1, cpu_steps=3, cpu_settle_s=0.0, cpu_stretch=1, cpu_warm_s=0.0)]
 
 
 def test_run_reports_stacked_sequential_and_ratios():
@@ -37,6 +38,28 @@ def test_interleaved_rounds_pause_untimed_after_each_step():
     assert [c[0] for c in calls] == ["a", "b", "a", "b"]  # one step of each per round
     assert all(t2 - t1 >= 0.05 for (_, t1), (_, t2) in zip(calls, calls[1:]))  # the pause lies between steps
     assert sorted(times) == ["a", "b"] and all(len(v) == 2 for v in times.values())
+
+
+def test_cpu_rounds_time_back_to_back_stretches_after_untimed_warm_steps():
+    """Each round: per variant untimed steps for warm_s (two at least), then `stretch`
+    timed steps back to back, then the pause; only the stretch's steps are timed."""
+    import time
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append((name, time.perf_counter()))) for name in "ab"}
+    times = S.interleaved_ms(steps, dict.fromkeys("ab", lambda: None), 0, 2, settle_s=0.03, stretch=3, warm_s=0.01)
+    assert all(len(v) == 6 for v in times.values())  # 2 rounds x 3 timed steps
+    names = [c[0] for c in calls]
+    runs = [names[0]]
+    for n in names[1:]:
+        if n != runs[-1]:
+            runs.append(n)
+    assert runs == ["a", "b", "a", "b"]  # one stretch of each variant per round, not mixed
+    per_run = [len(list(g)) for _, g in itertools.groupby(names)]
+    assert all(k >= 2 + 3 for k in per_run)  # at least two warm steps before the three timed ones
+    a_first = [t for n, t in calls if n == "a"][: per_run[0]]
+    assert a_first[-1] - a_first[0] >= 0.01  # the warm steps lasted warm_s
+    assert S._counts(S.CASES[0], "cpu")[3] > 1 and S._counts(S.CASES[0], "gpu")[3:] == (1, 0.0)
 
 
 def test_torch_func_variant_runs_where_torch_is_installed():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DeviceError
-from . import numpy_ops, numpy_stacked
+from . import cpu_kernels, numpy_ops, numpy_stacked
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -139,6 +139,7 @@ def resolve_device(device: str):
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu":
+        cpu_kernels.choice()  # a bad GPUBP_CPU_KERNELS fails here, in one line, before a run starts
         return _CPU, None
     reason = gpu_unavailable_reason() if not _GPU else None
     if reason is None:
@@ -150,4 +151,5 @@ def resolve_device(device: str):
         return _GPU[dev], None
     if device == "gpu":
         raise DeviceError(f"--device gpu: no usable GPU ({reason}); use --device cpu or auto")
+    cpu_kernels.choice()
     return _CPU, f"device auto: using the CPU ({reason})"

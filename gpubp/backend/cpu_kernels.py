@@ -27,26 +27,35 @@ import os
 
 import numpy as np
 
+from ..errors import UsageError
+
 _STATE: dict = {"numba": None}
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def choice() -> str:
+    """GPUBP_CPU_KERNELS: auto (Numba when installed; the default), numba or numpy.
+    Checked when the CPU backend is chosen, so a bad value fails before a run starts."""
+    value = os.environ.get("GPUBP_CPU_KERNELS", "auto").strip().lower() or "auto"
+    if value not in ("auto", "numba", "numpy"):
+        raise UsageError(f"environment variable GPUBP_CPU_KERNELS must be auto, numba or numpy, got {value!r}")
+    return value
 
 
 def _numba():
     """The numba module, or False when it cannot (or must not) be used."""
     if _STATE["numba"] is None:
-        choice = os.environ.get("GPUBP_CPU_KERNELS", "auto").strip().lower() or "auto"
-        if choice not in ("auto", "numba", "numpy"):
-            raise ValueError(f"GPUBP_CPU_KERNELS must be auto, numba or numpy, got {choice!r}")
+        choice_ = choice()
         found = False
-        if choice != "numpy":
+        if choice_ != "numpy":
             try:
                 import numba
 
                 found = numba
             except ImportError:
-                if choice == "numba":
-                    raise ImportError(
-                        "GPUBP_CPU_KERNELS=numba but numba is not installed: pip install 'gpubp[numba]'"
+                if choice_ == "numba":
+                    raise UsageError(
+                        "GPUBP_CPU_KERNELS=numba but numba is not installed: pip install 'gpubp[numba]', or unset it"
                     ) from None
         _STATE["numba"] = found
         if found:
