@@ -6,7 +6,8 @@
 # many cores (the dev VM has 2): `gpubp bench --case sweep --device cpu` with the default
 # threads (the stacked pool: every usable CPU) -> bench-sweep-cpu.{json,md,txt}, and again
 # with GPUBP_THREADS=n for each n in SWEEP_CPU_THREADS (default "8": half, the physical
-# cores where the CPUs are SMT pairs; "" skips it) -> bench-sweep-cpu-t$n.*; cpu.txt: lscpu.
+# cores where the CPUs are SMT pairs; "" skips it) -> bench-sweep-cpu-t$n.*; cpu.txt: lscpu, and
+# whether the optimizers' compiled CPU kernels (Numba) are installed and used.
 # Budgets in seconds (env): T_STACK, T_SWEEP_GRAPH, T_SWEEP_TRAIN, T_SWEEP_BENCH, T_SWEEP_CPU (each CPU run).
 # Run from the repo root:
 #   OUT=/some/dir bash tests/run_gpu_sweep_checks.sh
@@ -29,7 +30,8 @@ rm -rf "$OUT/sweep-run"
 timeout "${T_SWEEP_BENCH:-240}" $PY -m gpubp bench --case sweep --device gpu --json "$OUT/bench-sweep.json" --markdown "$OUT/bench-sweep.md" > "$OUT/bench-sweep.txt" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench-sweep.txt"
 # the CPU target (>= 3x sequential gpubp, >= 1.2x torch.func at M = 64 tiny models) on this machine's cores
-{ nproc; lscpu; } > "$OUT/cpu.txt" 2>&1
+{ nproc; lscpu; $PY -c "from gpubp.backend import cpu_kernels; print('CPU kernels:', cpu_kernels.describe())"; } \
+  > "$OUT/cpu.txt" 2>&1
 timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu --json "$OUT/bench-sweep-cpu.json" \
   --markdown "$OUT/bench-sweep-cpu.md" > "$OUT/bench-sweep-cpu.txt" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench-sweep-cpu.txt"
