@@ -29,13 +29,24 @@ echo "train exit code: $?" >> "$OUT/sweep-train.txt"
 rm -rf "$OUT/sweep-run"
 timeout "${T_SWEEP_BENCH:-240}" $PY -m gpubp bench --case sweep --device gpu --json "$OUT/bench-sweep.json" --markdown "$OUT/bench-sweep.md" > "$OUT/bench-sweep.txt" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench-sweep.txt"
-# the CPU target (>= 3x sequential gpubp, >= 1.2x torch.func at M = 64 tiny models) on this machine's cores
+# the CPU target (>= 3x sequential gpubp, >= 1.2x torch.func at M = 64 tiny models) on this machine's cores.
+# The GPU machine has no numba and no network: carry the wheels (run's carry [".whl-numba"]: numba and
+# llvmlite for its Python, `pip download numba llvmlite --python-version 3.12 --only-binary=:all:
+# --platform manylinux_2_28_x86_64 --no-deps -d .whl-numba`, 62 MB) and they are installed here.
+if ! $PY -c "import numba" 2> /dev/null && ls .whl-numba/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .whl-numba/*.whl > "$OUT/numba-install.txt" 2>&1
+fi
 { nproc; lscpu; $PY -c "from gpubp.backend import cpu_kernels; print('CPU kernels:', cpu_kernels.describe())"; } \
   > "$OUT/cpu.txt" 2>&1
 timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu --json "$OUT/bench-sweep-cpu.json" \
   --markdown "$OUT/bench-sweep-cpu.md" > "$OUT/bench-sweep-cpu.txt" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench-sweep-cpu.txt"
 cpu_logs="$OUT/bench-sweep-cpu.txt"
+# the same without the compiled updates (what a plain `pip install gpubp` gets)
+GPUBP_CPU_KERNELS=numpy timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu \
+  --json "$OUT/bench-sweep-cpu-numpy.json" --markdown "$OUT/bench-sweep-cpu-numpy.md" > "$OUT/bench-sweep-cpu-numpy.txt" 2>&1
+echo "bench (GPUBP_CPU_KERNELS=numpy) exit code: $?" >> "$OUT/bench-sweep-cpu-numpy.txt"
+cpu_logs="$cpu_logs $OUT/bench-sweep-cpu-numpy.txt"
 for n in ${SWEEP_CPU_THREADS-8}; do
   GPUBP_THREADS=$n timeout "${T_SWEEP_CPU:-120}" $PY -m gpubp bench --case sweep --device cpu \
     --json "$OUT/bench-sweep-cpu-t$n.json" --markdown "$OUT/bench-sweep-cpu-t$n.md" > "$OUT/bench-sweep-cpu-t$n.txt" 2>&1
