@@ -24,6 +24,12 @@ uncaptured and `step_graph` captured once and replayed, so the pair shows what t
 removes on the same work (it does more than `stacked`: the gather and the guard). Each
 model has 8 batches of its own random rows; at each epoch's start (one step in 8) the host
 writes the new orders, as in training, so the medians are steps without that upload.
+A fifth, `sequential_graph`, is the honest baseline there: the same M models trained as
+M single gpubp runs train them, which capture their step too (train.cuda_graph, on by
+default), i.e. M single-model trainer Steps (gpubp/step.py) each captured once and
+replayed, one after another, on step_graph's rows and orders; `x seq graph` =
+sequential_graph / step_graph is what a sweep gains over running its models one by one
+(`sequential` steps them uncaptured, which a single run on the GPU does not).
 
 Threads, as a user gets them by default: the stacked step runs blocks of models on
 gpubp.backend.threads (GPUBP_THREADS, else OpenBLAS's thread count; OpenBLAS on one
@@ -161,6 +167,62 @@ def sequential_step(case: SweepCase, backend):
     return step
 
 
+def sequential_graph_step(case: SweepCase, backend, graph: bool = True, batches: int = 8):
+    """M single runs' steps one after another: for each model the Step that `gpubp train`
+    runs for one model (gpubp.step.Step: its batch gathered from its own order, forward/
+    backward, guard, update), captured once per batch shape and replayed when `graph`
+    (a capturer of its own per model, as M runs have), else plain. Model i has the rows
+    of sweep_step's model i (`batches` batches), its seed i order and init, Adam at lr 1e-3."""
+    from .data import Dataset, DeviceSplit, Standardizer, epoch_permutation
+    from .distributed import LOCAL
+    from .model import MLP
+    from .optim import Adam
+    from .step import Step, StepState
+    from .trainer import FiniteGuard
+
+    m, b, f = case.count, case.batch, case.sizes[0]
+    n = batches * b
+    rng = np.random.default_rng(0)  # sweep_step's rows: model i's are i*n .. (i+1)*n
+    x = rng.standard_normal((m * n, f)).astype(np.float32)
+    y = rng.integers(0, case.sizes[-1], m * n).astype(np.int32)
+    total = 1024  # one table upload (gpubp.step.CHUNK); the steps wrap around after it
+    fns = []
+    for i in range(m):
+        model = MLP(case.sizes, "relu", "identity", "softmax_cross_entropy", seed=i, backend=backend)
+        opt = Adam(model, lr=1e-3)
+        rows = Dataset(x[i * n : (i + 1) * n].astype(np.float64), y[i * n : (i + 1) * n], case.sizes[-1], "bench")
+        train = DeviceSplit(model, rows, Standardizer.identity(f), rows.y)  # x unchanged: (x - 0) / 1
+        state = StepState(backend, opt.rule_opt, lambda s: [1e-3], lambda s: (s % batches) * b, total)
+        fns.append(Step(model, opt, FiniteGuard(backend, model.dtype), backend.zeros((), np.float64), train, b, n,
+                        0.0, state, _batch_buffers(backend), LOCAL, lambda: False,
+                        backend.graph_capturer() if graph else None))  # fmt: skip
+    count = [0]
+
+    def step():
+        s = count[0] % total
+        epoch, batch = divmod(s, batches)
+        for i, fn in enumerate(fns):
+            if batch == 0:  # the epoch's order, written by the host as Trainer.train does
+                fn.new_epoch(epoch_permutation(i, epoch, n), epoch)
+            fn.run(s)
+        count[0] += 1
+
+    step.steps = fns  # tests look at their models and captures
+    return step
+
+
+def _batch_buffers(backend):
+    """buffer(name, like, rows) -> a kept array, as Trainer._batch_buffer (one run's batch)."""
+    cache: dict = {}
+
+    def buffer(name, src, n):
+        if (name, n) not in cache:
+            cache[name, n] = backend.empty((n, *src.shape[1:]), src.dtype)
+        return cache[name, n]
+
+    return buffer
+
+
 def torch_func_step(case: SweepCase, device: str):
     """(step, synchronize) of the torch.func ensemble."""
     import torch
@@ -242,6 +304,7 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
         steps = {"stacked": stacked_step(case, backend), "sequential": sequential_step(case, backend)}
         if getattr(backend, "graph_capturer", None) is not None:  # the trainer's step, plain and captured
             steps["step_plain"], steps["step_graph"] = sweep_step(case, backend, False), sweep_step(case, backend, True)
+            steps["sequential_graph"] = sequential_graph_step(case, backend)  # M single runs' captured steps
         syncs = dict.fromkeys(steps, backend.synchronize)
         torch_row = {"skipped": reason} if reason else None
         if not reason:
@@ -264,6 +327,8 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
             row.update(step_plain_ms=med["step_plain"], step_graph_ms=med["step_graph"],
                        step_graph_min_ms=low["step_graph"], x_sequential_graph=med["sequential"] / med["step_graph"],
                        x_torch_func_graph=theirs / med["step_graph"] if theirs else None)  # fmt: skip
+            row.update(sequential_graph_ms=med["sequential_graph"], sequential_graph_min_ms=low["sequential_graph"],
+                       x_seq_graph=med["sequential_graph"] / med["step_graph"])  # fmt: skip
         rows.append(row)
         log(format_row(row))
     return {"device": backend.describe(), "threads": threads, "results": rows}
@@ -293,7 +358,9 @@ def format_row(row: dict) -> str:
 def graph_line(row: dict) -> str:
     return (f"{'':<12} {'':>3} sweep step: plain {row['step_plain_ms']:.3f} ms, CUDA graph "
             f"{row['step_graph_ms']:.3f} ms (min {row['step_graph_min_ms']:.3f}); graph x sequential "
-            f"{row['x_sequential_graph']:.2f}, x torch.func {_f(row['x_torch_func_graph'], '.2f')}")  # fmt: skip
+            f"{row['x_sequential_graph']:.2f}, x torch.func {_f(row['x_torch_func_graph'], '.2f')}\n"
+            f"{'':<12} {'':>3} sequential graphs (M single runs' captured steps) {row['sequential_graph_ms']:.3f} ms "
+            f"(min {row['sequential_graph_min_ms']:.3f}); graph x seq graph {row['x_seq_graph']:.2f}")  # fmt: skip
 
 
 def markdown(report: dict, command: str) -> str:
@@ -310,11 +377,14 @@ def markdown(report: dict, command: str) -> str:
         )
     graphs = [r for r in report["results"] if "step_graph_ms" in r]
     if graphs:  # the sweep trainer's step (gather, guard included), uncaptured and as a CUDA graph
-        lines += ["", "| case | sweep step plain ms | sweep step graph ms (min) | graph x sequential | graph x torch.func |",
-                  "|" + "---|" * 5]  # fmt: skip
+        lines += ["", "| case | sweep step plain ms | sweep step graph ms (min) | graph x sequential | graph x torch.func "
+                  "| sequential graphs ms (min) | x seq graph |", "|" + "---|" * 7]  # fmt: skip
         for r in graphs:
             lines.append(
                 f"| {r['case']} | {r['step_plain_ms']:.3f} | {r['step_graph_ms']:.3f} ({r['step_graph_min_ms']:.3f}) | "
-                f"{r['x_sequential_graph']:.2f} | {_f(r['x_torch_func_graph'], '.2f')} |"
+                f"{r['x_sequential_graph']:.2f} | {_f(r['x_torch_func_graph'], '.2f')} | "
+                f"{r['sequential_graph_ms']:.3f} ({r['sequential_graph_min_ms']:.3f}) | {r['x_seq_graph']:.2f} |"
             )
+        lines += ["", "sequential graphs: the M models as M single runs step them (each run's step, gpubp/step.py, "
+                  "captured once and replayed), one after another; x seq graph = sequential graphs / sweep step graph."]  # fmt: skip
     return "\n".join(lines) + "\n"

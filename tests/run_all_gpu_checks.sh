@@ -4,7 +4,7 @@
 #   tests/run_gpu_checks.sh        bring-up: every gpu-marked test, sanitizers, bias gradient, and
 #                                  tests/run_gpu_bench.sh: the speed issue's table (gpubp bench --device gpu
 #                                  --markdown: graph / no graph, GEMM sum, PyTorch eager and torch.compile)
-#   tests/run_gpu_sweep_checks.sh  sweeps: a 16-model sweep on the GPU, bench --case sweep
+#   tests/run_gpu_sweep_checks.sh  sweeps: a 16-model sweep on the GPU, bench --case sweep (GPU, and CPU on its cores)
 #   tests/run_dp_gpu_checks.sh     data parallel: NCCL with one rank, all-reduce timing, mpirun -n 1
 #   tests/run_gpu_graph_checks.sh  the whole-step CUDA graph: bitwise tests, step time with and without
 # An MPI for mpi4py may be carried as wheels in .whl/ (see docs/gpu-verification.md).

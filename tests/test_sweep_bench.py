@@ -95,9 +95,81 @@ def test_a_capturing_backend_also_times_the_sweep_step_plain_and_as_a_graph(monk
     (row,) = report["results"]
     assert row["step_plain_ms"] > 0 and row["step_graph_ms"] > 0
     assert row["x_sequential_graph"] == pytest.approx(row["sequential_ms"] / row["step_graph_ms"])
+    assert row["sequential_graph_ms"] > 0 and row["x_seq_graph"] == pytest.approx(
+        row["sequential_graph_ms"] / row["step_graph_ms"]
+    )
     plain, graph = (f.sweep_step for f in made)
-    assert plain.captures == 0 and graph.captures == 1 and rec.replays == 1 + 1 + 3 - 2  # warm-up, capture, replays
-    assert "sweep step plain ms" in S.markdown(report, "gpubp bench --case sweep")
+    # 1 warm-up + 3 rounds: the sweep step and each of the 3 single steps run plainly, are captured (and
+    # replayed), then replayed twice
+    assert plain.captures == 0 and graph.captures == 1 and rec.replays == (1 + 3) * (1 + 1 + 3 - 2)
+    md = S.markdown(report, "gpubp bench --case sweep")
+    assert "sweep step plain ms" in md and "| x seq graph |" in md and f"{row['x_seq_graph']:.2f} |" in md
+    assert "graph x seq graph" in S.format_row(row)
+
+
+def _plain_runs(case, k: int, batches: int = 8):
+    """Model i of sequential_graph_step trained k steps eagerly, as in the README: its batch
+    rows[perm[offset:offset + B]] sliced on the host, model.forward_backward, opt.step()."""
+    from gpubp.data import epoch_permutation
+    from gpubp.model import MLP
+    from gpubp.optim import Adam
+
+    m, b = case.count, case.batch
+    n = batches * b
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m * n, case.sizes[0])).astype(np.float32)
+    y = rng.integers(0, case.sizes[-1], m * n).astype(np.int32)
+    params = []
+    for i in range(m):
+        model = MLP(case.sizes, "relu", "identity", "softmax_cross_entropy", seed=i)
+        opt = Adam(model, lr=1e-3)
+        for s in range(k):
+            epoch, batch = divmod(s, batches)
+            idx = i * n + epoch_permutation(i, epoch, n)[batch * b : (batch + 1) * b]
+            model.forward_backward(model.as_input(x[idx]), model.as_target(y[idx], b))
+            opt.step()
+        params.append(model.flat_params.copy())
+    return params
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["captured", "plain"])
+def test_sequential_graph_trains_each_model_as_a_plain_single_run(graph):
+    """The sequential_graph variant is M single runs' trainer Steps, captured (recording
+    backend: a CUDA graph's semantics) once per model and replayed: after 20 steps (2.5
+    epochs: two new orders) every model's parameters equal, bitwise, those of 20 eager
+    single-model steps on the same rows in the same order (a step replayed with a frozen
+    number, another model's rows or another order would differ)."""
+    from gpubp.backend.recording import RecordingBackend
+
+    case, k = SMALL[0], 20
+    rec = RecordingBackend()
+    step = S.sequential_graph_step(case, rec, graph=graph)
+    before = [fn.model.flat_params.copy() for fn in step.steps]
+    for _ in range(k):
+        step()
+    ref = _plain_runs(case, k)
+    assert len(step.steps) == case.count
+    for i, fn in enumerate(step.steps):
+        assert not np.array_equal(before[i], ref[i])  # the comparison below sees training
+        assert np.array_equal(fn.model.flat_params, ref[i]), f"model {i}"
+        assert fn.opt.steps == k
+    # each model: step 0 plain (warm-up), step 1 captured and replayed, then replays; plain: nothing captured
+    assert [fn.captures for fn in step.steps] == [int(graph)] * case.count
+    assert len(rec.graphs) == int(graph) * case.count and rec.replays == int(graph) * case.count * (k - 1)
+
+
+def test_sequential_graph_catches_a_wrong_order():
+    """The reference comparison above is sharp: models trained on another epoch's order differ."""
+    from gpubp.backend.recording import RecordingBackend
+
+    case = SMALL[0]
+    step = S.sequential_graph_step(case, RecordingBackend(), batches=8)
+    for fn in step.steps:  # each model's order reversed
+        fn.new_epoch = lambda perm, epoch, original=fn.new_epoch: original(perm[::-1], epoch)
+    for _ in range(3):
+        step()
+    ref = _plain_runs(case, 3)
+    assert not any(np.array_equal(fn.model.flat_params, r) for fn, r in zip(step.steps, ref))
 
 
 def test_the_benchs_sweep_step_captured_equals_it_plain():

@@ -60,3 +60,21 @@ def test_batched_ops_into_buffers_equal_numpy(gpu):
     sq = cupy.zeros(4, np.float32)
     be.sum_squares_batched(g, out=sq)
     np.testing.assert_array_equal(cupy.asnumpy(sq), cupy.asnumpy(be.sum_squares_batched(g)))
+
+
+def test_the_benchs_sequential_graphs_equal_their_plain_steps(gpu):
+    """The bench's sequential_graph variant (M single runs' trainer Steps, each a CUDA graph
+    of its own) trains what the same Steps train uncaptured, bitwise, over 20 steps (2.5
+    epochs); tests/test_sweep_bench.py checks it on the CPU against eager single runs."""
+    from gpubp import sweep_bench as S
+    from gpubp.backend import get_backend
+
+    be = get_backend("gpu")
+    case = S.SweepCase("t", 3, [5, 8, 4], 16)
+    graph, plain = S.sequential_graph_step(case, be, graph=True), S.sequential_graph_step(case, be, graph=False)
+    for _ in range(20):
+        graph()
+        plain()
+    for g, p in zip(graph.steps, plain.steps):
+        assert g.captures == len(g.capturer.graphs) == 1 and p.captures == 0
+        np.testing.assert_array_equal(be.to_numpy(g.model.flat_params), be.to_numpy(p.model.flat_params))
