@@ -236,14 +236,17 @@ def test_blocks_of_models_on_threads_are_bitwise_the_single_runs(monkeypatch, th
 
 
 def test_blocks_cover_every_model_once_and_one_block_per_thread_at_least(monkeypatch):
+    import gpubp.stack as stack_module
     from gpubp.backend import threads as th
 
     monkeypatch.setitem(th._STATE, "threads", 1)
     stack = MLPStack([64, 128, 10], 64)
+    assert len(stack.blocks(128)) == 1  # 64 models of 246 KiB (parameters, gradients, activations) fit BLOCK_BYTES
+    monkeypatch.setattr(stack_module, "BLOCK_BYTES", 1 << 22)
     blocks = stack.blocks(128)
     covered = np.concatenate([np.arange(64)[b] for b in blocks])
     np.testing.assert_array_equal(covered, np.arange(64))
-    assert len(blocks) == 4  # 64 models of 246 KiB (parameters, gradients, activations): 16 in 4 MiB
+    assert len(blocks) == 4  # 16 in 4 MiB
     small = MLPStack([6, 8, 3], 5)
     assert small.blocks(16) == [slice(0, 5)]  # all in one block on one thread
     monkeypatch.setitem(th._STATE, "threads", 2)
