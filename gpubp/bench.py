@@ -486,6 +486,16 @@ def device_peak(backend, precision: str) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
+def bench_device(backend) -> str:
+    """The backend as a bench reports it; on the CPU with which optimizer updates run
+    (gpubp.backend.cpu_kernels: numba's compiled ones, or NumPy's)."""
+    if backend.name != "cpu":
+        return backend.describe()
+    from .backend import cpu_kernels
+
+    return f"{backend.describe()}, optimizer updates: {cpu_kernels.describe()}"
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine(),
            "cpu_count": os.cpu_count()}  # fmt: skip
@@ -521,7 +531,7 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
     results, peaks = [], {}
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": backend.describe(),
+        "device": bench_device(backend),
         "versions": versions(),
         "command": " ".join(["gpubp", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv else "gpubp bench",
         "device_peak": peaks,

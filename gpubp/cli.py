@@ -492,7 +492,7 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisio
     backend, note = resolve_device(device)
     if note:
         click.echo(note, err=True)
-    click.echo(f"gpubp bench on {backend.describe()}", err=True)
+    click.echo(f"gpubp bench on {B.bench_device(backend)}", err=True)
     click.echo(B.HEADER)
     report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
                    progress=lambda m: click.echo(m, err=True), precisions=precisions,
@@ -526,7 +526,7 @@ def _bench_sweep(device, other_cases, json_path, md_path, no_torch) -> None:
     backend, note = resolve_device(device)
     if note:
         click.echo(note, err=True)
-    click.echo(f"gpubp bench --case sweep on {backend.describe()}", err=True)
+    click.echo(f"gpubp bench --case sweep on {B.bench_device(backend)}", err=True)
     click.echo(S.HEADER)
     report = S.run(backend, with_torch=not no_torch, log=click.echo)
     report["command"] = " ".join(["gpubp", *sys.argv[1:]]) if "bench" in sys.argv else "gpubp bench --case sweep"

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bench import torch_unavailable
+from .bench import bench_device, torch_unavailable
 
 
 @dataclass
@@ -331,7 +331,7 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
                        x_seq_graph=med["sequential_graph"] / med["step_graph"])  # fmt: skip
         rows.append(row)
         log(format_row(row))
-    return {"device": backend.describe(), "threads": threads, "results": rows}
+    return {"device": bench_device(backend), "threads": threads, "results": rows}
 
 
 def threads_line(threads: dict) -> str:

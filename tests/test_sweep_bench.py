@@ -24,6 +24,9 @@ def test_run_reports_stacked_sequential_and_ratios():
     assert row["torch_func"] == {"skipped": "--no-torch"} and row["x_torch_func"] is None
     assert "| t | 3 x [5, 8, 4] @ 16 |" in S.markdown(report, "gpubp bench --case sweep")
     assert report["threads"]["stacked"] >= 1 and "threads: stacked" in S.markdown(report, "gpubp bench")
+    from gpubp.backend import cpu_kernels
+
+    assert report["device"].endswith(f", optimizer updates: {cpu_kernels.describe()}")  # numba's or NumPy's
 
 
 def test_interleaved_rounds_pause_untimed_after_each_step():
