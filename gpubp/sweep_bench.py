@@ -319,7 +319,7 @@ def run(backend, with_torch: bool = True, cases=None, log=print) -> dict:
             torch_row = {"ms_per_step": med["torch_func"], "min_ms": low["torch_func"]}
         theirs = torch_row.get("ms_per_step")
         row = {"case": case.name, "models": case.count, "sizes": case.sizes, "batch": case.batch,
-               "rounds": len(times["stacked"]), "stacked_ms": med["stacked"], "sequential_ms": med["sequential"],
+               "timed_steps": len(times["stacked"]), "stacked_ms": med["stacked"], "sequential_ms": med["sequential"],
                "stacked_min_ms": low["stacked"], "sequential_min_ms": low["sequential"], "torch_func": torch_row,
                "x_sequential": med["sequential"] / med["stacked"],
                "x_torch_func": theirs / med["stacked"] if theirs else None}  # fmt: skip

@@ -34,8 +34,12 @@ def _arr(rng, shape, dtype, positive=False):
     return a
 
 
-def _both(monkeypatch, fn, arrays, kwargs):
-    """fn over copies of `arrays`, once on NumPy (kernels off) and once compiled."""
+def _both(monkeypatch, fn, arrays, kwargs, kernel: str):
+    """fn over copies of `arrays`, once on NumPy (kernels off) and once compiled; checks that
+    the compiled kernel `kernel` ran the second time only (a spy on cpu_kernels)."""
+    calls = []
+    real = getattr(CK, kernel)
+    monkeypatch.setattr(CK, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     out = []
     for on in (False, True):
         monkeypatch.setitem(CK._STATE, "numba", None if on else False)
@@ -44,10 +48,20 @@ def _both(monkeypatch, fn, arrays, kwargs):
         with np.errstate(all="ignore"):
             fn(*a, np.empty((2, *p.shape), p.dtype), **kwargs)
         out.append(a)
+        assert bool(calls) == on, "the compiled update ran when off, or did not run when on"
     return out
 
 
-SHAPES = [(6, 1000), (2, 150_000)]  # many short rows (split by rows), few long ones (split by columns)
+# many short rows (blocks of rows on the threads), one long row and a few long ones (four
+# threads: blocks of columns)
+SHAPES = [(6, 1000), (1, 300_001), (3, 100_003)]
+
+
+@pytest.fixture(autouse=True)
+def _four_threads(monkeypatch):
+    from gpubp.backend import threads
+
+    monkeypatch.setitem(threads._STATE, "threads", 4)  # more tasks than rows for the long shapes
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -67,7 +81,7 @@ def test_adam_kernel_is_the_numpy_update_bitwise(monkeypatch, dtype, shape, deco
                   grad_scale=vec(0.5, 1.5), decoupled=decoupled, decay_on=decay_on,
                   skip=np.arange(m) % 2 == 1 if with_skip else None)  # fmt: skip
     arrays = [_arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype, True)]
-    ref, got = _both(monkeypatch, NS.adam_step_batched, arrays, kwargs)
+    ref, got = _both(monkeypatch, NS.adam_step_batched, arrays, kwargs, "adam_rows")
     for name, a, b in zip("pgmv", ref, got):
         assert _same(a, b), f"{name} differs"
     assert not _same(ref[0], arrays[0]), "the update changed nothing: the comparison would be empty"
@@ -92,9 +106,28 @@ def test_sgd_kernel_is_the_numpy_update_bitwise(monkeypatch, dtype, shape, neste
                   nesterov=nesterov, first_step=np.array(first_step), grad_scale=vec(0.5, 1.5),
                   skip=np.arange(m) % 2 == 0 if with_skip else None, momentum_on=momentum_on, decay_on=decay_on)  # fmt: skip
     arrays = [_arr(rng, shape, dtype), _arr(rng, shape, dtype), _arr(rng, shape, dtype)]
-    ref, got = _both(monkeypatch, NS.sgd_step_batched, arrays, kwargs)
+    ref, got = _both(monkeypatch, NS.sgd_step_batched, arrays, kwargs, "sgd_rows")
     for name, a, b in zip(["p", "g", "buf"], ref, got):
         assert _same(a, b), f"{name} differs"
+
+
+def test_arguments_numpy_would_broadcast_take_the_numpy_update(monkeypatch):
+    """A 0-d gradient scale for a stack of several models (NumPy broadcasts it; the kernels
+    index one per model): the NumPy update runs, and gives NumPy's result."""
+    rng = np.random.default_rng(3)
+    m, n = 4, 50
+    vec = {k: np.full((m, 1), v, np.float32) for k, v in dict(lr_decay=1.0, one_minus_beta1=0.1, beta2=0.999,
+           one_minus_beta2=0.001, eps=1e-8, weight_decay=0.0, step_size=1e-3, bias2_sqrt=0.03).items()}  # fmt: skip
+    kwargs = dict(vec, grad_scale=np.array(0.5, np.float32).reshape(1, 1), decoupled=True, decay_on=False)
+    arrays = [rng.standard_normal((m, n)).astype(np.float32) for _ in range(3)] + [np.ones((m, n), np.float32)]
+    monkeypatch.setattr(CK, "adam_rows", lambda *a, **k: pytest.fail("the kernel took a (1, 1) scale for 4 models"))
+    out = []
+    for on in (False, None):
+        monkeypatch.setitem(CK._STATE, "numba", on)
+        a = [x.copy() for x in arrays]
+        NS.adam_step_batched(*a, np.empty((2, m, n), np.float32), **kwargs)
+        out.append(a[0])
+    assert _same(out[0], out[1])
 
 
 def test_kernels_off_and_refused_arguments(monkeypatch):

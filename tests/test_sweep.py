@@ -134,6 +134,16 @@ def test_adamw_grid_with_residual_layers_float32_is_bitwise_the_single_runs(tmp_
     _check_equal_to_single_runs(tmp_path, path, members_to_check=[1, 2, 7])
 
 
+def test_clipping_a_float64_model_of_over_10000_parameters_is_bitwise_the_single_run(tmp_path):
+    """The clipping norm's DOT: OpenBLAS splits a float64 DOT of over 10,000 elements over
+    its threads, with other bits; the sweep's blocks and the single run both take it on
+    one thread (sum_squares), so clipping keeps a member bitwise its single run whatever
+    the thread count (12,010 parameters here)."""
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [0.01, 0.05]\n"optimizer.clip_grad_norm" = [0.1]\n',
+                   hidden="160", dtype="float64")  # fmt: skip
+    _check_equal_to_single_runs(tmp_path, path)
+
+
 def test_a_diverging_member_is_frozen_and_reported_the_others_go_on(tmp_path):
     path = _config(
         tmp_path,

@@ -19,7 +19,7 @@ SMALL = [S.SweepCase("t", 3, [5, 8, 4], 16, cpu_warmup=1, cpu_steps=3, cpu_settl
 def test_run_reports_stacked_sequential_and_ratios():
     report = S.run(get_backend("cpu"), with_torch=False, cases=SMALL, log=lambda m: None)
     (row,) = report["results"]
-    assert row["rounds"] == 3 and row["stacked_ms"] > 0 and row["sequential_ms"] > 0
+    assert row["timed_steps"] == 3 and row["stacked_ms"] > 0 and row["sequential_ms"] > 0
     assert row["x_sequential"] == pytest.approx(row["sequential_ms"] / row["stacked_ms"])
     assert row["torch_func"] == {"skipped": "--no-torch"} and row["x_torch_func"] is None
     assert "| t | 3 x [5, 8, 4] @ 16 |" in S.markdown(report, "gpubp bench --case sweep")
@@ -60,8 +60,6 @@ def test_cpu_rounds_time_back_to_back_stretches_after_untimed_warm_steps():
     assert runs == ["a", "b", "a", "b"]  # one stretch of each variant per round, not mixed
     per_run = [len(list(g)) for _, g in itertools.groupby(names)]
     assert all(k >= 2 + 3 for k in per_run)  # at least two warm steps before the three timed ones
-    a_first = [t for n, t in calls if n == "a"][: per_run[0]]
-    assert a_first[-1] - a_first[0] >= 0.01  # the warm steps lasted warm_s
     assert S._counts(S.CASES[0], "cpu")[3] > 1 and S._counts(S.CASES[0], "gpu")[3:] == (1, 0.0)
 
 

@@ -24,12 +24,14 @@ NumPy's vectorized exp.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
 from ..errors import UsageError
 
 _STATE: dict = {"numba": None}
+_LOCK = threading.Lock()
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -45,22 +47,27 @@ def choice() -> str:
 def _numba():
     """The numba module, or False when it cannot (or must not) be used."""
     if _STATE["numba"] is None:
-        choice_ = choice()
-        found = False
-        if choice_ != "numpy":
-            try:
-                import numba
-
-                found = numba
-            except ImportError:
-                if choice_ == "numba":
-                    raise UsageError(
-                        "GPUBP_CPU_KERNELS=numba but numba is not installed: pip install 'gpubp[numba]', or unset it"
-                    ) from None
-        _STATE["numba"] = found
-        if found:
-            _compile(found)
+        with _LOCK:  # the pool's threads may ask at once: one defines the kernels, the others wait
+            if _STATE["numba"] is None:
+                _STATE["numba"] = _load()
     return _STATE["numba"]
+
+
+def _load():
+    """Import numba and define the kernels; the module, or False."""
+    choice_ = choice()
+    if choice_ == "numpy":
+        return False
+    try:
+        import numba
+    except ImportError:
+        if choice_ == "numba":
+            raise UsageError(
+                "GPUBP_CPU_KERNELS=numba but numba is not installed: pip install 'gpubp[numba]', or unset it"
+            ) from None
+        return False
+    _compile(numba)  # before _STATE says "on": no thread may find the kernels missing
+    return numba
 
 
 def enabled() -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from .. import precision as PR
 from ..activations import Activation
 from ..losses import Loss
+from .threads import blas_one_thread
 
 # ---------------------------------------------------------------------------------------
 # matrix products (cuBLAS on the GPU)
@@ -461,10 +462,16 @@ def _scaled(g, grad_scale, d, will_add):
 
 
 def sum_squares(g, out=None):
-    """sum_j g_j^2 over a flat buffer (P,), as a 0-d array (`out` when given): the squared global norm."""
+    """sum_j g_j^2 over a flat buffer (P,), as a 0-d array (`out` when given): the squared global norm.
+
+    One BLAS DOT on one OpenBLAS thread: threaded, OpenBLAS splits a float64 DOT of over
+    10,000 elements into per-thread partial sums, whose bits then depend on the thread
+    count (and a sweep's blocks run theirs on one thread)."""
+    with blas_one_thread():
+        value = np.dot(g, g)
     if out is None:
-        return np.asarray(np.dot(g, g))
-    out[...] = np.dot(g, g)
+        return np.asarray(value)
+    out[...] = value
     return out
 
 

@@ -28,7 +28,7 @@ from .numpy_ops import (
     matmul_into,
     momentum_direction,
 )
-from .threads import num_threads, run_blocks
+from .threads import blas_one_thread, num_threads, run_blocks
 
 
 def _t(a):
@@ -167,8 +167,10 @@ def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, n
 
 
 def sum_squares_batched(g, out=None):
-    """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares; into out (M,) when given."""
-    value = np.array([np.dot(row, row) for row in g], dtype=g.dtype)
+    """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares (one OpenBLAS
+    thread); into out (M,) when given."""
+    with blas_one_thread():
+        value = np.array([np.dot(row, row) for row in g], dtype=g.dtype)
     if out is None:
         return value
     out[...] = value
@@ -223,6 +225,8 @@ def _kernel_step(kernel, arrays: dict, vectors: dict, kwargs: dict, skip) -> boo
     if not cpu_kernels.usable(*arrays.values(), *vectors.values()):
         return False
     m, n = p.shape
+    if any(a.shape != p.shape for a in arrays.values()) or any(v.shape != (m, 1) for v in vectors.values()):
+        return False  # what NumPy would broadcast (or refuse): the kernels index rows as given
     skip = None if skip is None else np.asarray(skip, np.bool_).reshape(m)
     tasks = max(1, min(num_threads(), -(-m * n // KERNEL_CHUNK)))
     if m >= tasks:  # blocks of whole rows
