@@ -165,9 +165,10 @@ class OpProfile:
     """Wraps a backend's ops to time each one (CUDA events on the GPU): totals by
     category ("gemm" or "kernels") and by op name, in milliseconds."""
 
-    OPS = ("bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "sgd_step", "adam_step",
-           "sum_squares", "step_guard", "step_guard_scaled", "cast", "add", "gather_rows", "select_row",
-           "index_window", "accuracy_count")  # fmt: skip
+    OPS = ("gemm_bias_relu", "gemm_drelu_bias_grad", "bias_act_forward", "act_backward", "bias_grad",
+           "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_scaled", "cast",
+           "add", "gather_rows", "select_row", "index_window", "accuracy_count")  # fmt: skip
+    GEMMS = ("gemm", "gemm_bias_relu", "gemm_drelu_bias_grad")  # products (cuBLAS, cuBLASLt with an epilogue)
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
     ALIASES = {"sgd_step_batched": "sgd_step", "adam_step_batched": "adam_step"}
 
@@ -185,7 +186,9 @@ class OpProfile:
                 continue
             self._saved[name] = be.__dict__.get(name)
             setattr(
-                be, name, self._wrap(original, self.ALIASES.get(name, name), "gemm" if name == "gemm" else "kernels")
+                be,
+                name,
+                self._wrap(original, self.ALIASES.get(name, name), "gemm" if name in self.GEMMS else "kernels"),
             )
         return self
 
@@ -245,7 +248,7 @@ class TrainerStep:
     runs the next step. The epoch's order is set once (training sets it once an epoch:
     one copy of n_train indices to the device, left out of the timed steps)."""
 
-    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset):
+    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=True):
         from .config import load_config
         from .data import epoch_permutation
         from .trainer import Trainer
@@ -254,7 +257,8 @@ class TrainerStep:
                      "model.output_activation=identity", f"model.dtype={dtype}", f"loss.name={case.loss}",
                      f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
                      f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
-                     f"train.cuda_graph={str(bool(graph)).lower()}", "data.val_fraction=0", "data.test_fraction=0",
+                     f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={str(epilogues).lower()}",
+                     "data.val_fraction=0", "data.test_fraction=0",
                      "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
         self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
         self.step_fn = self.trainer.make_step()
@@ -273,9 +277,11 @@ class TrainerStep:
 
 
 def bench_gpubp(case: Case, backend, precision: str) -> dict:
-    """gpubp's training step (TrainerStep): the captured step (the default on the GPU)
-    and the uncaptured one (train.cuda_graph = false) timed in the same rounds
-    (steps_ms), then a profiled pass of the uncaptured step (each op timed alone)."""
+    """gpubp's training step (TrainerStep): the captured step (the default on the GPU),
+    the uncaptured one (train.cuda_graph = false) and, where the model fuses products
+    (the GPU's default for ReLU layers), the captured step without (train.gemm_epilogues
+    = false), timed in the same rounds (steps_ms); then a profiled pass of the uncaptured
+    step (each op timed alone)."""
     import gc
 
     if precision == "bf16" and backend.name != "gpu":
@@ -298,6 +304,9 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
         captured = graph.graph_note is None
         if captured:  # the same step uncaptured, timed in the same rounds
             runs["plain"] = TrainerStep(case, backend, precision, False, total, dataset)
+        fused = graph.trainer.model.fuses_products
+        if fused:  # the same step without the fused products, timed in the same rounds
+            runs["unfused"] = TrainerStep(case, backend, precision, True, total, dataset, epilogues=False)
         ms = steps_ms(runs, backend.synchronize, warmup, steps)
         plain = runs.get("plain", graph)
         # a further pass of the uncaptured step, instrumented: where the time of a step goes
@@ -322,15 +331,18 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
     ops_us = {name: 1e3 * t / n_prof for name, t in prof.per_op.items() if t > 0}
     ops_us["host and launch"] = max(0.0, 1e3 * prof_total / n_prof - sum(ops_us.values()))
     out = _figures(case, ms["graph"])
-    no_graph = ms.get("plain")
-    gemm_us = ops_us.get("gemm")
+    no_graph, unfused = ms.get("plain"), ms.get("unfused")
+    gemm_us = sum(ops_us.get(name, 0.0) for name in OpProfile.GEMMS) or None
     out |= {
         "captured": captured,
         "finite_loss": finite,
         "graph_note": note,
         "ms_per_step_no_graph": no_graph,
         "graph_speedup": no_graph / ms["graph"] if no_graph else None,
-        "gemm_us": gemm_us,  # the sum of the step's GEMM times (each timed alone), per step
+        "fused_products": fused,
+        "ms_per_step_unfused": unfused,
+        "fusion_speedup": unfused / ms["graph"] if unfused else None,
+        "gemm_us": gemm_us,  # the sum of the step's GEMM times, fused ones too (each timed alone), per step
         "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
         "share": share,
         "ops_us": ops_us,
@@ -597,7 +609,7 @@ def _torch_ms(row: dict, key: str):
     return row[key].get("ms_per_step") if "skipped" not in row[key] else None
 
 
-HEADER = (f"{'case':<11} {'prec':<8} {'us/step':>9} {'no graph':>9} {'graph x':>7} {'samples/s':>10} "
+HEADER = (f"{'case':<11} {'prec':<8} {'us/step':>9} {'no graph':>9} {'graph x':>7} {'fused x':>7} {'samples/s':>10} "
           f"{'TFLOP/s':>8} {'%peak':>6} {'GEMM us':>9} {'/GEMM':>6} {'eager us':>9} {'compile us':>10} "
           f"{'x eager':>7} {'x comp':>6} {'gemm/kern/host %':>16} {'MiB':>8}")  # fmt: skip
 
@@ -615,7 +627,8 @@ def format_row(row: dict) -> str:
     share = f"{100 * s['gemm']:.0f}/{100 * s['kernels']:.0f}/{100 * s['host']:.0f}"
     pk = row.get("share_of_gemm_peak")
     return (f"{row['case']:<11} {row['precision']:<8} {_us(g['ms_per_step']):>9} {_us(g['ms_per_step_no_graph']):>9} "
-            f"{_fmt(g['graph_speedup'], '>7.2f')} {g['samples_per_s']:>10.4g} {g['tflops']:>8.3g} "
+            f"{_fmt(g['graph_speedup'], '>7.2f')} {_fmt(g.get('fusion_speedup'), '>7.2f')} {g['samples_per_s']:>10.4g} "
+            f"{g['tflops']:>8.3g} "
             f"{_fmt(pk and 100 * pk, '>6.1f')} {_fmt(g['gemm_us'], '>9.1f')} {_fmt(g['step_over_gemm'], '>6.2f')} "
             f"{_us(_torch_ms(row, 'torch_eager')):>9} {_us(_torch_ms(row, 'torch_compile')):>10} "
             f"{_fmt(row['speedup_vs_torch_eager'], '>7.2f')} {_fmt(row['speedup_vs_torch_compile'], '>6.2f')} "
@@ -627,12 +640,14 @@ through Trainer.make_step; the batch gathered on the device from a resident spli
 two batches), captured as a CUDA graph where the backend can (the GPU's default; the
 first two steps of a shape run plainly and capture, both in the warm-up); **no graph**,
 the same step uncaptured (`train.cuda_graph = false`), timed in the same rounds; **graph
-x**, no graph / us/step. Times: blocks of consecutive steps from a drained device to the
+x**, no graph / us/step; **fused x**, the captured step without fused products
+(`train.gemm_epilogues = false`: bias and ReLU, ReLU' and the bias gradient as kernels of
+their own) over us/step, timed in the same rounds (empty: no layer fuses). Times: blocks of consecutive steps from a drained device to the
 end of a device synchronize, host clock (host overhead and launch gaps included), the
 median of the blocks' means; PyTorch's the same way, on one resident batch.
 **TFLOP/s** counts 6 x weights x batch per step (of the captured step); **% peak**, of a
 large GEMM of the same precision timed in this run. **GEMM us**, the sum of the step's
-GEMM times (each GEMM timed alone, in the profiled uncaptured pass below); **step /
+GEMM times, fused ones included (each timed alone, in the profiled uncaptured pass below); **step /
 GEMM**, us/step over it. **x eager**, **x compile**: PyTorch's time over ours (captured).
 **GEMM / ops / host**: shares of the profiled uncaptured step."""
 
@@ -650,9 +665,9 @@ def markdown(report: dict) -> str:
                 f"- device peak, {prec}: GEMM {peak['gemm_tflops']:.3g} TFLOP/s, copy {peak['copy_gb_s']:.3g} GB/s"
             )
     lines += ["", COLUMNS, "",
-              "| case | precision | gpubp us/step | no graph us/step | graph x | samples/s | TFLOP/s | % peak "
-              "| GEMM us | step / GEMM | torch eager us | torch.compile us | x eager | x compile | GEMM / ops / host "
-              "| peak MiB |", "|" + "---|" * 16]  # fmt: skip
+              "| case | precision | gpubp us/step | no graph us/step | graph x | fused x | samples/s | TFLOP/s "
+              "| % peak | GEMM us | step / GEMM | torch eager us | torch.compile us | x eager | x compile "
+              "| GEMM / ops / host | peak MiB |", "|" + "---|" * 17]  # fmt: skip
     notes = set()
     for row in report["results"]:
         g = row["gpubp"]
@@ -662,7 +677,7 @@ def markdown(report: dict) -> str:
             lines.append(markdown_row(row))
             continue
         if "skipped" in g:
-            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 13)
+            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 14)
             continue
         if g.get("graph_note"):
             notes.add(f"{row['case']} {row['precision']}: not captured ({g['graph_note']})")
@@ -676,7 +691,8 @@ def markdown(report: dict) -> str:
 
         lines.append(
             f"| {row['case']} | {row['precision']} | {_us(g['ms_per_step'])} | {_us(g['ms_per_step_no_graph'])} | "
-            f"{_fmt(g['graph_speedup'], '.2f')} | {g['samples_per_s']:.4g} | {g['tflops']:.3g} | "
+            f"{_fmt(g['graph_speedup'], '.2f')} | {_fmt(g.get('fusion_speedup'), '.2f')} | {g['samples_per_s']:.4g} | "
+            f"{g['tflops']:.3g} | "
             f"{_fmt(pk and 100 * pk, '.1f')} | {_fmt(g['gemm_us'], '.1f')} | {_fmt(g['step_over_gemm'], '.2f')} | "
             f"{t('torch_eager')} | {t('torch_compile')} | "
             f"{_fmt(row['speedup_vs_torch_eager'], '.2f')} | {_fmt(row['speedup_vs_torch_compile'], '.2f')} | "

@@ -182,6 +182,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "GPU: capture the training step (a sweep's stacked step too) as a CUDA graph per batch shape and "
             "replay it (off: launch each op); data-parallel runs launch each op",
         ),
+        "gemm_epilogues": _f(
+            "bool",
+            True,
+            "GPU: fuse each float32 ReLU layer's bias and ReLU into its forward GEMM, and its ReLU gradient and bias "
+            "gradient into the backward GEMM below it (cuBLASLt epilogues; off: separate kernels)",
+        ),
     },
 }
 

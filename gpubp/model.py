@@ -32,6 +32,7 @@ import numpy as np
 
 from .activations import SAVES_INPUT, Activation, make_activation
 from .backend import get_backend
+from .backend.numpy_ops import relu_mask_bytes
 from .init import init_weight
 from .losses import Loss, make_loss
 from .precision import LOSS_SCALE_INIT, get_precision
@@ -48,6 +49,10 @@ class _Workspace:
     x[k]:  (n, n_k) layer inputs; x[0] is the batch itself, x[k+1] is a[k] unless residual
     dx[k]: (n, n_k) dLoss/dx_k; dx[l] is the loss gradient
     dz[k]: (n, n_{k+1}) D' = D * f_k'(.); the same buffer as dx[k+1] unless residual
+    mask[k]: (n, relu_mask_bytes(n_{k+1})) uint8, the bits [z_k > 0] of a ReLU layer whose
+             products are fused (MLP.gemm_epilogues), else None
+    fused[k]: the last forward pass wrote mask[k] (its fused product ran)
+    done[k]:  this backward pass already has D'_k and db_k (the layer above's fused product)
     """
 
     z: list
@@ -56,6 +61,9 @@ class _Workspace:
     dx: list
     dz: list
     x0: object = None  # (n, n_0) the batch rounded to 16 bits (mixed precision), else None
+    mask: list = None
+    fused: list = None
+    done: list = None
 
 
 def param_layout(sizes) -> tuple[list, int]:
@@ -103,6 +111,7 @@ class MLP:
         huber_delta: float = 1.0,
         residual: bool = False,
         backend=None,
+        gemm_epilogues: bool | None = None,
     ):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
@@ -122,6 +131,11 @@ class MLP:
             make_activation(output_activation, leaky_relu_slope)
         ]
         self.hidden_activation = hidden
+        # fused products (bias + ReLU into the forward GEMM; ReLU' and db into the backward
+        # one): the backend's default (on for the GPU) unless asked; float32 ReLU layers only
+        if gemm_epilogues is None:
+            gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False))
+        self.gemm_epilogues = bool(gemm_epilogues)
         self.loss: Loss = make_loss(loss, label_smoothing, huber_delta)
         # a layer is residual when asked for, hidden, and width-preserving
         self.is_residual = [
@@ -220,9 +234,27 @@ class MLP:
                 dx.append(be.empty((n, sizes[k]), dt))
         for k in range(self.n_layers):
             dz.append(be.empty((n, sizes[k + 1]), dt) if self.is_residual[k] else dx[k + 1])
-        ws = _Workspace(z, a, x, dx, dz, be.empty((n, sizes[0]), dt) if self.precision.low else None)
+        mask = [be.empty((n, relu_mask_bytes(sizes[k + 1])), np.uint8) if self._fusable(k) else None
+                for k in range(self.n_layers)]  # fmt: skip
+        x0 = be.empty((n, sizes[0]), dt) if self.precision.low else None
+        ws = _Workspace(z, a, x, dx, dz, x0, mask, [False] * self.n_layers, [False] * self.n_layers)
         self._workspaces[n] = ws
         return ws
+
+    def _fusable(self, k: int) -> bool:
+        """Layer k's products may be fused: a float32 ReLU layer without a skip connection
+        (a residual layer's D' is not its output's gradient alone)."""
+        return (
+            self.gemm_epilogues
+            and self.activations[k].name == "relu"
+            and not self.is_residual[k]
+            and np.dtype(self.store_dtype) == np.float32
+        )
+
+    @property
+    def fuses_products(self) -> bool:
+        """Whether any layer's products are fused (see _fusable)."""
+        return any(self._fusable(k) for k in range(self.n_layers))
 
     def as_input(self, x):
         """A (N, n_in) contiguous backend array of the model's dtype."""
@@ -269,11 +301,15 @@ class MLP:
         (call _round_params before), b_k in float32."""
         be = self.backend
         ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None else x
+        tf32 = self.precision.tf32
         for k, act in enumerate(self.activations):
             W, b = self.params_low[2 * k], self.params[2 * k + 1]
-            z = ws.z[k] if ws.z[k] is not None else ws.a[k]
-            self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
-            be.bias_act_forward(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
+            # a_k = max(x_k W_k + b_k, 0), mask_k = [a_k > 0]: one product (False: not run)
+            ws.fused[k] = ws.mask[k] is not None and be.gemm_bias_relu(ws.x[k], W, b, ws.a[k], ws.mask[k], tf32=tf32)
+            if not ws.fused[k]:
+                z = ws.z[k] if ws.z[k] is not None else ws.a[k]
+                self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
+                be.bias_act_forward(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
             if self.is_residual[k]:
                 self._add(ws.x[k], ws.a[k], ws.x[k + 1])  # x_{k+1} = x_k + a_k
         return ws.x[-1]
@@ -303,18 +339,27 @@ class MLP:
         ws.dx[0] = dLoss/dx_0 when input_grad. `on_layer(k)`, if given, is called as
         soon as dW_k and db_k are issued (data parallel: their all-reduce can start)."""
         be = self.backend
+        ws.done[:] = [False] * self.n_layers
         for k in reversed(range(self.n_layers)):
             act = self.activations[k]
             W = self.params_low[2 * k]
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
-            be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
+            if not ws.done[k]:
+                be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
+                be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                      (n_{k+1},)
             self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'          (n_k, n_{k+1})
-            be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                          (n_{k+1},)
             if on_layer is not None:
                 on_layer(k)
-            if k > 0 or input_grad:
+            if k > 0 and ws.fused[k - 1] and not self.is_residual[k]:
+                # the ReLU layer below, in one product: D'_{k-1} = (D' W_k^T) * mask_{k-1}
+                # and db_{k-1} = sum_rows D'_{k-1} (its act_backward and bias_grad); not
+                # under a skip connection, whose D adds to D' W_k^T before the ReLU's f
+                ws.done[k - 1] = be.gemm_drelu_bias_grad(
+                    Dz, W, ws.mask[k - 1], ws.dz[k - 1], self.grads[2 * k - 1], trans_b=True, tf32=self.precision.tf32
+                )
+            if (k > 0 and not ws.done[k - 1]) or (k == 0 and input_grad):
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
                 beta = 1.0 if self.is_residual[k] else 0.0
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)

@@ -71,7 +71,7 @@ MIN_EVAL_STEPS = 25  # train.eval_every = 0: whole epochs of at least this many 
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
-                     "restore_best", "checkpoint_every_s", "cuda_graph"}  # fmt: skip
+                     "restore_best", "checkpoint_every_s", "cuda_graph", "gemm_epilogues"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -177,7 +177,7 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
         [n_features, *m.hidden, n_out], m.activation, m.output_activation, cfg.loss.name,
         dtype=m.dtype, seed=cfg.train.seed, init=m.init, leaky_relu_slope=m.leaky_relu_slope,
         label_smoothing=cfg.loss.label_smoothing, huber_delta=cfg.loss.huber_delta,
-        residual=m.residual, backend=backend,
+        residual=m.residual, backend=backend, gemm_epilogues=None if cfg.train.gemm_epilogues else False,
     )  # fmt: skip
 
 

@@ -376,6 +376,76 @@ class CupyBackend:
                  out.data.ptr, 1)  # fmt: skip
         return out
 
+    # ------------------------------------------------------------------ fused products (cuBLASLt)
+
+    @property
+    def gemm_epilogues(self) -> bool:
+        """Whether cuBLASLt's fused products can run here (`epilogue_note` says why not)."""
+        return self._lt() is not None
+
+    @property
+    def epilogue_note(self) -> str | None:
+        self._lt()
+        return self.__dict__.get("_lt_note")
+
+    def _lt(self):
+        """The cuBLASLt handle (gpubp/backend/cublaslt.py), made on first use with a
+        workspace of its own from the default pool (kept: a captured graph's products
+        work there); None, with _lt_note saying why, where libcublasLt does not load."""
+        if "_lt_handle" in self.__dict__:
+            return self._lt_handle
+        from . import cublaslt
+
+        lt = None
+        lib, note = cublaslt.load_library()
+        if lib is not None:
+            cupy = self._cupy
+            with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                self._lt_workspace = cupy.empty(cublaslt.WORKSPACE_BYTES, dtype=np.uint8)
+            try:
+                lt = cublaslt.Lt(lib, self._lt_workspace.data.ptr, self._lt_workspace.nbytes)
+            except RuntimeError as e:
+                lt, note = None, _one_line(e)
+        self._lt_handle, self._lt_note = lt, note
+        return lt
+
+    def _lt_product(self, op, epilogue, a, b, out, vector, mask, trans_a, trans_b, tf32) -> bool:
+        """out = op(a) op(b) with `epilogue` in one cuBLASLt product (vector: the bias or
+        the bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8), after the checks;
+        False, nothing done, where it cannot run (no libcublasLt, an empty product, no
+        algorithm for the case)."""
+        from . import cublaslt
+
+        f32 = np.dtype(np.float32)
+        self._check(op, f32, a=a, b=b, out=out, vector=vector)
+        self._check(op, np.uint8, mask=mask)
+        lt = self._lt()
+        if lt is None:
+            return False
+        plan = cublaslt.row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, bool(tf32 or self.tf32),
+                                       ptr=lambda x: x.data.ptr)  # fmt: skip
+        if plan is None:
+            return False
+        plan.run(b.data.ptr, a.data.ptr, out.data.ptr, self._cupy.cuda.get_current_stream().ptr)
+        return True
+
+    def gemm_bias_relu(self, a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
+        """out = max(op(a) op(b) + bias, 0), mask = its bits, in one cuBLASLt product
+        (RELU_AUX_BIAS); see numpy_ops.gemm_bias_relu. False, nothing done, where
+        cuBLASLt cannot run it (the caller runs gemm and bias_act_forward)."""
+        from .cublaslt import EPILOGUE_RELU_AUX_BIAS
+
+        return self._lt_product("gemm_bias_relu", EPILOGUE_RELU_AUX_BIAS, a, b, out, bias, mask, trans_a, trans_b, tf32)
+
+    def gemm_drelu_bias_grad(self, a, b, mask, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
+        """out = (op(a) op(b)) * mask, db = 1^T out, in one cuBLASLt product (DRELU_BGRAD);
+        see numpy_ops.gemm_drelu_bias_grad. False, nothing done, where cuBLASLt cannot
+        run it (the caller runs gemm, act_backward and bias_grad)."""
+        from .cublaslt import EPILOGUE_DRELU_BGRAD
+
+        return self._lt_product("gemm_drelu_bias_grad", EPILOGUE_DRELU_BGRAD, a, b, out, db, mask, trans_a, trans_b,
+                                tf32)  # fmt: skip
+
     # ------------------------------------------------------------------ activations
 
     def bias_act_forward(self, z, b, act: Activation, out):

@@ -79,6 +79,62 @@ def add(a, b, out):
 
 
 # ---------------------------------------------------------------------------------------
+# matrix products with a fused epilogue (cuBLASLt on the GPU: gpubp/backend/cublaslt.py)
+#
+# A ReLU layer's forward product writes its activation and a bit mask of where it is
+# positive; the product of the layer above's backward pass reads that mask, and so gives
+# the layer's D' and bias gradient with no elementwise pass of its own. The mask is
+# cuBLASLt's: mask[i, j // 8] bit j % 8 is [out[i, j] > 0], each row padded with zero
+# bits to a multiple of MASK_ALIGN (uint8, (M, relu_mask_bytes(N))). These references are
+# the unfused ops in the same order, so a model gives the same bits with and without them.
+
+MASK_ALIGN = 128  # bits per row of the mask: a multiple of 128 (cuBLASLt's rule)
+
+
+def relu_mask_bytes(n_cols: int) -> int:
+    """Bytes of one mask row over n_cols columns."""
+    return -(-n_cols // MASK_ALIGN) * MASK_ALIGN // 8
+
+
+def gemm_bias_relu(a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
+    """v = op(a) op(b) + 1 bias^T;  out = max(v, 0);  mask = bits [v > 0]  (RELU_AUX_BIAS).
+
+    a: (M, K), b: (K, N) (op: as gemm), bias: (N,), out: (M, N), mask: (M,
+    relu_mask_bytes(N)) uint8. float32 only. Returns True: the product was done (the GPU
+    returns False, having done nothing, where cuBLASLt has no algorithm for the case)."""
+    gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # v = op(a) op(b)            (M, N)
+    np.add(out, bias, out=out)  # v += 1 bias^T
+    relu_mask_pack(out > 0, mask)  # mask = [v > 0]
+    np.maximum(out, 0, out=out)  # out = max(v, 0)
+    return True
+
+
+def gemm_drelu_bias_grad(a, b, mask, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
+    """out = (op(a) op(b)) * mask;  db = 1^T out  (DRELU_BGRAD).
+
+    The backward pass's D' = (D W^T) * f'(z) of the ReLU layer below, and its db, from
+    the mask that layer's gemm_bias_relu wrote. a: (M, K), b: (K, N) (op: as gemm),
+    mask: (M, relu_mask_bytes(N)) uint8, out: (M, N), db: (N,). float32 only.
+    Returns True (see gemm_bias_relu)."""
+    gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # D W^T                       (M, N)
+    np.multiply(out, relu_mask_unpack(mask, out.shape[1]), out=out)  # D' = (D W^T) * [z > 0]
+    bias_grad(out, db)  # db = 1^T D'                                            (N,)
+    return True
+
+
+def relu_mask_pack(positive, mask) -> None:
+    """mask = the bits of the bool matrix `positive` (M, N), little-endian in each byte."""
+    n_bytes = -(-positive.shape[1] // 8)
+    mask[:, :n_bytes] = np.packbits(positive, axis=1, bitorder="little")
+    mask[:, n_bytes:] = 0
+
+
+def relu_mask_unpack(mask, n_cols: int) -> np.ndarray:
+    """The bool matrix (M, n_cols) whose bits `mask` holds."""
+    return np.unpackbits(mask, axis=1, count=n_cols, bitorder="little").view(np.bool_)
+
+
+# ---------------------------------------------------------------------------------------
 # activations: forward y = f(z) and local gradient D' = D * f'(.)
 
 

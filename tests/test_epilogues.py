@@ -1,0 +1,483 @@
+"""Fused products (cuBLASLt epilogues) on the CPU.
+
+- The NumPy references gemm_bias_relu / gemm_drelu_bias_grad are the unfused ops, bit
+  for bit, and the mask holds [v > 0] where a loop over bits reads it.
+- A model with fused products gives the bits of one without (float32 ReLU layers,
+  residual layers, an input gradient), also where the GPU finds no algorithm for a
+  product and falls back, and inside a captured step.
+- gpubp/backend/cublaslt.py's row-major -> column-major mapping, run against a stand-in
+  libcublasLt that follows cuBLASLt's documented semantics on host memory (column-major
+  operands, op(A) op(B), the epilogue's bias, ReLU bit mask and bias gradient).
+- The ctypes prototypes, enum values and structs against cublasLt.h, where one is
+  installed (the nvidia-cublas wheel, a CUDA toolkit, or GPUBP_CUBLAS_INCLUDE).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from gpubp.activations import make_activation
+from gpubp.backend import NumpyBackend
+from gpubp.backend import cublaslt as LT
+from gpubp.backend import numpy_ops as ops
+from gpubp.backend.recording import RecordingBackend
+from gpubp.model import MLP
+
+RELU = make_activation("relu")
+
+
+def small_ints(rng, shape):
+    """float32 integers in [-3, 3]: every product and sum below is exact in float32, so
+    the references and the float64 stand-in agree bit for bit, zeros (v = 0) included."""
+    return rng.integers(-3, 4, size=shape).astype(np.float32)
+
+
+def operands(rng, m, k, n, trans_a, trans_b):
+    a = small_ints(rng, (k, m) if trans_a else (m, k))
+    b = small_ints(rng, (n, k) if trans_b else (k, n))
+    return a, b
+
+
+def mask_bits(mask, n_cols):
+    """The bool matrix a loop over the bits reads: bit j of row i is byte j // 8, bit j % 8."""
+    rows = mask.shape[0]
+    out = np.zeros((rows, n_cols), dtype=bool)
+    for i in range(rows):
+        for j in range(n_cols):
+            out[i, j] = (int(mask[i, j >> 3]) >> (j & 7)) & 1
+    return out
+
+
+SHAPES = [(1, 3, 1), (5, 4, 7), (33, 8, 8), (6, 5, 129), (17, 2, 300)]
+TRANS = [(False, False), (True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_gemm_bias_relu_is_gemm_then_bias_relu_bitwise_with_its_mask(m, k, n, trans_a, trans_b):
+    rng = np.random.default_rng(m * 100 + n)
+    a, b = operands(rng, m, k, n, trans_a, trans_b)
+    bias = small_ints(rng, n)
+    out = np.full((m, n), np.nan, np.float32)
+    mask = np.full((m, ops.relu_mask_bytes(n)), 0xFF, np.uint8)  # padding must come back 0
+    assert ops.gemm_bias_relu(a, b, bias, out, mask, trans_a, trans_b) is True
+    z = np.empty((m, n), np.float32)
+    ops.gemm(a, b, z, trans_a, trans_b)
+    want = ops.bias_act_forward(z, bias, RELU, np.empty_like(z))
+    assert np.array_equal(out, want)
+    assert np.array_equal(mask_bits(mask, n), z > 0)  # z is v = op(a) op(b) + bias now
+    n_bytes = -(-n // 8)
+    if n % 8:
+        assert (mask[:, n_bytes - 1] >> (n % 8)).max() == 0  # the last byte's spare bits
+    assert mask.shape[1] * 8 % 128 == 0 and (mask[:, n_bytes:] == 0).all()
+    assert (z == 0).any() or m * n < 40  # the v = 0 edge is exercised on the larger shapes
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_gemm_drelu_bias_grad_is_gemm_act_backward_bias_grad_bitwise(m, k, n, trans_a, trans_b):
+    rng = np.random.default_rng(m * 7 + n)
+    a, b = operands(rng, m, k, n, trans_a, trans_b)
+    saved = np.maximum(small_ints(rng, (m, n)), 0)  # a ReLU output: its zeros are f' = 0
+    mask = np.zeros((m, ops.relu_mask_bytes(n)), np.uint8)
+    ops.relu_mask_pack(saved > 0, mask)
+    out, db = np.empty((m, n), np.float32), np.empty(n, np.float32)
+    assert ops.gemm_drelu_bias_grad(a, b, mask, out, db, trans_a, trans_b) is True
+    d = np.empty((m, n), np.float32)
+    ops.gemm(a, b, d, trans_a, trans_b)
+    want = ops.act_backward(d, saved, RELU, np.empty_like(d))
+    assert np.array_equal(out, want)
+    assert np.array_equal(db, ops.bias_grad(want, np.empty(n, np.float32)))
+
+
+# ------------------------------------------------------------------------- the model
+
+
+class Spy(NumpyBackend):
+    """The NumPy backend counting the fused products; `refuse`: the ones that answer
+    False having done nothing (what the GPU does where cuBLASLt has no algorithm)."""
+
+    def __init__(self, refuse=()):
+        self.refuse, self.calls = set(refuse), {"gemm_bias_relu": 0, "gemm_drelu_bias_grad": 0}
+
+    def gemm_bias_relu(self, *args, **kw):
+        if "gemm_bias_relu" in self.refuse:
+            return False
+        self.calls["gemm_bias_relu"] += 1
+        return ops.gemm_bias_relu(*args, **kw)
+
+    def gemm_drelu_bias_grad(self, *args, **kw):
+        if "gemm_drelu_bias_grad" in self.refuse:
+            return False
+        self.calls["gemm_drelu_bias_grad"] += 1
+        return ops.gemm_drelu_bias_grad(*args, **kw)
+
+
+def loss_and_grads(model, x, y, input_grad=False):
+    loss = model.forward_backward(model.as_input(x), model.as_target(y, len(x)), input_grad=input_grad)
+    ws = model._workspace(len(x))
+    return float(loss), model.flat_grads.copy(), ws.dx[0].copy() if input_grad else None
+
+
+CASES = {
+    # name: (sizes, hidden activation, output activation, residual, dtype)
+    "relu": ([6, 16, 16, 12, 3], "relu", "identity", False, "float32"),
+    "relu-out": ([5, 9, 4], "relu", "relu", False, "float32"),  # the output layer's ReLU: fused forward only
+    "residual": ([6, 16, 16, 16, 3], "relu", "identity", True, "float32"),  # skips: some layers unfused
+    "tf32": ([6, 16, 16, 3], "relu", "identity", False, "tf32"),
+    "tanh": ([6, 16, 3], "tanh", "identity", False, "float32"),  # nothing to fuse
+    "float64": ([6, 16, 3], "relu", "identity", False, "float64"),  # float32 products only
+}
+FUSED_CALLS = {  # (forward products, backward products) per forward_backward
+    "relu": (3, 3), "relu-out": (2, 1), "residual": (1, 0), "tf32": (2, 2), "tanh": (0, 0), "float64": (0, 0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_a_model_with_fused_products_is_the_unfused_model_bitwise(case, input_grad):
+    sizes, act, out_act, residual, dtype = CASES[case]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((37, sizes[0]))
+    y = rng.integers(0, sizes[-1], 37)
+    kw = dict(loss="softmax_cross_entropy", dtype=dtype, seed=5, residual=residual)
+    plain = MLP(sizes, act, out_act, backend=NumpyBackend(), **kw)
+    spy = Spy()
+    fused = MLP(sizes, act, out_act, backend=spy, gemm_epilogues=True, **kw)
+    assert not plain.gemm_epilogues  # the NumPy backend's default: unfused
+    for _ in range(2):  # twice: the workspace's flags are reset between passes
+        want = loss_and_grads(plain, x, y, input_grad)
+        got = loss_and_grads(fused, x, y, input_grad)
+        assert want[0] == got[0]
+        assert np.array_equal(want[1], got[1])
+        if input_grad:
+            assert np.array_equal(want[2], got[2])
+    forward, backward = FUSED_CALLS[case]
+    assert spy.calls == {"gemm_bias_relu": 2 * forward, "gemm_drelu_bias_grad": 2 * backward}
+
+
+@pytest.mark.parametrize("refuse", [("gemm_drelu_bias_grad",), ("gemm_bias_relu",), ("gemm_bias_relu",
+                                                                                      "gemm_drelu_bias_grad")])  # fmt: skip
+def test_a_product_without_an_algorithm_falls_back_to_the_unfused_ops(refuse):
+    sizes = [6, 16, 16, 12, 3]
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((21, 6)), rng.integers(0, 3, 21)
+    kw = dict(loss="softmax_cross_entropy", seed=2)
+    want = loss_and_grads(MLP(sizes, backend=NumpyBackend(), **kw), x, y, True)
+    spy = Spy(refuse)
+    got = loss_and_grads(MLP(sizes, backend=spy, gemm_epilogues=True, **kw), x, y, True)
+    assert want[0] == got[0] and np.array_equal(want[1], got[1]) and np.array_equal(want[2], got[2])
+    if "gemm_bias_relu" in refuse:  # no mask written: the backward pass must not read one
+        assert spy.calls["gemm_drelu_bias_grad"] == 0
+
+
+def test_a_captured_step_with_fused_products_is_the_plain_step_bitwise(monkeypatch):
+    """The trainer's step through the recording backend (a CUDA graph's semantics) with
+    the fused products on, against the plain NumPy run without them."""
+    from tests.test_step import assert_same_run, run
+
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", True)  # what the GPU backend says
+    rec = RecordingBackend()
+    calls = []
+
+    @functools.wraps(ops.gemm_drelu_bias_grad)  # the recorder reads the op's signature
+    def counted(*args, **kw):
+        calls.append(1)
+        return ops.gemm_drelu_bias_grad(*args, **kw)
+
+    monkeypatch.setattr(rec.inner, "gemm_drelu_bias_grad", counted)
+    captured = run("adamw-step-clip", rec)
+    assert rec.graphs and calls and rec.replays > 0
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", False)
+    assert_same_run(run("adamw-step-clip", "cpu"), captured)
+
+
+def test_train_gemm_epilogues_false_turns_the_fusion_off(monkeypatch):
+    from gpubp.config import load_config
+    from gpubp.trainer import build_model
+
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", True)
+    cfg = load_config(None, ["model.hidden=[8]", "loss.name=mse"])
+    assert build_model(cfg, 4, 2, NumpyBackend()).gemm_epilogues
+    cfg = load_config(None, ["model.hidden=[8]", "loss.name=mse", "train.gemm_epilogues=false"])
+    assert not build_model(cfg, 4, 2, NumpyBackend()).gemm_epilogues
+
+
+# ------------------------------------------------------- cublaslt.py against a stand-in
+
+
+class FakeLt:
+    """libcublasLt's calls as cublasLt.h documents them, on host memory: the 'device
+    addresses' are NumPy arrays' addresses. Column-major matrices: element (i, j) of a
+    (rows x cols, ld) layout is at address + 4 (i + j ld); D = alpha op(A) op(B) + beta C,
+    then the epilogue: BIAS adds bias[i] to row i; RELU_AUX_BIAS also stores bit i + j ld of
+    the aux buffer ([D > 0], least significant bit first) and applies max(., 0);
+    DRELU_BGRAD multiplies D by those bits and writes the row sums of D to the bias pointer."""
+
+    def __init__(self, refuse=False):
+        self.objects, self.next, self.refuse, self.heuristics = {}, 1, refuse, 0
+
+    def _new(self, ref, obj):
+        self.objects[self.next] = obj
+        ref._obj.value = self.next
+        self.next += 1
+        return 0
+
+    def cublasLtCreate(self, ref):
+        return self._new(ref, "handle")
+
+    def cublasLtMatmulDescCreate(self, ref, compute, scale):
+        return self._new(ref, {"compute": compute, "scale": scale, LT.DESC_TRANSA: 0, LT.DESC_TRANSB: 0,
+                               LT.DESC_EPILOGUE: LT.EPILOGUE_DEFAULT})  # fmt: skip
+
+    def cublasLtMatmulDescSetAttribute(self, desc, attr, buf, size):
+        assert size == ctypes.sizeof(buf._obj)
+        self.objects[desc.value][attr] = buf._obj.value
+        return 0
+
+    def cublasLtMatrixLayoutCreate(self, ref, dtype, rows, cols, ld):
+        assert dtype == LT.CUDA_R_32F and ld >= rows
+        return self._new(ref, (rows, cols, ld))
+
+    def cublasLtMatmulPreferenceCreate(self, ref):
+        return self._new(ref, {})
+
+    cublasLtMatmulPreferenceSetAttribute = cublasLtMatmulDescSetAttribute
+
+    def _destroy(self, obj):
+        del self.objects[obj.value]
+        return 0
+
+    cublasLtMatmulDescDestroy = cublasLtMatrixLayoutDestroy = cublasLtMatmulPreferenceDestroy = _destroy
+
+    def cublasLtMatmulAlgoGetHeuristic(self, handle, desc, la, lb, lc, ld, pref, requested, result, count):
+        self.heuristics += 1
+        assert requested >= 1 and self.objects[pref.value][LT.PREF_MAX_WORKSPACE_BYTES] > 0
+        count._obj.value = 0 if self.refuse else 1
+        result._obj.state = 0
+        return 0
+
+    def _matrix(self, ptr, layout):
+        rows, cols, ld = layout
+        buf = (ctypes.c_float * (ld * (cols - 1) + rows)).from_address(ptr)
+        return np.lib.stride_tricks.as_strided(np.ctypeslib.as_array(buf), (rows, cols), (4, 4 * ld))
+
+    def cublasLtMatmul(self, handle, desc, alpha, a, la, b, lb, beta, c, lc, d, ld, algo, ws, ws_bytes, stream):
+        desc = self.objects[desc.value]
+        assert c == d and lc.value == ld.value and ws and ws_bytes > 0
+        A = self._matrix(a, self.objects[la.value]).astype(np.float64)
+        B = self._matrix(b, self.objects[lb.value]).astype(np.float64)
+        A = A.T if desc[LT.DESC_TRANSA] else A
+        B = B.T if desc[LT.DESC_TRANSB] else B
+        alpha_v = ctypes.c_float.from_address(alpha).value
+        beta_v = ctypes.c_float.from_address(beta).value
+        assert (alpha_v, beta_v) == (1.0, 0.0)
+        D = alpha_v * (A @ B)  # (m, n)
+        m, n = D.shape
+        epilogue = desc[LT.DESC_EPILOGUE]
+        if epilogue != LT.EPILOGUE_DEFAULT:
+            vector = np.ctypeslib.as_array((ctypes.c_float * m).from_address(desc[LT.DESC_BIAS_POINTER]))
+        if epilogue in (LT.EPILOGUE_RELU_AUX_BIAS, LT.EPILOGUE_DRELU_BGRAD):
+            bits_ld = desc[LT.DESC_EPILOGUE_AUX_LD]
+            assert bits_ld % 128 == 0 and bits_ld >= m
+            aux = np.ctypeslib.as_array(
+                (ctypes.c_uint8 * (bits_ld * n // 8)).from_address(desc[LT.DESC_EPILOGUE_AUX_POINTER])
+            )
+        if epilogue == LT.EPILOGUE_BIAS:
+            D += vector[:, None]
+        elif epilogue == LT.EPILOGUE_RELU_AUX_BIAS:
+            D += vector[:, None]
+            for j in range(n):
+                for i in range(m):
+                    bit = j * bits_ld + i
+                    if D[i, j] > 0:
+                        aux[bit >> 3] |= 1 << (bit & 7)
+                    else:
+                        aux[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+            D = np.maximum(D, 0)
+        elif epilogue == LT.EPILOGUE_DRELU_BGRAD:
+            for j in range(n):
+                for i in range(m):
+                    bit = j * bits_ld + i
+                    D[i, j] *= (int(aux[bit >> 3]) >> (bit & 7)) & 1
+            vector[:] = D.sum(axis=1)
+        else:
+            assert epilogue == LT.EPILOGUE_DEFAULT
+        self._matrix(d, self.objects[ld.value])[...] = D
+        return 0
+
+
+def lt_product(lt, epilogue, a, b, out, vector, mask, trans_a, trans_b):
+    plan = LT.row_major_plan(
+        lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, False, ptr=lambda x: x.ctypes.data
+    )
+    if plan is None:
+        return False
+    plan.run(b.ctypes.data, a.ctypes.data, out.ctypes.data, 0)
+    return True
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_the_cublaslt_calls_compute_the_reference_products(m, k, n, trans_a, trans_b):
+    rng = np.random.default_rng(m + 31 * n + 7 * k)
+    fake = FakeLt()
+    workspace = np.empty(64, np.uint8)
+    lt = LT.Lt(fake, workspace.ctypes.data, workspace.nbytes)
+    a, b = operands(rng, m, k, n, trans_a, trans_b)
+    bias = small_ints(rng, n)
+    out, mask = np.empty((m, n), np.float32), np.full((m, ops.relu_mask_bytes(n)), 0xFF, np.uint8)
+    assert lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b, out, bias, mask, trans_a, trans_b)
+    want, want_mask = np.empty_like(out), np.empty_like(mask)
+    ops.gemm_bias_relu(a, b, bias, want, want_mask, trans_a, trans_b)
+    assert np.array_equal(out, want)
+    # the stand-in leaves the padding bits as they were (set here); the reference zeroes them
+    assert np.array_equal(mask_bits(mask, n), mask_bits(want_mask, n))
+
+    # the backward product of the layer above reads that mask: D (m x k2) W^T, W (n x k2)
+    k2 = k + 1
+    d, w = small_ints(rng, (m, k2)), small_ints(rng, (n, k2))
+    out2, db = np.empty((m, n), np.float32), np.empty(n, np.float32)
+    assert lt_product(lt, LT.EPILOGUE_DRELU_BGRAD, d, w, out2, db, mask, False, True)
+    want2, want_db = np.empty_like(out2), np.empty_like(db)
+    ops.gemm_drelu_bias_grad(d, w, want_mask, want2, want_db, False, True)
+    assert np.array_equal(out2, want2) and np.array_equal(db, want_db)
+
+    heuristics = fake.heuristics
+    assert lt_product(lt, LT.EPILOGUE_DRELU_BGRAD, d, w, out2, db, mask, False, True)
+    assert fake.heuristics == heuristics  # a plan is made once per shape and address set
+
+
+def test_no_algorithm_means_no_plan_and_nothing_written():
+    lt = LT.Lt(FakeLt(refuse=True), 1, 1)
+    rng = np.random.default_rng(0)
+    a, b = operands(rng, 4, 3, 5, False, False)
+    out = np.full((4, 5), 7.0, np.float32)
+    mask = np.zeros((4, ops.relu_mask_bytes(5)), np.uint8)
+    assert not lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b, out, np.zeros(5, np.float32), mask, False, False)
+    assert (out == 7.0).all()
+    assert list(lt.plans.values()) == [None]  # remembered: no second heuristic query
+
+
+def test_a_misfit_is_refused_before_anything_runs():
+    lt = LT.Lt(FakeLt(), 1, 1)
+    a, b, out = np.zeros((4, 3), np.float32), np.zeros((3, 5), np.float32), np.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="not fit"):
+        lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b, out, np.zeros(4, np.float32),
+                   np.zeros((4, ops.relu_mask_bytes(5)), np.uint8), False, False)  # fmt: skip
+    with pytest.raises(ValueError, match="not fit"):
+        lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b.T.copy(), out, np.zeros(5, np.float32),
+                   np.zeros((4, ops.relu_mask_bytes(5)), np.uint8), False, False)  # fmt: skip
+
+
+def test_alignment_is_the_largest_power_of_two_up_to_256():
+    assert [LT.alignment(p) for p in (0, 4, 12, 16, 48, 256, 512, 4096 + 8)] == [256, 4, 4, 16, 16, 256, 256, 8]
+
+
+# ------------------------------------------------------------- against cublasLt.h
+
+
+def _include_dirs():
+    dirs = [os.environ.get("GPUBP_CUBLAS_INCLUDE", "")]
+    for root in sys.path:
+        dirs += glob.glob(os.path.join(root, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(root, "nvidia", "cublas", "include"))
+    dirs += [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include"), "/usr/include"]
+    return [d for d in dirs if d and os.path.isfile(os.path.join(d, "cublasLt.h"))]
+
+
+@pytest.fixture(scope="module")
+def header():
+    dirs = _include_dirs()
+    if not dirs:
+        pytest.skip("no cublasLt.h here (pip install nvidia-cublas, or set GPUBP_CUBLAS_INCLUDE)")
+    text = ""
+    for name in ("cublasLt.h", "cublas_api.h"):
+        path = os.path.join(dirs[0], name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                text += re.sub(r"/\*.*?\*/|//[^\n]*", "", f.read(), flags=re.S)
+    return text
+
+
+def _enum_values(text: str) -> dict:
+    """NAME -> value of every enumerator `NAME = expr` (expr over earlier names, | and ints)."""
+    values: dict = {}
+    for name, expr in re.findall(r"\b([A-Z][A-Z0-9_]+)\s*=\s*([^,}]+)[,}]", text):
+        expr = re.sub(r"\b([A-Z][A-Z0-9_]+)\b", lambda mt: str(values.get(mt.group(1), "None")), expr)
+        try:
+            values[name] = int(eval(expr, {"__builtins__": {}}))  # noqa: S307 - integers and | only
+        except Exception:
+            pass
+    return values
+
+
+def test_the_enum_values_are_the_headers(header):
+    v = _enum_values(header)
+    assert {
+        "CUBLASLT_EPILOGUE_DEFAULT": LT.EPILOGUE_DEFAULT, "CUBLASLT_EPILOGUE_BIAS": LT.EPILOGUE_BIAS,
+        "CUBLASLT_EPILOGUE_RELU_AUX_BIAS": LT.EPILOGUE_RELU_AUX_BIAS,
+        "CUBLASLT_EPILOGUE_DRELU_BGRAD": LT.EPILOGUE_DRELU_BGRAD,
+        "CUBLASLT_MATMUL_DESC_TRANSA": LT.DESC_TRANSA, "CUBLASLT_MATMUL_DESC_TRANSB": LT.DESC_TRANSB,
+        "CUBLASLT_MATMUL_DESC_EPILOGUE": LT.DESC_EPILOGUE, "CUBLASLT_MATMUL_DESC_BIAS_POINTER": LT.DESC_BIAS_POINTER,
+        "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER": LT.DESC_EPILOGUE_AUX_POINTER,
+        "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD": LT.DESC_EPILOGUE_AUX_LD,
+        "CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES": LT.PREF_MAX_WORKSPACE_BYTES,
+        "CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES": LT.PREF_MIN_ALIGNMENT_A_BYTES,
+        "CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES": LT.PREF_MIN_ALIGNMENT_B_BYTES,
+        "CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES": LT.PREF_MIN_ALIGNMENT_C_BYTES,
+        "CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES": LT.PREF_MIN_ALIGNMENT_D_BYTES,
+        "CUBLAS_OP_N": LT.OP_N, "CUBLAS_OP_T": LT.OP_T, "CUBLAS_COMPUTE_32F": LT.COMPUTE_32F,
+        "CUBLAS_COMPUTE_32F_FAST_TF32": LT.COMPUTE_32F_FAST_TF32,
+    }.items() <= v.items()  # fmt: skip
+
+
+_POINTER_TYPES = ("cublasLtHandle_t", "cublasLtMatmulDesc_t", "cublasLtMatrixLayout_t", "cublasLtMatmulPreference_t",
+                  "cudaStream_t")  # fmt: skip
+_INT_TYPES = ("cublasComputeType_t", "cudaDataType_t", "cudaDataType", "cublasLtMatmulDescAttributes_t",
+              "cublasLtMatmulPreferenceAttributes_t", "int")  # fmt: skip
+
+
+def _kind_of_c(param: str) -> str:
+    param = re.sub(r"\b\w+\s*\[\]$", "*", param.strip())  # `T name[]` is a pointer
+    words = param.replace("*", " * ").split()
+    if "*" in words or any(w in _POINTER_TYPES for w in words):
+        return "pointer"
+    for c, kind in (("uint64_t", "u64"), ("int64_t", "i64"), ("size_t", "u64")):  # ctypes: size_t is uint64
+        if c in words:
+            return kind
+    assert any(w in _INT_TYPES for w in words), param
+    return "int"
+
+
+def _kind_of_ctypes(t) -> str:
+    if t in (ctypes.c_void_p,) or issubclass(t, ctypes._Pointer):
+        return "pointer"
+    assert ctypes.sizeof(ctypes.c_size_t) == 8 and ctypes.sizeof(ctypes.c_int) == 4
+    return {ctypes.c_int: "int", ctypes.c_uint64: "u64", ctypes.c_int64: "i64", ctypes.c_size_t: "u64"}[t]
+
+
+@pytest.mark.parametrize("name", list(LT.PROTOTYPES))
+def test_each_prototype_matches_the_header(header, name):
+    found = re.search(r"cublasStatus_t\s+CUBLASWINAPI\s+" + name + r"\s*\(([^)]*)\)", header)
+    assert found, name
+    params = [p for p in found.group(1).split(",") if p.strip()]
+    assert [_kind_of_c(p) for p in params] == [_kind_of_ctypes(t) for t in LT.PROTOTYPES[name]]
+
+
+def test_the_structs_match_the_header(header):
+    algo = re.search(r"typedef struct \{\s*uint64_t data\[(\d+)\];\s*\} cublasLtMatmulAlgo_t;", header)
+    assert algo and ctypes.sizeof(LT.Algo) == 8 * int(algo.group(1))
+    body = re.search(r"typedef struct \{([^{}]*)\} cublasLtMatmulHeuristicResult_t;", header).group(1)
+    fields = re.findall(r"(\w+)\s+(\w+)(\[\d+\])?;", body)
+    assert [(f[1], f[2]) for f in fields] == [("algo", ""), ("workspaceSize", ""), ("state", ""),
+                                              ("wavesCount", ""), ("reserved", "[4]")]  # fmt: skip
+    assert [f[0] for f in LT.HeuristicResult._fields_] == ["algo", "workspaceSize", "state", "wavesCount", "reserved"]
