@@ -60,6 +60,30 @@ def test_run_reports_every_figure():
     assert g["step_over_gemm"] == pytest.approx(1e3 * g["ms_per_step"] / ops["gemm"], rel=1e-12)
 
 
+def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
+    """Where the model fuses its products (the GPU's default for ReLU layers; forced here
+    on the recording backend), the row also times the captured step with
+    train.gemm_epilogues = false in the same rounds (fused x), and the fused products
+    are GEMMs in the profile: their own rows in the per-op table, in the GEMM sum."""
+    from gpubp.backend import NumpyBackend
+    from gpubp.backend.recording import RecordingBackend
+
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", True)
+    case = B.Case("t", [8, 16, 16, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adamw")
+    report = B.run([case], RecordingBackend(), with_torch=False, log=lambda m: None)
+    g = report["results"][0]["gpubp"]
+    assert g["fused_products"] and g["ms_per_step_unfused"] > 0
+    assert g["fusion_speedup"] == pytest.approx(g["ms_per_step_unfused"] / g["ms_per_step"], rel=1e-12)
+    ops = g["ops_us"]
+    assert ops["gemm_bias_relu"] > 0 and ops["gemm_drelu_bias_grad"] > 0 and "act_backward" in ops
+    assert g["gemm_us"] == pytest.approx(ops["gemm"] + ops["gemm_bias_relu"] + ops["gemm_drelu_bias_grad"])
+    md = B.markdown(report)
+    assert f"| {g['fusion_speedup']:.2f} |" in md and "gemm_drelu_bias_grad" in md.split("Where a step's time goes")[1]
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", False)  # the CPU's default: nothing fused, no third run
+    g = B.run([case], RecordingBackend(), with_torch=False, log=lambda m: None)["results"][0]["gpubp"]
+    assert not g["fused_products"] and g["ms_per_step_unfused"] is None and g["fusion_speedup"] is None
+
+
 def test_the_gpubp_row_times_the_trainers_step_captured_and_plain(monkeypatch):
     """With a backend that captures (the recording backend: a CUDA graph's semantics on the
     CPU), the gpubp row runs the trainer's Step twice over: captured (one capture, then

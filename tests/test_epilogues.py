@@ -20,6 +20,7 @@ import glob
 import os
 import re
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -316,13 +317,9 @@ class FakeLt:
 
 
 def lt_product(lt, epilogue, a, b, out, vector, mask, trans_a, trans_b):
-    plan = LT.row_major_plan(
-        lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, False, ptr=lambda x: x.ctypes.data
-    )
-    if plan is None:
-        return False
-    plan.run(b.ctypes.data, a.ctypes.data, out.ctypes.data, 0)
-    return True
+    """What CupyBackend._lt_product does, on host memory."""
+    return LT.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, False,
+                                lambda x: x.ctypes.data, 0)  # fmt: skip
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -354,6 +351,49 @@ def test_the_cublaslt_calls_compute_the_reference_products(m, k, n, trans_a, tra
     heuristics = fake.heuristics
     assert lt_product(lt, LT.EPILOGUE_DRELU_BGRAD, d, w, out2, db, mask, False, True)
     assert fake.heuristics == heuristics  # a plan is made once per shape and address set
+
+
+class HostArray(np.ndarray):
+    """A NumPy array with CuPy's `.data.ptr` (its host address): the GPU backend's code
+    runs on it against the stand-in library."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def test_the_gpu_backends_fused_ops_make_the_reference_products():
+    """CupyBackend.gemm_bias_relu / gemm_drelu_bias_grad, the code a GPU runs (its checks
+    aside), on host arrays and the stand-in libcublasLt: the reference's results; and
+    False, nothing written, without a libcublasLt."""
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = CupyBackend.__new__(CupyBackend)
+    be.tf32, be._check = False, lambda *args, **kw: None
+    stream = types.SimpleNamespace(ptr=0)
+    be._cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(get_current_stream=lambda: stream))
+    workspace = np.empty(64, np.uint8)
+    be._lt_handle, be._lt_note = LT.Lt(FakeLt(), workspace.ctypes.data, workspace.nbytes), None
+    rng = np.random.default_rng(9)
+    m, k, n = 9, 6, 11
+    x, w, bias = small_ints(rng, (m, k)), small_ints(rng, (k, n)), small_ints(rng, n)
+    out, mask = np.empty((m, n), np.float32), np.zeros((m, ops.relu_mask_bytes(n)), np.uint8)
+    host = [v.view(HostArray) for v in (x, w, bias, out, mask)]
+    assert be.gemm_bias_relu(*host)
+    want, want_mask = np.empty_like(out), np.empty_like(mask)
+    ops.gemm_bias_relu(x, w, bias, want, want_mask)
+    assert np.array_equal(out, want) and np.array_equal(mask_bits(mask, n), mask_bits(want_mask, n))
+    d, w2 = small_ints(rng, (m, 5)), small_ints(rng, (n, 5))
+    out2, db = np.empty((m, n), np.float32), np.empty(n, np.float32)
+    host2 = [v.view(HostArray) for v in (d, w2, mask, out2, db)]
+    assert be.gemm_drelu_bias_grad(*host2, trans_b=True)
+    want2, want_db = np.empty_like(out2), np.empty_like(db)
+    ops.gemm_drelu_bias_grad(d, w2, want_mask, want2, want_db, trans_b=True)
+    assert np.array_equal(out2, want2) and np.array_equal(db, want_db)
+    be._lt_handle, be._lt_note = None, "libcublasLt cannot be opened"
+    out[...] = 7.0
+    assert not be.gemm_bias_relu(*host) and (out == 7.0).all()
+    assert not be.gemm_epilogues and be.epilogue_note == "libcublasLt cannot be opened"
 
 
 def test_no_algorithm_means_no_plan_and_nothing_written():
@@ -481,3 +521,12 @@ def test_the_structs_match_the_header(header):
     assert [(f[1], f[2]) for f in fields] == [("algo", ""), ("workspaceSize", ""), ("state", ""),
                                               ("wavesCount", ""), ("reserved", "[4]")]  # fmt: skip
     assert [f[0] for f in LT.HeuristicResult._fields_] == ["algo", "workspaceSize", "state", "wavesCount", "reserved"]
+
+
+def test_the_library_has_every_function_declared():
+    """Where a libcublasLt can be opened (a GPU machine, or the nvidia-cublas wheel on
+    LD_LIBRARY_PATH), every function of PROTOTYPES is in it (load_library checks)."""
+    lib, note = LT.load_library()
+    if lib is None:
+        pytest.skip(note)
+    assert all(hasattr(lib, name) for name in LT.PROTOTYPES)

@@ -27,6 +27,7 @@ returns None and the caller runs the unfused ops.
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -111,7 +112,12 @@ def load_library():
     path = None
     try:
         with open("/proc/self/maps") as f:
-            path = next((ln.split()[-1] for ln in f if "/libcublasLt.so" in ln), None)
+            loaded = [ln.split()[-1] for ln in f if "/libcublas" in ln]
+        blas = [p for p in loaded if "/libcublas.so" in p]
+        lts = [p for p in loaded if "/libcublasLt.so" in p]
+        # the one beside CuPy's libcublas (PyTorch may have loaded a copy of its own)
+        near = [p for p in lts if blas and os.path.dirname(p) == os.path.dirname(blas[0])]
+        path = (near or lts or [None])[0]
     except OSError:
         pass
     names = [path] if path else ["libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"]
@@ -236,13 +242,24 @@ class Lt:
         return plan
 
 
+def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
+                      stream_ptr: int) -> bool:  # fmt: skip
+    """The row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue` (vector: the
+    bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8) on stream_ptr, its
+    shapes checked; False, nothing done, for an empty product or where cuBLASLt has no
+    algorithm. ptr(x): an array's device address."""
+    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr)
+    if plan is None:
+        return False
+    plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
+    return True
+
+
 def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr):
-    """The Plan of the row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue`
-    (vector: the bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8), its
-    shapes checked; None for an empty product or where cuBLASLt has no algorithm. ptr(x):
-    an array's device address. Run it as plan.run(ptr(b), ptr(a), ptr(out), stream):
-    column-major, out^T (N x M) = op(b)^T op(a)^T, so cuBLASLt's A is b and its B is a,
-    m = N, n = M; out's rows are D's columns (ld N), and so are the mask's (ld in bits)."""
+    """The Plan of row_major_product's product; None for an empty one or where cuBLASLt
+    has no algorithm. Column-major, out^T (N x M) = op(b)^T op(a)^T, so cuBLASLt's A is b
+    and its B is a, m = N, n = M; out's rows are D's columns (ld N), and so are the
+    mask's (ld in bits)."""
     m_rows, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n_cols = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb or out.shape != (m_rows, n_cols):

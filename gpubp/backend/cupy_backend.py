@@ -422,12 +422,9 @@ class CupyBackend:
         lt = self._lt()
         if lt is None:
             return False
-        plan = cublaslt.row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, bool(tf32 or self.tf32),
-                                       ptr=lambda x: x.data.ptr)  # fmt: skip
-        if plan is None:
-            return False
-        plan.run(b.data.ptr, a.data.ptr, out.data.ptr, self._cupy.cuda.get_current_stream().ptr)
-        return True
+        stream = self._cupy.cuda.get_current_stream().ptr
+        return cublaslt.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b,
+                                          bool(tf32 or self.tf32), lambda x: x.data.ptr, stream)  # fmt: skip
 
     def gemm_bias_relu(self, a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = max(op(a) op(b) + bias, 0), mask = its bits, in one cuBLASLt product
