@@ -185,8 +185,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gemm_epilogues": _f(
             "bool",
             True,
-            "GPU: fuse each float32 ReLU layer's bias and ReLU into its forward GEMM, and its ReLU gradient and bias "
-            "gradient into the backward GEMM below it (cuBLASLt epilogues; off: separate kernels)",
+            "GPU: fuse each ReLU layer's bias and ReLU into its forward GEMM, and its ReLU gradient and bias gradient "
+            "into the backward GEMM of the layer above (cuBLASLt epilogues; float32, tf32, bf16, fp16; off: separate "
+            "kernels)",
         ),
     },
 }

@@ -132,7 +132,7 @@ class MLP:
         ]
         self.hidden_activation = hidden
         # fused products (bias + ReLU into the forward GEMM; ReLU' and db into the backward
-        # one): the backend's default (on for the GPU) unless asked; float32 ReLU layers only
+        # one): the backend's default (on for the GPU) unless asked; ReLU layers, not float64
         if gemm_epilogues is None:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False))
         self.gemm_epilogues = bool(gemm_epilogues)
@@ -242,13 +242,14 @@ class MLP:
         return ws
 
     def _fusable(self, k: int) -> bool:
-        """Layer k's products may be fused: a float32 ReLU layer without a skip connection
-        (a residual layer's D' is not its output's gradient alone)."""
+        """Layer k's products may be fused: a ReLU layer without a skip connection (a
+        residual layer's D' is not its output's gradient alone), float32 or 16-bit storage
+        (float64 has no cuBLASLt epilogues)."""
         return (
             self.gemm_epilogues
             and self.activations[k].name == "relu"
             and not self.is_residual[k]
-            and np.dtype(self.store_dtype) == np.float32
+            and np.dtype(self.store_dtype) != np.float64
         )
 
     @property

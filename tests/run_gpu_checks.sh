@@ -5,7 +5,8 @@
 #   pytest-gpu.txt      every gpu-marked test but the sanitizer ones (ops vs NumPy, whole
 #                       training CPU vs GPU, determinism, resume, every CLI command; mixed
 #                       precision: tests/test_precision_gpu.py, the tf32 conversion it finds;
-#                       a training split streamed from host memory: tests/test_stream_gpu.py)
+#                       a training split streamed from host memory: tests/test_stream_gpu.py;
+#                       fused products (cuBLASLt epilogues): tests/test_epilogues_gpu.py)
 #   sanitizer.txt       compute-sanitizer memcheck, racecheck, synccheck (run beside pytest)
 #   bias-grad.txt       column sums of D': our kernel vs cuBLAS GEMV (ones^T D')
 #   bench.md/.json/.txt gpubp bench --device gpu against PyTorch eager and torch.compile: the GPU
@@ -48,7 +49,8 @@ for k in KERNELS_USED:
 for k in LOW_KERNELS_USED:
     be._function(k, np.uint16); be._function(k, np.float16)
 be._function('step_guard_scaled_f32', None)
-print('kernels compiled')" >> "$OUT/env.txt" 2>&1
+print('kernels compiled')
+print('cuBLASLt fused products:', be.gemm_epilogues, be.epilogue_note or '')" >> "$OUT/env.txt" 2>&1
 
 # the sanitizer runs in the background, beside pytest
 for tool in memcheck racecheck synccheck; do

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpubp import precision as PR
 from gpubp.backend import numpy_ops as ops
 from gpubp.model import MLP
 
@@ -77,7 +78,57 @@ def test_gemm_drelu_bias_grad(gpu, m, k, n):
     close(gpu.to_numpy(db), ref.sum(0), np.float32, mag.sum(0), f"bias gradient {(m, k, n)}")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "tf32"])
+U32 = 2.0**-24
+LOW = {"bf16": (PR.BF16, 2.0**-8), "fp16": (PR.F16, 2.0**-11)}
+
+
+@pytest.mark.parametrize("storage", list(LOW))
+@pytest.mark.parametrize("m,k,n", [(37, 13, 10), (100, 784, 512), (262144, 64, 64)])
+def test_16bit_products(gpu, storage, m, k, n):
+    """bf16/fp16 a, b, out with float32 accumulation and a float32 bias / bias gradient.
+    Bound, as tests/test_precision.py's 16-bit GEMM: one rounding of the result,
+    u |v| (1 + K u32), plus the float32 accumulation, K u32 sum|terms|; the bias
+    gradient sums unrounded values: its own float32 sums on top, M u32 sum|g|."""
+    dt, u = LOW[storage]
+    rng = np.random.default_rng(m + k)
+
+    def to16(x):
+        out = np.empty(x.shape, dt)
+        PR.store(x.astype(np.float32), out)
+        return out, PR.to_float32(out).astype(np.float64)
+
+    (x16, x), (w16, w) = to16(rng.normal(size=(m, k))), to16(rng.normal(size=(k, n)))
+    bias = rng.normal(size=n).astype(np.float32)
+    out, mask = gpu.empty((m, n), dt), gpu.asarray(np.zeros((m, ops.relu_mask_bytes(n)), np.uint8))
+    assert gpu.gemm_bias_relu(gpu.asarray(x16), gpu.asarray(w16), gpu.asarray(bias), out, mask), (
+        f"cuBLASLt found no {storage} RELU_AUX_BIAS algorithm with a float32 bias"
+    )
+    v = x @ w + bias
+    terms = np.abs(x) @ np.abs(w) + np.abs(bias)
+    bound = u * np.abs(v) * (1 + k * U32) + k * U32 * terms
+    got = PR.to_float32(gpu.to_numpy(out)).astype(np.float64)
+    assert (np.abs(got - np.maximum(v, 0)) <= bound).all()
+    bits = ops.relu_mask_unpack(gpu.to_numpy(mask), n)
+    assert not ((bits != (v > 0)) & (np.abs(v) > bound)).any()
+    # backward: D (m, n) W^T with W (k, n), the mask above as the ReLU's
+    (d16, d), (wt16, wt) = to16(rng.normal(size=(m, n))), to16(rng.normal(size=(k, n)))
+    positive = rng.random((m, k)) < 0.6
+    mask2 = np.zeros((m, ops.relu_mask_bytes(k)), np.uint8)
+    ops.relu_mask_pack(positive, mask2)
+    out2, db = gpu.empty((m, k), dt), gpu.empty(k, np.float32)
+    assert gpu.gemm_drelu_bias_grad(gpu.asarray(d16), gpu.asarray(wt16), gpu.asarray(mask2), out2, db, trans_b=True), (
+        f"cuBLASLt found no {storage} DRELU_BGRAD algorithm with a float32 bias gradient"
+    )
+    g = (d @ wt.T) * positive
+    terms2 = (np.abs(d) @ np.abs(wt.T)) * positive
+    bound2 = u * np.abs(g) * (1 + n * U32) + n * U32 * terms2
+    got2 = PR.to_float32(gpu.to_numpy(out2)).astype(np.float64)
+    assert (np.abs(got2 - g) <= bound2).all()
+    db_bound = (n * U32 * terms2).sum(0) + m * U32 * np.abs(g).sum(0)
+    assert (np.abs(gpu.to_numpy(db) - g.sum(0)) <= db_bound).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "tf32", "bf16"])
 def test_a_fused_model_step_agrees_with_the_unfused_one(gpu, dtype):
     """Loss and every gradient of a ReLU MLP, fused against unfused on the same GPU, and
     the fused path really ran (each hidden layer's mask written, its backward fused)."""
@@ -93,12 +144,13 @@ def test_a_fused_model_step_agrees_with_the_unfused_one(gpu, dtype):
         results.append((gpu.to_float(loss), gpu.to_numpy(model.flat_grads)))
     ws = fused._workspace(len(x))
     assert ws.fused == [True, True, True, False] and ws.done == [True, True, True, False]
-    # two float32 evaluations that differ in their GEMM kernels (summation order): each
-    # gradient within ~K u sum|terms| of the exact one, sum|terms| a few times max|g| here;
-    # 1e-4 max|g| covers K <= 256 at u = 2^-24 with room. tf32: a kernel may round its
-    # inputs to TF32 (u = 2^-11) where the other does not: 8 u
-    rtol = 2.0**-11 * 8 if dtype == "tf32" else 1e-4
+    # relative 2-norm of the difference. float32: two evaluations that differ in their GEMM
+    # kernels (summation order), each within ~K u sum|terms| of the exact gradient: 1e-4
+    # covers K <= 256 at u = 2^-24 with room. tf32: a kernel may round its inputs to TF32
+    # (u = 2^-11) where the other does not: 8 u. bf16: the fused products round fewer
+    # times (tests/test_epilogues.py's CPU bound, 2 sqrt(6 L) u, L = 4)
+    rtol = {"tf32": 2.0**-11 * 8, "bf16": 2 * np.sqrt(24) * 2.0**-8}.get(dtype, 1e-4)
     (lf, gf), (lp, gp) = results
     assert abs(lf - lp) <= rtol * abs(lp)
-    scale = np.abs(gp).max()
-    assert np.abs(gf - gp).max() <= rtol * scale, f"gradients differ by {np.abs(gf - gp).max()} of {scale}"
+    rel = np.linalg.norm(gf - gp) / np.linalg.norm(gp)
+    assert rel <= rtol, f"gradients differ by {rel:.2e} (relative 2-norm) > {rtol:.2e}"

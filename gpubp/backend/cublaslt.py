@@ -46,6 +46,7 @@ DESC_EPILOGUE = 7
 DESC_BIAS_POINTER = 8
 DESC_EPILOGUE_AUX_POINTER = 11
 DESC_EPILOGUE_AUX_LD = 12
+DESC_BIAS_DATA_TYPE = 26
 # cublasLtMatmulPreferenceAttributes_t
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT_A_BYTES, PREF_MIN_ALIGNMENT_B_BYTES = 5, 6
@@ -53,7 +54,7 @@ PREF_MIN_ALIGNMENT_C_BYTES, PREF_MIN_ALIGNMENT_D_BYTES = 7, 8
 
 # cublasOperation_t, cudaDataType_t, cublasComputeType_t (cublas_api.h, library_types.h)
 OP_N, OP_T = 0, 1
-CUDA_R_32F = 0
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
 COMPUTE_32F, COMPUTE_32F_FAST_TF32 = 68, 77
 
 WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended workspace on Hopper
@@ -187,19 +188,21 @@ class Lt:
 
     def plan(self, *, m: int, n: int, k: int, lda: int, trans_a: bool, ldb: int, trans_b: bool, ldd: int,
              epilogue: int, aligns: tuple, tf32: bool = False, bias_ptr: int = 0, mask_ptr: int = 0,
-             mask_ld: int = 0):  # fmt: skip
-        """The Plan of D (m x n, column-major, float32) = op(A) op(B) with `epilogue`, made
-        on first use; None where cuBLASLt has no algorithm for it. A, B, D as cuBLASLt
+             mask_ld: int = 0, data_type: int = CUDA_R_32F):  # fmt: skip
+        """The Plan of D (m x n, column-major) = op(A) op(B) with `epilogue`, made on first
+        use; None where cuBLASLt has no algorithm for it. data_type: A's, B's and D's
+        (float32, or 16-bit with float32 accumulation; the bias or bias gradient is
+        float32 either way, and so are alpha and beta). A, B, D as cuBLASLt
         sees them (column-major; the caller swaps row-major operands); aligns: the byte
         alignments of A, B and D (`alignment`), which the algorithm may rely on. bias_ptr:
         the bias (BIAS epilogues) or the bias gradient (BGRAD); mask_ptr, mask_ld (bits):
         the ReLU mask."""
-        key = (m, n, k, lda, trans_a, ldb, trans_b, ldd, epilogue, aligns, tf32, bias_ptr, mask_ptr, mask_ld)
+        key = (m, n, k, lda, trans_a, ldb, trans_b, ldd, epilogue, aligns, tf32, bias_ptr, mask_ptr, mask_ld, data_type)
         if key in self.plans:
             return self.plans[key]
         lib = self.lib
         desc = ctypes.c_void_p()
-        compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
+        compute = COMPUTE_32F_FAST_TF32 if tf32 and data_type == CUDA_R_32F else COMPUTE_32F
         self._ok(lib.cublasLtMatmulDescCreate(ctypes.byref(desc), compute, CUDA_R_32F), "cublasLtMatmulDescCreate")
         set_desc = lib.cublasLtMatmulDescSetAttribute
         self._set(set_desc, desc, DESC_TRANSA, ctypes.c_int32(OP_T if trans_a else OP_N))
@@ -207,6 +210,8 @@ class Lt:
         self._set(set_desc, desc, DESC_EPILOGUE, ctypes.c_uint32(epilogue))
         if bias_ptr:
             self._set(set_desc, desc, DESC_BIAS_POINTER, ctypes.c_void_p(bias_ptr))
+            if data_type != CUDA_R_32F:  # by default the bias has D's type: ours is float32
+                self._set(set_desc, desc, DESC_BIAS_DATA_TYPE, ctypes.c_int32(CUDA_R_32F))
         if mask_ptr:
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_POINTER, ctypes.c_void_p(mask_ptr))
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(mask_ld))
@@ -215,7 +220,7 @@ class Lt:
         for rows, cols, ld in ((k, m, lda) if trans_a else (m, k, lda), (n, k, ldb) if trans_b else (k, n, ldb),
                                (m, n, ldd)):  # fmt: skip
             layout = ctypes.c_void_p()
-            self._ok(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), CUDA_R_32F, rows, cols, ld),
+            self._ok(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), data_type, rows, cols, ld),
                      "cublasLtMatrixLayoutCreate")  # fmt: skip
             layouts.append(layout)
         pref = ctypes.c_void_p()
@@ -243,19 +248,20 @@ class Lt:
 
 
 def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
-                      stream_ptr: int) -> bool:  # fmt: skip
+                      stream_ptr: int, data_type: int = CUDA_R_32F) -> bool:  # fmt: skip
     """The row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue` (vector: the
     bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8) on stream_ptr, its
     shapes checked; False, nothing done, for an empty product or where cuBLASLt has no
-    algorithm. ptr(x): an array's device address."""
-    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr)
+    algorithm. ptr(x): an array's device address; data_type: a's, b's and out's CUDA type."""
+    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type)
     if plan is None:
         return False
     plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
     return True
 
 
-def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr):
+def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
+                   data_type: int = CUDA_R_32F):  # fmt: skip
     """The Plan of row_major_product's product; None for an empty one or where cuBLASLt
     has no algorithm. Column-major, out^T (N x M) = op(b)^T op(a)^T, so cuBLASLt's A is b
     and its B is a, m = N, n = M; out's rows are D's columns (ld N), and so are the
@@ -271,5 +277,5 @@ def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool
     return lt.plan(
         m=n_cols, n=m_rows, k=k, lda=b.shape[1], trans_a=trans_b, ldb=a.shape[1], trans_b=trans_a, ldd=n_cols,
         epilogue=epilogue, aligns=(alignment(ptr(b)), alignment(ptr(a)), alignment(ptr(out))), tf32=tf32,
-        bias_ptr=ptr(vector), mask_ptr=ptr(mask), mask_ld=mask.shape[1] * 8,
+        bias_ptr=ptr(vector), mask_ptr=ptr(mask), mask_ld=mask.shape[1] * 8, data_type=data_type,
     )  # fmt: skip

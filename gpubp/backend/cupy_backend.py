@@ -410,21 +410,26 @@ class CupyBackend:
         return lt
 
     def _lt_product(self, op, epilogue, a, b, out, vector, mask, trans_a, trans_b, tf32) -> bool:
-        """out = op(a) op(b) with `epilogue` in one cuBLASLt product (vector: the bias or
-        the bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8), after the checks;
+        """out = op(a) op(b) with `epilogue` in one cuBLASLt product (a, b, out float32 or
+        all of one 16-bit storage; vector: the bias or the bias gradient, (N,) float32;
+        mask: (M, relu_mask_bytes(N)) uint8), after the checks;
         False, nothing done, where it cannot run (no libcublasLt, an empty product, no
         algorithm for the case)."""
         from . import cublaslt
 
-        f32 = np.dtype(np.float32)
-        self._check(op, f32, a=a, b=b, out=out, vector=vector)
+        dtype = out.dtype  # float32, or bf16/fp16 storage (float32 accumulation)
+        if dtype not in (np.dtype(np.float32), *PR.LOW):
+            raise TypeError(f"{op}: out has dtype {dtype}, expected float32, bf16 or float16")
+        self._check(op, dtype, a=a, b=b, out=out)
+        self._check(op, np.float32, vector=vector)
         self._check(op, np.uint8, mask=mask)
         lt = self._lt()
         if lt is None:
             return False
         stream = self._cupy.cuda.get_current_stream().ptr
         return cublaslt.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b,
-                                          bool(tf32 or self.tf32), lambda x: x.data.ptr, stream)  # fmt: skip
+                                          bool(tf32 or self.tf32), lambda x: x.data.ptr, stream,
+                                          _CUDA_TYPE[dtype])  # fmt: skip
 
     def gemm_bias_relu(self, a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = max(op(a) op(b) + bias, 0), mask = its bits, in one cuBLASLt product

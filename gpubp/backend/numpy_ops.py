@@ -85,8 +85,10 @@ def add(a, b, out):
 # positive; the product of the layer above's backward pass reads that mask, and so gives
 # the layer's D' and bias gradient with no elementwise pass of its own. The mask is
 # cuBLASLt's: mask[i, j // 8] bit j % 8 is [out[i, j] > 0], each row padded with zero
-# bits to a multiple of MASK_ALIGN (uint8, (M, relu_mask_bytes(N))). These references are
-# the unfused ops in the same order, so a model gives the same bits with and without them.
+# bits to a multiple of MASK_ALIGN (uint8, (M, relu_mask_bytes(N))). In float32 these
+# references are the unfused ops in the same order, so a model gives the same bits with
+# and without them. With 16-bit storage (bf16, fp16) the epilogue works on the float32
+# accumulator and rounds once, where the unfused ops round the product, then the sum.
 
 MASK_ALIGN = 128  # bits per row of the mask: a multiple of 128 (cuBLASLt's rule)
 
@@ -99,9 +101,18 @@ def relu_mask_bytes(n_cols: int) -> int:
 def gemm_bias_relu(a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
     """v = op(a) op(b) + 1 bias^T;  out = max(v, 0);  mask = bits [v > 0]  (RELU_AUX_BIAS).
 
-    a: (M, K), b: (K, N) (op: as gemm), bias: (N,), out: (M, N), mask: (M,
-    relu_mask_bytes(N)) uint8. float32 only. Returns True: the product was done (the GPU
-    returns False, having done nothing, where cuBLASLt has no algorithm for the case)."""
+    a: (M, K), b: (K, N) (op: as gemm), bias: (N,) float32, out: (M, N), mask: (M,
+    relu_mask_bytes(N)) uint8. a, b, out float32, or all of one 16-bit storage: then v is
+    the float32 accumulator plus the bias, and out = max(v, 0) rounded once. Returns True:
+    the product was done (the GPU returns False, having done nothing, where cuBLASLt has
+    no algorithm for the case)."""
+    if out.dtype in PR.LOW:
+        acc = np.empty(out.shape, np.float32)
+        gemm(PR.to_float32(a), PR.to_float32(b), acc, trans_a, trans_b)  # float32 products and sums
+        np.add(acc, bias, out=acc)  # v
+        relu_mask_pack(acc > 0, mask)
+        PR.store(np.maximum(acc, 0), out)
+        return True
     gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # v = op(a) op(b)            (M, N)
     np.add(out, bias, out=out)  # v += 1 bias^T
     relu_mask_pack(out > 0, mask)  # mask = [v > 0]
@@ -114,8 +125,17 @@ def gemm_drelu_bias_grad(a, b, mask, out, db, trans_a=False, trans_b=False, tf32
 
     The backward pass's D' = (D W^T) * f'(z) of the ReLU layer below, and its db, from
     the mask that layer's gemm_bias_relu wrote. a: (M, K), b: (K, N) (op: as gemm),
-    mask: (M, relu_mask_bytes(N)) uint8, out: (M, N), db: (N,). float32 only.
+    mask: (M, relu_mask_bytes(N)) uint8, out: (M, N), db: (N,) float32. a, b, out float32
+    (the unfused ops, bit for bit), or all of one 16-bit storage: then the masked float32
+    accumulator g is rounded once into out and db sums g (not its rounded values).
     Returns True (see gemm_bias_relu)."""
+    if out.dtype in PR.LOW:
+        g = np.empty(out.shape, np.float32)
+        gemm(PR.to_float32(a), PR.to_float32(b), g, trans_a, trans_b)
+        np.multiply(g, relu_mask_unpack(mask, out.shape[1]), out=g)
+        PR.store(g, out)
+        bias_grad(g, db)
+        return True
     gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # D W^T                       (M, N)
     np.multiply(out, relu_mask_unpack(mask, out.shape[1]), out=out)  # D' = (D W^T) * [z > 0]
     bias_grad(out, db)  # db = 1^T D'                                            (N,)
