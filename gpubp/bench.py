@@ -165,10 +165,11 @@ class OpProfile:
     """Wraps a backend's ops to time each one (CUDA events on the GPU): totals by
     category ("gemm" or "kernels") and by op name, in milliseconds."""
 
-    OPS = ("gemm_bias_relu", "gemm_drelu_bias_grad", "bias_act_forward", "act_backward", "bias_grad",
-           "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_scaled", "cast",
-           "add", "gather_rows", "select_row", "index_window", "accuracy_count")  # fmt: skip
-    GEMMS = ("gemm", "gemm_bias_relu", "gemm_drelu_bias_grad")  # products (cuBLAS, cuBLASLt with an epilogue)
+    OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "bias_act_forward", "act_backward",
+           "bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard",
+           "step_guard_scaled", "cast", "add", "gather_rows", "select_row", "index_window", "accuracy_count")  # fmt: skip
+    # products: cuBLAS, and cuBLASLt with a fused epilogue
+    GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad")
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
     ALIASES = {"sgd_step_batched": "sgd_step", "adam_step_batched": "adam_step"}
 

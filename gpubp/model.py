@@ -241,21 +241,24 @@ class MLP:
         self._workspaces[n] = ws
         return ws
 
+    @property
+    def _epilogues(self) -> bool:
+        """Products with a fused epilogue are asked for, and this precision has them:
+        float32 or 16-bit storage (float64 has no cuBLASLt epilogues)."""
+        return self.gemm_epilogues and np.dtype(self.store_dtype) != np.float64
+
     def _fusable(self, k: int) -> bool:
-        """Layer k's products may be fused: a ReLU layer without a skip connection (a
-        residual layer's D' is not its output's gradient alone), float32 or 16-bit storage
-        (float64 has no cuBLASLt epilogues)."""
-        return (
-            self.gemm_epilogues
-            and self.activations[k].name == "relu"
-            and not self.is_residual[k]
-            and np.dtype(self.store_dtype) != np.float64
-        )
+        """Layer k's ReLU runs in its products (forward, and the backward one of the layer
+        above): a ReLU layer without a skip connection (a residual layer's D' is not its
+        output's gradient alone)."""
+        return self._epilogues and self.activations[k].name == "relu" and not self.is_residual[k]
 
     @property
     def fuses_products(self) -> bool:
-        """Whether any layer's products are fused (see _fusable)."""
-        return any(self._fusable(k) for k in range(self.n_layers))
+        """Whether any product runs with a fused epilogue: every layer's weight gradient
+        takes its bias gradient along, a ReLU layer its bias and ReLU, an identity layer
+        its bias."""
+        return self._epilogues
 
     def as_input(self, x):
         """A (N, n_in) contiguous backend array of the model's dtype."""
@@ -305,9 +308,13 @@ class MLP:
         tf32 = self.precision.tf32
         for k, act in enumerate(self.activations):
             W, b = self.params_low[2 * k], self.params[2 * k + 1]
-            # a_k = max(x_k W_k + b_k, 0), mask_k = [a_k > 0]: one product (False: not run)
+            # ReLU: a_k = max(x_k W_k + b_k, 0) and mask_k = [a_k > 0] in one product;
+            # identity: a_k = x_k W_k + b_k in one product (each False where it did not run)
             ws.fused[k] = ws.mask[k] is not None and be.gemm_bias_relu(ws.x[k], W, b, ws.a[k], ws.mask[k], tf32=tf32)
-            if not ws.fused[k]:
+            one_product = ws.fused[k] or (
+                act.name == "identity" and self._epilogues and be.gemm_bias(ws.x[k], W, b, ws.a[k], tf32=tf32)
+            )
+            if not one_product:
                 z = ws.z[k] if ws.z[k] is not None else ws.a[k]
                 self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
                 be.bias_act_forward(z, b, act, out=ws.a[k])  # a_k = f_k(z_k + b_k)
@@ -339,7 +346,7 @@ class MLP:
         """Reverse mode from D = ws.dx[l]: fills self.grads (overwriting), and
         ws.dx[0] = dLoss/dx_0 when input_grad. `on_layer(k)`, if given, is called as
         soon as dW_k and db_k are issued (data parallel: their all-reduce can start)."""
-        be = self.backend
+        be, tf32 = self.backend, self.precision.tf32
         ws.done[:] = [False] * self.n_layers
         for k in reversed(range(self.n_layers)):
             act = self.activations[k]
@@ -347,10 +354,14 @@ class MLP:
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
-            if not ws.done[k]:
+            if ws.done[k]:  # D' and db_k came with the layer above's product
+                self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
+            else:
                 be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
-                be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                      (n_{k+1},)
-            self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'          (n_k, n_{k+1})
+                # dW_k = x_k^T D' and db_k = sum_rows D' in one product (False: not run)
+                if not (self._epilogues and be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32)):
+                    be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
+                    self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
             if k > 0 and ws.fused[k - 1] and not self.is_residual[k]:
@@ -358,7 +369,7 @@ class MLP:
                 # and db_{k-1} = sum_rows D'_{k-1} (its act_backward and bias_grad); not
                 # under a skip connection, whose D adds to D' W_k^T before the ReLU's f
                 ws.done[k - 1] = be.gemm_drelu_bias_grad(
-                    Dz, W, ws.mask[k - 1], ws.dz[k - 1], self.grads[2 * k - 1], trans_b=True, tf32=self.precision.tf32
+                    Dz, W, ws.mask[k - 1], ws.dz[k - 1], self.grads[2 * k - 1], trans_b=True, tf32=tf32
                 )
             if (k > 0 and not ws.done[k - 1]) or (k == 0 and input_grad):
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)

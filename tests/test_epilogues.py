@@ -102,6 +102,23 @@ def test_gemm_drelu_bias_grad_is_gemm_act_backward_bias_grad_bitwise(m, k, n, tr
     assert np.array_equal(db, ops.bias_grad(want, np.empty(n, np.float32)))
 
 
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("trans_a,trans_b", TRANS)
+def test_gemm_bias_and_gemm_bias_grad_are_the_unfused_ops_bitwise(m, k, n, trans_a, trans_b):
+    rng = np.random.default_rng(m * 5 + n)
+    a, b = (x + np.float32(0.1) * small_ints(rng, x.shape) for x in operands(rng, m, k, n, trans_a, trans_b))
+    bias = small_ints(rng, n) * np.float32(0.3)
+    out = np.full((m, n), np.nan, np.float32)
+    assert ops.gemm_bias(a, b, bias, out, trans_a, trans_b) is True
+    z = ops.gemm(a, b, np.empty((m, n), np.float32), trans_a, trans_b)
+    assert np.array_equal(out, ops.bias_act_forward(z, bias, make_activation("identity"), z))
+    out, db = np.full((m, n), np.nan, np.float32), np.full(n, np.nan, np.float32)
+    assert ops.gemm_bias_grad(a, b, out, db, trans_a, trans_b) is True
+    assert np.array_equal(out, ops.gemm(a, b, np.empty((m, n), np.float32), trans_a, trans_b))
+    opb = np.ascontiguousarray(b.T if trans_b else b)
+    assert np.array_equal(db, ops.bias_grad(opb, np.empty(n, np.float32)))  # 1^T op(b): K rows summed
+
+
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
 @pytest.mark.parametrize("trans_a,trans_b", TRANS)
 def test_16bit_products_round_once_from_the_float32_accumulator(storage, trans_a, trans_b):
@@ -123,6 +140,9 @@ def test_16bit_products_round_once_from_the_float32_accumulator(storage, trans_a
     want = np.empty((m, n), dt)
     PR.store(np.maximum(v, 0).astype(np.float32), want)
     assert np.array_equal(out, want) and np.array_equal(mask_bits(mask, n), v > 0)
+    assert ops.gemm_bias(a16, b16, bias, out, trans_a, trans_b)  # identity: v rounded once
+    PR.store(v.astype(np.float32), want)
+    assert np.array_equal(out, want)
     d = np.empty((m, n), dt)
     out2, db = np.empty((m, k), dt), np.empty(k, np.float32)
     PR.store(v.astype(np.float32), d)  # a gradient with values that rounded (257 + ...)
@@ -141,24 +161,29 @@ def test_16bit_products_round_once_from_the_float32_accumulator(storage, trans_a
 # ------------------------------------------------------------------------- the model
 
 
+FUSED_OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad")
+
+
 class Spy(NumpyBackend):
     """The NumPy backend counting the fused products; `refuse`: the ones that answer
     False having done nothing (what the GPU does where cuBLASLt has no algorithm)."""
 
     def __init__(self, refuse=()):
-        self.refuse, self.calls = set(refuse), {"gemm_bias_relu": 0, "gemm_drelu_bias_grad": 0}
+        self.refuse, self.calls = set(refuse), dict.fromkeys(FUSED_OPS, 0)
+        for name in FUSED_OPS:
+            setattr(self, name, self._counted(name))
 
-    def gemm_bias_relu(self, *args, **kw):
-        if "gemm_bias_relu" in self.refuse:
-            return False
-        self.calls["gemm_bias_relu"] += 1
-        return ops.gemm_bias_relu(*args, **kw)
+    def _counted(self, name):
+        reference = getattr(ops, name)
 
-    def gemm_drelu_bias_grad(self, *args, **kw):
-        if "gemm_drelu_bias_grad" in self.refuse:
-            return False
-        self.calls["gemm_drelu_bias_grad"] += 1
-        return ops.gemm_drelu_bias_grad(*args, **kw)
+        @functools.wraps(reference)
+        def op(*args, **kw):
+            if name in self.refuse:
+                return False
+            self.calls[name] += 1
+            return reference(*args, **kw)
+
+        return op
 
 
 def loss_and_grads(model, x, y, input_grad=False):
@@ -176,8 +201,9 @@ CASES = {
     "tanh": ([6, 16, 3], "tanh", "identity", False, "float32"),  # nothing to fuse
     "float64": ([6, 16, 3], "relu", "identity", False, "float64"),  # float32 products only
 }
-FUSED_CALLS = {  # (forward products, backward products) per forward_backward
-    "relu": (3, 3), "relu-out": (2, 1), "residual": (1, 0), "tf32": (2, 2), "tanh": (0, 0), "float64": (0, 0),
+FUSED_CALLS = {  # per forward_backward: forward (ReLU, identity), backward (ReLU' + db, dW + db)
+    "relu": (3, 1, 3, 1), "relu-out": (2, 0, 1, 1), "residual": (1, 1, 0, 4), "tf32": (2, 1, 2, 1),
+    "tanh": (0, 1, 0, 2), "float64": (0, 0, 0, 0),
 }  # fmt: skip
 
 
@@ -200,8 +226,7 @@ def test_a_model_with_fused_products_is_the_unfused_model_bitwise(case, input_gr
         assert np.array_equal(want[1], got[1])
         if input_grad:
             assert np.array_equal(want[2], got[2])
-    forward, backward = FUSED_CALLS[case]
-    assert spy.calls == {"gemm_bias_relu": 2 * forward, "gemm_drelu_bias_grad": 2 * backward}
+    assert spy.calls == {name: 2 * n for name, n in zip(FUSED_OPS, FUSED_CALLS[case])}
 
 
 @pytest.mark.parametrize("storage", ["bf16", "fp16"])
@@ -219,7 +244,7 @@ def test_a_16bit_model_with_fused_products_stays_within_its_rounding_bound_of_th
     fused = MLP(sizes, backend=spy, gemm_epilogues=True, **kw)
     lf, gf = fused.loss_and_grads(x, y)
     lp, gp = MLP(sizes, backend=NumpyBackend(), **kw).loss_and_grads(x, y)
-    assert spy.calls == {"gemm_bias_relu": 2, "gemm_drelu_bias_grad": 2}
+    assert spy.calls == dict(zip(FUSED_OPS, (2, 1, 2, 1)))
     tol = 2 * np.sqrt(6 * 3) * (2.0**-8 if storage == "bf16" else 2.0**-11)
     assert abs(lf - lp) <= tol * abs(lp)
     for a, b in zip(gf, gp):
@@ -227,8 +252,8 @@ def test_a_16bit_model_with_fused_products_stays_within_its_rounding_bound_of_th
     assert any(not np.array_equal(a, b) for a, b in zip(gf, gp))  # the roundings did change
 
 
-@pytest.mark.parametrize("refuse", [("gemm_drelu_bias_grad",), ("gemm_bias_relu",), ("gemm_bias_relu",
-                                                                                      "gemm_drelu_bias_grad")])  # fmt: skip
+@pytest.mark.parametrize("refuse", [("gemm_drelu_bias_grad",), ("gemm_bias_relu",), ("gemm_bias", "gemm_bias_grad"),
+                                    FUSED_OPS])  # fmt: skip
 def test_a_product_without_an_algorithm_falls_back_to_the_unfused_ops(refuse):
     sizes = [6, 16, 16, 12, 3]
     rng = np.random.default_rng(4)
@@ -342,9 +367,11 @@ class FakeLt:
         desc = self.objects[desc.value]
         assert c == d and lc.value == ld.value and ws and ws_bytes > 0
         layout_a, layout_b, layout_d = self.objects[la.value], self.objects[lb.value], self.objects[ld.value]
-        assert layout_a[3] == layout_b[3] == layout_d[3]  # one data type for A, B and D here
-        if layout_d[3] != LT.CUDA_R_32F:  # 16-bit: float32 accumulation, a float32 bias named so
-            assert desc["compute"] == LT.COMPUTE_32F and desc.get(LT.DESC_BIAS_DATA_TYPE) == LT.CUDA_R_32F
+        assert layout_a[3] == layout_b[3] and layout_d[3] in (layout_a[3], LT.CUDA_R_32F)
+        if layout_a[3] != LT.CUDA_R_32F:  # 16-bit: float32 accumulation
+            assert desc["compute"] == LT.COMPUTE_32F
+        if layout_d[3] != LT.CUDA_R_32F:  # the bias would have D's type: ours is named float32
+            assert desc.get(LT.DESC_BIAS_DATA_TYPE) == LT.CUDA_R_32F
         A = PR.to_float32(self._matrix(a, layout_a)).astype(np.float64)
         B = PR.to_float32(self._matrix(b, layout_b)).astype(np.float64)
         A = A.T if desc[LT.DESC_TRANSA] else A
@@ -381,16 +408,18 @@ class FakeLt:
                     bit = j * bits_ld + i
                     D[i, j] *= (int(aux[bit >> 3]) >> (bit & 7)) & 1
             vector[:] = D.sum(axis=1)
+        elif epilogue == LT.EPILOGUE_BGRADA:
+            vector[:] = A.sum(axis=1)  # op(A) (m x k) summed over k
         else:
             assert epilogue == LT.EPILOGUE_DEFAULT
         PR.store(D.astype(np.float32), self._matrix(d, layout_d))  # rounded once into D's type
         return 0
 
 
-def lt_product(lt, epilogue, a, b, out, vector, mask, trans_a, trans_b, data_type=LT.CUDA_R_32F):
+def lt_product(lt, epilogue, a, b, out, vector, mask, trans_a, trans_b, data_type=LT.CUDA_R_32F, d_type=None):
     """What CupyBackend._lt_product does, on host memory."""
     return LT.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, False,
-                                lambda x: x.ctypes.data, 0, data_type)  # fmt: skip
+                                lambda x: x.ctypes.data, 0, data_type, d_type)  # fmt: skip
 
 
 def stored(x, dt):
@@ -432,6 +461,18 @@ def test_the_cublaslt_calls_compute_the_reference_products(m, k, n, trans_a, tra
     assert lt_product(lt, LT.EPILOGUE_DRELU_BGRAD, d, w, out2, db, mask, False, True, code)
     assert fake.heuristics == heuristics  # a plan is made once per shape and address set
 
+    # an identity layer's product (BIAS), and a weight gradient with its bias gradient
+    # (BGRADA, float32 out for 16-bit inputs): dW = x^T D', x (k, m), D' (k, n)
+    assert lt_product(lt, LT.EPILOGUE_BIAS, a, b, out, bias, None, trans_a, trans_b, code)
+    ops.gemm_bias(a, b, bias, want, trans_a, trans_b)
+    assert np.array_equal(out, want)
+    x, g = stored(small_ints(rng, (k, m)), dt), stored(small_ints(rng, (k, n)), dt)
+    dw, db3 = np.empty((m, n), np.float32), np.empty(n, np.float32)
+    assert lt_product(lt, LT.EPILOGUE_BGRADA, x, g, dw, db3, None, True, False, code, LT.CUDA_R_32F)
+    want_dw, want_db3 = np.empty_like(dw), np.empty_like(db3)
+    ops.gemm_bias_grad(x, g, want_dw, want_db3, trans_a=True)
+    assert np.array_equal(dw, want_dw) and np.array_equal(db3, want_db3)
+
 
 class HostArray(np.ndarray):
     """A NumPy array with CuPy's `.data.ptr` (its host address): the GPU backend's code
@@ -472,6 +513,15 @@ def test_the_gpu_backends_fused_ops_make_the_reference_products(storage):
     want2, want_db = np.empty_like(out2), np.empty_like(db)
     ops.gemm_drelu_bias_grad(d, w2, want_mask, want2, want_db, trans_b=True)
     assert np.array_equal(out2, want2) and np.array_equal(db, want_db)
+    assert be.gemm_bias(*host[:4])
+    ops.gemm_bias(x, w, bias, want)
+    assert np.array_equal(out, want)
+    g = stored(small_ints(rng, (m, n)), dt)
+    dw, db3 = np.empty((k, n), np.float32), np.empty(n, np.float32)
+    assert be.gemm_bias_grad(*(v.view(HostArray) for v in (x, g, dw, db3)), trans_a=True)
+    want_dw, want_db3 = np.empty_like(dw), np.empty_like(db3)
+    ops.gemm_bias_grad(x, g, want_dw, want_db3, trans_a=True)
+    assert np.array_equal(dw, want_dw) and np.array_equal(db3, want_db3)
     be._lt_handle, be._lt_note = None, "libcublasLt cannot be opened"
     out[...] = 7
     assert not be.gemm_bias_relu(*host) and (out == 7).all()
@@ -547,7 +597,7 @@ def test_the_enum_values_are_the_headers(header):
     assert {
         "CUBLASLT_EPILOGUE_DEFAULT": LT.EPILOGUE_DEFAULT, "CUBLASLT_EPILOGUE_BIAS": LT.EPILOGUE_BIAS,
         "CUBLASLT_EPILOGUE_RELU_AUX_BIAS": LT.EPILOGUE_RELU_AUX_BIAS,
-        "CUBLASLT_EPILOGUE_DRELU_BGRAD": LT.EPILOGUE_DRELU_BGRAD,
+        "CUBLASLT_EPILOGUE_DRELU_BGRAD": LT.EPILOGUE_DRELU_BGRAD, "CUBLASLT_EPILOGUE_BGRADA": LT.EPILOGUE_BGRADA,
         "CUBLASLT_MATMUL_DESC_TRANSA": LT.DESC_TRANSA, "CUBLASLT_MATMUL_DESC_TRANSB": LT.DESC_TRANSB,
         "CUBLASLT_MATMUL_DESC_EPILOGUE": LT.DESC_EPILOGUE, "CUBLASLT_MATMUL_DESC_BIAS_POINTER": LT.DESC_BIAS_POINTER,
         "CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER": LT.DESC_EPILOGUE_AUX_POINTER,

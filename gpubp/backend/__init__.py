@@ -21,7 +21,7 @@ class NumpyBackend:
     name = "cpu"
     xp = np
     optimizer_scratch_rows = 2  # the NumPy updates work in two preallocated rows
-    # the fused products (gemm_bias_relu, gemm_drelu_bias_grad) are a model's default only
+    # the fused products (gemm_bias, gemm_bias_relu, gemm_drelu_bias_grad, gemm_bias_grad) are a model's default only
     # on the GPU, where they save passes over memory; here they are the same NumPy ops
     # plus a mask, so a model uses them only when asked (MLP(gemm_epilogues=True): tests)
     gemm_epilogues = False
@@ -32,8 +32,10 @@ class NumpyBackend:
     bias_act_forward = staticmethod(numpy_ops.bias_act_forward)
     act_backward = staticmethod(numpy_ops.act_backward)
     bias_grad = staticmethod(numpy_ops.bias_grad)
+    gemm_bias = staticmethod(numpy_ops.gemm_bias)
     gemm_bias_relu = staticmethod(numpy_ops.gemm_bias_relu)
     gemm_drelu_bias_grad = staticmethod(numpy_ops.gemm_drelu_bias_grad)
+    gemm_bias_grad = staticmethod(numpy_ops.gemm_bias_grad)
     loss_forward_backward = staticmethod(numpy_ops.loss_forward_backward)
     accuracy_count = staticmethod(numpy_ops.accuracy_count)
     sgd_step = staticmethod(numpy_ops.sgd_step)

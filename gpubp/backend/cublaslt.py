@@ -10,10 +10,13 @@ column-major and sees out^T (N x M) = op(b)^T op(a)^T: its A is b's buffer, its 
 m = N, n = M, k = K (as CupyBackend.gemm does for cuBLAS). Its "rows of D" are our columns,
 so the bias (one per output feature) and the bias gradient are per column of out.
 
-The epilogues gpubp uses, in row-major terms (numpy_ops.gemm_epilogue is the reference):
+The epilogues gpubp uses, in row-major terms (numpy_ops' gemm_bias, gemm_bias_relu,
+gemm_drelu_bias_grad and gemm_bias_grad are the references):
   BIAS           out = op(a) op(b) + 1 bias^T
   RELU_AUX_BIAS  v = op(a) op(b) + 1 bias^T;  out = max(v, 0);  mask = bits [v > 0]
   DRELU_BGRAD    out = (op(a) op(b)) * mask;  bias_grad = 1^T out   (sum over the rows)
+  BGRADA         out = op(a) op(b);  bias_grad = 1^T op(b)   (cuBLASLt's A is our b; its
+                 rows are summed over k: the K rows of op(b))
 The ReLU mask is cuBLASLt's own bit matrix: one bit per element of out, each row of out
 padded to numpy_ops.MASK_ALIGN bits (its leading dimension must be a multiple of 128).
 
@@ -38,6 +41,7 @@ EPILOGUE_DEFAULT = 1
 EPILOGUE_BIAS = 4
 EPILOGUE_RELU_AUX_BIAS = 134  # RELU (2) | AUX (128) | BIAS (4)
 EPILOGUE_DRELU_BGRAD = 152  # DRELU (8 | 128) | BGRAD (16)
+EPILOGUE_BGRADA = 256
 
 # cublasLtMatmulDescAttributes_t
 DESC_TRANSA = 3
@@ -188,16 +192,19 @@ class Lt:
 
     def plan(self, *, m: int, n: int, k: int, lda: int, trans_a: bool, ldb: int, trans_b: bool, ldd: int,
              epilogue: int, aligns: tuple, tf32: bool = False, bias_ptr: int = 0, mask_ptr: int = 0,
-             mask_ld: int = 0, data_type: int = CUDA_R_32F):  # fmt: skip
+             mask_ld: int = 0, data_type: int = CUDA_R_32F, d_type: int | None = None):  # fmt: skip
         """The Plan of D (m x n, column-major) = op(A) op(B) with `epilogue`, made on first
-        use; None where cuBLASLt has no algorithm for it. data_type: A's, B's and D's
-        (float32, or 16-bit with float32 accumulation; the bias or bias gradient is
-        float32 either way, and so are alpha and beta). A, B, D as cuBLASLt
+        use; None where cuBLASLt has no algorithm for it. data_type: A's and B's (float32,
+        or 16-bit with float32 accumulation); d_type: D's (default data_type; float32 for
+        16-bit inputs' weight gradients); the bias or bias gradient is float32 either way,
+        and so are alpha and beta. A, B, D as cuBLASLt
         sees them (column-major; the caller swaps row-major operands); aligns: the byte
         alignments of A, B and D (`alignment`), which the algorithm may rely on. bias_ptr:
         the bias (BIAS epilogues) or the bias gradient (BGRAD); mask_ptr, mask_ld (bits):
         the ReLU mask."""
-        key = (m, n, k, lda, trans_a, ldb, trans_b, ldd, epilogue, aligns, tf32, bias_ptr, mask_ptr, mask_ld, data_type)
+        d_type = data_type if d_type is None else d_type
+        key = (m, n, k, lda, trans_a, ldb, trans_b, ldd, epilogue, aligns, tf32, bias_ptr, mask_ptr, mask_ld, data_type,
+               d_type)  # fmt: skip
         if key in self.plans:
             return self.plans[key]
         lib = self.lib
@@ -210,17 +217,18 @@ class Lt:
         self._set(set_desc, desc, DESC_EPILOGUE, ctypes.c_uint32(epilogue))
         if bias_ptr:
             self._set(set_desc, desc, DESC_BIAS_POINTER, ctypes.c_void_p(bias_ptr))
-            if data_type != CUDA_R_32F:  # by default the bias has D's type: ours is float32
+            if d_type != CUDA_R_32F:  # by default the bias has D's type: ours is float32
                 self._set(set_desc, desc, DESC_BIAS_DATA_TYPE, ctypes.c_int32(CUDA_R_32F))
         if mask_ptr:
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_POINTER, ctypes.c_void_p(mask_ptr))
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(mask_ld))
         layouts = []
         # A: op(A) is m x k, stored k x m if transposed; B: op(B) is k x n; D: m x n
-        for rows, cols, ld in ((k, m, lda) if trans_a else (m, k, lda), (n, k, ldb) if trans_b else (k, n, ldb),
-                               (m, n, ldd)):  # fmt: skip
+        for rows, cols, ld, dtype in ((k, m, lda, data_type) if trans_a else (m, k, lda, data_type),
+                                      (n, k, ldb, data_type) if trans_b else (k, n, ldb, data_type),
+                                      (m, n, ldd, d_type)):  # fmt: skip
             layout = ctypes.c_void_p()
-            self._ok(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), data_type, rows, cols, ld),
+            self._ok(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols, ld),
                      "cublasLtMatrixLayoutCreate")  # fmt: skip
             layouts.append(layout)
         pref = ctypes.c_void_p()
@@ -248,12 +256,13 @@ class Lt:
 
 
 def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
-                      stream_ptr: int, data_type: int = CUDA_R_32F) -> bool:  # fmt: skip
+                      stream_ptr: int, data_type: int = CUDA_R_32F, d_type: int | None = None) -> bool:  # fmt: skip
     """The row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue` (vector: the
-    bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8) on stream_ptr, its
-    shapes checked; False, nothing done, for an empty product or where cuBLASLt has no
-    algorithm. ptr(x): an array's device address; data_type: a's, b's and out's CUDA type."""
-    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type)
+    bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8, or None where the
+    epilogue has none) on stream_ptr, its shapes checked; False, nothing done, for an
+    empty product or where cuBLASLt has no algorithm. ptr(x): an array's device address;
+    data_type: a's and b's CUDA type, d_type: out's (default data_type)."""
+    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type, d_type)
     if plan is None:
         return False
     plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
@@ -261,7 +270,7 @@ def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: b
 
 
 def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
-                   data_type: int = CUDA_R_32F):  # fmt: skip
+                   data_type: int = CUDA_R_32F, d_type: int | None = None):  # fmt: skip
     """The Plan of row_major_product's product; None for an empty one or where cuBLASLt
     has no algorithm. Column-major, out^T (N x M) = op(b)^T op(a)^T, so cuBLASLt's A is b
     and its B is a, m = N, n = M; out's rows are D's columns (ld N), and so are the
@@ -270,12 +279,14 @@ def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool
     kb, n_cols = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb or out.shape != (m_rows, n_cols):
         raise ValueError(f"gemm: op(a) {(m_rows, k)} @ op(b) {(kb, n_cols)} does not fit out {out.shape}")
-    if vector.shape != (n_cols,) or mask.shape != (m_rows, relu_mask_bytes(n_cols)):
-        raise ValueError(f"fused product: vector {vector.shape} and mask {mask.shape} do not fit out {out.shape}")
+    if vector.shape != (n_cols,) or (mask is not None and mask.shape != (m_rows, relu_mask_bytes(n_cols))):
+        shapes = f"vector {vector.shape}" + (f" and mask {mask.shape}" if mask is not None else "")
+        raise ValueError(f"fused product: {shapes} do not fit out {out.shape}")
     if m_rows == 0 or n_cols == 0 or k == 0:
         return None
     return lt.plan(
         m=n_cols, n=m_rows, k=k, lda=b.shape[1], trans_a=trans_b, ldb=a.shape[1], trans_b=trans_a, ldd=n_cols,
         epilogue=epilogue, aligns=(alignment(ptr(b)), alignment(ptr(a)), alignment(ptr(out))), tf32=tf32,
-        bias_ptr=ptr(vector), mask_ptr=ptr(mask), mask_ld=mask.shape[1] * 8, data_type=data_type,
+        bias_ptr=ptr(vector), mask_ptr=ptr(mask) if mask is not None else 0,
+        mask_ld=mask.shape[1] * 8 if mask is not None else 0, data_type=data_type, d_type=d_type,
     )  # fmt: skip

@@ -412,24 +412,42 @@ class CupyBackend:
     def _lt_product(self, op, epilogue, a, b, out, vector, mask, trans_a, trans_b, tf32) -> bool:
         """out = op(a) op(b) with `epilogue` in one cuBLASLt product (a, b, out float32 or
         all of one 16-bit storage; vector: the bias or the bias gradient, (N,) float32;
-        mask: (M, relu_mask_bytes(N)) uint8), after the checks;
+        mask: (M, relu_mask_bytes(N)) uint8, or None), after the checks;
         False, nothing done, where it cannot run (no libcublasLt, an empty product, no
         algorithm for the case)."""
         from . import cublaslt
 
-        dtype = out.dtype  # float32, or bf16/fp16 storage (float32 accumulation)
+        dtype = a.dtype  # float32, or bf16/fp16 storage (float32 accumulation)
         if dtype not in (np.dtype(np.float32), *PR.LOW):
-            raise TypeError(f"{op}: out has dtype {dtype}, expected float32, bf16 or float16")
-        self._check(op, dtype, a=a, b=b, out=out)
+            raise TypeError(f"{op}: a has dtype {dtype}, expected float32, bf16 or float16")
+        if out.dtype != dtype and not (op == "gemm_bias_grad" and out.dtype == np.float32):
+            raise TypeError(f"{op}: out has dtype {out.dtype}, expected {dtype}")  # (dW: float32 too)
+        self._check(op, dtype, a=a, b=b)
+        self._check(op, out.dtype, out=out)
         self._check(op, np.float32, vector=vector)
-        self._check(op, np.uint8, mask=mask)
+        if mask is not None:
+            self._check(op, np.uint8, mask=mask)
         lt = self._lt()
         if lt is None:
             return False
         stream = self._cupy.cuda.get_current_stream().ptr
         return cublaslt.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b,
-                                          bool(tf32 or self.tf32), lambda x: x.data.ptr, stream,
-                                          _CUDA_TYPE[dtype])  # fmt: skip
+                                          bool(tf32 or self.tf32), lambda x: x.data.ptr, stream, _CUDA_TYPE[dtype],
+                                          _CUDA_TYPE[out.dtype])  # fmt: skip
+
+    def gemm_bias(self, a, b, bias, out, trans_a=False, trans_b=False, tf32=False) -> bool:
+        """out = op(a) op(b) + bias in one cuBLASLt product (BIAS); see numpy_ops.gemm_bias.
+        False, nothing done, where cuBLASLt cannot run it."""
+        from .cublaslt import EPILOGUE_BIAS
+
+        return self._lt_product("gemm_bias", EPILOGUE_BIAS, a, b, out, bias, None, trans_a, trans_b, tf32)
+
+    def gemm_bias_grad(self, a, b, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
+        """out = op(a) op(b), db = 1^T op(b) in one cuBLASLt product (BGRADA); see
+        numpy_ops.gemm_bias_grad. False, nothing done, where cuBLASLt cannot run it."""
+        from .cublaslt import EPILOGUE_BGRADA
+
+        return self._lt_product("gemm_bias_grad", EPILOGUE_BGRADA, a, b, out, db, None, trans_a, trans_b, tf32)
 
     def gemm_bias_relu(self, a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = max(op(a) op(b) + bias, 0), mask = its bits, in one cuBLASLt product

@@ -142,6 +142,35 @@ def gemm_drelu_bias_grad(a, b, mask, out, db, trans_a=False, trans_b=False, tf32
     return True
 
 
+def gemm_bias(a, b, bias, out, trans_a=False, trans_b=False, tf32=False) -> bool:
+    """out = op(a) op(b) + 1 bias^T  (BIAS): an identity layer's z = x W + b in one product.
+
+    a: (M, K), b: (K, N) (op: as gemm), bias: (N,) float32, out: (M, N); float32 (the
+    unfused gemm and bias_act_forward, bit for bit) or all of one 16-bit storage (the
+    float32 accumulator plus the bias, rounded once). Returns True (see gemm_bias_relu)."""
+    if out.dtype in PR.LOW:
+        acc = np.empty(out.shape, np.float32)
+        gemm(PR.to_float32(a), PR.to_float32(b), acc, trans_a, trans_b)
+        np.add(acc, bias, out=acc)
+        PR.store(acc, out)
+        return True
+    gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # x W                         (M, N)
+    np.add(out, bias, out=out)  # + 1 b^T
+    return True
+
+
+def gemm_bias_grad(a, b, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
+    """out = op(a) op(b);  db = 1^T op(b)  (BGRADA): a layer's dW = x^T D' with its
+    db = 1^T D' in one product (a = x, trans_a; b = D').
+
+    a: (K, M) with trans_a, b: (K, N), out: (M, N), db: (N,) float32. As gemm (16-bit a
+    and b with a float32 out: the weight gradients) and bias_grad: the unfused ops, bit
+    for bit. Returns True (see gemm_bias_relu)."""
+    gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # dW = x^T D'                 (M, N)
+    bias_grad(np.ascontiguousarray(b.T) if trans_b else b, db)  # db = 1^T op(b)   (N,)
+    return True
+
+
 def relu_mask_pack(positive, mask) -> None:
     """mask = the bits of the bool matrix `positive` (M, N), little-endian in each byte."""
     n_bytes = -(-positive.shape[1] // 8)

@@ -31,12 +31,12 @@ OPS = (
     "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
-    "cast", "add", "step_guard_scaled", "index_window_batched", "update_vectors", "gemm_bias_relu",
-    "gemm_drelu_bias_grad",
+    "cast", "add", "step_guard_scaled", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
+    "gemm_drelu_bias_grad", "gemm_bias_grad",
 )  # fmt: skip
 # the ops that return whether they ran (a fused product: False where the GPU has no
 # algorithm for it); the NumPy reference always runs, so a recorded call says True
-RETURN_DONE = ("gemm_bias_relu", "gemm_drelu_bias_grad")
+RETURN_DONE = ("gemm_bias", "gemm_bias_relu", "gemm_drelu_bias_grad", "gemm_bias_grad")
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
 HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer")
