@@ -24,6 +24,7 @@ from .. import precision as PR
 from ..activations import Activation
 from ..errors import DeviceRuntimeError
 from ..losses import Loss
+from . import cublaslt
 
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
@@ -394,8 +395,6 @@ class CupyBackend:
         work there); None, with _lt_note saying why, where libcublasLt does not load."""
         if "_lt_handle" in self.__dict__:
             return self._lt_handle
-        from . import cublaslt
-
         lt = None
         lib, note = cublaslt.load_library()
         if lib is not None:
@@ -415,8 +414,6 @@ class CupyBackend:
         mask: (M, relu_mask_bytes(N)) uint8, or None), after the checks;
         False, nothing done, where it cannot run (no libcublasLt, an empty product, no
         algorithm for the case)."""
-        from . import cublaslt
-
         dtype = a.dtype  # float32, or bf16/fp16 storage (float32 accumulation)
         if dtype not in (np.dtype(np.float32), *PR.LOW):
             raise TypeError(f"{op}: a has dtype {dtype}, expected float32, bf16 or float16")
@@ -438,32 +435,26 @@ class CupyBackend:
     def gemm_bias(self, a, b, bias, out, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = op(a) op(b) + bias in one cuBLASLt product (BIAS); see numpy_ops.gemm_bias.
         False, nothing done, where cuBLASLt cannot run it."""
-        from .cublaslt import EPILOGUE_BIAS
-
-        return self._lt_product("gemm_bias", EPILOGUE_BIAS, a, b, out, bias, None, trans_a, trans_b, tf32)
+        return self._lt_product("gemm_bias", cublaslt.EPILOGUE_BIAS, a, b, out, bias, None, trans_a, trans_b, tf32)
 
     def gemm_bias_grad(self, a, b, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = op(a) op(b), db = 1^T op(b) in one cuBLASLt product (BGRADA); see
         numpy_ops.gemm_bias_grad. False, nothing done, where cuBLASLt cannot run it."""
-        from .cublaslt import EPILOGUE_BGRADA
-
-        return self._lt_product("gemm_bias_grad", EPILOGUE_BGRADA, a, b, out, db, None, trans_a, trans_b, tf32)
+        return self._lt_product("gemm_bias_grad", cublaslt.EPILOGUE_BGRADA, a, b, out, db, None, trans_a, trans_b, tf32)
 
     def gemm_bias_relu(self, a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = max(op(a) op(b) + bias, 0), mask = its bits, in one cuBLASLt product
         (RELU_AUX_BIAS); see numpy_ops.gemm_bias_relu. False, nothing done, where
         cuBLASLt cannot run it (the caller runs gemm and bias_act_forward)."""
-        from .cublaslt import EPILOGUE_RELU_AUX_BIAS
-
-        return self._lt_product("gemm_bias_relu", EPILOGUE_RELU_AUX_BIAS, a, b, out, bias, mask, trans_a, trans_b, tf32)
+        return self._lt_product(
+            "gemm_bias_relu", cublaslt.EPILOGUE_RELU_AUX_BIAS, a, b, out, bias, mask, trans_a, trans_b, tf32
+        )
 
     def gemm_drelu_bias_grad(self, a, b, mask, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = (op(a) op(b)) * mask, db = 1^T out, in one cuBLASLt product (DRELU_BGRAD);
         see numpy_ops.gemm_drelu_bias_grad. False, nothing done, where cuBLASLt cannot
         run it (the caller runs gemm, act_backward and bias_grad)."""
-        from .cublaslt import EPILOGUE_DRELU_BGRAD
-
-        return self._lt_product("gemm_drelu_bias_grad", EPILOGUE_DRELU_BGRAD, a, b, out, db, mask, trans_a, trans_b,
+        return self._lt_product("gemm_drelu_bias_grad", cublaslt.EPILOGUE_DRELU_BGRAD, a, b, out, db, mask, trans_a, trans_b,
                                 tf32)  # fmt: skip
 
     # ------------------------------------------------------------------ activations
@@ -1008,7 +999,7 @@ class CudaGraphCapturer:
     `workspace_note` says why and cuBLAS (12.2+ allocates stream-ordered) goes on
     without."""
 
-    WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended workspace on Hopper
+    WORKSPACE_BYTES = cublaslt.WORKSPACE_BYTES  # cuBLAS's recommended workspace on Hopper (cuBLASLt's too)
 
     def __init__(self, backend):
         cupy = backend._cupy
