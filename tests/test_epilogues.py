@@ -310,8 +310,11 @@ class FakeLt:
     the aux buffer ([D > 0], least significant bit first) and applies max(., 0);
     DRELU_BGRAD multiplies D by those bits and writes the row sums of D to the bias pointer."""
 
-    def __init__(self, refuse=False):
+    def __init__(self, refuse=False, matmul_status=0):
+        """refuse: the heuristic offers no algorithm; matmul_status: cublasLtMatmul returns
+        it having done nothing (a plan the library refuses at run time)."""
         self.objects, self.next, self.refuse, self.heuristics = {}, 1, refuse, 0
+        self.matmul_status, self.matmuls = matmul_status, 0
 
     def _new(self, ref, obj):
         self.objects[self.next] = obj
@@ -364,6 +367,9 @@ class FakeLt:
         return np.lib.stride_tricks.as_strided(flat, (rows, cols), (store.itemsize, store.itemsize * ld))
 
     def cublasLtMatmul(self, handle, desc, alpha, a, la, b, lb, beta, c, lc, d, ld, algo, ws, ws_bytes, stream):
+        self.matmuls += 1
+        if self.matmul_status:
+            return self.matmul_status
         desc = self.objects[desc.value]
         assert c == d and lc.value == ld.value and ws and ws_bytes > 0
         layout_a, layout_b, layout_d = self.objects[la.value], self.objects[lb.value], self.objects[ld.value]
@@ -537,6 +543,57 @@ def test_no_algorithm_means_no_plan_and_nothing_written():
     assert not lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b, out, np.zeros(5, np.float32), mask, False, False)
     assert (out == 7.0).all()
     assert list(lt.plans.values()) == [None]  # remembered: no second heuristic query
+
+
+def test_drelu_bgrad_and_bgrada_with_k_of_one_are_not_asked_for():
+    """cuBLASLt has no DRELU epilogue for k = 1 (nvmath-python refuses it, "K=1 is not
+    supported by cuBLAS") and BGRADA's k = 1 only from 12.3.4: a ReLU layer under a
+    one-unit output layer, and a batch of one row, run unfused, nothing written and no
+    heuristic asked. The stand-in would compute them; the other epilogues' k = 1 runs."""
+    fake = FakeLt()
+    lt = LT.Lt(fake, 1, 1)
+    rng = np.random.default_rng(1)
+    m, n = 5, 7
+    mask = np.zeros((m, ops.relu_mask_bytes(n)), np.uint8)
+    ops.relu_mask_pack(rng.random((m, n)) < 0.5, mask)
+    d, w = small_ints(rng, (m, 1)), small_ints(rng, (n, 1))  # D (m, 1) W^T, W (n, 1): k = 1
+    out, db = np.full((m, n), 7.0, np.float32), np.full(n, 7.0, np.float32)
+    assert not lt_product(lt, LT.EPILOGUE_DRELU_BGRAD, d, w, out, db, mask, False, True)
+    x, g = small_ints(rng, (1, m)), small_ints(rng, (1, n))  # dW = x^T D' over one row: k = 1
+    dw = np.full((m, n), 7.0, np.float32)
+    assert not lt_product(lt, LT.EPILOGUE_BGRADA, x, g, dw, db, None, True, False)
+    assert (out == 7.0).all() and (db == 7.0).all() and (dw == 7.0).all()
+    assert fake.heuristics == 0 and fake.matmuls == 0
+    relu_out = np.empty((m, n), np.float32)
+    assert lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, d, w, relu_out, db, mask, False, True)  # k = 1 forward
+    want, want_mask = np.empty_like(relu_out), np.empty_like(mask)
+    ops.gemm_bias_relu(d, w, db, want, want_mask, False, True)
+    assert np.array_equal(relu_out, want)
+
+
+@pytest.mark.parametrize("status", LT.STATUS_NOTHING_RAN)
+def test_a_plan_cublaslt_refuses_at_run_time_falls_back_and_is_dropped(status):
+    """cublasLtMatmul may refuse the heuristic's own algorithm (PyTorch's gemm_and_bias
+    warns and runs the unfused path on it: pytorch/pytorch#91436): False, nothing
+    written, the plan forgotten (no second heuristic query, no second call)."""
+    fake = FakeLt(matmul_status=status)
+    lt = LT.Lt(fake, 1, 1)
+    a, b = operands(np.random.default_rng(2), 4, 3, 5, False, False)
+    out, mask = np.full((4, 5), 7.0, np.float32), np.zeros((4, ops.relu_mask_bytes(5)), np.uint8)
+    for _ in range(2):
+        assert not lt_product(lt, LT.EPILOGUE_RELU_AUX_BIAS, a, b, out, np.zeros(5, np.float32), mask, False, False)
+    assert (out == 7.0).all() and fake.heuristics == 1 and fake.matmuls == 1
+    assert list(lt.plans.values()) == [None]
+    assert list(fake.objects.values()) == ["handle"]  # the plan's descriptors destroyed
+
+
+def test_a_failed_launch_still_raises():
+    """EXECUTION_FAILED (13): the device reported an error; not a case to fall back on."""
+    lt = LT.Lt(FakeLt(matmul_status=13), 1, 1)
+    a, b = operands(np.random.default_rng(2), 4, 3, 5, False, False)
+    with pytest.raises(RuntimeError, match="status 13"):
+        lt_product(lt, LT.EPILOGUE_BIAS, a, b, np.empty((4, 5), np.float32), np.zeros(5, np.float32), None, False,
+                   False)  # fmt: skip
 
 
 def test_a_misfit_is_refused_before_anything_runs():

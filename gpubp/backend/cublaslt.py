@@ -3,7 +3,7 @@
 CuPy 14 does not wrap cuBLASLt, so this module calls libcublasLt itself: the copy that
 CuPy's libcublas links (found in /proc/self/maps), else the library by its soname. The
 prototypes, enum values and struct sizes below are those of cublasLt.h (CUDA 12 and 13);
-tests/test_cublaslt.py reads them against the header where one is installed.
+tests/test_epilogues.py reads them against the header where one is installed.
 
 Row-major, as in the rest of gpubp: out (M, N) = op(a) (M, K) op(b) (K, N). cuBLASLt is
 column-major and sees out^T (N x M) = op(b)^T op(a)^T: its A is b's buffer, its B is a's,
@@ -24,7 +24,10 @@ A plan (descriptors and the heuristic's algorithm) is made once per shape, point
 and epilogue and kept: a step calls cublasLtMatmul and nothing else on the host, and a
 CUDA graph capture records that one kernel (the workspace is ours, so nothing is
 allocated inside a capture). Where cuBLASLt offers no algorithm for a case, `plan`
-returns None and the caller runs the unfused ops.
+returns None and the caller runs the unfused ops. So it does where cublasLtMatmul refuses
+the heuristic's own plan (NOT_SUPPORTED, INVALID_VALUE, ARCH_MISMATCH: nothing ran;
+PyTorch's gemm_and_bias falls back on these too), and the plan is dropped. DRELU_BGRAD
+and BGRADA with k = 1 are never asked for (NO_K1).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ EPILOGUE_BIAS = 4
 EPILOGUE_RELU_AUX_BIAS = 134  # RELU (2) | AUX (128) | BIAS (4)
 EPILOGUE_DRELU_BGRAD = 152  # DRELU (8 | 128) | BGRAD (16)
 EPILOGUE_BGRADA = 256
+# epilogues never asked for with k = 1 (a rank-1 product: the unfused ops cost little more).
+# cuBLASLt does not support k = 1 with DRELU (nvmath-python refuses it: "K=1 is not
+# supported by cuBLAS"), nor with BGRADA/BGRADB before cuBLASLt 12.3.4; here k = 1 is a
+# layer above of width 1 (DRELU_BGRAD) or a batch of one row (BGRADA)
+NO_K1 = (EPILOGUE_DRELU_BGRAD, EPILOGUE_BGRADA)
 
 # cublasLtMatmulDescAttributes_t
 DESC_TRANSA = 3
@@ -55,6 +63,10 @@ DESC_BIAS_DATA_TYPE = 26
 PREF_MAX_WORKSPACE_BYTES = 1
 PREF_MIN_ALIGNMENT_A_BYTES, PREF_MIN_ALIGNMENT_B_BYTES = 5, 6
 PREF_MIN_ALIGNMENT_C_BYTES, PREF_MIN_ALIGNMENT_D_BYTES = 7, 8
+
+# cublasStatus_t values after which cublasLtMatmul has launched nothing (cublasLt.h: parameters
+# in conflict, an operation the implementation or the device does not support)
+STATUS_NOTHING_RAN = (7, 8, 15)  # INVALID_VALUE, ARCH_MISMATCH, NOT_SUPPORTED
 
 # cublasOperation_t, cudaDataType_t, cublasComputeType_t (cublas_api.h, library_types.h)
 OP_N, OP_T = 0, 1
@@ -153,17 +165,24 @@ class Plan:
     """One cublasLtMatmul shape, prepared: descriptors, algorithm, scalars. The operand
     addresses are passed at each run; the bias and mask addresses are in the descriptor."""
 
-    def __init__(self, lt, desc, layouts, algo):
-        self.lt, self.desc, self.layouts, self.algo = lt, desc, layouts, algo
+    def __init__(self, lt, desc, layouts, algo, key=None):
+        self.lt, self.desc, self.layouts, self.algo, self.key = lt, desc, layouts, algo, key
 
-    def run(self, a_ptr: int, b_ptr: int, d_ptr: int, stream_ptr: int) -> None:
+    def run(self, a_ptr: int, b_ptr: int, d_ptr: int, stream_ptr: int) -> bool:
+        """True: the product is issued; False: cublasLtMatmul refused this plan having
+        launched nothing (STATUS_NOTHING_RAN), and the plan is dropped (the Lt remembers
+        None for its key); any other failure raises."""
         lt, (la, lb, ld) = self.lt, self.layouts
         status = lt.lib.cublasLtMatmul(
             lt.handle, self.desc, lt.one, a_ptr, la, b_ptr, lb, lt.zero, d_ptr, ld, d_ptr, ld,
             ctypes.byref(self.algo), lt.workspace_ptr, lt.workspace_bytes, stream_ptr,
         )  # fmt: skip
+        if status in STATUS_NOTHING_RAN:
+            lt.drop(self)
+            return False
         if status != 0:
             raise RuntimeError(f"cublasLtMatmul returned status {status}")
+        return True
 
 
 class Lt:
@@ -186,6 +205,14 @@ class Lt:
     def _ok(status: int, what: str) -> None:
         if status != 0:
             raise RuntimeError(f"{what} returned status {status}")
+
+    def drop(self, plan: Plan) -> None:
+        """Forget a plan cublasLtMatmul refused: None under its key (no second try), its
+        descriptors destroyed."""
+        self.plans[plan.key] = None
+        for layout in plan.layouts:
+            self.lib.cublasLtMatrixLayoutDestroy(layout)
+        self.lib.cublasLtMatmulDescDestroy(plan.desc)
 
     def _set(self, fn, obj, attr: int, value) -> None:
         self._ok(fn(obj, attr, ctypes.byref(value), ctypes.sizeof(value)), f"setting attribute {attr}")
@@ -251,7 +278,7 @@ class Lt:
             lib.cublasLtMatmulDescDestroy(desc)
             self.plans[key] = None
             return None
-        plan = self.plans[key] = Plan(self, desc, tuple(layouts), result.algo)
+        plan = self.plans[key] = Plan(self, desc, tuple(layouts), result.algo, key)
         return plan
 
 
@@ -260,21 +287,21 @@ def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: b
     """The row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue` (vector: the
     bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8, or None where the
     epilogue has none) on stream_ptr, its shapes checked; False, nothing done, for an
-    empty product or where cuBLASLt has no algorithm. ptr(x): an array's device address;
-    data_type: a's and b's CUDA type, d_type: out's (default data_type)."""
+    empty product or where cuBLASLt has no algorithm (or refuses the one it offered).
+    ptr(x): an array's device address; data_type: a's and b's CUDA type, d_type: out's
+    (default data_type)."""
     plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type, d_type)
     if plan is None:
         return False
-    plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
-    return True
+    return plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
 
 
 def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
                    data_type: int = CUDA_R_32F, d_type: int | None = None):  # fmt: skip
-    """The Plan of row_major_product's product; None for an empty one or where cuBLASLt
-    has no algorithm. Column-major, out^T (N x M) = op(b)^T op(a)^T, so cuBLASLt's A is b
-    and its B is a, m = N, n = M; out's rows are D's columns (ld N), and so are the
-    mask's (ld in bits)."""
+    """The Plan of row_major_product's product; None for an empty one, a k = 1 one with
+    an epilogue of NO_K1, or where cuBLASLt has no algorithm. Column-major, out^T (N x M)
+    = op(b)^T op(a)^T, so cuBLASLt's A is b and its B is a, m = N, n = M; out's rows are
+    D's columns (ld N), and so are the mask's (ld in bits)."""
     m_rows, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n_cols = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb or out.shape != (m_rows, n_cols):
@@ -282,7 +309,7 @@ def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool
     if vector.shape != (n_cols,) or (mask is not None and mask.shape != (m_rows, relu_mask_bytes(n_cols))):
         shapes = f"vector {vector.shape}" + (f" and mask {mask.shape}" if mask is not None else "")
         raise ValueError(f"fused product: {shapes} do not fit out {out.shape}")
-    if m_rows == 0 or n_cols == 0 or k == 0:
+    if m_rows == 0 or n_cols == 0 or k == 0 or (k == 1 and epilogue in NO_K1):
         return None
     return lt.plan(
         m=n_cols, n=m_rows, k=k, lda=b.shape[1], trans_a=trans_b, ldb=a.shape[1], trans_b=trans_a, ldd=n_cols,
