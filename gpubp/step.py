@@ -1,6 +1,6 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
-    select     vectors, first, step, offset <- tables[pos]      what this step reads
+    select     vectors, first, (step, offset) <- tables[pos]    what this step reads
     gather     idx = perm[offset : offset + n];  x, y = rows idx     (index_window, gather_rows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
@@ -47,8 +47,8 @@ class StepState:
     its epoch's order. Tables, K = CHUNK rows (one per step):
         vectors (K, R, M, 1)  opt.step_vectors   -> opt.vectors
         first   (K,) bool     update number == 1 -> opt.first_step
-        steps   (K,) int64    the step index     -> step (the guard's first bad step)
-        offsets (K,) int64    the batch's start  -> offset"""
+        where   (K, 2) int64  the step index, the batch's start -> step (the guard's first
+                              bad step), offset: 0-d views of one row buffer (one select)"""
 
     def __init__(self, backend, opt, lrs, offset, total_steps: int, chunk: int = CHUNK):
         self.backend, self.opt, self.lrs, self.offset_of = backend, opt, lrs, offset
@@ -56,11 +56,11 @@ class StepState:
         k = max(1, min(int(chunk), self.total_steps))
         self.vectors = backend.zeros((k, *opt.vectors.shape), opt.vectors.dtype)
         self.first = backend.zeros((k,), np.bool_)
-        self.steps = backend.zeros((k,), np.int64)
-        self.offsets = backend.zeros((k,), np.int64)
+        self.where = backend.zeros((k, 2), np.int64)
         self.pos = backend.zeros((), np.int64)  # the row of the step about to run
-        self.step = backend.zeros((), np.int64)  # that step's index, for the guard
-        self.offset = backend.zeros((), np.int64)  # where its batch starts in the epoch's order
+        self.where_row = backend.zeros(2, np.int64)
+        self.step = self.where_row[0, ...]  # that step's index, for the guard
+        self.offset = self.where_row[1, ...]  # where its batch starts in the epoch's order
         self.base, self.rows, self.host_pos = 0, 0, -1  # host mirror: row 0's step, valid rows, pos
         self.counted = False  # count_updates() sets it
 
@@ -104,8 +104,8 @@ class StepState:
             vectors = np.stack([self.opt.step_vectors(updates + 1 + j, self.lrs(step + j)) for j in range(k)])
             self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
             self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
-        self.steps[:k] = be.asarray(np.arange(step, step + k, dtype=np.int64))
-        self.offsets[:k] = be.asarray(np.array([self.offset_of(step + j) for j in range(k)], dtype=np.int64))
+        where = np.array([(step + j, self.offset_of(step + j)) for j in range(k)], dtype=np.int64).reshape(k, 2)
+        self.where[:k] = be.asarray(where)
         self.pos[...] = 0
         self.base, self.rows, self.host_pos = step, k, 0
 
@@ -116,8 +116,7 @@ class StepState:
         if not self.counted:
             be.select_row(self.vectors, self.pos, out=self.opt.vectors)
             be.select_row(self.first, self.pos, out=self.opt.first_step)
-        be.select_row(self.steps, self.pos, out=self.step)
-        be.select_row(self.offsets, self.pos, out=self.offset)
+        be.select_row(self.where, self.pos, out=self.where_row)  # step, offset
 
     def count(self, skip) -> None:
         """On the device, after the guard (counted only): the update's numbers from this

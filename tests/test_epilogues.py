@@ -534,6 +534,17 @@ def test_the_gpu_backends_fused_ops_make_the_reference_products(storage):
     assert not be.gemm_epilogues and be.epilogue_note == "libcublasLt cannot be opened"
 
 
+def test_gpubp_gemm_epilogues_0_turns_the_gpu_default_off(monkeypatch):
+    """The process-wide switch (a GPU visit reruns its tests unfused with it)."""
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = CupyBackend.__new__(CupyBackend)
+    be._lt_handle, be._lt_note = object(), None  # a loaded cuBLASLt
+    assert be.gemm_epilogues and be.epilogue_note is None
+    monkeypatch.setenv("GPUBP_GEMM_EPILOGUES", "0")
+    assert not be.gemm_epilogues and be.epilogue_note == "GPUBP_GEMM_EPILOGUES=0"
+
+
 def test_no_algorithm_means_no_plan_and_nothing_written():
     lt = LT.Lt(FakeLt(refuse=True), 1, 1)
     rng = np.random.default_rng(0)

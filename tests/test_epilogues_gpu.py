@@ -50,7 +50,7 @@ def gpu():
     from gpubp.backend.cupy_backend import CupyBackend
 
     be = CupyBackend()
-    assert be.gemm_epilogues, f"cuBLASLt does not load: {be.epilogue_note}"
+    assert be._lt() is not None, f"cuBLASLt does not load: {be.epilogue_note}"  # (whatever GPUBP_GEMM_EPILOGUES says)
     return be
 
 

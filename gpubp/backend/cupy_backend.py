@@ -381,11 +381,15 @@ class CupyBackend:
 
     @property
     def gemm_epilogues(self) -> bool:
-        """Whether cuBLASLt's fused products can run here (`epilogue_note` says why not)."""
-        return self._lt() is not None
+        """Whether models fuse their products here by default: cuBLASLt loads, and the
+        environment does not say GPUBP_GEMM_EPILOGUES=0 (a switch for a whole process,
+        test suites included; a run's own is train.gemm_epilogues). `epilogue_note`: why not."""
+        return self.epilogue_note is None
 
     @property
     def epilogue_note(self) -> str | None:
+        if os.environ.get("GPUBP_GEMM_EPILOGUES", "").strip() == "0":
+            return "GPUBP_GEMM_EPILOGUES=0"
         self._lt()
         return self.__dict__.get("_lt_note")
 
