@@ -125,9 +125,10 @@ class StepState:
             self.backend.update_vectors(self.rates, self.pos, self.counts, self.t0, self.updates, skip,
                                         self.opt.vectors, self.opt.first_step, self.opt.bias_corrected)  # fmt: skip
 
-    def advance(self) -> None:
-        """On the device: pos += 1 (the host mirror follows in Step.run)."""
-        self.backend.xp.add(self.pos, 1, out=self.pos)
+    def advance(self, running, loss) -> None:
+        """On the device, one launch: running += loss, pos += 1 (the host mirror follows
+        in Step.run)."""
+        self.backend.step_advance(running, loss, self.pos)
 
 
 class ShapeGraphs:
@@ -248,5 +249,4 @@ class Step(ShapeGraphs):
         self.guard.check(st.step, loss, be.sum_squares(self.model.flat_grads, out=self.grad_sq), self.clip)
         st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip)
-        be.xp.add(self.running, loss, out=self.running)
-        st.advance()
+        st.advance(self.running, loss)

@@ -106,8 +106,7 @@ class SweepStep(ShapeGraphs):
             g.opt.update(grad_scale=g.scale[sl], skip=g.skip[sl], rows=sl)
 
         loss = stack.forward_backward(xv, yv, loss_out=self.loss, then=guard_and_update)
-        be.xp.add(g.running, loss, out=g.running)
-        st.advance()
+        st.advance(g.running, loss)
 
 
 def capture_note(cfg, backend, train) -> str | None:

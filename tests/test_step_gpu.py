@@ -96,3 +96,22 @@ def test_graph_run_with_skipped_fp16_steps_equals_the_plain_run_bitwise(gpu, mon
     assert captured.summary["skipped_steps"] >= 12
     assert captured.opt.steps == plain.opt.steps == 200 - captured.summary["skipped_steps"]
     assert_same_run(host(captured), host(plain))
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_step_advance_adds_the_loss_and_counts_once(shape):
+    """One launch: running += loss (float64 += float32, as CuPy's add casts) and pos += 1
+    once, whatever the number of models; the NumPy reference's bits."""
+    from gpubp.backend import numpy_ops
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = CupyBackend()
+    rng = np.random.default_rng(0)
+    running = rng.normal(size=shape)
+    loss = rng.normal(size=shape).astype(np.float32)
+    pos = np.array(41, np.int64)
+    r_gpu, p_gpu = be.xp.array(running), be.xp.array(pos)  # (asarray would make a 0-d array 1-d)
+    be.step_advance(r_gpu, be.xp.array(loss), p_gpu)
+    numpy_ops.step_advance(running, loss, pos)
+    assert r_gpu.shape == shape and np.array_equal(be.to_numpy(r_gpu), running)
+    assert int(be.to_numpy(p_gpu)) == 42 == int(pos)

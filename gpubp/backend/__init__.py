@@ -50,6 +50,7 @@ class NumpyBackend:
     select_row = staticmethod(numpy_ops.select_row)
     index_window = staticmethod(numpy_ops.index_window)
     update_vectors = staticmethod(numpy_ops.update_vectors)
+    step_advance = staticmethod(numpy_ops.step_advance)
     # the same ops over a leading model axis (gpubp.stack; see numpy_stacked)
     gemm_batched = staticmethod(numpy_stacked.gemm_batched)
     bias_act_forward_batched = staticmethod(numpy_stacked.bias_act_forward_batched)

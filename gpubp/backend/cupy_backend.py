@@ -723,6 +723,14 @@ class CupyBackend:
         self._stacked_kernel("select")(table, pos, np.int64(out.size), out)
         return out
 
+    def step_advance(self, running, loss, pos):
+        """running += loss and pos += 1 in one launch; see numpy_ops.step_advance."""
+        if running.shape != loss.shape or pos.dtype != np.int64 or pos.size != 1:
+            raise ValueError(
+                f"step_advance: running {running.shape} and loss {loss.shape} differ, or pos is not one int64"
+            )
+        self._stacked_kernel("advance")(loss, running, pos)
+
     def index_window(self, perm, start, out):
         """out[i] = perm[start + i]; see numpy_ops.index_window."""
         if perm.dtype != out.dtype or start.dtype != np.int64 or start.size != 1 or not perm.flags.c_contiguous:
@@ -908,6 +916,13 @@ class CupyBackend:
                     "T out",
                     "out = table[pos[0] * width + i]",
                     "gpubp_select_row",
+                )
+            elif name == "advance":  # running (0-d or (M,)) += loss; pos += 1 by the first thread
+                cache[name] = cupy.ElementwiseKernel(
+                    "T loss",
+                    "U running, raw int64 pos",
+                    "running = running + (U)loss; if (i == 0) pos[0] += 1;",
+                    "gpubp_step_advance",
                 )
             elif name == "window":
                 cache[name] = cupy.ElementwiseKernel(

@@ -657,6 +657,14 @@ def select_row(table, pos, out):
     return out
 
 
+def step_advance(running, loss, pos):
+    """The step's last op: running += loss (the running loss sum: 0-d, or (M,) for M
+    stacked models, in running's dtype) and pos += 1 (the tables' row, 0-d int64), in
+    place, one launch on the GPU."""
+    np.add(running, loss, out=running)
+    np.add(pos, 1, out=pos)
+
+
 def update_vectors(rates, pos, counts, t0, updates, skip, vectors, first_step, bias_corrected):
     """This update's optimizer numbers from two device counters (fp16, where a skipped step
     takes no update and the run goes on: the schedule follows the steps, Adam's bias
