@@ -167,7 +167,8 @@ class OpProfile:
 
     OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "bias_act_forward", "act_backward",
            "bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard",
-           "step_guard_scaled", "cast", "add", "gather_rows", "select_row", "index_window", "accuracy_count")  # fmt: skip
+           "step_guard_scaled", "cast", "add", "gather_rows", "select_row", "index_window", "step_advance",
+           "accuracy_count")  # fmt: skip
     # products: cuBLAS, and cuBLASLt with a fused epilogue
     GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad")
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
@@ -280,7 +281,7 @@ class TrainerStep:
 def bench_gpubp(case: Case, backend, precision: str) -> dict:
     """gpubp's training step (TrainerStep): the captured step (the default on the GPU),
     the uncaptured one (train.cuda_graph = false) and, where the model fuses products
-    (the GPU's default for ReLU layers), the captured step without (train.gemm_epilogues
+    (the GPU's default), the captured step without (train.gemm_epilogues
     = false), timed in the same rounds (steps_ms); then a profiled pass of the uncaptured
     step (each op timed alone)."""
     import gc

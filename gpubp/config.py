@@ -185,9 +185,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gemm_epilogues": _f(
             "bool",
             True,
-            "GPU: fuse each ReLU layer's bias and ReLU into its forward GEMM, and its ReLU gradient and bias gradient "
-            "into the backward GEMM of the layer above (cuBLASLt epilogues; float32, tf32, bf16, fp16; off: separate "
-            "kernels)",
+            "GPU: run each layer's bias and ReLU inside its forward GEMM, its ReLU gradient and bias gradient inside "
+            "the backward GEMMs (cuBLASLt epilogues; float32, tf32, bf16, fp16; off: separate kernels)",
         ),
     },
 }

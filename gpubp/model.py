@@ -131,8 +131,8 @@ class MLP:
             make_activation(output_activation, leaky_relu_slope)
         ]
         self.hidden_activation = hidden
-        # fused products (bias + ReLU into the forward GEMM; ReLU' and db into the backward
-        # one): the backend's default (on for the GPU) unless asked; ReLU layers, not float64
+        # fused products (bias and ReLU in the forward GEMM; ReLU' and db in the backward
+        # ones): the backend's default (on for the GPU) unless asked; not float64
         if gemm_epilogues is None:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False))
         self.gemm_epilogues = bool(gemm_epilogues)

@@ -21,9 +21,10 @@ class NumpyBackend:
     name = "cpu"
     xp = np
     optimizer_scratch_rows = 2  # the NumPy updates work in two preallocated rows
-    # the fused products (gemm_bias, gemm_bias_relu, gemm_drelu_bias_grad, gemm_bias_grad) are a model's default only
-    # on the GPU, where they save passes over memory; here they are the same NumPy ops
-    # plus a mask, so a model uses them only when asked (MLP(gemm_epilogues=True): tests)
+    # the fused products (gemm_bias, gemm_bias_relu, gemm_drelu_bias_grad, gemm_bias_grad)
+    # are a model's default only on the GPU, where they save passes over memory; here they
+    # are the same NumPy ops (plus a mask), so a model uses them only when asked
+    # (MLP(gemm_epilogues=True): the tests)
     gemm_epilogues = False
     epilogue_note = "the NumPy backend runs the unfused ops (the same arithmetic)"
 
