@@ -315,6 +315,7 @@ class StackOptimizer:
     state_names: tuple[str, ...] = ()
     vector_names: tuple[str, ...] = ("lr",)
     bias_corrected = False  # Adam: vectors from rate_rows and count_rows (backend.update_vectors)
+    reads_first_step = True  # SGD's momentum start; Adam's update never reads first_step
 
     def __init__(self, stack: MLPStack, lr):
         self.stack = stack
@@ -450,6 +451,7 @@ class StackAdam(StackOptimizer):
     vector_names = ("lr_decay", "step_size", "bias2_sqrt")
     decoupled = False
     bias_corrected = True
+    reads_first_step = False
 
     def __init__(self, stack, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(stack, lr)

@@ -115,7 +115,8 @@ class StepState:
         be = self.backend
         if not self.counted:
             be.select_row(self.vectors, self.pos, out=self.opt.vectors)
-            be.select_row(self.first, self.pos, out=self.opt.first_step)
+            if self.opt.reads_first_step:  # (Adam's update does not: a launch saved)
+                be.select_row(self.first, self.pos, out=self.opt.first_step)
         be.select_row(self.where, self.pos, out=self.where_row)  # step, offset
 
     def count(self, skip) -> None:
