@@ -304,6 +304,30 @@ def test_reductions_reuse_their_working_buffers():
     assert len(made) == 2  # one buffer per partial-sum shape, not one per call
 
 
+def test_a_small_sum_is_one_launch_of_the_finishing_kernel():
+    """A batch's row losses (n <= 4 BLOCK, no squaring, already of the sum's type) are
+    summed by the finishing kernel alone: the (n, out, divisor) it gets are those the
+    two-pass path hands it for its partials. Squares, widening sums (int32 -> int64) and
+    longer inputs keep both passes. CuPy stand-in: the launches are recorded."""
+    from gpubp.backend import cupy_backend
+
+    launched = []
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cupy = type("FakeCupy", (), {"empty": staticmethod(lambda shape, dtype: np.empty(shape, dtype))})()
+    be._function = lambda name, dtype: lambda grid, block, args: launched.append((name, grid, block, args))
+    out = np.empty((), np.float32)
+    rows = np.ones(128, np.float32)
+    be._sum(rows, False, 128, out, "sum_partial", "sum_finish", np.float32)
+    ((name, grid, block, args),) = launched
+    assert (name, grid, block) == ("sum_finish", (1,), (1024,))
+    assert args[0] is rows and args[1] == 128 and args[2] is out and args[3] == 128 and args[3].dtype == np.float32
+    for x, square, acc in [(rows, True, np.float32), (np.ones(4 * cupy_backend.BLOCK + 1, np.float32), False,
+                                                       np.float32), (np.ones(128, np.int32), False, np.int64)]:  # fmt: skip
+        launched.clear()
+        be._sum(x, square, 1, out, "sum_partial", "sum_finish", acc)
+        assert [n for n, *_ in launched] == ["sum_partial", "sum_finish"]
+
+
 @pytest.mark.parametrize("bias_corrected", [True, False])
 def test_update_vectors_launch_matches_the_kernel_signature(bias_corrected):
     """The launcher hands update_vectors_f32 its arguments in the order and types of the
