@@ -1,7 +1,7 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads
-    gather     idx = perm[offset : offset + n];  x, y = rows idx     (index_window, gather_rows)
+    gather     x, y = rows perm[offset : offset + n]                 (gather_window)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
@@ -192,7 +192,6 @@ class Step(ShapeGraphs):
         if self.streamed and not host_batch:
             self.perm = train.ring_index  # fixed: positions in its ring of two chunks (gpubp/stream.py)
         self.perm_host = None
-        self.idx: dict = {}  # rows -> its index buffer
 
     def new_epoch(self, perm: np.ndarray, epoch: int | None = None) -> None:
         """The epoch's order (host int64 (n_train,)) into the fixed buffer the step reads
@@ -234,13 +233,9 @@ class Step(ShapeGraphs):
 
     def _body(self, n: int) -> None:
         """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
-        be, st = self.backend, self.state
+        st = self.state
         st.select()
-        idx = self.idx.get(n)
-        if idx is None:
-            idx = self.idx[n] = be.zeros((n,), np.int64)
-        be.index_window(self.perm, st.offset, out=idx)
-        xb, yb = self.train.batch(idx, self.buffer)
+        xb, yb = self.train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
         loss = self.model.forward_backward(xb, yb, loss_out=self.loss)
         self._finish(loss)
 

@@ -155,11 +155,12 @@ class StreamSplit:
         g = epoch * self.chunks_per_epoch + j
         return (g % 2) * self.chunk + (o - j * self.chunk)
 
-    def batch(self, idx, buffer):
-        """(x, target) of ring rows idx, gathered on the device (as DeviceSplit.batch)."""
-        be, n = self.backend, idx.shape[0]
-        xb = be.gather_rows(self.x, idx, buffer("x", self.x, n))
-        return xb, be.gather_rows(self.target, idx, buffer("y", self.target, n))
+    def batch_window(self, perm, start, n: int, buffer):
+        """(x, target) of ring rows perm[start : start + n], gathered on the device (as
+        DeviceSplit.batch_window)."""
+        from .data import window_batch
+
+        return window_batch(self, perm, start, n, buffer)
 
     def new_epoch(self, epoch: int, perm: np.ndarray) -> None:
         """Epoch `epoch`'s order (host int64 (n,)); older epochs' orders are dropped."""

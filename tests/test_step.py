@@ -213,3 +213,17 @@ def test_tables_longer_runs_than_one_chunk(monkeypatch):
     assert captured.opt.steps == 200
     monkeypatch.undo()
     assert_same_run(captured, run("sgd-dampening-step-clip", "cpu"))
+
+
+def test_gather_window_reads_its_start_when_it_runs():
+    """The reference gathers rows perm[start : start + n] with start read at the call (a
+    captured step replays it with the device's new offset)."""
+    from gpubp.backend import numpy_ops
+
+    src, perm = np.arange(20.0).reshape(10, 2), np.array([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])
+    start, out = np.array(2), np.empty((3, 2))
+    numpy_ops.gather_window(src, perm, start, out)
+    assert np.array_equal(out, src[[4, 0, 5]])
+    start[...] = 6
+    numpy_ops.gather_window(src, perm, start, out)
+    assert np.array_equal(out, src[[2, 6, 8]])

@@ -115,3 +115,20 @@ def test_step_advance_adds_the_loss_and_counts_once(shape):
     numpy_ops.step_advance(running, loss, pos)
     assert r_gpu.shape == shape and np.array_equal(be.to_numpy(r_gpu), running)
     assert int(be.to_numpy(p_gpu)) == 42 == int(pos)
+
+
+def test_gather_window_is_index_window_then_gather_rows():
+    """One launch for a batch's rows: features (N, F) float32, targets (N, C), int32
+    labels (N,): the bits of the reference (a gather moves values, it computes nothing)."""
+    from gpubp.backend import numpy_ops
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = CupyBackend()
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(1000).astype(np.int64)
+    for src in (rng.normal(size=(1000, 13)).astype(np.float32), rng.normal(size=(1000, 3)),
+                rng.integers(0, 9, 1000).astype(np.int32)):  # fmt: skip
+        out = be.xp.full((37, *src.shape[1:]), -1, src.dtype)
+        be.gather_window(be.asarray(src), be.asarray(perm), be.xp.array(np.int64(501)), out)
+        want = numpy_ops.gather_window(src, perm, np.array(501), np.empty((37, *src.shape[1:]), src.dtype))
+        assert np.array_equal(be.to_numpy(out), want) and np.array_equal(want, src[perm[501:538]])

@@ -48,6 +48,7 @@ class NumpyBackend:
     add = staticmethod(numpy_ops.add)
     step_guard_scaled = staticmethod(numpy_ops.step_guard_scaled)
     gather_rows = staticmethod(numpy_ops.gather_rows)
+    gather_window = staticmethod(numpy_ops.gather_window)
     select_row = staticmethod(numpy_ops.select_row)
     index_window = staticmethod(numpy_ops.index_window)
     update_vectors = staticmethod(numpy_ops.update_vectors)

@@ -717,6 +717,17 @@ class CupyBackend:
         self._cupy.take(src, idx, axis=0, out=out)
         return out
 
+    def gather_window(self, src, perm, start, out):
+        """out[i] = src[perm[start + i]] in one launch; see numpy_ops.gather_window."""
+        if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
+            raise ValueError(f"gather_window: src {src.shape} rows do not fit out {out.shape}")
+        if src.dtype != out.dtype or perm.dtype != np.int64 or start.dtype != np.int64 or start.size != 1:
+            raise TypeError("gather_window: src and out share a dtype; perm and start are int64")
+        if out.size:
+            width = out.size // out.shape[0]
+            self._stacked_kernel("gather_window")(src, perm, start, np.int64(width), out)
+        return out
+
     # ------------------------------------------------------------------ device-side step state (gpubp/step.py)
 
     def select_row(self, table, pos, out):
@@ -928,6 +939,13 @@ class CupyBackend:
                     "U running, raw int64 pos",
                     "running = running + (U)loss; if (i == 0) pos[0] += 1;",
                     "gpubp_step_advance",
+                )
+            elif name == "gather_window":  # i runs over out's N * width elements, row-major
+                cache[name] = cupy.ElementwiseKernel(
+                    "raw T src, raw int64 perm, raw int64 start, int64 width",
+                    "T out",
+                    "out = src[perm[start[0] + i / width] * width + i % width]",
+                    "gpubp_gather_window",
                 )
             elif name == "window":
                 cache[name] = cupy.ElementwiseKernel(

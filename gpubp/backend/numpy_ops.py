@@ -646,6 +646,15 @@ def gather_rows(src, idx, out):
     return out
 
 
+def gather_window(src, perm, start, out):
+    """out[i] = src[perm[start + i]]: the rows of a window of an epoch's order, with no
+    index buffer between (index_window and gather_rows in one). src: (M, ...); perm: (P,)
+    integers; start: 0-d int64 array (read when the op runs); out: (N, ...)."""
+    s = int(start)
+    np.take(src, perm[s : s + out.shape[0]], axis=0, out=out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # device-side step state (gpubp/step.py): what changes between steps is read on the device
 
