@@ -1,15 +1,16 @@
 """A sweep's training step (M stacked models) as one function of device state, captured
 once per batch shape as gpubp/step.py's Step is for a single model.
 
-    select     vectors (R, M, 1), first, step, offset <- tables[pos]     (StepState)
-    gather     idx = perm[:, offset : offset + n]   (M, n), or (n,) when one seed
-               x, y = rows idx                      (M, n, F) / (n, F)     index_window(_batched), gather_rows
+    select     vectors (R, M, 1), (first), step, offset <- tables[pos]   (StepState)
+    gather     idx = perm[:, offset : offset + n]   (M, n)     index_window_batched
+               x, y = rows idx                      (M, n, F)  gather_rows
+               (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_window)
     forward    loss (M,), grads (M, P) = stack.forward_backward(x, y, loss_out)
     guard      first_bad, skip, norm, scale (M,) = step_guard_batched(loss, |g_i|^2, step, max_norm, frozen)
     update     opt.update(scale, skip)                                    reads vectors, first
                (guard and update per block of models, inside forward_backward's blocks:
                on the CPU each block's task runs them while its models are in cache)
-    advance    running += loss;  pos += 1
+    advance    running += loss;  pos += 1                                step_advance
 
 Every array it touches is a fixed buffer: the epoch's orders (M, n_train) written by the
 host once an epoch, the loss and squared norms (M,), the guard's (M,) outputs of the
@@ -74,7 +75,7 @@ class SweepStep(ShapeGraphs):
         if bufs is None:
             be, train, m = self.backend, self.g.data["train"], self.count
             rows = n if self.shared else m * n
-            idx = be.zeros((rows,), np.int64)
+            idx = None if self.shared else be.zeros((rows,), np.int64)
             x = be.empty((rows, *train.x.shape[1:]), train.x.dtype)
             y = be.empty((rows, *train.target.shape[1:]), train.target.dtype)
             if self.shared:
@@ -90,13 +91,14 @@ class SweepStep(ShapeGraphs):
         stack = g.stack
         idx, idx_rows, x, y, xv, yv = self._buffers(n)
         st.select()
-        if self.shared:
-            be.index_window(self.perm[0], st.offset, out=idx)
+        train = g.data["train"]
+        if self.shared:  # one order for every model: rows perm[offset : offset + n], one launch each
+            be.gather_window(train.x, self.perm[0], st.offset, x)
+            be.gather_window(train.target, self.perm[0], st.offset, y)
         else:
             be.index_window_batched(self.perm, st.offset, out=idx_rows)
-        train = g.data["train"]
-        be.gather_rows(train.x, idx, x)
-        be.gather_rows(train.target, idx, y)
+            be.gather_rows(train.x, idx, x)
+            be.gather_rows(train.target, idx, y)
 
         def guard_and_update(sl):  # models sl, right after their backward pass (one block on the GPU)
             # one launch: first non-finite step, skip flags, norms and clipping scales of these models
