@@ -304,6 +304,24 @@ def test_reductions_reuse_their_working_buffers():
     assert len(made) == 2  # one buffer per partial-sum shape, not one per call
 
 
+def test_every_elementwise_kernel_of_the_table_is_one_cupy_accepts():
+    """ELEMENTWISE's parameter lists parse as CuPy's ElementwiseKernel reads them (made
+    without a GPU: the body compiles at the first call, on one), each name a launcher
+    asks for is in the table, and the kernel names differ."""
+    import inspect
+
+    cupy = pytest.importorskip("cupy")
+    from gpubp.backend import cupy_backend
+
+    for name, (ins, outs, body, kernel) in cupy_backend.ELEMENTWISE.items():
+        k = cupy.ElementwiseKernel(ins, outs, body, kernel)
+        assert k.nin == len(ins.split(",")) and k.nout == len(outs.split(",")), name
+    names = [v[3] for v in cupy_backend.ELEMENTWISE.values()]
+    assert len(set(names)) == len(names)
+    asked = set(re.findall(r'_stacked_kernel\("(\w+)"\)', inspect.getsource(cupy_backend)))
+    assert asked - {"sumsq"} <= set(cupy_backend.ELEMENTWISE) and "advance" in asked
+
+
 def test_a_small_sum_is_one_launch_of_the_finishing_kernel():
     """A batch's row losses (n <= 4 BLOCK, no squaring, already of the sum's type) are
     summed by the finishing kernel alone: the (n, out, divisor) it gets are those the

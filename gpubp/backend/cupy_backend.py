@@ -54,6 +54,66 @@ BLOCK = 256  # threads per block of the elementwise kernels
 BIAS_GRAD_MAX_CHUNKS = 256
 
 
+# CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
+# body, kernel name), made on first use (CupyBackend._stacked_kernel)
+ELEMENTWISE = {
+    "guard": (
+        "T loss, T sq, T max_norm, bool frozen, int64 step",
+        "int64 first_bad, bool skip, T norm, T scale",
+        """
+        if (first_bad == -1 && !(isfinite(loss) && isfinite(sq))) first_bad = step;
+        skip = first_bad >= 0 || frozen;
+        norm = sqrt(sq);
+        T s = max_norm / (norm + (T)1e-6);             // clip_grad_norm_'s factor
+        scale = max_norm > 0 ? (s < (T)1 ? s : (T)1) : (T)1;
+        """,
+        "gpubp_step_guard_batched",
+    ),
+    "select": ("raw T table, raw int64 pos, int64 width", "T out", "out = table[pos[0] * width + i]",
+               "gpubp_select_row"),
+    # running (0-d or (M,)) += loss; pos += 1 by the first thread
+    "advance": ("T loss", "U running, raw int64 pos", "running = running + (U)loss; if (i == 0) pos[0] += 1;",
+                "gpubp_step_advance"),
+    # i runs over out's N * width elements, row-major
+    "gather_window": ("raw T src, raw int64 perm, raw int64 start, int64 width", "T out",
+                      "out = src[perm[start[0] + i / width] * width + i % width]", "gpubp_gather_window"),
+    "window": ("raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"),
+    # i runs over out's M * N elements, row-major
+    "window_rows": ("raw I perm, raw int64 start, int64 n, int64 width", "I out",
+                    "out = perm[(i / width) * n + start[0] + i % width]", "gpubp_index_window_batched"),
+    "sgd": (
+        "T g, T scale, T wd, T mu, T omd, T lr, bool skip, bool first, int32 nesterov, int32 mom_on",
+        "T p, T buf",
+        """
+        if (!skip) {
+            T d = g * scale + p * wd;                  // d = s g + wd p
+            if (mom_on) {
+                buf = first ? d : mu * buf + omd * d;  // buf = mu buf + (1 - damp) d
+                d = nesterov ? d + mu * buf : buf;
+            }
+            p = p - lr * d;
+        }
+        """,
+        "gpubp_sgd_step_batched",
+    ),
+    "adam": (
+        "T g, T scale, T wd, T lr_decay, T omb1, T b2, T omb2, T eps, T step_size, T bias2_sqrt, "
+        "bool skip, int32 decoupled",
+        "T p, T m, T v",
+        """
+        if (!skip) {
+            T d = g * scale;
+            if (decoupled) p = p * lr_decay; else d = d + p * wd;
+            m = m + omb1 * (d - m);                    // m += (1 - b1)(d - m)
+            v = b2 * v + omb2 * d * d;                 // v = b2 v + (1 - b2) d^2
+            p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps);
+        }
+        """,
+        "gpubp_adam_step_batched",
+    ),
+}  # fmt: skip
+
+
 def unavailable_reason() -> str | None:
     """None when CuPy imports, a CUDA device answers and the libraries the backend calls
     (cuBLAS, NVRTC) load; else why not, as one line."""
@@ -910,88 +970,14 @@ class CupyBackend:
         self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, step, first_bad, skip, norm, scale)
 
     def _stacked_kernel(self, name: str):
+        """CuPy's elementwise (or, for "sumsq", reduction) kernel of ELEMENTWISE[name], made once."""
         cache = self.__dict__.setdefault("_stacked", {})
         if name not in cache:
             cupy = self._cupy
-            if name == "guard":
-                cache[name] = cupy.ElementwiseKernel(
-                    "T loss, T sq, T max_norm, bool frozen, int64 step",
-                    "int64 first_bad, bool skip, T norm, T scale",
-                    """
-                    if (first_bad == -1 && !(isfinite(loss) && isfinite(sq))) first_bad = step;
-                    skip = first_bad >= 0 || frozen;
-                    norm = sqrt(sq);
-                    T s = max_norm / (norm + (T)1e-6);             // clip_grad_norm_'s factor
-                    scale = max_norm > 0 ? (s < (T)1 ? s : (T)1) : (T)1;
-                    """,
-                    "gpubp_step_guard_batched",
-                )
-            elif name == "select":
-                cache[name] = cupy.ElementwiseKernel(
-                    "raw T table, raw int64 pos, int64 width",
-                    "T out",
-                    "out = table[pos[0] * width + i]",
-                    "gpubp_select_row",
-                )
-            elif name == "advance":  # running (0-d or (M,)) += loss; pos += 1 by the first thread
-                cache[name] = cupy.ElementwiseKernel(
-                    "T loss",
-                    "U running, raw int64 pos",
-                    "running = running + (U)loss; if (i == 0) pos[0] += 1;",
-                    "gpubp_step_advance",
-                )
-            elif name == "gather_window":  # i runs over out's N * width elements, row-major
-                cache[name] = cupy.ElementwiseKernel(
-                    "raw T src, raw int64 perm, raw int64 start, int64 width",
-                    "T out",
-                    "out = src[perm[start[0] + i / width] * width + i % width]",
-                    "gpubp_gather_window",
-                )
-            elif name == "window":
-                cache[name] = cupy.ElementwiseKernel(
-                    "raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"
-                )
-            elif name == "window_rows":  # i runs over out's M * N elements, row-major
-                cache[name] = cupy.ElementwiseKernel(
-                    "raw I perm, raw int64 start, int64 n, int64 width",
-                    "I out",
-                    "out = perm[(i / width) * n + start[0] + i % width]",
-                    "gpubp_index_window_batched",
-                )
-            elif name == "sumsq":
+            if name == "sumsq":
                 cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")
-            elif name == "sgd":
-                cache[name] = cupy.ElementwiseKernel(
-                    "T g, T scale, T wd, T mu, T omd, T lr, bool skip, bool first, int32 nesterov, int32 mom_on",
-                    "T p, T buf",
-                    """
-                    if (!skip) {
-                        T d = g * scale + p * wd;                  // d = s g + wd p
-                        if (mom_on) {
-                            buf = first ? d : mu * buf + omd * d;  // buf = mu buf + (1 - damp) d
-                            d = nesterov ? d + mu * buf : buf;
-                        }
-                        p = p - lr * d;
-                    }
-                    """,
-                    "gpubp_sgd_step_batched",
-                )
-            elif name == "adam":
-                cache[name] = cupy.ElementwiseKernel(
-                    "T g, T scale, T wd, T lr_decay, T omb1, T b2, T omb2, T eps, T step_size, T bias2_sqrt, "
-                    "bool skip, int32 decoupled",
-                    "T p, T m, T v",
-                    """
-                    if (!skip) {
-                        T d = g * scale;
-                        if (decoupled) p = p * lr_decay; else d = d + p * wd;
-                        m = m + omb1 * (d - m);                    // m += (1 - b1)(d - m)
-                        v = b2 * v + omb2 * d * d;                 // v = b2 v + (1 - b2) d^2
-                        p = p - step_size * m / (sqrt(v) / bias2_sqrt + eps);
-                    }
-                    """,
-                    "gpubp_adam_step_batched",
-                )
+            else:
+                cache[name] = cupy.ElementwiseKernel(*ELEMENTWISE[name])
         return cache[name]
 
     def _skip_rows(self, skip, count: int):
