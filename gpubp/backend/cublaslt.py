@@ -108,18 +108,9 @@ PROTOTYPES = {
     "cublasLtMatmulPreferenceCreate": [_PP],
     "cublasLtMatmulPreferenceDestroy": [_P],
     "cublasLtMatmulPreferenceSetAttribute": [_P, ctypes.c_int, _P, ctypes.c_size_t],
-    "cublasLtMatmulAlgoGetHeuristic": [
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        _P,
-        ctypes.c_int,
-        ctypes.POINTER(HeuristicResult),
-        ctypes.POINTER(ctypes.c_int),
-    ],  # fmt: skip
+    # handle, desc, A, B, C, D layouts, preference; requested count, results, returned count
+    "cublasLtMatmulAlgoGetHeuristic": [_P] * 7
+    + [ctypes.c_int, ctypes.POINTER(HeuristicResult), ctypes.POINTER(ctypes.c_int)],  # fmt: skip
     "cublasLtMatmul": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.POINTER(Algo), _P, ctypes.c_size_t, _P],
 }
 
