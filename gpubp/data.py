@@ -658,13 +658,13 @@ class DeviceSplit:
 
     def batch_window(self, perm, start, n: int, buffer):
         """(x, target) of rows perm[start : start + n] (perm, start on the device): one
-        launch each, into buffer(name, like, rows)."""
+        launch for both, into buffer(name, like, rows)."""
         return window_batch(self, perm, start, n, buffer)
 
 
 def window_batch(split, perm, start, n: int, buffer):
     """A split's (x, target) of rows perm[start : start + n], gathered on the device into
     buffer(name, like, rows) (DeviceSplit and stream.StreamSplit: their x and target)."""
-    be = split.backend
-    xb = be.gather_window(split.x, perm, start, buffer("x", split.x, n))
-    return xb, be.gather_window(split.target, perm, start, buffer("y", split.target, n))
+    outs = (buffer("x", split.x, n), buffer("y", split.target, n))
+    xb, yb = split.backend.gather_windows((split.x, split.target), perm, start, outs)
+    return xb, yb

@@ -1,7 +1,7 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
-    select     vectors, first, (step, offset) <- tables[pos]    what this step reads
-    gather     x, y = rows perm[offset : offset + n]                 (gather_window)
+    select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
+    gather     x, y = rows perm[offset : offset + n]                 (gather_windows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
@@ -112,12 +112,14 @@ class StepState:
     def select(self) -> None:
         """On the device: this step's row of every table into the buffers the ops read
         (counted: the optimizer's numbers come after the guard, from `count`)."""
-        be = self.backend
+        tables, outs = [self.where], [self.where_row]  # step, offset
         if not self.counted:
-            be.select_row(self.vectors, self.pos, out=self.opt.vectors)
-            if self.opt.reads_first_step:  # (Adam's update does not: a launch saved)
-                be.select_row(self.first, self.pos, out=self.opt.first_step)
-        be.select_row(self.where, self.pos, out=self.where_row)  # step, offset
+            tables.insert(0, self.vectors)
+            outs.insert(0, self.opt.vectors)
+            if self.opt.reads_first_step:  # (Adam's update does not)
+                tables.insert(1, self.first)
+                outs.insert(1, self.opt.first_step)
+        self.backend.select_rows(tables, self.pos, outs)  # two tables per launch on the GPU
 
     def count(self, skip) -> None:
         """On the device, after the guard (counted only): the update's numbers from this

@@ -4,7 +4,7 @@ once per batch shape as gpubp/step.py's Step is for a single model.
     select     vectors (R, M, 1), (first), step, offset <- tables[pos]   (StepState)
     gather     idx = perm[:, offset : offset + n]   (M, n)     index_window_batched
                x, y = rows idx                      (M, n, F)  gather_rows
-               (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_window)
+               (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_windows)
     forward    loss (M,), grads (M, P) = stack.forward_backward(x, y, loss_out)
     guard      first_bad, skip, norm, scale (M,) = step_guard_batched(loss, |g_i|^2, step, max_norm, frozen)
     update     opt.update(scale, skip)                                    reads vectors, first
@@ -92,9 +92,8 @@ class SweepStep(ShapeGraphs):
         idx, idx_rows, x, y, xv, yv = self._buffers(n)
         st.select()
         train = g.data["train"]
-        if self.shared:  # one order for every model: rows perm[offset : offset + n], one launch each
-            be.gather_window(train.x, self.perm[0], st.offset, x)
-            be.gather_window(train.target, self.perm[0], st.offset, y)
+        if self.shared:  # one order for every model: rows perm[offset : offset + n], one launch
+            be.gather_windows((train.x, train.target), self.perm[0], st.offset, (x, y))
         else:
             be.index_window_batched(self.perm, st.offset, out=idx_rows)
             be.gather_rows(train.x, idx, x)

@@ -37,6 +37,38 @@ __device__ __forceinline__ A block_sum(A v, A* shared) {
   return shared[0];
 }
 
+// Sum of values[0..n) by one block, each thread striding the values, then block_sum:
+// the order depends on n and blockDim alone. P: const A* or const volatile A* (the
+// last block of a one-launch reduction reads other blocks' writes from L2, not L1).
+template <typename A, typename P>
+__device__ __forceinline__ A block_sum_of(P values, long long n, A* shared) {
+  A s = A(0);
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += values[i];
+  return block_sum(s, shared);
+}
+
+// One launch instead of two for a grid-wide reduction: every block writes its part to
+// global memory, then calls last_block(count); it returns true in every thread of the
+// block that finished last, which may then read every block's part and finish. Each
+// thread fences its own writes before the block takes its ticket (atomicAdd), and the
+// last block fences after drawing the last one; it puts the counter back to 0 for the
+// next launch (launches on one stream never overlap). `count`: one zeroed unsigned int
+// per call site. Which block is last varies; what it computes must not depend on it.
+__device__ __forceinline__ bool last_block(unsigned int* count) {
+  __shared__ bool last;
+  __threadfence();  // this thread's writes, visible device-wide before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(count, 1u) == gridDim.x * gridDim.y - 1;
+    if (last) {
+      __threadfence();  // every other block's writes (fenced before their tickets), seen
+      *count = 0u;
+    }
+  }
+  __syncthreads();
+  return last;
+}
+
 // Warp-level sum and max (all 32 lanes active), butterfly order: every lane gets the result.
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {

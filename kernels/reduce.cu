@@ -1,6 +1,7 @@
-// reduce.cu: deterministic reductions (fixed partition, fixed tree order, no atomics).
+// reduce.cu: deterministic reductions (fixed partition, fixed tree order; the one atomic
+// only picks which block finishes, never what is summed in which order).
 //   bias_grad:   db[j] = sum_i D'[i, j]                  column sums of (n_rows, n_cols)
-//   sum:         out = (sum_i x_i or x_i^2) / divisor    two passes: blocks, then one block
+//   sum:         out = (sum_i x_i or x_i^2) / divisor    one launch: blocks, then the last block
 //   accuracy:    correct[i] = [argmax_j x[i, j] == label_i]
 // 16-bit storage (bf16_t, f16_t): bias_grad and accuracy read widened values; the
 // column sums accumulate and land in float (the parameter gradients are float32).
@@ -42,10 +43,13 @@ __device__ void bias_grad_finish(const T* partial, T* out, int n_chunks, int n_c
   }
 }
 
-// ---- sum of a flat buffer: pass 1 gives one partial per block, pass 2 sums them ------
-template <typename T>
-__device__ void sum_partial(const T* x, long long n, int square, typename Acc<T>::type* partial) {
-  typedef typename Acc<T>::type A;
+// ---- sum of a flat buffer, one launch: each block sums a grid-stride share into
+// partial[blockIdx.x]; the block that finishes last (last_block) sums the partials in
+// index order and writes out[0] = total / divisor (a mean when divisor = N). The
+// partials and their order depend on n and the grid alone: the same bits every run.
+template <typename T, typename A, typename R>
+__device__ void sum_all(const T* x, long long n, int square, A* partial, unsigned int* count, R* out,
+                        A divisor) {
   __shared__ A shared[1024];
   A s = A(0);
   GRID_STRIDE_LOOP(i, n) {
@@ -54,15 +58,8 @@ __device__ void sum_partial(const T* x, long long n, int square, typename Acc<T>
   }
   A total = block_sum(s, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
-}
-
-// one block: out[0] = (sum of n_partial values) / divisor   (a mean when divisor = N)
-template <typename A, typename R>
-__device__ void sum_finish(const A* partial, int n_partial, R* out, A divisor) {
-  __shared__ A shared[1024];
-  A s = A(0);
-  for (int i = threadIdx.x; i < n_partial; i += blockDim.x) s += partial[i];
-  A total = block_sum(s, shared);
+  if (!last_block(count)) return;
+  total = block_sum_of<A>((const volatile A*)partial, gridDim.x, shared);
   if (threadIdx.x == 0) out[0] = R(divisor == A(1) ? total : total / divisor);
 }
 
@@ -102,11 +99,9 @@ __device__ void accuracy_rows(const S* x, const int* labels, int* correct, int n
   extern "C" __global__ void bias_grad_finish_##S(const T* partial, T* out, int n_chunks, int n_cols) {           \
     bias_grad_finish<T>(partial, out, n_chunks, n_cols);                                                          \
   }                                                                                                               \
-  extern "C" __global__ void sum_partial_##S(const T* x, long long n, int square, T* partial) {                   \
-    sum_partial<T>(x, n, square, partial);                                                                        \
-  }                                                                                                               \
-  extern "C" __global__ void sum_finish_##S(const T* partial, int n_partial, T* out, T divisor) {                \
-    sum_finish<T, T>(partial, n_partial, out, divisor);                                                           \
+  extern "C" __global__ void sum_##S(const T* x, long long n, int square, T* partial, unsigned int* count,       \
+                                      T* out, T divisor) {                                                        \
+    sum_all<T, T, T>(x, n, square, partial, count, out, divisor);                                                 \
   }                                                                                                               \
   extern "C" __global__ void accuracy_rows_##S(const T* x, const int* labels, int* correct, int n_rows,           \
                                                 int n_cols, T threshold) {                                        \
@@ -127,10 +122,7 @@ FOR_FLOAT_TYPES(REDUCE_KERNELS)
 FOR_LOW_TYPES(REDUCE_LOW_KERNELS)
 
 // integer sums (accuracy counts): int inputs, long long partials and result
-extern "C" __global__ void sum_partial_i32(const int* x, long long n, int square, long long* partial) {
-  sum_partial<int>(x, n, square, partial);
-}
-extern "C" __global__ void sum_finish_i64(const long long* partial, int n_partial, long long* out,
-                                          long long divisor) {
-  sum_finish<long long, long long>(partial, n_partial, out, divisor);
+extern "C" __global__ void sum_i32(const int* x, long long n, int square, long long* partial, unsigned int* count,
+                                   long long* out, long long divisor) {
+  sum_all<int, long long, long long>(x, n, square, partial, count, out, divisor);
 }

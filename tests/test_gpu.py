@@ -153,6 +153,34 @@ def test_sum_squares(gpu, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_one_launch_reductions_see_every_block_and_reset_their_counters(gpu, dtype):
+    """reduce.cu's sum and the loss kernel finish in their last block (common.cuh's
+    last_block). Sums of integers are exact in any order, so a stale or missing block
+    partial (a fence or ticket bug) shows as a wrong total: ones and twos alternate over
+    1024 blocks, with other grids between. Each launch must leave its counter at 0, and
+    the same input must give the same bits (which block finishes last varies)."""
+    n = 10_000_000
+    ones, twos = gpu.asarray(np.ones(n, dtype)), gpu.asarray(np.full(n, 2, dtype))
+    out = gpu.zeros((), dtype)
+    for rep in range(10):
+        assert gpu.to_float(gpu.sum_squares(ones, out=out)) == n, rep
+        assert gpu.to_float(gpu.sum_squares(twos, out=out)) == 4 * n, rep
+        assert gpu.to_float(gpu.sum_squares(ones[:5000], out=out)) == 5000, rep
+        x = gpu.asarray(np.zeros((3000, 3), dtype))
+        assert int(gpu.to_float(gpu.accuracy_count(x, gpu.asarray(np.zeros(3000, np.int32))))) == 3000, rep
+    loss = make_loss("mse")
+    rng = np.random.default_rng(11)
+    for n_rows in (1, 37, 1024, 1025, 70_000):  # the loss kernel's own finish up to 1024 rows, then sum
+        x, t = (gpu.asarray(rng.normal(size=(n_rows, 4)).astype(dtype)) for _ in range(2))
+        first = gpu.to_numpy(gpu.loss_forward_backward(x, t, loss))
+        for _ in range(5):
+            assert np.array_equal(gpu.to_numpy(gpu.loss_forward_backward(x, t, loss)), first), n_rows
+    gpu.synchronize()
+    counters = {k: int(gpu.to_numpy(a)[0]) for k, a in gpu._kept_arrays.items() if k[0] == "counter"}
+    assert counters and not any(counters.values()), counters
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_step_guard(gpu, dtype):
     """The fused guard/clip kernel against numpy_ops.step_guard, over a run of steps with
     clipping on and off and a non-finite loss and gradient along the way."""

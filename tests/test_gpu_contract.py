@@ -283,67 +283,159 @@ def test_the_cublas_workspace_goes_through_ctypes_as_its_c_signature_says():
 
 
 def test_reductions_reuse_their_working_buffers():
-    """Partial sums (sum_squares, the loss's mean) are made once per shape and kept: a
-    step allocates nothing, and a captured step's kernels write where the graph recorded.
-    CuPy stand-in: empty() is counted, the kernels are no-ops."""
+    """Partial sums (sum_squares, the loss's mean) and their last-block counters are made
+    once per grid and kept: a step allocates nothing, and a captured step's kernels write
+    where the graph recorded. CuPy stand-in: empty() and zeros() are counted, the kernels
+    are no-ops."""
     from gpubp.backend import cupy_backend
 
     made = []
 
     class FakeCupy:
         def empty(self, shape, dtype):
-            made.append((shape, np.dtype(dtype)))
+            made.append(("empty", shape, np.dtype(dtype)))
             return np.empty(shape, dtype)
+
+        def zeros(self, shape, dtype):
+            made.append(("zeros", shape, np.dtype(dtype)))
+            return np.zeros(shape, dtype)
 
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cupy = FakeCupy()
     be._function = lambda name, dtype: lambda grid, block, args: None
     out = np.empty((), np.float32)
     for n in (100_000, 100_000, 100_000, 7):
-        be._sum(np.ones(n, np.float32), True, 1, out, "sum_partial", "sum_finish", np.float32)
-    assert len(made) == 2  # one buffer per partial-sum shape, not one per call
+        be._sum(np.ones(n, np.float32), True, 1, out, "sum", np.float32)
+    # a partial buffer and a zeroed uint32 counter per grid (98 blocks, 1 block), not per call
+    assert sorted(made) == sorted([("empty", (98,), np.dtype(np.float32)), ("empty", (1,), np.dtype(np.float32)),
+                                   ("zeros", 1, np.dtype(np.uint32)), ("zeros", 1, np.dtype(np.uint32))])  # fmt: skip
 
 
-def test_every_elementwise_kernel_of_the_table_is_one_cupy_accepts():
-    """ELEMENTWISE's parameter lists parse as CuPy's ElementwiseKernel reads them (made
-    without a GPU: the body compiles at the first call, on one), each name a launcher
-    asks for is in the table, and the kernel names differ."""
-    import inspect
+C_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64,
+           "unsigned int": np.uint32, "bool": np.bool_, "bf16_t": np.uint16, "f16_t": np.float16}  # fmt: skip
+SUFFIX_TYPE = {"f32": "float", "f64": "double", "bf16": "bf16_t", "f16": "f16_t"}
 
-    cupy = pytest.importorskip("cupy")
+
+def kernel_params(file: str, name: str) -> list[tuple[str, bool, str]]:
+    """(C type, is a pointer, name) of each parameter of extern "C" kernel `name` in
+    kernels/`file`, read from the source: a kernel written out, or one an instantiation
+    macro `#define M(T, S)` makes as base_##S (T replaced by the suffix's C type)."""
+    from gpubp import kernels
+
+    text = kernels.read_source(file)
+    match = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', text)
+    base, suffix = name.rsplit("_", 1)
+    for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
+        applied = [t for t, suffixes in kernels._TYPE_LISTS.items() if suffix in suffixes]
+        if match is None and any(re.search(rf"^{t}\({macro}\)", text, re.MULTILINE) for t in applied):
+            match = re.search(rf'extern "C" __global__ void {base}_##S\(([^)]*)\)', body)
+    assert match, f"{name}: no kernel in {file}"
+    params = re.sub(r"\\\n", " ", match.group(1))
+    out = []
+    for p in params.split(","):
+        c_type, pname = re.match(r"\s*(?:const\s+)?(.*?)\s*(\w+)$", p).groups()
+        pointer = c_type.endswith("*")
+        c_type = c_type.rstrip("* ").strip()
+        if c_type == "T":
+            c_type = SUFFIX_TYPE[name.rsplit("_", 1)[1]]
+        out.append((c_type, pointer, pname))
+    return out
+
+
+def assert_launch_fits(file: str, name: str, args) -> None:
+    """Each argument of a recorded launch has its C parameter's type: an array of that
+    dtype for a pointer, a NumPy scalar of that type for a value."""
+    params = kernel_params(file, name)
+    assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
+    for (c_type, pointer, pname), arg in zip(params, args):
+        want = np.dtype(C_TYPES[c_type])
+        if pointer:
+            assert isinstance(arg, np.ndarray) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}*"
+        else:
+            assert isinstance(arg, np.generic) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}"
+
+
+def _launching_backend(launched: list):
+    """A CupyBackend whose CuPy is NumPy and whose kernels record (name, grid, block, args)."""
     from gpubp.backend import cupy_backend
 
-    for name, (ins, outs, body, kernel) in cupy_backend.ELEMENTWISE.items():
-        k = cupy.ElementwiseKernel(ins, outs, body, kernel)
-        assert k.nin == len(ins.split(",")) and k.nout == len(outs.split(",")), name
-    names = [v[3] for v in cupy_backend.ELEMENTWISE.values()]
-    assert len(set(names)) == len(names)
-    asked = set(re.findall(r'_stacked_kernel\("(\w+)"\)', inspect.getsource(cupy_backend)))
-    assert asked - {"sumsq"} <= set(cupy_backend.ELEMENTWISE) and "advance" in asked
+    class FakeCupy:
+        ndarray = np.ndarray
+        empty = staticmethod(lambda shape, dtype: np.empty(shape, dtype))
+        zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
+        full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
 
-
-def test_a_small_sum_is_one_launch_of_the_finishing_kernel():
-    """A batch's row losses (n <= 4 BLOCK, no squaring, already of the sum's type) are
-    summed by the finishing kernel alone: the (n, out, divisor) it gets are those the
-    two-pass path hands it for its partials. Squares, widening sums (int32 -> int64) and
-    longer inputs keep both passes. CuPy stand-in: the launches are recorded."""
-    from gpubp.backend import cupy_backend
-
-    launched = []
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
-    be._cupy = type("FakeCupy", (), {"empty": staticmethod(lambda shape, dtype: np.empty(shape, dtype))})()
-    be._function = lambda name, dtype: lambda grid, block, args: launched.append((name, grid, block, args))
-    out = np.empty((), np.float32)
-    rows = np.ones(128, np.float32)
-    be._sum(rows, False, 128, out, "sum_partial", "sum_finish", np.float32)
-    ((name, grid, block, args),) = launched
-    assert (name, grid, block) == ("sum_finish", (1,), (1024,))
-    assert args[0] is rows and args[1] == 128 and args[2] is out and args[3] == 128 and args[3].dtype == np.float32
-    for x, square, acc in [(rows, True, np.float32), (np.ones(4 * cupy_backend.BLOCK + 1, np.float32), False,
-                                                       np.float32), (np.ones(128, np.int32), False, np.int64)]:  # fmt: skip
+    be._cupy, be.n_sm = FakeCupy(), 132
+    be._check = lambda *args, **kwargs: None  # NumPy arrays stand in for CuPy's
+
+    def function(base, dtype):
+        name = base if base.endswith(("_i32", "_i64")) else f"{base}_{cupy_backend._SUFFIX[np.dtype(dtype)]}"
+        return lambda grid, block, args: launched.append((name, grid, block, args))
+
+    be._function = function
+    return be
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_sum_is_one_launch_that_fits_its_kernel(dtype):
+    """sum_squares and the accuracy count are one launch of reduce.cu's sum (the last
+    block finishes), its arguments of the kernel's C types, the grid a function of n
+    alone, the partial buffer as long as the grid and a uint32 ticket counter."""
+    launched = []
+    be = _launching_backend(launched)
+    out = np.empty((), dtype)
+    for n in (1, 1024, 1025, 300_000, 10_000_000):
         launched.clear()
-        be._sum(x, square, 1, out, "sum_partial", "sum_finish", acc)
-        assert [n for n, *_ in launched] == ["sum_partial", "sum_finish"]
+        g = np.ones(n, dtype)
+        assert be.sum_squares(g, out=out) is out
+        ((name, grid, block, args),) = launched
+        assert name == f"sum_{'f32' if dtype == 'float32' else 'f64'}" and block == (256,)
+        assert grid == (max(1, min(1024, -(-n // 1024))),) and args[3].shape == grid
+        assert args[0] is g and args[1] == n and args[2] == 1 and args[5] is out and args[6] == 1
+        assert_launch_fits("reduce.cu", name, args)
+    launched.clear()
+    correct = be.accuracy_count(np.zeros((700, 3), dtype), np.zeros(700, np.int32))
+    assert [n for n, *_ in launched] == [f"accuracy_rows_{'f32' if dtype == 'float32' else 'f64'}", "sum_i32"]
+    assert_launch_fits("reduce.cu", "sum_i32", launched[1][3])
+    assert launched[1][3][5] is correct and correct.dtype == np.int64
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bf16", "fp16"])
+def test_a_batchs_loss_is_one_launch_up_to_the_finishing_rows(dtype):
+    """Up to LOSS_FINISH_ROWS rows the loss kernel writes the batch mean itself (finish = 1,
+    `out` the caller's 0-d buffer, the divisor N or N C); above, it writes the row losses
+    and reduce.cu's sum makes the mean (two launches). The arguments fit the kernels' C
+    parameters, 16-bit storage's loss scale included."""
+    from gpubp import precision as PR
+    from gpubp.backend import cupy_backend
+    from gpubp.losses import make_loss
+
+    storage = {"bf16": PR.BF16, "fp16": PR.F16}[dtype] if dtype in ("bf16", "fp16") else np.dtype(dtype)
+    mt = cupy_backend._math(storage)
+    suffix = cupy_backend._SUFFIX[storage]
+    limit = cupy_backend.LOSS_FINISH_ROWS
+    for loss_name, n in [("softmax_cross_entropy", 128), ("mse", limit), ("softmax_cross_entropy", limit + 1)]:
+        launched = []
+        be = _launching_backend(launched)
+        c = 10
+        x = np.zeros((n, c), storage)
+        target = np.zeros(n, np.int32) if loss_name == "softmax_cross_entropy" else np.zeros((n, c), mt)
+        out = np.empty((), mt)
+        grad = np.empty_like(x)
+        assert be.loss_forward_backward(x, target, make_loss(loss_name), grad=grad, out=out) is out
+        divisor = n if loss_name == "softmax_cross_entropy" else n * c
+        name, grid, block, args = launched[0]
+        assert name == f"loss_rows_{suffix}"
+        assert_launch_fits("loss.cu", name, args)
+        finish, count, written, div = args[-4:]
+        assert div == mt.type(divisor) and count.dtype == np.uint32
+        if n <= limit:
+            assert len(launched) == 1 and finish == 1 and written is out
+        else:
+            assert [n for n, *_ in launched] == [name, f"sum_{cupy_backend._SUFFIX[mt]}"] and finish == 0
+            assert launched[1][3][5] is out and launched[1][3][6] == mt.type(divisor)
+            assert launched[1][3][0] is args[5]  # the sum reads the kernel's row losses
 
 
 @pytest.mark.parametrize("bias_corrected", [True, False])

@@ -215,15 +215,32 @@ def test_tables_longer_runs_than_one_chunk(monkeypatch):
     assert_same_run(captured, run("sgd-dampening-step-clip", "cpu"))
 
 
-def test_gather_window_reads_its_start_when_it_runs():
-    """The reference gathers rows perm[start : start + n] with start read at the call (a
-    captured step replays it with the device's new offset)."""
+def test_gather_windows_reads_its_start_when_it_runs():
+    """The reference gathers rows perm[start : start + n] of every src with start read at
+    the call (a captured step replays it with the device's new offset)."""
     from gpubp.backend import numpy_ops
 
     src, perm = np.arange(20.0).reshape(10, 2), np.array([3, 1, 4, 0, 5, 9, 2, 6, 8, 7])
-    start, out = np.array(2), np.empty((3, 2))
-    numpy_ops.gather_window(src, perm, start, out)
-    assert np.array_equal(out, src[[4, 0, 5]])
+    labels = np.arange(100, 110, dtype=np.int32)
+    start, outs = np.array(2), (np.empty((3, 2)), np.empty(3, np.int32))
+    assert numpy_ops.gather_windows((src, labels), perm, start, outs) is outs
+    assert np.array_equal(outs[0], src[[4, 0, 5]]) and np.array_equal(outs[1], [104, 100, 105])
     start[...] = 6
-    numpy_ops.gather_window(src, perm, start, out)
-    assert np.array_equal(out, src[[2, 6, 8]])
+    numpy_ops.gather_windows((src,), perm, start, outs[:1])
+    assert np.array_equal(outs[0], src[[2, 6, 8]])
+    with pytest.raises(ValueError):  # a src without its out
+        numpy_ops.gather_windows((src, labels), perm, start, outs[:1])
+
+
+def test_select_rows_reads_pos_when_it_runs():
+    from gpubp.backend import numpy_ops
+
+    vectors, where = np.arange(24.0).reshape(4, 3, 2), np.arange(8, dtype=np.int64).reshape(4, 2)
+    first = np.array([True, False, False, True])
+    pos = np.array(1, np.int64)
+    outs = (np.empty((3, 2)), np.empty((), np.bool_), np.empty(2, np.int64))
+    numpy_ops.select_rows((vectors, first, where), pos, outs)
+    assert np.array_equal(outs[0], vectors[1]) and not outs[1] and np.array_equal(outs[2], [2, 3])
+    pos[...] = 3
+    numpy_ops.select_rows((vectors, first, where), pos, outs)
+    assert np.array_equal(outs[0], vectors[3]) and outs[1] and np.array_equal(outs[2], [6, 7])

@@ -117,18 +117,46 @@ def test_step_advance_adds_the_loss_and_counts_once(shape):
     assert int(be.to_numpy(p_gpu)) == 42 == int(pos)
 
 
-def test_gather_window_is_index_window_then_gather_rows():
-    """One launch for a batch's rows: features (N, F) float32, targets (N, C), int32
-    labels (N,): the bits of the reference (a gather moves values, it computes nothing)."""
+def test_gather_windows_is_index_window_then_gather_rows():
+    """One launch for a batch's rows, features and targets together: (N, F) float32 with
+    (N, C) float64 targets or int32 labels (N,), bf16 features, one pair alone, a pair with
+    no columns: the bits of the reference (a gather moves values, it computes nothing)."""
+    from gpubp import precision as PR
     from gpubp.backend import numpy_ops
     from gpubp.backend.cupy_backend import CupyBackend
 
     be = CupyBackend()
     rng = np.random.default_rng(1)
     perm = rng.permutation(1000).astype(np.int64)
-    for src in (rng.normal(size=(1000, 13)).astype(np.float32), rng.normal(size=(1000, 3)),
-                rng.integers(0, 9, 1000).astype(np.int32)):  # fmt: skip
-        out = be.xp.full((37, *src.shape[1:]), -1, src.dtype)
-        be.gather_window(be.asarray(src), be.asarray(perm), be.xp.array(np.int64(501)), out)
-        want = numpy_ops.gather_window(src, perm, np.array(501), np.empty((37, *src.shape[1:]), src.dtype))
-        assert np.array_equal(be.to_numpy(out), want) and np.array_equal(want, src[perm[501:538]])
+    x32, x16 = rng.normal(size=(1000, 13)).astype(np.float32), rng.integers(0, 65535, (1000, 5)).astype(PR.BF16)
+    y64, labels = rng.normal(size=(1000, 3)), rng.integers(0, 9, 1000).astype(np.int32)
+    for srcs in [(x32, y64), (x32, labels), (x16, labels), (labels,), (x32,), (x32, np.zeros((1000, 0)))]:
+        # poisoned: an unwritten element shows (bf16 bit patterns are < 65535 here)
+        outs = tuple(be.xp.full((37, *s.shape[1:]), 65535 if s.dtype == PR.BF16 else -1, s.dtype) for s in srcs)
+        got = be.gather_windows(tuple(be.asarray(s) for s in srcs), be.asarray(perm), be.xp.array(np.int64(501)), outs)
+        assert got is outs
+        want = numpy_ops.gather_windows(srcs, perm, np.array(501), tuple(np.empty_like(s[:37]) for s in srcs))
+        for s, o, w in zip(srcs, outs, want):
+            assert np.array_equal(be.to_numpy(o), w) and np.array_equal(w, s[perm[501:538]]), (s.dtype, s.shape)
+
+
+def test_select_rows_gives_the_references_rows_two_tables_a_launch():
+    """The step's tables: Adam's vectors (K, 3, 1, 1) with (K, 2) int64 where-rows, SGD's
+    with a (K,) bool first-step table too (a 0-d out), one table alone."""
+    from gpubp.backend import numpy_ops
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = CupyBackend()
+    rng = np.random.default_rng(2)
+    k = 9
+    vectors = rng.normal(size=(k, 3, 1, 1)).astype(np.float32)
+    first, where = rng.integers(0, 2, k).astype(np.bool_), rng.integers(0, 10**12, (k, 2)).astype(np.int64)
+    for tables in [(vectors, where), (vectors, first, where), (where,), (vectors[:, :1], first)]:
+        dev = tuple(be.asarray(t) for t in tables)
+        for p in (0, 4, k - 1):
+            pos = be.xp.array(np.int64(p))
+            outs = tuple(be.xp.zeros(t.shape[1:], t.dtype) for t in tables)
+            assert be.select_rows(dev, pos, outs) is outs
+            want = numpy_ops.select_rows(tables, np.array(p), tuple(np.empty(t.shape[1:], t.dtype) for t in tables))
+            for o, w in zip(outs, want):
+                assert np.array_equal(be.to_numpy(o), w), (p, w.dtype)

@@ -28,8 +28,8 @@ from . import cublaslt
 
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
-    "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum_partial",
-    "sum_finish", "accuracy_rows", "loss_rows", "sgd_step", "adam_step", "step_guard", "update_vectors",
+    "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum", "accuracy_rows",
+    "loss_rows", "sgd_step", "adam_step", "step_guard", "update_vectors",
 )  # fmt: skip
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
@@ -52,6 +52,9 @@ BLOCK = 256  # threads per block of the elementwise kernels
 # row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
 # (docs/gpu-verification.md); more make the ordered second pass the longer one
 BIAS_GRAD_MAX_CHUNKS = 256
+# a batch of at most this many rows: the loss kernel's last block sums the row losses (one
+# launch); above it, reduce.cu's sum does (more blocks share the summing, a launch more)
+LOSS_FINISH_ROWS = 4 * BLOCK
 
 
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
@@ -71,12 +74,26 @@ ELEMENTWISE = {
     ),
     "select": ("raw T table, raw int64 pos, int64 width", "T out", "out = table[pos[0] * width + i]",
                "gpubp_select_row"),
+    # two tables' rows: i runs over wa + wb elements (call with size=)
+    "select2": ("raw T a, raw U b, raw int64 pos, int64 wa, int64 wb", "raw T out_a, raw U out_b",
+                "if (i < wa) out_a[i] = a[pos[0] * wa + i]; else out_b[i - wa] = b[pos[0] * wb + (i - wa)];",
+                "gpubp_select_rows"),
     # running (0-d or (M,)) += loss; pos += 1 by the first thread
     "advance": ("T loss", "U running, raw int64 pos", "running = running + (U)loss; if (i == 0) pos[0] += 1;",
                 "gpubp_step_advance"),
     # i runs over out's N * width elements, row-major
     "gather_window": ("raw T src, raw int64 perm, raw int64 start, int64 width", "T out",
                       "out = src[perm[start[0] + i / width] * width + i % width]", "gpubp_gather_window"),
+    # a batch's features and targets: i runs over n wx + n wy elements, xo's then yo's (size=)
+    "gather_window2": (
+        "raw T xs, raw U ys, raw int64 perm, raw int64 start, int64 n, int64 wx, int64 wy", "raw T xo, raw U yo",
+        """
+        const long long nx = n * wx;
+        if (i < nx) xo[i] = xs[perm[start[0] + i / wx] * wx + i % wx];
+        else yo[i - nx] = ys[perm[start[0] + (i - nx) / wy] * wy + (i - nx) % wy];
+        """,
+        "gpubp_gather_windows",
+    ),
     "window": ("raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"),
     # i runs over out's M * N elements, row-major
     "window_rows": ("raw I perm, raw int64 start, int64 n, int64 width", "I out",
@@ -587,27 +604,30 @@ class CupyBackend:
             )
         return out
 
-    def _sum(self, x, square: bool, divisor, out, partial_kernel: str, finish_kernel: str, acc_dtype):
-        """out (0-d) = sum of x (or x^2) / divisor, in two deterministic passes; one where
-        the first would be a single block anyway (n <= 4 BLOCK) and x needs no squaring nor
-        widening: the finishing kernel sums x itself (a batch's row losses: a launch less)."""
+    def _sum(self, x, square: bool, divisor, out, kernel: str, acc_dtype):
+        """out (0-d) = sum of x (or x^2) / divisor, in one deterministic launch of `kernel`
+        (reduce.cu's sum: block partials, finished by the last block). The grid is a function
+        of n only; the partials and the last block's ticket counter are kept per grid."""
         n = x.size
-        if not square and n <= 4 * BLOCK and np.dtype(x.dtype) == np.dtype(acc_dtype):
-            self._function(finish_kernel, x.dtype)((1,), (1024,), (x, np.int32(n), out, x.dtype.type(divisor)))
-            return out
-        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))  # a function of n only
+        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))
         partial = self._scratch("sum", blocks, acc_dtype)
-        self._function(partial_kernel, x.dtype)((blocks,), (BLOCK,), (x, np.int64(n), np.int32(square), partial))
-        self._function(finish_kernel, x.dtype)(
-            (1,), (1024,), (partial, np.int32(blocks), out, np.dtype(acc_dtype).type(divisor))
-        )
+        self._function(kernel, x.dtype)(
+            (blocks,), (BLOCK,),
+            (x, np.int64(n), np.int32(square), partial, self._counter("sum", blocks), out,
+             np.dtype(acc_dtype).type(divisor)),
+        )  # fmt: skip
         return out
+
+    def _counter(self, name: str, grid) -> object:
+        """The zeroed ticket counter (one uint32) of a one-launch reduction (common.cuh's
+        last_block), kept per (name, grid) like its partial sums; the kernel leaves it 0."""
+        return self._kept(("counter", name, grid), lambda: self._cupy.zeros(1, dtype=np.uint32))
 
     def sum_squares(self, g, out=None):
         """sum_j g_j^2 as a 0-d array (`out` when given); see numpy_ops.sum_squares."""
         self._check("sum_squares", g.dtype, g=g)
         out = self._cupy.empty((), dtype=g.dtype) if out is None else out
-        return self._sum(g, True, 1, out, "sum_partial", "sum_finish", g.dtype)
+        return self._sum(g, True, 1, out, "sum", g.dtype)
 
     def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None, out=None):
         """Mean loss (0-d, `out` when given) and grad = dL/dx; see numpy_ops.loss_forward_backward.
@@ -621,7 +641,7 @@ class CupyBackend:
             self._check("loss_forward_backward", np.int32, labels=target)
             if target.shape != (n,):
                 raise ValueError(f"loss_forward_backward: labels {target.shape} do not fit x {x.shape}")
-            labels, targets = target, x  # targets unused: any valid pointer
+            labels, targets = target, self._unit_scale(mt)  # targets unused: a pointer of its type
         else:
             self._check("loss_forward_backward", mt, targets=target)
             if target.shape != x.shape:
@@ -639,15 +659,24 @@ class CupyBackend:
             out.fill(np.nan)
             return out
         row_loss = self._scratch("loss_rows", n, mt)
-        warps_per_block = BLOCK // 32
-        args = (x, labels, targets, grad if grad is not None else x, np.int32(grad is not None), row_loss,
-                np.int32(n), np.int32(c),
-                np.int32(loss.info.kernel_id), mt.type(loss.label_smoothing), mt.type(loss.huber_delta),
-                mt.type(1.0 / divisor))  # fmt: skip
+        finish = n <= LOSS_FINISH_ROWS  # the loss kernel sums its row losses itself: one launch
+        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out if finish else None)
+        return out if finish else self._sum(row_loss, False, divisor, out, "sum", mt)
+
+    def _loss_rows(self, x2, labels, targets, grad, row_loss, c: int, loss: Loss, divisor, loss_scale=None,
+                   out=None):  # fmt: skip
+        """Launch loss_rows over x2's rows (kernels/loss.cu): row_loss, and grad unless None;
+        with `out` (0-d) also out = sum(row_loss) / divisor, finished by the kernel's last block."""
+        dtype, mt, n = x2.dtype, _math(x2.dtype), x2.shape[0]
+        finish = out is not None
+        args = (x2, labels, targets, grad if grad is not None else x2, np.int32(grad is not None), row_loss,
+                np.int32(n), np.int32(c), np.int32(loss.info.kernel_id), mt.type(loss.label_smoothing),
+                mt.type(loss.huber_delta), mt.type(1.0 / divisor))  # fmt: skip
         if dtype in PR.LOW:
             args += (self._scale_array(1.0 if loss_scale is None else loss_scale, mt),)
-        self._function("loss_rows", dtype)((self._blocks(n, warps_per_block),), (BLOCK,), args)
-        return self._sum(row_loss, False, divisor, out, "sum_partial", "sum_finish", mt)
+        blocks = self._blocks(n, BLOCK // 32)  # a warp per row
+        args += (np.int32(finish), self._counter("loss_rows", blocks), out if finish else row_loss, mt.type(divisor))
+        self._function("loss_rows", dtype)((blocks,), (BLOCK,), args)
 
     def accuracy_count(self, x, labels, threshold=0.0):
         """Rows classified right (0-d int64); see numpy_ops.accuracy_count."""
@@ -664,7 +693,7 @@ class CupyBackend:
         self._function("accuracy_rows", dtype)(
             (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), _math(dtype).type(threshold))
         )
-        return self._sum(correct, False, 1, out, "sum_partial_i32", "sum_finish_i64", np.int64)
+        return self._sum(correct, False, 1, out, "sum_i32", np.int64)
 
     # ------------------------------------------------------------------ optimizers
 
@@ -777,27 +806,57 @@ class CupyBackend:
         self._cupy.take(src, idx, axis=0, out=out)
         return out
 
-    def gather_window(self, src, perm, start, out):
-        """out[i] = src[perm[start + i]] in one launch; see numpy_ops.gather_window."""
-        if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
-            raise ValueError(f"gather_window: src {src.shape} rows do not fit out {out.shape}")
-        if src.dtype != out.dtype or perm.dtype != np.int64 or start.dtype != np.int64 or start.size != 1:
-            raise TypeError("gather_window: src and out share a dtype; perm and start are int64")
-        if out.size:
-            width = out.size // out.shape[0]
-            self._stacked_kernel("gather_window")(src, perm, start, np.int64(width), out)
-        return out
+    def gather_windows(self, srcs, perm, start, outs):
+        """outs[k][i] = srcs[k][perm[start + i]] for one or two pairs (a batch's x and
+        target), in one launch; see numpy_ops.gather_windows."""
+        if len(srcs) != len(outs) or len(srcs) not in (1, 2):
+            raise ValueError(f"gather_windows: one or two (src, out) pairs, got {len(srcs)} and {len(outs)}")
+        if perm.dtype != np.int64 or start.dtype != np.int64 or start.size != 1:
+            raise TypeError("gather_windows: perm and start are int64, start one value")
+        n = outs[0].shape[0]
+        for src, out in zip(srcs, outs):
+            if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
+                raise ValueError(f"gather_windows: src {src.shape} rows do not fit out {out.shape}")
+            if src.dtype != out.dtype or out.shape[0] != n:
+                raise TypeError("gather_windows: each src and out share a dtype, every out has the same rows")
+        if n == 0:
+            return outs
+        widths = [out.size // n for out in outs]
+        if len(outs) == 1 or 0 in widths:  # one pair, or one with nothing to move (no width to divide by)
+            for src, out, w in zip(srcs, outs, widths):
+                if w:
+                    self._stacked_kernel("gather_window")(src, perm, start, np.int64(w), out)
+            return outs
+        (xs, ys), (xo, yo), (wx, wy) = srcs, outs, widths
+        self._stacked_kernel("gather_window2")(
+            xs, ys, perm, start, np.int64(n), np.int64(wx), np.int64(wy), xo, yo, size=n * (wx + wy)
+        )
+        return outs
 
     # ------------------------------------------------------------------ device-side step state (gpubp/step.py)
 
-    def select_row(self, table, pos, out):
-        """out = table[pos], pos a 0-d int64 device counter; see numpy_ops.select_row."""
-        if not (table.flags.c_contiguous and out.flags.c_contiguous) or table.shape[1:] != out.shape:
-            raise ValueError(f"select_row: table {table.shape} rows do not fit out {out.shape}")
-        if table.dtype != out.dtype or pos.dtype != np.int64 or pos.size != 1:
-            raise TypeError("select_row: table and out share a dtype; pos is one int64")
-        self._stacked_kernel("select")(table, pos, np.int64(out.size), out)
-        return out
+    def select_rows(self, tables, pos, outs):
+        """outs[k] = tables[k][pos], pos a 0-d int64 device counter: two pairs per launch;
+        see numpy_ops.select_rows."""
+        if len(tables) != len(outs) or not tables:
+            raise ValueError(f"select_rows: (table, out) pairs, got {len(tables)} tables and {len(outs)} outs")
+        if pos.dtype != np.int64 or pos.size != 1:
+            raise TypeError("select_rows: pos is one int64")
+        for table, out in zip(tables, outs):
+            if not (table.flags.c_contiguous and out.flags.c_contiguous) or table.shape[1:] != out.shape:
+                raise ValueError(f"select_rows: table {table.shape} rows do not fit out {out.shape}")
+            if table.dtype != out.dtype:
+                raise TypeError(f"select_rows: table {table.dtype} and out {out.dtype} differ")
+        pairs = [(t, o) for t, o in zip(tables, outs) if o.size]
+        for k in range(0, len(pairs) - 1, 2):
+            (a, out_a), (b, out_b) = pairs[k], pairs[k + 1]
+            self._stacked_kernel("select2")(
+                a, b, pos, np.int64(out_a.size), np.int64(out_b.size), out_a, out_b, size=out_a.size + out_b.size
+            )
+        if len(pairs) % 2:
+            table, out = pairs[-1]
+            self._stacked_kernel("select")(table, pos, np.int64(out.size), out)
+        return outs
 
     def step_advance(self, running, loss, pos):
         """running += loss and pos += 1 in one launch; see numpy_ops.step_advance."""
@@ -917,7 +976,7 @@ class CupyBackend:
         labels_kind = loss.info.target == "labels"
         rows = self._stack_rows(target, count)
         if labels_kind:
-            labels, targets = rows, x
+            labels, targets = rows, self._unit_scale(dtype)  # targets unused
         else:
             labels, targets = self._unit_scale(np.int32), rows
         divisor = n if labels_kind else n * c
@@ -925,12 +984,7 @@ class CupyBackend:
         x2 = x.reshape(-1, c)
         g2 = grad.reshape(-1, c) if grad is not None else x2
         self._check("loss_forward_backward_batched", dtype, x=x2, grad=g2)
-        self._function("loss_rows", dtype)(
-            (self._blocks(count * n, BLOCK // 32),), (BLOCK,),
-            (x2, labels, targets, g2, np.int32(grad is not None), row_loss, np.int32(count * n), np.int32(c),
-             np.int32(loss.info.kernel_id), dtype.type(loss.label_smoothing), dtype.type(loss.huber_delta),
-             dtype.type(1.0 / divisor)),
-        )  # fmt: skip
+        self._loss_rows(x2, labels, targets, g2 if grad is not None else None, row_loss, c, loss, divisor)
         if out is None:
             return row_loss.reshape(count, n).sum(axis=1) / dtype.type(divisor)
         if out.shape != (count,) or out.dtype != dtype:

@@ -646,24 +646,29 @@ def gather_rows(src, idx, out):
     return out
 
 
-def gather_window(src, perm, start, out):
-    """out[i] = src[perm[start + i]]: the rows of a window of an epoch's order, with no
-    index buffer between (index_window and gather_rows in one). src: (M, ...); perm: (P,)
-    integers; start: 0-d int64 array (read when the op runs); out: (N, ...)."""
+def gather_windows(srcs, perm, start, outs):
+    """outs[k][i] = srcs[k][perm[start + i]] for each (src, out) pair: a batch's rows (its
+    features and its targets, one launch on the GPU) from a window of an epoch's order,
+    with no index buffer between (index_window and gather_rows in one).
+    srcs: sequence of (M, ...); perm: (P,) integers; start: 0-d int64 array (read when
+    the op runs); outs: sequence of (N, ...), one per src. Returns outs."""
     s = int(start)
-    np.take(src, perm[s : s + out.shape[0]], axis=0, out=out)
-    return out
+    for src, out in zip(srcs, outs, strict=True):
+        np.take(src, perm[s : s + out.shape[0]], axis=0, out=out)
+    return outs
 
 
 # ---------------------------------------------------------------------------------------
 # device-side step state (gpubp/step.py): what changes between steps is read on the device
 
 
-def select_row(table, pos, out):
-    """out = table[pos]: this step's row of a precomputed per-step table.
-    table: (K, ...); pos: 0-d int64 array (the row, a device counter); out: table[0]'s shape."""
-    np.take(table, pos, axis=0, out=out)
-    return out
+def select_rows(tables, pos, outs):
+    """outs[k] = tables[k][pos] for each (table, out) pair: this step's rows of precomputed
+    per-step tables (one launch on the GPU for two). tables: sequence of (K, ...); pos: 0-d
+    int64 array (the row, a device counter); outs: sequence, each its table[0]'s shape."""
+    for table, out in zip(tables, outs, strict=True):
+        np.take(table, pos, axis=0, out=out)
+    return outs
 
 
 def step_advance(running, loss, pos):

@@ -28,11 +28,11 @@ from . import NumpyBackend
 # the backend's ops: recorded while capturing (everything else passes through)
 OPS = (
     "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "accuracy_count",
-    "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_row", "index_window",
+    "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_rows", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
-    "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_window",
+    "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows",
 )  # fmt: skip
 # the ops that return whether they ran (a fused product: False where the GPU has no
 # algorithm for it); the NumPy reference always runs, so a recorded call says True
@@ -75,8 +75,8 @@ class RecordingBackend:
             if self.recording is None:
                 return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
-            if "out" in signature.parameters:
-                out = bound.arguments.get("out")
+            if "out" in signature.parameters or "outs" in signature.parameters:
+                out = bound.arguments.get("out", bound.arguments.get("outs"))
                 if out is None:
                     raise CaptureError(f"{name} returns a new array inside a captured step: pass out=")
                 self.recording.append((fn, args, kwargs))

@@ -1,0 +1,220 @@
+"""The GPU backend's data-moving CuPy elementwise kernels (cupy_backend.ELEMENTWISE: the
+step's table selects, the batch gathers, the index windows, the step advance), built
+and run on the host, through the backend's own launchers, against the NumPy reference.
+
+What CuPy makes of an ElementwiseKernel is a loop over i in [0, size) around the body,
+with a `raw` parameter a pointer the body indexes itself (linear indices on C-contiguous
+arrays), a non-raw array parameter element i of its array, and a scalar a value. This
+test writes that loop as C++ (HostKernel; a raw array's indices are bounds-checked),
+compiles it with g++ once per kernel and dtype combination, and hands it the NumPy
+arrays the launcher passed. So the index arithmetic of each body and the order in which the
+launcher passes its arguments are checked without a GPU; what CuPy's own code
+generation adds (the grid-stride loop, reduce_dims) is checked on the GPU visit
+(tests/test_step_gpu.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gpubp import precision as PR
+from gpubp.backend import cupy_backend, numpy_ops
+
+from .test_kernels_cpu import REQUIRE_KERNEL_TOOLS
+
+C_TYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int",
+          np.dtype(np.int64): "long long", np.dtype(np.bool_): "bool", np.dtype(np.uint16): "unsigned short",
+          np.dtype(np.uint32): "unsigned int"}  # fmt: skip
+NAMED = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
+
+
+def parse(params: str) -> list[tuple[bool, str, str]]:
+    """(raw, type, name) of each parameter of an ElementwiseKernel list."""
+    out = []
+    for p in params.split(","):
+        words = p.split()
+        raw = words[0] == "raw"
+        out.append((raw, words[-2], words[-1]))
+    return out
+
+
+class HostKernel:
+    """An ELEMENTWISE entry as a host function: called like CuPy's ElementwiseKernel
+    (inputs, then outputs, by position; size= when every array is raw) on NumPy arrays."""
+
+    def __init__(self, name: str, build_dir: str):
+        ins, outs, self.body, _ = cupy_backend.ELEMENTWISE[name]
+        self.name, self.build_dir = name, build_dir
+        self.params = [(*p, False) for p in parse(ins)] + [(*p, True) for p in parse(outs)]
+
+    def __call__(self, *args, size=None):
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
+        types, c_args, decls, per_i = {}, [], [], []
+        for (raw, t, pname, is_out), a in zip(self.params, args):
+            if t in NAMED:
+                dtype = np.dtype(NAMED[t])
+            else:  # a type placeholder: every use must agree
+                dtype = np.asarray(a).dtype
+                assert types.setdefault(t, dtype) == dtype, f"{self.name}: {t} is {types[t]} and {dtype}"
+            ct = C_TYPE[dtype]
+            if isinstance(a, np.ndarray):
+                assert a.flags.c_contiguous and a.dtype == dtype, f"{self.name}({pname}): {a.dtype} {a.flags}"
+                c_args.append(ctypes.c_void_p(a.ctypes.data))
+                if raw:  # a bounds-checked pointer: an index outside the array fails the call
+                    decls.append(f"{ct}* {pname}_, long long {pname}_n")
+                    c_args.append(ctypes.c_longlong(a.size))
+                    per_i.insert(0, f"Raw<{ct}> {pname}{{{pname}_, {pname}_n}};")
+                else:  # element i of its array (all of one size here: no broadcasting)
+                    decls.append(f"{ct}* {pname}_")
+                    per_i.append(f"{ct}& {pname} = {pname}_[i];")
+                    size = a.size if size is None else size
+                    assert a.size == size, f"{self.name}({pname}): {a.size} elements, the loop has {size}"
+            else:
+                assert not raw and not is_out, f"{self.name}({pname}): a scalar for an array parameter"
+                decls.append(f"{ct} {pname}")
+                c_args.append(np.ctypeslib.as_ctypes_type(dtype)(np.asarray(a, dtype).item()))
+        assert size is not None, f"{self.name}: every array is raw, size= is needed (as CuPy needs it)"
+        typedefs = " ".join(f"typedef {C_TYPE[d]} {t};" for t, d in types.items())  # as CuPy declares them
+        source = (
+            f"{PRELUDE}"
+            f'extern "C" int run({", ".join(decls)}, long long size_) {{\n  {typedefs}\n  bad_index = 0;\n'
+            f"  for (long long i = 0; i < size_; ++i) {{\n    {' '.join(per_i)}\n{self.body};\n  }}\n"  # CuPy adds the ;
+            "  return bad_index;\n}\n"
+        )
+        lib = build(source, self.build_dir)
+        assert lib.run(*c_args, ctypes.c_longlong(size)) == 0, f"{self.name}: an index outside a raw array"
+        return args[-1]
+
+
+PRELUDE = """#include <cmath>
+using std::isfinite; using std::sqrt;
+static int bad_index = 0;
+template <class T> struct Raw {  // a raw parameter: p[k], k checked against the array's size
+  T* p; long long n;
+  T& operator[](long long k) const { static T dummy; if (k < 0 || k >= n) { bad_index = 1; return dummy; } return p[k]; }
+};
+"""
+
+
+_BUILT: dict[str, ctypes.CDLL] = {}
+
+
+def build(source: str, build_dir: str) -> ctypes.CDLL:
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    if key not in _BUILT:
+        src, lib = os.path.join(build_dir, f"k{key}.cpp"), os.path.join(build_dir, f"k{key}.so")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [shutil.which("g++") or "c++", "-O1", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unused-local-typedefs", src,
+               "-o", lib]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{r.stderr}\n{source}"
+        _BUILT[key] = ctypes.CDLL(lib)
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="module")
+def host_backend(tmp_path_factory):
+    """A CupyBackend whose arrays are NumPy's and whose elementwise kernels run on the host."""
+    if (shutil.which("g++") or shutil.which("c++")) is None:
+        if REQUIRE_KERNEL_TOOLS:
+            pytest.fail("no C++ compiler: CI must check the elementwise kernels on the host")
+        pytest.skip("no C++ compiler (g++) on this machine")
+    build_dir = str(tmp_path_factory.mktemp("elementwise"))
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    kernels = {}
+    be._stacked_kernel = lambda name: kernels.setdefault(name, HostKernel(name, build_dir))
+    return be
+
+
+def poisoned(like, rows=None):
+    shape = like.shape if rows is None else (rows, *like.shape[1:])
+    fill = np.iinfo(like.dtype).max if like.dtype.kind == "u" else (True if like.dtype == np.bool_ else -1)
+    return np.full(shape, fill, like.dtype)
+
+
+def test_gather_windows_runs_as_the_reference(host_backend):
+    """A batch's features and targets in one launch (two placeholder types), one pair
+    alone (the one-table kernel), and a pair with no columns: each out equals the
+    reference's rows perm[start : start + n], start read from its array."""
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(300).astype(np.int64)
+    x32, y64 = rng.normal(size=(300, 7)).astype(np.float32), rng.normal(size=(300, 3))
+    labels, x16 = rng.integers(0, 9, 300).astype(np.int32), rng.integers(0, 65535, (300, 4)).astype(PR.BF16)
+    for srcs in [(x32, y64), (x32, labels), (x16, labels), (labels,), (y64,), (x32, np.zeros((300, 0)))]:
+        for start, n in [(0, 1), (123, 37), (300 - 64, 64)]:
+            outs = tuple(poisoned(s, n) for s in srcs)
+            got = host_backend.gather_windows(srcs, perm, np.array(start, np.int64), outs)
+            want = numpy_ops.gather_windows(srcs, perm, np.array(start), tuple(np.empty_like(o) for o in outs))
+            assert got is outs
+            for o, w, s in zip(outs, want, srcs):
+                assert np.array_equal(o, w) and np.array_equal(w, s[perm[start : start + n]]), (s.dtype, start, n)
+
+
+def test_select_rows_runs_as_the_reference(host_backend):
+    """Two tables a launch (Adam: vectors and where), three (SGD: first too, a 0-d bool
+    out: two launches), one alone, at several positions."""
+    rng = np.random.default_rng(1)
+    k = 6
+    vectors = rng.normal(size=(k, 3, 2, 1)).astype(np.float32)
+    first, where = rng.integers(0, 2, k).astype(np.bool_), rng.integers(0, 10**12, (k, 2)).astype(np.int64)
+    for tables in [(vectors, where), (vectors, first, where), (where,), (first, vectors.astype(np.float64))]:
+        for p in (0, 3, k - 1):
+            outs = tuple(poisoned(t[0]) if t.ndim > 1 else np.array(not t[p], t.dtype) for t in tables)
+            assert host_backend.select_rows(tables, np.array(p, np.int64), outs) is outs
+            want = numpy_ops.select_rows(tables, np.array(p), tuple(np.empty_like(o) for o in outs))
+            for o, w in zip(outs, want):
+                assert np.array_equal(o, w), (p, w.dtype)
+
+
+def test_index_windows_and_step_advance_run_as_the_reference(host_backend):
+    from gpubp.backend import numpy_stacked
+
+    rng = np.random.default_rng(2)
+    perm = rng.permutation(50).astype(np.int64)
+    out = poisoned(perm, 9)
+    host_backend.index_window(perm, np.array(20, np.int64), out)
+    assert np.array_equal(out, numpy_ops.index_window(perm, np.array(20), np.empty_like(out)))
+    perms = np.stack([rng.permutation(50) for _ in range(3)]).astype(np.int64)
+    rows = poisoned(perms[:, :9].copy())
+    host_backend.index_window_batched(perms, np.array(11, np.int64), rows)
+    assert np.array_equal(rows, numpy_stacked.index_window_batched(perms, np.array(11), np.empty_like(rows)))
+    for running, loss in [(np.array(1.5, np.float64), np.array(0.25, np.float32)),
+                          (np.arange(4.0), np.full(4, 0.5))]:  # fmt: skip
+        pos, ref_pos, ref = np.array(7, np.int64), np.array(7, np.int64), running.copy()
+        numpy_ops.step_advance(ref, loss, ref_pos)
+        host_backend.step_advance(running, loss, pos)
+        assert np.array_equal(running, ref) and pos == ref_pos == 8
+
+
+def test_the_host_loop_catches_a_wrong_index(host_backend, monkeypatch, tmp_path):
+    """The check can fail: a body that reads the row after the selected one is caught."""
+    entry = cupy_backend.ELEMENTWISE["select2"]
+    wrong = (entry[0], entry[1], entry[2].replace("pos[0] * wa", "(pos[0] + 1) * wa"), entry[3])
+    monkeypatch.setitem(cupy_backend.ELEMENTWISE, "select2", wrong)
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._stacked_kernel = lambda name: HostKernel(name, str(tmp_path))
+    a, b = np.arange(12.0).reshape(4, 3), np.arange(8, dtype=np.int64).reshape(4, 2)
+    outs = (np.empty(3), np.empty(2, np.int64))
+    be.select_rows((a, b), np.array(1, np.int64), outs)
+    assert not np.array_equal(outs[0], a[1]) and np.array_equal(outs[1], b[1])
+
+
+def test_every_raw_only_kernel_is_called_with_a_size():
+    """CuPy needs size= when every array parameter is raw; the launchers pass it."""
+    import inspect
+
+    source = inspect.getsource(cupy_backend)
+    for name, (ins, outs, _, _) in cupy_backend.ELEMENTWISE.items():
+        arrays = [p for p in parse(ins) + parse(outs) if p[0] or p[1] not in NAMED]
+        calls = re.findall(rf'_stacked_kernel\("{name}"\)\((.*?)\)\n', source, re.S)
+        if arrays and all(raw for raw, _, _ in arrays):
+            assert calls and all("size=" in c for c in calls), name
