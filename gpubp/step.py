@@ -243,8 +243,8 @@ class Step(ShapeGraphs):
 
     def _finish(self, loss) -> None:
         """guard + clip, update, running loss, advance."""
-        be, st = self.backend, self.state
-        self.guard.check(st.step, loss, be.sum_squares(self.model.flat_grads, out=self.grad_sq), self.clip)
+        st = self.state
+        self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip)
         st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip)
         st.advance(self.running, loss)

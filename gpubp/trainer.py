@@ -498,15 +498,18 @@ class FiniteGuard:
             self.skipped = backend.zeros((), np.int64)  # steps skipped for an overflowing gradient
             self.interval = precision.LOSS_SCALE_INTERVAL  # finite steps before the scale doubles
 
-    def check(self, step: int, loss, grad_sq, max_norm: float) -> None:
-        """Before the update of step `step` (0-based): loss and squared gradient norm (0-d);
-        max_norm > 0 clips the gradient to that global norm (through `scale`)."""
+    def check(self, step: int, loss, grads, grad_sq, max_norm: float) -> None:
+        """Before the update of step `step` (0-based): the loss (0-d) and the flat gradients
+        (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
+        that global norm (through `scale`). One launch on the GPU (step_guard_norm); fp16
+        sums the squares, then runs its own guard."""
+        be = self.backend
         if self.loss_scale is not None:
-            self.backend.step_guard_scaled(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
-                                           self.scale, self.loss_scale, self.good_steps, self.skipped,
-                                           interval=self.interval)  # fmt: skip
+            be.step_guard_scaled(loss, be.sum_squares(grads, out=grad_sq), step, max_norm, self.first_bad, self.skip,
+                                 self.norm, self.scale, self.loss_scale, self.good_steps, self.skipped,
+                                 interval=self.interval)  # fmt: skip
             return
-        self.backend.step_guard(loss, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
+        be.step_guard_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
 
     def scaler_record(self) -> dict:
         """fp16: {"skipped_steps", "loss_scale"} (two reads from the device); else {}."""

@@ -48,12 +48,16 @@ __device__ __forceinline__ A block_sum_of(P values, long long n, A* shared) {
 }
 
 // One launch instead of two for a grid-wide reduction: every block writes its part to
-// global memory, then calls last_block(count); it returns true in every thread of the
-// block that finished last, which may then read every block's part and finish. Each
-// thread fences its own writes before the block takes its ticket (atomicAdd), and the
-// last block fences after drawing the last one; it puts the counter back to 0 for the
-// next launch (launches on one stream never overlap). `count`: one zeroed unsigned int
-// per call site. Which block is last varies; what it computes must not depend on it.
+// global memory, then every thread of every block calls last_block(count) (it holds
+// __syncthreads); it returns true in every thread of the block that finished last, which
+// may then read every block's part (through volatile loads: from L2, not a stale L1) and
+// finish. Each thread fences its own writes before the block takes its ticket
+// (atomicAdd), and the last block fences after drawing the last one: __threadfence is
+// fence.sc.gpu (membar.gl), which this relies on (a weaker acq_rel fence would not do).
+// The last block puts the counter back to 0 for the next launch. `count`: a zeroed
+// unsigned int that no two launches running at once may share (the backend keeps one per
+// name and grid; its launches run in order on one stream). Which block is last varies;
+// what it computes must not depend on it.
 __device__ __forceinline__ bool last_block(unsigned int* count) {
   __shared__ bool last;
   __threadfence();  // this thread's writes, visible device-wide before the ticket
@@ -67,6 +71,29 @@ __device__ __forceinline__ bool last_block(unsigned int* count) {
   }
   __syncthreads();
   return last;
+}
+
+// ---- sum of a flat buffer, one launch: each block sums a grid-stride share into
+// partial[blockIdx.x]; the block that finishes last (last_block) sums the partials in
+// index order and writes out[0] = total / divisor (a mean when divisor = N). The
+// partials and their order depend on n and the grid alone: the same bits every run.
+// Returns true in the block that finished (its thread 0 wrote out[0]; a caller may go on
+// there, e.g. optim.cu's fused guard), false elsewhere.
+template <typename T, typename A, typename R>
+__device__ bool sum_all(const T* x, long long n, int square, A* partial, unsigned int* count, R* out,
+                        A divisor) {
+  __shared__ A shared[1024];
+  A s = A(0);
+  GRID_STRIDE_LOOP(i, n) {
+    A v = A(x[i]);
+    s += square ? v * v : v;
+  }
+  A total = block_sum(s, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+  if (!last_block(count)) return false;
+  total = block_sum_of<A>((const volatile A*)partial, gridDim.x, shared);
+  if (threadIdx.x == 0) out[0] = R(divisor == A(1) ? total : total / divisor);
+  return true;
 }
 
 // Warp-level sum and max (all 32 lanes active), butterfly order: every lane gets the result.

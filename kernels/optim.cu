@@ -58,7 +58,7 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
 template <typename T>
 __device__ void step_guard(const T* loss, const T* grad_sq, const long long* step, T max_norm, long long* first_bad,
                            bool* skip, T* norm, T* scale) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  if (threadIdx.x != 0) return;  // one thread (of the one block, or of the block that finished the norm)
   if (first_bad[0] == -1 && !(isfinite(loss[0]) && isfinite(grad_sq[0]))) first_bad[0] = step[0];
   skip[0] = first_bad[0] >= 0;
   const T r = sqrt(grad_sq[0]);
@@ -124,6 +124,14 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
   extern "C" __global__ void step_guard_##S(const T* loss, const T* grad_sq, const long long* step, T max_norm, \
                                              long long* first_bad, bool* skip, T* norm, T* scale) {             \
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
+  }                                                                                                             \
+  /* grad_sq = sum g^2 (common.cuh's one-launch sum), then step_guard in the block that finished it */           \
+  extern "C" __global__ void step_guard_norm_##S(const T* loss, const T* g, long long n, T* partial,              \
+                                                  unsigned int* count, T* grad_sq, const long long* step,       \
+                                                  T max_norm, long long* first_bad, bool* skip, T* norm,        \
+                                                  T* scale) {                                                   \
+    if (sum_all<T, T, T>(g, n, 1, partial, count, grad_sq, T(1)))                                               \
+      step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                               \
   }                                                                                                             \
   extern "C" __global__ void update_vectors_##S(const double* rates, const long long* pos, const double* counts, \
                                                  const long long* t0, long long* updates, const bool* skip,     \

@@ -43,25 +43,7 @@ __device__ void bias_grad_finish(const T* partial, T* out, int n_chunks, int n_c
   }
 }
 
-// ---- sum of a flat buffer, one launch: each block sums a grid-stride share into
-// partial[blockIdx.x]; the block that finishes last (last_block) sums the partials in
-// index order and writes out[0] = total / divisor (a mean when divisor = N). The
-// partials and their order depend on n and the grid alone: the same bits every run.
-template <typename T, typename A, typename R>
-__device__ void sum_all(const T* x, long long n, int square, A* partial, unsigned int* count, R* out,
-                        A divisor) {
-  __shared__ A shared[1024];
-  A s = A(0);
-  GRID_STRIDE_LOOP(i, n) {
-    A v = A(x[i]);
-    s += square ? v * v : v;
-  }
-  A total = block_sum(s, shared);
-  if (threadIdx.x == 0) partial[blockIdx.x] = total;
-  if (!last_block(count)) return;
-  total = block_sum_of<A>((const volatile A*)partial, gridDim.x, shared);
-  if (threadIdx.x == 0) out[0] = R(divisor == A(1) ? total : total / divisor);
-}
+// ---- sum of a flat buffer, one launch: common.cuh's sum_all
 
 // ---- accuracy: one thread per row ---------------------------------------------------
 // x: (n_rows, n_cols); labels: (n_rows,); correct: (n_rows,) 0/1.

@@ -122,7 +122,7 @@ def test_the_gpubp_row_times_the_trainers_step_captured_and_plain(monkeypatch):
     assert len(rec.graphs) == 1 and captured.captures == 1
     assert rec.replays == calls[captured][0] - 1  # the capturing call replays once too
     ops = {fn.__name__ for fn, _, _ in rec.graphs[0]}
-    assert {"gather_windows", "select_rows", "gemm", "step_guard", "adam_step_batched"} <= ops
+    assert {"gather_windows", "select_rows", "gemm", "step_guard_norm", "adam_step_batched"} <= ops
 
 
 def test_steps_ms_times_blocks_ending_with_a_synchronize():

@@ -30,9 +30,16 @@ from gpubp.backend import cupy_backend, numpy_ops
 
 from .test_kernels_cpu import REQUIRE_KERNEL_TOOLS
 
-C_TYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", np.dtype(np.int32): "int",
-          np.dtype(np.int64): "long long", np.dtype(np.bool_): "bool", np.dtype(np.uint16): "unsigned short",
-          np.dtype(np.uint32): "unsigned int"}  # fmt: skip
+C_TYPE = {
+    np.dtype(np.float32): "float",
+    np.dtype(np.float64): "double",
+    np.dtype(np.int32): "int",
+    np.dtype(np.int64): "long long",
+    np.dtype(np.bool_): "bool",
+    np.dtype(np.uint16): "unsigned short",
+    np.dtype(np.uint32): "unsigned int",
+    np.dtype(np.float16): "unsigned short",  # fp16: the data-moving kernels only copy its bits
+}
 NAMED = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
 
 
@@ -68,13 +75,16 @@ class HostKernel:
             if isinstance(a, np.ndarray):
                 assert a.flags.c_contiguous and a.dtype == dtype, f"{self.name}({pname}): {a.dtype} {a.flags}"
                 c_args.append(ctypes.c_void_p(a.ctypes.data))
+                # inputs are read-only, as in CuPy's code (const CArray, const T&): a body
+                # that writes one fails to compile here as it would under NVRTC
                 if raw:  # a bounds-checked pointer: an index outside the array fails the call
                     decls.append(f"{ct}* {pname}_, long long {pname}_n")
                     c_args.append(ctypes.c_longlong(a.size))
-                    per_i.insert(0, f"Raw<{ct}> {pname}{{{pname}_, {pname}_n}};")
+                    kind = "RawOut" if is_out else "RawIn"
+                    per_i.insert(0, f"{kind}<{ct}> {pname}{{{pname}_, {pname}_n}};")
                 else:  # element i of its array (all of one size here: no broadcasting)
                     decls.append(f"{ct}* {pname}_")
-                    per_i.append(f"{ct}& {pname} = {pname}_[i];")
+                    per_i.append(f"{'' if is_out else 'const '}{ct}& {pname} = {pname}_[i];")
                     size = a.size if size is None else size
                     assert a.size == size, f"{self.name}({pname}): {a.size} elements, the loop has {size}"
             else:
@@ -97,9 +107,18 @@ class HostKernel:
 PRELUDE = """#include <cmath>
 using std::isfinite; using std::sqrt;
 static int bad_index = 0;
-template <class T> struct Raw {  // a raw parameter: p[k], k checked against the array's size
+template <class T> T& checked(T* p, long long n, long long k) {  // p[k], k checked against the size
+  static T dummy;
+  if (k < 0 || k >= n) { bad_index = 1; return dummy; }
+  return p[k];
+}
+template <class T> struct RawIn {  // a raw input: read-only
   T* p; long long n;
-  T& operator[](long long k) const { static T dummy; if (k < 0 || k >= n) { bad_index = 1; return dummy; } return p[k]; }
+  const T& operator[](long long k) const { return checked(p, n, k); }
+};
+template <class T> struct RawOut {  // a raw output
+  T* p; long long n;
+  T& operator[](long long k) const { return checked(p, n, k); }
 };
 """
 
@@ -149,7 +168,8 @@ def test_gather_windows_runs_as_the_reference(host_backend):
     perm = rng.permutation(300).astype(np.int64)
     x32, y64 = rng.normal(size=(300, 7)).astype(np.float32), rng.normal(size=(300, 3))
     labels, x16 = rng.integers(0, 9, 300).astype(np.int32), rng.integers(0, 65535, (300, 4)).astype(PR.BF16)
-    for srcs in [(x32, y64), (x32, labels), (x16, labels), (labels,), (y64,), (x32, np.zeros((300, 0)))]:
+    h16 = rng.normal(size=(300, 6)).astype(np.float16)
+    for srcs in [(x32, y64), (x32, labels), (x16, labels), (h16, y64), (labels,), (y64,), (x32, np.zeros((300, 0)))]:
         for start, n in [(0, 1), (123, 37), (300 - 64, 64)]:
             outs = tuple(poisoned(s, n) for s in srcs)
             got = host_backend.gather_windows(srcs, perm, np.array(start, np.int64), outs)
@@ -208,13 +228,27 @@ def test_the_host_loop_catches_a_wrong_index(host_backend, monkeypatch, tmp_path
     assert not np.array_equal(outs[0], a[1]) and np.array_equal(outs[1], b[1])
 
 
+def call_arguments(source: str, name: str) -> list[str]:
+    """The argument text of every `_stacked_kernel("name")(...)` call in source (balanced
+    parentheses)."""
+    calls = []
+    for match in re.finditer(rf'_stacked_kernel\("{name}"\)\(', source):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        calls.append(source[match.end() : i - 1])
+    return calls
+
+
 def test_every_raw_only_kernel_is_called_with_a_size():
     """CuPy needs size= when every array parameter is raw; the launchers pass it."""
     import inspect
 
     source = inspect.getsource(cupy_backend)
+    assert call_arguments('f(g(1), 2)) x; _stacked_kernel("a")(b, size=(c + d))\n', "a") == ["b, size=(c + d)"]
     for name, (ins, outs, _, _) in cupy_backend.ELEMENTWISE.items():
         arrays = [p for p in parse(ins) + parse(outs) if p[0] or p[1] not in NAMED]
-        calls = re.findall(rf'_stacked_kernel\("{name}"\)\((.*?)\)\n', source, re.S)
+        calls = call_arguments(source, name)
         if arrays and all(raw for raw, _, _ in arrays):
             assert calls and all("size=" in c for c in calls), name

@@ -198,6 +198,34 @@ def test_step_guard(gpu, dtype):
         close(got[3], ref[3], dtype, what=f"scale at {step}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_guard_norm(gpu, dtype):
+    """The squared norm and the guard in one launch (the block that finishes the sum runs
+    the guard) against numpy_ops.step_guard_norm over a run of steps: one block and 1024
+    blocks, clipping on and off, a NaN gradient, then a finite one (first_bad stays)."""
+    t = np.dtype(dtype).type
+    rng = np.random.default_rng(6)
+    ref = [np.array(-1, np.int64), np.array(False), np.zeros((), dtype), np.zeros((), dtype)]
+    dev = [gpu.asarray(a) for a in ref]
+    sq_ref, sq_dev = np.zeros((), dtype), gpu.zeros((), dtype)
+    steps = [(5, 2.0, False), (300_000, 1.0, False), (300_000, 0.0, False), (900, 1e-3, False),
+             (300_000, 1.0, True), (77, 1.0, False)]  # fmt: skip
+    for step, (n, max_norm, nan) in enumerate(steps):
+        g = rng.normal(size=n).astype(dtype)
+        if nan:
+            g[n // 3] = np.nan
+        loss = t(0.5)
+        numpy_ops.step_guard_norm(np.array(loss), g, sq_ref, step, max_norm, *ref)
+        gpu.step_guard_norm(gpu.asarray(np.array(loss)), gpu.asarray(g), sq_dev, step, max_norm, *dev)
+        got = [gpu.to_numpy(a).reshape(()) for a in dev]
+        assert got[0] == ref[0] and got[1] == ref[1], step
+        # |g|^2: a sum of n positive terms, so the relative bound applies to it directly
+        close(gpu.to_numpy(sq_dev), sq_ref, dtype, what=f"grad_sq at {step}")
+        close(got[2], ref[2], dtype, what=f"norm at {step}")
+        close(got[3], ref[3], dtype, what=f"scale at {step}")
+    assert int(ref[0]) == 4  # the NaN step, kept after it
+
+
 def loss_data(rng, name, n, c, dtype):
     x = rng.normal(scale=3.0, size=(n, c)).astype(dtype)
     if name == "softmax_cross_entropy":

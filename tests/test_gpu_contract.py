@@ -401,6 +401,30 @@ def test_every_sum_is_one_launch_that_fits_its_kernel(dtype):
     assert launched[1][3][5] is correct and correct.dtype == np.int64
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
+    """step_guard_norm: one launch of optim.cu's step_guard_norm on the sum's grid (the
+    partials and counter sum_squares uses for that length), its arguments of the kernel's
+    C types; the step index a device array when given one, else copied to one."""
+    launched = []
+    be = _launching_backend(launched)
+    be._step_array = lambda step: step if isinstance(step, np.ndarray) else np.asarray(step, np.int64)
+    zero = lambda dt: np.zeros((), dt)  # noqa: E731
+    for n in (5, 300_000):
+        launched.clear()
+        g, grad_sq, loss, step = np.ones(n, dtype), zero(dtype), zero(dtype), np.asarray(7, np.int64)
+        first_bad, skip, norm, scale = zero(np.int64), zero(np.bool_), zero(dtype), zero(dtype)
+        be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale)
+        ((name, grid, block, args),) = launched
+        assert name == f"step_guard_norm_{'f32' if dtype == 'float32' else 'f64'}" and block == (256,)
+        assert_launch_fits("optim.cu", name, args)
+        assert grid == (max(1, min(1024, -(-n // 1024))),) and args[3].shape == grid
+        assert args[0] is loss and args[1] is g and args[2] == n and args[5] is grad_sq and args[6] is step
+        assert args[7] == 2.5 and all(a is b for a, b in zip(args[8:], (first_bad, skip, norm, scale)))
+        be.sum_squares(g, out=grad_sq)  # the same partials and counter as the plain sum
+        assert launched[-1][3][3] is args[3] and launched[-1][3][4] is args[4]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bf16", "fp16"])
 def test_a_batchs_loss_is_one_launch_up_to_the_finishing_rows(dtype):
     """Up to LOSS_FINISH_ROWS rows the loss kernel writes the batch mean itself (finish = 1,

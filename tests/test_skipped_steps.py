@@ -164,9 +164,9 @@ def test_gradscaler_and_torch_adam_agree(overflowing, monkeypatch):
     seen = []
     original = T.FiniteGuard.check
 
-    def check(self, step, loss, grad_sq, max_norm):
-        seen.append((holder[0].model.flat_grads.copy(), float(self.loss_scale)))
-        original(self, step, loss, grad_sq, max_norm)
+    def check(self, step, loss, grads, grad_sq, max_norm):
+        seen.append((grads.copy(), float(self.loss_scale)))
+        original(self, step, loss, grads, grad_sq, max_norm)
 
     monkeypatch.setattr(T.FiniteGuard, "check", check)
     holder = [T.Trainer(config("adam"), None, device="cpu", quiet=True)]

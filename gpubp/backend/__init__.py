@@ -43,6 +43,7 @@ class NumpyBackend:
     adam_step = staticmethod(numpy_ops.adam_step)
     sum_squares = staticmethod(numpy_ops.sum_squares)
     step_guard = staticmethod(numpy_ops.step_guard)
+    step_guard_norm = staticmethod(numpy_ops.step_guard_norm)
     # mixed precision (gpubp/precision.py): storage conversions, the residual sum, fp16's guard
     cast = staticmethod(numpy_ops.cast)
     add = staticmethod(numpy_ops.add)

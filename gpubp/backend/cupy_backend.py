@@ -609,14 +609,19 @@ class CupyBackend:
         (reduce.cu's sum: block partials, finished by the last block). The grid is a function
         of n only; the partials and the last block's ticket counter are kept per grid."""
         n = x.size
-        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))
-        partial = self._scratch("sum", blocks, acc_dtype)
+        blocks, partial = self._sum_grid(n, acc_dtype)
         self._function(kernel, x.dtype)(
             (blocks,), (BLOCK,),
             (x, np.int64(n), np.int32(square), partial, self._counter("sum", blocks), out,
              np.dtype(acc_dtype).type(divisor)),
         )  # fmt: skip
         return out
+
+    def _sum_grid(self, n: int, acc_dtype) -> tuple[int, object]:
+        """The one-launch sum's grid for n values (a function of n only: the same partition,
+        the same bits) and its kept partial-sum buffer."""
+        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))
+        return blocks, self._scratch("sum", blocks, acc_dtype)
 
     def _counter(self, name: str, grid) -> object:
         """The zeroed ticket counter (one uint32) of a one-launch reduction (common.cuh's
@@ -743,6 +748,24 @@ class CupyBackend:
             (1,), (32,), (loss, grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
 
+    def step_guard_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+        """grad_sq = |g|^2 and the step's verdict in one launch (the block that finishes the
+        sum runs the guard); see numpy_ops.step_guard_norm."""
+        dtype = norm.dtype
+        self._check("step_guard_norm", dtype, loss=loss, g=g, grad_sq=grad_sq, norm=norm, scale=scale)
+        self._check("step_guard_norm", np.int64, first_bad=first_bad)
+        self._check("step_guard_norm", np.bool_, skip=skip)
+        for name, a in (("loss", loss), ("grad_sq", grad_sq), ("first_bad", first_bad), ("skip", skip),
+                        ("norm", norm), ("scale", scale)):  # fmt: skip
+            if a.size != 1:
+                raise ValueError(f"step_guard_norm: {name} must hold one value, has {a.size}")
+        blocks, partial = self._sum_grid(g.size, dtype)
+        self._function("step_guard_norm", dtype)(
+            (blocks,), (BLOCK,),
+            (loss, g, np.int64(g.size), partial, self._counter("sum", blocks), grad_sq, self._step_array(step),
+             dtype.type(max_norm), first_bad, skip, norm, scale),
+        )  # fmt: skip
+
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
                           skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
         """fp16's verdict with dynamic loss scaling in one launch; see numpy_ops.step_guard_scaled."""
@@ -817,8 +840,10 @@ class CupyBackend:
         for src, out in zip(srcs, outs):
             if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
                 raise ValueError(f"gather_windows: src {src.shape} rows do not fit out {out.shape}")
-            if src.dtype != out.dtype or out.shape[0] != n:
-                raise TypeError("gather_windows: each src and out share a dtype, every out has the same rows")
+            if src.dtype != out.dtype:
+                raise TypeError(f"gather_windows: src {src.dtype} and out {out.dtype} differ")
+            if out.shape[0] != n:
+                raise ValueError(f"gather_windows: every out has the same rows, got {out.shape[0]} and {n}")
         if n == 0:
             return outs
         widths = [out.size // n for out in outs]

@@ -599,6 +599,14 @@ def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
     scale[...] = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
 
 
+def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+    """grad_sq = sum_j g_j^2 (sum_squares of the flat gradients g (P,), into the 0-d
+    grad_sq), then step_guard(loss, grad_sq, ...): the step's verdict from its gradients,
+    one launch on the GPU (the block that finishes the sum runs the guard)."""
+    sum_squares(g, out=grad_sq)
+    step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale)
+
+
 def step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
                       interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
     """step_guard for fp16 with dynamic loss scaling (torch.cuda.amp.GradScaler's rule):

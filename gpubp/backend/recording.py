@@ -28,7 +28,7 @@ from . import NumpyBackend
 # the backend's ops: recorded while capturing (everything else passes through)
 OPS = (
     "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "accuracy_count",
-    "sgd_step", "adam_step", "sum_squares", "step_guard", "gather_rows", "select_rows", "index_window",
+    "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm", "gather_rows", "select_rows", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
