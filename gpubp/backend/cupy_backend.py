@@ -734,16 +734,22 @@ class CupyBackend:
              self._scale_array(grad_scale, dtype), self._skip_flag(skip)),
         )  # fmt: skip
 
+    def _check_guard(self, op: str, dtype, g=None, **state) -> None:
+        """The guard's arrays: loss, grad_sq, norm, scale of `dtype` (and the gradients g),
+        first_bad int64, skip bool, each of the state one value."""
+        self._check(op, dtype, **{k: state[k] for k in ("loss", "grad_sq", "norm", "scale")},
+                    **({"g": g} if g is not None else {}))  # fmt: skip
+        self._check(op, np.int64, first_bad=state["first_bad"])
+        self._check(op, np.bool_, skip=state["skip"])
+        for name, a in state.items():
+            if a.size != 1:
+                raise ValueError(f"{op}: {name} must hold one value, has {a.size}")
+
     def step_guard(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
         """The step's verdict in one launch; see numpy_ops.step_guard."""
         dtype = norm.dtype
-        self._check("step_guard", dtype, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale)
-        self._check("step_guard", np.int64, first_bad=first_bad)
-        self._check("step_guard", np.bool_, skip=skip)
-        for name, a in (("loss", loss), ("grad_sq", grad_sq), ("first_bad", first_bad), ("skip", skip),
-                        ("norm", norm), ("scale", scale)):  # fmt: skip
-            if a.size != 1:
-                raise ValueError(f"step_guard: {name} must hold one value, has {a.size}")
+        self._check_guard("step_guard", dtype, loss=loss, grad_sq=grad_sq, first_bad=first_bad, skip=skip, norm=norm,
+                          scale=scale)  # fmt: skip
         self._function("step_guard", dtype)(
             (1,), (32,), (loss, grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
@@ -752,13 +758,8 @@ class CupyBackend:
         """grad_sq = |g|^2 and the step's verdict in one launch (the block that finishes the
         sum runs the guard); see numpy_ops.step_guard_norm."""
         dtype = norm.dtype
-        self._check("step_guard_norm", dtype, loss=loss, g=g, grad_sq=grad_sq, norm=norm, scale=scale)
-        self._check("step_guard_norm", np.int64, first_bad=first_bad)
-        self._check("step_guard_norm", np.bool_, skip=skip)
-        for name, a in (("loss", loss), ("grad_sq", grad_sq), ("first_bad", first_bad), ("skip", skip),
-                        ("norm", norm), ("scale", scale)):  # fmt: skip
-            if a.size != 1:
-                raise ValueError(f"step_guard_norm: {name} must hold one value, has {a.size}")
+        self._check_guard("step_guard_norm", dtype, g, loss=loss, grad_sq=grad_sq, first_bad=first_bad, skip=skip,
+                          norm=norm, scale=scale)  # fmt: skip
         blocks, partial = self._sum_grid(g.size, dtype)
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
