@@ -3,7 +3,7 @@
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
-    guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)
+    guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip)                               reads vectors, first
     advance    running_loss += loss;  pos += 1

@@ -74,9 +74,9 @@ __device__ __forceinline__ bool last_block(unsigned int* count) {
 }
 
 // ---- sum of a flat buffer, one launch: each block sums a grid-stride share into
-// partial[blockIdx.x]; the block that finishes last (last_block) sums the partials in
-// index order and writes out[0] = total / divisor (a mean when divisor = N). The
-// partials and their order depend on n and the grid alone: the same bits every run.
+// partial[blockIdx.x]; the block that finishes last (last_block) sums the partials in a
+// fixed order (block_sum_of) and writes out[0] = total / divisor (a mean when divisor =
+// N). The partials and that order depend on n and the grid alone: the same bits every run.
 // Returns true in the block that finished (its thread 0 wrote out[0]; a caller may go on
 // there, e.g. optim.cu's fused guard), false elsewhere.
 template <typename T, typename A, typename R>

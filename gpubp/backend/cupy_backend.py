@@ -29,7 +29,7 @@ from . import cublaslt
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum", "accuracy_rows",
-    "loss_rows", "sgd_step", "adam_step", "step_guard", "update_vectors",
+    "loss_rows", "sgd_step", "adam_step", "step_guard", "step_guard_norm", "update_vectors",
 )  # fmt: skip
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
