@@ -1,0 +1,53 @@
+"""What the CPU tests know of our CUDA kernels' C signatures, read from kernels/*.cu:
+each extern "C" kernel's parameters (type, pointer or value, name), and a check that a
+launch's arguments have those types (tests/test_gpu_contract.py,
+tests/test_kernels_emulated.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+C_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64,
+           "unsigned int": np.uint32, "bool": np.bool_, "bf16_t": np.uint16, "f16_t": np.float16}  # fmt: skip
+SUFFIX_TYPE = {"f32": "float", "f64": "double", "bf16": "bf16_t", "f16": "f16_t"}
+
+
+def kernel_params(file: str, name: str) -> list[tuple[str, bool, str]]:
+    """(C type, is a pointer, name) of each parameter of extern "C" kernel `name` in
+    kernels/`file`, read from the source: a kernel written out, or one an instantiation
+    macro `#define M(T, S)` makes as base_##S (T replaced by the suffix's C type)."""
+    from gpubp import kernels
+
+    text = kernels.read_source(file)
+    match = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', text)
+    base, suffix = name.rsplit("_", 1)
+    for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
+        applied = [t for t, suffixes in kernels._TYPE_LISTS.items() if suffix in suffixes]
+        if match is None and any(re.search(rf"^{t}\({macro}\)", text, re.MULTILINE) for t in applied):
+            match = re.search(rf'extern "C" __global__ void {base}_##S\(([^)]*)\)', body)
+    assert match, f"{name}: no kernel in {file}"
+    params = re.sub(r"\\\n", " ", match.group(1))
+    out = []
+    for p in params.split(","):
+        c_type, pname = re.match(r"\s*(?:const\s+)?(.*?)\s*(\w+)$", p).groups()
+        pointer = c_type.endswith("*")
+        c_type = c_type.rstrip("* ").strip()
+        if c_type == "T":
+            c_type = SUFFIX_TYPE[name.rsplit("_", 1)[1]]
+        out.append((c_type, pointer, pname))
+    return out
+
+
+def assert_launch_fits(file: str, name: str, args) -> None:
+    """Each argument of a recorded launch has its C parameter's type: an array of that
+    dtype for a pointer, a NumPy scalar of that type for a value."""
+    params = kernel_params(file, name)
+    assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
+    for (c_type, pointer, pname), arg in zip(params, args):
+        want = np.dtype(C_TYPES[c_type])
+        if pointer:
+            assert isinstance(arg, np.ndarray) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}*"
+        else:
+            assert isinstance(arg, np.generic) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}"
