@@ -17,25 +17,29 @@ SUFFIX_TYPE = {"f32": "float", "f64": "double", "bf16": "bf16_t", "f16": "f16_t"
 def kernel_params(file: str, name: str) -> list[tuple[str, bool, str]]:
     """(C type, is a pointer, name) of each parameter of extern "C" kernel `name` in
     kernels/`file`, read from the source: a kernel written out, or one an instantiation
-    macro `#define M(T, S)` makes as base_##S (T replaced by the suffix's C type)."""
+    macro `#define M(T, S)` makes (base_##S, cast_##S##_f32, ...; T replaced by the C type
+    of the suffix the type list applies)."""
     from gpubp import kernels
 
     text = kernels.read_source(file)
-    match = re.search(rf'extern "C" __global__ void {name}\(([^)]*)\)', text)
-    base, suffix = name.rsplit("_", 1)
+    found = [(m, None) for m in re.findall(rf'extern "C" __global__ void {name}\(([^)]*)\)', text)]
     for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
-        applied = [t for t, suffixes in kernels._TYPE_LISTS.items() if suffix in suffixes]
-        if match is None and any(re.search(rf"^{t}\({macro}\)", text, re.MULTILINE) for t in applied):
-            match = re.search(rf'extern "C" __global__ void {base}_##S\(([^)]*)\)', body)
-    assert match, f"{name}: no kernel in {file}"
-    params = re.sub(r"\\\n", " ", match.group(1))
+        for type_list, suffixes in kernels._TYPE_LISTS.items():
+            if not re.search(rf"^{type_list}\({macro}\)", text, re.MULTILINE):
+                continue
+            for pattern, params in re.findall(r'extern "C" __global__ void ([\w#]+)\(([^)]*)\)', body):
+                found += [(params, sfx) for sfx in suffixes if pattern.replace("##S##", sfx).replace("##S", sfx) == name]
+    assert len(found) == 1, f"{name}: {len(found)} kernels of that name in {file}"
+    params, suffix = found[0]
     out = []
-    for p in params.split(","):
+    for p in re.sub(r"\\\n", " ", params).split(","):
         c_type, pname = re.match(r"\s*(?:const\s+)?(.*?)\s*(\w+)$", p).groups()
         pointer = c_type.endswith("*")
         c_type = c_type.rstrip("* ").strip()
         if c_type == "T":
-            c_type = SUFFIX_TYPE[name.rsplit("_", 1)[1]]
+            c_type = SUFFIX_TYPE[suffix]
+        elif c_type == "Math<T>::type":  # the type 16-bit storage computes in (precision.cuh)
+            c_type = "float" if suffix in ("bf16", "f16") else SUFFIX_TYPE[suffix]
         out.append((c_type, pointer, pname))
     return out
 

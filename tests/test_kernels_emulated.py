@@ -1,4 +1,4 @@
-"""Our CUDA kernels run on the host: kernels/reduce.cu, loss.cu and optim.cu built with
+"""Our CUDA kernels run on the host: every kernels/*.cu built with
 g++ on tests/cuda_host.h (a block's CUDA threads as host threads, __syncthreads and warp
 shuffles as barriers, blocks in a shuffled order), launched by the GPU backend's own
 launchers (CupyBackend with NumPy arrays for CuPy's), against the NumPy reference.
@@ -35,7 +35,7 @@ from .conftest import ROOT
 from .kernel_params import C_TYPES, kernel_params
 from .test_kernels_cpu import REQUIRE_KERNEL_TOOLS
 
-FILES = ("reduce.cu", "loss.cu", "optim.cu")
+FILES = tuple(f for f in kernels.KERNEL_FILES)  # every kernel file, one translation unit
 CTYPE = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
          np.dtype(np.int32): ctypes.c_int, np.dtype(np.int64): ctypes.c_longlong,
          np.dtype(np.uint32): ctypes.c_uint}  # fmt: skip
@@ -92,6 +92,7 @@ class EmulatedGpu:
             )  # fmt: skip  (poisoned: unwritten shows)
             zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
             full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
+            copyto = staticmethod(np.copyto)
 
         be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
         be._cupy, be.n_sm = FakeCupy(), 1  # one SM: grids of at most 32 blocks (grid-stride loops)
@@ -241,3 +242,160 @@ def test_a_kernel_that_skips_a_barrier_is_reported_not_hung(host_kernels, tmp_pa
     assert r.returncode == 0, r.stderr
     run = ctypes.CDLL(str(lib)).run
     assert run(0) == 0 and run(1) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# the other kernels: each launcher and kernel on the host against its NumPy reference
+
+
+def test_bias_act_forward_and_act_backward(host_kernels):
+    """Every activation, float32 and float64 (bf16 for relu: exact), odd shapes so the
+    bias index (i % n_cols) and the grid-stride loop are exercised. The activation math
+    itself is checked bit-close on the host by test_kernels_cpu; here it is the kernels'
+    indexing and in-place handling: a few float roundings apart at most (rtol 16 eps)."""
+    from gpubp import precision as PR
+    from gpubp.activations import ACTIVATIONS, make_activation
+
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(4)
+    for name in ACTIVATIONS:
+        act = make_activation(name)
+        for dtype in (np.float32, np.float64):
+            eps = float(np.finfo(dtype).eps)
+            z, b = rng.normal(scale=2, size=(37, 13)).astype(dtype), rng.normal(size=13).astype(dtype)
+            z_ref, a_ref = z.copy(), np.empty_like(z)
+            numpy_ops.bias_act_forward(z_ref, b, act, a_ref)
+            z_dev, a_dev = z.copy(), np.full_like(z, np.nan)
+            gpu.be.bias_act_forward(z_dev, b, act, a_dev)
+            np.testing.assert_allclose(z_dev, z_ref, rtol=eps, atol=0, err_msg=name)  # one add: exact
+            np.testing.assert_allclose(a_dev, a_ref, rtol=16 * eps, atol=16 * eps, err_msg=name)
+            d = rng.normal(size=z.shape).astype(dtype)
+            saved = z_ref if act.info.saves == "input" else a_ref
+            out_ref, out_dev = np.empty_like(d), np.full_like(d, np.nan)
+            numpy_ops.act_backward(d, saved, act, out_ref)
+            gpu.be.act_backward(d, saved, act, out_dev)
+            np.testing.assert_allclose(out_dev, out_ref, rtol=16 * eps, atol=16 * eps, err_msg=name)
+    relu = make_activation("relu")
+    z32, b = rng.normal(size=(19, 7)).astype(np.float32), rng.normal(size=7).astype(np.float32)
+    z16 = PR.bf16_bits(z32)  # bf16 storage: its bit patterns
+    a_ref, a_dev = np.empty_like(z16), np.full_like(z16, 0xFFFF)
+    numpy_ops.bias_act_forward(z16.copy(), b, relu, a_ref)
+    gpu.be.bias_act_forward(z16.copy(), b, relu, a_dev)
+    assert np.array_equal(a_dev, a_ref)  # z + b in float, max(., 0), rounded once: bit for bit
+
+
+def test_bias_grad_over_row_chunks(host_kernels):
+    """Column sums with (32, 8) blocks over 1 to 8 row chunks (a 2-D grid), then the
+    ordered finishing pass."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        for n, m in [(1, 1), (300, 70), (2049, 3)]:
+            d = rng.normal(size=(n, m)).astype(dtype)
+            out = np.full(m, np.nan, dtype)
+            gpu.be.bias_grad(d, out)
+            ref = d.astype(np.float64).sum(0)
+            bound = 2 * n * float(np.finfo(dtype).eps) * np.abs(d).astype(np.float64).sum(0)
+            assert (np.abs(out - ref) <= bound).all(), (n, m)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_optimizer_updates(host_kernels, dtype):
+    """sgd_step (momentum, dampening, nesterov, the first step) and adam_step (Adam and
+    AdamW), with a gradient scale and the skip flag, against the reference: the same
+    formulas, a few roundings apart (rtol 16 eps, atol 16 eps |p|max)."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(6)
+    eps = float(np.finfo(dtype).eps)
+    n = 1000
+    scratch = np.empty((2, n), dtype)
+    for skip in (False, True):
+        skip_a = np.asarray(skip)
+        for nesterov, first in [(False, True), (True, False), (False, False)]:
+            p, g, buf = (rng.normal(size=n).astype(dtype) for _ in range(3))
+            kw = dict(lr=0.1, momentum=0.9, dampening=0.2 * (not nesterov), nesterov=nesterov, weight_decay=0.01,
+                      first_step=first, grad_scale=np.asarray(0.5, dtype), skip=skip_a)  # fmt: skip
+            p_ref, buf_ref = p.copy(), buf.copy()
+            numpy_ops.sgd_step(p_ref, g, buf_ref, scratch, **kw)
+            gpu.be.sgd_step(p, g, buf, scratch, **kw)
+            np.testing.assert_allclose(p, p_ref, rtol=16 * eps, atol=16 * eps * np.abs(p_ref).max())
+            np.testing.assert_allclose(buf, buf_ref, rtol=16 * eps, atol=16 * eps * np.abs(buf_ref).max())
+        for decoupled in (False, True):
+            p, g = rng.normal(size=n).astype(dtype), rng.normal(size=n).astype(dtype)
+            m, v = rng.normal(size=n).astype(dtype), rng.uniform(size=n).astype(dtype)
+            kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3, decoupled=decoupled,
+                      grad_scale=np.asarray(2.0, dtype), skip=skip_a)  # fmt: skip
+            refs = [a.copy() for a in (p, m, v)]
+            numpy_ops.adam_step(refs[0], g, refs[1], refs[2], scratch, **kw)
+            gpu.be.adam_step(p, g, m, v, scratch, **kw)
+            for got, want in zip((p, m, v), refs):
+                np.testing.assert_allclose(got, want, rtol=16 * eps, atol=16 * eps * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bias_corrected", [True, False])
+def test_update_vectors_bitwise(host_kernels, bias_corrected):
+    """fp16's per-update optimizer numbers from the device counters: the reference's bits
+    (more models than the kernel's 32 threads; every third step skipped)."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(8)
+    k, m = 9, 37
+    rates = np.stack([rng.uniform(1e-6, 0.9, (2, m)) for _ in range(k)])
+    counts = np.stack([rng.uniform(1e-3, 1.0, (2, m)) for _ in range(k)])
+    rows = 3 if bias_corrected else 1
+    ref = {n: np.zeros((), np.int64) for n in ("pos", "t0", "updates")}
+    dev = {n: np.zeros((), np.int64) for n in ("pos", "t0", "updates")}
+    vc, fc = np.zeros((rows, m, 1), np.float32), np.ones((), np.bool_)
+    vg, fg = np.zeros((rows, m, 1), np.float32), np.zeros((), np.bool_)
+    for j in range(k):
+        skip = np.asarray(j % 3 == 2)
+        ref["pos"][...] = dev["pos"][...] = j
+        numpy_ops.update_vectors(rates, ref["pos"], counts, ref["t0"], ref["updates"], skip, vc, fc, bias_corrected)
+        gpu.be.update_vectors(rates, dev["pos"], counts, dev["t0"], dev["updates"], skip.copy(), vg, fg,
+                              bias_corrected)  # fmt: skip
+        assert np.array_equal(vg, vc) and bool(fg) == bool(fc) and int(dev["updates"]) == int(ref["updates"]), j
+
+
+def test_step_guard_scaled_follows_gradscaler(host_kernels):
+    """fp16's guard with dynamic loss scaling over a run: overflows halve the scale and
+    count as skipped, finite steps grow it at the interval, a NaN loss stops the run."""
+    gpu = EmulatedGpu(host_kernels)
+    f32 = np.float32
+    names = ("first_bad", "skip", "norm", "scale", "loss_scale", "good_steps", "skipped")
+    init = [np.array(-1, np.int64), np.array(False), np.zeros((), f32), np.zeros((), f32), np.array(2.0**16, f32),
+            np.zeros((), np.int64), np.zeros((), np.int64)]  # fmt: skip
+    ref, dev = [a.copy() for a in init], [a.copy() for a in init]
+    for step, (loss, sq) in enumerate([(0.5, 4e10), (0.5, np.inf), (0.5, 1e9), (0.5, 1e9), (0.5, 1e9),
+                                       (np.nan, 1.0), (0.5, 1.0)]):  # fmt: skip
+        args = (np.array(loss, f32), np.array(sq, f32), step, 1.0)
+        numpy_ops.step_guard_scaled(*args, *ref, interval=3)
+        gpu.be.step_guard_scaled(*args, *dev, interval=3)
+        for name, got, want in zip(names, dev, ref):
+            if name in ("norm", "scale"):  # a sqrt and a division or two: a few float32 roundings
+                assert got == want or (np.isnan(got) and np.isnan(want)) or \
+                    abs(float(got) - float(want)) <= 4e-7 * abs(float(want)), (step, name, got, want)  # fmt: skip
+            else:
+                assert got == want, (step, name, got, want)
+
+
+def test_casts_and_the_16_bit_sum_are_bitwise(host_kernels):
+    """float32 <-> bf16/fp16 (round to nearest even, special values included) and the
+    residual sum in 16 bits: the reference's bits."""
+    from gpubp import precision as PR
+
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.normal(scale=100, size=500), [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 65504, 7e4]])
+    x = x.astype(np.float32)
+    for low in PR.LOW:
+        ref, dev = np.empty(x.shape, low), np.empty(x.shape, low)
+        numpy_ops.cast(x, ref)
+        gpu.be.cast(x, dev)
+        assert np.array_equal(ref.view(np.uint16), dev.view(np.uint16)), low
+        back_ref, back_dev = np.empty_like(x), np.empty_like(x)
+        numpy_ops.cast(ref, back_ref)
+        gpu.be.cast(dev, back_dev)
+        assert np.array_equal(back_ref.view(np.uint32), back_dev.view(np.uint32)), low
+        s_ref, s_dev = np.empty_like(ref), np.empty_like(ref)
+        numpy_ops.add(ref, ref[::-1].copy(), s_ref)
+        gpu.be.add(ref, ref[::-1].copy(), s_dev)
+        assert np.array_equal(s_ref.view(np.uint16), s_dev.view(np.uint16)), low
