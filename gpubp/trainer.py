@@ -501,13 +501,13 @@ class FiniteGuard:
     def check(self, step: int, loss, grads, grad_sq, max_norm: float) -> None:
         """Before the update of step `step` (0-based): the loss (0-d) and the flat gradients
         (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
-        that global norm (through `scale`). One launch on the GPU (step_guard_norm); fp16
-        sums the squares, then runs its own guard."""
+        that global norm (through `scale`). One launch on the GPU (step_guard_norm; fp16:
+        step_guard_scaled_norm)."""
         be = self.backend
         if self.loss_scale is not None:
-            be.step_guard_scaled(loss, be.sum_squares(grads, out=grad_sq), step, max_norm, self.first_bad, self.skip,
-                                 self.norm, self.scale, self.loss_scale, self.good_steps, self.skipped,
-                                 interval=self.interval)  # fmt: skip
+            be.step_guard_scaled_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
+                                      self.scale, self.loss_scale, self.good_steps, self.skipped,
+                                      interval=self.interval)  # fmt: skip
             return
         be.step_guard_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
 

@@ -148,12 +148,12 @@ FOR_FLOAT_TYPES(OPTIM_KERNELS)
 //   while first_bad == -1: overflow: S = S backoff, good_steps = 0, skipped += 1;
 //   else good_steps += 1, and at `interval`: S = S growth (if finite), good_steps = 0
 // See numpy_ops.step_guard_scaled, the reference.
-extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float* grad_sq, const long long* step,
-                                                 float max_norm, long long* first_bad, bool* skip, float* norm,
-                                                 float* scale, float* loss_scale, long long* good_steps,
-                                                 long long* skipped, long long interval, float backoff,
-                                                 float growth) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+// (one thread: of the one block, or of the block that finished the squared norm)
+__device__ void step_guard_scaled(const float* loss, const float* grad_sq, const long long* step, float max_norm,
+                                  long long* first_bad, bool* skip, float* norm, float* scale, float* loss_scale,
+                                  long long* good_steps, long long* skipped, long long interval, float backoff,
+                                  float growth) {
+  if (threadIdx.x != 0) return;
   const float s = loss_scale[0];
   if (first_bad[0] == -1 && !isfinite(loss[0])) first_bad[0] = step[0];
   const bool overflow = !isfinite(grad_sq[0]);
@@ -181,4 +181,25 @@ extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float*
       good_steps[0] = good;
     }
   }
+}
+
+extern "C" __global__ void step_guard_scaled_f32(const float* loss, const float* grad_sq, const long long* step,
+                                                 float max_norm, long long* first_bad, bool* skip, float* norm,
+                                                 float* scale, float* loss_scale, long long* good_steps,
+                                                 long long* skipped, long long interval, float backoff,
+                                                 float growth) {
+  step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
+                    interval, backoff, growth);
+}
+
+// grad_sq = sum g^2 (common.cuh's one-launch sum), then step_guard_scaled in the block that finished it
+extern "C" __global__ void step_guard_scaled_norm_f32(const float* loss, const float* g, long long n,
+                                                      float* partial, unsigned int* count, float* grad_sq,
+                                                      const long long* step, float max_norm, long long* first_bad,
+                                                      bool* skip, float* norm, float* scale, float* loss_scale,
+                                                      long long* good_steps, long long* skipped, long long interval,
+                                                      float backoff, float growth) {
+  if (sum_all<float, float, float>(g, n, 1, partial, count, grad_sq, 1.0f))
+    step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
+                      interval, backoff, growth);
 }

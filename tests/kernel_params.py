@@ -28,7 +28,9 @@ def kernel_params(file: str, name: str) -> list[tuple[str, bool, str]]:
             if not re.search(rf"^{type_list}\({macro}\)", text, re.MULTILINE):
                 continue
             for pattern, params in re.findall(r'extern "C" __global__ void ([\w#]+)\(([^)]*)\)', body):
-                found += [(params, sfx) for sfx in suffixes if pattern.replace("##S##", sfx).replace("##S", sfx) == name]
+                found += [
+                    (params, sfx) for sfx in suffixes if pattern.replace("##S##", sfx).replace("##S", sfx) == name
+                ]
     assert len(found) == 1, f"{name}: {len(found)} kernels of that name in {file}"
     params, suffix = found[0]
     out = []

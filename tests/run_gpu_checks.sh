@@ -48,7 +48,7 @@ for k in KERNELS_USED:
     be._function(k, np.float32); be._function(k, np.float64)
 for k in LOW_KERNELS_USED:
     be._function(k, np.uint16); be._function(k, np.float16)
-be._function('step_guard_scaled_f32', None)
+be._function('step_guard_scaled_f32', None); be._function('step_guard_scaled_norm_f32', None)
 print('kernels compiled')
 print('cuBLASLt fused products:', be.gemm_epilogues, be.epilogue_note or '')" >> "$OUT/env.txt" 2>&1
 

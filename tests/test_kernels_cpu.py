@@ -95,7 +95,7 @@ def test_every_mixed_precision_kernel_the_backend_launches_exists():
     from gpubp.backend.cupy_backend import LOW_KERNELS_USED
 
     wanted = {f"{k}_{s}" for k in LOW_KERNELS_USED for s in ("bf16", "f16")}
-    wanted |= {"cast_bf16_f32", "cast_f16_f32", "step_guard_scaled_f32"}
+    wanted |= {"cast_bf16_f32", "cast_f16_f32", "step_guard_scaled_f32", "step_guard_scaled_norm_f32"}
     assert not wanted - defined, wanted - defined
 
 

@@ -355,9 +355,12 @@ def test_update_vectors_bitwise(host_kernels, bias_corrected):
         assert np.array_equal(vg, vc) and bool(fg) == bool(fc) and int(dev["updates"]) == int(ref["updates"]), j
 
 
-def test_step_guard_scaled_follows_gradscaler(host_kernels):
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_step_guard_scaled_follows_gradscaler(host_kernels, with_norm):
     """fp16's guard with dynamic loss scaling over a run: overflows halve the scale and
-    count as skipped, finite steps grow it at the interval, a NaN loss stops the run."""
+    count as skipped, finite steps grow it at the interval, a NaN loss stops the run;
+    alone (given |g|^2), or in the launch that sums |g|^2 (step_guard_scaled_norm, 1 to 9
+    blocks: g's squares sum to the step's |g|^2 exactly, g a vector of equal values)."""
     gpu = EmulatedGpu(host_kernels)
     f32 = np.float32
     names = ("first_bad", "skip", "norm", "scale", "loss_scale", "good_steps", "skipped")
@@ -366,9 +369,17 @@ def test_step_guard_scaled_follows_gradscaler(host_kernels):
     ref, dev = [a.copy() for a in init], [a.copy() for a in init]
     for step, (loss, sq) in enumerate([(0.5, 4e10), (0.5, np.inf), (0.5, 1e9), (0.5, 1e9), (0.5, 1e9),
                                        (np.nan, 1.0), (0.5, 1.0)]):  # fmt: skip
-        args = (np.array(loss, f32), np.array(sq, f32), step, 1.0)
-        numpy_ops.step_guard_scaled(*args, *ref, interval=3)
-        gpu.be.step_guard_scaled(*args, *dev, interval=3)
+        if with_norm:  # n equal values v with n v^2 = sq (powers of 4 apart: exact in float32)
+            n = [4, 9000, 16, 1024, 4096, 64, 1][step]
+            g = np.full(n, np.sqrt(np.float64(sq) / n), f32)
+            sq_ref, sq_dev = np.zeros((), f32), np.zeros((), f32)
+            numpy_ops.step_guard_scaled_norm(np.array(loss, f32), g, sq_ref, step, 1.0, *ref, interval=3)
+            gpu.be.step_guard_scaled_norm(np.array(loss, f32), g, sq_dev, step, 1.0, *dev, interval=3)
+            assert sq_dev == sq_ref or abs(float(sq_dev) - float(sq_ref)) <= sum_bound(g.astype(np.float64) ** 2, f32)
+        else:
+            args = (np.array(loss, f32), np.array(sq, f32), step, 1.0)
+            numpy_ops.step_guard_scaled(*args, *ref, interval=3)
+            gpu.be.step_guard_scaled(*args, *dev, interval=3)
         for name, got, want in zip(names, dev, ref):
             if name in ("norm", "scale"):  # a sqrt and a division or two: a few float32 roundings
                 assert got == want or (np.isnan(got) and np.isnan(want)) or \

@@ -179,7 +179,29 @@ def test_step_guard_scaled_matches_the_reference(gpu):
         gpu.step_guard_scaled(gpu.asarray(f(loss)), gpu.asarray(f(sq)), step, max_norm, dev[3], outs_g[0], outs_g[1],
                               outs_g[2], dev[0], dev[1], dev[2], interval=2)  # fmt: skip
         for c, g in zip(host + outs_c, dev + outs_g):
-            cg = gpu.to_numpy(g)
+            cg = gpu.to_numpy(g).reshape(c.shape)  # asarray of a 0-d array gives (1,): the kernel takes either
+            assert np.array_equal(cg, c, equal_nan=True), (step, c, cg)
+
+
+def test_step_guard_scaled_norm_matches_the_reference(gpu):
+    """fp16's guard in the launch that sums |g|^2: g of n equal values whose squares sum
+    exactly (n a power of 4, v^2 n = sq), 1 to 1024 blocks, an overflowing gradient and a
+    NaN loss on the way; every output bit for bit, as step_guard_scaled's."""
+    f, i = np.float32, np.int64
+    cases = [(1.0, 4.0, 0.0, 4), (1.0, np.inf, 0.0, 1024), (1.0, 9.0e6, 1.0, 4**10), (np.nan, 1.0, 0.0, 16),
+             (1.0, 16.0, 0.0, 4**8)]  # fmt: skip
+    host = [np.asarray(v).copy() for v in (f(1024), i(0), i(0), i(-1))]  # S, good, skipped, first_bad
+    dev = [gpu.asarray(h) for h in host]
+    for step, (loss, sq, max_norm, n) in enumerate(cases * 2):
+        g = np.full(n, np.sqrt(np.float64(sq) / n), f)
+        outs_c = [np.zeros((), np.bool_), np.zeros((), f), np.zeros((), f), np.zeros((), f)]
+        outs_g = [gpu.zeros((), np.bool_), gpu.zeros((), f), gpu.zeros((), f), gpu.zeros((), f)]
+        numpy_ops.step_guard_scaled_norm(f(loss), g, outs_c[3], step, max_norm, host[3], outs_c[0], outs_c[1],
+                                         outs_c[2], host[0], host[1], host[2], interval=2)  # fmt: skip
+        gpu.step_guard_scaled_norm(gpu.asarray(f(loss)), gpu.asarray(g), outs_g[3], step, max_norm, dev[3],
+                                   outs_g[0], outs_g[1], outs_g[2], dev[0], dev[1], dev[2], interval=2)  # fmt: skip
+        for c, gd in zip(host + outs_c, dev + outs_g):
+            cg = gpu.to_numpy(gd).reshape(c.shape)  # asarray of a 0-d array gives (1,)
             assert np.array_equal(cg, c, equal_nan=True), (step, c, cg)
 
 

@@ -48,6 +48,7 @@ class NumpyBackend:
     cast = staticmethod(numpy_ops.cast)
     add = staticmethod(numpy_ops.add)
     step_guard_scaled = staticmethod(numpy_ops.step_guard_scaled)
+    step_guard_scaled_norm = staticmethod(numpy_ops.step_guard_scaled_norm)
     gather_rows = staticmethod(numpy_ops.gather_rows)
     gather_windows = staticmethod(numpy_ops.gather_windows)
     select_rows = staticmethod(numpy_ops.select_rows)

@@ -770,15 +770,32 @@ class CupyBackend:
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
                           skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
         """fp16's verdict with dynamic loss scaling in one launch; see numpy_ops.step_guard_scaled."""
+        args = self._scaled_guard_args("step_guard_scaled", loss, grad_sq, step, max_norm, first_bad, skip, norm,
+                                       scale, loss_scale, good_steps, skipped, interval)  # fmt: skip
+        self._function("step_guard_scaled_f32", None)((1,), (32,), (loss, grad_sq, *args))
+
+    def step_guard_scaled_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale,
+                               good_steps, skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
+        """grad_sq = |g|^2 and fp16's verdict in one launch (the block that finishes the sum
+        runs the guard); see numpy_ops.step_guard_scaled_norm."""
+        args = self._scaled_guard_args("step_guard_scaled_norm", loss, grad_sq, step, max_norm, first_bad, skip, norm,
+                                       scale, loss_scale, good_steps, skipped, interval)  # fmt: skip
+        self._check("step_guard_scaled_norm", np.float32, g=g)
+        blocks, partial = self._sum_grid(g.size, np.float32)
+        self._function("step_guard_scaled_norm_f32", None)(
+            (blocks,), (BLOCK,), (loss, g, np.int64(g.size), partial, self._counter("sum", blocks), grad_sq, *args)
+        )
+
+    def _scaled_guard_args(self, op, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale,
+                           good_steps, skipped, interval) -> tuple:  # fmt: skip
+        """Checks fp16's guard state (float32 values, int64 counters, a bool) and returns the
+        kernels' arguments after (loss, grad_sq)."""
         f32 = np.float32
-        self._check("step_guard_scaled", f32, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale, loss_scale=loss_scale)
-        self._check("step_guard_scaled", np.int64, first_bad=first_bad, good_steps=good_steps, skipped=skipped)
-        self._check("step_guard_scaled", np.bool_, skip=skip)
-        self._function("step_guard_scaled_f32", None)(
-            (1,), (32,),
-            (loss, grad_sq, self._step_array(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps,
-             skipped, np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH)),
-        )  # fmt: skip
+        self._check(op, f32, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale, loss_scale=loss_scale)
+        self._check(op, np.int64, first_bad=first_bad, good_steps=good_steps, skipped=skipped)
+        self._check(op, np.bool_, skip=skip)
+        return (self._step_array(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
+                np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH))  # fmt: skip
 
     # ------------------------------------------------------------------ mixed precision
 

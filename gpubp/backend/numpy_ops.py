@@ -607,6 +607,15 @@ def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, sca
     step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale)
 
 
+def step_guard_scaled_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
+                           skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
+    """grad_sq = sum_j g_j^2 (the float32 flat gradients, scaled by S), then
+    step_guard_scaled: fp16's verdict from its gradients, one launch on the GPU."""
+    sum_squares(g, out=grad_sq)
+    step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
+                      interval)  # fmt: skip
+
+
 def step_guard_scaled(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
                       interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
     """step_guard for fp16 with dynamic loss scaling (torch.cuda.amp.GradScaler's rule):
