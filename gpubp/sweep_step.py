@@ -7,6 +7,7 @@ once per batch shape as gpubp/step.py's Step is for a single model.
                (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_windows)
     forward    loss (M,), grads (M, P) = stack.forward_backward(x, y, loss_out)
     guard      first_bad, skip, norm, scale (M,) = step_guard_batched(loss, |g_i|^2, step, max_norm, frozen)
+                                                        (with |g_i|^2: step_guard_norm_batched, one launch)
     update     opt.update(scale, skip)                                    reads vectors, first
                (guard and update per block of models, inside forward_backward's blocks:
                on the CPU each block's task runs them while its models are in cache)
@@ -100,10 +101,9 @@ class SweepStep(ShapeGraphs):
             be.gather_rows(train.target, idx, y)
 
         def guard_and_update(sl):  # models sl, right after their backward pass (one block on the GPU)
-            # one launch: first non-finite step, skip flags, norms and clipping scales of these models
-            grad_sq = be.sum_squares_batched(stack.flat_grads[sl], out=self.grad_sq[sl])
-            be.step_guard_batched(self.loss[sl], grad_sq, st.step, g.max_norm[sl], self.frozen[sl], g.first_bad[sl],
-                                  g.skip[sl], g.norm[sl], g.scale[sl])  # fmt: skip
+            # one launch: squared norms, first non-finite step, skip flags, norms and clipping scales
+            be.step_guard_norm_batched(self.loss[sl], stack.flat_grads[sl], self.grad_sq[sl], st.step, g.max_norm[sl],
+                                       self.frozen[sl], g.first_bad[sl], g.skip[sl], g.norm[sl], g.scale[sl])  # fmt: skip
             g.opt.update(grad_scale=g.scale[sl], skip=g.skip[sl], rows=sl)
 
         loss = stack.forward_backward(xv, yv, loss_out=self.loss, then=guard_and_update)

@@ -37,13 +37,17 @@ __device__ __forceinline__ A block_sum(A v, A* shared) {
   return shared[0];
 }
 
-// Sum of values[0..n) by one block, each thread striding the values, then block_sum:
-// the order depends on n and blockDim alone. P: const A* or const volatile A* (the
-// last block of a one-launch reduction reads other blocks' writes from L2, not L1).
+// Sum of values[0..n) (or of their squares) by one block, each thread striding the
+// values, then block_sum: the order depends on n and blockDim alone. P: const A* or
+// const volatile A* (the last block of a one-launch reduction reads other blocks' writes
+// from L2, not L1).
 template <typename A, typename P>
-__device__ __forceinline__ A block_sum_of(P values, long long n, A* shared) {
+__device__ __forceinline__ A block_sum_of(P values, long long n, A* shared, bool square = false) {
   A s = A(0);
-  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += values[i];
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+    const A v = A(values[i]);
+    s += square ? v * v : v;
+  }
   return block_sum(s, shared);
 }
 

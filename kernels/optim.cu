@@ -55,20 +55,41 @@ __device__ void adam_step(T* p, const T* g, T* m, T* v, long long n, T one_minus
 // the step index on the device (the trainer's counter: a captured step reads it when it runs).
 // first_bad = step if it is -1 and loss or grad_sq is not finite; skip = first_bad >= 0;
 // norm = sqrt(grad_sq); scale = min(1, max_norm / (norm + 1e-6)) if max_norm > 0, else 1
+// One model's verdict (`frozen`: a stacked model that stopped; skipped as after divergence).
+template <typename T>
+__device__ __forceinline__ void guard_verdict(T loss, T grad_sq, long long step, T max_norm, bool frozen,
+                                              long long* first_bad, bool* skip, T* norm, T* scale) {
+  if (*first_bad == -1 && !(isfinite(loss) && isfinite(grad_sq))) *first_bad = step;
+  *skip = *first_bad >= 0 || frozen;
+  const T r = sqrt(grad_sq);
+  *norm = r;
+  if (max_norm > T(0)) {
+    const T s = max_norm / (r + T(1e-6));
+    *scale = s < T(1) ? s : T(1);  // min(1, s); a NaN s gives 1, as Python's min (the step is skipped)
+  } else {
+    *scale = T(1);
+  }
+}
+
 template <typename T>
 __device__ void step_guard(const T* loss, const T* grad_sq, const long long* step, T max_norm, long long* first_bad,
                            bool* skip, T* norm, T* scale) {
   if (threadIdx.x != 0) return;  // one thread (of the one block, or of the block that finished the norm)
-  if (first_bad[0] == -1 && !(isfinite(loss[0]) && isfinite(grad_sq[0]))) first_bad[0] = step[0];
-  skip[0] = first_bad[0] >= 0;
-  const T r = sqrt(grad_sq[0]);
-  norm[0] = r;
-  if (max_norm > T(0)) {
-    const T s = max_norm / (r + T(1e-6));
-    scale[0] = s < T(1) ? s : T(1);  // min(1, s); a NaN s gives 1, as Python's min (the step is skipped)
-  } else {
-    scale[0] = T(1);
-  }
+  guard_verdict(loss[0], grad_sq[0], step[0], max_norm, false, first_bad, skip, norm, scale);
+}
+
+// M stacked models (a sweep), one block each (blockIdx.x = model i): the block sums row i
+// of g (M, p) in a fixed order into grad_sq[i], then its thread 0 gives model i's verdict.
+template <typename T>
+__device__ void step_guard_norm_batched(const T* loss, const T* g, long long p, T* grad_sq, const long long* step,
+                                        const T* max_norm, const bool* frozen, long long* first_bad, bool* skip,
+                                        T* norm, T* scale) {
+  __shared__ T shared[1024];
+  const int i = blockIdx.x;
+  const T total = block_sum_of<T>(g + (long long)i * p, p, shared, true);
+  if (threadIdx.x != 0) return;
+  grad_sq[i] = total;
+  guard_verdict(loss[i], total, step[0], max_norm[i], frozen[i], first_bad + i, skip + i, norm + i, scale + i);
 }
 
 // This update's optimizer numbers from two device counters (fp16: the schedule follows the
@@ -132,6 +153,12 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
                                                   T* scale) {                                                   \
     if (sum_all<T, T, T>(g, n, 1, partial, count, grad_sq, T(1)))                                               \
       step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                               \
+  }                                                                                                             \
+  extern "C" __global__ void step_guard_norm_batched_##S(const T* loss, const T* g, long long p, T* grad_sq,      \
+                                                          const long long* step, const T* max_norm,             \
+                                                          const bool* frozen, long long* first_bad, bool* skip, \
+                                                          T* norm, T* scale) {                                  \
+    step_guard_norm_batched<T>(loss, g, p, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale);      \
   }                                                                                                             \
   extern "C" __global__ void update_vectors_##S(const double* rates, const long long* pos, const double* counts, \
                                                  const long long* t0, long long* updates, const bool* skip,     \

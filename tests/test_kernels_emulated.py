@@ -410,3 +410,32 @@ def test_casts_and_the_16_bit_sum_are_bitwise(host_kernels):
         numpy_ops.add(ref, ref[::-1].copy(), s_ref)
         gpu.be.add(ref, ref[::-1].copy(), s_dev)
         assert np.array_equal(s_ref.view(np.uint16), s_dev.view(np.uint16)), low
+
+
+def test_step_guard_norm_batched_a_block_per_model(host_kernels):
+    """A sweep's squared norms and verdicts in one launch, a block per model: a NaN
+    gradient (model 1), a frozen model (3), clipping (2); grad_sq within the sum's
+    rounding bound, the verdicts exact."""
+    from gpubp.backend import numpy_stacked as S
+
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(10)
+    for dtype in (np.float32, np.float64):
+        m, p = 4, 700
+        g = rng.normal(size=(m, p)).astype(dtype)
+        g[1, 17] = np.nan
+        loss = np.array([0.5, 1.0, 2.0, 1.0], dtype)
+        max_norm, frozen = np.array([1e3, 0.0, 1.0, 0.5], dtype), np.array([False, False, False, True])
+        ref = [np.zeros(m, dtype), np.full(m, -1, np.int64), np.zeros(m, bool), np.zeros(m, dtype), np.zeros(m, dtype)]
+        dev = [a.copy() for a in ref]
+        S.step_guard_norm_batched(loss, g, ref[0], 3, max_norm, frozen, *ref[1:])
+        gpu.launches.clear()
+        gpu.be.step_guard_norm_batched(loss, g, dev[0], np.asarray(3, np.int64), max_norm, frozen, *dev[1:])
+        assert gpu.launches == [f"step_guard_norm_batched_{'f32' if dtype == np.float32 else 'f64'}"]
+        np.testing.assert_array_equal(dev[1], ref[1])
+        np.testing.assert_array_equal(dev[2], ref[2])
+        ok = ~np.isnan(ref[0])
+        bound = 2 * p * float(np.finfo(dtype).eps) * (g[ok].astype(np.float64) ** 2).sum(1)
+        assert np.isnan(dev[0][1]) and (np.abs(dev[0][ok] - ref[0][ok]) <= bound).all()
+        np.testing.assert_allclose(dev[3][ok], ref[3][ok], rtol=2 * p * float(np.finfo(dtype).eps))
+        np.testing.assert_allclose(dev[4], ref[4], rtol=2 * p * float(np.finfo(dtype).eps))

@@ -109,6 +109,38 @@ def test_gpu_batched_ops_match_numpy(gpu):
         np.testing.assert_allclose(gpu.to_numpy(gpu.sum_squares_batched(gflat)), S.sum_squares_batched(flat), rtol=tol)
 
 
+def test_gpu_step_guard_norm_batched_matches_numpy(gpu):
+    """The squared norms and the verdicts of M models in one launch (a block per model):
+    model 1 has a NaN gradient, model 3 is frozen, model 2 clips, P spans several strides
+    of the block. grad_sq within the sum's rounding bound; the verdicts exact; norm and
+    scale a sqrt and a division of it."""
+    from gpubp.backend import numpy_stacked as S
+
+    rng = np.random.default_rng(12)
+    for dtype in (np.float32, np.float64):
+        m, p = 4, 1000
+        g = rng.normal(size=(m, p)).astype(dtype)
+        g[1, 17] = np.nan
+        loss = np.array([0.5, 1.0, 2.0, 1.0], dtype)
+        max_norm, frozen = np.array([1e3, 0.0, 1.0, 0.5], dtype), np.array([False, False, False, True])
+        outs = [np.zeros(m, dtype), np.full(m, -1, np.int64), np.empty(m, bool), np.empty(m, dtype),
+                np.empty(m, dtype)]  # fmt: skip
+        S.step_guard_norm_batched(loss, g, outs[0], 3, max_norm, frozen, *outs[1:])
+        douts = [gpu.zeros(m, dtype), gpu.asarray(np.full(m, -1, np.int64)), gpu.zeros(m, np.bool_),
+                 gpu.zeros(m, dtype), gpu.zeros(m, dtype)]  # fmt: skip
+        gpu.step_guard_norm_batched(gpu.asarray(loss), gpu.asarray(g), douts[0], 3, gpu.asarray(max_norm),
+                                    gpu.asarray(frozen), *douts[1:])  # fmt: skip
+        got = [gpu.to_numpy(a) for a in douts]
+        np.testing.assert_array_equal(got[1], outs[1])
+        np.testing.assert_array_equal(got[2], outs[2])
+        eps = float(np.finfo(dtype).eps)
+        ok = ~np.isnan(outs[0])
+        bound = 2 * p * eps * (g[ok].astype(np.float64) ** 2).sum(1)  # any order's rounding of p squares
+        assert np.isnan(got[0][1]) and (np.abs(got[0][ok] - outs[0][ok]) <= bound).all()
+        np.testing.assert_allclose(got[3][ok], outs[3][ok], rtol=2 * p * eps)
+        np.testing.assert_allclose(got[4], outs[4], rtol=2 * p * eps)
+
+
 def test_gpu_step_guard_batched_matches_numpy(gpu):
     from gpubp.backend import numpy_stacked as S
 

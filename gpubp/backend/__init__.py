@@ -63,6 +63,7 @@ class NumpyBackend:
     accuracy_count_batched = staticmethod(numpy_stacked.accuracy_count_batched)
     sum_squares_batched = staticmethod(numpy_stacked.sum_squares_batched)
     step_guard_batched = staticmethod(numpy_stacked.step_guard_batched)
+    step_guard_norm_batched = staticmethod(numpy_stacked.step_guard_norm_batched)
     index_window_batched = staticmethod(numpy_stacked.index_window_batched)
     sgd_step_batched = staticmethod(numpy_stacked.sgd_step_batched)
     adam_step_batched = staticmethod(numpy_stacked.adam_step_batched)

@@ -29,7 +29,7 @@ from . import cublaslt
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum", "accuracy_rows",
-    "loss_rows", "sgd_step", "adam_step", "step_guard", "step_guard_norm", "update_vectors",
+    "loss_rows", "sgd_step", "adam_step", "step_guard", "step_guard_norm", "step_guard_norm_batched", "update_vectors",
 )  # fmt: skip
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
@@ -1065,6 +1065,27 @@ class CupyBackend:
         """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
         step = step if isinstance(step, self._cupy.ndarray) else np.int64(step)
         self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, step, first_bad, skip, norm, scale)
+
+    def step_guard_norm_batched(self, loss, g, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+        """|g_i|^2 and every model's verdict in one launch, a block per model; see
+        numpy_stacked.step_guard_norm_batched."""
+        dtype = g.dtype
+        if g.ndim != 2:
+            raise ValueError(f"step_guard_norm_batched: g must be (M, P), got {g.shape}")
+        m = g.shape[0]
+        self._check("step_guard_norm_batched", dtype, loss=loss, g=g, grad_sq=grad_sq, max_norm=max_norm, norm=norm,
+                    scale=scale)  # fmt: skip
+        self._check("step_guard_norm_batched", np.int64, first_bad=first_bad)
+        self._check("step_guard_norm_batched", np.bool_, frozen=frozen, skip=skip)
+        for name, a in (("loss", loss), ("grad_sq", grad_sq), ("max_norm", max_norm), ("frozen", frozen),
+                        ("first_bad", first_bad), ("skip", skip), ("norm", norm), ("scale", scale)):  # fmt: skip
+            if a.shape != (m,):
+                raise ValueError(f"step_guard_norm_batched: {name} must be ({m},), got {a.shape}")
+        if m:
+            self._function("step_guard_norm_batched", dtype)(
+                (m,), (BLOCK,), (loss, g, np.int64(g.shape[1]), grad_sq, self._step_array(step), max_norm, frozen,
+                                 first_bad, skip, norm, scale),
+            )  # fmt: skip
 
     def _stacked_kernel(self, name: str):
         """CuPy's elementwise (or, for "sumsq", reduction) kernel of ELEMENTWISE[name], made once."""

@@ -166,6 +166,13 @@ def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, n
     scale[...] = np.where(max_norm > 0, clipped, t(1))
 
 
+def step_guard_norm_batched(loss, g, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
+    """grad_sq = sum_squares_batched(g) (M,), then step_guard_batched: every stacked model's
+    verdict from its gradients g (M, P), one launch on the GPU (a block per model)."""
+    sum_squares_batched(g, out=grad_sq)
+    step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale)
+
+
 def sum_squares_batched(g, out=None):
     """sum_j g_ij^2 per model (M,), each the same DOT as numpy_ops.sum_squares (one OpenBLAS
     thread); into out (M,) when given."""
