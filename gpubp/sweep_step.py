@@ -6,8 +6,8 @@ once per batch shape as gpubp/step.py's Step is for a single model.
                x, y = rows idx                      (M, n, F)  gather_rows
                (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_windows)
     forward    loss (M,), grads (M, P) = stack.forward_backward(x, y, loss_out)
-    guard      first_bad, skip, norm, scale (M,) = step_guard_batched(loss, |g_i|^2, step, max_norm, frozen)
-                                                        (with |g_i|^2: step_guard_norm_batched, one launch)
+    guard      first_bad, skip, norm, scale (M,) = verdicts(loss, |g_i|^2, step, max_norm, frozen)
+                                                        (step_guard_norm_batched: |g_i|^2 too, one launch)
     update     opt.update(scale, skip)                                    reads vectors, first
                (guard and update per block of models, inside forward_backward's blocks:
                on the CPU each block's task runs them while its models are in cache)

@@ -139,27 +139,3 @@ def test_gpu_step_guard_norm_batched_matches_numpy(gpu):
         assert np.isnan(got[0][1]) and (np.abs(got[0][ok] - outs[0][ok]) <= bound).all()
         np.testing.assert_allclose(got[3][ok], outs[3][ok], rtol=2 * p * eps)
         np.testing.assert_allclose(got[4], outs[4], rtol=2 * p * eps)
-
-
-def test_gpu_step_guard_batched_matches_numpy(gpu):
-    from gpubp.backend import numpy_stacked as S
-
-    for dtype in (np.float32, np.float64):
-        host = dict(
-            loss=np.array([0.5, np.nan, 2.0, 1.0], dtype), sq=np.array([4.0, 1.0, np.inf, 0.01], dtype),
-            max_norm=np.array([1.0, 0.0, 1.0, 0.5], dtype), frozen=np.array([False, False, False, True]),
-        )  # fmt: skip
-        outs = [np.full(4, -1, np.int64), np.empty(4, bool), np.empty(4, dtype), np.empty(4, dtype)]
-        S.step_guard_batched(host["loss"], host["sq"], 3, host["max_norm"], host["frozen"], *outs)
-        douts = [
-            gpu.asarray(np.full(4, -1, np.int64)),
-            gpu.zeros(4, np.bool_),
-            gpu.zeros(4, dtype),
-            gpu.zeros(4, dtype),
-        ]
-        gpu.step_guard_batched(gpu.asarray(host["loss"]), gpu.asarray(host["sq"]), 3, gpu.asarray(host["max_norm"]),
-                               gpu.asarray(host["frozen"]), *douts)  # fmt: skip
-        for ref, got in zip(outs[:3], douts[:3]):
-            np.testing.assert_array_equal(gpu.to_numpy(got), ref)
-        ok = ~np.isnan(outs[2])
-        np.testing.assert_allclose(gpu.to_numpy(douts[3])[ok], outs[3][ok], rtol=1e-6)

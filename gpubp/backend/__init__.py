@@ -62,7 +62,6 @@ class NumpyBackend:
     loss_forward_backward_batched = staticmethod(numpy_stacked.loss_forward_backward_batched)
     accuracy_count_batched = staticmethod(numpy_stacked.accuracy_count_batched)
     sum_squares_batched = staticmethod(numpy_stacked.sum_squares_batched)
-    step_guard_batched = staticmethod(numpy_stacked.step_guard_batched)
     step_guard_norm_batched = staticmethod(numpy_stacked.step_guard_norm_batched)
     index_window_batched = staticmethod(numpy_stacked.index_window_batched)
     sgd_step_batched = staticmethod(numpy_stacked.sgd_step_batched)

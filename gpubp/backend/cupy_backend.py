@@ -60,18 +60,6 @@ LOSS_FINISH_ROWS = 4 * BLOCK
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
 # body, kernel name), made on first use (CupyBackend._stacked_kernel)
 ELEMENTWISE = {
-    "guard": (
-        "T loss, T sq, T max_norm, bool frozen, int64 step",
-        "int64 first_bad, bool skip, T norm, T scale",
-        """
-        if (first_bad == -1 && !(isfinite(loss) && isfinite(sq))) first_bad = step;
-        skip = first_bad >= 0 || frozen;
-        norm = sqrt(sq);
-        T s = max_norm / (norm + (T)1e-6);             // clip_grad_norm_'s factor
-        scale = max_norm > 0 ? (s < (T)1 ? s : (T)1) : (T)1;
-        """,
-        "gpubp_step_guard_batched",
-    ),
     "select": ("raw T table, raw int64 pos, int64 width", "T out", "out = table[pos[0] * width + i]",
                "gpubp_select_row"),
     # two tables' rows: i runs over wa + wb elements (call with size=)
@@ -1060,11 +1048,6 @@ class CupyBackend:
             raise ValueError(f"index_window_batched: perm {perm.shape} and out {out.shape} must be (M, n), (M, N)")
         self._stacked_kernel("window_rows")(perm, start, np.int64(perm.shape[1]), np.int64(out.shape[1]), out)
         return out
-
-    def step_guard_batched(self, loss, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
-        """Every model's verdict on the step in one launch; see numpy_stacked.step_guard_batched."""
-        step = step if isinstance(step, self._cupy.ndarray) else np.int64(step)
-        self._stacked_kernel("guard")(loss, grad_sq, max_norm, frozen, step, first_bad, skip, norm, scale)
 
     def step_guard_norm_batched(self, loss, g, grad_sq, step, max_norm, frozen, first_bad, skip, norm, scale):
         """|g_i|^2 and every model's verdict in one launch, a block per model; see

@@ -30,7 +30,7 @@ OPS = (
     "gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "accuracy_count",
     "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm", "gather_rows", "select_rows", "index_window",
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
-    "accuracy_count_batched", "sum_squares_batched", "step_guard_batched", "step_guard_norm_batched", "sgd_step_batched", "adam_step_batched",
+    "accuracy_count_batched", "sum_squares_batched", "step_guard_norm_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "step_guard_scaled_norm", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
     "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows",
 )  # fmt: skip
