@@ -1,10 +1,9 @@
 // loss.cu: each loss's value and gradient in one pass over the rows.
 //   row_loss[i] = the loss of row i (summed over its elements)
 //   grad[i, j]  = dL/dx[i, j] of the batch-mean loss (grad_scale = 1/N or 1/(N C))
-// The batch mean is then sum_i row_loss[i] / divisor: with `finish` (a batch of a few
-// blocks' rows) the block that finishes last sums the row losses itself (last_block,
-// common.cuh: one launch for value and gradient), else reduce.cu's sum over row_loss.
-// One warp per row; lanes stride the C columns.
+// The batch mean sum_i row_loss[i] / divisor comes from the same launch (`finish`: block
+// partials, finished by the last block; common.cuh's last_block). One warp per row;
+// lanes stride the C columns.
 // 16-bit storage (bf16_t, f16_t; mixed precision): x is widened to float, the loss is
 // computed in float (row_loss float, targets float32), and each gradient element is
 // rounded once to 16 bits after the multiplication by fp16's loss scale S (a device
@@ -81,17 +80,21 @@ __device__ __forceinline__ T elementwise_loss(int kind, T x, T t, T delta, T* dl
 
 // x: (n, c) outputs; labels: (n,) for cross-entropy, else targets: (n, c);
 // grad: (n, c), written when write_grad (else the value alone); row_loss: (n,);
-// finish: out[0] = sum_i row_loss[i] / divisor as well (count: last_block's counter)
+// finish: out[0] = sum_i row_loss[i] / divisor as well, in one launch: each warp adds its
+// rows' losses in row order, the block its warps' sums in warp order into
+// partial[blockIdx.x], and the block that finishes last (last_block; count its counter)
+// sums the partials (block_sum_of). A function of n and the grid: the same bits each run.
 template <typename S>
 __device__ void loss_rows(const S* x, const int* labels, const typename Math<S>::type* targets, S* grad,
                           int write_grad, typename Math<S>::type* row_loss, int n, int c, int kind,
                           typename Math<S>::type smoothing, typename Math<S>::type delta,
                           typename Math<S>::type grad_scale, const typename Math<S>::type* loss_scale,
-                          int finish, unsigned int* count, typename Math<S>::type* out,
-                          typename Math<S>::type divisor) {
+                          int finish, typename Math<S>::type* partial, unsigned int* count,
+                          typename Math<S>::type* out, typename Math<S>::type divisor) {
   typedef typename Math<S>::type T;
   typedef typename Acc<T>::type A;
   __shared__ A shared[1024];
+  A rows_sum = A(0);  // lane 0: this warp's rows' losses, in row order
   const int lane = threadIdx.x % 32;
   const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   const long long n_warps = ((long long)gridDim.x * blockDim.x) / 32;
@@ -100,6 +103,7 @@ __device__ void loss_rows(const S* x, const int* labels, const typename Math<S>:
     S* gr = write_grad ? grad + r * c : nullptr;
     if (kind == LOSS_SOFTMAX_CROSS_ENTROPY) {
       cross_entropy_row(xr, labels[r], gr, row_loss + r, c, smoothing, grad_scale, loss_scale);
+      if (lane == 0) rows_sum += A(row_loss[r]);  // lane 0 wrote it
       continue;
     }
     const T* tr = targets + r * c;
@@ -114,20 +118,31 @@ __device__ void loss_rows(const S* x, const int* labels, const typename Math<S>:
       }
     }
     s = warp_sum(s);
-    if (lane == 0) row_loss[r] = T(s);
+    if (lane == 0) {
+      row_loss[r] = T(s);
+      rows_sum += A(T(s));
+    }
   }
-  if (!finish || !last_block(count)) return;  // `finish` is the same in every block
-  const A total = block_sum_of<A>((const volatile T*)row_loss, n, shared);
+  if (!finish) return;  // (the same in every block)
+  if (lane == 0) shared[threadIdx.x / 32] = rows_sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A block_total = A(0);
+    for (int w = 0; w < (int)(blockDim.x / 32); ++w) block_total += shared[w];  // warp order
+    partial[blockIdx.x] = block_total;
+  }
+  if (!last_block(count)) return;
+  const A total = block_sum_of<A>((const volatile A*)partial, gridDim.x, shared);
   if (threadIdx.x == 0) out[0] = T(divisor == T(1) ? total : total / divisor);
 }
 
 #define LOSS_KERNELS(T, S)                                                                                     \
   extern "C" __global__ void loss_rows_##S(const T* x, const int* labels, const T* targets, T* grad,           \
                                             int write_grad, T* row_loss, int n, int c, int kind, T smoothing,  \
-                                            T delta, T grad_scale, int finish, unsigned int* count, T* out,    \
-                                            T divisor) {                                                       \
+                                            T delta, T grad_scale, int finish, T* partial, unsigned int* count, \
+                                            T* out, T divisor) {                                               \
     loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale,     \
-                 nullptr, finish, count, out, divisor);                                                        \
+                 nullptr, finish, partial, count, out, divisor);                                               \
   }
 FOR_FLOAT_TYPES(LOSS_KERNELS)
 
@@ -136,9 +151,9 @@ FOR_FLOAT_TYPES(LOSS_KERNELS)
   extern "C" __global__ void loss_rows_##S(const T* x, const int* labels, const float* targets, T* grad,       \
                                             int write_grad, float* row_loss, int n, int c, int kind,           \
                                             float smoothing, float delta, float grad_scale,                    \
-                                            const float* loss_scale, int finish, unsigned int* count,          \
-                                            float* out, float divisor) {                                       \
+                                            const float* loss_scale, int finish, float* partial,               \
+                                            unsigned int* count, float* out, float divisor) {                  \
     loss_rows<T>(x, labels, targets, grad, write_grad, row_loss, n, c, kind, smoothing, delta, grad_scale,     \
-                 loss_scale, finish, count, out, divisor);                                                     \
+                 loss_scale, finish, partial, count, out, divisor);                                            \
   }
 FOR_LOW_TYPES(LOSS_LOW_KERNELS)

@@ -7,8 +7,7 @@ its own cudaMalloc and the first byte past it is caught.
 
 Covered: every kernel of the backend (KERNELS_USED), a multi-chunk bias gradient
 (n >= 2048 rows: partial sums over chunks, then the finishing pass), the batch loss's
-mean finished by the loss kernel's last block (<= 1024 rows) and by reduce.cu's
-one-launch sum (2048, 2100 rows), a one-output model
+mean finished by the loss kernel's last block (1 to 2100 rows), a one-output model
 (GEMV products), a batch of one row (GEMV in the other orientation), a residual model,
 both optimizers, gradient clipping and the divergence guard of the trainer.
 """

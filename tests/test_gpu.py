@@ -170,11 +170,17 @@ def test_one_launch_reductions_see_every_block_and_reset_their_counters(gpu, dty
         assert int(gpu.to_float(gpu.accuracy_count(x, gpu.asarray(np.zeros(3000, np.int32))))) == 3000, rep
     loss = make_loss("mse")
     rng = np.random.default_rng(11)
-    for n_rows in (1, 37, 1024, 1025, 70_000):  # the loss kernel's own finish up to 1024 rows, then sum
+    for n_rows in (1, 37, 1024, 1025, 70_000):  # 1 block to 4224 (the grid's cap: rows grid-strided)
         x, t = (gpu.asarray(rng.normal(size=(n_rows, 4)).astype(dtype)) for _ in range(2))
         first = gpu.to_numpy(gpu.loss_forward_backward(x, t, loss))
         for _ in range(5):
             assert np.array_equal(gpu.to_numpy(gpu.loss_forward_backward(x, t, loss)), first), n_rows
+        # integers: every partial exact, so a stale or missing block partial shows; the
+        # mean is the exact total divided once, in the dtype (IEEE division on both)
+        xi = rng.integers(-3, 4, size=(n_rows, 4)).astype(dtype)
+        want = dtype((xi.astype(np.float64) ** 2).sum()) / dtype(n_rows * 4)
+        got = gpu.to_float(gpu.loss_forward_backward(gpu.asarray(xi), gpu.asarray(np.zeros_like(xi)), loss))
+        assert got == want, (n_rows, got, want)
     gpu.synchronize()
     counters = {k: int(gpu.to_numpy(a)[0]) for k, a in gpu._kept_arrays.items() if k[0] == "counter"}
     assert counters and not any(counters.values()), counters

@@ -321,6 +321,8 @@ def _launching_backend(launched: list):
         empty = staticmethod(lambda shape, dtype: np.empty(shape, dtype))
         zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
         full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
+        broadcast_to = staticmethod(np.broadcast_to)
+        ascontiguousarray = staticmethod(np.ascontiguousarray)
 
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cupy, be.n_sm = FakeCupy(), 132
@@ -383,11 +385,11 @@ def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bf16", "fp16"])
-def test_a_batchs_loss_is_one_launch_up_to_the_finishing_rows(dtype):
-    """Up to LOSS_FINISH_ROWS rows the loss kernel writes the batch mean itself (finish = 1,
-    `out` the caller's 0-d buffer, the divisor N or N C); above, it writes the row losses
-    and reduce.cu's sum makes the mean (two launches). The arguments fit the kernels' C
-    parameters, 16-bit storage's loss scale included."""
+def test_a_batchs_loss_is_one_launch(dtype):
+    """The loss kernel writes the batch mean itself at any batch size (finish = 1, block
+    partials as long as its grid, `out` the caller's 0-d buffer, the divisor N or N C);
+    a sweep's batched loss does not (finish = 0: it sums its models' row losses). The
+    arguments fit the kernels' C parameters, 16-bit storage's loss scale included."""
     from gpubp import precision as PR
     from gpubp.backend import cupy_backend
     from gpubp.losses import make_loss
@@ -395,8 +397,7 @@ def test_a_batchs_loss_is_one_launch_up_to_the_finishing_rows(dtype):
     storage = {"bf16": PR.BF16, "fp16": PR.F16}[dtype] if dtype in ("bf16", "fp16") else np.dtype(dtype)
     mt = cupy_backend._math(storage)
     suffix = cupy_backend._SUFFIX[storage]
-    limit = cupy_backend.LOSS_FINISH_ROWS
-    for loss_name, n in [("softmax_cross_entropy", 128), ("mse", limit), ("softmax_cross_entropy", limit + 1)]:
+    for loss_name, n in [("softmax_cross_entropy", 128), ("mse", 1024), ("softmax_cross_entropy", 300_000)]:
         launched = []
         be = _launching_backend(launched)
         c = 10
@@ -406,17 +407,19 @@ def test_a_batchs_loss_is_one_launch_up_to_the_finishing_rows(dtype):
         grad = np.empty_like(x)
         assert be.loss_forward_backward(x, target, make_loss(loss_name), grad=grad, out=out) is out
         divisor = n if loss_name == "softmax_cross_entropy" else n * c
-        name, grid, block, args = launched[0]
-        assert name == f"loss_rows_{suffix}"
+        ((name, grid, block, args),) = launched
+        assert name == f"loss_rows_{suffix}" and grid == (min(-(-n // 8), 132 * 32),) and block == (256,)
         assert_launch_fits("loss.cu", name, args)
-        finish, count, written, div = args[-4:]
-        assert div == mt.type(divisor) and count.dtype == np.uint32
-        if n <= limit:
-            assert len(launched) == 1 and finish == 1 and written is out
-        else:
-            assert [n for n, *_ in launched] == [name, f"sum_{cupy_backend._SUFFIX[mt]}"] and finish == 0
-            assert launched[1][3][5] is out and launched[1][3][6] == mt.type(divisor)
-            assert launched[1][3][0] is args[5]  # the sum reads the kernel's row losses
+        finish, partial, count, written, div = args[-5:]
+        assert finish == 1 and partial.shape == grid and count.dtype == np.uint32 and written is out
+        assert div == mt.type(divisor)
+    if dtype in ("float32", "float64"):  # the sweep's loss (no 16-bit stacks)
+        launched.clear()
+        x3 = np.zeros((3, 50, 4), storage)
+        be.loss_forward_backward_batched(x3, np.zeros(50, np.int32), make_loss("softmax_cross_entropy"))
+        name, grid, block, args = launched[0]
+        assert_launch_fits("loss.cu", name, args)
+        assert args[-5] == 0
 
 
 @pytest.mark.parametrize("bias_corrected", [True, False])

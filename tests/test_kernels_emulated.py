@@ -161,19 +161,16 @@ def test_accuracy_count_sums_its_rows_in_one_launch(host_kernels):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ["softmax_cross_entropy", "mse", "binary_cross_entropy", "huber"])
-def test_the_loss_kernel_finishes_its_mean_up_to_the_finishing_rows(host_kernels, name, dtype, monkeypatch):
-    """Up to LOSS_FINISH_ROWS rows the loss kernel's last block writes the mean (one
-    launch), above it reduce.cu's sum does; value and gradient against the reference.
-    The limit is lowered to 300 rows here (the emulation runs 256 host threads a block,
-    slowly): 300 rows are 32 blocks of 8 warps on one SM, so rows are grid-strided too."""
-    limit = 300
-    monkeypatch.setattr(cupy_backend, "LOSS_FINISH_ROWS", limit)
+def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype):
+    """The loss kernel writes value, gradient and batch mean in one launch (warps' row
+    sums, block partials, the last block's sum), one block to 32 blocks (one SM), rows
+    grid-strided beyond 256; against the reference. Two launches give the same bits."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(2)
     loss = make_loss(name, label_smoothing=0.1, huber_delta=0.8)
     sfx = "f32" if dtype == np.float32 else "f64"
     eps = float(np.finfo(dtype).eps)
-    for n, c in [(1, 3), (37, 5), (limit, 3), (limit + 1, 2)]:
+    for n, c in [(1, 3), (37, 5), (256, 3), (301, 2)]:
         x = rng.normal(scale=2.0, size=(n, c)).astype(dtype)
         if name == "softmax_cross_entropy":
             t = rng.integers(0, c, n).astype(np.int32)
@@ -185,7 +182,10 @@ def test_the_loss_kernel_finishes_its_mean_up_to_the_finishing_rows(host_kernels
         grad, out = np.full_like(x, np.nan), np.full((), np.nan, dtype)
         gpu.launches.clear()
         assert gpu.be.loss_forward_backward(x, t, loss, grad, out=out) is out
-        assert gpu.launches == ([f"loss_rows_{sfx}"] if n <= limit else [f"loss_rows_{sfx}", f"sum_{sfx}"]), n
+        assert gpu.launches == [f"loss_rows_{sfx}"], n
+        again = np.full((), np.nan, dtype)
+        gpu.be.loss_forward_backward(x, t, loss, None, out=again)  # another block order, another block last
+        assert again.tobytes() == out.tobytes(), n
         # the mean of n row losses, each a sum of c terms of magnitude <~ |x| + |t| + 1,
         # each term off by a few eps of that (exp, log) and the sums by n + c roundings
         terms = np.abs(x.astype(np.float64)).sum() + np.abs(t64).sum() * (t.dtype != np.int32) + x.size

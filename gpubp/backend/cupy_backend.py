@@ -52,9 +52,6 @@ BLOCK = 256  # threads per block of the elementwise kernels
 # row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
 # (docs/gpu-verification.md); more make the ordered second pass the longer one
 BIAS_GRAD_MAX_CHUNKS = 256
-# a batch of at most this many rows: the loss kernel's last block sums the row losses (one
-# launch); above it, reduce.cu's sum does (more blocks share the summing, a launch more)
-LOSS_FINISH_ROWS = 4 * BLOCK
 
 
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
@@ -652,14 +649,14 @@ class CupyBackend:
             out.fill(np.nan)
             return out
         row_loss = self._scratch("loss_rows", n, mt)
-        finish = n <= LOSS_FINISH_ROWS  # the loss kernel sums its row losses itself: one launch
-        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out if finish else None)
-        return out if finish else self._sum(row_loss, False, divisor, out, "sum", mt)
+        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out)  # value and mean: one launch
+        return out
 
     def _loss_rows(self, x2, labels, targets, grad, row_loss, c: int, loss: Loss, divisor, loss_scale=None,
                    out=None):  # fmt: skip
         """Launch loss_rows over x2's rows (kernels/loss.cu): row_loss, and grad unless None;
-        with `out` (0-d) also out = sum(row_loss) / divisor, finished by the kernel's last block."""
+        with `out` (0-d) also out = sum(row_loss) / divisor (block partials, finished by the
+        kernel's last block)."""
         dtype, mt, n = x2.dtype, _math(x2.dtype), x2.shape[0]
         finish = out is not None
         args = (x2, labels, targets, grad if grad is not None else x2, np.int32(grad is not None), row_loss,
@@ -668,7 +665,9 @@ class CupyBackend:
         if dtype in PR.LOW:
             args += (self._scale_array(1.0 if loss_scale is None else loss_scale, mt),)
         blocks = self._blocks(n, BLOCK // 32)  # a warp per row
-        args += (np.int32(finish), self._counter("loss_rows", blocks), out if finish else row_loss, mt.type(divisor))
+        partial = self._scratch("loss_partial", blocks, mt) if finish else row_loss
+        args += (np.int32(finish), partial, self._counter("loss_rows", blocks), out if finish else row_loss,
+                 mt.type(divisor))  # fmt: skip
         self._function("loss_rows", dtype)((blocks,), (BLOCK,), args)
 
     def accuracy_count(self, x, labels, threshold=0.0):
