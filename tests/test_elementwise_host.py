@@ -28,7 +28,7 @@ import pytest
 from gpubp import precision as PR
 from gpubp.backend import cupy_backend, numpy_ops
 
-from .test_kernels_cpu import REQUIRE_KERNEL_TOOLS
+from .test_kernels_cpu import host_compiler
 
 C_TYPE = {
     np.dtype(np.float32): "float",
@@ -143,10 +143,7 @@ def build(source: str, build_dir: str) -> ctypes.CDLL:
 @pytest.fixture(scope="module")
 def host_backend(tmp_path_factory):
     """A CupyBackend whose arrays are NumPy's and whose elementwise kernels run on the host."""
-    if (shutil.which("g++") or shutil.which("c++")) is None:
-        if REQUIRE_KERNEL_TOOLS:
-            pytest.fail("no C++ compiler: CI must check the elementwise kernels on the host")
-        pytest.skip("no C++ compiler (g++) on this machine")
+    host_compiler("the elementwise kernels")
     build_dir = str(tmp_path_factory.mktemp("elementwise"))
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     kernels = {}

@@ -102,13 +102,20 @@ def test_every_mixed_precision_kernel_the_backend_launches_exists():
 # --------------------------------------------------------------------------- host build
 
 
-@pytest.fixture(scope="module")
-def host_math(tmp_path_factory):
+def host_compiler(what: str) -> str:
+    """The host's C++ compiler; without one the test skips (fails in CI, which must check
+    `what` on the host)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         if REQUIRE_KERNEL_TOOLS:
-            pytest.fail("no C++ compiler: CI must check the kernel math on the host")
-        pytest.skip("no C++ compiler (g++) on this machine: the kernel math is not checked on the host")
+            pytest.fail(f"no C++ compiler: CI must check {what} on the host")
+        pytest.skip(f"no C++ compiler (g++) on this machine: {what} is not checked on the host")
+    return cxx
+
+
+@pytest.fixture(scope="module")
+def host_math(tmp_path_factory):
+    cxx = host_compiler("the kernel math")
     out = str(tmp_path_factory.mktemp("hostmath") / "libhostmath.so")
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
            "-D__host__=", "-D__device__=", "-D__forceinline__=inline",  # the CUDA qualifiers, defined away

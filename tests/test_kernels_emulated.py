@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -33,7 +32,7 @@ from gpubp.losses import make_loss
 
 from .conftest import ROOT
 from .kernel_params import C_TYPES, kernel_params
-from .test_kernels_cpu import REQUIRE_KERNEL_TOOLS
+from .test_kernels_cpu import host_compiler
 
 FILES = tuple(f for f in kernels.KERNEL_FILES)  # every kernel file, one translation unit
 CTYPE = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
@@ -58,11 +57,7 @@ def wrapper_source(names: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def host_kernels(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        if REQUIRE_KERNEL_TOOLS:
-            pytest.fail("no C++ compiler: CI must run the kernels on the host")
-        pytest.skip("no C++ compiler (g++) on this machine: the kernels are not run on the host")
+    cxx = host_compiler("the kernels' runs")
     names = {n: f for f in FILES for n in kernels.kernel_names(f)}
     build = tmp_path_factory.mktemp("kernels_host")
     src, lib = build / "kernels_host.cpp", build / "kernels_host.so"
@@ -93,6 +88,11 @@ class EmulatedGpu:
             zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
             full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
             copyto = staticmethod(np.copyto)
+            # what CupyBackend.asarray / to_numpy call: a GPU test can take this backend as its
+            # `gpu` (CuPy's ascontiguousarray, as NumPy's, makes a 0-d array (1,))
+            asarray = staticmethod(lambda a, dtype=None: np.array(a, dtype=dtype, copy=True))
+            ascontiguousarray = staticmethod(np.ascontiguousarray)
+            asnumpy = staticmethod(np.asarray)
 
         be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
         be._cupy, be.n_sm = FakeCupy(), 1  # one SM: grids of at most 32 blocks (grid-stride loops)
@@ -232,7 +232,7 @@ def test_the_guard_runs_in_the_block_that_finishes_the_norm(host_kernels, dtype)
 def test_a_kernel_that_skips_a_barrier_is_reported_not_hung(host_kernels, tmp_path):
     """The emulation can fail: a block whose threads do not all reach __syncthreads breaks
     the barrier (after its timeout) and the launch says so."""
-    cxx = shutil.which("g++") or shutil.which("c++")
+    cxx = host_compiler("the kernels' runs")
     src, lib = tmp_path / "bad.cpp", tmp_path / "bad.so"
     src.write_text('#include "cuda_host.h"\n'
                    'extern "C" int run(int skip) { return launch(dim3{2}, dim3{64}, 1, [=] {\n'
@@ -413,29 +413,10 @@ def test_casts_and_the_16_bit_sum_are_bitwise(host_kernels):
 
 
 def test_step_guard_norm_batched_a_block_per_model(host_kernels):
-    """A sweep's squared norms and verdicts in one launch, a block per model: a NaN
-    gradient (model 1), a frozen model (3), clipping (2); grad_sq within the sum's
-    rounding bound, the verdicts exact."""
-    from gpubp.backend import numpy_stacked as S
+    """A sweep's squared norms and verdicts in one launch, a block per model: the GPU
+    test itself (tests/test_stack_gpu.py), on the host-run kernel."""
+    from .test_stack_gpu import test_gpu_step_guard_norm_batched_matches_numpy as gpu_test
 
     gpu = EmulatedGpu(host_kernels)
-    rng = np.random.default_rng(10)
-    for dtype in (np.float32, np.float64):
-        m, p = 4, 700
-        g = rng.normal(size=(m, p)).astype(dtype)
-        g[1, 17] = np.nan
-        loss = np.array([0.5, 1.0, 2.0, 1.0], dtype)
-        max_norm, frozen = np.array([1e3, 0.0, 1.0, 0.5], dtype), np.array([False, False, False, True])
-        ref = [np.zeros(m, dtype), np.full(m, -1, np.int64), np.zeros(m, bool), np.zeros(m, dtype), np.zeros(m, dtype)]
-        dev = [a.copy() for a in ref]
-        S.step_guard_norm_batched(loss, g, ref[0], 3, max_norm, frozen, *ref[1:])
-        gpu.launches.clear()
-        gpu.be.step_guard_norm_batched(loss, g, dev[0], np.asarray(3, np.int64), max_norm, frozen, *dev[1:])
-        assert gpu.launches == [f"step_guard_norm_batched_{'f32' if dtype == np.float32 else 'f64'}"]
-        np.testing.assert_array_equal(dev[1], ref[1])
-        np.testing.assert_array_equal(dev[2], ref[2])
-        ok = ~np.isnan(ref[0])
-        bound = 2 * p * float(np.finfo(dtype).eps) * (g[ok].astype(np.float64) ** 2).sum(1)
-        assert np.isnan(dev[0][1]) and (np.abs(dev[0][ok] - ref[0][ok]) <= bound).all()
-        np.testing.assert_allclose(dev[3][ok], ref[3][ok], rtol=2 * p * float(np.finfo(dtype).eps))
-        np.testing.assert_allclose(dev[4], ref[4], rtol=2 * p * float(np.finfo(dtype).eps))
+    gpu_test(gpu.be)
+    assert gpu.launches == ["step_guard_norm_batched_f32", "step_guard_norm_batched_f64"]
