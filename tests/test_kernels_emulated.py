@@ -420,3 +420,29 @@ def test_step_guard_norm_batched_a_block_per_model(host_kernels):
     gpu = EmulatedGpu(host_kernels)
     gpu_test(gpu.be)
     assert gpu.launches == ["step_guard_norm_batched_f32", "step_guard_norm_batched_f64"]
+
+
+# The GPU tests of the reductions and guards, run as they are on the host-run kernels:
+# minutes on two cores (up to 1024 emulated blocks), so only when asked:
+#   GPUBP_EMULATE_GPU_TESTS=1 python -m pytest tests/test_kernels_emulated.py -k gpu_test
+# (before a GPU visit: a GPU test that fails here is wrong before any GPU sees it).
+GPU_TESTS = [
+    ("test_gpu", "test_sum_squares", {"dtype": np.float32}),
+    ("test_gpu", "test_sum_squares", {"dtype": np.float64}),
+    ("test_gpu", "test_step_guard", {"dtype": np.float32}),
+    ("test_gpu", "test_step_guard_norm", {"dtype": np.float32}),
+    ("test_gpu", "test_step_guard_norm", {"dtype": np.float64}),
+    ("test_gpu", "test_accuracy_count", {"dtype": np.float32}),
+    ("test_precision_gpu", "test_step_guard_scaled_matches_the_reference", {}),
+    ("test_precision_gpu", "test_step_guard_scaled_norm_matches_the_reference", {}),
+    ("test_stack_gpu", "test_gpu_step_guard_norm_batched_matches_numpy", {}),
+]
+
+
+@pytest.mark.skipif(os.environ.get("GPUBP_EMULATE_GPU_TESTS") != "1", reason="slow: GPUBP_EMULATE_GPU_TESTS=1")
+@pytest.mark.parametrize("module, name, kwargs", GPU_TESTS, ids=[f"{m}.{n}" for m, n, _ in GPU_TESTS])
+def test_gpu_test_on_the_host_kernels(host_kernels, module, name, kwargs):
+    import importlib
+
+    test = getattr(importlib.import_module(f"tests.{module}"), name)
+    test(EmulatedGpu(host_kernels).be, **kwargs)

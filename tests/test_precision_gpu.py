@@ -184,11 +184,12 @@ def test_step_guard_scaled_matches_the_reference(gpu):
 
 
 def test_step_guard_scaled_norm_matches_the_reference(gpu):
-    """fp16's guard in the launch that sums |g|^2: g of n equal values whose squares sum
-    exactly (n a power of 4, v^2 n = sq), 1 to 1024 blocks, an overflowing gradient and a
-    NaN loss on the way; every output bit for bit, as step_guard_scaled's."""
+    """fp16's guard in the launch that sums |g|^2: g of n equal powers of two whose squares
+    sum exactly in any order (v^2 n = sq, every partial sum a power-of-two multiple below
+    2^24), 1 to 1024 blocks, an overflowing gradient and a NaN loss on the way; every
+    output bit for bit, as step_guard_scaled's."""
     f, i = np.float32, np.int64
-    cases = [(1.0, 4.0, 0.0, 4), (1.0, np.inf, 0.0, 1024), (1.0, 9.0e6, 1.0, 4**10), (np.nan, 1.0, 0.0, 16),
+    cases = [(1.0, 4.0, 0.0, 4), (1.0, np.inf, 0.0, 1024), (1.0, 2.0**22, 1.0, 4**10), (np.nan, 1.0, 0.0, 16),
              (1.0, 16.0, 0.0, 4**8)]  # fmt: skip
     host = [np.asarray(v).copy() for v in (f(1024), i(0), i(0), i(-1))]  # S, good, skipped, first_bad
     dev = [gpu.asarray(h) for h in host]

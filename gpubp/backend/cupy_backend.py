@@ -649,7 +649,8 @@ class CupyBackend:
             out.fill(np.nan)
             return out
         row_loss = self._scratch("loss_rows", n, mt)
-        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out)  # value and mean: one launch
+        # value, gradient and the batch mean in one launch
+        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out)
         return out
 
     def _loss_rows(self, x2, labels, targets, grad, row_loss, c: int, loss: Loss, divisor, loss_scale=None,
