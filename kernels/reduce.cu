@@ -11,9 +11,12 @@
 // ---- column sums: pass 1 over row chunks, pass 2 over chunks -----------------------
 // block (32, 8): threadIdx.x picks the column of a 32-wide tile, threadIdx.y strides the
 // rows of chunk blockIdx.y; partial is (n_chunks, n_cols), or the output when n_chunks == 1.
+// finish (n_cols <= 256: one block's threads cover the columns): the block that finishes
+// last (last_block; count its counter) does pass 2 itself, in bias_grad_finish's order.
 template <typename S>
 __device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, int n_rows, int n_cols,
-                                  int rows_per_chunk) {
+                                  int rows_per_chunk, int finish, unsigned int* count,
+                                  typename Math<S>::type* out) {
   typedef typename Math<S>::type T;
   typedef typename Acc<T>::type A;
   __shared__ A tile[8][33];
@@ -29,6 +32,13 @@ __device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, i
     A total = tile[0][threadIdx.x];
     for (int k = 1; k < 8; ++k) total += tile[k][threadIdx.x];  // fixed order
     partial[(long long)blockIdx.y * n_cols + col] = T(total);
+  }
+  if (!finish || !last_block(count)) return;  // (`finish` is the same in every block)
+  const volatile T* p = partial;
+  for (int j = threadIdx.y * 32 + threadIdx.x; j < n_cols; j += 256) {
+    A s2 = A(0);
+    for (int c = 0; c < (int)gridDim.y; ++c) s2 += p[(long long)c * n_cols + j];  // chunks in order
+    out[j] = T(s2);
   }
 }
 
@@ -75,8 +85,9 @@ __device__ void accuracy_rows(const S* x, const int* labels, int* correct, int n
 
 #define REDUCE_KERNELS(T, S)                                                                                      \
   extern "C" __global__ void bias_grad_partial_##S(const T* d, T* partial, int n_rows, int n_cols,                \
-                                                    int rows_per_chunk) {                                         \
-    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk);                                             \
+                                                    int rows_per_chunk, int finish, unsigned int* count,          \
+                                                    T* out) {                                                     \
+    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);                         \
   }                                                                                                               \
   extern "C" __global__ void bias_grad_finish_##S(const T* partial, T* out, int n_chunks, int n_cols) {           \
     bias_grad_finish<T>(partial, out, n_chunks, n_cols);                                                          \
@@ -94,8 +105,9 @@ FOR_FLOAT_TYPES(REDUCE_KERNELS)
 // 16-bit storage: the column sums (float partials, finished by bias_grad_finish_f32) and accuracy
 #define REDUCE_LOW_KERNELS(T, S)                                                                              \
   extern "C" __global__ void bias_grad_partial_##S(const T* d, float* partial, int n_rows, int n_cols,        \
-                                                    int rows_per_chunk) {                                     \
-    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk);                                         \
+                                                    int rows_per_chunk, int finish, unsigned int* count,      \
+                                                    float* out) {                                             \
+    bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);                     \
   }                                                                                                           \
   extern "C" __global__ void accuracy_rows_##S(const T* x, const int* labels, int* correct, int n_rows,       \
                                                 int n_cols, float threshold) {                                \

@@ -285,15 +285,19 @@ def test_bias_act_forward_and_act_backward(host_kernels):
 
 
 def test_bias_grad_over_row_chunks(host_kernels):
-    """Column sums with (32, 8) blocks over 1 to 8 row chunks (a 2-D grid), then the
-    ordered finishing pass."""
+    """Column sums with (32, 8) blocks over 1 to 19 row chunks (a 2-D grid), the chunks
+    summed in order by the last block (one launch, up to 256 columns) or by the finishing
+    kernel (more columns: two launches)."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(5)
     for dtype in (np.float32, np.float64):
-        for n, m in [(1, 1), (300, 70), (2049, 3)]:
+        sfx = "f32" if dtype == np.float32 else "f64"
+        for n, m, launches in [(1, 1, 1), (300, 70, 1), (2049, 3, 1), (5000, 40, 1), (600, 300, 2)]:
             d = rng.normal(size=(n, m)).astype(dtype)
             out = np.full(m, np.nan, dtype)
+            gpu.launches.clear()
             gpu.be.bias_grad(d, out)
+            assert gpu.launches == [f"bias_grad_partial_{sfx}", f"bias_grad_finish_{sfx}"][:launches], (n, m)
             ref = d.astype(np.float64).sum(0)
             bound = 2 * n * float(np.finfo(dtype).eps) * np.abs(d).astype(np.float64).sum(0)
             assert (np.abs(out - ref) <= bound).all(), (n, m)

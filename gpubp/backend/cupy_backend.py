@@ -562,7 +562,9 @@ class CupyBackend:
 
     def bias_grad(self, d, out):
         """out = column sums of d; see numpy_ops.bias_grad. Deterministic: rows are cut
-        into chunks by the shape alone, each chunk summed in a fixed order."""
+        into chunks by the shape alone, each chunk summed in a fixed order, then the chunks
+        in order: by the partial kernel's last block up to BLOCK columns (one launch), by
+        bias_grad_finish's blocks above."""
         dtype = d.dtype
         self._check("bias_grad", dtype, d=d)
         self._check("bias_grad", _math(dtype), out=out)  # 16-bit d: float32 sums
@@ -580,10 +582,13 @@ class CupyBackend:
         chunks = max(1, min(BIAS_GRAD_MAX_CHUNKS, math.ceil(1024 / tiles), n // 256))
         rows_per_chunk = math.ceil(n / chunks)
         partial = out if chunks == 1 else self._scratch("bias_grad", (chunks, m), out.dtype)
+        finish = chunks > 1 and m <= BLOCK  # the last block sums the chunks: one launch
         self._function("bias_grad_partial", dtype)(
-            (tiles, chunks), (32, 8), (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk))
-        )
-        if chunks > 1:
+            (tiles, chunks), (32, 8),
+            (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk), np.int32(finish),
+             self._counter("bias_grad", (tiles, chunks)), out),
+        )  # fmt: skip
+        if chunks > 1 and not finish:
             self._function("bias_grad_finish", out.dtype)(
                 (self._blocks(m),), (BLOCK,), (partial, out, np.int32(chunks), np.int32(m))
             )
