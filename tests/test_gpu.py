@@ -170,7 +170,7 @@ def test_one_launch_reductions_see_every_block_and_reset_their_counters(gpu, dty
         assert int(gpu.to_float(gpu.accuracy_count(x, gpu.asarray(np.zeros(3000, np.int32))))) == 3000, rep
     loss = make_loss("mse")
     rng = np.random.default_rng(11)
-    for n_rows in (1, 37, 1024, 1025, 70_000):  # 1 block to 4224 (the grid's cap: rows grid-strided)
+    for n_rows in (1, 37, 1024, 1025, 70_000):  # 1 block to 1024 (the grid's cap: rows grid-strided)
         x, t = (gpu.asarray(rng.normal(size=(n_rows, 4)).astype(dtype)) for _ in range(2))
         first = gpu.to_numpy(gpu.loss_forward_backward(x, t, loss))
         for _ in range(5):
@@ -207,7 +207,7 @@ def test_step_guard(gpu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_step_guard_norm(gpu, dtype):
     """The squared norm and the guard in one launch (the block that finishes the sum runs
-    the guard) against numpy_ops.step_guard_norm over a run of steps: one block and 1024
+    the guard) against numpy_ops.step_guard_norm over a run of steps: one block and 293
     blocks, clipping on and off, a NaN gradient, then a finite one (first_bad stays)."""
     t = np.dtype(dtype).type
     rng = np.random.default_rng(6)

@@ -96,8 +96,6 @@ class EmulatedGpu:
 
         be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
         be._cupy, be.n_sm = FakeCupy(), 1  # one SM: grids of at most 32 blocks (grid-stride loops)
-        be._check = lambda *args, **kwargs: None  # NumPy arrays stand in for CuPy's
-        be._step_array = lambda step: step if isinstance(step, np.ndarray) else np.asarray(step, np.int64)
         be._function = self._function
         self.be = be
 
@@ -113,7 +111,8 @@ class EmulatedGpu:
                 if pointer:
                     assert isinstance(a, np.ndarray) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname)
                     c_args.append(ctypes.c_void_p(a.ctypes.data))
-                else:
+                else:  # a value of the parameter's own width, as CuPy would pass it
+                    assert isinstance(a, np.generic) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname, a)
                     c_args.append(CTYPE[np.dtype(C_TYPES[c_type])](a.item()))
             grid, block = (*grid, 1)[:2], (*block, 1)[:2]
             self.seed += 1  # another block order each launch
@@ -163,8 +162,8 @@ def test_accuracy_count_sums_its_rows_in_one_launch(host_kernels):
 @pytest.mark.parametrize("name", ["softmax_cross_entropy", "mse", "binary_cross_entropy", "huber"])
 def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype):
     """The loss kernel writes value, gradient and batch mean in one launch (warps' row
-    sums, block partials, the last block's sum), one block to 32 blocks (one SM), rows
-    grid-strided beyond 256; against the reference. Two launches give the same bits."""
+    sums, block partials, the last block's sum), one block to 38; against the reference.
+    Two launches give the same bits."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(2)
     loss = make_loss(name, label_smoothing=0.1, huber_delta=0.8)
@@ -301,6 +300,28 @@ def test_bias_grad_over_row_chunks(host_kernels):
             ref = d.astype(np.float64).sum(0)
             bound = 2 * n * float(np.finfo(dtype).eps) * np.abs(d).astype(np.float64).sum(0)
             assert (np.abs(out - ref) <= bound).all(), (n, m)
+
+
+def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernels):
+    """The one-launch column sums (the last block adds the chunks) against the same partial
+    kernel with finish = 0 followed by bias_grad_finish: byte for byte, float32 and
+    float64, 8 and 19 row chunks."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(11)
+    for dtype in (np.float32, np.float64):
+        sfx = "f32" if dtype == np.float32 else "f64"
+        for n, m, chunks in [(2049, 3, 8), (5000, 40, 19)]:
+            d = rng.normal(size=(n, m)).astype(dtype)
+            one = np.full(m, np.nan, dtype)
+            gpu.be.bias_grad(d, one)
+            rows = -(-n // chunks)
+            partial, two, count = np.full((chunks, m), np.nan, dtype), np.full(m, np.nan, dtype), np.zeros(1, np.uint32)
+            i32 = np.int32
+            gpu._function(f"bias_grad_partial_{sfx}", None)(
+                (-(-m // 32), chunks), (32, 8), (d, partial, i32(n), i32(m), i32(rows), i32(0), count, two)
+            )
+            gpu._function(f"bias_grad_finish_{sfx}", None)((1,), (256,), (partial, two, i32(chunks), i32(m)))
+            assert one.tobytes() == two.tobytes(), (dtype, n, m)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

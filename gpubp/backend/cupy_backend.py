@@ -52,6 +52,9 @@ BLOCK = 256  # threads per block of the elementwise kernels
 # row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
 # (docs/gpu-verification.md); more make the ordered second pass the longer one
 BIAS_GRAD_MAX_CHUNKS = 256
+# the loss kernel's blocks at most (8 rows each, then rows grid-strided): a constant, not the
+# GPU's SM count, so the batch mean's bits do not depend on which GPU runs it
+LOSS_MAX_BLOCKS = 1024
 
 
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
@@ -667,10 +670,11 @@ class CupyBackend:
         finish = out is not None
         args = (x2, labels, targets, grad if grad is not None else x2, np.int32(grad is not None), row_loss,
                 np.int32(n), np.int32(c), np.int32(loss.info.kernel_id), mt.type(loss.label_smoothing),
-                mt.type(loss.huber_delta), mt.type(1.0 / divisor))  # fmt: skip
+                mt.type(loss.huber_delta), mt.type(1.0 / divisor if divisor else 0.0))  # fmt: skip
         if dtype in PR.LOW:
             args += (self._scale_array(1.0 if loss_scale is None else loss_scale, mt),)
-        blocks = self._blocks(n, BLOCK // 32)  # a warp per row
+        # a warp per row; the grid (and so the batch mean's partials) a function of n alone
+        blocks = max(1, min(math.ceil(n / (BLOCK // 32)), LOSS_MAX_BLOCKS))
         partial = self._scratch("loss_partial", blocks, mt) if finish else row_loss
         args += (np.int32(finish), partial, self._counter("loss_rows", blocks), out if finish else row_loss,
                  mt.type(divisor))  # fmt: skip
@@ -787,6 +791,11 @@ class CupyBackend:
         self._check(op, f32, loss=loss, grad_sq=grad_sq, norm=norm, scale=scale, loss_scale=loss_scale)
         self._check(op, np.int64, first_bad=first_bad, good_steps=good_steps, skipped=skipped)
         self._check(op, np.bool_, skip=skip)
+        state = {"loss": loss, "grad_sq": grad_sq, "first_bad": first_bad, "skip": skip, "norm": norm,
+                 "scale": scale, "loss_scale": loss_scale, "good_steps": good_steps, "skipped": skipped}  # fmt: skip
+        for name, a in state.items():
+            if a.size != 1:
+                raise ValueError(f"{op}: {name} must hold one value, has {a.size}")
         return (self._step_array(step), f32(max_norm), first_bad, skip, norm, scale, loss_scale, good_steps, skipped,
                 np.int64(interval), f32(PR.LOSS_SCALE_BACKOFF), f32(PR.LOSS_SCALE_GROWTH))  # fmt: skip
 

@@ -162,7 +162,8 @@ def step_guard_batched(loss, grad_sq, step, max_norm, frozen, first_bad, skip, n
     np.logical_or(first_bad >= 0, frozen, out=skip)
     np.sqrt(grad_sq.astype(norm.dtype, copy=False), out=norm)
     with np.errstate(all="ignore"):
-        clipped = np.minimum(t(1), max_norm / (norm + t(1e-6)))
+        s = max_norm / (norm + t(1e-6))
+        clipped = np.where(s < t(1), s, t(1))  # min(1, s); a NaN s gives 1, as Python's min and the kernel
     scale[...] = np.where(max_norm > 0, clipped, t(1))
 
 
