@@ -1,7 +1,7 @@
 """What the CPU tests know of our CUDA kernels' C signatures, read from kernels/*.cu:
-each extern "C" kernel's parameters (type, pointer or value, name), and a check that a
-launch's arguments have those types (tests/test_gpu_contract.py,
-tests/test_kernels_emulated.py)."""
+each extern "C" kernel's parameters (type, pointer or value, name), a check that a
+launch's arguments have those types, and the GPU backend over NumPy arrays whose kernel
+launches a test supplies (tests/test_gpu_contract.py, tests/test_kernels_emulated.py)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,34 @@ def assert_launch_fits(file: str, name: str, args) -> None:
             assert isinstance(arg, np.ndarray) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}*"
         else:
             assert isinstance(arg, np.generic) and arg.dtype == want, f"{name}({pname}): {arg!r} is not {c_type}"
+
+
+def numpy_backend_of_gpu(function, n_sm: int, poison: bool = False):
+    """A CupyBackend whose CuPy is NumPy: its launchers run as on a GPU, each kernel launch
+    going to function(name, grid, block, args) (name: the extern "C" kernel's). poison: new
+    working buffers (empty) come filled with NaN (77 for integers), so unwritten shows.
+    CuPy's ascontiguousarray, as NumPy's, makes a 0-d array (1,): a GPU test can take it."""
+    from gpubp.backend import cupy_backend
+
+    def empty(shape, dtype):
+        if not poison:
+            return np.empty(shape, dtype)
+        return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 77, dtype)
+
+    class FakeCupy:
+        ndarray = np.ndarray
+        zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
+        full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
+        asarray = staticmethod(lambda a, dtype=None: np.array(a, dtype=dtype, copy=True))
+        asnumpy = staticmethod(np.asarray)
+        ascontiguousarray = staticmethod(np.ascontiguousarray)
+        broadcast_to = staticmethod(np.broadcast_to)
+        copyto = staticmethod(np.copyto)
+
+    FakeCupy.empty = staticmethod(empty)
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cupy, be.n_sm = FakeCupy(), n_sm
+    be._function = lambda base, dtype: (
+        lambda grid, block, args: function(cupy_backend.kernel_name(base, dtype), grid, block, args)
+    )
+    return be

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from .conftest import run_cli
-from .kernel_params import assert_launch_fits
+from .kernel_params import assert_launch_fits, numpy_backend_of_gpu
 
 
 def binding_signatures(module: str, names) -> dict[str, list[tuple[str, str]]]:
@@ -314,25 +314,8 @@ def test_reductions_reuse_their_working_buffers():
 
 def _launching_backend(launched: list):
     """A CupyBackend whose CuPy is NumPy and whose kernels record (name, grid, block, args)."""
-    from gpubp.backend import cupy_backend
-
-    class FakeCupy:
-        ndarray = np.ndarray
-        empty = staticmethod(lambda shape, dtype: np.empty(shape, dtype))
-        zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
-        full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
-        broadcast_to = staticmethod(np.broadcast_to)
-        ascontiguousarray = staticmethod(np.ascontiguousarray)
-
-    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
-    be._cupy, be.n_sm = FakeCupy(), 132
-    be._check = lambda *args, **kwargs: None  # NumPy arrays stand in for CuPy's
-
-    def function(base, dtype):
-        name = base if base.endswith(("_i32", "_i64")) else f"{base}_{cupy_backend._SUFFIX[np.dtype(dtype)]}"
-        return lambda grid, block, args: launched.append((name, grid, block, args))
-
-    be._function = function
+    be = numpy_backend_of_gpu(lambda *launch: launched.append(launch), n_sm=132)
+    be._check = lambda *args, **kwargs: None  # (the tests hand some launchers stand-in arrays)
     return be
 
 

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 
 from gpubp import kernels
-from gpubp.backend import cupy_backend, numpy_ops
+from gpubp.backend import numpy_ops
 from gpubp.losses import make_loss
 
 from .conftest import ROOT
-from .kernel_params import C_TYPES, kernel_params
+from .kernel_params import C_TYPES, kernel_params, numpy_backend_of_gpu
 from .test_kernels_cpu import host_compiler
 
 FILES = tuple(f for f in kernels.KERNEL_FILES)  # every kernel file, one translation unit
@@ -78,49 +78,25 @@ class EmulatedGpu:
         lib, self.files = host_kernels
         self.lib, self.seed, self.launches = lib, seed, []
 
-        class FakeCupy:
-            ndarray = np.ndarray
-            empty = staticmethod(
-                lambda shape, dtype: (
-                    np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f" else np.full(shape, 77, dtype)
-                )
-            )  # fmt: skip  (poisoned: unwritten shows)
-            zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
-            full = staticmethod(lambda shape, value, dtype: np.full(shape, value, dtype))
-            copyto = staticmethod(np.copyto)
-            # what CupyBackend.asarray / to_numpy call: a GPU test can take this backend as its
-            # `gpu` (CuPy's ascontiguousarray, as NumPy's, makes a 0-d array (1,))
-            asarray = staticmethod(lambda a, dtype=None: np.array(a, dtype=dtype, copy=True))
-            ascontiguousarray = staticmethod(np.ascontiguousarray)
-            asnumpy = staticmethod(np.asarray)
+        # one SM: grids of at most 32 blocks (grid-stride loops); new buffers poisoned
+        self.be = numpy_backend_of_gpu(self._launch, n_sm=1, poison=True)
 
-        be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
-        be._cupy, be.n_sm = FakeCupy(), 1  # one SM: grids of at most 32 blocks (grid-stride loops)
-        be._function = self._function
-        self.be = be
-
-    def _function(self, base, dtype):
-        name = base if base.endswith(("_i32", "_i64")) or dtype is None else \
-            f"{base}_{cupy_backend._SUFFIX[np.dtype(dtype)]}"  # fmt: skip
+    def _launch(self, name, grid, block, args):
         params = kernel_params(self.files[name], name)
-
-        def call(grid, block, args):
-            assert len(args) == len(params), name
-            c_args = []
-            for (c_type, pointer, pname), a in zip(params, args):
-                if pointer:
-                    assert isinstance(a, np.ndarray) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname)
-                    c_args.append(ctypes.c_void_p(a.ctypes.data))
-                else:  # a value of the parameter's own width, as CuPy would pass it
-                    assert isinstance(a, np.generic) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname, a)
-                    c_args.append(CTYPE[np.dtype(C_TYPES[c_type])](a.item()))
-            grid, block = (*grid, 1)[:2], (*block, 1)[:2]
-            self.seed += 1  # another block order each launch
-            status = getattr(self.lib, f"host_{name}")(*map(ctypes.c_uint, (*grid, *block, self.seed)), *c_args)
-            assert status == 0, f"{name}: a barrier was not reached by every thread"
-            self.launches.append(name)
-
-        return call
+        assert len(args) == len(params), name
+        c_args = []
+        for (c_type, pointer, pname), a in zip(params, args):
+            if pointer:
+                assert isinstance(a, np.ndarray) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname)
+                c_args.append(ctypes.c_void_p(a.ctypes.data))
+            else:  # a value of the parameter's own width, as CuPy would pass it
+                assert isinstance(a, np.generic) and a.dtype == np.dtype(C_TYPES[c_type]), (name, pname, a)
+                c_args.append(CTYPE[np.dtype(C_TYPES[c_type])](a.item()))
+        grid, block = (*grid, 1)[:2], (*block, 1)[:2]
+        self.seed += 1  # another block order each launch
+        status = getattr(self.lib, f"host_{name}")(*map(ctypes.c_uint, (*grid, *block, self.seed)), *c_args)
+        assert status == 0, f"{name}: a barrier was not reached by every thread"
+        self.launches.append(name)
 
 
 def sum_bound(terms: np.ndarray, dtype) -> float:
@@ -317,10 +293,11 @@ def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernel
             rows = -(-n // chunks)
             partial, two, count = np.full((chunks, m), np.nan, dtype), np.full(m, np.nan, dtype), np.zeros(1, np.uint32)
             i32 = np.int32
-            gpu._function(f"bias_grad_partial_{sfx}", None)(
-                (-(-m // 32), chunks), (32, 8), (d, partial, i32(n), i32(m), i32(rows), i32(0), count, two)
-            )
-            gpu._function(f"bias_grad_finish_{sfx}", None)((1,), (256,), (partial, two, i32(chunks), i32(m)))
+            gpu._launch(
+                f"bias_grad_partial_{sfx}", (-(-m // 32), chunks), (32, 8),
+                (d, partial, i32(n), i32(m), i32(rows), i32(0), count, two),
+            )  # fmt: skip
+            gpu._launch(f"bias_grad_finish_{sfx}", (1,), (256,), (partial, two, i32(chunks), i32(m)))
             assert one.tobytes() == two.tobytes(), (dtype, n, m)
 
 

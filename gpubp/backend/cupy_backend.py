@@ -170,6 +170,14 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def kernel_name(base: str, dtype) -> str:
+    """The extern "C" name of kernel `base` for a storage dtype: base_<f32|f64|bf16|f16>;
+    `base` itself when dtype is None or base names its integer type (sum_i32)."""
+    if dtype is None or base.endswith(("_i32", "_i64")):
+        return base
+    return f"{base}_{_SUFFIX[np.dtype(dtype)]}"
+
+
 def _math(dtype) -> np.dtype:
     """The type kernels compute in (and take scalars in) for a storage dtype: float32 for
     the 16-bit ones, else the dtype itself."""
@@ -298,12 +306,8 @@ class CupyBackend:
     # ------------------------------------------------------------------ kernels
 
     def _function(self, base: str, dtype) -> object:
-        """The compiled kernel base_<f32|f64|bf16|f16>, compiling its file on first use
-        (dtype None: `base` is the full name)."""
-        if dtype is None or base.endswith(("_i32", "_i64")):
-            name = base
-        else:
-            name = f"{base}_{_SUFFIX[np.dtype(dtype)]}"
+        """The compiled kernel kernel_name(base, dtype), compiling its file on first use."""
+        name = kernel_name(base, dtype)
         fn = self._functions.get(name)
         if fn is None:
             file = self._kernel_file[name]
