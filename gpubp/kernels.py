@@ -21,7 +21,7 @@ from functools import lru_cache
 from importlib import resources
 
 KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu")
-HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh")
+HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh", "loss.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options
 # (cupy/cuda/compiler.py: _compile_with_cache_cuda and _compile_using_nvrtc). -ftz=true

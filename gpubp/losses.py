@@ -21,7 +21,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LossInfo:
     name: str
-    kernel_id: int  # the LOSS_* constant in kernels/loss.cu
+    kernel_id: int  # the LOSS_* constant in kernels/loss.cuh
     target: str  # "labels" (integer classes) or "values" (floats shaped like the output)
 
 
