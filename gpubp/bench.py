@@ -168,7 +168,7 @@ class OpProfile:
     OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "bias_act_forward", "act_backward",
            "bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm",
            "step_guard_scaled", "step_guard_scaled_norm", "cast", "add", "gather_rows", "gather_windows", "select_rows", "index_window", "step_advance",
-           "accuracy_count")  # fmt: skip
+           "accuracy_count", "mlp_forward_backward", "sum_shares")  # fmt: skip
     # products: cuBLAS, and cuBLASLt with a fused epilogue
     GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad")
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
@@ -250,7 +250,8 @@ class TrainerStep:
     runs the next step. The epoch's order is set once (training sets it once an epoch:
     one copy of n_train indices to the device, left out of the timed steps)."""
 
-    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=True):
+    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=True,
+                 fused_mlp=False):  # fmt: skip
         from .config import load_config
         from .data import epoch_permutation
         from .trainer import Trainer
@@ -260,7 +261,7 @@ class TrainerStep:
                      f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
                      f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
                      f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={str(epilogues).lower()}",
-                     "data.val_fraction=0", "data.test_fraction=0",
+                     f"train.fused_mlp={str(bool(fused_mlp)).lower()}", "data.val_fraction=0", "data.test_fraction=0",
                      "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
         self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
         self.step_fn = self.trainer.make_step()
@@ -282,8 +283,9 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
     """gpubp's training step (TrainerStep): the captured step (the default on the GPU),
     the uncaptured one (train.cuda_graph = false) and, where the model fuses products
     (the GPU's default), the captured step without (train.gemm_epilogues
-    = false), timed in the same rounds (steps_ms); then a profiled pass of the uncaptured
-    step (each op timed alone)."""
+    = false), and on the GPU, where the network fits the fused MLP kernel, the captured
+    step with it (train.fused_mlp = true), timed in the same rounds (steps_ms); then a
+    profiled pass of the uncaptured step (each op timed alone)."""
     import gc
 
     if precision == "bf16" and backend.name != "gpu":
@@ -309,6 +311,8 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
         fused = graph.trainer.model.fuses_products
         if fused:  # the same step without the fused products, timed in the same rounds
             runs["unfused"] = TrainerStep(case, backend, precision, True, total, dataset, epilogues=False)
+        if backend.name == "gpu" and graph.trainer.model.fused_mlp_fits(case.batch):  # the one-kernel pass
+            runs["mlp"] = TrainerStep(case, backend, precision, True, total, dataset, fused_mlp=True)
         ms = steps_ms(runs, backend.synchronize, warmup, steps)
         plain = runs.get("plain", graph)
         # a further pass of the uncaptured step, instrumented: where the time of a step goes
@@ -333,7 +337,7 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
     ops_us = {name: 1e3 * t / n_prof for name, t in prof.per_op.items() if t > 0}
     ops_us["host and launch"] = max(0.0, 1e3 * prof_total / n_prof - sum(ops_us.values()))
     out = _figures(case, ms["graph"])
-    no_graph, unfused = ms.get("plain"), ms.get("unfused")
+    no_graph, unfused, mlp = ms.get("plain"), ms.get("unfused"), ms.get("mlp")
     gemm_us = sum(ops_us.get(name, 0.0) for name in OpProfile.GEMMS) or None
     out |= {
         "captured": captured,
@@ -344,6 +348,8 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
         "fused_products": fused,
         "ms_per_step_unfused": unfused,
         "fusion_speedup": unfused / ms["graph"] if unfused else None,
+        "ms_per_step_fused_mlp": mlp,
+        "fused_mlp_speedup": ms["graph"] / mlp if mlp else None,  # > 1: the fused MLP is the faster
         "gemm_us": gemm_us,  # the sum of the step's GEMM times, fused ones too (each timed alone), per step
         "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
         "share": share,
@@ -611,7 +617,8 @@ def _torch_ms(row: dict, key: str):
     return row[key].get("ms_per_step") if "skipped" not in row[key] else None
 
 
-HEADER = (f"{'case':<11} {'prec':<8} {'us/step':>9} {'no graph':>9} {'graph x':>7} {'fused x':>7} {'samples/s':>10} "
+HEADER = (f"{'case':<11} {'prec':<8} {'us/step':>9} {'no graph':>9} {'graph x':>7} {'fused x':>7} {'mlp x':>6} "
+          f"{'samples/s':>10} "
           f"{'TFLOP/s':>8} {'%peak':>6} {'GEMM us':>9} {'/GEMM':>6} {'eager us':>9} {'compile us':>10} "
           f"{'x eager':>7} {'x comp':>6} {'gemm/kern/host %':>16} {'MiB':>8}")  # fmt: skip
 
@@ -629,7 +636,8 @@ def format_row(row: dict) -> str:
     share = f"{100 * s['gemm']:.0f}/{100 * s['kernels']:.0f}/{100 * s['host']:.0f}"
     pk = row.get("share_of_gemm_peak")
     return (f"{row['case']:<11} {row['precision']:<8} {_us(g['ms_per_step']):>9} {_us(g['ms_per_step_no_graph']):>9} "
-            f"{_fmt(g['graph_speedup'], '>7.2f')} {_fmt(g.get('fusion_speedup'), '>7.2f')} {g['samples_per_s']:>10.4g} "
+            f"{_fmt(g['graph_speedup'], '>7.2f')} {_fmt(g.get('fusion_speedup'), '>7.2f')} "
+            f"{_fmt(g.get('fused_mlp_speedup'), '>6.2f')} {g['samples_per_s']:>10.4g} "
             f"{g['tflops']:>8.3g} "
             f"{_fmt(pk and 100 * pk, '>6.1f')} {_fmt(g['gemm_us'], '>9.1f')} {_fmt(g['step_over_gemm'], '>6.2f')} "
             f"{_us(_torch_ms(row, 'torch_eager')):>9} {_us(_torch_ms(row, 'torch_compile')):>10} "
@@ -644,7 +652,10 @@ first two steps of a shape run plainly and capture, both in the warm-up); **no g
 the same step uncaptured (`train.cuda_graph = false`), timed in the same rounds; **graph
 x**, no graph / us/step; **fused x**, the captured step without fused products
 (`train.gemm_epilogues = false`: bias and ReLU, ReLU' and the bias gradient as kernels of
-their own) over us/step, timed in the same rounds (empty: no layer fuses). Times: blocks of consecutive steps from a drained device to the
+their own) over us/step, timed in the same rounds (empty: no layer fuses); **mlp x**,
+us/step over the captured step with the fused MLP kernel (`train.fused_mlp = true`: the
+forward pass, loss and backward pass as one kernel, kernels/mlp.cu), timed in the same
+rounds (GPU only; empty: the network does not fit the kernel). Times: blocks of consecutive steps from a drained device to the
 end of a device synchronize, host clock (host overhead and launch gaps included), the
 median of the blocks' means; PyTorch's the same way, on one resident batch.
 **TFLOP/s** counts 6 x weights x batch per step (of the captured step); **% peak**, of a
@@ -667,9 +678,9 @@ def markdown(report: dict) -> str:
                 f"- device peak, {prec}: GEMM {peak['gemm_tflops']:.3g} TFLOP/s, copy {peak['copy_gb_s']:.3g} GB/s"
             )
     lines += ["", COLUMNS, "",
-              "| case | precision | gpubp us/step | no graph us/step | graph x | fused x | samples/s | TFLOP/s "
+              "| case | precision | gpubp us/step | no graph us/step | graph x | fused x | mlp x | samples/s | TFLOP/s "
               "| % peak | GEMM us | step / GEMM | torch eager us | torch.compile us | x eager | x compile "
-              "| GEMM / ops / host | peak MiB |", "|" + "---|" * 17]  # fmt: skip
+              "| GEMM / ops / host | peak MiB |", "|" + "---|" * 18]  # fmt: skip
     notes = set()
     for row in report["results"]:
         g = row["gpubp"]
@@ -679,7 +690,7 @@ def markdown(report: dict) -> str:
             lines.append(markdown_row(row))
             continue
         if "skipped" in g:
-            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 14)
+            lines.append(f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 15)
             continue
         if g.get("graph_note"):
             notes.add(f"{row['case']} {row['precision']}: not captured ({g['graph_note']})")
@@ -693,7 +704,8 @@ def markdown(report: dict) -> str:
 
         lines.append(
             f"| {row['case']} | {row['precision']} | {_us(g['ms_per_step'])} | {_us(g['ms_per_step_no_graph'])} | "
-            f"{_fmt(g['graph_speedup'], '.2f')} | {_fmt(g.get('fusion_speedup'), '.2f')} | {g['samples_per_s']:.4g} | "
+            f"{_fmt(g['graph_speedup'], '.2f')} | {_fmt(g.get('fusion_speedup'), '.2f')} | "
+            f"{_fmt(g.get('fused_mlp_speedup'), '.2f')} | {g['samples_per_s']:.4g} | "
             f"{g['tflops']:.3g} | "
             f"{_fmt(pk and 100 * pk, '.1f')} | {_fmt(g['gemm_us'], '.1f')} | {_fmt(g['step_over_gemm'], '.2f')} | "
             f"{t('torch_eager')} | {t('torch_compile')} | "

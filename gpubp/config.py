@@ -188,6 +188,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "GPU: run each layer's bias and ReLU inside its forward GEMM, its ReLU gradient and bias gradient inside "
             "the backward GEMMs (cuBLASLt epilogues; float32, tf32, bf16, fp16; off: separate kernels)",
         ),
+        "fused_mlp": _f(
+            "bool",
+            False,
+            "GPU: run the whole forward pass, loss and backward pass as one kernel (kernels/mlp.cu, as tiny-cuda-nn's "
+            "fully fused MLP) where the network fits it: at most 8 layers of width <= 128, no residual layers, "
+            "float32 or float64; other networks and precisions keep the separate ops",
+        ),
     },
 }
 

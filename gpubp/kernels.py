@@ -20,7 +20,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu")
+KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu")
 HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh", "loss.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options

@@ -112,6 +112,7 @@ class MLP:
         residual: bool = False,
         backend=None,
         gemm_epilogues: bool | None = None,
+        fused_mlp: bool = False,
     ):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
@@ -137,6 +138,10 @@ class MLP:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False))
         self.gemm_epilogues = bool(gemm_epilogues)
         self.loss: Loss = make_loss(loss, label_smoothing, huber_delta)
+        # the whole forward and backward pass as one op (be.mlp_forward_backward: one kernel
+        # on the GPU where the network is narrow enough), when asked; see _fused_forward_backward
+        self.fused_mlp = bool(fused_mlp)
+        self.grad_shares = None  # the last forward_backward's gradient, still in shares (S, P), or None
         # a layer is residual when asked for, hidden, and width-preserving
         self.is_residual = [
             self.residual and k < self.n_layers - 1 and sizes[k] == sizes[k + 1] for k in range(self.n_layers)
@@ -377,7 +382,7 @@ class MLP:
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
-                         loss_out=None):  # fmt: skip
+                         loss_out=None, defer_grad_sum: bool = False):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -385,7 +390,15 @@ class MLP:
         fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
         loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
+        defer_grad_sum: the fused MLP leaves the gradient in shares (self.grad_shares, (S,
+        P), one per block of its kernel; one share may be self.grads itself), for the caller
+        to sum (the step's guard does, in its norm's launch); None: self.grads holds it.
         """
+        self.grad_shares = None
+        if self.fused_mlp and not input_grad and on_layer is None:
+            loss = self._fused_forward_backward(x, target, loss_out, defer_grad_sum)
+            if loss is not None:
+                return loss
         ws = self._workspace(x.shape[0])
         self._round_params()
         out = self._forward(x, ws)
@@ -395,6 +408,30 @@ class MLP:
         loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out, **kw)
         self._backward(ws, input_grad=input_grad, on_layer=on_layer)
         return loss
+
+    def fused_mlp_fits(self, n: int) -> bool:
+        """Whether the fused MLP (fused_mlp) would run for a batch of n rows: a network
+        without residual layers in float32 or float64, that the backend's op takes."""
+        return (not any(self.is_residual) and self.precision.name in DTYPES
+                and self.backend.mlp_fits(self.sizes, self.activations, self.dtype, n))  # fmt: skip
+
+    def _fused_forward_backward(self, x, target, loss_out, defer_grad_sum: bool):
+        """The fused MLP (fused_mlp): the loss, and the gradient in self.grads or, deferred,
+        in self.grad_shares; None where it does not run: a residual layer, a precision other
+        than float32 and float64 (tf32 and the 16-bit ones keep their GEMMs), or a network
+        the backend's op does not take (the GPU kernel's widths, layers, shared memory)."""
+        if not self.fused_mlp_fits(x.shape[0]):
+            return None
+        out = loss_out if loss_out is not None else self.backend.zeros((), self.dtype)
+        shares = self.backend.mlp_forward_backward(x, target, self.flat_params, self.flat_grads, self.sizes,
+                                                   self.activations, self.loss, out)  # fmt: skip
+        if shares is None:
+            return None
+        if defer_grad_sum:
+            self.grad_shares = shares
+        else:
+            self.backend.sum_shares(shares, self.flat_grads)
+        return out
 
     def _unit_scale(self):
         one = self.__dict__.get("_one")

@@ -3,6 +3,7 @@
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
+               (the fused MLP may leave grads in per-block shares: the guard sums them)
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip)                               reads vectors, first
@@ -238,13 +239,13 @@ class Step(ShapeGraphs):
         st = self.state
         st.select()
         xb, yb = self.train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
-        loss = self.model.forward_backward(xb, yb, loss_out=self.loss)
+        loss = self.model.forward_backward(xb, yb, loss_out=self.loss, defer_grad_sum=True)
         self._finish(loss)
 
     def _finish(self, loss) -> None:
         """guard + clip, update, running loss, advance."""
         st = self.state
-        self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip)
+        self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares)
         st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip)
         st.advance(self.running, loss)

@@ -165,13 +165,13 @@ def format_row(row: dict) -> str:
 
 
 def markdown_row(row: dict) -> str:
-    """The stream case's row of bench.markdown's table (17 columns; the comparison with the
+    """The stream case's row of bench.markdown's table (18 columns; the comparison with the
     resident case in the GEMM / ops / host column)."""
     g = row["gpubp"]
     if "skipped" in g:
-        return f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 14
+        return f"| {row['case']} | {row['precision']} | skipped: {g['skipped']} |" + " |" * 15
     what = (f"streamed {format_size(g['dataset_bytes'])} under a {format_size(g['budget_bytes'])} budget: "
             f"{g['vs_resident']:.2f} x resident ({g['resident_samples_per_s']:.4g} samples/s)")  # fmt: skip
     what += f"; {g['note']}" if "note" in g else ""
-    return (f"| {row['case']} | {row['precision']} | {1e3 * g['ms_per_step']:.0f} | - | - | - | {g['samples_per_s']:.4g} | "
+    return (f"| {row['case']} | {row['precision']} | {1e3 * g['ms_per_step']:.0f} | - | - | - | - | {g['samples_per_s']:.4g} | "
             f"{g['tflops']:.3g} | - | - | - | n/a | n/a | - | - | {what} | - |")  # fmt: skip

@@ -71,7 +71,7 @@ MIN_EVAL_STEPS = 25  # train.eval_every = 0: whole epochs of at least this many 
 RUN_FILES = ("metrics.jsonl", "summary.json", "last.npz", "best.npz", "config.toml")
 # [train] keys a resumed run may change; anything else must match the checkpoint
 RESUMABLE_CHANGES = {"epochs", "steps", "eval_every", "early_stopping_patience", "device", "eval_batch_size",
-                     "restore_best", "checkpoint_every_s", "cuda_graph", "gemm_epilogues"}  # fmt: skip
+                     "restore_best", "checkpoint_every_s", "cuda_graph", "gemm_epilogues", "fused_mlp"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -178,6 +178,7 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
         dtype=m.dtype, seed=cfg.train.seed, init=m.init, leaky_relu_slope=m.leaky_relu_slope,
         label_smoothing=cfg.loss.label_smoothing, huber_delta=cfg.loss.huber_delta,
         residual=m.residual, backend=backend, gemm_epilogues=None if cfg.train.gemm_epilogues else False,
+        fused_mlp=cfg.train.fused_mlp,
     )  # fmt: skip
 
 
@@ -498,18 +499,20 @@ class FiniteGuard:
             self.skipped = backend.zeros((), np.int64)  # steps skipped for an overflowing gradient
             self.interval = precision.LOSS_SCALE_INTERVAL  # finite steps before the scale doubles
 
-    def check(self, step: int, loss, grads, grad_sq, max_norm: float) -> None:
+    def check(self, step: int, loss, grads, grad_sq, max_norm: float, shares=None) -> None:
         """Before the update of step `step` (0-based): the loss (0-d) and the flat gradients
         (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
-        that global norm (through `scale`). One launch on the GPU (step_guard_norm; fp16:
-        step_guard_scaled_norm)."""
+        that global norm (through `scale`). shares: the gradient still in shares (S, P)
+        (the fused MLP's), summed into grads first. One launch on the GPU (step_guard_norm;
+        fp16: step_guard_scaled_norm, which never has shares)."""
         be = self.backend
         if self.loss_scale is not None:
             be.step_guard_scaled_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
                                       self.scale, self.loss_scale, self.good_steps, self.skipped,
                                       interval=self.interval)  # fmt: skip
             return
-        be.step_guard_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale)
+        be.step_guard_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale,
+                           shares=shares)  # fmt: skip
 
     def scaler_record(self) -> dict:
         """fp16: {"skipped_steps", "loss_scale"} (two reads from the device); else {}."""

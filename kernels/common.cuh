@@ -82,14 +82,13 @@ __device__ __forceinline__ bool last_block(unsigned int* count) {
 // fixed order (block_sum_of) and writes out[0] = total / divisor (a mean when divisor =
 // N). The partials and that order depend on n and the grid alone: the same bits every run.
 // Returns true in the block that finished (its thread 0 wrote out[0]; a caller may go on
-// there, e.g. optim.cu's fused guard), false elsewhere.
-template <typename T, typename A, typename R>
-__device__ bool sum_all(const T* x, long long n, int square, A* partial, unsigned int* count, R* out,
-                        A divisor) {
+// there, e.g. optim.cu's fused guard), false elsewhere. value(i): the i-th value (A).
+template <typename A, typename R, typename V>
+__device__ bool sum_all_of(V value, long long n, int square, A* partial, unsigned int* count, R* out, A divisor) {
   __shared__ A shared[1024];
   A s = A(0);
   GRID_STRIDE_LOOP(i, n) {
-    A v = A(x[i]);
+    A v = value(i);
     s += square ? v * v : v;
   }
   A total = block_sum(s, shared);
@@ -98,6 +97,23 @@ __device__ bool sum_all(const T* x, long long n, int square, A* partial, unsigne
   total = block_sum_of<A>((const volatile A*)partial, gridDim.x, shared);
   if (threadIdx.x == 0) out[0] = R(divisor == A(1) ? total : total / divisor);
   return true;
+}
+
+// the same over the values x[0..n)
+template <typename T, typename A, typename R>
+__device__ bool sum_all(const T* x, long long n, int square, A* partial, unsigned int* count, R* out, A divisor) {
+  return sum_all_of<A, R>([=](long long i) { return A(x[i]); }, n, square, partial, count, out, divisor);
+}
+
+// A gradient left in shares (mlp.cu: one per block, shares (n_shares, n)): its element i,
+// g[i] = sum_b shares[b n + i], b in order (the same bits wherever it is summed), written
+// to g[i] and returned.
+template <typename T>
+__device__ __forceinline__ T sum_of_shares(const T* shares, int n_shares, long long n, long long i, T* g) {
+  T s = shares[i];
+  for (int b = 1; b < n_shares; ++b) s += shares[(long long)b * n + i];
+  g[i] = s;
+  return s;
 }
 
 // Warp-level sum and max (all 32 lanes active), butterfly order: every lane gets the result.

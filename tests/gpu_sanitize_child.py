@@ -9,7 +9,8 @@ Covered: every kernel of the backend (KERNELS_USED), a multi-chunk bias gradient
 (n >= 2048 rows: partial sums over chunks, then the finishing pass), the batch loss's
 mean finished by the loss kernel's last block (1 to 2100 rows), a one-output model
 (GEMV products), a batch of one row (GEMV in the other orientation), a residual model,
-both optimizers, gradient clipping and the divergence guard of the trainer.
+both optimizers, gradient clipping and the divergence guard of the trainer; the fused MLP
+kernel (one block, many tiles a block, its shares summed both ways).
 """
 
 from __future__ import annotations
@@ -59,6 +60,26 @@ for sizes, loss, rows, residual in [
         for _ in range(3):
             model.forward_backward(x, y)
             opt.step()
+        be.synchronize()
+
+# the fused MLP kernel (train.fused_mlp): one block (one row), many tiles a block (20000
+# rows: 512 blocks of 16-row tiles), the shares summed by sum_shares and by the guard
+for sizes, loss, rows in [([3, 8, 2], "softmax_cross_entropy", 1), ([6, 64, 64, 1], "mse", 20000),
+                          ([5, 32, 4], "huber", 77)]:  # fmt: skip
+    for dtype in ("float32", "float64"):
+        model = gpubp.MLP(sizes, "silu", loss=loss, dtype=dtype, device="gpu", seed=2, fused_mlp=True)
+        x = model.as_input(rng.normal(size=(rows, sizes[0])))
+        if loss == "softmax_cross_entropy":
+            y = rng.integers(0, sizes[-1], size=rows)
+        else:
+            y = rng.normal(size=(rows, sizes[-1]))
+        y = model.as_target(y, rows)
+        assert model.fused_mlp_fits(rows)
+        model.forward_backward(x, y)  # the shares summed by sum_shares
+        loss_value = model.forward_backward(x, y, defer_grad_sum=True)  # left in shares: the guard sums them
+        scalar = lambda dt: be.zeros((), dt)  # noqa: E731
+        be.step_guard_norm(loss_value, model.flat_grads, scalar(model.dtype), 0, 1.0, scalar(np.int64) - 1,
+                           scalar(np.bool_), scalar(model.dtype), scalar(model.dtype), shares=model.grad_shares)  # fmt: skip
         be.synchronize()
 
 # the whole trainer: clipping, the guard, evaluation, accuracy, checkpoints

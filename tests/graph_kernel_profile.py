@@ -7,6 +7,7 @@ from Nsight Systems. Run by tests/run_gpu_profile.sh, in two modes:
         gpubp bench's step of CASE (bench.TrainerStep), 20 steps of warm-up (plain,
         capture, replays), then STEPS steps between cudaProfilerStart and Stop, so the
         report holds those steps' kernels alone, each graph node on its own.
+        PROFILE_FUSED_MLP=1 in the environment: the step with train.fused_mlp = true.
     python3 tests/graph_kernel_profile.py table CASE STEPS KERN_SUM.csv TRACE.csv
         the table from `nsys stats -r cuda_gpu_kern_sum,cuda_gpu_trace --format csv`:
         per kernel, launches and microseconds per step and its share of the kernel
@@ -18,6 +19,7 @@ from Nsight Systems. Run by tests/run_gpu_profile.sh, in two modes:
 from __future__ import annotations
 
 import csv
+import os
 import sys
 
 
@@ -29,8 +31,10 @@ def run(case_name: str, precision: str, steps: int) -> None:
 
     case = B.find_cases([case_name])[0]
     backend = CupyBackend()
-    step = B.TrainerStep(case, backend, precision, True, 20 + steps, B._dataset(case))
-    print(f"{case.name} {precision}: graph {step.graph_note or 'on'}; fused products {backend.gemm_epilogues}")
+    fused_mlp = os.environ.get("PROFILE_FUSED_MLP") == "1"  # train.fused_mlp (kernels/mlp.cu)
+    step = B.TrainerStep(case, backend, precision, True, 20 + steps, B._dataset(case), fused_mlp=fused_mlp)
+    print(f"{case.name} {precision}: graph {step.graph_note or 'on'}; fused products {backend.gemm_epilogues}; "
+          f"fused MLP {fused_mlp and step.trainer.model.fused_mlp_fits(case.batch)}")  # fmt: skip
     for _ in range(20):
         step()
     backend.synchronize()

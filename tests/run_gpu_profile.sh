@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The captured training step's per-kernel table (Nsight Systems), logs in $OUT:
 #   profile.md     per case: each kernel's launches and microseconds per step, and the
-#                  step's GPU span against the sum of its kernels (tests/graph_kernel_profile.py)
+#                  step's GPU span against the sum of its kernels (tests/graph_kernel_profile.py);
+#                  profile-mlp.md with PROFILE_FUSED_MLP=1
 #   profile.txt    nsys's own output, the exit codes
 # Without nsys (PATH, /usr/local/cuda*/bin, /opt/nvidia/nsight-systems*/bin) it says so and
 # stops. The .nsys-rep reports are deleted (too large to bring back); the CSVs stay.
 # Run from the repository root: OUT=/some/dir bash tests/run_gpu_profile.sh
 # Env: PROFILE_CASES (default "tiny mnist-100 narrow"), PROFILE_PRECISION (float32),
-# PROFILE_STEPS (200), T_PROFILE (seconds per case, 90).
+# PROFILE_STEPS (200), T_PROFILE (seconds per case, 90), PROFILE_FUSED_MLP (1: the step with
+# train.fused_mlp = true, the one-kernel forward and backward pass of kernels/mlp.cu).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -21,10 +23,13 @@ if [ -z "$NSYS" ]; then
 fi
 STEPS=${PROFILE_STEPS:-200}
 PRECISION=${PROFILE_PRECISION:-float32}
-{ date -u; "$NSYS" --version; } > "$OUT/profile.txt" 2>&1
-echo "# Captured step, per kernel ($PRECISION, $STEPS steps; $("$NSYS" --version 2>&1 | head -1))" > "$OUT/profile.md"
+{ date -u; "$NSYS" --version; } >> "$OUT/profile.txt" 2>&1
+export PROFILE_FUSED_MLP=${PROFILE_FUSED_MLP:-0}
+MD="$OUT/profile.md"
+[ "$PROFILE_FUSED_MLP" = 1 ] && MD="$OUT/profile-mlp.md"
+echo "# Captured step, per kernel ($PRECISION, $STEPS steps, fused MLP $PROFILE_FUSED_MLP; $("$NSYS" --version 2>&1 | head -1))" > "$MD"
 for case in ${PROFILE_CASES:-tiny mnist-100 narrow}; do
-  rep="$OUT/prof-$case"
+  rep="$OUT/prof-$case-mlp$PROFILE_FUSED_MLP"
   timeout "${T_PROFILE:-90}" "$NSYS" profile --force-overwrite true --trace cuda --cuda-graph-trace node \
     --capture-range cudaProfilerApi --sample none --cpuctxsw none -o "$rep" \
     "$PY" tests/graph_kernel_profile.py run "$case" "$PRECISION" "$STEPS" >> "$OUT/profile.txt" 2>&1
@@ -33,7 +38,7 @@ for case in ${PROFILE_CASES:-tiny mnist-100 narrow}; do
     --output "$rep" "$rep.nsys-rep" >> "$OUT/profile.txt" 2>&1
   echo "nsys stats $case: exit $?" >> "$OUT/profile.txt"
   { echo; "$PY" tests/graph_kernel_profile.py table "$case" "$STEPS" "${rep}_cuda_gpu_kern_sum.csv" \
-      "${rep}_cuda_gpu_trace.csv"; } >> "$OUT/profile.md" 2>&1
+      "${rep}_cuda_gpu_trace.csv"; } >> "$MD" 2>&1
   rm -f "$rep.nsys-rep" "$rep.sqlite" "${rep}_cuda_gpu_trace.csv"
 done
 echo "done; logs in $OUT"

@@ -360,11 +360,18 @@ def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
         ((name, grid, block, args),) = launched
         assert name == f"step_guard_norm_{'f32' if dtype == 'float32' else 'f64'}" and block == (256,)
         assert_launch_fits("optim.cu", name, args)
-        assert grid == (max(1, min(1024, -(-n // 1024))),) and args[3].shape == grid
-        assert args[0] is loss and args[1] is g and args[2] == n and args[5] is grad_sq and args[6] is step
-        assert args[7] == 2.5 and all(a is b for a, b in zip(args[8:], (first_bad, skip, norm, scale)))
+        assert grid == (max(1, min(1024, -(-n // 1024))),) and args[5].shape == grid
+        assert args[0] is loss and args[1] is g and args[4] == n and args[7] is grad_sq and args[8] is step
+        assert args[2].shape == (1, n) and np.shares_memory(args[2], g) and args[3] == 1  # no shares: g, one
+        assert args[9] == 2.5 and all(a is b for a, b in zip(args[10:], (first_bad, skip, norm, scale)))
         be.sum_squares(g, out=grad_sq)  # the same partials and counter as the plain sum
-        assert launched[-1][3][3] is args[3] and launched[-1][3][4] is args[4]
+        assert launched[-1][3][3] is args[5] and launched[-1][3][4] is args[6]
+        shares = np.ones((3, n), dtype)  # the gradient in three shares: summed in the same launch
+        be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, shares=shares)
+        assert_launch_fits("optim.cu", name, launched[-1][3])
+        assert launched[-1][3][2] is shares and launched[-1][3][3] == 3 and launched[-1][3][1] is g
+        with pytest.raises(ValueError, match="shares"):
+            be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, shares=shares[:, 1:])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bf16", "fp16"])

@@ -50,6 +50,9 @@ CASES = {
     "adam-step-fp16": ["optimizer.name=adam", "optimizer.lr=0.01", "schedule.name=step", "schedule.step_size=40",
                        "model.dtype=fp16"],
     "sgd-momentum-tf32": ["optimizer.name=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9", "model.dtype=tf32"],
+    # the fused MLP: one op for the whole pass, its gradient's shares summed by the guard
+    "adam-fused-mlp-clip": ["optimizer.name=adam", "optimizer.lr=0.01", "train.fused_mlp=true",
+                            "optimizer.clip_grad_norm=0.5", "model.activation=tanh"],
 }  # fmt: skip
 
 

@@ -42,7 +42,7 @@ def host(trainer):
 @pytest.mark.parametrize(
     "case",
     ["adamw-cosine-warmup", "adamw-step-clip", "sgd-nesterov-cosine-warmup", "adamw-cosine-bf16", "adam-step-fp16",
-     "sgd-momentum-tf32"],
+     "sgd-momentum-tf32", "adam-fused-mlp-clip"],
 )  # fmt: skip
 def test_graph_run_equals_the_plain_run_bitwise(gpu, case):
     """200 steps, two batch shapes, warmup + cosine/step schedules, AdamW/SGD, clipping."""

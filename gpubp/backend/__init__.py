@@ -49,6 +49,9 @@ class NumpyBackend:
     add = staticmethod(numpy_ops.add)
     step_guard_scaled = staticmethod(numpy_ops.step_guard_scaled)
     step_guard_scaled_norm = staticmethod(numpy_ops.step_guard_scaled_norm)
+    # the whole forward and backward pass as one op (MLP(fused_mlp=True); one kernel on the GPU)
+    mlp_forward_backward = staticmethod(numpy_ops.mlp_forward_backward)
+    sum_shares = staticmethod(numpy_ops.sum_shares)
     gather_rows = staticmethod(numpy_ops.gather_rows)
     gather_windows = staticmethod(numpy_ops.gather_windows)
     select_rows = staticmethod(numpy_ops.select_rows)
@@ -73,6 +76,11 @@ class NumpyBackend:
 
     def describe(self) -> str:
         return f"cpu (NumPy {np.__version__})"
+
+    @staticmethod
+    def mlp_fits(sizes, activations, dtype, n: int) -> bool:
+        """Whether mlp_forward_backward runs: always here (the reference takes any network)."""
+        return True
 
     def asarray(self, a, dtype=None):
         """A contiguous backend array holding a copy of (or a view on) host data."""

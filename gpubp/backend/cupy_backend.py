@@ -30,6 +30,7 @@ from . import cublaslt
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum", "accuracy_rows",
     "loss_rows", "sgd_step", "adam_step", "step_guard", "step_guard_norm", "step_guard_norm_batched", "update_vectors",
+    "mlp_fused", "sum_shares",
 )  # fmt: skip
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
@@ -55,6 +56,33 @@ BIAS_GRAD_MAX_CHUNKS = 256
 # the loss kernel's blocks at most (8 rows each, then rows grid-strided): a constant, not the
 # GPU's SM count, so the batch mean's bits do not depend on which GPU runs it
 LOSS_MAX_BLOCKS = 1024
+
+
+# the fused MLP kernel (kernels/mlp.cu): its block and shared-memory size (as there), the
+# networks it takes (layers, widths: a width of 128 is tiny-cuda-nn's widest too), and the
+# launcher's rule for the rows per tile and the grid (see mlp_tile_rows)
+MLP_THREADS = 256
+MLP_SHARED_BYTES = 40960
+MLP_MAX_LAYERS = 8
+MLP_MAX_WIDTH = 128
+MLP_MAX_ROWS = 16  # rows per tile at most
+MLP_TILES = 32  # a batch is cut into about this many tiles, more once a tile has MLP_MAX_ROWS
+MLP_MAX_BLOCKS = 512  # blocks at most (each then takes several tiles), so at most this many shares
+
+
+def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
+    """Rows per tile of the fused MLP kernel for a batch of n rows, or 0 where the network
+    does not fit it (too many layers, a layer wider than MLP_MAX_WIDTH, or not one row in
+    shared memory). A tile holds, per row, every layer's output, the pre-activations of the
+    layers whose f' reads them (saves_z), and two gradient rows of the widest layer. The
+    rows: the power of two that cuts n into about MLP_TILES tiles, at most MLP_MAX_ROWS and
+    what fits. A function of the network and n alone (the results' bits depend on it)."""
+    if len(sizes) - 1 > MLP_MAX_LAYERS or max(sizes) > MLP_MAX_WIDTH:
+        return 0
+    per_row = (sum(sizes) + sum(w for w, z in zip(sizes[1:], saves_z) if z) + 2 * max(sizes)) * itemsize
+    fit = MLP_SHARED_BYTES // per_row
+    want = 1 << max(0, math.ceil(n / MLP_TILES) - 1).bit_length()  # the power of two >= n / MLP_TILES
+    return min(want, MLP_MAX_ROWS, fit)
 
 
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
@@ -176,6 +204,16 @@ def kernel_name(base: str, dtype) -> str:
     if dtype is None or base.endswith(("_i32", "_i64")):
         return base
     return f"{base}_{_SUFFIX[np.dtype(dtype)]}"
+
+
+def _leaky_slopes(activations) -> set:
+    """The leaky_relu slopes of a network's layers (the fused MLP kernel takes one)."""
+    return {a.alpha for a in activations if a.name == "leaky_relu"}
+
+
+def _address(a) -> int:
+    """Where an array's data starts (a CuPy array, or the tests' NumPy stand-in)."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
 def _math(dtype) -> np.dtype:
@@ -638,31 +676,39 @@ class CupyBackend:
         dtype = x.dtype
         mt = _math(dtype)  # the type of the targets, the value and the scalars
         n, c = x.shape
-        labels_kind = loss.info.target == "labels"
-        if labels_kind:
-            self._check("loss_forward_backward", np.int32, labels=target)
-            if target.shape != (n,):
-                raise ValueError(f"loss_forward_backward: labels {target.shape} do not fit x {x.shape}")
-            labels, targets = target, self._unit_scale(mt)  # targets unused: a pointer of its type
-        else:
-            self._check("loss_forward_backward", mt, targets=target)
-            if target.shape != x.shape:
-                raise ValueError(f"loss_forward_backward: targets {target.shape} differ from x {x.shape}")
-            labels, targets = self._unit_scale(np.int32), target
+        labels, targets, divisor = self._loss_targets("loss_forward_backward", target, loss, n, c, mt)
         self._check("loss_forward_backward", dtype, x=x, **({"grad": grad} if grad is not None else {}))
         if grad is not None and grad.shape != x.shape:
             raise ValueError(f"loss_forward_backward: grad {grad.shape} differs from x {x.shape}")
-        divisor = n if labels_kind else n * c
-        if out is None:
-            out = self._cupy.empty((), dtype=mt)
-        elif out.shape != () or out.dtype != mt:
-            raise ValueError(f"loss_forward_backward: out must be a 0-d array of {mt}")
+        out = self._loss_out("loss_forward_backward", out, mt)
         if n == 0:
             out.fill(np.nan)
             return out
         row_loss = self._scratch("loss_rows", n, mt)
         # value, gradient and the batch mean in one launch
         self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out)
+        return out
+
+    def _loss_targets(self, op: str, target, loss: Loss, n: int, c: int, mt) -> tuple:
+        """(labels, targets, divisor) of the loss kernels for the outputs (n, c): int32
+        labels (n,) or targets (n, c) of `mt` (the other one a dummy pointer of its type),
+        and what the batch mean divides by (numpy_ops.loss_divisor)."""
+        if loss.info.target == "labels":
+            self._check(op, np.int32, labels=target)
+            if target.shape != (n,):
+                raise ValueError(f"{op}: labels {target.shape} do not fit the outputs {(n, c)}")
+            return target, self._unit_scale(mt), n  # targets unused: a pointer of its type
+        self._check(op, mt, targets=target)
+        if target.shape != (n, c):
+            raise ValueError(f"{op}: targets {target.shape} differ from the outputs {(n, c)}")
+        return self._unit_scale(np.int32), target, n * c
+
+    def _loss_out(self, op: str, out, mt):
+        """The 0-d `out` of a loss (checked), or a new one."""
+        if out is None:
+            return self._cupy.empty((), dtype=mt)
+        if out.shape != () or out.dtype != mt:
+            raise ValueError(f"{op}: out must be a 0-d array of {mt}")
         return out
 
     def _loss_rows(self, x2, labels, targets, grad, row_loss, c: int, loss: Loss, divisor, loss_scale=None,
@@ -700,6 +746,68 @@ class CupyBackend:
             (self._blocks(n),), (BLOCK,), (x, labels, correct, np.int32(n), np.int32(c), _math(dtype).type(threshold))
         )
         return self._sum(correct, False, 1, out, "sum_i32", np.int64)
+
+    # ------------------------------------------------------------------ fused MLP
+
+    def mlp_forward_backward(self, x, target, params, grads, sizes, activations, loss: Loss, out):
+        """The forward pass, loss and backward pass of a plain MLP in one launch of
+        kernels/mlp.cu (see numpy_ops.mlp_forward_backward, the reference); the mean loss
+        into `out`. Returns the gradient's shares (S, P), one per block (grads itself when
+        S = 1: written), or None, having done nothing, where the kernel does not take the
+        network (mlp_tile_rows; float32 and float64; one leaky_relu slope)."""
+        dtype, sizes = x.dtype, tuple(int(w) for w in sizes)
+        saves_z = tuple(int(a.saves == "input") for a in activations)
+        n, p = x.shape[0], grads.size
+        rows = self._mlp_rows(sizes, activations, dtype, n)
+        if not rows:
+            return None
+        op = "mlp_forward_backward"
+        self._check(op, dtype, x=x, params=params, grads=grads)
+        if x.shape != (n, sizes[0]) or params.shape != (p,) or len(activations) != len(sizes) - 1:
+            raise ValueError(f"{op}: x {x.shape}, params {params.shape} do not fit the widths {sizes}")
+        labels, targets, divisor = self._loss_targets(op, target, loss, n, sizes[-1], dtype)
+        out = self._loss_out(op, out, dtype)
+        kinds = tuple(a.info.kernel_id for a in activations)
+        dims = self._kept(("mlp_dims", sizes, kinds, saves_z),
+                          lambda: self._cupy.asarray(np.array(sizes + kinds + saves_z, np.int32)))  # fmt: skip
+        grid = min(-(-n // rows), MLP_MAX_BLOCKS)  # every block takes at least one tile
+        # the shares outlive the call (the step's guard sums them): kept per gradient buffer
+        key = ("mlp_shares", _address(grads), grid, p, dtype)
+        shares = grads.reshape(1, p) if grid == 1 else self._kept(key, lambda: self._cupy.empty((grid, p), dtype))
+        t = dtype.type
+        self._function("mlp_fused", dtype)(
+            (grid,), (MLP_THREADS,),
+            (x, labels, targets, params, shares, np.int64(p), dims, np.int32(len(sizes) - 1), np.int32(n),
+             np.int32(rows), t(max(_leaky_slopes(activations), default=0.0)), np.int32(loss.info.kernel_id),
+             t(loss.label_smoothing),
+             t(loss.huber_delta), t(1.0 / divisor), self._scratch("mlp_loss", grid, dtype),
+             self._counter("mlp_fused", grid), out, t(divisor)),
+        )  # fmt: skip
+        return shares
+
+    def _mlp_rows(self, sizes, activations, dtype, n: int) -> int:
+        """The fused MLP kernel's rows per tile for this network and batch (mlp_tile_rows),
+        0 where it does not take them: not float32 or float64, two leaky_relu slopes, an
+        empty batch, or what mlp_tile_rows refuses."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64) or n == 0 or len(_leaky_slopes(activations)) > 1:
+            return 0
+        return mlp_tile_rows(sizes, [a.saves == "input" for a in activations], dtype.itemsize, n)
+
+    def mlp_fits(self, sizes, activations, dtype, n: int) -> bool:
+        """Whether mlp_forward_backward runs (not None) for this network, dtype and batch rows."""
+        return self._mlp_rows(sizes, activations, dtype, n) > 0
+
+    def sum_shares(self, shares, g):
+        """g = the sum of the gradient's shares (S, P) in order; see numpy_ops.sum_shares."""
+        self._check("sum_shares", g.dtype, shares=shares, g=g)
+        if shares.ndim != 2 or shares.shape[1] != g.size:
+            raise ValueError(f"sum_shares: shares {shares.shape} do not fit g {g.shape}")
+        if shares.shape[0] > 1 or _address(shares) != _address(g):  # (one share: g itself, or a copy)
+            self._function("sum_shares", g.dtype)(
+                (self._blocks(g.size),), (BLOCK,), (shares, np.int32(shares.shape[0]), np.int64(g.size), g)
+            )
+        return g
 
     # ------------------------------------------------------------------ optimizers
 
@@ -755,17 +863,23 @@ class CupyBackend:
             (1,), (32,), (loss, grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
 
-    def step_guard_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+    def step_guard_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None):
         """grad_sq = |g|^2 and the step's verdict in one launch (the block that finishes the
-        sum runs the guard); see numpy_ops.step_guard_norm."""
+        sum runs the guard); shares (S, P): g summed from them first, in the same launch. See
+        numpy_ops.step_guard_norm."""
         dtype = norm.dtype
         self._check_guard("step_guard_norm", dtype, g, loss=loss, grad_sq=grad_sq, first_bad=first_bad, skip=skip,
                           norm=norm, scale=scale)  # fmt: skip
+        if shares is None:
+            shares = g.reshape(1, g.size)
+        self._check("step_guard_norm", dtype, shares=shares)
+        if shares.ndim != 2 or shares.shape[1] != g.size:
+            raise ValueError(f"step_guard_norm: shares {shares.shape} do not fit g {g.shape}")
         blocks, partial = self._sum_grid(g.size, dtype)
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
-            (loss, g, np.int64(g.size), partial, self._counter("sum", blocks), grad_sq, self._step_array(step),
-             dtype.type(max_norm), first_bad, skip, norm, scale),
+            (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),
+             grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale),
         )  # fmt: skip
 
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,

@@ -462,6 +462,60 @@ def elementwise_loss(x, target, loss: Loss, grad, scale: float):
     return terms
 
 
+def mlp_forward_backward(x, target, params, grads, sizes, activations, loss: Loss, out):
+    """A plain MLP's forward pass, loss and backward pass as one op (the GPU runs it as one
+    kernel for narrow layers, kernels/mlp.cu):
+
+        A_0 = x;  z_k = A_k W_k + b_k;  A_{k+1} = f_k(z_k)                      k = 0..l-1
+        out, D = loss_forward_backward(A_l, target)                             D = dLoss/dA_l
+        D' = D * f_k'(.);  dW_k = A_k^T D';  db_k = sum_rows D';  D = D' W_k^T  k = l-1..0
+
+    x: (N, n_0) float32 or float64; target as loss_forward_backward's; params, grads: (P,)
+    flat buffers, W_k (n_k, n_{k+1}) row-major then b_k, layer after layer
+    (model.param_layout(sizes)); activations: the l layers' Activation; out: 0-d, the mean
+    loss. Returns the gradient's shares: an (S, P) array whose sum over its rows is the
+    gradient (the GPU may leave a share per block of rows, summed by sum_shares or by the
+    guard, step_guard_norm(..., shares)); here one share, grads itself, written. The GPU
+    returns None, having done nothing, where the kernel does not fit the network."""
+    views, offset = [], 0
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        w, b = offset + fan_in * fan_out, offset + fan_in * fan_out + fan_out
+        views.append((params[offset:w].reshape(fan_in, fan_out), params[w:b], grads[offset:w].reshape(fan_in, fan_out),
+                      grads[w:b]))  # fmt: skip
+        offset = b
+    a = [x]  # A_k
+    saved = []  # what f_k' reads: z_k or A_{k+1}
+    for (W, b, _, _), act in zip(views, activations):
+        z = np.empty((x.shape[0], W.shape[1]), x.dtype)
+        gemm(a[-1], W, z)
+        y = bias_act_forward(z, b, act, np.empty_like(z))
+        a.append(y)
+        saved.append(z if act.saves == "input" else y)
+    d = np.empty_like(a[-1])
+    loss_forward_backward(a[-1], target, loss, d, out=out)
+    for k in reversed(range(len(views))):
+        W, _, dW, db = views[k]
+        act_backward(d, saved[k], activations[k], out=d)  # D' = D * f_k'(.)
+        gemm(a[k], d, dW, trans_a=True)  # dW_k = A_k^T D'
+        bias_grad(d, db)  # db_k = sum_rows D'
+        if k > 0:
+            d_prev = np.empty_like(a[k])
+            gemm(d, W, d_prev, trans_b=True)  # D = D' W_k^T
+            d = d_prev
+    return grads[None]
+
+
+def sum_shares(shares, g):
+    """g = sum_s shares[s], s in order: the gradient from its shares (S, P) into g (P,)
+    (see mlp_forward_backward); nothing to do when the one share is g itself."""
+    if shares.shape[0] == 1 and np.shares_memory(shares, g):
+        return g
+    g[...] = shares[0]
+    for s in shares[1:]:
+        g += s
+    return g
+
+
 def accuracy_count(x, labels, threshold=0.0):
     """Number of rows classified right, as a 0-d int64 array.
 
@@ -599,10 +653,14 @@ def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
     scale[...] = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
 
 
-def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale):
+def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None):
     """grad_sq = sum_j g_j^2 (sum_squares of the flat gradients g (P,), into the 0-d
     grad_sq), then step_guard(loss, grad_sq, ...): the step's verdict from its gradients,
-    one launch on the GPU (the block that finishes the sum runs the guard)."""
+    one launch on the GPU (the block that finishes the sum runs the guard). shares: the
+    gradient still in shares (S, P) (mlp_forward_backward's), first summed into g
+    (sum_shares), in the same launch."""
+    if shares is not None:
+        sum_shares(shares, g)
     sum_squares(g, out=grad_sq)
     step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale)
 

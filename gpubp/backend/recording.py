@@ -32,14 +32,14 @@ OPS = (
     "gemm_batched", "bias_act_forward_batched", "bias_grad_batched", "loss_forward_backward_batched",
     "accuracy_count_batched", "sum_squares_batched", "step_guard_norm_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "step_guard_scaled_norm", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
-    "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows",
+    "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows", "mlp_forward_backward", "sum_shares",
 )  # fmt: skip
 # the ops that return whether they ran (a fused product: False where the GPU has no
 # algorithm for it); the NumPy reference always runs, so a recorded call says True
 RETURN_DONE = ("gemm_bias", "gemm_bias_relu", "gemm_drelu_bias_grad", "gemm_bias_grad")
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
-HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer")
+HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer", "mlp_fits")
 MEMORY = ("empty", "zeros", "asarray")
 HOST_READS = ("to_numpy", "to_float", "synchronize")
 
@@ -80,8 +80,10 @@ class RecordingBackend:
                 if out is None:
                     raise CaptureError(f"{name} returns a new array inside a captured step: pass out=")
                 self.recording.append((fn, args, kwargs))
+                if name == "mlp_forward_backward":  # the reference's shares: the gradient itself, one share
+                    return bound.arguments["grads"].reshape(1, -1)
                 return True if name in RETURN_DONE else out
-            if name.startswith(("sgd_step", "adam_step", "step_guard", "update_vectors", "step_advance")):  # in place
+            if name.startswith(("sgd_step", "adam_step", "step_guard", "update_vectors", "step_advance", "sum_shares")):
                 self.recording.append((fn, args, kwargs))
                 return None
             raise CaptureError(f"{name} returns a new array inside a captured step")

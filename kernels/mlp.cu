@@ -1,0 +1,164 @@
+// mlp.cu: a small MLP's whole forward pass, loss and backward pass in one kernel ("fully
+// fused", as tiny-cuda-nn's MLPs): each block takes tiles of R batch rows and keeps their
+// activations and gradients in shared memory, so that only the batch and the weights are
+// read from global memory and only the block's gradient share and its loss are written.
+// For a step that is a chain of small kernels (narrow layers, small batches), this is one
+// launch in place of the layers' products, activations, bias sums and the loss.
+//
+// The network (model.py): L layers, widths n_0..n_L, W_k (n_k, n_{k+1}) row-major then b_k
+// in the flat buffer `params` (P values), f_k = act kind k (activations.cuh). Per tile:
+//   forward   A_0 = x rows;  z_k = A_k W_k + b_k;  A_{k+1} = f_k(z_k)           k = 0..L-1
+//   loss      l_r, D = dl/dA_L grad_scale   (loss.cuh, a warp per row; rows past n: D = 0)
+//   backward  D' = D * f_k'(saved_k);  dW_k += A_k^T D';  db_k += sum_r D';  D = D' W_k^T
+// saved_k is z_k where f_k' takes the pre-activation (dims' saves_z), else A_{k+1}.
+// Parameter gradients are accumulated (+=) over the block's tiles into its share
+// shares[blockIdx.x] (P values; the first tile writes); the gradient is the sum of the
+// shares over blocks, in block order (common.cuh's sum_of_shares: sum_shares below, or the
+// guard's norm kernel, optim.cu). With one block the share is the gradient itself.
+// The batch mean of the loss comes from the same launch: each warp sums its rows' losses
+// in row order, the block its warps' sums into loss_partial[blockIdx.x], and the block that
+// finishes last (common.cuh's last_block) sums the partials / divisor into loss_out[0].
+// Tiles go to blocks by a grid stride: with the grid and R fixed by n and the model (the
+// launcher's rule), every sum has a fixed order and the results the same bits each run.
+#include "loss.cuh"
+
+#define MLP_THREADS 256          // threads per block (the launcher's)
+#define MLP_SHARED_BYTES 40960   // the tile's activations and gradients (R is chosen to fit)
+#define MLP_MAX_LAYERS 8
+
+// dims (3 L + 1 ints): widths n_0..n_L, then each layer's activation kind, then 1 where f_k'
+// takes z_k (saved apart), else 0.
+// x: (n, n_0); labels: (n,) (cross-entropy) or targets: (n, n_L); shares: (gridDim.x, p).
+// Shared memory, R x width each: A_0..A_L, then z_k for each layer that saves it, then D
+// and E (R x max width): the gradient carried down and the next one.
+template <typename T>
+__device__ void mlp_fused(const T* x, const int* labels, const T* targets, const T* params, T* shares, long long p,
+                          const int* dims, int n_layers, int n, int rows, T alpha, int loss_kind, T smoothing,
+                          T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out, T divisor) {
+  typedef typename Acc<T>::type A;
+  __shared__ T smem[MLP_SHARED_BYTES / sizeof(T)];
+  __shared__ A shared[MLP_THREADS];
+  const int L = n_layers, t = threadIdx.x, nt = blockDim.x, lane = t % 32, warp = t / 32, n_warps = nt / 32;
+  const int* width = dims;
+  const int* kind = dims + L + 1;
+  const int* saves_z = dims + 2 * L + 1;
+  T* act[MLP_MAX_LAYERS + 1];  // A_k: (R, n_k)
+  T* saved[MLP_MAX_LAYERS];    // what f_k' reads: z_k, or A_{k+1}
+  int off = 0, widest = 0;
+  for (int k = 0; k <= L; ++k) {
+    act[k] = smem + off;
+    off += rows * width[k];
+    widest = max(widest, width[k]);
+  }
+  for (int k = 0; k < L; ++k) {
+    saved[k] = saves_z[k] ? smem + off : act[k + 1];
+    if (saves_z[k]) off += rows * width[k + 1];
+  }
+  T* D = smem + off;     // (R, n_{k+1}) dLoss/dA_{k+1}, then D' in place
+  T* E = D + rows * widest;  // (R, n_k)     D' W_k^T
+  T* share = shares + (long long)blockIdx.x * p;
+  const int c = width[L];
+  const long long tiles = ((long long)n + rows - 1) / rows;
+  A rows_loss = A(0);  // lane 0: this warp's rows' losses, in row order
+  bool first = true;   // the block's first tile writes its share, later ones add to it
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const long long row0 = tile * rows;
+    const int valid = (int)min((long long)rows, (long long)n - row0);  // rows of this tile in the batch
+    for (int e = t; e < rows * width[0]; e += nt)  // A_0 = the tile's rows of x (past n: 0)
+      act[0][e] = e / width[0] < valid ? x[row0 * width[0] + e] : T(0);
+    __syncthreads();
+    long long w_off = 0;  // W_k's offset in params
+    for (int k = 0; k < L; ++k) {
+      const int ni = width[k], no = width[k + 1];
+      const T* W = params + w_off;
+      const T* b = W + (long long)ni * no;
+      for (int e = t; e < rows * no; e += nt) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
+        const int r = e / no, j = e % no;
+        const T* a = act[k] + r * ni;
+        T z = T(0);
+        for (int i = 0; i < ni; ++i) z += a[i] * W[i * no + j];
+        z += b[j];
+        if (saves_z[k]) saved[k][e] = z;
+        act[k + 1][e] = act_forward(kind[k], z, alpha);
+      }
+      w_off += (long long)ni * no + no;
+      __syncthreads();
+    }
+    for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
+      if (r < valid) {
+        const long long row = row0 + r;
+        const T l = loss_row<T>(loss_kind, act[L] + r * c, loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0,
+                                targets + row * c, D + r * c, c, smoothing, delta, grad_scale, nullptr);
+        if (lane == 0) rows_loss += A(l);
+      } else {
+        for (int j = lane; j < c; j += 32) D[r * c + j] = T(0);
+      }
+    }
+    __syncthreads();
+    for (int k = L - 1; k >= 0; --k) {
+      const int ni = width[k], no = width[k + 1];
+      w_off -= (long long)ni * no + no;
+      const T* W = params + w_off;
+      for (int e = t; e < rows * no; e += nt) D[e] *= act_grad(kind[k], saved[k][e], alpha);  // D' = D * f_k'
+      __syncthreads();
+      T* dW = share + w_off;
+      for (int e = t; e < ni * no; e += nt) {  // dW[i, j] += sum_r A_k[r, i] D'[r, j]
+        const int i = e / no, j = e % no;
+        T s = T(0);
+        for (int r = 0; r < rows; ++r) s += act[k][r * ni + i] * D[r * no + j];
+        dW[e] = first ? s : dW[e] + s;
+      }
+      T* db = dW + (long long)ni * no;
+      for (int j = t; j < no; j += nt) {  // db[j] += sum_r D'[r, j]
+        T s = T(0);
+        for (int r = 0; r < rows; ++r) s += D[r * no + j];
+        db[j] = first ? s : db[j] + s;
+      }
+      if (k > 0) {
+        for (int e = t; e < rows * ni; e += nt) {  // E[r, i] = sum_j D'[r, j] W[i, j]
+          const int r = e / ni, i = e % ni;
+          const T* d = D + r * no;
+          const T* w = W + (long long)i * no;
+          T s = T(0);
+          for (int j = 0; j < no; ++j) s += d[j] * w[j];
+          E[e] = s;
+        }
+      }
+      __syncthreads();
+      T* swap = D;
+      D = E;
+      E = swap;
+    }
+    first = false;
+  }
+  if (lane == 0) shared[warp] = rows_loss;
+  __syncthreads();
+  if (t == 0) {
+    A block_total = A(0);
+    for (int w = 0; w < n_warps; ++w) block_total += shared[w];  // warp order
+    loss_partial[blockIdx.x] = block_total;
+  }
+  if (!last_block(count)) return;
+  const A total = block_sum_of<A>((const volatile A*)loss_partial, gridDim.x, shared);
+  if (t == 0) loss_out[0] = T(divisor == T(1) ? total : total / divisor);
+}
+
+// g[i] = sum_b shares[b p + i], b = 0..n_shares-1 in order (common.cuh's sum_of_shares)
+template <typename T>
+__device__ void sum_shares(const T* shares, int n_shares, long long p, T* g) {
+  GRID_STRIDE_LOOP(i, p) sum_of_shares(shares, n_shares, p, i, g);
+}
+
+#define MLP_KERNELS(T, S)                                                                                       \
+  extern "C" __global__ void mlp_fused_##S(const T* x, const int* labels, const T* targets, const T* params,     \
+                                            T* shares, long long p, const int* dims, int n_layers, int n,        \
+                                            int rows, T alpha, int loss_kind, T smoothing, T delta,             \
+                                            T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,    \
+                                            T divisor) {                                                        \
+    mlp_fused<T>(x, labels, targets, params, shares, p, dims, n_layers, n, rows, alpha, loss_kind, smoothing,     \
+                 delta, grad_scale, loss_partial, count, loss_out, divisor);                                    \
+  }                                                                                                             \
+  extern "C" __global__ void sum_shares_##S(const T* shares, int n_shares, long long p, T* g) {                     \
+    sum_shares<T>(shares, n_shares, p, g);                                                                         \
+  }
+FOR_FLOAT_TYPES(MLP_KERNELS)

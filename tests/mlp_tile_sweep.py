@@ -1,0 +1,64 @@
+"""Choosing the fused MLP kernel's tiling on a GPU (as BIAS_GRAD_MAX_CHUNKS was chosen):
+the captured training step of bench cases with train.fused_mlp = true, for several
+values of cupy_backend.MLP_TILES (tiles a batch is cut into) and MLP_MAX_ROWS (rows a
+tile at most), against the default step (fused products, no fused MLP), all timed in
+the same rounds (bench.steps_ms). A tuning aid, not a speed claim: the claim is
+`gpubp bench`'s "mlp x" column once the constants are chosen.
+
+    python3 tests/mlp_tile_sweep.py [CASE ...]      (default: tiny narrow)
+
+Prints, per case, a line per setting: rows per tile, blocks, us/step, and the default
+step over it (> 1: the fused MLP is faster).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+
+def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
+    """The sweep of one case on `backend` (a CupyBackend; the tests pass the recording
+    backend), `steps` timed steps (the case's GPU count)."""
+    from gpubp import bench as B
+    from gpubp.backend import cupy_backend as C
+
+    (case,) = B.find_cases([case_name])
+    backend = backend or C.CupyBackend()
+    warmup, gpu_steps = case.counts("gpu")
+    warmup, steps = max(warmup, 3), steps or gpu_steps
+    settings = [(t, r) for t in (8, 16, 32, 64, 128) for r in (4, 8, 16)]
+    saved = C.MLP_TILES, C.MLP_MAX_ROWS
+    dataset = B._dataset(case)
+    runs = {"default": B.TrainerStep(case, backend, "float32", True, 10**5, dataset)}
+    grids = {}
+    try:
+        for tiles, rows in settings:
+            C.MLP_TILES, C.MLP_MAX_ROWS = tiles, rows
+            step = B.TrainerStep(case, backend, "float32", True, 10**5, dataset, fused_mlp=True)
+            model = step.trainer.model
+            if not model.fused_mlp_fits(case.batch):
+                print(f"{case.name}: the network does not fit the fused MLP kernel")
+                return
+            r = C.mlp_tile_rows(model.sizes, [a.saves == "input" for a in model.activations], 4, case.batch)
+            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS))
+            if key in grids.values():  # the same launch as an earlier setting
+                continue
+            for _ in range(3):  # plain, captured, replayed: the graph holds this setting's launch
+                step()
+            grids[(tiles, rows)] = key
+            runs[(tiles, rows)] = step
+        ms = B.steps_ms(runs, backend.synchronize, warmup, steps)
+    finally:
+        C.MLP_TILES, C.MLP_MAX_ROWS = saved
+    print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us")
+    for setting, (r, blocks) in grids.items():
+        print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2}: {r:>2} rows a tile, {blocks:>4} blocks: "
+              f"{1e3 * ms[setting]:9.1f} us/step, default / this {ms['default'] / ms[setting]:.2f}")  # fmt: skip
+    runs.clear()
+    gc.collect()
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or ["tiny", "narrow"]:
+        sweep(name)

@@ -1,0 +1,301 @@
+"""The fused MLP (kernels/mlp.cu, MLP(fused_mlp=True), train.fused_mlp): the whole forward
+pass, loss and backward pass of a narrow network in one kernel, its gradient left in one
+share per block and summed by sum_shares or by the guard's norm kernel.
+
+The kernel runs on the host (tests/cuda_host.h, as in test_kernels_emulated.py) through
+the GPU backend's own launcher, against numpy_ops.mlp_forward_backward, the reference, in
+float64. Tolerance, per gradient element and for the loss: the kernel and the reference
+sum the same terms in other orders, so they differ by the rounding of those sums. Each
+of the L layers' sums has at most n + W terms (rows, or the widest layer), and an error
+made in layer k travels through the layers below it, so the bound taken is
+    |got - ref| <= 4 L (n + W) eps (|ref| + max|ref|)
+with eps the kernel dtype's: a rounding bound of a sum of n + W terms per layer,
+relative to the largest gradient element (an element near 0 inherits its neighbours'
+absolute error). A wrong index or a missing tile moves an element by O(|ref|) and fails
+it in float32 (4 L (n + W) eps <= 0.03 in every case here) and by far in float64.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from gpubp import kernels
+from gpubp.activations import ACTIVATIONS, make_activation
+from gpubp.backend import NumpyBackend, cupy_backend, numpy_ops
+from gpubp.backend.recording import RecordingBackend
+from gpubp.losses import make_loss
+from gpubp.model import MLP, param_layout
+
+from .test_kernels_emulated import EmulatedGpu, host_kernels  # noqa: F401  (the fixture)
+
+
+def problem(rng, sizes, hidden: str, loss_name: str, n: int, dtype, output: str = "identity"):
+    """Random parameters, batch and targets of a network; its activations and loss."""
+    acts = [make_activation(hidden)] * (len(sizes) - 2) + [make_activation(output)]
+    loss = make_loss(loss_name, label_smoothing=0.1 if loss_name == "softmax_cross_entropy" else 0.0)
+    _, p = param_layout(sizes)
+    params = (rng.normal(size=p) / np.sqrt(max(sizes))).astype(dtype)
+    x = rng.normal(size=(n, sizes[0])).astype(dtype)
+    if loss_name == "softmax_cross_entropy":
+        y = rng.integers(0, sizes[-1], n).astype(np.int32)
+    else:
+        y = rng.uniform(size=(n, sizes[-1])).astype(dtype)
+    return acts, loss, params, x, y
+
+
+def reference(sizes, acts, loss, params, x, y):
+    """(loss, gradient) of numpy_ops.mlp_forward_backward in float64."""
+    f64 = lambda a: a if a.dtype == np.int32 else a.astype(np.float64)  # noqa: E731
+    g, out = np.zeros(params.size), np.zeros(())
+    numpy_ops.mlp_forward_backward(f64(x), f64(y), f64(params), g, sizes, acts, loss, out)
+    return float(out), g
+
+
+def fused(gpu, sizes, acts, loss, params, x, y):
+    """(loss, gradient, shares) of the kernel through the GPU backend's launcher."""
+    g, out = np.full(params.size, np.nan, x.dtype), np.full((), np.nan, x.dtype)
+    shares = gpu.be.mlp_forward_backward(x, y, params, g, sizes, acts, loss, out)
+    assert shares is not None
+    gpu.be.sum_shares(shares, g)
+    return out, g, shares
+
+
+def assert_close(got, ref, sizes, n, dtype, what, atol: float = 0.0):
+    """The module docstring's bound (plus atol)."""
+    eps, layers = float(np.finfo(dtype).eps), len(sizes) - 1
+    rel = 4 * layers * (n + max(sizes)) * eps
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    bound = rel * (np.abs(ref) + np.abs(ref).max()) + atol
+    assert np.all(err <= bound), (what, float((err / bound).max()))
+
+
+CASES = [  # (widths, hidden activation, loss, rows, output activation)
+    *[([5, 7, 3], act, "softmax_cross_entropy", 37, "identity") for act in ACTIVATIONS],
+    ([4, 6, 6, 2], "gelu", "mse", 9, "identity"),
+    ([3, 8, 1], "relu", "binary_cross_entropy", 300, "identity"),
+    ([6, 5, 5, 5, 2], "silu", "huber", 70, "identity"),
+    ([4, 9, 3], "tanh", "mse", 50, "sigmoid"),  # an output activation, saved (y) and taken back
+    ([3, 4, 2], "relu", "mse", 1, "identity"),  # one row: one block, its share the gradient itself
+    ([64, 128, 10], "relu", "softmax_cross_entropy", 128, "identity"),  # the tiny bench case
+    ([2, *[8] * 7, 3], "elu", "softmax_cross_entropy", 40, "identity"),  # MLP_MAX_LAYERS layers
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_kernel_matches_the_reference(host_kernels, dtype):  # noqa: F811
+    """Every hidden activation, every loss, an output activation, one row to 300, the tiny
+    bench network and the deepest network taken; one launch, and one more to sum the
+    shares when there is more than one block."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(0)
+    sfx = "f32" if dtype == np.float32 else "f64"
+    for sizes, act, loss_name, n, output in CASES:
+        acts, loss, params, x, y = problem(rng, sizes, act, loss_name, n, dtype, output)
+        v_ref, g_ref = reference(sizes, acts, loss, params, x, y)
+        gpu.launches.clear()
+        out, g, shares = fused(gpu, sizes, acts, loss, params, x, y)
+        one = shares.shape[0] == 1
+        assert gpu.launches == [f"mlp_fused_{sfx}"] + ([] if one else [f"sum_shares_{sfx}"]), (sizes, n)
+        assert one == (n == 1)
+        assert_close(out, np.asarray(v_ref), sizes, n, dtype, (sizes, act, loss_name, "loss"))
+        assert_close(g, g_ref, sizes, n, dtype, (sizes, act, loss_name, "gradient"))
+
+
+def test_blocks_that_take_several_tiles_and_the_same_bits_every_launch(host_kernels, monkeypatch):  # noqa: F811
+    """With at most 3 blocks, each block adds several tiles into its share (the first tile
+    writes it); two launches (other block orders, another block finishing the loss's mean)
+    give the same bits, and the shares sum to the reference's gradient."""
+    monkeypatch.setattr(cupy_backend, "MLP_MAX_BLOCKS", 3)
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(1)
+    sizes = [5, 12, 4]
+    acts, loss, params, x, y = problem(rng, sizes, "softplus", "softmax_cross_entropy", 203, np.float32)
+    out, g, shares = fused(gpu, sizes, acts, loss, params, x, y)
+    assert shares.shape == (3, params.size)  # 203 rows: tiles of 8, 26 tiles over 3 blocks
+    v_ref, g_ref = reference(sizes, acts, loss, params, x, y)
+    assert_close(out, np.asarray(v_ref), sizes, 203, np.float32, "loss")
+    assert_close(g, g_ref, sizes, 203, np.float32, "gradient")
+    out2, g2, _ = fused(gpu, sizes, acts, loss, params, x, y)
+    assert out2.tobytes() == out.tobytes() and g2.tobytes() == g.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_guard_sums_the_shares_to_the_bits_of_sum_shares(host_kernels, dtype):  # noqa: F811
+    """step_guard_norm(..., shares): the gradient summed from its shares in the norm's own
+    launch, bit for bit what sum_shares writes, and its squared norm and verdict."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(2)
+    sizes = [6, 16, 3]
+    acts, loss, params, x, y = problem(rng, sizes, "relu", "mse", 90, dtype)
+    out, g_summed, shares = fused(gpu, sizes, acts, loss, params, x, y)
+    assert shares.shape[0] > 1
+    g = np.full_like(g_summed, np.nan)
+    state = [np.array(-1, np.int64), np.array(False), np.zeros((), dtype), np.zeros((), dtype)]
+    grad_sq = np.zeros((), dtype)
+    gpu.launches.clear()
+    gpu.be.step_guard_norm(out, g, grad_sq, np.asarray(3, np.int64), 0.5, *state, shares=shares)
+    assert len(gpu.launches) == 1 and g.tobytes() == g_summed.tobytes()
+    g64 = g_summed.astype(np.float64)
+    assert abs(float(grad_sq) - g64 @ g64) <= 2 * g.size * float(np.finfo(dtype).eps) * (g64 @ g64)
+    assert int(state[0]) == -1 and not state[1]
+    assert float(state[3]) == pytest.approx(
+        min(1.0, 0.5 / (np.sqrt(g64 @ g64) + 1e-6)), rel=8 * float(np.finfo(dtype).eps)
+    )
+
+
+def test_networks_the_kernel_does_not_take_are_left_to_the_ops(host_kernels):  # noqa: F811
+    """None and no launch: a layer wider than MLP_MAX_WIDTH, more than MLP_MAX_LAYERS
+    layers, two leaky_relu slopes, an empty batch."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(3)
+    for sizes, n in [([4, cupy_backend.MLP_MAX_WIDTH + 1, 2], 8), ([2] * (cupy_backend.MLP_MAX_LAYERS + 2), 8),
+                     ([3, 4, 2], 0)]:  # fmt: skip
+        acts, loss, params, x, y = problem(rng, sizes, "relu", "mse", n, np.float32)
+        g, out = np.zeros(params.size, np.float32), np.zeros((), np.float32)
+        assert gpu.be.mlp_forward_backward(x, y, params, g, sizes, acts, loss, out) is None
+    acts, loss, params, x, y = problem(rng, [3, 4, 2], "relu", "mse", 8, np.float32)
+    acts = [make_activation("leaky_relu", 0.1), make_activation("leaky_relu", 0.2)]
+    assert gpu.be.mlp_forward_backward(x, y, params, np.zeros(params.size, np.float32), [3, 4, 2], acts, loss,
+                                       np.zeros((), np.float32)) is None  # fmt: skip
+    assert gpu.launches == []
+
+
+def test_the_tile_rule_fits_the_kernel():
+    """mlp_tile_rows: about MLP_TILES tiles, powers of two up to MLP_MAX_ROWS, within the
+    kernel's shared memory; the launcher's constants are the kernel's."""
+    rows = cupy_backend.mlp_tile_rows
+    assert rows([64, 128, 10], (0, 0), 4, 128) == 4  # tiny: 32 tiles of 4 rows
+    assert rows([64, 128, 10], (0, 0), 4, 1) == 1
+    assert rows([64, 128, 10], (0, 0), 4, 129) == 8
+    assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == cupy_backend.MLP_MAX_ROWS  # narrow
+    assert rows([128] * 9, (1,) * 8, 8, 4096) == 2  # only 2 rows of 9 + 8 + 2 float64 rows of 128 fit
+    assert rows([128] * 10, (0,) * 9, 4, 64) == 0 and rows([4, 129, 2], (0, 0), 4, 64) == 0
+    for sizes in ([64, 128, 10], [128] * 9, [3, 128, 128, 1]):
+        for itemsize in (4, 8):
+            for n in (1, 100, 5000):
+                r = rows(sizes, (1,) * (len(sizes) - 1), itemsize, n)
+                assert r * (2 * sum(sizes) - sizes[0] + 2 * max(sizes)) * itemsize <= cupy_backend.MLP_SHARED_BYTES
+    source = kernels.read_source("mlp.cu")
+    for name in ("MLP_THREADS", "MLP_SHARED_BYTES", "MLP_MAX_LAYERS"):
+        assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
+
+
+def test_the_kernel_fits_static_shared_memory():
+    """The tile buffer and the kernel's other __shared__ arrays stay under the 48 KiB a
+    kernel may hold statically (more would need an opt-in the launcher does not make):
+    the sizes NVRTC gives the .shared variables of the compiled kernel."""
+    from .test_kernels_cpu import need_nvrtc
+
+    need_nvrtc()
+    ptx = kernels.nvrtc_ptx("mlp.cu")
+    shared = re.findall(r"\.shared \.align \d+ \.\w+ (\S+?)(?:\[(\d+)\])?;", ptx)
+    common = sum(int(size or 1) for name, size in shared if "mlp_fused" not in name)  # last_block's flag
+    for t in "fd":  # the float and double kernels' own arrays: the tile buffer and the loss's warp sums
+        own = sum(int(size) for name, size in shared if f"mlp_fusedI{t}E" in name)
+        assert own >= cupy_backend.MLP_SHARED_BYTES and own + common <= 48 * 1024, (t, own, common)
+
+
+# ---------------------------------------------------------------------------------------
+# the model and the training step
+
+
+def gpu_model(host_kernels, sizes, **kw):  # noqa: F811
+    """An MLP on the emulated GPU backend (its kernels on the host)."""
+    gpu = EmulatedGpu(host_kernels)
+    gpu.be.xp = np
+    return gpu, MLP(sizes, backend=gpu.be, **kw)
+
+
+def test_the_model_runs_the_fused_pass_and_matches_its_unfused_self(host_kernels):  # noqa: F811
+    """MLP(fused_mlp=True) on the GPU backend: one kernel and the shares' sum, the same
+    loss and gradients as the unfused model on the NumPy backend (module tolerance);
+    deferred, the gradient stays in shares (grad_shares) and grads is not written."""
+    sizes, kw = [6, 20, 20, 4], {"activation": "tanh", "loss": "softmax_cross_entropy", "seed": 4}
+    gpu, model = gpu_model(host_kernels, sizes, fused_mlp=True, **kw)
+    plain = MLP(sizes, **kw)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(100, 6)).astype(np.float32), rng.integers(0, 4, 100)
+    loss, grads = model.loss_and_grads(x, y)
+    assert gpu.launches == ["mlp_fused_f32", "sum_shares_f32"] and model.grad_shares is None
+    ref_loss, ref_grads = plain.loss_and_grads(x, y)
+    g, g_ref = np.concatenate([a.ravel() for a in grads]), np.concatenate([a.ravel() for a in ref_grads])
+    assert_close(g, g_ref.astype(np.float64), sizes, 100, np.float32, "gradient")
+    assert_close(np.asarray(loss), np.asarray(ref_loss, np.float64), sizes, 100, np.float32, "loss")
+    model.flat_grads[...] = np.nan
+    gpu.launches.clear()
+    model.forward_backward(model.as_input(x), model.as_target(y, 100), defer_grad_sum=True)
+    assert gpu.launches == ["mlp_fused_f32"] and model.grad_shares.shape[0] > 1
+    assert np.isnan(model.flat_grads).all()
+    summed = np.empty_like(g)  # the shares, summed in order: the bits the kernel's sum gave
+    assert numpy_ops.sum_shares(model.grad_shares, summed).tobytes() == g.tobytes()
+
+
+def test_the_model_keeps_its_ops_where_the_kernel_does_not_apply(host_kernels):  # noqa: F811
+    """A residual network, tf32, an input gradient: the unfused ops (GEMMs and kernels)."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 2)).astype(np.float32)
+    for kw in ({"residual": True}, {"dtype": "tf32"}):
+        gpu, model = gpu_model(host_kernels, [8, 8, 8, 2], fused_mlp=True, **kw)
+        model.backend.gemm = lambda *a, **k: numpy_ops.gemm(*a, **{n: v for n, v in k.items() if n != "tf32"})
+        model.loss_and_grads(x, y)
+        assert "mlp_fused_f32" not in gpu.launches and gpu.launches, kw
+    gpu, model = gpu_model(host_kernels, [8, 8, 2], fused_mlp=True)
+    model.backend.gemm = lambda *a, **k: numpy_ops.gemm(*a, **{n: v for n, v in k.items() if n != "tf32"})
+    model.input_grad(x, y)
+    assert "mlp_fused_f32" not in gpu.launches
+
+
+def test_the_captured_step_is_six_ops():
+    """train.fused_mlp: the tiny bench network's captured step records six ops (select,
+    gather, the fused pass, the guard with the shares' sum, the update, the advance) where
+    the unfused one records 17 (12 with the GPU's fused products); on the GPU each of the
+    six is one kernel."""
+    from gpubp import bench as B
+
+    (case,) = B.find_cases(["tiny"])
+    names = {}
+    for fused_on in (True, False):
+        rec = RecordingBackend()
+        step = B.TrainerStep(case, rec, "float32", True, 4, B._dataset(case), fused_mlp=fused_on)
+        for _ in range(3):  # plain, captured, replayed
+            step()
+        names[fused_on] = [fn.__name__ for fn, _, _ in rec.graphs[0]]
+    assert len(names[False]) == 17 and "gemm" in names[False]  # unfused: the layers' ops (12 with fused products)
+    names = names[True]
+    assert names == ["select_rows", "gather_windows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched",
+                     "step_advance"]  # fmt: skip
+
+
+def test_a_cpu_run_with_fused_mlp_is_the_reference_op(monkeypatch):
+    """On the NumPy backend train.fused_mlp runs numpy_ops.mlp_forward_backward (the
+    reference: its one share is the gradient), and trains as the unfused run does, to
+    float64 rounding."""
+    import gpubp.trainer as T
+    from gpubp.config import load_config
+
+    base = ["data.dataset=spirals", "data.n_samples=200", "model.hidden=[12, 12]", "model.dtype=float64",
+            "train.batch_size=32", "train.steps=40", "train.eval_every=20", "optimizer.name=adam"]  # fmt: skip
+    calls = []
+    original = NumpyBackend.mlp_forward_backward
+    monkeypatch.setattr(NumpyBackend, "mlp_forward_backward",
+                        staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k)))  # fmt: skip
+    runs = []
+    for fused_on in ("true", "false"):
+        t = T.Trainer(load_config(None, base + [f"train.fused_mlp={fused_on}"]), None, device="cpu", quiet=True)
+        t.train()
+        runs.append(t)
+    assert len(calls) == 40
+    np.testing.assert_allclose(runs[0].model.flat_params, runs[1].model.flat_params, rtol=1e-9, atol=1e-12)
+
+
+def test_the_tile_sweep_script_runs(capsys):
+    """tests/mlp_tile_sweep.py (a GPU visit's tuning aid) on the recording backend: a line
+    per distinct launch, the default step beside them."""
+    from . import mlp_tile_sweep
+
+    mlp_tile_sweep.sweep("tiny", RecordingBackend(), steps=5)
+    out = capsys.readouterr().out
+    assert "default step" in out and out.count("rows a tile") == 5  # 128 rows: tiles of 1, 2, 4, 8 and 16 rows
