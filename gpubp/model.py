@@ -415,6 +415,13 @@ class MLP:
         return (not any(self.is_residual) and self.precision.name in DTYPES
                 and self.backend.mlp_fits(self.sizes, self.activations, self.dtype, n))  # fmt: skip
 
+    def step_workspace(self, n: int):
+        """The buffers a captured step of n rows uses, kept alive for its graph: the
+        workspace, or None where the fused MLP runs (it has none)."""
+        if self.fused_mlp and self.fused_mlp_fits(n):
+            return None
+        return self._workspace(n)
+
     def _fused_forward_backward(self, x, target, loss_out, defer_grad_sum: bool):
         """The fused MLP (fused_mlp): the loss, and the gradient in self.grads or, deferred,
         in self.grad_shares; None where it does not run: a residual layer, a precision other

@@ -222,7 +222,7 @@ class Step(ShapeGraphs):
         else:
             if self.streamed:
                 self.train.ready(step)  # its batch's chunks resident, the next one on its way
-            self._run_shape(n, self.model._workspace)
+            self._run_shape(n, self.model.step_workspace)
             stop = self.interrupted()
         if not self.state.counted:  # host mirrors of the device counters (counted: read at uploads, sync_updates)
             self.opt.steps += 1

@@ -6,6 +6,14 @@
 // extern "C" NAME_f32 / NAME_f64, so the Python side finds it by a plain name.
 #define FOR_FLOAT_TYPES(X) X(float, f32) X(double, f64)
 
+// #pragma unroll on the GPU (a loop over a small fixed count, so that the arrays it
+// indexes stay in registers); nothing on a host build
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL
+#endif
+
 // sums of float run in float, of double in double, of int in long long
 template <typename T> struct Acc { typedef T type; };
 template <> struct Acc<int> { typedef long long type; };

@@ -25,16 +25,21 @@
 #define MLP_THREADS 256          // threads per block (the launcher's)
 #define MLP_SHARED_BYTES 40960   // the tile's activations and gradients (R is chosen to fit)
 #define MLP_MAX_LAYERS 8
+#define MLP_MAX_RT 4             // rows per thread in the products at most
 
 // dims (3 L + 1 ints): widths n_0..n_L, then each layer's activation kind, then 1 where f_k'
 // takes z_k (saved apart), else 0.
 // x: (n, n_0); labels: (n,) (cross-entropy) or targets: (n, n_L); shares: (gridDim.x, p).
+// rt (1..MLP_MAX_RT, dividing rows): rows a thread takes in the forward products and in
+// D' W^T, one weight read serving them all; each element's sum has the same order
+// whatever rt is (over i, then + b), so rt changes the speed, not the bits.
 // Shared memory, R x width each: A_0..A_L, then z_k for each layer that saves it, then D
 // and E (R x max width): the gradient carried down and the next one.
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const T* params, T* shares, long long p,
-                          const int* dims, int n_layers, int n, int rows, T alpha, int loss_kind, T smoothing,
-                          T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out, T divisor) {
+                          const int* dims, int n_layers, int n, int rows, int rt, T alpha, int loss_kind,
+                          T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,
+                          T divisor) {
   typedef typename Acc<T>::type A;
   __shared__ T smem[MLP_SHARED_BYTES / sizeof(T)];
   __shared__ A shared[MLP_THREADS];
@@ -72,14 +77,21 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       const int ni = width[k], no = width[k + 1];
       const T* W = params + w_off;
       const T* b = W + (long long)ni * no;
-      for (int e = t; e < rows * no; e += nt) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
-        const int r = e / no, j = e % no;
-        const T* a = act[k] + r * ni;
-        T z = T(0);
-        for (int i = 0; i < ni; ++i) z += a[i] * W[i * no + j];
-        z += b[j];
-        if (saves_z[k]) saved[k][e] = z;
-        act[k + 1][e] = act_forward(kind[k], z, alpha);
+      for (int e = t; e < rows / rt * no; e += nt) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
+        const int r0 = e / no * rt, j = e % no;  // rows r0 .. r0 + rt - 1 of column j
+        const T* a = act[k] + r0 * ni;
+        T z[MLP_MAX_RT];
+        UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) z[q] = T(0);
+        for (int i = 0; i < ni; ++i) {
+          const T w = W[i * no + j];  // read once for the rt rows
+          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) z[q] += a[q * ni + i] * w;
+        }
+        UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) {
+          const int o = (r0 + q) * no + j;
+          const T zq = z[q] + b[j];
+          if (saves_z[k]) saved[k][o] = zq;
+          act[k + 1][o] = act_forward(kind[k], zq, alpha);
+        }
       }
       w_off += (long long)ni * no + no;
       __syncthreads();
@@ -115,13 +127,17 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
         db[j] = first ? s : db[j] + s;
       }
       if (k > 0) {
-        for (int e = t; e < rows * ni; e += nt) {  // E[r, i] = sum_j D'[r, j] W[i, j]
-          const int r = e / ni, i = e % ni;
-          const T* d = D + r * no;
+        for (int e = t; e < rows / rt * ni; e += nt) {  // E[r, i] = sum_j D'[r, j] W[i, j]
+          const int r0 = e / ni * rt, i = e % ni;  // rows r0 .. r0 + rt - 1 of column i
+          const T* d = D + r0 * no;
           const T* w = W + (long long)i * no;
-          T s = T(0);
-          for (int j = 0; j < no; ++j) s += d[j] * w[j];
-          E[e] = s;
+          T s[MLP_MAX_RT];
+          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) s[q] = T(0);
+          for (int j = 0; j < no; ++j) {
+            const T wj = w[j];  // read once for the rt rows
+            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) s[q] += d[q * no + j] * wj;
+          }
+          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) E[(r0 + q) * ni + i] = s[q];
         }
       }
       __syncthreads();
@@ -151,12 +167,12 @@ __device__ void sum_shares(const T* shares, int n_shares, long long p, T* g) {
 
 #define MLP_KERNELS(T, S)                                                                                       \
   extern "C" __global__ void mlp_fused_##S(const T* x, const int* labels, const T* targets, const T* params,     \
-                                            T* shares, long long p, const int* dims, int n_layers, int n,        \
-                                            int rows, T alpha, int loss_kind, T smoothing, T delta,             \
+                                            T* shares, long long p, const int* dims, int n_layers, int n,       \
+                                            int rows, int rt, T alpha, int loss_kind, T smoothing, T delta,     \
                                             T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,    \
                                             T divisor) {                                                        \
-    mlp_fused<T>(x, labels, targets, params, shares, p, dims, n_layers, n, rows, alpha, loss_kind, smoothing,     \
-                 delta, grad_scale, loss_partial, count, loss_out, divisor);                                    \
+    mlp_fused<T>(x, labels, targets, params, shares, p, dims, n_layers, n, rows, rt, alpha, loss_kind,          \
+                 smoothing, delta, grad_scale, loss_partial, count, loss_out, divisor);                         \
   }                                                                                                             \
   extern "C" __global__ void sum_shares_##S(const T* shares, int n_shares, long long p, T* g) {                     \
     sum_shares<T>(shares, n_shares, p, g);                                                                         \

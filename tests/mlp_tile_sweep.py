@@ -1,14 +1,15 @@
 """Choosing the fused MLP kernel's tiling on a GPU (as BIAS_GRAD_MAX_CHUNKS was chosen):
 the captured training step of bench cases with train.fused_mlp = true, for several
-values of cupy_backend.MLP_TILES (tiles a batch is cut into) and MLP_MAX_ROWS (rows a
-tile at most), against the default step (fused products, no fused MLP), all timed in
-the same rounds (bench.steps_ms). A tuning aid, not a speed claim: the claim is
+values of cupy_backend.MLP_TILES (tiles a batch is cut into), MLP_MAX_ROWS (rows a tile
+at most) and MLP_ROWS_PER_THREAD (rows a thread takes in the products), against the
+default step (fused products, no fused MLP), all timed in the same rounds
+(bench.steps_ms). A tuning aid, not a speed claim: the claim is
 `gpubp bench`'s "mlp x" column once the constants are chosen.
 
     python3 tests/mlp_tile_sweep.py [CASE ...]      (default: tiny narrow)
 
-Prints, per case, a line per setting: rows per tile, blocks, us/step, and the default
-step over it (> 1: the fused MLP is faster).
+Prints, per case, a line per distinct launch: rows per tile, blocks, rows per thread,
+us/step, and the default step over it (> 1: the fused MLP is faster).
 """
 
 from __future__ import annotations
@@ -27,34 +28,35 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     backend = backend or C.CupyBackend()
     warmup, gpu_steps = case.counts("gpu")
     warmup, steps = max(warmup, 3), steps or gpu_steps
-    settings = [(t, r) for t in (8, 16, 32, 64, 128) for r in (4, 8, 16)]
-    saved = C.MLP_TILES, C.MLP_MAX_ROWS
+    settings = [(t, r, rt) for t in (8, 16, 32, 64, 128) for r in (4, 8, 16) for rt in (1, 2, 4)]
+    saved = C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD
     dataset = B._dataset(case)
     runs = {"default": B.TrainerStep(case, backend, "float32", True, 10**5, dataset)}
     grids = {}
     try:
-        for tiles, rows in settings:
-            C.MLP_TILES, C.MLP_MAX_ROWS = tiles, rows
+        for setting in settings:
+            C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = setting
             step = B.TrainerStep(case, backend, "float32", True, 10**5, dataset, fused_mlp=True)
             model = step.trainer.model
             if not model.fused_mlp_fits(case.batch):
                 print(f"{case.name}: the network does not fit the fused MLP kernel")
                 return
             r = C.mlp_tile_rows(model.sizes, [a.saves == "input" for a in model.activations], 4, case.batch)
-            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS))
+            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r))
             if key in grids.values():  # the same launch as an earlier setting
                 continue
             for _ in range(3):  # plain, captured, replayed: the graph holds this setting's launch
                 step()
-            grids[(tiles, rows)] = key
-            runs[(tiles, rows)] = step
+            grids[setting] = key
+            runs[setting] = step
         ms = B.steps_ms(runs, backend.synchronize, warmup, steps)
     finally:
-        C.MLP_TILES, C.MLP_MAX_ROWS = saved
+        C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = saved
     print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us")
-    for setting, (r, blocks) in grids.items():
-        print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2}: {r:>2} rows a tile, {blocks:>4} blocks: "
-              f"{1e3 * ms[setting]:9.1f} us/step, default / this {ms['default'] / ms[setting]:.2f}")  # fmt: skip
+    for setting, (r, blocks, rt) in grids.items():
+        print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2} rows a thread {setting[2]}: {r:>2} rows a tile, "
+              f"{blocks:>4} blocks, {rt} rows a thread: {1e3 * ms[setting]:9.1f} us/step, "
+              f"default / this {ms['default'] / ms[setting]:.2f}")  # fmt: skip
     runs.clear()
     gc.collect()
 

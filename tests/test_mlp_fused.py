@@ -122,6 +122,22 @@ def test_blocks_that_take_several_tiles_and_the_same_bits_every_launch(host_kern
     assert out2.tobytes() == out.tobytes() and g2.tobytes() == g.tobytes()
 
 
+def test_rows_per_thread_change_nothing_but_the_speed(host_kernels, monkeypatch):  # noqa: F811
+    """MLP_ROWS_PER_THREAD 1, 2, 4 (kernels/mlp.cu's rt: rows a thread takes in the
+    products): each element is summed in the same order, so the same bits; a network
+    with a pre-activation kept (gelu) and one of 8-row tiles, rt 4 on a 2-row tile."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(7)
+    for sizes, act, n in [([5, 12, 7, 3], "gelu", 100), ([4, 9, 2], "relu", 50)]:
+        args = problem(rng, sizes, act, "softmax_cross_entropy", n, np.float32)
+        got = []
+        for rt in (1, 2, 4):
+            monkeypatch.setattr(cupy_backend, "MLP_ROWS_PER_THREAD", rt)
+            out, g, _ = fused(gpu, sizes, *args)
+            got.append(out.tobytes() + g.tobytes())
+        assert got[0] == got[1] == got[2], sizes
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_guard_sums_the_shares_to_the_bits_of_sum_shares(host_kernels, dtype):  # noqa: F811
     """step_guard_norm(..., shares): the gradient summed from its shares in the norm's own
@@ -173,11 +189,12 @@ def test_the_tile_rule_fits_the_kernel():
     assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == cupy_backend.MLP_MAX_ROWS  # narrow
     assert rows([128] * 9, (1,) * 8, 8, 4096) == 2  # only 2 rows of 9 + 8 + 2 float64 rows of 128 fit
     assert rows([128] * 10, (0,) * 9, 4, 64) == 0 and rows([4, 129, 2], (0, 0), 4, 64) == 0
-    for sizes in ([64, 128, 10], [128] * 9, [3, 128, 128, 1]):
+    for sizes in ([64, 128, 10], [128] * 9, [3, 128, 128, 1], [100, 100, 100]):
         for itemsize in (4, 8):
             for n in (1, 100, 5000):
                 r = rows(sizes, (1,) * (len(sizes) - 1), itemsize, n)
                 assert r * (2 * sum(sizes) - sizes[0] + 2 * max(sizes)) * itemsize <= cupy_backend.MLP_SHARED_BYTES
+                assert r >= 1 and r & (r - 1) == 0, (sizes, itemsize, n, r)  # a power of two: rt divides it
     source = kernels.read_source("mlp.cu")
     for name in ("MLP_THREADS", "MLP_SHARED_BYTES", "MLP_MAX_LAYERS"):
         assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
@@ -298,4 +315,5 @@ def test_the_tile_sweep_script_runs(capsys):
 
     mlp_tile_sweep.sweep("tiny", RecordingBackend(), steps=5)
     out = capsys.readouterr().out
-    assert "default step" in out and out.count("rows a tile") == 5  # 128 rows: tiles of 1, 2, 4, 8 and 16 rows
+    # 128 rows: tiles of 1, 2, 4, 8 and 16 rows, each with 1, 2 and 4 rows a thread where it has them
+    assert "default step" in out and out.count("rows a tile") == 1 + 2 + 3 + 3 + 3

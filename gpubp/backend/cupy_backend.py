@@ -68,6 +68,9 @@ MLP_MAX_WIDTH = 128
 MLP_MAX_ROWS = 16  # rows per tile at most
 MLP_TILES = 32  # a batch is cut into about this many tiles, more once a tile has MLP_MAX_ROWS
 MLP_MAX_BLOCKS = 512  # blocks at most (each then takes several tiles), so at most this many shares
+# rows a thread takes in the forward products and D' W^T (1, 2 or 4, at most the tile's rows;
+# kernels/mlp.cu's rt): one weight read for them all. The same bits whatever it is
+MLP_ROWS_PER_THREAD = 1
 
 
 def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
@@ -76,13 +79,16 @@ def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
     shared memory). A tile holds, per row, every layer's output, the pre-activations of the
     layers whose f' reads them (saves_z), and two gradient rows of the widest layer. The
     rows: the power of two that cuts n into about MLP_TILES tiles, at most MLP_MAX_ROWS and
-    what fits. A function of the network and n alone (the results' bits depend on it)."""
+    what fits (a power of two too). A function of the network and n alone (the results'
+    bits depend on it)."""
     if len(sizes) - 1 > MLP_MAX_LAYERS or max(sizes) > MLP_MAX_WIDTH:
         return 0
     per_row = (sum(sizes) + sum(w for w, z in zip(sizes[1:], saves_z) if z) + 2 * max(sizes)) * itemsize
     fit = MLP_SHARED_BYTES // per_row
+    if fit == 0:
+        return 0
     want = 1 << max(0, math.ceil(n / MLP_TILES) - 1).bit_length()  # the power of two >= n / MLP_TILES
-    return min(want, MLP_MAX_ROWS, fit)
+    return min(want, MLP_MAX_ROWS, 1 << (fit.bit_length() - 1))  # powers of two: rows per thread divide it
 
 
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
@@ -778,7 +784,8 @@ class CupyBackend:
         self._function("mlp_fused", dtype)(
             (grid,), (MLP_THREADS,),
             (x, labels, targets, params, shares, np.int64(p), dims, np.int32(len(sizes) - 1), np.int32(n),
-             np.int32(rows), t(max(_leaky_slopes(activations), default=0.0)), np.int32(loss.info.kernel_id),
+             np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)), t(max(_leaky_slopes(activations), default=0.0)),
+             np.int32(loss.info.kernel_id),
              t(loss.label_smoothing),
              t(loss.huber_delta), t(1.0 / divisor), self._scratch("mlp_loss", grid, dtype),
              self._counter("mlp_fused", grid), out, t(divisor)),
