@@ -382,7 +382,7 @@ class MLP:
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
-                         loss_out=None, defer_grad_sum: bool = False):  # fmt: skip
+                         loss_out=None):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -390,13 +390,11 @@ class MLP:
         fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
         loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
-        defer_grad_sum: the fused MLP leaves the gradient in shares (self.grad_shares, (S,
-        P), one per block of its kernel; one share may be self.grads itself), for the caller
-        to sum (the step's guard does, in its norm's launch); None: self.grads holds it.
+        fused_mlp: the whole pass as one op where the network fits it (_fused_forward_backward).
         """
         self.grad_shares = None
         if self.fused_mlp and not input_grad and on_layer is None:
-            loss = self._fused_forward_backward(x, target, loss_out, defer_grad_sum)
+            loss = self._fused_forward_backward(x, target, loss_out)
             if loss is not None:
                 return loss
         ws = self._workspace(x.shape[0])
@@ -422,23 +420,38 @@ class MLP:
             return None
         return self._workspace(n)
 
-    def _fused_forward_backward(self, x, target, loss_out, defer_grad_sum: bool):
-        """The fused MLP (fused_mlp): the loss, and the gradient in self.grads or, deferred,
-        in self.grad_shares; None where it does not run: a residual layer, a precision other
-        than float32 and float64 (tf32 and the 16-bit ones keep their GEMMs), or a network
-        the backend's op does not take (the GPU kernel's widths, layers, shared memory)."""
-        if not self.fused_mlp_fits(x.shape[0]):
+    def _fused_forward_backward(self, x, target, loss_out, window=None):
+        """The fused MLP (fused_mlp): the loss (0-d, loss_out when given), and the gradient
+        in self.grads or, with a window, left in shares (self.grad_shares); None where it
+        does not run: a residual layer, a precision other than float32 and float64 (tf32
+        and the 16-bit ones keep their GEMMs), or a network the backend's op does not take
+        (the GPU kernel's widths, layers, shared memory)."""
+        if not self.fused_mlp_fits(x.shape[0] if window is None else window[2]):
             return None
         out = loss_out if loss_out is not None else self.backend.zeros((), self.dtype)
         shares = self.backend.mlp_forward_backward(x, target, self.flat_params, self.flat_grads, self.sizes,
-                                                   self.activations, self.loss, out)  # fmt: skip
+                                                   self.activations, self.loss, out, window=window)  # fmt: skip
         if shares is None:
             return None
-        if defer_grad_sum:
-            self.grad_shares = shares
-        else:
+        if window is None:
             self.backend.sum_shares(shares, self.flat_grads)
+        else:
+            self.grad_shares = shares
         return out
+
+    def forward_backward_rows(self, x, target, perm, start, n: int, loss_out=None):
+        """The training step's pass on rows perm[start : start + n] of a resident split (x
+        its inputs, target as from as_target; perm int64 and start 0-d int64 on the
+        device, read when it runs), with the fused MLP: the batch is read where it lies
+        (no gather before), and the gradient is left in shares (self.grad_shares, (S, P),
+        one per block of the kernel; one share may be self.grads itself) for the caller to
+        sum: the step's guard does, in its norm's launch. Returns the loss (0-d), or None
+        where the fused MLP does not run (not asked, or the network does not fit it): the
+        caller then gathers the rows and calls forward_backward."""
+        self.grad_shares = None
+        if not self.fused_mlp:
+            return None
+        return self._fused_forward_backward(x, target, loss_out, window=(perm, start, int(n)))
 
     def _unit_scale(self):
         one = self.__dict__.get("_one")

@@ -3,7 +3,8 @@
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
-               (the fused MLP may leave grads in per-block shares: the guard sums them)
+    (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
+               MLP reads the rows where they lie, and leaves grads in shares the guard sums
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip)                               reads vectors, first
@@ -238,8 +239,13 @@ class Step(ShapeGraphs):
         """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
         st = self.state
         st.select()
-        xb, yb = self.train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
-        loss = self.model.forward_backward(xb, yb, loss_out=self.loss, defer_grad_sum=True)
+        # the fused MLP reads rows perm[offset : offset + n] where they lie; else they are gathered
+        train, loss = self.train, None
+        if self.model.fused_mlp:
+            loss = self.model.forward_backward_rows(train.x, train.target, self.perm, st.offset, n, self.loss)
+        if loss is None:
+            xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
+            loss = self.model.forward_backward(xb, yb, loss_out=self.loss)
         self._finish(loss)
 
     def _finish(self, loss) -> None:

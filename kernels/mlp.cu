@@ -30,14 +30,23 @@
 // dims (3 L + 1 ints): widths n_0..n_L, then each layer's activation kind, then 1 where f_k'
 // takes z_k (saved apart), else 0.
 // x: (n, n_0); labels: (n,) (cross-entropy) or targets: (n, n_L); shares: (gridDim.x, p).
+// windowed (perm not null): x, labels, targets are a whole split, and the batch's n rows
+// are perm[start[0] .. start[0] + n) (the step's gather_windows, folded in).
 // rt (1..MLP_MAX_RT, dividing rows): rows a thread takes in the forward products and in
 // D' W^T, one weight read serving them all; each element's sum has the same order
 // whatever rt is (over i, then + b), so rt changes the speed, not the bits.
 // Shared memory, R x width each: A_0..A_L, then z_k for each layer that saves it, then D
 // and E (R x max width): the gradient carried down and the next one.
+// The batch's row b in x, labels, targets: perm[start[0] + b] (windowed: the rows of a
+// resident split in the epoch's order, read where they lie, with no gather before), else b.
+__device__ __forceinline__ long long batch_row(const long long* perm, const long long* start, long long b) {
+  return perm != nullptr ? perm[start[0] + b] : b;
+}
+
 template <typename T>
-__device__ void mlp_fused(const T* x, const int* labels, const T* targets, const T* params, T* shares, long long p,
-                          const int* dims, int n_layers, int n, int rows, int rt, T alpha, int loss_kind,
+__device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
+                          const long long* start, const T* params, T* shares, long long p, const int* dims,
+                          int n_layers, int n, int rows, int rt, T alpha, int loss_kind,
                           T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,
                           T divisor) {
   typedef typename Acc<T>::type A;
@@ -69,8 +78,10 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long row0 = tile * rows;
     const int valid = (int)min((long long)rows, (long long)n - row0);  // rows of this tile in the batch
-    for (int e = t; e < rows * width[0]; e += nt)  // A_0 = the tile's rows of x (past n: 0)
-      act[0][e] = e / width[0] < valid ? x[row0 * width[0] + e] : T(0);
+    for (int e = t; e < rows * width[0]; e += nt) {  // A_0 = the tile's rows of x (past n: 0)
+      const int r = e / width[0];
+      act[0][e] = r < valid ? x[batch_row(perm, start, row0 + r) * width[0] + e % width[0]] : T(0);
+    }
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
@@ -98,7 +109,7 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     }
     for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
       if (r < valid) {
-        const long long row = row0 + r;
+        const long long row = batch_row(perm, start, row0 + r);
         const T l = loss_row<T>(loss_kind, act[L] + r * c, loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0,
                                 targets + row * c, D + r * c, c, smoothing, delta, grad_scale, nullptr);
         if (lane == 0) rows_loss += A(l);
@@ -166,13 +177,15 @@ __device__ void sum_shares(const T* shares, int n_shares, long long p, T* g) {
 }
 
 #define MLP_KERNELS(T, S)                                                                                       \
-  extern "C" __global__ void mlp_fused_##S(const T* x, const int* labels, const T* targets, const T* params,     \
-                                            T* shares, long long p, const int* dims, int n_layers, int n,       \
-                                            int rows, int rt, T alpha, int loss_kind, T smoothing, T delta,     \
-                                            T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,    \
-                                            T divisor) {                                                        \
-    mlp_fused<T>(x, labels, targets, params, shares, p, dims, n_layers, n, rows, rt, alpha, loss_kind,          \
-                 smoothing, delta, grad_scale, loss_partial, count, loss_out, divisor);                         \
+  extern "C" __global__ void mlp_fused_##S(const T* x, const int* labels, const T* targets,                     \
+                                            const long long* perm, const long long* start, int windowed,       \
+                                            const T* params, T* shares, long long p, const int* dims,          \
+                                            int n_layers, int n, int rows, int rt, T alpha, int loss_kind,      \
+                                            T smoothing, T delta, T grad_scale, T* loss_partial,                \
+                                            unsigned int* count, T* loss_out, T divisor) {                      \
+    mlp_fused<T>(x, labels, targets, windowed ? perm : nullptr, start, params, shares, p, dims, n_layers, n,    \
+                 rows, rt, alpha, loss_kind, smoothing, delta, grad_scale, loss_partial, count, loss_out,       \
+                 divisor);                                                                                       \
   }                                                                                                             \
   extern "C" __global__ void sum_shares_##S(const T* shares, int n_shares, long long p, T* g) {                     \
     sum_shares<T>(shares, n_shares, p, g);                                                                         \

@@ -63,7 +63,8 @@ for sizes, loss, rows, residual in [
         be.synchronize()
 
 # the fused MLP kernel (train.fused_mlp): one block (one row), many tiles a block (20000
-# rows: 512 blocks of 16-row tiles), the shares summed by sum_shares and by the guard
+# rows: 512 blocks of 16-row tiles), the batch read through a window, the shares summed by
+# sum_shares and by the guard
 for sizes, loss, rows in [([3, 8, 2], "softmax_cross_entropy", 1), ([6, 64, 64, 1], "mse", 20000),
                           ([5, 32, 4], "huber", 77)]:  # fmt: skip
     for dtype in ("float32", "float64"):
@@ -76,7 +77,8 @@ for sizes, loss, rows in [([3, 8, 2], "softmax_cross_entropy", 1), ([6, 64, 64, 
         y = model.as_target(y, rows)
         assert model.fused_mlp_fits(rows)
         model.forward_backward(x, y)  # the shares summed by sum_shares
-        loss_value = model.forward_backward(x, y, defer_grad_sum=True)  # left in shares: the guard sums them
+        order, start = be.asarray(rng.permutation(rows)), be.zeros((), np.int64)
+        loss_value = model.forward_backward_rows(x, y, order, start, rows)  # left in shares: the guard sums them
         scalar = lambda dt: be.zeros((), dt)  # noqa: E731
         be.step_guard_norm(loss_value, model.flat_grads, scalar(model.dtype), 0, 1.0, scalar(np.int64) - 1,
                            scalar(np.bool_), scalar(model.dtype), scalar(model.dtype), shares=model.grad_shares)  # fmt: skip

@@ -370,6 +370,7 @@ def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
         be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, shares=shares)
         assert_launch_fits("optim.cu", name, launched[-1][3])
         assert launched[-1][3][2] is shares and launched[-1][3][3] == 3 and launched[-1][3][1] is g
+        assert launched[-1][1] == (max(1, min(1024, -(-n // 256))),)  # an element a thread: each a sum of shares
         with pytest.raises(ValueError, match="shares"):
             be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, shares=shares[:, 1:])
 

@@ -228,8 +228,10 @@ def gpu_model(host_kernels, sizes, **kw):  # noqa: F811
 
 def test_the_model_runs_the_fused_pass_and_matches_its_unfused_self(host_kernels):  # noqa: F811
     """MLP(fused_mlp=True) on the GPU backend: one kernel and the shares' sum, the same
-    loss and gradients as the unfused model on the NumPy backend (module tolerance);
-    deferred, the gradient stays in shares (grad_shares) and grads is not written."""
+    loss and gradients as the unfused model on the NumPy backend (module tolerance). On
+    rows of a split (forward_backward_rows: a window perm[start : start + n], read by the
+    kernel where the rows lie) one launch, the gradient left in shares (grad_shares),
+    grads not written, the shares' sum the same bits as the gathered batch's."""
     sizes, kw = [6, 20, 20, 4], {"activation": "tanh", "loss": "softmax_cross_entropy", "seed": 4}
     gpu, model = gpu_model(host_kernels, sizes, fused_mlp=True, **kw)
     plain = MLP(sizes, **kw)
@@ -243,11 +245,17 @@ def test_the_model_runs_the_fused_pass_and_matches_its_unfused_self(host_kernels
     assert_close(np.asarray(loss), np.asarray(ref_loss, np.float64), sizes, 100, np.float32, "loss")
     model.flat_grads[...] = np.nan
     gpu.launches.clear()
-    model.forward_backward(model.as_input(x), model.as_target(y, 100), defer_grad_sum=True)
-    assert gpu.launches == ["mlp_fused_f32"] and model.grad_shares.shape[0] > 1
-    assert np.isnan(model.flat_grads).all()
+    # the batch as rows 7..106 of a split of 150 rows, in a shuffled order
+    order = rng.permutation(150)
+    split_x, split_y = rng.normal(size=(150, 6)).astype(np.float32), rng.integers(0, 4, 150).astype(np.int32)
+    split_x[order[7:107]], split_y[order[7:107]] = x, y
+    out = np.full((), np.nan, np.float32)
+    got = model.forward_backward_rows(split_x, split_y, order.astype(np.int64), np.asarray(7, np.int64), 100, out)
+    assert got is out and gpu.launches == ["mlp_fused_f32"] and model.grad_shares.shape[0] > 1
+    assert np.isnan(model.flat_grads).all() and out.tobytes() == np.float32(loss).tobytes()
     summed = np.empty_like(g)  # the shares, summed in order: the bits the kernel's sum gave
     assert numpy_ops.sum_shares(model.grad_shares, summed).tobytes() == g.tobytes()
+    assert plain.forward_backward_rows(split_x, split_y, order, np.asarray(7), 100) is None  # not asked for
 
 
 def test_the_model_keeps_its_ops_where_the_kernel_does_not_apply(host_kernels):  # noqa: F811
@@ -265,11 +273,11 @@ def test_the_model_keeps_its_ops_where_the_kernel_does_not_apply(host_kernels): 
     assert "mlp_fused_f32" not in gpu.launches
 
 
-def test_the_captured_step_is_six_ops():
-    """train.fused_mlp: the tiny bench network's captured step records six ops (select,
-    gather, the fused pass, the guard with the shares' sum, the update, the advance) where
-    the unfused one records 17 (12 with the GPU's fused products); on the GPU each of the
-    six is one kernel."""
+def test_the_captured_step_is_five_ops():
+    """train.fused_mlp: the tiny bench network's captured step records five ops (select,
+    the fused pass reading the batch's rows where they lie, the guard with the shares'
+    sum, the update, the advance) where the unfused one records 17 (12 with the GPU's
+    fused products); on the GPU each of the five is one kernel."""
     from gpubp import bench as B
 
     (case,) = B.find_cases(["tiny"])
@@ -282,8 +290,7 @@ def test_the_captured_step_is_six_ops():
         names[fused_on] = [fn.__name__ for fn, _, _ in rec.graphs[0]]
     assert len(names[False]) == 17 and "gemm" in names[False]  # unfused: the layers' ops (12 with fused products)
     names = names[True]
-    assert names == ["select_rows", "gather_windows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched",
-                     "step_advance"]  # fmt: skip
+    assert names == ["select_rows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched", "step_advance"]
 
 
 def test_a_cpu_run_with_fused_mlp_is_the_reference_op(monkeypatch):

@@ -25,6 +25,7 @@ from ..activations import Activation
 from ..errors import DeviceRuntimeError
 from ..losses import Loss
 from . import cublaslt
+from .numpy_ops import loss_divisor
 
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
 KERNELS_USED = (
@@ -658,10 +659,10 @@ class CupyBackend:
         )  # fmt: skip
         return out
 
-    def _sum_grid(self, n: int, acc_dtype) -> tuple[int, object]:
-        """The one-launch sum's grid for n values (a function of n only: the same partition,
-        the same bits) and its kept partial-sum buffer."""
-        blocks = max(1, min(1024, math.ceil(n / (4 * BLOCK))))
+    def _sum_grid(self, n: int, acc_dtype, per_thread: int = 4) -> tuple[int, object]:
+        """The one-launch sum's grid for n values, about per_thread a thread (a function of
+        n only: the same partition, the same bits) and its kept partial-sum buffer."""
+        blocks = max(1, min(1024, math.ceil(n / (per_thread * BLOCK))))
         return blocks, self._scratch("sum", blocks, acc_dtype)
 
     def _counter(self, name: str, grid) -> object:
@@ -755,23 +756,34 @@ class CupyBackend:
 
     # ------------------------------------------------------------------ fused MLP
 
-    def mlp_forward_backward(self, x, target, params, grads, sizes, activations, loss: Loss, out):
+    def mlp_forward_backward(self, x, target, params, grads, sizes, activations, loss: Loss, out, window=None):
         """The forward pass, loss and backward pass of a plain MLP in one launch of
         kernels/mlp.cu (see numpy_ops.mlp_forward_backward, the reference); the mean loss
         into `out`. Returns the gradient's shares (S, P), one per block (grads itself when
         S = 1: written), or None, having done nothing, where the kernel does not take the
-        network (mlp_tile_rows; float32 and float64; one leaky_relu slope)."""
+        network (mlp_tile_rows; float32 and float64; one leaky_relu slope). window (perm,
+        start, n): the batch is rows perm[start : start + n] of x and target, read by the
+        kernel where they lie (no gather before it)."""
         dtype, sizes = x.dtype, tuple(int(w) for w in sizes)
         saves_z = tuple(int(a.saves == "input") for a in activations)
-        n, p = x.shape[0], grads.size
+        n_x, p = x.shape[0], grads.size
+        n = n_x if window is None else int(window[2])
         rows = self._mlp_rows(sizes, activations, dtype, n)
         if not rows:
             return None
         op = "mlp_forward_backward"
         self._check(op, dtype, x=x, params=params, grads=grads)
-        if x.shape != (n, sizes[0]) or params.shape != (p,) or len(activations) != len(sizes) - 1:
+        if x.shape != (n_x, sizes[0]) or params.shape != (p,) or len(activations) != len(sizes) - 1:
             raise ValueError(f"{op}: x {x.shape}, params {params.shape} do not fit the widths {sizes}")
-        labels, targets, divisor = self._loss_targets(op, target, loss, n, sizes[-1], dtype)
+        labels, targets, _ = self._loss_targets(op, target, loss, n_x, sizes[-1], dtype)
+        divisor = loss_divisor(loss, n, sizes[-1])  # the batch's rows, not the split's
+        if window is None:
+            perm = start = self._constant(0, (1,), np.int64)  # (not read)
+        else:
+            perm, start = window[0], window[1]
+            self._check(op, np.int64, perm=perm, start=start)
+            if perm.ndim != 1 or start.size != 1 or perm.shape[0] < n:
+                raise ValueError(f"{op}: window perm {perm.shape}, start {start.shape} for {n} rows")
         out = self._loss_out(op, out, dtype)
         kinds = tuple(a.info.kernel_id for a in activations)
         dims = self._kept(("mlp_dims", sizes, kinds, saves_z),
@@ -783,7 +795,8 @@ class CupyBackend:
         t = dtype.type
         self._function("mlp_fused", dtype)(
             (grid,), (MLP_THREADS,),
-            (x, labels, targets, params, shares, np.int64(p), dims, np.int32(len(sizes) - 1), np.int32(n),
+            (x, labels, targets, perm, start, np.int32(window is not None), params, shares, np.int64(p), dims,
+             np.int32(len(sizes) - 1), np.int32(n),
              np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)), t(max(_leaky_slopes(activations), default=0.0)),
              np.int32(loss.info.kernel_id),
              t(loss.label_smoothing),
@@ -882,7 +895,8 @@ class CupyBackend:
         self._check("step_guard_norm", dtype, shares=shares)
         if shares.ndim != 2 or shares.shape[1] != g.size:
             raise ValueError(f"step_guard_norm: shares {shares.shape} do not fit g {g.shape}")
-        blocks, partial = self._sum_grid(g.size, dtype)
+        # an element a thread when each is a sum of shares (more blocks read them at once)
+        blocks, partial = self._sum_grid(g.size, dtype, 1 if shares.shape[0] > 1 else 4)
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
             (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),

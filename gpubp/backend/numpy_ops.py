@@ -462,7 +462,7 @@ def elementwise_loss(x, target, loss: Loss, grad, scale: float):
     return terms
 
 
-def mlp_forward_backward(x, target, params, grads, sizes, activations, loss: Loss, out):
+def mlp_forward_backward(x, target, params, grads, sizes, activations, loss: Loss, out, window=None):
     """A plain MLP's forward pass, loss and backward pass as one op (the GPU runs it as one
     kernel for narrow layers, kernels/mlp.cu):
 
@@ -476,7 +476,14 @@ def mlp_forward_backward(x, target, params, grads, sizes, activations, loss: Los
     loss. Returns the gradient's shares: an (S, P) array whose sum over its rows is the
     gradient (the GPU may leave a share per block of rows, summed by sum_shares or by the
     guard, step_guard_norm(..., shares)); here one share, grads itself, written. The GPU
-    returns None, having done nothing, where the kernel does not fit the network."""
+    returns None, having done nothing, where the kernel does not fit the network.
+    window (perm, start, n): x and target are a whole split and the batch is its rows
+    perm[start : start + n] (perm int64 (N,), start a 0-d int64: the training step's
+    epoch order and position, read when the op runs), as gather_windows would give them."""
+    if window is not None:
+        perm, start, n = window
+        rows = perm[int(start) : int(start) + n]
+        x, target = x[rows], target[rows]
     views, offset = [], 0
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         w, b = offset + fan_in * fan_out, offset + fan_in * fan_out + fan_out
