@@ -5,10 +5,11 @@
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
     (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
                MLP reads the rows where they lie, and leaves grads in shares the guard sums
-    guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm)
+    guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
+               running_loss += loss, pos += 1 in the same launch unless fp16: see advance)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip)                               reads vectors, first
-    advance    running_loss += loss;  pos += 1
+    (fp16)     advance: running_loss += loss;  pos += 1   (step_advance; else in the guard's launch)
 
 Everything that changes from one step to the next (the learning rate of the schedule,
 Adam's bias corrections, SGD's first step, the step index, where the batch starts in
@@ -249,9 +250,13 @@ class Step(ShapeGraphs):
         self._finish(loss)
 
     def _finish(self, loss) -> None:
-        """guard + clip, update, running loss, advance."""
+        """guard + clip, update, running loss, advance. The guard's launch advances too,
+        except in fp16 (the scaled guard; its update's numbers come after it, from pos)."""
         st = self.state
-        self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares)
+        fold = not st.counted and self.guard.loss_scale is None  # nothing after the guard reads pos then
+        self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares,
+                         advance=(self.running, st.pos) if fold else None)  # fmt: skip
         st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip)
-        st.advance(self.running, loss)
+        if not fold:
+            st.advance(self.running, loss)

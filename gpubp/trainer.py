@@ -499,20 +499,22 @@ class FiniteGuard:
             self.skipped = backend.zeros((), np.int64)  # steps skipped for an overflowing gradient
             self.interval = precision.LOSS_SCALE_INTERVAL  # finite steps before the scale doubles
 
-    def check(self, step: int, loss, grads, grad_sq, max_norm: float, shares=None) -> None:
+    def check(self, step: int, loss, grads, grad_sq, max_norm: float, shares=None, advance=None) -> None:
         """Before the update of step `step` (0-based): the loss (0-d) and the flat gradients
         (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
         that global norm (through `scale`). shares: the gradient still in shares (S, P)
-        (the fused MLP's), summed into grads first. One launch on the GPU (step_guard_norm;
-        fp16: step_guard_scaled_norm, which never has shares)."""
+        (the fused MLP's), summed into grads first; advance (running, pos): the step's
+        step_advance in the same launch. One launch on the GPU (step_guard_norm; fp16:
+        step_guard_scaled_norm, which never has shares nor advance)."""
         be = self.backend
         if self.loss_scale is not None:
+            assert shares is None and advance is None, "fp16's guard neither sums shares nor advances"
             be.step_guard_scaled_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm,
                                       self.scale, self.loss_scale, self.good_steps, self.skipped,
                                       interval=self.interval)  # fmt: skip
             return
         be.step_guard_norm(loss, grads, grad_sq, step, max_norm, self.first_bad, self.skip, self.norm, self.scale,
-                           shares=shares)  # fmt: skip
+                           shares=shares, advance=advance)  # fmt: skip
 
     def scaler_record(self) -> dict:
         """fp16: {"skipped_steps", "loss_scale"} (two reads from the device); else {}."""

@@ -363,7 +363,8 @@ def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
         assert grid == (max(1, min(1024, -(-n // 1024))),) and args[5].shape == grid
         assert args[0] is loss and args[1] is g and args[4] == n and args[7] is grad_sq and args[8] is step
         assert args[2].shape == (1, n) and np.shares_memory(args[2], g) and args[3] == 1  # no shares: g, one
-        assert args[9] == 2.5 and all(a is b for a, b in zip(args[10:], (first_bad, skip, norm, scale)))
+        assert args[9] == 2.5 and all(a is b for a, b in zip(args[10:14], (first_bad, skip, norm, scale)))
+        assert args[14] == 0 and args[15].dtype == np.float64 and args[16].dtype == np.int64  # no advance
         be.sum_squares(g, out=grad_sq)  # the same partials and counter as the plain sum
         assert launched[-1][3][3] is args[5] and launched[-1][3][4] is args[6]
         shares = np.ones((3, n), dtype)  # the gradient in three shares: summed in the same launch
@@ -373,6 +374,13 @@ def test_the_guard_with_its_norm_is_one_launch_that_fits_its_kernel(dtype):
         assert launched[-1][1] == (max(1, min(1024, -(-n // 256))),)  # an element a thread: each a sum of shares
         with pytest.raises(ValueError, match="shares"):
             be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, shares=shares[:, 1:])
+        running, pos = zero(np.float64), zero(np.int64)  # the step's advance, in the same launch
+        be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale, advance=(running, pos))
+        assert_launch_fits("optim.cu", name, launched[-1][3])
+        assert launched[-1][3][14] == 1 and launched[-1][3][15] is running and launched[-1][3][16] is pos
+        with pytest.raises(ValueError, match="advance"):
+            be.step_guard_norm(loss, g, grad_sq, step, 2.5, first_bad, skip, norm, scale,
+                               advance=(np.zeros(2), pos))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bf16", "fp16"])

@@ -173,13 +173,15 @@ def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_guard_runs_in_the_block_that_finishes_the_norm(host_kernels, dtype):
     """step_guard_norm against numpy_ops.step_guard_norm over a run of steps: one block and
-    9, clipping on and off, a NaN gradient (the first bad step is kept)."""
+    9, clipping on and off, a NaN gradient (the first bad step is kept); the step's
+    advance (running loss, position) by the same launch, once."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(3)
     t = np.dtype(dtype).type
     ref = [np.array(-1, np.int64), np.array(False), np.zeros((), dtype), np.zeros((), dtype)]
     dev = [a.copy() for a in ref]
     sq_ref, sq_dev = np.zeros((), dtype), np.zeros((), dtype)
+    advance = (np.zeros((), np.float64), np.zeros((), np.int64))  # running loss, pos: by the finishing block
     for step, (n, max_norm, nan) in enumerate([(5, 2.0, False), (9000, 1.0, False), (9000, 0.0, False),
                                                (900, 1e-3, False), (9000, 1.0, True), (77, 1.0, False)]):  # fmt: skip
         g = rng.normal(size=n).astype(dtype)
@@ -188,8 +190,9 @@ def test_the_guard_runs_in_the_block_that_finishes_the_norm(host_kernels, dtype)
         loss = np.array(t(0.5))
         numpy_ops.step_guard_norm(loss, g, sq_ref, step, max_norm, *ref)
         gpu.launches.clear()
-        gpu.be.step_guard_norm(loss, g, sq_dev, np.asarray(step, np.int64), max_norm, *dev)
+        gpu.be.step_guard_norm(loss, g, sq_dev, np.asarray(step, np.int64), max_norm, *dev, advance=advance)
         assert len(gpu.launches) == 1 and gpu.launches[0].startswith("step_guard_norm_")
+        assert int(advance[1]) == step + 1 and float(advance[0]) == 0.5 * (step + 1)  # the step's advance too
         assert dev[0] == ref[0] and dev[1] == ref[1], step
         if nan:  # the sum, the norm NaN; the scale 1 (min(1, NaN) is 1, as Python's min)
             assert np.isnan(sq_dev) and np.isnan(dev[2]) and np.isnan(ref[2]) and dev[3] == ref[3] == 1, step

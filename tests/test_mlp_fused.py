@@ -273,11 +273,11 @@ def test_the_model_keeps_its_ops_where_the_kernel_does_not_apply(host_kernels): 
     assert "mlp_fused_f32" not in gpu.launches
 
 
-def test_the_captured_step_is_five_ops():
-    """train.fused_mlp: the tiny bench network's captured step records five ops (select,
+def test_the_captured_step_is_four_ops():
+    """train.fused_mlp: the tiny bench network's captured step records four ops (select,
     the fused pass reading the batch's rows where they lie, the guard with the shares'
-    sum, the update, the advance) where the unfused one records 17 (12 with the GPU's
-    fused products); on the GPU each of the five is one kernel."""
+    sum and the step's advance, the update) where the unfused one records 16 (11 with the
+    GPU's fused products); on the GPU each of the four is one kernel."""
     from gpubp import bench as B
 
     (case,) = B.find_cases(["tiny"])
@@ -288,9 +288,9 @@ def test_the_captured_step_is_five_ops():
         for _ in range(3):  # plain, captured, replayed
             step()
         names[fused_on] = [fn.__name__ for fn, _, _ in rec.graphs[0]]
-    assert len(names[False]) == 17 and "gemm" in names[False]  # unfused: the layers' ops (12 with fused products)
+    assert len(names[False]) == 16 and "gemm" in names[False]  # unfused: the layers' ops (11 with fused products)
     names = names[True]
-    assert names == ["select_rows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched", "step_advance"]
+    assert names == ["select_rows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched"]
 
 
 def test_a_cpu_run_with_fused_mlp_is_the_reference_op(monkeypatch):

@@ -164,8 +164,8 @@ def test_gradscaler_and_torch_adam_agree(overflowing, monkeypatch):
     seen = []
     original = T.FiniteGuard.check
 
-    def check(self, step, loss, grads, grad_sq, max_norm, shares=None):
-        assert shares is None  # (fp16: the fused MLP does not run)
+    def check(self, step, loss, grads, grad_sq, max_norm, shares=None, advance=None):
+        assert shares is None and advance is None  # (fp16: no fused MLP; pos is read after the guard)
         seen.append((grads.copy(), float(self.loss_scale)))
         original(self, step, loss, grads, grad_sq, max_norm)
 

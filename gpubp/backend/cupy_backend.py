@@ -883,9 +883,11 @@ class CupyBackend:
             (1,), (32,), (loss, grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale)
         )
 
-    def step_guard_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None):
+    def step_guard_norm(self, loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None,
+                        advance=None):  # fmt: skip
         """grad_sq = |g|^2 and the step's verdict in one launch (the block that finishes the
-        sum runs the guard); shares (S, P): g summed from them first, in the same launch. See
+        sum runs the guard); shares (S, P): g summed from them first, in the same launch;
+        advance (running, pos): step_advance(running, loss, pos) too, by that block. See
         numpy_ops.step_guard_norm."""
         dtype = norm.dtype
         self._check_guard("step_guard_norm", dtype, g, loss=loss, grad_sq=grad_sq, first_bad=first_bad, skip=skip,
@@ -897,10 +899,19 @@ class CupyBackend:
             raise ValueError(f"step_guard_norm: shares {shares.shape} do not fit g {g.shape}")
         # an element a thread when each is a sum of shares (more blocks read them at once)
         blocks, partial = self._sum_grid(g.size, dtype, 1 if shares.shape[0] > 1 else 4)
+        if advance is None:
+            running, pos = self._constant(0, (1,), np.float64), self._constant(0, (1,), np.int64)  # (not written)
+        else:
+            running, pos = advance
+            self._check("step_guard_norm", np.float64, running=running)
+            self._check("step_guard_norm", np.int64, pos=pos)
+            if running.size != 1 or pos.size != 1:
+                raise ValueError("step_guard_norm: advance's running and pos must hold one value each")
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
             (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),
-             grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale),
+             grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale,
+             np.int32(advance is not None), running, pos),
         )  # fmt: skip
 
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,

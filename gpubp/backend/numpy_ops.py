@@ -660,16 +660,19 @@ def step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale):
     scale[...] = min(t(1), t(max_norm) / (norm + t(1e-6))) if max_norm > 0 else t(1)
 
 
-def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None):
+def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, shares=None, advance=None):
     """grad_sq = sum_j g_j^2 (sum_squares of the flat gradients g (P,), into the 0-d
     grad_sq), then step_guard(loss, grad_sq, ...): the step's verdict from its gradients,
     one launch on the GPU (the block that finishes the sum runs the guard). shares: the
     gradient still in shares (S, P) (mlp_forward_backward's), first summed into g
-    (sum_shares), in the same launch."""
+    (sum_shares), in the same launch. advance (running, pos): then step_advance(running,
+    loss, pos), the step's bookkeeping, in the same launch too."""
     if shares is not None:
         sum_shares(shares, g)
     sum_squares(g, out=grad_sq)
     step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale)
+    if advance is not None:
+        step_advance(advance[0], loss, advance[1])
 
 
 def step_guard_scaled_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
