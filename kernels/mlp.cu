@@ -125,16 +125,18 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       for (int e = t; e < rows * no; e += nt) D[e] *= act_grad(kind[k], saved[k][e], alpha);  // D' = D * f_k'
       __syncthreads();
       T* dW = share + w_off;
+      // the parameter gradients sum the tile's rows in the batch only (a padded row's
+      // activations, from x = 0, are never multiplied in)
       for (int e = t; e < ni * no; e += nt) {  // dW[i, j] += sum_r A_k[r, i] D'[r, j]
         const int i = e / no, j = e % no;
         T s = T(0);
-        for (int r = 0; r < rows; ++r) s += act[k][r * ni + i] * D[r * no + j];
+        for (int r = 0; r < valid; ++r) s += act[k][r * ni + i] * D[r * no + j];
         dW[e] = first ? s : dW[e] + s;
       }
       T* db = dW + (long long)ni * no;
       for (int j = t; j < no; j += nt) {  // db[j] += sum_r D'[r, j]
         T s = T(0);
-        for (int r = 0; r < rows; ++r) s += D[r * no + j];
+        for (int r = 0; r < valid; ++r) s += D[r * no + j];
         db[j] = first ? s : db[j] + s;
       }
       if (k > 0) {

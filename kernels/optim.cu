@@ -147,14 +147,14 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
   }                                                                                                             \
   /* grad_sq = sum g^2 (common.cuh's one-launch sum), then step_guard in the block that finished it; */        \
-  /* n_shares > 1: g is first summed from its shares (n_shares, n) (mlp.cu), g[i] written; */                  \
+  /* shares not g itself: g is first summed from its shares (n_shares, n) (mlp.cu), g[i] written; */          \
   /* advance: that block's thread 0 ends the step's bookkeeping too: running += loss, pos += 1 */              \
   extern "C" __global__ void step_guard_norm_##S(const T* loss, T* g, const T* shares, int n_shares, long long n,  \
                                                   T* partial, unsigned int* count, T* grad_sq,                  \
                                                   const long long* step, T max_norm, long long* first_bad,      \
                                                   bool* skip, T* norm, T* scale, int advance, double* running,  \
                                                   long long* pos) {                                             \
-    auto value = [=](long long i) { return n_shares > 1 ? sum_of_shares(shares, n_shares, n, i, g) : g[i]; };      \
+    auto value = [=](long long i) { return shares != g ? sum_of_shares(shares, n_shares, n, i, g) : g[i]; };       \
     if (!sum_all_of<T, T>(value, n, 1, partial, count, grad_sq, T(1)) || threadIdx.x != 0) return;            \
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale);                                 \
     if (advance) {                                                                                              \

@@ -28,6 +28,7 @@ cupy.cuda.set_pinned_memory_allocator(None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpubp  # noqa: E402
+from gpubp.backend import cupy_backend  # noqa: E402
 from gpubp.backend.cupy_backend import CupyBackend  # noqa: E402
 from gpubp.cli import main  # noqa: E402
 
@@ -62,10 +63,11 @@ for sizes, loss, rows, residual in [
             opt.step()
         be.synchronize()
 
-# the fused MLP kernel (train.fused_mlp): one block (one row), many tiles a block (20000
-# rows: 512 blocks of 16-row tiles), the batch read through a window, the shares summed by
-# sum_shares and by the guard
-for sizes, loss, rows in [([3, 8, 2], "softmax_cross_entropy", 1), ([6, 64, 64, 1], "mse", 20000),
+# the fused MLP kernel (train.fused_mlp): one block (one row), several tiles a block (300
+# rows in tiles of 16 over at most 4 blocks), a partial last tile, the batch read through
+# a window, the shares summed by sum_shares and by the guard
+cupy_backend.MLP_MAX_BLOCKS = 4
+for sizes, loss, rows in [([3, 8, 2], "softmax_cross_entropy", 1), ([6, 64, 64, 1], "mse", 300),
                           ([5, 32, 4], "huber", 77)]:  # fmt: skip
     for dtype in ("float32", "float64"):
         model = gpubp.MLP(sizes, "silu", loss=loss, dtype=dtype, device="gpu", seed=2, fused_mlp=True)

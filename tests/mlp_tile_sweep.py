@@ -22,6 +22,7 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     """The sweep of one case on `backend` (a CupyBackend; the tests pass the recording
     backend), `steps` timed steps (the case's GPU count)."""
     from gpubp import bench as B
+    from gpubp.activations import make_activation
     from gpubp.backend import cupy_backend as C
 
     (case,) = B.find_cases([case_name])
@@ -30,33 +31,34 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     warmup, steps = max(warmup, 3), steps or gpu_steps
     settings = [(t, r, rt) for t in (8, 16, 32, 64, 128) for r in (4, 8, 16) for rt in (1, 2, 4)]
     saved = C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD
-    dataset = B._dataset(case)
-    runs = {"default": B.TrainerStep(case, backend, "float32", True, 10**5, dataset)}
-    grids = {}
+    saves_z = [make_activation(case.activation).saves == "input"] * (len(case.sizes) - 2) + [False]
+    grids = {}  # setting -> (rows a tile, blocks, rows a thread): each distinct launch once
     try:
         for setting in settings:
             C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = setting
-            step = B.TrainerStep(case, backend, "float32", True, 10**5, dataset, fused_mlp=True)
-            model = step.trainer.model
-            if not model.fused_mlp_fits(case.batch):
-                print(f"{case.name}: the network does not fit the fused MLP kernel")
+            r = C.mlp_tile_rows(case.sizes, saves_z, 4, case.batch)
+            if r == 0:
+                print(f"{case.name}: the network does not fit the fused MLP kernel", flush=True)
                 return
-            r = C.mlp_tile_rows(model.sizes, [a.saves == "input" for a in model.activations], 4, case.batch)
             key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r))
-            if key in grids.values():  # the same launch as an earlier setting
-                continue
+            if key not in grids.values():
+                grids[setting] = key
+        dataset = B._dataset(case)
+        runs = {"default": B.TrainerStep(case, backend, "float32", True, 10**5, dataset)}
+        for setting in grids:
+            C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = setting
+            step = runs[setting] = B.TrainerStep(case, backend, "float32", True, 10**5, dataset, fused_mlp=True)
+            assert step.trainer.model.fused_mlp_fits(case.batch)
             for _ in range(3):  # plain, captured, replayed: the graph holds this setting's launch
                 step()
-            grids[setting] = key
-            runs[setting] = step
         ms = B.steps_ms(runs, backend.synchronize, warmup, steps)
     finally:
         C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = saved
-    print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us")
+    print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us", flush=True)
     for setting, (r, blocks, rt) in grids.items():
         print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2} rows a thread {setting[2]}: {r:>2} rows a tile, "
               f"{blocks:>4} blocks, {rt} rows a thread: {1e3 * ms[setting]:9.1f} us/step, "
-              f"default / this {ms['default'] / ms[setting]:.2f}")  # fmt: skip
+              f"default / this {ms['default'] / ms[setting]:.2f}", flush=True)  # fmt: skip
     runs.clear()
     gc.collect()
 

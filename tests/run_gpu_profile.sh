@@ -8,7 +8,8 @@
 # stops. The .nsys-rep reports are deleted (too large to bring back); the CSVs stay.
 # Run from the repository root: OUT=/some/dir bash tests/run_gpu_profile.sh
 # Env: PROFILE_CASES (default "tiny mnist-100 narrow"), PROFILE_PRECISION (float32),
-# PROFILE_STEPS (200), T_PROFILE (seconds per case, 90), PROFILE_FUSED_MLP (1: the step with
+# PROFILE_STEPS (200), T_PROFILE (seconds per case, 90), T_STATS (nsys stats per case, 60),
+# PROFILE_FUSED_MLP (1: the step with
 # train.fused_mlp = true, the one-kernel forward and backward pass of kernels/mlp.cu).
 set -u
 OUT=${OUT:-gpu-out}
@@ -34,7 +35,7 @@ for case in ${PROFILE_CASES:-tiny mnist-100 narrow}; do
     --capture-range cudaProfilerApi --sample none --cpuctxsw none -o "$rep" \
     "$PY" tests/graph_kernel_profile.py run "$case" "$PRECISION" "$STEPS" >> "$OUT/profile.txt" 2>&1
   echo "nsys profile $case: exit $?" >> "$OUT/profile.txt"
-  "$NSYS" stats --force-export true --report cuda_gpu_kern_sum,cuda_gpu_trace --format csv \
+  timeout "${T_STATS:-60}" "$NSYS" stats --force-export true --report cuda_gpu_kern_sum,cuda_gpu_trace --format csv \
     --output "$rep" "$rep.nsys-rep" >> "$OUT/profile.txt" 2>&1
   echo "nsys stats $case: exit $?" >> "$OUT/profile.txt"
   { echo; "$PY" tests/graph_kernel_profile.py table "$case" "$STEPS" "${rep}_cuda_gpu_kern_sum.csv" \

@@ -33,8 +33,9 @@ from .test_kernels_emulated import EmulatedGpu, host_kernels  # noqa: F401  (the
 
 
 def problem(rng, sizes, hidden: str, loss_name: str, n: int, dtype, output: str = "identity"):
-    """Random parameters, batch and targets of a network; its activations and loss."""
-    acts = [make_activation(hidden)] * (len(sizes) - 2) + [make_activation(output)]
+    """Random parameters, batch and targets of a network; its activations and loss (a
+    leaky_relu's slope 0.3, not the default: the kernel must take the one it is given)."""
+    acts = [make_activation(hidden, 0.3)] * (len(sizes) - 2) + [make_activation(output, 0.3)]
     loss = make_loss(loss_name, label_smoothing=0.1 if loss_name == "softmax_cross_entropy" else 0.0)
     _, p = param_layout(sizes)
     params = (rng.normal(size=p) / np.sqrt(max(sizes))).astype(dtype)
@@ -154,6 +155,9 @@ def test_the_guard_sums_the_shares_to_the_bits_of_sum_shares(host_kernels, dtype
     gpu.launches.clear()
     gpu.be.step_guard_norm(out, g, grad_sq, np.asarray(3, np.int64), 0.5, *state, shares=shares)
     assert len(gpu.launches) == 1 and g.tobytes() == g_summed.tobytes()
+    g[...] = np.nan  # one share that is not g itself: copied into g, as sum_shares does
+    gpu.be.step_guard_norm(out, g, grad_sq, np.asarray(3, np.int64), 0.5, *state, shares=g_summed[None].copy())
+    assert g.tobytes() == g_summed.tobytes()
     g64 = g_summed.astype(np.float64)
     assert abs(float(grad_sq) - g64 @ g64) <= 2 * g.size * float(np.finfo(dtype).eps) * (g64 @ g64)
     assert int(state[0]) == -1 and not state[1]
@@ -177,6 +181,10 @@ def test_networks_the_kernel_does_not_take_are_left_to_the_ops(host_kernels):  #
     assert gpu.be.mlp_forward_backward(x, y, params, np.zeros(params.size, np.float32), [3, 4, 2], acts, loss,
                                        np.zeros((), np.float32)) is None  # fmt: skip
     assert gpu.launches == []
+    acts = [make_activation("relu")] * 2
+    with pytest.raises(ValueError, match="do not fit the widths"):  # parameters of another network
+        gpu.be.mlp_forward_backward(x, y, params[:-1], np.zeros(params.size - 1, np.float32), [3, 4, 2], acts, loss,
+                                    np.zeros((), np.float32))  # fmt: skip
 
 
 def test_the_tile_rule_fits_the_kernel():

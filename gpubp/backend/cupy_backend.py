@@ -773,7 +773,8 @@ class CupyBackend:
             return None
         op = "mlp_forward_backward"
         self._check(op, dtype, x=x, params=params, grads=grads)
-        if x.shape != (n_x, sizes[0]) or params.shape != (p,) or len(activations) != len(sizes) - 1:
+        n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # model.param_layout's P
+        if x.shape != (n_x, sizes[0]) or params.shape != (p,) or p != n_params or len(activations) != len(sizes) - 1:
             raise ValueError(f"{op}: x {x.shape}, params {params.shape} do not fit the widths {sizes}")
         labels, targets, _ = self._loss_targets(op, target, loss, n_x, sizes[-1], dtype)
         divisor = loss_divisor(loss, n, sizes[-1])  # the batch's rows, not the split's
