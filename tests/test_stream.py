@@ -367,3 +367,16 @@ def test_each_step_waits_for_the_copies_of_its_chunks(monkeypatch):
         else:
             for g in entry[2]:
                 assert held[g % 2] == g and g % 2 in waited, (entry, held, waited)
+
+
+def test_the_fused_mlp_reads_streamed_rows_as_resident_ones(monkeypatch):
+    """train.fused_mlp: the fused pass reads the batch's rows where they lie (a window of
+    the split, no gather): streamed, in the ring of chunks, captured and replayed, the run
+    equals the resident fused run bitwise (batches straddling chunks included)."""
+    fused = ["train.fused_mlp=true"]
+    resident_fused = run(fused)
+    rec = RecordingBackend()
+    captured = run(fused, chunk=100, monkeypatch=monkeypatch, device=rec)
+    assert isinstance(captured.run.splits["train"], stream.StreamSplit) and captured.graph_note is None
+    assert any(fn.__name__ == "mlp_forward_backward" for fn, _, _ in rec.graphs[0])
+    assert_same_run(resident_fused, captured)
