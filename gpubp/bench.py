@@ -279,6 +279,11 @@ class TrainerStep:
         return int(sum(p.total_bytes() for p in pools.values()))
 
 
+# where the bench times the fused MLP (train.fused_mlp) beside the default step: its kernel's
+# device (the CPU runs the NumPy reference op there, no speed figure)
+FUSED_MLP_DEVICES = ("gpu",)
+
+
 def bench_gpubp(case: Case, backend, precision: str) -> dict:
     """gpubp's training step (TrainerStep): the captured step (the default on the GPU),
     the uncaptured one (train.cuda_graph = false) and, where the model fuses products
@@ -311,7 +316,7 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
         fused = graph.trainer.model.fuses_products
         if fused:  # the same step without the fused products, timed in the same rounds
             runs["unfused"] = TrainerStep(case, backend, precision, True, total, dataset, epilogues=False)
-        if backend.name == "gpu" and graph.trainer.model.fused_mlp_fits(case.batch):  # the one-kernel pass
+        if backend.name in FUSED_MLP_DEVICES and graph.trainer.model.fused_mlp_fits(case.batch):  # one kernel
             runs["mlp"] = TrainerStep(case, backend, precision, True, total, dataset, fused_mlp=True)
         ms = steps_ms(runs, backend.synchronize, warmup, steps)
         plain = runs.get("plain", graph)

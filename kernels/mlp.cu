@@ -27,6 +27,12 @@
 #define MLP_MAX_LAYERS 8
 #define MLP_MAX_RT 4             // rows per thread in the products at most
 
+// The batch's row b in x, labels, targets: perm[start[0] + b] (windowed: the rows of a
+// resident split in the epoch's order, read where they lie, with no gather before), else b.
+__device__ __forceinline__ long long batch_row(const long long* perm, const long long* start, long long b) {
+  return perm != nullptr ? perm[start[0] + b] : b;
+}
+
 // dims (3 L + 1 ints): widths n_0..n_L, then each layer's activation kind, then 1 where f_k'
 // takes z_k (saved apart), else 0.
 // x: (n, n_0); labels: (n,) (cross-entropy) or targets: (n, n_L); shares: (gridDim.x, p).
@@ -37,12 +43,6 @@
 // whatever rt is (over i, then + b), so rt changes the speed, not the bits.
 // Shared memory, R x width each: A_0..A_L, then z_k for each layer that saves it, then D
 // and E (R x max width): the gradient carried down and the next one.
-// The batch's row b in x, labels, targets: perm[start[0] + b] (windowed: the rows of a
-// resident split in the epoch's order, read where they lie, with no gather before), else b.
-__device__ __forceinline__ long long batch_row(const long long* perm, const long long* start, long long b) {
-  return perm != nullptr ? perm[start[0] + b] : b;
-}
-
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
                           const long long* start, const T* params, T* shares, long long p, const int* dims,

@@ -85,6 +85,29 @@ def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
     assert not g["fused_products"] and g["ms_per_step_unfused"] is None and g["fusion_speedup"] is None
 
 
+def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypatch):
+    """On the GPU (FUSED_MLP_DEVICES; the recording backend stands in) the row also times
+    the captured step with train.fused_mlp = true in the same rounds where the network
+    fits the kernel: "mlp x", the default step over it, in the row and both tables; a
+    network it does not take (wider than the kernel's 128 here) has none."""
+    from gpubp.backend.recording import RecordingBackend
+
+    monkeypatch.setattr(B, "FUSED_MLP_DEVICES", ("cpu",))
+    rec = RecordingBackend()  # (its op set is the NumPy reference's: the fused MLP runs as numpy_ops' op)
+    case = B.Case("t", [8, 16, 4], 32, steps=10, warmup=2, loss="softmax_cross_entropy", optimizer="adam")
+    report = B.run([case], rec, with_torch=False, log=lambda m: None, precisions=["float32"])
+    g = report["results"][0]["gpubp"]
+    assert g["ms_per_step_fused_mlp"] > 0
+    assert g["fused_mlp_speedup"] == pytest.approx(g["ms_per_step"] / g["ms_per_step_fused_mlp"], rel=1e-12)
+    assert f"| {g['fused_mlp_speedup']:.2f} |" in B.markdown(report)
+    assert f" {g['fused_mlp_speedup']:>6.2f} " in B.format_row(report["results"][0])
+    assert any(fn.__name__ == "mlp_forward_backward" for graph in rec.graphs for fn, _, _ in graph)
+    wide = B.Case("w", [8, 200, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adam")
+    rec.inner.mlp_fits = lambda sizes, *a: max(sizes) <= 128  # the GPU's width limit
+    g = B.run([wide], rec, with_torch=False, log=lambda m: None, precisions=["float32"])["results"][0]["gpubp"]
+    assert g["ms_per_step_fused_mlp"] is None and g["fused_mlp_speedup"] is None
+
+
 def test_the_gpubp_row_times_the_trainers_step_captured_and_plain(monkeypatch):
     """With a backend that captures (the recording backend: a CUDA graph's semantics on the
     CPU), the gpubp row runs the trainer's Step twice over: captured (one capture, then

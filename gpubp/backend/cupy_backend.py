@@ -793,16 +793,13 @@ class CupyBackend:
         # the shares outlive the call (the step's guard sums them): kept per gradient buffer
         key = ("mlp_shares", _address(grads), grid, p, dtype)
         shares = grads.reshape(1, p) if grid == 1 else self._kept(key, lambda: self._cupy.empty((grid, p), dtype))
-        t = dtype.type
+        t, alpha = dtype.type, max(_leaky_slopes(activations), default=0.0)
         self._function("mlp_fused", dtype)(
             (grid,), (MLP_THREADS,),
             (x, labels, targets, perm, start, np.int32(window is not None), params, shares, np.int64(p), dims,
-             np.int32(len(sizes) - 1), np.int32(n),
-             np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)), t(max(_leaky_slopes(activations), default=0.0)),
-             np.int32(loss.info.kernel_id),
-             t(loss.label_smoothing),
-             t(loss.huber_delta), t(1.0 / divisor), self._scratch("mlp_loss", grid, dtype),
-             self._counter("mlp_fused", grid), out, t(divisor)),
+             np.int32(len(sizes) - 1), np.int32(n), np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)), t(alpha),
+             np.int32(loss.info.kernel_id), t(loss.label_smoothing), t(loss.huber_delta), t(1.0 / divisor),
+             self._scratch("mlp_loss", grid, dtype), self._counter("mlp_fused", grid), out, t(divisor)),
         )  # fmt: skip
         return shares
 
