@@ -166,6 +166,21 @@ def test_the_guard_sums_the_shares_to_the_bits_of_sum_shares(host_kernels, dtype
     )
 
 
+def test_a_nan_in_the_batch_reaches_the_loss_and_the_gradient(host_kernels):  # noqa: F811
+    """A NaN in one row of x (the last, partial tile's) makes the loss NaN and the
+    gradient NaN exactly where the reference's is, so the step's guard sees it."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(8)
+    sizes = [4, 8, 3]
+    acts, loss, params, x, y = problem(rng, sizes, "tanh", "softmax_cross_entropy", 45, np.float32)
+    x[44, 2] = np.nan  # 45 rows in tiles of 2: the last tile holds row 44 and a padded row
+    out, g, _ = fused(gpu, sizes, acts, loss, params, x, y)
+    v_ref, g_ref = reference(sizes, acts, loss, params, x, y)
+    assert np.isnan(out) and np.isnan(v_ref)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(g_ref))
+    assert np.isnan(g).any()
+
+
 def test_networks_the_kernel_does_not_take_are_left_to_the_ops(host_kernels):  # noqa: F811
     """None and no launch: a layer wider than MLP_MAX_WIDTH, more than MLP_MAX_LAYERS
     layers, two leaky_relu slopes, an empty batch."""
