@@ -284,7 +284,7 @@ class TrainerStep:
 FUSED_MLP_DEVICES = ("gpu",)
 
 
-def bench_gpubp(case: Case, backend, precision: str) -> dict:
+def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True) -> dict:
     """gpubp's training step (TrainerStep): the captured step (the default on the GPU),
     the uncaptured one (train.cuda_graph = false) and, where the model fuses products
     (the GPU's default), the captured step without (train.gemm_epilogues
@@ -316,7 +316,7 @@ def bench_gpubp(case: Case, backend, precision: str) -> dict:
         fused = graph.trainer.model.fuses_products
         if fused:  # the same step without the fused products, timed in the same rounds
             runs["unfused"] = TrainerStep(case, backend, precision, True, total, dataset, epilogues=False)
-        if backend.name in FUSED_MLP_DEVICES and graph.trainer.model.fused_mlp_fits(case.batch):  # one kernel
+        if with_fused_mlp and backend.name in FUSED_MLP_DEVICES and graph.trainer.model.fused_mlp_fits(case.batch):
             runs["mlp"] = TrainerStep(case, backend, precision, True, total, dataset, fused_mlp=True)
         ms = steps_ms(runs, backend.synchronize, warmup, steps)
         plain = runs.get("plain", graph)
@@ -543,12 +543,13 @@ def versions() -> dict:
 
 
 def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool = True, log=print,
-        progress=None, precisions=(), compile_precisions=(), partial=None) -> dict:  # fmt: skip
+        progress=None, precisions=(), compile_precisions=(), partial=None, with_fused_mlp: bool = True) -> dict:  # fmt: skip
     """Measure every case and precision; log(row) for the table, progress(line) before each
     measurement. `precisions`: only these of each case's dtypes (all when empty);
     `compile_precisions`: torch.compile only in rows of these (all when empty);
     partial(report): after each row but the last, the report so far (its "partial" key
-    says how far), so that a run cut short by a time limit leaves its rows behind."""
+    says how far), so that a run cut short by a time limit leaves its rows behind;
+    with_fused_mlp: time the fused MLP beside the default step where it applies (bench_gpubp)."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
@@ -584,7 +585,7 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
             if partial is not None and i < len(todo):
                 partial(report | {"partial": f"{i} of {len(todo)} rows"})
             continue
-        row["gpubp"] = _new_path(precision, functools.partial(bench_gpubp, case, backend, precision))
+        row["gpubp"] = _new_path(precision, functools.partial(bench_gpubp, case, backend, precision, with_fused_mlp))
         for key, compiled in (("torch_eager", False), ("torch_compile", True)):
             if reason:
                 row[key] = {"skipped": reason}

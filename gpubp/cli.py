@@ -476,9 +476,13 @@ B_PRECISIONS = ("float32", "tf32", "bf16", "float64")  # gpubp.bench.PRECISIONS 
               help="Only these of each case's precisions (repeatable; default all).")  # fmt: skip
 @click.option("--compile-precision", "compile_precisions", multiple=True, type=click.Choice(B_PRECISIONS),
               help="torch.compile only in rows of these precisions (repeatable; default all).")  # fmt: skip
+@click.option(
+    "--no-fused-mlp", is_flag=True, help="Skip timing the fused MLP (train.fused_mlp) beside the default step."
+)
 @click.option("--overwrite", is_flag=True, help="Replace existing --json / --markdown files.")
 @handle_errors
-def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisions, compile_precisions, overwrite):
+def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisions, compile_precisions, no_fused_mlp,
+          overwrite):  # fmt: skip
     """Training-step throughput of gpubp vs PyTorch, measured in the same run."""
     from . import bench as B
     from .backend import resolve_device
@@ -496,7 +500,7 @@ def bench(device, case_names, json_path, md_path, no_torch, no_compile, precisio
     click.echo(B.HEADER)
     report = B.run(cases, backend, with_torch=not no_torch, with_compile=not no_compile, log=click.echo,
                    progress=lambda m: click.echo(m, err=True), precisions=precisions,
-                   compile_precisions=compile_precisions,
+                   compile_precisions=compile_precisions, with_fused_mlp=not no_fused_mlp,
                    partial=functools.partial(_bench_files, json_path, md_path))  # fmt: skip
     summary = B.ratio_summary(report)
     if summary:

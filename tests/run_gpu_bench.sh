@@ -11,7 +11,8 @@
 # Rows: float32 (every target's precision) and bf16 (narrow's bf16 >= 1.5x our float32, wide's
 # bf16 TFLOP/s); torch.compile in the float32 rows only (the targets compare with it there:
 # each compile takes tens of seconds). BENCH_ARGS replaces those choices, e.g.
-# BENCH_ARGS="--case tiny" or BENCH_ARGS="--no-compile".
+# BENCH_ARGS="--case tiny" or BENCH_ARGS="--no-compile"; BENCH_EXTRA is added to either
+# (run_gpu_checks.sh: --no-fused-mlp after a failed fused-MLP test).
 # Run from the repository root: OUT=/some/dir bash tests/run_gpu_bench.sh
 # Budget in seconds (env): T_BENCH.
 set -u
@@ -25,6 +26,6 @@ PY=$(command -v python3)
 } > "$OUT/bench.txt" 2>&1
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 timeout "${T_BENCH:-420}" "$PY" -m gpubp.cli bench --device gpu \
-  ${BENCH_ARGS---precision float32 --precision bf16 --compile-precision float32} \
+  ${BENCH_ARGS---precision float32 --precision bf16 --compile-precision float32} ${BENCH_EXTRA:-} \
   --json "$OUT/bench.json" --markdown "$OUT/bench.md" --overwrite >> "$OUT/bench.txt" 2>&1
 echo "exit: $?" >> "$OUT/bench.txt"

@@ -99,6 +99,11 @@ PY
 echo "exit: $?" >> "$OUT/bias-grad.txt"
 
 # the GPU speed issue's whole table, PyTorch eager and torch.compile beside it (tests/run_gpu_bench.sh;
-# T_BENCH, BENCH_ARGS pass through)
+# T_BENCH, BENCH_ARGS pass through). A fused-MLP test that failed above: the bench leaves the
+# fused MLP out (a kernel fault could end the process and with it the table's other rows)
+if grep -Eq "(mlp_fused|fused-mlp|fused_mlp).*(FAILED|ERROR)" "$OUT/pytest-gpu.txt"; then
+  export BENCH_EXTRA="--no-fused-mlp"
+  echo "a fused-MLP test failed: the bench runs with --no-fused-mlp" >> "$OUT/pytest-gpu.txt"
+fi
 OUT="$OUT" bash tests/run_gpu_bench.sh
 echo "done; logs in $OUT"

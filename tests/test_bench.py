@@ -102,6 +102,8 @@ def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypat
     assert f"| {g['fused_mlp_speedup']:.2f} |" in B.markdown(report)
     assert f" {g['fused_mlp_speedup']:>6.2f} " in B.format_row(report["results"][0])
     assert any(fn.__name__ == "mlp_forward_backward" for graph in rec.graphs for fn, _, _ in graph)
+    off = B.run([case], rec, with_torch=False, log=lambda m: None, precisions=["float32"], with_fused_mlp=False)
+    assert off["results"][0]["gpubp"]["fused_mlp_speedup"] is None  # gpubp bench --no-fused-mlp
     wide = B.Case("w", [8, 200, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adam")
     rec.inner.mlp_fits = lambda sizes, *a: max(sizes) <= 128  # the GPU's width limit
     g = B.run([wide], rec, with_torch=False, log=lambda m: None, precisions=["float32"])["results"][0]["gpubp"]
@@ -171,7 +173,7 @@ def test_profile_restores_the_backend():
 
 def test_bench_cli_writes_json_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "b.json"
-    r = run_cli("bench", "--device", "cpu", "--case", "tiny", "--no-torch", "--json", str(out))
+    r = run_cli("bench", "--device", "cpu", "--case", "tiny", "--no-torch", "--no-fused-mlp", "--json", str(out))
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["results"][0]["case"] == "tiny" and "numpy" in report["versions"]
