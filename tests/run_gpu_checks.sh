@@ -2,7 +2,8 @@
 # One visit to a GPU machine: everything of issue 9 (GPU bring-up) in one script, each
 # part under its own timeout, every log under $OUT:
 #   env.txt             GPU, driver, CUDA, CuPy, compute-sanitizer
-#   pytest-gpu.txt      every gpu-marked test but the sanitizer ones (ops vs NumPy, whole
+#   pytest-gpu.txt      every gpu-marked test but the sanitizer ones (the fused MLP's last, in a
+#                       process of their own: T_PYTEST_MLP; ops vs NumPy, whole
 #                       training CPU vs GPU, determinism, resume, every CLI command; mixed
 #                       precision: tests/test_precision_gpu.py, the tf32 conversion it finds;
 #                       a training split streamed from host memory: tests/test_stream_gpu.py;
@@ -59,10 +60,14 @@ for tool in memcheck racecheck synccheck; do
 done
 
 # (the stacked-model and data-parallel GPU tests run in their own scripts)
-timeout "${T_PYTEST:-330}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider -k "not compute_sanitizer" tests/ \
-  --ignore=tests/test_stack_gpu.py --ignore=tests/test_distributed_gpu.py \
+timeout "${T_PYTEST:-330}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider -k "not compute_sanitizer and not fused-mlp" \
+  tests/ --ignore=tests/test_stack_gpu.py --ignore=tests/test_distributed_gpu.py --ignore=tests/test_mlp_fused_gpu.py \
   > "$OUT/pytest-gpu.txt" 2>&1
 echo "pytest exit code: $?" >> "$OUT/pytest-gpu.txt"
+# the fused MLP's tests in a process of their own, last (new: a kernel fault there leaves the others' results)
+timeout "${T_PYTEST_MLP:-90}" "$PY" -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_mlp_fused_gpu.py \
+  tests/test_step_gpu.py -k "fused_gpu or fused-mlp or trains_as" >> "$OUT/pytest-gpu.txt" 2>&1
+echo "pytest (fused MLP) exit code: $?" >> "$OUT/pytest-gpu.txt"
 wait
 for tool in memcheck racecheck synccheck; do
   { echo "==== $tool"; cat "$OUT/sanitizer-$tool.log"; } >> "$OUT/sanitizer.txt" && rm "$OUT/sanitizer-$tool.log"
