@@ -274,8 +274,14 @@ def stream_chunk(cfg: Config, backend, model: MLP, splits: D.Splits, limit: int 
     where = f"data.device_memory = {cfg.data.device_memory!r}"
     if cfg.data.device_memory == "free":
         where = "the device's free memory (data.device_memory = 'free')"
-    chunk, note = stream_plan(est, n_rows, n_train, row_bytes, batch, min(cfg.train.eval_batch_size, n_train),
-                              limit, where)  # fmt: skip
+    try:
+        chunk, note = stream_plan(est, n_rows, n_train, row_bytes, batch, min(cfg.train.eval_batch_size, n_train),
+                                  limit, where)  # fmt: skip
+    except ConfigError:
+        if cfg.data.device_memory != "free":
+            raise  # a budget the user set: a config error (exit 2)
+        # the device's own memory is too small, not a setting: out of memory (exit 1), with a smaller batch
+        raise out_of_memory(backend, cfg, model.sizes, batch, n_rows) from None
     if chunk is not None and log:
         log(note)
     return chunk

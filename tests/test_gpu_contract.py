@@ -12,9 +12,11 @@ it, since importing it needs libcublas, which a CPU machine lacks.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import re
+import types
 
 import numpy as np
 import pytest
@@ -76,6 +78,7 @@ def recorded_calls():
 
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cublas, be.handle, be.tf32 = Recorder(), 12345, False
+    be._blas = be._cublas
     be._host_scalars = cupy_backend.host_scalars()
     be._check = lambda *args, **kwargs: None  # the fakes are not CuPy arrays
     expected = []
@@ -189,6 +192,7 @@ def test_16bit_gemm_calls_gemmex_with_16bit_inputs_and_float_compute():
 
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cublas, be.handle, be.tf32 = Recorder(), 12345, False
+    be._blas = be._cublas
     be._host_scalars = cupy_backend.host_scalars()
     be._check = lambda *args, **kwargs: None
     seen = []
@@ -281,6 +285,98 @@ def test_the_cublas_workspace_goes_through_ctypes_as_its_c_signature_says():
     assert cublas_set_workspace(1, 2, 3, object()) == "libcublas has no cublasSetWorkspace_v2"
     # this machine has no libcublas loaded: a reason, not an error
     assert isinstance(cublas_set_workspace(1, 2, 3), (str, type(None)))
+
+
+_CTYPE_OF = {"int": ctypes.c_int, "intptr_t": ctypes.c_void_p, "size_t": ctypes.c_void_p,
+             "long long": ctypes.c_longlong, "int64_t": ctypes.c_longlong}  # fmt: skip
+
+
+def test_direct_cublas_declares_what_cupys_bindings_take():
+    """cublas_direct (cuBLAS inside a capture) is called with the arguments the backend
+    hands CuPy's bindings: the same count, in the same order, each declared to ctypes as
+    its C type (addresses and handles as pointers, 64-bit strides as long long)."""
+    from gpubp.backend.cublas_direct import PROTOTYPES
+
+    sigs = binding_signatures("cupy_backends.cuda.libs.cublas", list(PROTOTYPES))
+    for name, (symbol, argtypes) in PROTOTYPES.items():
+        params = sigs[name]
+        assert len(argtypes) == len(params), f"{symbol}: {len(argtypes)} ctypes arguments for {params}"
+        for have, (ctype, pname) in zip(argtypes, params):
+            assert have is _CTYPE_OF[ctype], f"{symbol}({pname}: {ctype}) declared as {have.__name__}"
+
+
+def test_direct_cublas_calls_the_c_symbols_and_raises_on_a_status():
+    """Each routine calls its C symbol (a stand-in library records it) with the arguments
+    as given; a nonzero cublasStatus_t raises, naming the symbol and the status."""
+    from gpubp.backend import cublas_direct
+
+    calls = []
+
+    class Fn:
+        status = 0
+
+        def __call__(self, *args):
+            calls.append((self.name, self.restype, args))
+            return self.status
+
+    class Lib:
+        pass
+
+    lib = Lib()
+    for symbol, _ in cublas_direct.PROTOTYPES.values():
+        fn = Fn()
+        fn.name = symbol
+        setattr(lib, symbol, fn)
+    blas = cublas_direct.DirectCublas(lib)
+    for name, (symbol, argtypes) in cublas_direct.PROTOTYPES.items():
+        args = tuple(range(len(argtypes)))
+        getattr(blas, name)(*args)
+        assert calls[-1] == (symbol, ctypes.c_int, args)
+        assert getattr(lib, symbol).argtypes == argtypes
+    lib.cublasGemmEx.status = 13
+    with pytest.raises(cublas_direct.CublasError, match="cublasGemmEx returned cuBLAS status 13"):
+        blas.gemmEx(*range(19))
+    del Lib, lib.cublasSgemv_v2
+    with pytest.raises(cublas_direct.CublasError, match="libcublas has no cublasSgemv_v2"):
+        cublas_direct.DirectCublas(lib)
+    # this machine has no libcublas loaded: a reason, not an error
+    direct, why = cublas_direct.direct_cublas()
+    assert (direct is None) == isinstance(why, str)
+
+
+def test_the_capture_calls_cublas_directly_and_gives_cupys_bindings_back():
+    """Inside a warm-up or a capture the backend's routines are cublas_direct's (CuPy's
+    bindings set the handle's stream before each call, and refuse while it captures);
+    after it, and after a failure inside it, CuPy's again, with the handle's stream back."""
+    from gpubp.backend import cupy_backend
+
+    class FakeStream(contextlib.nullcontext):
+        ptr = 0x7F00
+
+    class FakeCupy:
+        class cuda:  # noqa: N801 (CuPy's name)
+            MemoryPool = type("MemoryPool", (), {"malloc": None})
+            using_allocator = staticmethod(lambda malloc: contextlib.nullcontext())
+
+    stream_calls = []
+
+    class Cublas:
+        getStream = staticmethod(lambda h: 0)
+        setStream = staticmethod(lambda h, s: stream_calls.append(s))
+
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._cupy, be.handle = FakeCupy(), 12345
+    be._cublas = be._blas = Cublas()
+    cap = cupy_backend.CudaGraphCapturer.__new__(cupy_backend.CudaGraphCapturer)
+    cap.backend, cap.stream, cap.pools, cap.direct = be, FakeStream(), {}, object()
+    cap.workspace = types.SimpleNamespace(data=types.SimpleNamespace(ptr=0x9000), nbytes=1 << 20)
+    seen = []
+    with cap._on_stream(64):
+        seen.append(be._blas)
+    assert seen == [cap.direct] and be._blas is be._cublas and stream_calls == [0x7F00, 0]
+    with pytest.raises(RuntimeError), cap._on_stream(64):
+        raise RuntimeError("a step that fails inside")
+    assert be._blas is be._cublas and stream_calls[-1] == 0
 
 
 def test_reductions_reuse_their_working_buffers():

@@ -93,6 +93,7 @@ def test_tf32_rounding_modes():
     np.testing.assert_array_equal(trunc[:4], np.float32([1, 1 + 2.0**-10, -1, 1]))
     for r in (rna, rne, trunc):
         assert r[4] == np.inf and np.isnan(r[5])
+    np.testing.assert_array_equal(PR.round_tf32(x)[:4], rne[:4])  # the default: cuBLAS's mode (H100)
     # the rounded values have 10 explicit mantissa bits: the low 13 are zero
     y = PR.round_tf32(np.random.default_rng(0).normal(size=1000).astype(np.float32))
     assert (y.view(np.uint32) & 0x1FFF == 0).all()

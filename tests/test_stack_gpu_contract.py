@@ -33,6 +33,7 @@ def test_gemm_batched_calls_gemm_strided_batched_ex_as_its_binding_says():
 
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cublas, be.handle, be.tf32 = Recorder(), 12345, False
+    be._blas = be._cublas
     be._host_scalars = cupy_backend.host_scalars()
     be._cupy = types.SimpleNamespace(ndarray=FakeStack)
     count, m, k, n, flat = 4, 5, 6, 7, 100  # W_k: (count, k, n) views of a (count, flat) buffer

@@ -13,7 +13,7 @@ import gpubp.trainer as T
 from gpubp import stream
 from gpubp.backend.recording import RecordingBackend
 from gpubp.config import load_config, parse_size
-from gpubp.errors import ConfigError
+from gpubp.errors import ConfigError, DeviceRuntimeError
 
 # 240 training rows in batches of 64: 4 steps an epoch, the last of 48 rows; 60 steps = 15 epochs
 BASE = ["data.dataset=spirals", "data.n_samples=300", "data.val_fraction=0.2", "data.test_fraction=0.0",
@@ -184,6 +184,18 @@ def test_a_budget_too_small_for_two_batches_is_refused_in_one_line():
         T.Trainer(cfg, None, device="cpu", quiet=True)
     assert "data.device_memory" in str(e.value) and "\n" not in str(e.value)
     assert "train.batch_size" in str(e.value)
+
+
+def test_a_device_too_small_for_two_batches_is_out_of_memory(monkeypatch):
+    """data.device_memory = "free" (the default) measures the device: when not even two
+    chunks of one batch fit there, the run is out of memory (DeviceRuntimeError: exit 1),
+    with the smaller batch to try, not a config error about a setting the user never made."""
+    monkeypatch.setattr(T, "stream_budget", lambda value, backend: chunk_budget(BATCH) - 500)
+    with pytest.raises(DeviceRuntimeError) as e:
+        T.Trainer(load_config(None, BASE + WIDE), None, device="cpu", quiet=True)
+    msg = str(e.value)
+    assert msg.startswith("out of memory on ") and "\n" not in msg
+    assert msg.endswith(f"use a smaller train.batch_size (e.g. {BATCH // 4})")
 
 
 def test_plan_caps_the_chunk_at_the_split():

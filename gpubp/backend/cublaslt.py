@@ -210,7 +210,8 @@ class Lt:
 
     def plan(self, *, m: int, n: int, k: int, lda: int, trans_a: bool, ldb: int, trans_b: bool, ldd: int,
              epilogue: int, aligns: tuple, tf32: bool = False, bias_ptr: int = 0, mask_ptr: int = 0,
-             mask_ld: int = 0, data_type: int = CUDA_R_32F, d_type: int | None = None):  # fmt: skip
+             mask_ld: int = 0, data_type: int = CUDA_R_32F, d_type: int | None = None,
+             bias_type: int | None = CUDA_R_32F):  # fmt: skip
         """The Plan of D (m x n, column-major) = op(A) op(B) with `epilogue`, made on first
         use; None where cuBLASLt has no algorithm for it. data_type: A's and B's (float32,
         or 16-bit with float32 accumulation); d_type: D's (default data_type; float32 for
@@ -219,10 +220,11 @@ class Lt:
         sees them (column-major; the caller swaps row-major operands); aligns: the byte
         alignments of A, B and D (`alignment`), which the algorithm may rely on. bias_ptr:
         the bias (BIAS epilogues) or the bias gradient (BGRAD); mask_ptr, mask_ld (bits):
-        the ReLU mask."""
+        the ReLU mask; bias_type: its CUDA type (None: D's, cuBLASLt's default; gpubp keeps
+        float32 biases, tests/lt_bias_probe.py asks which types cuBLASLt takes)."""
         d_type = data_type if d_type is None else d_type
         key = (m, n, k, lda, trans_a, ldb, trans_b, ldd, epilogue, aligns, tf32, bias_ptr, mask_ptr, mask_ld, data_type,
-               d_type)  # fmt: skip
+               d_type, bias_type)  # fmt: skip
         if key in self.plans:
             return self.plans[key]
         lib = self.lib
@@ -235,8 +237,8 @@ class Lt:
         self._set(set_desc, desc, DESC_EPILOGUE, ctypes.c_uint32(epilogue))
         if bias_ptr:
             self._set(set_desc, desc, DESC_BIAS_POINTER, ctypes.c_void_p(bias_ptr))
-            if d_type != CUDA_R_32F:  # by default the bias has D's type: ours is float32
-                self._set(set_desc, desc, DESC_BIAS_DATA_TYPE, ctypes.c_int32(CUDA_R_32F))
+            if bias_type is not None and bias_type != d_type:  # by default the bias has D's type
+                self._set(set_desc, desc, DESC_BIAS_DATA_TYPE, ctypes.c_int32(bias_type))
         if mask_ptr:
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_POINTER, ctypes.c_void_p(mask_ptr))
             self._set(set_desc, desc, DESC_EPILOGUE_AUX_LD, ctypes.c_int64(mask_ld))

@@ -24,7 +24,7 @@ from .. import precision as PR
 from ..activations import Activation
 from ..errors import DeviceRuntimeError
 from ..losses import Loss
-from . import cublaslt
+from . import cublas_direct, cublaslt
 from .numpy_ops import loss_divisor
 
 # every kernel this backend launches, by base name (each exists as _f32 and _f64)
@@ -278,6 +278,7 @@ class CupyBackend:
         self.xp = cupy
         self._cupy = cupy
         self._cublas = cublas
+        self._blas = cublas  # the routines' module: CuPy's, or cublas_direct's inside a capture
         self.device = cupy.cuda.Device(device_id)
         self.device.use()
         self.out_of_memory_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
@@ -434,7 +435,7 @@ class CupyBackend:
         if dims is None:
             return out
         m, n, k = dims
-        cublas, h = self._cublas, self.handle
+        h = self.handle
         if m == 1 or n == 1:
             return self._gemv(a, b, out, trans_a, trans_b, beta, m, n, k)
         t = dtype.type
@@ -442,7 +443,7 @@ class CupyBackend:
         fast = tf32 or self.tf32
         compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if fast else _COMPUTE_32F)
         data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
-        cublas.gemmEx(
+        self._blas.gemmEx(
             h, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[1], a.data.ptr, data, a.shape[1],
             self._scalar_ptr(t, beta), out.data.ptr, data, n, compute, _GEMM_DEFAULT,
@@ -462,7 +463,7 @@ class CupyBackend:
             return out
         m, n, k = dims
         t, io, c = np.float32, _CUDA_TYPE[low], _CUDA_TYPE[out.dtype]
-        self._cublas.gemmEx(
+        self._blas.gemmEx(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             self._scalar_ptr(t, 1.0), b.data.ptr, io, b.shape[1], a.data.ptr, io, a.shape[1],
             self._scalar_ptr(t, beta), out.data.ptr, c, n, _COMPUTE_32F, _GEMM_DEFAULT,
@@ -477,7 +478,7 @@ class CupyBackend:
         """A product with one output row (x W: the vector-Jacobian product of a batch of
         one) or one output column, as cuBLAS GEMV on the matrix operand."""
         t = out.dtype.type
-        gemv = self._cublas.dgemv if t is np.float64 else self._cublas.sgemv
+        gemv = self._blas.dgemv if t is np.float64 else self._blas.sgemv
         alpha, beta = self._scalar_ptr(t, 1.0), self._scalar_ptr(t, beta)
         if m == 1:
             # out (1, n) = v (1, k) op(b): y = op(b)^T v, b seen column-major as (b.shape[1], b.shape[0])
@@ -1125,7 +1126,7 @@ class CupyBackend:
         compute = _COMPUTE_64F if t is np.float64 else (_COMPUTE_32F_FAST_TF32 if self.tf32 else _COMPUTE_32F)
         data = _CUDA_R_64F if t is np.float64 else _CUDA_R_32F
         # column-major: out[i]^T (n x m) = op(b[i])^T (n x k) . op(a[i])^T (k x m)
-        self._cublas.gemmStridedBatchedEx(
+        self._blas.gemmStridedBatchedEx(
             self.handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k,
             self._scalar_ptr(t, 1.0), b.data.ptr, data, b.shape[-1], sb,
             a.data.ptr, data, a.shape[-1], sa,
@@ -1280,10 +1281,12 @@ class CudaGraphCapturer:
       the current stream (the stream is non-blocking: nothing on the legacy default
       stream can join the capture; the warm-up is ordered with events). The pool is never used by anything else afterwards, so the
       temporaries the graph's kernels write (partial sums) stay its own.
-    cuBLAS: the raw bindings take the handle as it is; its stream is set to the capture
-    stream through the raw setStream before the capture begins (CuPy refuses a
-    setStream during a capture only in its own wrappers) and put back after (which also
-    gives cuBLAS its default workspace back). In between, cuBLAS works in a workspace of
+    cuBLAS: the handle's stream is set to the capture stream (CuPy's setStream) before
+    the capture begins and put back after (which also gives cuBLAS its default workspace
+    back). In between, the backend calls cuBLAS through `cublas_direct` (ctypes on the
+    same libcublas), not CuPy's bindings: those set the handle's stream before every
+    routine, and CuPy's setStream refuses while the stream captures (seen on an H100,
+    CuPy 14.2.0). In between, too, cuBLAS works in a workspace of
     ours (WORKSPACE_BYTES, kept for the graphs' life), so it allocates nothing inside a
     capture: CuPy 14's raw binding has no cublasSetWorkspace, so it is called through
     ctypes on the libcublas CuPy loaded (`cublas_set_workspace`); where that fails,
@@ -1300,6 +1303,9 @@ class CudaGraphCapturer:
         self.graphs: dict = {}  # key -> the captured graph (kept alive)
         self.workspace = None  # cuBLAS's workspace inside warm-ups and captures (device bytes)
         self.workspace_note = None  # why cuBLAS has none of ours, if it has not
+        self.direct, why = cublas_direct.direct_cublas()  # cuBLAS inside warm-ups and captures
+        if self.direct is None:
+            raise DeviceRuntimeError(f"CUDA graphs need cuBLAS through ctypes: {why}; set train.cuda_graph = false")
 
     def bind_cublas(self, stream_ptr: int) -> int:
         """Point the backend's cuBLAS handle at stream `stream_ptr`; returns the stream it had."""
@@ -1321,9 +1327,11 @@ class CudaGraphCapturer:
             self.workspace_note = cublas_set_workspace(
                 self.backend.handle, self.workspace.data.ptr, self.workspace.nbytes
             )
+            self.backend._blas = self.direct
             with cupy.cuda.using_allocator(pool.malloc), self.stream:
                 yield
         finally:
+            self.backend._blas = self.backend._cublas
             self.bind_cublas(previous)
 
     def warmup(self, key, fn) -> None:
@@ -1355,14 +1363,9 @@ def cublas_set_workspace(handle: int, ptr: int, size: int, lib=None) -> str | No
     import ctypes
 
     if lib is None:
-        try:
-            with open("/proc/self/maps") as f:
-                path = next((ln.split()[-1] for ln in f if "/libcublas.so" in ln), None)
-            if path is None:
-                return "libcublas is not loaded in this process"
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-        except OSError as e:
-            return f"libcublas cannot be opened ({_one_line(e)})"
+        lib, why = cublas_direct.loaded_libcublas()
+        if lib is None:
+            return why
     fn = getattr(lib, "cublasSetWorkspace_v2", None)
     if fn is None:
         return "libcublas has no cublasSetWorkspace_v2"
