@@ -250,17 +250,18 @@ class TrainerStep:
     runs the next step. The epoch's order is set once (training sets it once an epoch:
     one copy of n_train indices to the device, left out of the timed steps)."""
 
-    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=True,
+    def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=None,
                  fused_mlp=False):  # fmt: skip
         from .config import load_config
         from .data import epoch_permutation
         from .trainer import Trainer
 
+        epilogues = str(EPILOGUES if epilogues is None else epilogues).lower()
         overrides = [f"model.hidden={list(case.sizes[1:-1])}", f"model.activation={case.activation}",
                      "model.output_activation=identity", f"model.dtype={dtype}", f"loss.name={case.loss}",
                      f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
                      f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
-                     f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={str(epilogues).lower()}",
+                     f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={epilogues}",
                      f"train.fused_mlp={str(bool(fused_mlp)).lower()}", "data.val_fraction=0", "data.test_fraction=0",
                      "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
         self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
@@ -278,6 +279,10 @@ class TrainerStep:
         pools = getattr(self.step_fn.capturer, "pools", None) or {}
         return int(sum(p.total_bytes() for p in pools.values()))
 
+
+# train.gemm_epilogues of the bench's step (and of `gpubp train`): "auto", fused products in
+# bf16 and fp16 only (tests force true to time a fusing float32 model on the CPU)
+EPILOGUES = "auto"
 
 # where the bench times the fused MLP (train.fused_mlp) beside the default step: its kernel's
 # device (the CPU runs the NumPy reference op there, no speed figure)

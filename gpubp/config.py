@@ -35,7 +35,7 @@ DEVICE_CHOICES = ("auto", "cpu", "gpu")
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # "int", "float", "bool", "str", "int_list", "float_pair", "str_list", "size"
+    kind: str  # "int", "float", "bool", "auto_bool", "str", "int_list", "float_pair", "str_list", "size"
     default: Any
     doc: str
     choices: tuple = ()
@@ -183,10 +183,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "replay it (off: launch each op); data-parallel runs launch each op",
         ),
         "gemm_epilogues": _f(
-            "bool",
-            True,
+            "auto_bool",
+            "auto",
             "GPU: run each layer's bias and ReLU inside its forward GEMM, its ReLU gradient and bias gradient inside "
-            "the backward GEMMs (cuBLASLt epilogues; float32, tf32, bf16, fp16; off: separate kernels)",
+            "the backward GEMMs (cuBLASLt epilogues); auto: where they pay, bf16 and fp16 (float32 and tf32 measured "
+            "no faster on an H100); true: every precision but float64; false: separate kernels",
         ),
         "fused_mlp": _f(
             "bool",
@@ -264,6 +265,10 @@ def _coerce(where: str, f: Field, value):
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if kind == "auto_bool":
+        if not isinstance(value, bool) and value != "auto":
+            raise ConfigError(f'{where}: expected "auto", true or false, got {_describe(value)}')
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -538,7 +543,7 @@ def reference_markdown() -> str:
 
 
 def _allowed(f: Field) -> str:
-    kind = {"int": "integer", "float": "number", "bool": "true/false", "str": "string",
+    kind = {"int": "integer", "float": "number", "bool": "true/false", "auto_bool": "auto/true/false", "str": "string",
             "int_list": "list of integers", "float_pair": "two numbers", "str_list": "list of strings",
             "size": 'bytes, a size such as "4GiB", or "free"'}[f.kind]  # fmt: skip
     bounds = []

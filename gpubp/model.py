@@ -133,9 +133,11 @@ class MLP:
         ]
         self.hidden_activation = hidden
         # fused products (bias and ReLU in the forward GEMM; ReLU' and db in the backward
-        # ones): the backend's default (on for the GPU) unless asked; not float64
+        # ones): unless asked, the backend's default (on for the GPU) where they pay, the
+        # 16-bit precisions: on an H100 float32's fused products were never faster than
+        # the separate kernels (0.82x to 1.00x of the step, docs/benchmarks.md); not float64
         if gemm_epilogues is None:
-            gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False))
+            gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False)) and self.precision.low
         self.gemm_epilogues = bool(gemm_epilogues)
         self.loss: Loss = make_loss(loss, label_smoothing, huber_delta)
         # the whole forward and backward pass as one op (be.mlp_forward_backward: one kernel
@@ -164,6 +166,9 @@ class MLP:
         low = self.precision.low
         self.flat_params_low = self.backend.empty(self.n_params, self.store_dtype) if low else None
         self.params_low = self._views(self.flat_params_low) if low else self.params
+        # bf16: a bias gradient as the fused backward product gives it (cuBLASLt writes a bf16
+        # out's bias gradient in bf16 only), widened into grads at once; one layer at a time
+        self._db_low = self.backend.empty(max(sizes[1:]), self.store_dtype) if low else None
         # fp16: the dynamic loss scale S on the device (the trainer's guard updates it)
         self.loss_scale = None
         if self.precision.loss_scaling:
@@ -307,17 +312,19 @@ class MLP:
     def _forward(self, x, ws: _Workspace):
         """x_{k+1} = f_k(x_k W_k + b_k) (+ x_k), saving what the backward pass reads.
         Mixed precision: x is rounded to 16 bits first; W_k is read from params_low
-        (call _round_params before), b_k in float32."""
+        (call _round_params before), b_k in float32 (a fused product's b_k: 16-bit too,
+        from params_low, the only bias type cuBLASLt takes with a 16-bit out)."""
         be = self.backend
         ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None else x
         tf32 = self.precision.tf32
         for k, act in enumerate(self.activations):
-            W, b = self.params_low[2 * k], self.params[2 * k + 1]
+            W, b, b_out = self.params_low[2 * k], self.params[2 * k + 1], self.params_low[2 * k + 1]
             # ReLU: a_k = max(x_k W_k + b_k, 0) and mask_k = [a_k > 0] in one product;
             # identity: a_k = x_k W_k + b_k in one product (each False where it did not run)
-            ws.fused[k] = ws.mask[k] is not None and be.gemm_bias_relu(ws.x[k], W, b, ws.a[k], ws.mask[k], tf32=tf32)
+            ws.fused[k] = ws.mask[k] is not None and be.gemm_bias_relu(ws.x[k], W, b_out, ws.a[k], ws.mask[k],
+                                                                        tf32=tf32)  # fmt: skip
             one_product = ws.fused[k] or (
-                act.name == "identity" and self._epilogues and be.gemm_bias(ws.x[k], W, b, ws.a[k], tf32=tf32)
+                act.name == "identity" and self._epilogues and be.gemm_bias(ws.x[k], W, b_out, ws.a[k], tf32=tf32)
             )
             if not one_product:
                 z = ws.z[k] if ws.z[k] is not None else ws.a[k]
@@ -369,13 +376,19 @@ class MLP:
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
-            if k > 0 and ws.fused[k - 1] and not self.is_residual[k]:
+            if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and not self.precision.loss_scaling:
                 # the ReLU layer below, in one product: D'_{k-1} = (D' W_k^T) * mask_{k-1}
                 # and db_{k-1} = sum_rows D'_{k-1} (its act_backward and bias_grad); not
-                # under a skip connection, whose D adds to D' W_k^T before the ReLU's f
+                # under a skip connection, whose D adds to D' W_k^T before the ReLU's f;
+                # not in fp16, whose db_{k-1} would be fp16: a scaled sum over the batch
+                # overflows its range long before float32's
+                db = self.grads[2 * k - 1]
+                low_db = self._db_low[: db.shape[0]] if self._db_low is not None else db
                 ws.done[k - 1] = be.gemm_drelu_bias_grad(
-                    Dz, W, ws.mask[k - 1], ws.dz[k - 1], self.grads[2 * k - 1], trans_b=True, tf32=tf32
+                    Dz, W, ws.mask[k - 1], ws.dz[k - 1], low_db, trans_b=True, tf32=tf32
                 )
+                if ws.done[k - 1] and low_db is not db:
+                    be.cast(low_db, db)  # db_{k-1} widened to float32
             if (k > 0 and not ws.done[k - 1]) or (k == 0 and input_grad):
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
                 beta = 1.0 if self.is_residual[k] else 0.0

@@ -177,9 +177,18 @@ def build_model(cfg: Config, n_features: int, n_out: int, backend) -> MLP:
         [n_features, *m.hidden, n_out], m.activation, m.output_activation, cfg.loss.name,
         dtype=m.dtype, seed=cfg.train.seed, init=m.init, leaky_relu_slope=m.leaky_relu_slope,
         label_smoothing=cfg.loss.label_smoothing, huber_delta=cfg.loss.huber_delta,
-        residual=m.residual, backend=backend, gemm_epilogues=None if cfg.train.gemm_epilogues else False,
+        residual=m.residual, backend=backend, gemm_epilogues=epilogues(cfg.train.gemm_epilogues, backend),
         fused_mlp=cfg.train.fused_mlp,
     )  # fmt: skip
+
+
+def epilogues(setting, backend) -> bool | None:
+    """MLP's gemm_epilogues for train.gemm_epilogues: "auto" -> None (the backend's default,
+    16-bit precisions only), true -> the backend's default in every precision (the CPU's
+    is off), false -> off."""
+    if setting == "auto":
+        return None
+    return bool(setting) and bool(getattr(backend, "gemm_epilogues", False))
 
 
 _NOTES_SHOWN = set()  # device notes already printed by this process: each once

@@ -69,6 +69,7 @@ def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
     from gpubp.backend.recording import RecordingBackend
 
     monkeypatch.setattr(NumpyBackend, "gemm_epilogues", True)
+    monkeypatch.setattr(B, "EPILOGUES", True)  # float32: "auto" (the default) leaves them out
     case = B.Case("t", [8, 16, 16, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adamw")
     report = B.run([case], RecordingBackend(), with_torch=False, log=lambda m: None)
     g = report["results"][0]["gpubp"]

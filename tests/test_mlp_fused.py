@@ -338,6 +338,17 @@ def test_a_cpu_run_with_fused_mlp_is_the_reference_op(monkeypatch):
     np.testing.assert_allclose(runs[0].model.flat_params, runs[1].model.flat_params, rtol=1e-9, atol=1e-12)
 
 
+def test_the_issue_timing_script_runs(capsys):
+    """tests/step_issue_timing.py (a GPU visit's aid: host or device, which sets a small
+    step's pace) on the recording backend: a line per step kind, each loop's figures."""
+    from . import step_issue_timing
+
+    step_issue_timing.main(["tiny"], RecordingBackend(), n=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["tiny       default  ", "tiny       fused MLP"]
+    assert all("replay only" in line and "host only" in line and "graph note: None" in line for line in lines)
+
+
 def test_the_tile_sweep_script_runs(capsys):
     """tests/mlp_tile_sweep.py (a GPU visit's tuning aid) on the recording backend: a line
     per distinct launch, the default step beside them."""

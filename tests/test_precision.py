@@ -110,8 +110,10 @@ def test_gemm_16bit_within_the_rounding_bound(name, trans_a, trans_b, beta, out_
     """out = round(sum_k a_ik b_kj + beta c): with a, b already 16-bit, the products are
     exact in float32 (8 + 8 or 11 + 11 significant bits <= 24) and the float32 sum of K
     of them errs by at most K u32 sum |a||b| (u32 = 2^-24); rounding the result to 16
-    bits adds u |result| (u = 2^-8 bf16, 2^-11 fp16), a float32 out adds nothing. So
-    |out - exact| <= u_out |exact| (1 + K u32) + K u32 (|a||b| + |c|), exact in float64."""
+    bits adds u |result| (u = 2^-8 bf16, 2^-11 fp16), a float32 out adds nothing; a bf16
+    out with beta != 0 rounds the product first, as cuBLAS does (numpy_ops.gemm): u |ab|
+    more. So |out - exact| <= u_out (|exact| (1 + K u32) + [bf16 and beta] |ab| (1 + K u32))
+    + K u32 (|a||b| + |c|), exact in float64."""
     rng = np.random.default_rng(3)
     m, k, n = 33, 70, 17
     a = to16(rng.normal(size=(k, m) if trans_a else (m, k)), name)
@@ -126,7 +128,8 @@ def test_gemm_16bit_within_the_rounding_bound(name, trans_a, trans_b, beta, out_
     exact = opa @ opb + beta * c0
     terms = np.abs(opa) @ np.abs(opb) + beta * np.abs(c0)
     u_out = U[name] if out_kind == "low" else 0.0
-    bound = u_out * np.abs(exact) * (1 + k * U32) + k * U32 * terms
+    first = np.abs(opa @ opb) * (1 + k * U32) if (name == "bf16" and beta != 0.0) else 0.0  # round(ab) first
+    bound = u_out * (np.abs(exact) * (1 + k * U32) + first) + k * U32 * terms
     got = PR.to_float32(c).astype(np.float64)
     assert (np.abs(got - exact) <= bound).all()
     # the bound is not vacuous: 16-bit outputs do show rounding at the size of u

@@ -56,8 +56,11 @@ def test_replays_allocate_nothing(gpu):
     temporaries live in its own pool)."""
     import cupy
 
-    cfg = load_config(None, BASE + CASES["adamw-step-clip"])
+    # 2400 training rows: the 22 steps stay in one epoch (a graph replayed on its own does
+    # not start the next one: past the epoch's end it would read beyond the order's buffer)
+    cfg = load_config(None, BASE + CASES["adamw-step-clip"] + ["data.n_samples=3000"])
     trainer = T.Trainer(cfg, None, device="gpu", quiet=True)
+    assert 2 + 20 <= trainer.n_train // 64
     step_fn = trainer.make_step()
     from gpubp.data import epoch_permutation
 

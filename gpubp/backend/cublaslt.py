@@ -276,21 +276,23 @@ class Lt:
 
 
 def row_major_product(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
-                      stream_ptr: int, data_type: int = CUDA_R_32F, d_type: int | None = None) -> bool:  # fmt: skip
+                      stream_ptr: int, data_type: int = CUDA_R_32F, d_type: int | None = None,
+                      bias_type: int = CUDA_R_32F) -> bool:  # fmt: skip
     """The row-major out (M, N) = op(a) (M, K) op(b) (K, N) with `epilogue` (vector: the
     bias or bias gradient, (N,); mask: (M, relu_mask_bytes(N)) uint8, or None where the
     epilogue has none) on stream_ptr, its shapes checked; False, nothing done, for an
     empty product or where cuBLASLt has no algorithm (or refuses the one it offered).
     ptr(x): an array's device address; data_type: a's and b's CUDA type, d_type: out's
     (default data_type)."""
-    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type, d_type)
+    plan = row_major_plan(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b, tf32, ptr, data_type, d_type,
+                          bias_type)  # fmt: skip
     if plan is None:
         return False
     return plan.run(ptr(b), ptr(a), ptr(out), stream_ptr)  # cuBLASLt's A is b, its B is a (below)
 
 
 def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool, trans_b: bool, tf32: bool, ptr,
-                   data_type: int = CUDA_R_32F, d_type: int | None = None):  # fmt: skip
+                   data_type: int = CUDA_R_32F, d_type: int | None = None, bias_type: int = CUDA_R_32F):  # fmt: skip
     """The Plan of row_major_product's product; None for an empty one, a k = 1 one with
     an epilogue of NO_K1, or where cuBLASLt has no algorithm. Column-major, out^T (N x M)
     = op(b)^T op(a)^T, so cuBLASLt's A is b and its B is a, m = N, n = M; out's rows are
@@ -309,4 +311,5 @@ def row_major_plan(lt: Lt, a, b, out, vector, mask, epilogue: int, trans_a: bool
         epilogue=epilogue, aligns=(alignment(ptr(b)), alignment(ptr(a)), alignment(ptr(out))), tf32=tf32,
         bias_ptr=ptr(vector), mask_ptr=ptr(mask) if mask is not None else 0,
         mask_ld=mask.shape[1] * 8 if mask is not None else 0, data_type=data_type, d_type=d_type,
+        bias_type=bias_type,
     )  # fmt: skip

@@ -70,8 +70,11 @@ MLP_MAX_ROWS = 16  # rows per tile at most
 MLP_TILES = 32  # a batch is cut into about this many tiles, more once a tile has MLP_MAX_ROWS
 MLP_MAX_BLOCKS = 512  # blocks at most (each then takes several tiles), so at most this many shares
 # rows a thread takes in the forward products and D' W^T (1, 2 or 4, at most the tile's rows;
-# kernels/mlp.cu's rt): one weight read for them all. The same bits whatever it is
-MLP_ROWS_PER_THREAD = 1
+# kernels/mlp.cu's rt): one weight read for them all. The same bits whatever it is. 4: the
+# fastest of 1, 2, 4 on an H100 for tiny (49.7 against 51.3 us/step) and narrow (1.5 to 3x)
+# in tests/mlp_tile_sweep.py (docs/benchmarks.md); MLP_TILES and MLP_MAX_ROWS as they were
+# (tiny: 32 tiles of 4 rows, the sweep's best grid)
+MLP_ROWS_PER_THREAD = 4
 
 
 def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
@@ -529,8 +532,9 @@ class CupyBackend:
 
     def _lt_product(self, op, epilogue, a, b, out, vector, mask, trans_a, trans_b, tf32) -> bool:
         """out = op(a) op(b) with `epilogue` in one cuBLASLt product (a, b, out float32 or
-        all of one 16-bit storage; vector: the bias or the bias gradient, (N,) float32;
-        mask: (M, relu_mask_bytes(N)) uint8, or None), after the checks;
+        all of one 16-bit storage; vector: the bias or the bias gradient, (N,) float32, or
+        of out's 16-bit storage (cuBLASLt takes a float32 one only with a float32 out: the
+        H100's answer, tests/lt_bias_probe.py); mask: (M, relu_mask_bytes(N)) uint8, or None), after the checks;
         False, nothing done, where it cannot run (no libcublasLt, an empty product, no
         algorithm for the case)."""
         dtype = a.dtype  # float32, or bf16/fp16 storage (float32 accumulation)
@@ -540,7 +544,7 @@ class CupyBackend:
             raise TypeError(f"{op}: out has dtype {out.dtype}, expected {dtype}")  # (dW: float32 too)
         self._check(op, dtype, a=a, b=b)
         self._check(op, out.dtype, out=out)
-        self._check(op, np.float32, vector=vector)
+        self._check(op, out.dtype if vector.dtype == out.dtype and out.dtype in PR.LOW else np.float32, vector=vector)
         if mask is not None:
             self._check(op, np.uint8, mask=mask)
         lt = self._lt()
@@ -549,7 +553,7 @@ class CupyBackend:
         stream = self._cupy.cuda.get_current_stream().ptr
         return cublaslt.row_major_product(lt, a, b, out, vector, mask, epilogue, trans_a, trans_b,
                                           bool(tf32 or self.tf32), lambda x: x.data.ptr, stream, _CUDA_TYPE[dtype],
-                                          _CUDA_TYPE[out.dtype])  # fmt: skip
+                                          _CUDA_TYPE[out.dtype], _CUDA_TYPE[vector.dtype])  # fmt: skip
 
     def gemm_bias(self, a, b, bias, out, trans_a=False, trans_b=False, tf32=False) -> bool:
         """out = op(a) op(b) + bias in one cuBLASLt product (BIAS); see numpy_ops.gemm_bias.

@@ -35,13 +35,17 @@ def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0, tf32=False):
     a: (M, K) or (K, M) if trans_a; b: (K, N) or (N, K) if trans_b; out: (M, N).
     The transposes are views: no copy is made. 16-bit a, b (bf16/fp16 storage): their
     float32 values, products summed in float32, as cuBLAS with compute type 32F; a
-    16-bit out gets round(acc + beta out) once. tf32: float32 a and b rounded to TF32
-    first (precision.round_tf32), as CUBLAS_COMPUTE_32F_FAST_TF32.
+    16-bit out gets round(acc + beta out) once; a bf16 out with beta != 0 gets
+    round(round(acc) + beta out), as cuBLAS computes it (an H100, CUDA 13: every element
+    of a 64x48 product bit for bit, tests/test_precision_gpu.py). tf32: float32 a and b
+    rounded to TF32 first (precision.round_tf32), as CUBLAS_COMPUTE_32F_FAST_TF32.
     """
     if a.dtype in PR.LOW or b.dtype in PR.LOW or out.dtype in PR.LOW:
         af, bf = PR.to_float32(a), PR.to_float32(b)
         acc = (af.T if trans_a else af) @ (bf.T if trans_b else bf)
         if beta != 0.0:
+            if out.dtype == PR.BF16:
+                acc = PR.round_to(acc, PR.BF16)  # the product rounded first
             acc += beta * PR.to_float32(out)
         PR.store(acc, out)
         return out
@@ -103,13 +107,14 @@ def gemm_bias_relu(a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=Fal
 
     a: (M, K), b: (K, N) (op: as gemm), bias: (N,) float32, out: (M, N), mask: (M,
     relu_mask_bytes(N)) uint8. a, b, out float32, or all of one 16-bit storage: then v is
-    the float32 accumulator plus the bias, and out = max(v, 0) rounded once. Returns True:
+    the float32 accumulator plus the bias (float32, or of out's storage: cuBLASLt takes a
+    float32 bias only with a float32 out), and out = max(v, 0) rounded once. Returns True:
     the product was done (the GPU returns False, having done nothing, where cuBLASLt has
     no algorithm for the case)."""
     if out.dtype in PR.LOW:
         acc = np.empty(out.shape, np.float32)
         gemm(PR.to_float32(a), PR.to_float32(b), acc, trans_a, trans_b)  # float32 products and sums
-        np.add(acc, bias, out=acc)  # v
+        np.add(acc, PR.to_float32(bias), out=acc)  # v
         relu_mask_pack(acc > 0, mask)
         PR.store(np.maximum(acc, 0), out)
         return True
@@ -127,14 +132,18 @@ def gemm_drelu_bias_grad(a, b, mask, out, db, trans_a=False, trans_b=False, tf32
     the mask that layer's gemm_bias_relu wrote. a: (M, K), b: (K, N) (op: as gemm),
     mask: (M, relu_mask_bytes(N)) uint8, out: (M, N), db: (N,) float32. a, b, out float32
     (the unfused ops, bit for bit), or all of one 16-bit storage: then the masked float32
-    accumulator g is rounded once into out and db sums g (not its rounded values).
+    accumulator g is rounded once into out and db sums g (not its rounded values), db
+    float32 or of out's storage (rounded once; cuBLASLt's only choice for a 16-bit out).
     Returns True (see gemm_bias_relu)."""
     if out.dtype in PR.LOW:
         g = np.empty(out.shape, np.float32)
         gemm(PR.to_float32(a), PR.to_float32(b), g, trans_a, trans_b)
         np.multiply(g, relu_mask_unpack(mask, out.shape[1]), out=g)
         PR.store(g, out)
-        bias_grad(g, db)
+        if db.dtype in PR.LOW:
+            PR.store(bias_grad(g, np.empty(db.shape, np.float32)), db)
+        else:
+            bias_grad(g, db)
         return True
     gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # D W^T                       (M, N)
     np.multiply(out, relu_mask_unpack(mask, out.shape[1]), out=out)  # D' = (D W^T) * [z > 0]
@@ -147,11 +156,12 @@ def gemm_bias(a, b, bias, out, trans_a=False, trans_b=False, tf32=False) -> bool
 
     a: (M, K), b: (K, N) (op: as gemm), bias: (N,) float32, out: (M, N); float32 (the
     unfused gemm and bias_act_forward, bit for bit) or all of one 16-bit storage (the
-    float32 accumulator plus the bias, rounded once). Returns True (see gemm_bias_relu)."""
+    float32 accumulator plus the bias, float32 or of out's storage, rounded once).
+    Returns True (see gemm_bias_relu)."""
     if out.dtype in PR.LOW:
         acc = np.empty(out.shape, np.float32)
         gemm(PR.to_float32(a), PR.to_float32(b), acc, trans_a, trans_b)
-        np.add(acc, bias, out=acc)
+        np.add(acc, PR.to_float32(bias), out=acc)
         PR.store(acc, out)
         return True
     gemm(a, b, out, trans_a, trans_b, tf32=tf32)  # x W                         (M, N)
