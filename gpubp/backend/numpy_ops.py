@@ -36,8 +36,9 @@ def gemm(a, b, out, trans_a=False, trans_b=False, beta=0.0, tf32=False):
     The transposes are views: no copy is made. 16-bit a, b (bf16/fp16 storage): their
     float32 values, products summed in float32, as cuBLAS with compute type 32F; a
     16-bit out gets round(acc + beta out) once; a bf16 out with beta != 0 gets
-    round(round(acc) + beta out), as cuBLAS computes it (an H100, CUDA 13: every element
-    of a 64x48 product bit for bit, tests/test_precision_gpu.py). tf32: float32 a and b
+    round(round(acc) + beta out), as cuBLAS's tensor-core kernels compute it (an H100,
+    CUDA 13: every element of a 64x48 product bit for bit; its 129x1 product rounded once,
+    so the GPU tests allow either, tests/test_precision_gpu.py). tf32: float32 a and b
     rounded to TF32 first (precision.round_tf32), as CUBLAS_COMPUTE_32F_FAST_TF32.
     """
     if a.dtype in PR.LOW or b.dtype in PR.LOW or out.dtype in PR.LOW:
