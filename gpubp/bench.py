@@ -198,14 +198,18 @@ class OpProfile:
         timer = self.backend.timer()
 
         def timed(*args, **kwargs):
-            timer.start()
-            out = fn(*args, **kwargs)
-            ms = timer.stop()
+            out, ms = self.measure(fn, args, kwargs, timer)
             self.totals[category] += ms
             self.per_op[name] += ms
             return out
 
         return timed
+
+    def measure(self, fn, args, kwargs, timer):
+        """(the op's result, its milliseconds): the op between the stopwatch's marks."""
+        timer.start()
+        out = fn(*args, **kwargs)
+        return out, timer.stop()
 
     def __exit__(self, *exc):
         for name, value in self._saved.items():
@@ -213,6 +217,50 @@ class OpProfile:
                 delattr(self.backend, name)
             else:
                 setattr(self.backend, name, value)
+
+
+class GraphOpProfile(OpProfile):
+    """Each op of a step timed as a CUDA graph of its own, for the per-op table of a
+    captured step (a whole-step graph cannot be split, and the uncaptured profile's times
+    carry each launch's host cost, which a graph does not pay): the op runs once plainly
+    on the capturer's stream (its warm-up), is captured REPEAT times into one graph, and
+    the graph is replayed once between the stopwatch's marks; its time / REPEAT is the op's
+    device time with a graph's gaps between kernels. Then the op runs once more for the
+    step to go on with. An op is so applied REPEAT + 2 times to the same buffers (an update
+    too): a timing pass, not a training step. An op another op calls is timed in its caller."""
+
+    REPEAT = 20
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        self.capturer = backend.graph_capturer()
+        self._inside = False
+        self._keys = 0
+
+    def measure(self, fn, args, kwargs, timer):
+        if self._inside:
+            return fn(*args, **kwargs), 0.0
+        self._inside = True
+        try:
+            key, self._keys = ("op", self._keys), self._keys + 1
+            self.capturer.warmup(key, lambda: fn(*args, **kwargs))
+
+            def repeated():
+                for _ in range(self.REPEAT):
+                    fn(*args, **kwargs)
+
+            replay = self.capturer.capture(key, repeated)
+            self.backend.synchronize()
+            timer.start()
+            replay()
+            ms = timer.stop() / self.REPEAT
+            return fn(*args, **kwargs), ms
+        finally:
+            self._inside = False
+
+
+# where the bench also profiles a captured step op by op (GraphOpProfile): the GPU's
+GRAPH_PROFILE_DEVICES = ("gpu",)
 
 
 # --------------------------------------------------------------------------- gpubp
@@ -336,6 +384,19 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         # a step that diverged would time NaN arithmetic (and skipped updates): said beside the row
         finite = all(np.isfinite(backend.to_float(r.trainer.running_loss)) for r in runs.values())
         note = graph.graph_note
+        # where the captured step's time goes: each op as a graph of its own (the default
+        # step, and the fused MLP's where it was timed), one timing pass each
+        graph_ops = {}
+        if captured and backend.name in GRAPH_PROFILE_DEVICES:
+            for label, fused_mlp in (("default", False), ("fused MLP", True)):
+                if fused_mlp and "mlp" not in runs:
+                    continue
+                step = TrainerStep(case, backend, precision, False, total, dataset, fused_mlp=fused_mlp)
+                step()  # its buffers, its kernels compiled
+                with GraphOpProfile(backend) as gprof:
+                    step()
+                graph_ops[label] = {name: 1e3 * t for name, t in gprof.per_op.items() if t > 0}
+                del step, gprof
     finally:
         runs.clear()
         graph = plain = None
@@ -364,6 +425,7 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
         "share": share,
         "ops_us": ops_us,
+        "graph_ops_us": graph_ops,  # {"default"/"fused MLP": {op: us}} of each op as a graph of its own
         "peak_mem_mib": peak / 2**20,
     }
     return out
@@ -747,10 +809,29 @@ def per_op_table(report: dict) -> list[str]:
     for r in rows:
         ops = r["gpubp"]["ops_us"]
         lines.append(f"| {r['case']} | {r['precision']} | " + " | ".join(_fmt(ops.get(n), ".1f") for n in names) + " |")
+    lines += graph_op_table(report)
     modes = [f"{r['case']} {r['precision']}: {r['torch_compile']['mode']}" for r in report["results"]
              if r["torch_compile"].get("mode")]  # fmt: skip
     if modes:
         lines += ["", "torch.compile mode kept (the fastest of " + ", ".join(COMPILE_MODES) + "): " + "; ".join(modes)]
+    return lines
+
+
+def graph_op_table(report: dict) -> list[str]:
+    """Markdown lines: microseconds of each op of a step as a CUDA graph of its own
+    (GraphOpProfile), per case, precision and step (default, fused MLP), and their sum."""
+    rows = [(r, label, ops) for r in report["results"] for label, ops in (r["gpubp"].get("graph_ops_us") or {}).items()]
+    if not rows:
+        return []
+    names = [n for n in ("gemm", *OpProfile.OPS) if any(n in ops for _, _, ops in rows)]
+    lines = ["", f"Each op of a step as a CUDA graph of its own (the op captured {GraphOpProfile.REPEAT} times into "
+             "one graph, replayed once: microseconds per op, a graph's gaps between kernels included), one pass of "
+             "the uncaptured step; 'sum' against the captured step's us/step says what the ops leave to the graph's "
+             "launch and the host:", "",
+             "| case | precision | step | " + " | ".join(names) + " | sum |", "|" + "---|" * (len(names) + 4)]  # fmt: skip
+    for r, label, ops in rows:
+        lines.append(f"| {r['case']} | {r['precision']} | {label} | " + " | ".join(_fmt(ops.get(n), ".1f") for n in names)
+                     + f" | {sum(ops.values()):.1f} |")  # fmt: skip
     return lines
 
 

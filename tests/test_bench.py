@@ -86,6 +86,30 @@ def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
     assert not g["fused_products"] and g["ms_per_step_unfused"] is None and g["fusion_speedup"] is None
 
 
+def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch):
+    """On the GPU (GRAPH_PROFILE_DEVICES; the recording backend stands in) each op of one
+    uncaptured step is captured REPEAT times into a graph of its own and timed by one
+    replay: the row's graph_ops_us, for the default step and the fused MLP's, and their
+    table in the report. Every op of the step is there, each capture holds REPEAT calls."""
+    from gpubp.backend.recording import RecordingBackend
+
+    monkeypatch.setattr(B, "GRAPH_PROFILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(B, "FUSED_MLP_DEVICES", ("cpu",))
+    monkeypatch.setattr(B.GraphOpProfile, "REPEAT", 3)
+    rec = RecordingBackend()
+    case = B.Case("t", [8, 16, 4], 32, steps=4, warmup=2, loss="softmax_cross_entropy", optimizer="adam")
+    report = B.run([case], rec, with_torch=False, log=lambda m: None)
+    g = report["results"][0]["gpubp"]
+    default, fused = g["graph_ops_us"]["default"], g["graph_ops_us"]["fused MLP"]
+    assert {"gemm", "bias_act_forward", "loss_forward_backward", "adam_step", "step_guard_norm"} <= set(default)
+    assert "mlp_forward_backward" in fused and "gemm" not in fused
+    assert all(t > 0 for t in [*default.values(), *fused.values()])
+    op_graphs = [calls for calls in rec.graphs if len(calls) == 3]  # the profile's captures: REPEAT calls each
+    assert len({calls[0][0].__name__ for calls in op_graphs}) >= len(default)
+    md = B.markdown(report)
+    assert "as a CUDA graph of its own" in md and "| t | float32 | fused MLP |" in md
+
+
 def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypatch):
     """On the GPU (FUSED_MLP_DEVICES; the recording backend stands in) the row also times
     the captured step with train.fused_mlp = true in the same rounds where the network
