@@ -17,7 +17,7 @@ __device__ void bias_act_forward(S* z, const typename Math<S>::type* b, S* a, lo
   typedef typename Math<S>::type T;
   const bool keep_z = a != z;
   GRID_STRIDE_LOOP(i, total) {
-    T v = load(z[i]) + b[i % n_cols];
+    T v = load(z[i]) + b[column_of(i, n_cols)];
     if (keep_z) z[i] = store_math<S>(v);
     a[i] = store_math<S>(act_forward(kind, v, alpha));
   }

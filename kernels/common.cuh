@@ -27,6 +27,12 @@ template <> __device__ __forceinline__ float nan_value<float>() { return __int_a
 template <> __device__ __forceinline__ double nan_value<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // Grid-stride loop over [0, n): each thread visits i, i + stride, ...
+// i % n, i >= 0, n > 0: in 32 bits where i fits them (a 64-bit remainder is a long
+// software routine on the GPU, and elementwise kernels take one per element)
+__device__ __forceinline__ int column_of(long long i, int n) {
+  return i <= 0xFFFFFFFFLL ? (int)((unsigned int)i % (unsigned int)n) : (int)(i % n);
+}
+
 #define GRID_STRIDE_LOOP(i, n)                                              \
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
        i += (long long)gridDim.x * blockDim.x)
@@ -125,15 +131,18 @@ __device__ __forceinline__ T sum_of_shares(const T* shares, int n_shares, long l
 }
 
 // Warp-level sum and max (all 32 lanes active), butterfly order: every lane gets the result.
+// Sum (max) over each group of `width` lanes (a power of two <= 32; every lane of the warp
+// takes part). Its butterfly is the 32-lane one's last levels, so a group's result is
+// the bits a whole warp would give with the other lanes holding 0 (-inf).
 template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+__device__ __forceinline__ A warp_sum(A v, int width = 32) {
+  for (int offset = width / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
 template <typename A>
-__device__ __forceinline__ A warp_max(A v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
+__device__ __forceinline__ A warp_max(A v, int width = 32) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
     A o = __shfl_xor_sync(0xffffffffu, v, offset);
     v = (o > v || o != o) ? o : v;  // NaN wins, as in NumPy's max
   }

@@ -1,5 +1,5 @@
-// loss.cuh: each loss of one row, value and gradient, by one warp (loss.cu runs it over a
-// batch's rows; mlp.cu over the rows of its fused forward pass).
+// loss.cuh: each loss of one row, value and gradient, by a group of a warp's lanes (loss.cu
+// runs it over a batch's rows; mlp.cu, a whole warp a row, over its fused forward pass's).
 // 16-bit storage (bf16_t, f16_t): x is widened to float and the loss computed in float;
 // each gradient element is rounded once to 16 bits after the multiplication by fp16's loss
 // scale S (a device value, loss_scale[0]; the value itself is never scaled).
@@ -19,22 +19,23 @@
 //   loss = -(1 - e) logp_y - (e / C) sum_j logp_j
 //   grad_j = (exp(logp_j) - e / C - (1 - e) [j = y]) * grad_scale
 // A label outside [0, C) makes the row's loss and gradient NaN (visible, not silent).
-// One warp; returns the row's loss in every lane.
+// One group of `width` lanes of a warp (see loss_row); returns the row's loss in each of them.
 template <typename S, typename T>
-__device__ T cross_entropy_row(const S* x, int y, S* grad, int c, T e, T grad_scale, const T* loss_scale) {
-  const int lane = threadIdx.x % 32;
+__device__ T cross_entropy_row(const S* x, int y, S* grad, int c, T e, T grad_scale, const T* loss_scale,
+                               int width) {
+  const int lane = threadIdx.x % width;
   T m = -inf_value<T>();
-  for (int j = lane; j < c; j += 32) {
+  for (int j = lane; j < c; j += width) {
     T xj = load(x[j]);
     m = (xj > m || xj != xj) ? xj : m;
   }
-  m = warp_max(m);
+  m = warp_max(m, width);
   T sum_exp = T(0);
-  for (int j = lane; j < c; j += 32) sum_exp += m_exp(load(x[j]) - m);
-  const T lse = m_log(warp_sum(sum_exp));
+  for (int j = lane; j < c; j += width) sum_exp += m_exp(load(x[j]) - m);
+  const T lse = m_log(warp_sum(sum_exp, width));
   const bool valid = y >= 0 && y < c;
   T sum_logp = T(0);
-  for (int j = lane; j < c; j += 32) {
+  for (int j = lane; j < c; j += width) {
     T logp = (load(x[j]) - m) - lse;
     sum_logp += logp;
     if (grad != nullptr) {
@@ -45,7 +46,7 @@ __device__ T cross_entropy_row(const S* x, int y, S* grad, int c, T e, T grad_sc
       grad[j] = store_math<S>(gj);
     }
   }
-  sum_logp = warp_sum(sum_logp);
+  sum_logp = warp_sum(sum_logp, width);
   const T nll = valid ? -((load(x[y]) - m) - lse) : nan_value<T>();
   return e != T(0) ? (T(1) - e) * nll - (e / T(c)) * sum_logp : nll;
 }
@@ -72,20 +73,24 @@ __device__ __forceinline__ T elementwise_loss(int kind, T x, T t, T delta, T* dl
   return delta * (a - T(0.5) * delta);
 }
 
-// One row's loss (returned in every lane of the warp) and, unless grad is null, its
+// One row's loss (returned in every lane of its group) and, unless grad is null, its
 // gradient grad[j] = dl/dx_j grad_scale (times S = loss_scale[0] when given), rounded once
 // to S. x, grad: the row's c values; label: its class (cross-entropy), else t: its c
-// targets. The warp's 32 lanes stride the columns.
+// targets. A group of `width` lanes (a power of two <= 32; each warp holds 32 / width
+// groups, all its lanes calling together) strides the columns; with width >= c the
+// group's sums are the whole warp's bits (warp_sum), so a narrow row takes a group, not
+// a warp. c = 0: no column is read (a group with no row, beside groups with rows).
 template <typename S>
 __device__ typename Math<S>::type loss_row(int kind, const S* x, int label, const typename Math<S>::type* t,
                                            S* grad, int c, typename Math<S>::type smoothing,
                                            typename Math<S>::type delta, typename Math<S>::type grad_scale,
-                                           const typename Math<S>::type* loss_scale) {
+                                           const typename Math<S>::type* loss_scale, int width = 32) {
   typedef typename Math<S>::type T;
   typedef typename Acc<T>::type A;
-  if (kind == LOSS_SOFTMAX_CROSS_ENTROPY) return cross_entropy_row(x, label, grad, c, smoothing, grad_scale, loss_scale);
+  if (kind == LOSS_SOFTMAX_CROSS_ENTROPY)
+    return cross_entropy_row(x, label, grad, c, smoothing, grad_scale, loss_scale, width);
   A s = A(0);
-  for (int j = threadIdx.x % 32; j < c; j += 32) {
+  for (int j = threadIdx.x % width; j < c; j += width) {
     T dl;
     s += A(elementwise_loss(kind, load(x[j]), t[j], delta, &dl));
     if (grad != nullptr) {
@@ -94,5 +99,5 @@ __device__ typename Math<S>::type loss_row(int kind, const S* x, int label, cons
       grad[j] = store_math<S>(gj);
     }
   }
-  return T(warp_sum(s));
+  return T(warp_sum(s, width));
 }

@@ -23,7 +23,12 @@
 #include "loss.cuh"
 
 #define MLP_THREADS 256          // threads per block (the launcher's)
-#define MLP_SHARED_BYTES 40960   // the tile's activations and gradients (R is chosen to fit)
+#define MLP_SHARED_BYTES 32768   // the tile's activations and gradients (R is chosen to fit)
+// the weights of the product in progress, staged a chunk of W's rows at a time (every
+// thread loading at once), so that the products' inner loops read shared memory: from
+// global memory (L2) each of their steps waited on a load in turn. With the two buffers
+// above and the loss's sums, the block's static shared memory stays under 48 KiB (float64: 48896 B)
+#define MLP_WEIGHT_BYTES 14080
 #define MLP_MAX_LAYERS 8
 #define MLP_MAX_RT 4             // rows per thread in the products at most
 
@@ -42,7 +47,21 @@ __device__ __forceinline__ long long batch_row(const long long* perm, const long
 // D' W^T, one weight read serving them all; each element's sum has the same order
 // whatever rt is (over i, then + b), so rt changes the speed, not the bits.
 // Shared memory, R x width each: A_0..A_L, then z_k for each layer that saves it, then D
-// and E (R x max width): the gradient carried down and the next one.
+// and E (R x max width): the gradient carried down and the next one. Beside them wtile:
+// rows i0 .. i1 - 1 of W_k (row stride n_{k+1} + 1: the backward product's threads read
+// one column of different rows, which the padding puts in different banks). A forward
+// element's sum over i runs across the chunks in order (its partial sum kept in its
+// output's place in between), so the chunks change the speed, not the bits.
+// wtile[(i - i0) ld + j] = W[i, j] for i0 <= i < i1 (W: (., no) row-major), every thread
+// loading, after the block is done with what wtile held before (the barrier before) and
+// before anyone reads it (the one after)
+template <typename T>
+__device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T* wtile, int ld) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < (i1 - i0) * no; e += blockDim.x) wtile[e / no * ld + e % no] = W[(long long)i0 * no + e];
+  __syncthreads();
+}
+
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
                           const long long* start, const T* params, T* shares, long long p, const int* dims,
@@ -51,7 +70,9 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
                           T divisor) {
   typedef typename Acc<T>::type A;
   __shared__ T smem[MLP_SHARED_BYTES / sizeof(T)];
+  __shared__ T wtile[MLP_WEIGHT_BYTES / sizeof(T)];
   __shared__ A shared[MLP_THREADS];
+  const int wtile_size = MLP_WEIGHT_BYTES / sizeof(T);
   const int L = n_layers, t = threadIdx.x, nt = blockDim.x, lane = t % 32, warp = t / 32, n_warps = nt / 32;
   const int* width = dims;
   const int* kind = dims + L + 1;
@@ -85,27 +106,36 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
-      const int ni = width[k], no = width[k + 1];
+      const int ni = width[k], no = width[k + 1], ld = no + 1, chunk = wtile_size / ld;
       const T* W = params + w_off;
       const T* b = W + (long long)ni * no;
-      for (int e = t; e < rows / rt * no; e += nt) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
-        const int r0 = e / no * rt, j = e % no;  // rows r0 .. r0 + rt - 1 of column j
-        const T* a = act[k] + r0 * ni;
-        T z[MLP_MAX_RT];
-        UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) z[q] = T(0);
-        for (int i = 0; i < ni; ++i) {
-          const T w = W[i * no + j];  // read once for the rt rows
-          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) z[q] += a[q * ni + i] * w;
+      T* partial = saved[k];  // z's partial sums between chunks: z_k's place, or A_{k+1}'s
+      for (int i0 = 0; i0 < ni; i0 += chunk) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
+        const int i1 = min(ni, i0 + chunk);
+        stage_rows(W, no, i0, i1, wtile, ld);
+        for (int e = t; e < rows / rt * no; e += nt) {
+          const int r0 = e / no * rt, j = e % no;  // rows r0 .. r0 + rt - 1 of column j
+          const T* a = act[k] + r0 * ni;
+          T z[MLP_MAX_RT];
+          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) z[q] = (q < rt && i0 > 0) ? partial[(r0 + q) * no + j] : T(0);
+          for (int i = i0; i < i1; ++i) {
+            const T w = wtile[(i - i0) * ld + j];  // read once for the rt rows
+            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) z[q] += a[q * ni + i] * w;
+          }
+          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) {
+            const int o = (r0 + q) * no + j;
+            if (i1 < ni) {
+              partial[o] = z[q];  // the sum so far; the next chunk goes on from it
+            } else {
+              const T zq = z[q] + b[j];
+              if (saves_z[k]) saved[k][o] = zq;
+              act[k + 1][o] = act_forward(kind[k], zq, alpha);
+            }
+          }
         }
-        UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) {
-          const int o = (r0 + q) * no + j;
-          const T zq = z[q] + b[j];
-          if (saves_z[k]) saved[k][o] = zq;
-          act[k + 1][o] = act_forward(kind[k], zq, alpha);
-        }
+        __syncthreads();
       }
       w_off += (long long)ni * no + no;
-      __syncthreads();
     }
     for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
       if (r < valid) {
@@ -140,17 +170,23 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
         db[j] = first ? s : db[j] + s;
       }
       if (k > 0) {
-        for (int e = t; e < rows / rt * ni; e += nt) {  // E[r, i] = sum_j D'[r, j] W[i, j]
-          const int r0 = e / ni * rt, i = e % ni;  // rows r0 .. r0 + rt - 1 of column i
-          const T* d = D + r0 * no;
-          const T* w = W + (long long)i * no;
-          T s[MLP_MAX_RT];
-          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) s[q] = T(0);
-          for (int j = 0; j < no; ++j) {
-            const T wj = w[j];  // read once for the rt rows
-            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) s[q] += d[q * no + j] * wj;
+        const int ld = no + 1, chunk = wtile_size / ld;
+        for (int i0 = 0; i0 < ni; i0 += chunk) {  // E[r, i] = sum_j D'[r, j] W[i, j], i in the chunk
+          const int i1 = min(ni, i0 + chunk), ci = i1 - i0;
+          stage_rows(W, no, i0, i1, wtile, ld);
+          for (int e = t; e < rows / rt * ci; e += nt) {
+            const int r0 = e / ci * rt, i = i0 + e % ci;  // rows r0 .. r0 + rt - 1 of column i
+            const T* d = D + r0 * no;
+            const T* w = wtile + (i - i0) * ld;
+            T s[MLP_MAX_RT];
+            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) s[q] = T(0);
+            for (int j = 0; j < no; ++j) {
+              const T wj = w[j];  // read once for the rt rows
+              UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) s[q] += d[q * no + j] * wj;
+            }
+            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) E[(r0 + q) * ni + i] = s[q];
           }
-          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) E[(r0 + q) * ni + i] = s[q];
+          __syncthreads();
         }
       }
       __syncthreads();

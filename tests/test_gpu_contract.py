@@ -503,8 +503,10 @@ def test_a_batchs_loss_is_one_launch(dtype):
         assert be.loss_forward_backward(x, target, make_loss(loss_name), grad=grad, out=out) is out
         divisor = n if loss_name == "softmax_cross_entropy" else n * c
         ((name, grid, block, args),) = launched
-        # 8 rows a block up to LOSS_MAX_BLOCKS, whatever the GPU's SM count (the mean's bits)
-        assert name == f"loss_rows_{suffix}" and grid == (min(-(-n // 8), cupy_backend.LOSS_MAX_BLOCKS),)
+        # 16 rows a block (10 columns: a group of 16 lanes a row, two rows a warp) up to
+        # LOSS_MAX_BLOCKS, whatever the GPU's SM count (the mean's bits)
+        assert name == f"loss_rows_{suffix}" and grid == (min(-(-n // 16), cupy_backend.LOSS_MAX_BLOCKS),)
+        assert args[8] == 16  # width
         assert block == (256,)
         assert_launch_fits("loss.cu", name, args)
         finish, partial, count, written, div = args[-5:]

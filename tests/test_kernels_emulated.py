@@ -136,16 +136,20 @@ def test_accuracy_count_sums_its_rows_in_one_launch(host_kernels):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ["softmax_cross_entropy", "mse", "binary_cross_entropy", "huber"])
-def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype):
-    """The loss kernel writes value, gradient and batch mean in one launch (warps' row
-    sums, block partials, the last block's sum), one block to 38; against the reference.
-    Two launches give the same bits."""
+def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype, monkeypatch):
+    """The loss kernel writes value, gradient and batch mean in one launch (groups' row
+    sums, block partials, the last block's sum), one block to 38, rows of 1 to 40 columns
+    (groups of 1 to 32 lanes, a warp's last rows past the batch's end); against the
+    reference. Two launches give the same bits, and a row's gradient has the bits of a
+    whole warp a row (width 32: the butterfly's first levels add nothing)."""
+    from gpubp.backend import cupy_backend
+
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(2)
     loss = make_loss(name, label_smoothing=0.1, huber_delta=0.8)
     sfx = "f32" if dtype == np.float32 else "f64"
     eps = float(np.finfo(dtype).eps)
-    for n, c in [(1, 3), (37, 5), (256, 3), (301, 2)]:
+    for n, c in [(1, 3), (37, 5), (256, 3), (301, 2), (45, 1), (33, 10), (19, 40)]:
         x = rng.normal(scale=2.0, size=(n, c)).astype(dtype)
         if name == "softmax_cross_entropy":
             t = rng.integers(0, c, n).astype(np.int32)
@@ -168,6 +172,11 @@ def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype):
         assert abs(float(out) - v_ref) <= tol, (n, c, float(out), v_ref)
         # each gradient element: a few roundings of a value of magnitude <= max |g|
         np.testing.assert_allclose(grad, g_ref, rtol=8 * c * eps, atol=8 * c * eps * np.abs(g_ref).max())
+        with monkeypatch.context() as m:  # a warp a row, as before the groups
+            m.setattr(cupy_backend, "loss_group_width", lambda c: 32)
+            whole = np.full_like(x, np.nan)
+            gpu.be.loss_forward_backward(x, t, loss, whole, out=np.full((), np.nan, dtype))
+        assert whole.tobytes() == grad.tobytes(), (n, c)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

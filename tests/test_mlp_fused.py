@@ -209,8 +209,8 @@ def test_the_tile_rule_fits_the_kernel():
     assert rows([64, 128, 10], (0, 0), 4, 128) == 4  # tiny: 32 tiles of 4 rows
     assert rows([64, 128, 10], (0, 0), 4, 1) == 1
     assert rows([64, 128, 10], (0, 0), 4, 129) == 8
-    assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == cupy_backend.MLP_MAX_ROWS  # narrow
-    assert rows([128] * 9, (1,) * 8, 8, 4096) == 2  # only 2 rows of 9 + 8 + 2 float64 rows of 128 fit
+    assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == 8  # narrow: 15 rows of 2052 bytes fit 32 KiB
+    assert rows([128] * 9, (1,) * 8, 8, 4096) == 1  # only 1 row of 9 + 8 + 2 float64 rows of 128 fits
     assert rows([128] * 10, (0,) * 9, 4, 64) == 0 and rows([4, 129, 2], (0, 0), 4, 64) == 0
     for sizes in ([64, 128, 10], [128] * 9, [3, 128, 128, 1], [100, 100, 100]):
         for itemsize in (4, 8):
@@ -219,7 +219,7 @@ def test_the_tile_rule_fits_the_kernel():
                 assert r * (2 * sum(sizes) - sizes[0] + 2 * max(sizes)) * itemsize <= cupy_backend.MLP_SHARED_BYTES
                 assert r >= 1 and r & (r - 1) == 0, (sizes, itemsize, n, r)  # a power of two: rt divides it
     source = kernels.read_source("mlp.cu")
-    for name in ("MLP_THREADS", "MLP_SHARED_BYTES", "MLP_MAX_LAYERS"):
+    for name in ("MLP_THREADS", "MLP_SHARED_BYTES", "MLP_WEIGHT_BYTES", "MLP_MAX_LAYERS"):
         assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
 
 
@@ -233,9 +233,10 @@ def test_the_kernel_fits_static_shared_memory():
     ptx = kernels.nvrtc_ptx("mlp.cu")
     shared = re.findall(r"\.shared \.align \d+ \.\w+ (\S+?)(?:\[(\d+)\])?;", ptx)
     common = sum(int(size or 1) for name, size in shared if "mlp_fused" not in name)  # last_block's flag
-    for t in "fd":  # the float and double kernels' own arrays: the tile buffer and the loss's warp sums
+    for t in "fd":  # the float and double kernels' own arrays: the tile, the weights, the loss's warp sums
         own = sum(int(size) for name, size in shared if f"mlp_fusedI{t}E" in name)
-        assert own >= cupy_backend.MLP_SHARED_BYTES and own + common <= 48 * 1024, (t, own, common)
+        tile_and_weights = cupy_backend.MLP_SHARED_BYTES + cupy_backend.MLP_WEIGHT_BYTES
+        assert own >= tile_and_weights and own + common <= 48 * 1024, (t, own, common)
 
 
 # ---------------------------------------------------------------------------------------

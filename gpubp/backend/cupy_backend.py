@@ -59,11 +59,20 @@ BIAS_GRAD_MAX_CHUNKS = 256
 LOSS_MAX_BLOCKS = 1024
 
 
+def loss_group_width(c: int) -> int:
+    """Lanes per row of the loss kernel (kernels/loss.cu): the smallest power of two >= c,
+    at most a warp's 32. A row of c <= 16 columns takes part of a warp, so a warp runs
+    32 / width rows at once: the kernel is latency-bound (a chain of loads and shuffle
+    reductions per row), and narrow's 262144 rows of 10 took 154 us as a warp a row (H100)."""
+    return min(32, 1 << max(0, int(c) - 1).bit_length())
+
+
 # the fused MLP kernel (kernels/mlp.cu): its block and shared-memory size (as there), the
 # networks it takes (layers, widths: a width of 128 is tiny-cuda-nn's widest too), and the
 # launcher's rule for the rows per tile and the grid (see mlp_tile_rows)
 MLP_THREADS = 256
-MLP_SHARED_BYTES = 40960
+MLP_SHARED_BYTES = 32768  # the tile's activations; 14080 more stage the weights (mlp.cu's MLP_WEIGHT_BYTES)
+MLP_WEIGHT_BYTES = 14080
 MLP_MAX_LAYERS = 8
 MLP_MAX_WIDTH = 128
 MLP_MAX_ROWS = 16  # rows per tile at most
@@ -95,6 +104,11 @@ def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
     return min(want, MLP_MAX_ROWS, 1 << (fit.bit_length() - 1))  # powers of two: rows per thread divide it
 
 
+def _ROW(i: str, w: str) -> str:  # noqa: N802 (reads as the C it writes)
+    """C for i / w (i >= 0, w > 0 int64): unsigned 32-bit division where both fit it."""
+    return f"(({i}) < 4294967296LL && ({w}) < 4294967296LL ? (long long)((unsigned int)({i}) / (unsigned int)({w})) : ({i}) / ({w}))"
+
+
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
 # body, kernel name), made on first use (CupyBackend._stacked_kernel)
 ELEMENTWISE = {
@@ -107,16 +121,18 @@ ELEMENTWISE = {
     # running (0-d or (M,)) += loss; pos += 1 by the first thread
     "advance": ("T loss", "U running, raw int64 pos", "running = running + (U)loss; if (i == 0) pos[0] += 1;",
                 "gpubp_step_advance"),
-    # i runs over out's N * width elements, row-major
+    # i runs over out's N * width elements, row-major (the row i / width in 32 bits where
+    # it fits: a 64-bit division per element made narrow's gather 4x its copy time, H100)
     "gather_window": ("raw T src, raw int64 perm, raw int64 start, int64 width", "T out",
-                      "out = src[perm[start[0] + i / width] * width + i % width]", "gpubp_gather_window"),
+                      f"const long long q = {_ROW('i', 'width')}; out = src[perm[start[0] + q] * width + (i - q * width)]",
+                      "gpubp_gather_window"),  # fmt: skip
     # a batch's features and targets: i runs over n wx + n wy elements, xo's then yo's (size=)
     "gather_window2": (
         "raw T xs, raw U ys, raw int64 perm, raw int64 start, int64 n, int64 wx, int64 wy", "raw T xo, raw U yo",
-        """
+        f"""
         const long long nx = n * wx;
-        if (i < nx) xo[i] = xs[perm[start[0] + i / wx] * wx + i % wx];
-        else yo[i - nx] = ys[perm[start[0] + (i - nx) / wy] * wy + (i - nx) % wy];
+        if (i < nx) {{ const long long q = {_ROW('i', 'wx')}; xo[i] = xs[perm[start[0] + q] * wx + (i - q * wx)]; }}
+        else {{ const long long j = i - nx, q = {_ROW('j', 'wy')}; yo[j] = ys[perm[start[0] + q] * wy + (j - q * wy)]; }}
         """,
         "gpubp_gather_windows",
     ),
@@ -730,13 +746,15 @@ class CupyBackend:
         kernel's last block)."""
         dtype, mt, n = x2.dtype, _math(x2.dtype), x2.shape[0]
         finish = out is not None
+        width = loss_group_width(c)
         args = (x2, labels, targets, grad if grad is not None else x2, np.int32(grad is not None), row_loss,
-                np.int32(n), np.int32(c), np.int32(loss.info.kernel_id), mt.type(loss.label_smoothing),
-                mt.type(loss.huber_delta), mt.type(1.0 / divisor if divisor else 0.0))  # fmt: skip
+                np.int32(n), np.int32(c), np.int32(width), np.int32(loss.info.kernel_id),
+                mt.type(loss.label_smoothing), mt.type(loss.huber_delta), mt.type(1.0 / divisor if divisor else 0.0))  # fmt: skip
         if dtype in PR.LOW:
             args += (self._scale_array(1.0 if loss_scale is None else loss_scale, mt),)
-        # a warp per row; the grid (and so the batch mean's partials) a function of n alone
-        blocks = max(1, min(math.ceil(n / (BLOCK // 32)), LOSS_MAX_BLOCKS))
+        # a group of `width` lanes per row; the grid (and so the batch mean's partials) a
+        # function of n and c alone
+        blocks = max(1, min(math.ceil(n / (BLOCK // width)), LOSS_MAX_BLOCKS))
         partial = self._scratch("loss_partial", blocks, mt) if finish else row_loss
         args += (np.int32(finish), partial, self._counter("loss_rows", blocks), out if finish else row_loss,
                  mt.type(divisor))  # fmt: skip
