@@ -223,13 +223,16 @@ class GraphOpProfile(OpProfile):
     """Each op of a step timed as a CUDA graph of its own, for the per-op table of a
     captured step (a whole-step graph cannot be split, and the uncaptured profile's times
     carry each launch's host cost, which a graph does not pay): the op runs once plainly
-    on the capturer's stream (its warm-up), is captured REPEAT times into one graph, and
-    the graph is replayed once between the stopwatch's marks; its time / REPEAT is the op's
-    device time with a graph's gaps between kernels. Then the op runs once more for the
-    step to go on with. An op is so applied REPEAT + 2 times to the same buffers (an update
-    too): a timing pass, not a training step. An op another op calls is timed in its caller."""
+    on the capturer's stream (its warm-up), is captured r times into one graph, and the
+    graph is replayed once between the stopwatch's marks; its time / r is the op's device
+    time with a graph's gaps between kernels. r = REPEAT, fewer for a long op (the plain
+    run timed first: about BUDGET_MS a graph, so that wide's products do not stretch the
+    bench). Then the op runs once more for the step to go on with. An op is so applied
+    r + 3 times to the same buffers (an update too): a timing pass, not a training step.
+    An op another op calls is timed in its caller."""
 
     REPEAT = 20
+    BUDGET_MS = 2.0
 
     def __init__(self, backend):
         super().__init__(backend)
@@ -243,17 +246,21 @@ class GraphOpProfile(OpProfile):
         self._inside = True
         try:
             key, self._keys = ("op", self._keys), self._keys + 1
+            timer.start()
+            fn(*args, **kwargs)
+            plain_ms = timer.stop()
+            repeat = max(1, min(self.REPEAT, int(self.BUDGET_MS / max(plain_ms, 1e-6))))
             self.capturer.warmup(key, lambda: fn(*args, **kwargs))
 
             def repeated():
-                for _ in range(self.REPEAT):
+                for _ in range(repeat):
                     fn(*args, **kwargs)
 
             replay = self.capturer.capture(key, repeated)
             self.backend.synchronize()
             timer.start()
             replay()
-            ms = timer.stop() / self.REPEAT
+            ms = timer.stop() / repeat
             return fn(*args, **kwargs), ms
         finally:
             self._inside = False
@@ -824,8 +831,8 @@ def graph_op_table(report: dict) -> list[str]:
     if not rows:
         return []
     names = [n for n in ("gemm", *OpProfile.OPS) if any(n in ops for _, _, ops in rows)]
-    lines = ["", f"Each op of a step as a CUDA graph of its own (the op captured {GraphOpProfile.REPEAT} times into "
-             "one graph, replayed once: microseconds per op, a graph's gaps between kernels included), one pass of "
+    lines = ["", f"Each op of a step as a CUDA graph of its own (the op captured up to {GraphOpProfile.REPEAT} times "
+             "into one graph, replayed once: microseconds per op, a graph's gaps between kernels included), one pass of "
              "the uncaptured step; 'sum' against the captured step's us/step says what the ops leave to the graph's "
              "launch and the host:", "",
              "| case | precision | step | " + " | ".join(names) + " | sum |", "|" + "---|" * (len(names) + 4)]  # fmt: skip

@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from gpubp import bench as B
@@ -96,6 +97,7 @@ def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch
     monkeypatch.setattr(B, "GRAPH_PROFILE_DEVICES", ("cpu",))
     monkeypatch.setattr(B, "FUSED_MLP_DEVICES", ("cpu",))
     monkeypatch.setattr(B.GraphOpProfile, "REPEAT", 3)
+    monkeypatch.setattr(B.GraphOpProfile, "BUDGET_MS", 1e9)  # every op repeated REPEAT times
     rec = RecordingBackend()
     case = B.Case("t", [8, 16, 4], 32, steps=4, warmup=2, loss="softmax_cross_entropy", optimizer="adam")
     report = B.run([case], rec, with_torch=False, log=lambda m: None)
@@ -108,6 +110,21 @@ def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch
     assert len({calls[0][0].__name__ for calls in op_graphs}) >= len(default)
     md = B.markdown(report)
     assert "as a CUDA graph of its own" in md and "| t | float32 | fused MLP |" in md
+
+
+def test_a_long_op_is_captured_fewer_times():
+    """GraphOpProfile repeats an op about BUDGET_MS worth of its plain run, at least once
+    and at most REPEAT times (a capture's length is its repeats)."""
+    from gpubp.backend.recording import RecordingBackend
+
+    rec = RecordingBackend()
+    a, b, out = (np.ones((4, 4), np.float32) for _ in range(3))
+    for budget, repeats in ((1e-12, 1), (1e12, B.GraphOpProfile.REPEAT)):
+        prof = B.GraphOpProfile(rec)
+        prof.BUDGET_MS = budget
+        with prof:
+            rec.gemm(a, b, out)
+        assert len(rec.graphs[-1]) == repeats and prof.per_op["gemm"] > 0
 
 
 def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypatch):
