@@ -440,12 +440,19 @@ class MPIWorld(Local):
             r for r, (host, pid) in enumerate(self.peers) if host == self.host and r != self.rank and not _alive(pid)
         ]
 
-    def fault_message(self, dead: list[int], what: str, waited: float) -> str:
+    def fault_message(self, dead: list[int], what: str, waited: float, failed: str | None = None) -> str:
+        """The fault's line: the ranks seen dead, or (none on this host) the collective
+        that failed with MPI's reason `failed`, or that waited too long."""
         t = self.trainer
         at = f" at step {t.step}" if t is not None else ""
         if dead:
             names = ", ".join(f"rank {r} (pid {self.peers[r][1]} on {self.peers[r][0]})" for r in dead)
             head = f"{names} died during {what}{at}; every rank stopped"
+        elif failed is not None:
+            head = (
+                f"rank {self.rank}: {what}{at} failed ({failed}): a rank on another host died or lost its "
+                "connection; every rank stopped"
+            )
         else:
             head = (
                 f"rank {self.rank}: no answer from the other ranks for {waited:.0f} s during {what}{at} "
@@ -542,7 +549,8 @@ class Watchdog:
     """A daemon thread that watches the collective this rank is waiting in: when a
     rank on this host has died (checked every 0.2 s, after a 2 s grace), or the wait
     passes the time limit, it prints one line (from the lowest live rank of the
-    host) and ends the process: a rank blocked in MPI cannot be interrupted otherwise."""
+    host) and ends the process: a rank blocked in MPI cannot be interrupted otherwise.
+    A collective that MPI itself fails (a peer's memory gone mid-copy) ends the same way."""
 
     GRACE_S = 2.0  # a peer that finished the collective first may exit before we return from it
     SUPERVISED_GRACE_S = 10.0  # a supervised peer's death is reported by its parent: speak only if still here
@@ -559,6 +567,9 @@ class Watchdog:
         self.what, self.since = what, time.monotonic()
         try:
             yield
+        except self.world.MPI.Exception as e:  # MPI saw a peer vanish (e.g. its shared memory) before we did
+            since, self.since = self.since, None  # this thread reports it, not the watchdog's
+            self._collective_failed(what, since, e)
         finally:
             self.since = None
 
@@ -579,12 +590,29 @@ class Watchdog:
             if dead or waited > self.world.timeout:
                 if self.since is not since:  # the collective returned meanwhile
                     continue
-                if self.world.reporter(dead):
-                    sys.stderr.write(f"gpubp: error: {self.world.fault_message(dead, what, waited)}\n")
-                    sys.stderr.flush()
-                else:  # let the reporter's line out first: a launcher may kill it once one rank exits
-                    time.sleep(self.GRACE_S)
-                os._exit(1)
+                self._stop(dead, self.world.fault_message(dead, what, waited))
+
+    def _collective_failed(self, what: str, since: float, error) -> None:
+        """The collective raised: a rank died mid-way. A supervised rank's parent names
+        it and the launcher then ends this rank, so wait for that (SUPERVISED_GRACE_S);
+        still here, say what is known and end."""
+        end = time.monotonic() + self.SUPERVISED_GRACE_S
+        dead = self.world.dead_ranks()
+        while not (dead and not all(self.world.supervised[r] for r in dead)) and time.monotonic() < end:
+            time.sleep(0.2)
+            dead = self.world.dead_ranks()
+        reason = self.world.MPI.Get_error_string(error.Get_error_class())
+        self._stop(dead, self.world.fault_message(dead, what, time.monotonic() - since, failed=reason))
+
+    def _stop(self, dead: list[int], message: str) -> None:
+        """One line from the host's reporting rank, then the end of this process: a
+        rank blocked in (or broken out of) MPI cannot unwind normally."""
+        if self.world.reporter(dead):
+            sys.stderr.write(f"gpubp: error: {message}\n")
+            sys.stderr.flush()
+        else:  # let the reporter's line out first: a launcher may kill it once one rank exits
+            time.sleep(self.GRACE_S)
+        os._exit(1)
 
 
 class MPIEngine:

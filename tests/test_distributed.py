@@ -81,6 +81,74 @@ def test_first_difference_names_the_key():
     assert _first_difference(a, b) == ("config.optimizer.lr", 0.001, 0.01)
 
 
+class _FakeMPIError(Exception):
+    def Get_error_class(self) -> int:
+        return 15
+
+
+def _world_with_a_dead_peer(supervised: bool):
+    """An MPIWorld of 3 ranks on this host without MPI: rank 0 here, rank 1 a process
+    that has ended, rank 2 alive (this one)."""
+    from types import SimpleNamespace
+
+    from gpubp.distributed import MPIWorld, Watchdog
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    world = object.__new__(MPIWorld)
+    world.MPI = SimpleNamespace(Exception=_FakeMPIError, Get_error_string=lambda code: f"MPI error class {code}")
+    world.rank, world.size, world.host, world.trainer = 0, 3, "here", None
+    world.peers = [("here", os.getpid()), ("here", child.pid), ("here", os.getpid())]
+    world.supervised = [supervised] * 3
+    world.watch = Watchdog(world)
+    world.watch.stop()  # only the failing collective's own path is under test
+    return world, child.pid
+
+
+@pytest.mark.parametrize("supervised", [True, False])
+def test_a_collective_that_mpi_fails_ends_the_rank_with_one_line(monkeypatch, capsys, supervised):
+    """MPI raises inside the all-reduce when a peer vanishes mid-copy: no traceback,
+    no 'internal error', but the watchdog's line naming the dead rank and exit 1; a
+    supervised peer's parent names it first, so this rank waits (the grace) for the
+    launcher to end it before it speaks."""
+    from gpubp.distributed import Watchdog
+
+    monkeypatch.setattr(Watchdog, "SUPERVISED_GRACE_S", 0.5)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    world, pid = _world_with_a_dead_peer(supervised)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exited, world.watch("the gradient all-reduce"):
+        raise _FakeMPIError("Other MPI error, error stack: ...")
+    waited = time.monotonic() - start
+    assert exited.value.code == 1
+    assert (waited >= 0.5) == supervised  # only a supervised peer's death is left to its parent to report first
+    err = capsys.readouterr().err
+    assert err == f"gpubp: error: rank 1 (pid {pid} on here) died during the gradient all-reduce; every rank stopped\n"
+
+
+def test_a_collective_that_mpi_fails_with_no_dead_peer_here_says_so(monkeypatch, capsys):
+    from gpubp.distributed import Watchdog
+
+    monkeypatch.setattr(Watchdog, "SUPERVISED_GRACE_S", 0.3)
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    world, _ = _world_with_a_dead_peer(True)
+    world.peers[1] = ("elsewhere", world.peers[1][1])  # the dead peer is on another host: not seen from here
+    with pytest.raises(SystemExit), world.watch("the gradient all-reduce"):
+        raise _FakeMPIError("Other MPI error")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "gpubp: error: rank 0: the gradient all-reduce failed (MPI error class 15): a rank on another host "
+        "died or lost its connection; every rank stopped"
+    ]
+
+
+def test_other_errors_pass_through_the_watch(monkeypatch):
+    world, _ = _world_with_a_dead_peer(True)
+    with pytest.raises(KeyError), world.watch("the gradient all-reduce"):
+        raise KeyError("not MPI's")
+    assert world.watch.since is None
+
+
 # ----------------------------------------------------------------- with MPI
 
 DIGITS = ["--config", "configs/digits.toml", "--set", "model.dtype=float64", "--quiet"]
