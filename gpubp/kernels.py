@@ -162,13 +162,19 @@ def nvrtc_ptx(name: str, arch: str = "sm_90", options=None) -> str:
     return _nvrtc(name, arch, options)[1]
 
 
-def _nvrtc(name: str, arch: str, options) -> tuple[str, str]:
-    """(log, PTX) of an NVRTC compile of kernels/<name>."""
+def nvrtc_compile_source(source: str, name: str, arch: str = "sm_90", options=None) -> str:
+    """nvrtc_compile of the text `source` (called `name` in messages), e.g. a CuPy
+    elementwise kernel as CuPy would assemble it; returns the log."""
+    return _nvrtc(name, arch, options, source)[0]
+
+
+def _nvrtc(name: str, arch: str, options, text: str | None = None) -> tuple[str, str]:
+    """(log, PTX) of an NVRTC compile of kernels/<name> (or of `text`)."""
     options = effective_options() if options is None else options
     lib = load_nvrtc()
     if lib is None:
         raise RuntimeError("no NVRTC library found (pip install nvidia-cuda-nvrtc, or set GPUBP_NVRTC_LIB)")
-    source = read_source(name).encode()
+    source = (read_source(name) if text is None else text).encode()
     prog = ctypes.c_void_p()
     status = lib.nvrtcCreateProgram(ctypes.byref(prog), source, name.encode(), 0, None, None)
     if status != 0:

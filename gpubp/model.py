@@ -395,7 +395,7 @@ class MLP:
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
-                         loss_out=None):  # fmt: skip
+                         loss_out=None, params_rounded: bool = False):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -404,6 +404,8 @@ class MLP:
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
         loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
         fused_mlp: the whole pass as one op where the network fits it (_fused_forward_backward).
+        params_rounded: params_low already holds the parameters in 16 bits (the trainer's
+        step, whose update writes it: numpy_stacked.rounded), so no cast first.
         """
         self.grad_shares = None
         if self.fused_mlp and not input_grad and on_layer is None:
@@ -411,7 +413,8 @@ class MLP:
             if loss is not None:
                 return loss
         ws = self._workspace(x.shape[0])
-        self._round_params()
+        if not params_rounded:
+            self._round_params()
         out = self._forward(x, ws)
         kw = {}
         if self.loss_scale is not None:

@@ -95,9 +95,10 @@ class Optimizer:
             grad_scale = None if grad_scale == 1.0 else self.backend.asarray(np.full(1, grad_scale), self.model.dtype)
         self.rule_opt.step(None, grad_scale, skip)
 
-    def update(self, grad_scale=None, skip=None) -> None:
-        """The update from the device-side per-step state alone (see StackOptimizer.update)."""
-        self.rule_opt.update(grad_scale, skip)
+    def update(self, grad_scale=None, skip=None, low=None) -> None:
+        """The update from the device-side per-step state alone (see StackOptimizer.update);
+        low: the model's 16-bit parameter copy (P,), left as the updated parameters rounded."""
+        self.rule_opt.update(grad_scale, skip, low=None if low is None else low.reshape(1, -1))
 
     def state_dict(self) -> dict:
         return self.rule_opt.state_dict(0)

@@ -380,16 +380,19 @@ class StackOptimizer:
         self.vectors[...] = self.backend.asarray(host, dtype=self.stack.dtype)
         self.first_step[...] = self.steps == 1
 
-    def update(self, grad_scale=None, skip=None, rows=slice(None)) -> None:
+    def update(self, grad_scale=None, skip=None, rows=slice(None), low=None) -> None:
         """The update of models `rows` (a slice; default all) from the device-side `vectors`
         and `first_step` alone: nothing here changes between steps, so it can be captured
         once and replayed. grad_scale: those models' (m,) (or 0-d for one model) or None;
         skip: their (m,) / 0-d bool or None. Each model's rows are updated by the same
-        arithmetic whatever the slice, so updating block by block gives the same bits."""
+        arithmetic whatever the slice, so updating block by block gives the same bits.
+        low: None, or the (M, P) 16-bit copy of all models' parameters, whose rows `rows`
+        the update leaves as their parameters rounded (numpy_stacked.rounded)."""
         dtype = self.stack.dtype
         scale = self._ones[rows] if grad_scale is None else grad_scale.reshape(-1, 1).astype(dtype, copy=False)
         skip = None if skip is None else skip.reshape(-1)
-        self._update(self.stack.flat_params[rows], self.stack.flat_grads[rows], scale, skip, rows)
+        low = None if low is None else low[rows]
+        self._update(self.stack.flat_params[rows], self.stack.flat_grads[rows], scale, skip, rows, low)
 
     def state_dict(self, i: int | None = None) -> dict:
         """State of every model ((M, P) arrays), or of model i as a single run stores it ((P,))."""
@@ -435,12 +438,12 @@ class StackSGD(StackOptimizer):
         self._wd = self._vec(self.weight_decay)
         self._momentum_on, self._decay_on = bool(on.all()), bool(np.any(self.weight_decay))
 
-    def _update(self, p, g, scale, skip, rows):
+    def _update(self, p, g, scale, skip, rows, low):
         self.backend.sgd_step_batched(
             p, g, self.momentum_buffer[rows], self._scratch_rows(rows), lr=self.vectors[0][rows],
             momentum=self._momentum_v[rows], one_minus_dampening=self._one_minus_damp[rows], nesterov=self.nesterov,
             weight_decay=self._wd[rows], first_step=self.first_step, grad_scale=scale, skip=skip,
-            momentum_on=self._momentum_on, decay_on=self._decay_on,
+            momentum_on=self._momentum_on, decay_on=self._decay_on, low=low,
         )  # fmt: skip
 
 
@@ -484,13 +487,13 @@ class StackAdam(StackOptimizer):
         b1, b2 = self.beta1.tolist(), self.beta2.tolist()
         return np.array([[1.0 - b**t for b in b1], [math.sqrt(1.0 - b**t) for b in b2]])
 
-    def _update(self, p, g, scale, skip, rows):
+    def _update(self, p, g, scale, skip, rows, low):
         vec = self.vectors
         self.backend.adam_step_batched(
             p, g, self.exp_avg[rows], self.exp_avg_sq[rows], self._scratch_rows(rows), lr_decay=vec[0][rows],
             one_minus_beta1=self._b1c[rows], beta2=self._b2[rows], one_minus_beta2=self._b2c[rows], eps=self._eps[rows],
             weight_decay=self._wd[rows], step_size=vec[1][rows], bias2_sqrt=vec[2][rows], decoupled=self.decoupled,
-            grad_scale=scale, skip=skip, decay_on=self._decay_on,
+            grad_scale=scale, skip=skip, decay_on=self._decay_on, low=low,
         )  # fmt: skip
 
 

@@ -8,7 +8,8 @@
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
                running_loss += loss, pos += 1 in the same launch unless fp16: see advance)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
-    update     opt.update(scale, skip)                               reads vectors, first
+    update     opt.update(scale, skip, low)                          reads vectors, first; bf16/fp16:
+               params_low = the updated params in 16 bits (what the next forward reads: no cast)
     (fp16)     advance: running_loss += loss;  pos += 1   (step_advance; else in the guard's launch)
 
 Everything that changes from one step to the next (the learning rate of the schedule,
@@ -189,6 +190,11 @@ class Step(ShapeGraphs):
             state.count_updates()
         self._init_shapes(None if host_batch else capturer)
         self.host_batch = host_batch
+        # bf16/fp16: the update writes params_low (the parameters in 16 bits) as it goes, so
+        # the next step's forward pass needs no cast; the first step casts once, on the host
+        # side of the step (a data-parallel rank's forward pass keeps its own cast)
+        self.fold_cast = model.flat_params_low is not None and not host_batch
+        self.low_current = False
         self.steps_per_epoch = -(-self.n_train // self.batch_size)
         self.loss = be.zeros((), model.dtype)
         self.grad_sq = be.zeros((), model.dtype)
@@ -224,6 +230,9 @@ class Step(ShapeGraphs):
         else:
             if self.streamed:
                 self.train.ready(step)  # its batch's chunks resident, the next one on its way
+            if self.fold_cast and not self.low_current:
+                self.model._round_params()  # from here on each update writes it
+                self.low_current = True
             self._run_shape(n, self.model.step_workspace)
             stop = self.interrupted()
         if not self.state.counted:  # host mirrors of the device counters (counted: read at uploads, sync_updates)
@@ -246,7 +255,7 @@ class Step(ShapeGraphs):
             loss = self.model.forward_backward_rows(train.x, train.target, self.perm, st.offset, n, self.loss)
         if loss is None:
             xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
-            loss = self.model.forward_backward(xb, yb, loss_out=self.loss)
+            loss = self.model.forward_backward(xb, yb, loss_out=self.loss, params_rounded=self.fold_cast)
         self._finish(loss)
 
     def _finish(self, loss) -> None:
@@ -257,6 +266,6 @@ class Step(ShapeGraphs):
         self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares,
                          advance=(self.running, st.pos) if fold else None)  # fmt: skip
         st.count(self.guard.skip)
-        self.opt.update(self.guard.scale, self.guard.skip)
+        self.opt.update(self.guard.scale, self.guard.skip, low=self.model.flat_params_low if self.fold_cast else None)
         if not fold:
             st.advance(self.running, loss)

@@ -21,10 +21,13 @@ import os
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from numpy.testing import assert_allclose
 
+from gpubp import kernels
 from gpubp import precision as PR
 from gpubp.backend import cupy_backend, numpy_ops
 
@@ -40,7 +43,8 @@ C_TYPE = {
     np.dtype(np.uint32): "unsigned int",
     np.dtype(np.float16): "unsigned short",  # fp16: the data-moving kernels only copy its bits
 }
-NAMED = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
+NAMED = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float64": np.float64, "bool": np.bool_,
+         "uint16": np.uint16}  # fmt: skip
 
 
 def parse(params: str) -> list[tuple[bool, str, str]]:
@@ -61,10 +65,17 @@ class HostKernel:
         ins, outs, self.body, _ = cupy_backend.ELEMENTWISE[name]
         self.name, self.build_dir = name, build_dir
         self.params = [(*p, False) for p in parse(ins)] + [(*p, True) for p in parse(outs)]
+        # a preamble (precision.cuh), its CUDA qualifiers defined away as in tests/test_kernels_cpu.py
+        self.preamble = HOST_QUALIFIERS + cupy_backend.elementwise_preamble(name)
 
     def __call__(self, *args, size=None):
         assert len(args) == len(self.params), f"{self.name}: {len(args)} arguments for {len(self.params)}"
         types, c_args, decls, per_i = {}, [], [], []
+        # the loop runs over the largest non-raw array; an (M, 1) one (a per-model value of
+        # the stacked updates) or a single value broadcasts over its rows, as in CuPy
+        loop = max((a for (raw, *_), a in zip(self.params, args) if not raw and isinstance(a, np.ndarray)),
+                   key=np.size, default=None)  # fmt: skip
+        size = loop.size if loop is not None and size is None else size
         for (raw, t, pname, is_out), a in zip(self.params, args):
             if t in NAMED:
                 dtype = np.dtype(NAMED[t])
@@ -82,11 +93,14 @@ class HostKernel:
                     c_args.append(ctypes.c_longlong(a.size))
                     kind = "RawOut" if is_out else "RawIn"
                     per_i.insert(0, f"{kind}<{ct}> {pname}{{{pname}_, {pname}_n}};")
-                else:  # element i of its array (all of one size here: no broadcasting)
+                else:  # element i of its array, or of its row (broadcast)
                     decls.append(f"{ct}* {pname}_")
-                    per_i.append(f"{'' if is_out else 'const '}{ct}& {pname} = {pname}_[i];")
-                    size = a.size if size is None else size
-                    assert a.size == size, f"{self.name}({pname}): {a.size} elements, the loop has {size}"
+                    if a.size == size:
+                        at = "i"
+                    else:
+                        assert a.size == 1 or a.shape == (loop.shape[0], 1), f"{self.name}({pname}): {a.shape}"
+                        at = f"i / {size // a.size}"
+                    per_i.append(f"{'' if is_out else 'const '}{ct}& {pname} = {pname}_[{at}];")
             else:
                 assert not raw and not is_out, f"{self.name}({pname}): a scalar for an array parameter"
                 decls.append(f"{ct} {pname}")
@@ -94,7 +108,7 @@ class HostKernel:
         assert size is not None, f"{self.name}: every array is raw, size= is needed (as CuPy needs it)"
         typedefs = " ".join(f"typedef {C_TYPE[d]} {t};" for t, d in types.items())  # as CuPy declares them
         source = (
-            f"{PRELUDE}"
+            f"{PRELUDE}{self.preamble}\n"
             f'extern "C" int run({", ".join(decls)}, long long size_) {{\n  {typedefs}\n  bad_index = 0;\n'
             f"  for (long long i = 0; i < size_; ++i) {{\n    {' '.join(per_i)}\n{self.body};\n  }}\n"  # CuPy adds the ;
             "  return bad_index;\n}\n"
@@ -104,6 +118,7 @@ class HostKernel:
         return args[-1]
 
 
+HOST_QUALIFIERS = "#define __host__\n#define __device__\n#define __forceinline__ inline\n"
 PRELUDE = """#include <cmath>
 using std::isfinite; using std::sqrt;
 static int bad_index = 0;
@@ -146,8 +161,9 @@ def host_backend(tmp_path_factory):
     host_compiler("the elementwise kernels")
     build_dir = str(tmp_path_factory.mktemp("elementwise"))
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
-    kernels = {}
-    be._stacked_kernel = lambda name: kernels.setdefault(name, HostKernel(name, build_dir))
+    made = {}
+    be._stacked_kernel = lambda name: made.setdefault(name, HostKernel(name, build_dir))
+    be._cupy = SimpleNamespace(ndarray=np.ndarray)  # the launchers' argument checks take NumPy's arrays
     return be
 
 
@@ -210,6 +226,114 @@ def test_index_windows_and_step_advance_run_as_the_reference(host_backend):
         numpy_ops.step_advance(ref, loss, ref_pos)
         host_backend.step_advance(running, loss, pos)
         assert np.array_equal(running, ref) and pos == ref_pos == 8
+
+
+def cupy_like_source(name: str) -> str:
+    """ELEMENTWISE[name] as CuPy assembles an elementwise kernel, closely enough for the
+    compiler: CuPy's carray.cuh, the preamble, a grid-stride loop around the body with a
+    raw parameter a pointer, a non-raw one a reference to its element i, a scalar a value
+    (placeholders: T float, U double, I long long)."""
+    ins, outs, body, kname = cupy_backend.ELEMENTWISE[name]
+    ctype = {**{k: C_TYPE[np.dtype(v)] for k, v in NAMED.items()}, "T": "T", "U": "U", "I": "I"}
+    decls, per_i = [], []
+    for raw, t, pname, is_out in [(*p, False) for p in parse(ins)] + [(*p, True) for p in parse(outs)]:
+        const = "" if is_out else "const "
+        if raw:
+            decls.append(f"{const}{ctype[t]}* {pname}")
+        else:  # an array's element (a scalar argument reads the same in the body)
+            decls.append(f"{const}{ctype[t]}* {pname}_")
+            per_i.append(f"{const}{ctype[t]}& {pname} = {pname}_[i];")
+    return (
+        f"#include <cupy/carray.cuh>\n{cupy_backend.elementwise_preamble(name)}\n"
+        "typedef float T; typedef double U; typedef long long I;\n"
+        f'extern "C" __global__ void {kname}({", ".join(decls)}, long long size_) {{\n'
+        "  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < size_;\n"
+        "       i += (long long)blockDim.x * gridDim.x) {\n"
+        f"    {' '.join(per_i)}\n{body};\n  }}\n}}\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(cupy_backend.ELEMENTWISE))
+def test_elementwise_kernels_compile_with_nvrtc_and_cupys_headers(name):
+    """Every ELEMENTWISE body (and preamble) compiles under NVRTC with the options CuPy
+    uses, beside CuPy's own headers (a name of ours that clashed with one of CuPy's, or a
+    body that writes an input, fails here, not on the GPU)."""
+    import importlib.util
+
+    from .test_kernels_cpu import need_nvrtc
+
+    need_nvrtc()
+    spec = importlib.util.find_spec("cupy")
+    include = spec and os.path.join(os.path.dirname(spec.origin), "_core", "include")
+    if not include or not os.path.isfile(os.path.join(include, "cupy", "carray.cuh")):
+        pytest.skip("no CuPy headers (pip install cupy-cuda13x): CuPy's elementwise code is not compiled here")
+    log = kernels.nvrtc_compile_source(
+        cupy_like_source(name), name, options=(*kernels.effective_options(), f"-I{include}")
+    )
+    assert "warning" not in log, log
+
+
+def _update_args(rule: str, rng, m: int, p: int):
+    """(state arrays, keywords) of a stacked update of m models of p float32 parameters,
+    as gpubp.stack passes them: per-model values (m, 1), model 1 skipped."""
+    f32 = np.float32
+    col = lambda lo, hi: rng.uniform(lo, hi, (m, 1)).astype(f32)  # noqa: E731
+    state = {"p": rng.normal(size=(m, p)).astype(f32), "g": rng.normal(size=(m, p)).astype(f32)}
+    kw = dict(grad_scale=col(0.5, 1), weight_decay=col(0, 0.01), skip=np.array([False, True, False][:m]))
+    if rule == "sgd":
+        state["buf"] = rng.normal(size=(m, p)).astype(f32)
+        kw |= dict(lr=col(0.01, 0.1), momentum=col(0.5, 0.9), one_minus_dampening=col(0.9, 1), nesterov=False,
+                   first_step=np.bool_(False))  # fmt: skip
+    else:
+        state |= {"m": rng.normal(size=(m, p)).astype(f32), "v": rng.uniform(0, 1, (m, p)).astype(f32)}
+        kw |= dict(lr_decay=col(0.99, 1), one_minus_beta1=col(0.1, 0.1), beta2=col(0.999, 0.999),
+                   one_minus_beta2=col(0.001, 0.001), eps=col(1e-8, 1e-8), step_size=col(1e-3, 1e-2),
+                   bias2_sqrt=col(0.1, 1), decoupled=True)  # fmt: skip
+    return state, kw
+
+
+@pytest.mark.parametrize("store", [PR.BF16, PR.F16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_updates_write_the_16bit_copy(host_backend, rule, store):
+    """The stacked updates with `low` (mixed precision: the parameters' 16-bit copy the next
+    forward pass reads, written by the update's own kernel): p and the state as the NumPy
+    reference's, and low exactly the kernel's own p rounded to 16 bits (numpy_ops.cast,
+    the bit-level reference of precision.cuh), the skipped model's too (its p unchanged)."""
+    from gpubp.backend import NumpyBackend
+
+    rng = np.random.default_rng(3)
+    state, kw = _update_args(rule, rng, 3, 257)
+    got = {k: a.copy() for k, a in state.items()}
+    want = {k: a.copy() for k, a in state.items()}
+    low = poisoned(np.zeros((3, 257), store))
+    names = [k for k in state if k not in ("p", "g")]
+    update = f"{rule}_step_batched"
+    getattr(host_backend, update)(got["p"], got["g"], *(got[k] for k in names), None, low=low, **kw)
+    ref_low = np.zeros_like(low)
+    scratch = np.empty((2, 3, 257), np.float32)
+    getattr(NumpyBackend, update)(want["p"], want["g"], *(want[k] for k in names), scratch, low=ref_low, **kw)
+    # float32, a handful of operations each rounded once, the same order as the reference:
+    # within atol + rtol |ref| with rtol a few float32 ulps (2^-23 each)
+    for k in state:
+        assert_allclose(got[k], want[k], rtol=8 * 2.0**-23, atol=1e-30, err_msg=k)
+    assert np.array_equal(got["p"][1], state["p"][1])  # skipped
+    assert np.array_equal(low, numpy_ops.cast(got["p"], np.zeros_like(low)))  # the kernel's own p, rounded
+    assert np.array_equal(ref_low, numpy_ops.cast(want["p"], np.zeros_like(low)))
+
+
+def test_the_16bit_copy_check_can_fail(host_backend, monkeypatch, tmp_path):
+    """A kernel that writes the copy before the update (the old parameters) is caught."""
+    name = "adam_bf16"
+    ins, outs, body, kname = cupy_backend.ELEMENTWISE[name]
+    write = "low[i] = bf16_from_float(p).bits;"
+    monkeypatch.setitem(cupy_backend.ELEMENTWISE, name, (ins, outs, write + body.replace(write, ""), kname))
+    be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
+    be._stacked_kernel = lambda n: HostKernel(n, str(tmp_path))
+    be._cupy = SimpleNamespace(ndarray=np.ndarray)
+    state, kw = _update_args("adam", np.random.default_rng(4), 3, 64)
+    low = np.zeros((3, 64), PR.BF16)
+    be.adam_step_batched(state["p"], state["g"], state["m"], state["v"], None, low=low, **kw)
+    assert not np.array_equal(low, numpy_ops.cast(state["p"], np.zeros_like(low)))
 
 
 def test_the_host_loop_catches_a_wrong_index(host_backend, monkeypatch, tmp_path):

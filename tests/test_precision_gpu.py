@@ -266,6 +266,34 @@ def test_update_vectors_matches_the_reference_bitwise(gpu, bias_corrected):
         assert int(gpu.to_numpy(dev["updates"])) == int(host["updates"]), j
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_updates_write_the_16bit_copy_on_the_gpu(gpu, rule, name):
+    """The stacked update with `low` (one kernel: the update, then the parameters rounded
+    into their 16-bit copy): p and the state as the NumPy reference's (float32 arithmetic,
+    the same order: a few ulps), low bit for bit the GPU's own p rounded by the reference
+    (numpy_ops.cast), the skipped model's too."""
+    from gpubp.backend import NumpyBackend
+
+    from .test_elementwise_host import _update_args
+
+    state, kw = _update_args(rule, np.random.default_rng(5), 3, 10007)
+    names = [k for k in state if k not in ("p", "g")]
+    update = f"{rule}_step_batched"
+    want = {k: a.copy() for k, a in state.items()}
+    getattr(NumpyBackend, update)(want["p"], want["g"], *(want[k] for k in names),
+                                  np.empty((2, 3, 10007), np.float32), **kw)  # fmt: skip
+    dev = {k: gpu.asarray(a) for k, a in state.items()}
+    kw_dev = {k: gpu.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    low = gpu.zeros((3, 10007), LOW[name])
+    getattr(gpu, update)(dev["p"], dev["g"], *(dev[k] for k in names), None, low=low, **kw_dev)
+    got = {k: gpu.to_numpy(a) for k, a in dev.items()}
+    for k in state:  # float32, a handful of roundings in the same order: 8 ulps
+        np.testing.assert_allclose(got[k], want[k], rtol=8 * 2.0**-23, atol=TINY, err_msg=k)
+    assert np.array_equal(got["p"][1], state["p"][1])  # skipped
+    assert np.array_equal(gpu.to_numpy(low), numpy_ops.cast(got["p"], np.empty((3, 10007), LOW[name])))
+
+
 @pytest.mark.parametrize("name", ["tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_model_gradients_gpu_against_the_emulation(gpu, name, residual):

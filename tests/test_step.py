@@ -90,12 +90,12 @@ def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     """The old way (the host sets opt.lr each step, the update takes it as a Python float):
     right when every step runs, wrong when the step is captured once and replayed."""
 
-    def update(self, p, g, scale, skip, rows):
+    def update(self, p, g, scale, skip, rows, low):
         self.backend.sgd_step_batched(
             p, g, self.momentum_buffer[rows], self._scratch_rows(rows), lr=float(self.lr[0]),
             momentum=self._momentum_v[rows], one_minus_dampening=self._one_minus_damp[rows], nesterov=self.nesterov,
             weight_decay=self._wd[rows],
-            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=True, decay_on=True,
+            first_step=self.first_step, grad_scale=scale, skip=skip, momentum_on=True, decay_on=True, low=low,
         )  # fmt: skip
 
     original = Step.run
@@ -126,6 +126,30 @@ def signature(calls):
         return v if isinstance(v, (int, float, bool, str, type(None), np.generic)) else repr(v)
 
     return [(op.__name__, norm(args), norm(kwargs)) for op, args, kwargs in calls]
+
+
+@pytest.mark.parametrize("case", ["adamw-cosine-bf16", "adam-step-fp16"])
+def test_the_update_writes_the_16bit_copy_the_next_step_reads(case, monkeypatch):
+    """bf16/fp16: the captured step holds no cast of the parameters (the update writes
+    params_low as it goes, numpy_stacked.rounded), and the run equals, bitwise, one whose
+    every forward pass casts them itself (the fold off). A copy left stale (an update
+    that did not write it) would train on the first step's weights: a different run."""
+    rec = RecordingBackend()
+    folded = run(case, rec)
+    flat, low = folded.model.flat_params, folded.model.flat_params_low
+    calls = [(op.__name__, args, kwargs) for graph in rec.graphs for op, args, kwargs in graph]
+    assert not [c for c in calls if c[0] == "cast" and c[1][0] is flat]
+    updates = [kw["low"] for name, _, kw in calls if name == "adam_step_batched"]
+    assert len(updates) == 2 and all(np.shares_memory(u, low) for u in updates)
+
+    init = Step.__init__
+
+    def unfolded_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.fold_cast = False
+
+    monkeypatch.setattr(Step, "__init__", unfolded_init)
+    assert_same_run(folded, run(case, "cpu"))
 
 
 @pytest.mark.parametrize("case", ["adamw-step-clip", "sgd-dampening-step-clip", "adam-step-fp16"])

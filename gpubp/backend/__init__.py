@@ -67,8 +67,8 @@ class NumpyBackend:
     sum_squares_batched = staticmethod(numpy_stacked.sum_squares_batched)
     step_guard_norm_batched = staticmethod(numpy_stacked.step_guard_norm_batched)
     index_window_batched = staticmethod(numpy_stacked.index_window_batched)
-    sgd_step_batched = staticmethod(numpy_stacked.sgd_step_batched)
-    adam_step_batched = staticmethod(numpy_stacked.adam_step_batched)
+    sgd_step_batched = staticmethod(numpy_stacked.rounded(numpy_stacked.sgd_step_batched))
+    adam_step_batched = staticmethod(numpy_stacked.rounded(numpy_stacked.adam_step_batched))
 
     # what this backend raises when its memory runs out; the trainer turns these into
     # DeviceRuntimeError with the batch size and the memory needed

@@ -171,6 +171,25 @@ ELEMENTWISE = {
         "gpubp_adam_step_batched",
     ),
 }  # fmt: skip
+# Mixed precision: the updates that also write the parameters' 16-bit copy, which the next
+# forward pass's GEMMs read: low = p rounded to nearest even (precision.cuh), after the
+# update, skipped or not (low: (M, P) raw uint16, the bits of bf16 or fp16). One pass over
+# the parameters less than the update plus a cast (wide bf16 on an H100: the cast was 437 us
+# of a 7427 us step).
+for _rule in ("sgd", "adam"):
+    for _store in ("bf16", "f16"):
+        _ins, _outs, _body, _name = ELEMENTWISE[_rule]
+        ELEMENTWISE[f"{_rule}_{_store}"] = (_ins, f"{_outs}, raw uint16 low",
+                                            f"{_body}low[i] = {_store}_from_float(p).bits;", f"{_name}_{_store}")  # fmt: skip
+# the headers (kernels/) whose text an ELEMENTWISE kernel takes as its preamble
+PREAMBLES = {name: "precision.cuh" for name in ELEMENTWISE if name.endswith(("_bf16", "_f16"))}
+
+
+def elementwise_preamble(name: str) -> str:
+    """The preamble of ELEMENTWISE[name]: its header's text, which is the kernel's main
+    file there (so without `#pragma once`); "" for most."""
+    header = PREAMBLES.get(name)
+    return K.read_source(header).replace("#pragma once\n", "") if header else ""
 
 
 def unavailable_reason() -> str | None:
@@ -1263,8 +1282,19 @@ class CupyBackend:
             if name == "sumsq":
                 cache[name] = cupy.ReductionKernel("T x", "T y", "x * x", "a + b", "y = a", "0", "gpubp_sumsq")
             else:
-                cache[name] = cupy.ElementwiseKernel(*ELEMENTWISE[name])
+                cache[name] = cupy.ElementwiseKernel(*ELEMENTWISE[name], preamble=elementwise_preamble(name))
         return cache[name]
+
+    @staticmethod
+    def _rounding(rule: str, p, low) -> tuple[str, tuple]:
+        """The update kernel of `rule` ("sgd", "adam") and its extra output: with `low` (a
+        16-bit array of p's shape), the variant that also writes low = p in 16 bits."""
+        if low is None:
+            return rule, ()
+        if low.dtype not in PR.LOW or p.dtype != np.float32 or low.shape != p.shape or not low.flags.c_contiguous:
+            raise ValueError(f"{rule}_step_batched: low must be a C-contiguous bf16/fp16 array of p's shape "
+                             f"{p.shape} (p float32), got {low.dtype} {low.shape}")  # fmt: skip
+        return f"{rule}_{_SUFFIX[low.dtype]}", (low.view(np.uint16),)
 
     def _skip_rows(self, skip, count: int):
         if skip is None:
@@ -1272,23 +1302,27 @@ class CupyBackend:
         return skip.reshape(count, 1).astype(np.bool_, copy=False)
 
     def sgd_step_batched(self, p, g, buf, scratch, *, lr, momentum, one_minus_dampening, nesterov, weight_decay,
-                         first_step, grad_scale, skip=None, momentum_on=True, decay_on=True):  # fmt: skip
-        """numpy_stacked.sgd_step_batched as one elementwise kernel over (M, P)."""
+                         first_step, grad_scale, skip=None, momentum_on=True, decay_on=True, low=None):  # fmt: skip
+        """numpy_stacked.sgd_step_batched as one elementwise kernel over (M, P) (with `low`:
+        numpy_stacked.rounded's, the 16-bit copy written in the same kernel)."""
         self._check("sgd_step_batched", p.dtype, p=p, g=g, buf=buf)
-        self._stacked_kernel("sgd")(
+        name, low_out = self._rounding("sgd", p, low)
+        self._stacked_kernel(name)(
             g, grad_scale, weight_decay, momentum, one_minus_dampening, lr, self._skip_rows(skip, p.shape[0]),
             first_step if isinstance(first_step, self._cupy.ndarray) else np.bool_(first_step),
-            np.int32(bool(nesterov)), np.int32(bool(momentum_on)), p, buf,
+            np.int32(bool(nesterov)), np.int32(bool(momentum_on)), p, buf, *low_out,
         )  # fmt: skip
 
     def adam_step_batched(self, p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps,
                           weight_decay, step_size, bias2_sqrt, decoupled, grad_scale, skip=None,
-                          decay_on=True):  # fmt: skip
-        """numpy_stacked.adam_step_batched as one elementwise kernel over (M, P)."""
+                          decay_on=True, low=None):  # fmt: skip
+        """numpy_stacked.adam_step_batched as one elementwise kernel over (M, P) (with `low`:
+        numpy_stacked.rounded's, the 16-bit copy written in the same kernel)."""
         self._check("adam_step_batched", p.dtype, p=p, g=g, m=m, v=v)
-        self._stacked_kernel("adam")(
+        name, low_out = self._rounding("adam", p, low)
+        self._stacked_kernel(name)(
             g, grad_scale, weight_decay, lr_decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
-            bias2_sqrt, self._skip_rows(skip, p.shape[0]), np.int32(bool(decoupled)), p, m, v,
+            bias2_sqrt, self._skip_rows(skip, p.shape[0]), np.int32(bool(decoupled)), p, m, v, *low_out,
         )  # fmt: skip
 
 

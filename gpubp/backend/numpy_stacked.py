@@ -14,6 +14,8 @@ W (M, n_in, n_out); b (M, n_out); flat buffers (M, P).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from ..activations import Activation
@@ -23,6 +25,7 @@ from .numpy_ops import (
     LOSS_BLOCK,
     _ones,
     act_forward,
+    cast,
     elementwise_loss,
     loss_divisor,
     matmul_into,
@@ -345,3 +348,26 @@ def adam_step_batched(p, g, m, v, scratch, *, lr_decay, one_minus_beta1, beta2, 
     np.multiply(m, step_size, out=t)
     t /= den
     p -= t
+
+
+def rounded(update):
+    """`update` (sgd_step_batched or adam_step_batched) taking `low` too: a 16-bit array of
+    p's shape (mixed precision's copy of the float32 master weights that the GEMMs read)
+    that it leaves as p rounded to 16 bits after the update, skipped or not:
+        update(p, ...);  low = round16(p)
+    The GPU writes low in the update's own kernel (cupy_backend.ELEMENTWISE's "*_bf16",
+    "*_f16"), which spares the forward pass its cast, a pass over the parameters."""
+
+    def update_and_round(p, *args, low=None, **kwargs):
+        update(p, *args, **kwargs)
+        if low is not None:
+            cast(p, low)
+
+    # the update's name, text and signature with `low` last (the recording backend binds
+    # calls with it; the GPU backend's updates take the same parameters)
+    update_and_round.__name__ = update_and_round.__qualname__ = update.__name__
+    update_and_round.__doc__ = f"{update.__doc__}\n    With `low`: numpy_stacked.rounded."
+    sig = inspect.signature(update)
+    low = inspect.Parameter("low", inspect.Parameter.KEYWORD_ONLY, default=None)
+    update_and_round.__signature__ = sig.replace(parameters=[*sig.parameters.values(), low])
+    return update_and_round
