@@ -39,6 +39,14 @@ from .precision import LOSS_SCALE_INIT, get_precision
 
 DTYPES = ("float32", "float64")  # the storage dtypes of the stacked models (gpubp.stack)
 
+# train.gemm_epilogues = "auto": the backward product with a ReLU layer's ReLU' and bias
+# gradient in its epilogue (cuBLASLt DRELU_BGRAD) only for layers of at most this many
+# outputs. On an H100 in bf16 (docs/benchmarks.md): at width 64 (narrow, 262144 rows) it
+# pays (the fused step 1.18x the unfused); at 4096 (wide, 8192 rows) it took 753 us a layer
+# where the same plain GEMM takes 392 and the separate ReLU' 163. Widths in between are
+# not measured yet: tests/epilogue_timing.py times each bench shape both ways on a GPU.
+DRELU_BGRAD_MAX_WIDTH = 2048
+
 
 @dataclass
 class _Workspace:
@@ -136,6 +144,8 @@ class MLP:
         # ones): unless asked, the backend's default (on for the GPU) where they pay, the
         # 16-bit precisions: on an H100 float32's fused products were never faster than
         # the separate kernels (0.82x to 1.00x of the step, docs/benchmarks.md); not float64
+        # (the default, "auto", also keeps the backward's DRELU_BGRAD to the widths where it pays)
+        self.drelu_bgrad_max_width = DRELU_BGRAD_MAX_WIDTH if gemm_epilogues is None else None
         if gemm_epilogues is None:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False)) and self.precision.low
         self.gemm_epilogues = bool(gemm_epilogues)
@@ -263,6 +273,14 @@ class MLP:
         output's gradient alone)."""
         return self._epilogues and self.activations[k].name == "relu" and not self.is_residual[k]
 
+    def _drelu_bgrad(self, k: int) -> bool:
+        """Whether ReLU layer k's backward (ReLU' and db_k) may ride the product of the layer
+        above (DRELU_BGRAD, where layer k's forward was fused): not in fp16, whose db_k would
+        be fp16 (a scaled sum over the batch overflows its range long before float32's);
+        under "auto" only up to DRELU_BGRAD_MAX_WIDTH outputs."""
+        limit = self.drelu_bgrad_max_width
+        return not self.precision.loss_scaling and (limit is None or self.sizes[k + 1] <= limit)
+
     @property
     def fuses_products(self) -> bool:
         """Whether any product runs with a fused epilogue: every layer's weight gradient
@@ -376,12 +394,10 @@ class MLP:
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
-            if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and not self.precision.loss_scaling:
+            if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and self._drelu_bgrad(k - 1):
                 # the ReLU layer below, in one product: D'_{k-1} = (D' W_k^T) * mask_{k-1}
                 # and db_{k-1} = sum_rows D'_{k-1} (its act_backward and bias_grad); not
-                # under a skip connection, whose D adds to D' W_k^T before the ReLU's f;
-                # not in fp16, whose db_{k-1} would be fp16: a scaled sum over the batch
-                # overflows its range long before float32's
+                # under a skip connection, whose D adds to D' W_k^T before the ReLU's f
                 db = self.grads[2 * k - 1]
                 low_db = self._db_low[: db.shape[0]] if self._db_low is not None else db
                 ws.done[k - 1] = be.gemm_drelu_bias_grad(

@@ -257,6 +257,34 @@ def test_a_16bit_model_with_fused_products_stays_within_its_rounding_bound_of_th
         assert lf == lp and all(np.array_equal(a, b) for a, b in zip(gf, gp))
 
 
+def test_auto_keeps_drelu_bgrad_to_the_narrower_layers(monkeypatch):
+    """train.gemm_epilogues = "auto" (MLP's None: fused products in bf16 and fp16 on a
+    backend that has them): a ReLU layer's backward rides the product above (DRELU_BGRAD)
+    only up to DRELU_BGRAD_MAX_WIDTH outputs; a wider one takes ReLU' on its own and its db
+    with its dW (BGRADA). Forced (true), every ReLU layer's does. Either way the gradients
+    stay within the rounding bound of the unfused model's (see the test above)."""
+    import gpubp.model as M
+
+    monkeypatch.setattr(M, "DRELU_BGRAD_MAX_WIDTH", 16)
+    monkeypatch.setattr(NumpyBackend, "gemm_epilogues", True)  # what the GPU backend says
+    sizes = [6, 32, 16, 12, 3]  # ReLU layers of 32, 16 and 12 outputs: the first is wider than 16
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((29, 6)), rng.integers(0, 3, 29)
+    kw = dict(loss="softmax_cross_entropy", dtype="bf16", seed=2)
+    auto, forced = Spy(), Spy()
+    ga = MLP(sizes, "relu", "identity", backend=auto, gemm_epilogues=None, **kw).loss_and_grads(x, y)
+    gf = MLP(sizes, "relu", "identity", backend=forced, gemm_epilogues=True, **kw).loss_and_grads(x, y)
+    gp = MLP(sizes, "relu", "identity", backend=NumpyBackend(), gemm_epilogues=False, **kw).loss_and_grads(x, y)
+    # forward: three ReLU products and the output's; backward: DRELU_BGRAD for the layers of
+    # 16 and 12 outputs (auto) or all three (forced), BGRADA for the other layers' dW and db
+    assert auto.calls == dict(zip(FUSED_OPS, (3, 1, 2, 2)))
+    assert forced.calls == dict(zip(FUSED_OPS, (3, 1, 3, 1)))
+    tol = 2 * np.sqrt(6 * 4) * 2.0**-8  # 2 sqrt(6 L) u, L = 4 layers (the test above)
+    for loss, grads in (ga, gf):
+        assert abs(loss - gp[0]) <= tol * abs(gp[0])
+        assert all(np.linalg.norm(a - b) <= tol * np.linalg.norm(b) for a, b in zip(grads, gp[1]))
+
+
 @pytest.mark.parametrize("refuse", [("gemm_drelu_bias_grad",), ("gemm_bias_relu",), ("gemm_bias", "gemm_bias_grad"),
                                     FUSED_OPS])  # fmt: skip
 def test_a_product_without_an_algorithm_falls_back_to_the_unfused_ops(refuse):
