@@ -166,7 +166,7 @@ class OpProfile:
     category ("gemm" or "kernels") and by op name, in milliseconds."""
 
     OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "bias_act_forward", "act_backward",
-           "bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm",
+           "bias_grad", "act_backward_bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm",
            "step_guard_scaled", "step_guard_scaled_norm", "cast", "add", "gather_rows", "gather_windows", "select_rows", "index_window", "step_advance",
            "accuracy_count", "mlp_forward_backward", "sum_shares")  # fmt: skip
     # products: cuBLAS, and cuBLASLt with a fused epilogue

@@ -9,9 +9,9 @@ theta_k = (W_k, b_k) and
 
 Reverse mode (backprop) starts with D = dLoss/dx_{l+1} and for k = l..1:
 
-    D'    = D * f_k'(.)                           act_backward
+    D'    = D * f_k'(.)                           act_backward_bias_grad (one pass:
+    db_k  = sum over rows of D'                   act_backward, then bias_grad)
     dW_k  = x_k^T D'                              gemm, x_k transposed in place
-    db_k  = sum over rows of D'                   bias_grad
     D     = D' W_k^T  (+ D for a residual layer)  gemm
 
 Gradients come out in "denominator layout": dW_k has W_k's shape (see docs/backprop.md).
@@ -386,12 +386,16 @@ class MLP:
             D, Dz = ws.dx[k + 1], ws.dz[k]
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
-            else:
+            elif self._epilogues:
                 be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
                 # dW_k = x_k^T D' and db_k = sum_rows D' in one product (False: not run)
-                if not (self._epilogues and be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32)):
+                if not be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32):
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
+            else:
+                # D' = D * f_k'(.) and db_k = sum_rows D' in one pass    (n, n_{k+1}), (n_{k+1},)
+                be.act_backward_bias_grad(D, saved, act, Dz, db)
+                self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
             if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and self._drelu_bgrad(k - 1):

@@ -1,23 +1,26 @@
 // reduce.cu: deterministic reductions (fixed partition, fixed tree order; the one atomic
 // only picks which block finishes, never what is summed in which order).
 //   bias_grad:   db[j] = sum_i D'[i, j]                  column sums of (n_rows, n_cols)
+//   act_backward_bias_grad: D' = D * f'(saved) written, and db as bias_grad of that D'
+//                in the same pass (the same sums, in the same order: the same bits)
 //   sum:         out = (sum_i x_i or x_i^2) / divisor    one launch: blocks, then the last block
 //   accuracy:    correct[i] = [argmax_j x[i, j] == label_i]
 // 16-bit storage (bf16_t, f16_t): bias_grad and accuracy read widened values; the
 // column sums accumulate and land in float (the parameter gradients are float32).
 #include "common.cuh"
 #include "precision.cuh"
+#include "activations.cuh"
 
 // ---- column sums: pass 1 over row chunks, pass 2 over chunks -----------------------
 // block (32, 8): threadIdx.x picks the column of a 32-wide tile, threadIdx.y strides the
-// rows of chunk blockIdx.y; partial is (n_chunks, n_cols), or the output when n_chunks == 1.
-// finish (n_cols <= 256: one block's threads cover the columns): the block that finishes
-// last (last_block; count its counter) does pass 2 itself, in bias_grad_finish's order.
-template <typename S>
-__device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, int n_rows, int n_cols,
-                                  int rows_per_chunk, int finish, unsigned int* count,
-                                  typename Math<S>::type* out) {
-  typedef typename Math<S>::type T;
+// rows of chunk blockIdx.y, summing value(i) of each element i = r * n_cols + col it
+// visits; the 8 row threads' sums are added in a fixed order into partial[chunk, col]
+// (partial: (n_chunks, n_cols), or the output when n_chunks == 1). finish (n_cols <= 256:
+// one block's threads cover the columns): the block that finishes last (last_block;
+// count its counter) does pass 2 itself, in bias_grad_finish's order.
+template <typename T, typename Value>
+__device__ void column_sums(Value value, T* partial, int n_rows, int n_cols, int rows_per_chunk, int finish,
+                            unsigned int* count, T* out) {
   typedef typename Acc<T>::type A;
   __shared__ A tile[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
@@ -25,7 +28,7 @@ __device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, i
   const int row1 = min(n_rows, row0 + rows_per_chunk);
   A s = A(0);
   if (col < n_cols)
-    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += load(d[(long long)r * n_cols + col]);
+    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += value((long long)r * n_cols + col);
   tile[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < n_cols) {
@@ -40,6 +43,30 @@ __device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, i
     for (int c = 0; c < (int)gridDim.y; ++c) s2 += p[(long long)c * n_cols + j];  // chunks in order
     out[j] = T(s2);
   }
+}
+
+// db = column sums of d (pass 1; see column_sums)
+template <typename S>
+__device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, int n_rows, int n_cols,
+                                  int rows_per_chunk, int finish, unsigned int* count,
+                                  typename Math<S>::type* out) {
+  column_sums([&](long long i) { return load(d[i]); }, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);
+}
+
+// bias_grad_partial over D' = D * f'(saved), which it writes to dz as it goes (act_backward's
+// value, rounded to S once; dz may be d): each stored value is the one summed, so db has the
+// bits of act_backward followed by bias_grad, with one read of D' less.
+template <typename S>
+__device__ void act_backward_bias_grad_partial(const S* d, const S* saved, S* dz, int kind,
+                                               typename Math<S>::type alpha, typename Math<S>::type* partial,
+                                               int n_rows, int n_cols, int rows_per_chunk, int finish,
+                                               unsigned int* count, typename Math<S>::type* out) {
+  auto value = [&](long long i) {
+    const S v = store_math<S>(load(d[i]) * act_grad(kind, load(saved[i]), alpha));
+    dz[i] = v;
+    return load(v);
+  };
+  column_sums(value, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);
 }
 
 // out[j] = sum_c partial[c, j], c in order
@@ -92,6 +119,12 @@ __device__ void accuracy_rows(const S* x, const int* labels, int* correct, int n
   extern "C" __global__ void bias_grad_finish_##S(const T* partial, T* out, int n_chunks, int n_cols) {           \
     bias_grad_finish<T>(partial, out, n_chunks, n_cols);                                                          \
   }                                                                                                               \
+  extern "C" __global__ void act_backward_bias_grad_partial_##S(                                                  \
+      const T* d, const T* saved, T* dz, int kind, T alpha, T* partial, int n_rows, int n_cols,                   \
+      int rows_per_chunk, int finish, unsigned int* count, T* out) {                                              \
+    act_backward_bias_grad_partial<T>(d, saved, dz, kind, alpha, partial, n_rows, n_cols, rows_per_chunk, finish, \
+                                      count, out);                                                                \
+  }                                                                                                               \
   extern "C" __global__ void sum_##S(const T* x, long long n, int square, T* partial, unsigned int* count,       \
                                       T* out, T divisor) {                                                        \
     sum_all<T, T, T>(x, n, square, partial, count, out, divisor);                                                 \
@@ -108,6 +141,12 @@ FOR_FLOAT_TYPES(REDUCE_KERNELS)
                                                     int rows_per_chunk, int finish, unsigned int* count,      \
                                                     float* out) {                                             \
     bias_grad_partial<T>(d, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);                     \
+  }                                                                                                           \
+  extern "C" __global__ void act_backward_bias_grad_partial_##S(                                              \
+      const T* d, const T* saved, T* dz, int kind, float alpha, float* partial, int n_rows, int n_cols,       \
+      int rows_per_chunk, int finish, unsigned int* count, float* out) {                                      \
+    act_backward_bias_grad_partial<T>(d, saved, dz, kind, alpha, partial, n_rows, n_cols, rows_per_chunk,     \
+                                      finish, count, out);                                                    \
   }                                                                                                           \
   extern "C" __global__ void accuracy_rows_##S(const T* x, const int* labels, int* correct, int n_rows,       \
                                                 int n_cols, float threshold) {                                \

@@ -143,6 +143,44 @@ def test_bias_grad(gpu, dtype):
         close(gpu.to_numpy(out), d.astype(np.float64).sum(0), dtype, np.abs(d).astype(np.float64).sum(0), f"{shape}")
 
 
+def check_act_backward_bias_grad(be, shapes, seed: int = 6) -> None:
+    """be.act_backward_bias_grad (reduce.cu: one pass over D) against be.act_backward then
+    be.bias_grad, byte for byte: D' and db of every activation (f' read from z or from the
+    output) in float32 and float64, and of relu in bf16 and fp16 (16-bit D', float32 db),
+    over `shapes` (n, m); D' in place (out is d) as well. Shared by the GPU and the
+    host-run kernels (tests/test_kernels_emulated.py)."""
+    from gpubp import precision as PR
+
+    rng = np.random.default_rng(seed)
+    cases = [(name, dt) for name in ACTIVATIONS for dt in (np.float32, np.float64)]
+    cases += [("relu", PR.BF16), ("relu", PR.F16)]
+    for name, dt in cases:
+        act = make_activation(name)
+        for n, m in shapes:
+            if dt in PR.LOW:
+                d, saved = np.empty((n, m), dt), np.empty((n, m), dt)
+                PR.store(rng.normal(size=(n, m)).astype(np.float32), d)
+                PR.store(rng.normal(size=(n, m)).astype(np.float32), saved)
+            else:
+                d, saved = rng.normal(size=(n, m)).astype(dt), rng.normal(size=(n, m)).astype(dt)
+            sum_dtype = np.float32 if dt in PR.LOW else dt
+            dz_ref, db_ref = be.empty((n, m), dt), be.zeros(m, sum_dtype)
+            be.bias_grad(be.act_backward(be.asarray(d), be.asarray(saved), act, dz_ref), db_ref)
+            for in_place in (False, True):
+                dd = be.asarray(d)
+                dz = dd if in_place else be.zeros((n, m), dt)
+                db = be.zeros(m, sum_dtype)
+                be.act_backward_bias_grad(dd, be.asarray(saved), act, dz, db)
+                what = f"{name} {np.dtype(dt)} {(n, m)} in place {in_place}"
+                assert be.to_numpy(dz).tobytes() == be.to_numpy(dz_ref).tobytes(), what
+                assert be.to_numpy(db).tobytes() == be.to_numpy(db_ref).tobytes(), what
+
+
+def test_act_backward_bias_grad_is_the_two_ops_bitwise(gpu):
+    # one chunk, several (last block finishes), more than 256 columns (the finishing kernel)
+    check_act_backward_bias_grad(gpu, [(1, 1), (31, 33), (2049, 3), (262144, 64), (4096, 1000)])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sum_squares(gpu, dtype):
     rng = np.random.default_rng(3)

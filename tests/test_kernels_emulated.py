@@ -290,6 +290,18 @@ def test_bias_grad_over_row_chunks(host_kernels):
             assert (np.abs(out - ref) <= bound).all(), (n, m)
 
 
+def test_act_backward_bias_grad_is_the_two_kernels_bitwise(host_kernels):
+    """The one-pass D' and column sums (reduce.cu's act_backward_bias_grad_partial) against
+    act_backward then bias_grad, byte for byte, run on the host: the GPU test's own check
+    (tests/test_gpu.py) over one chunk, several (the last block finishes) and more than
+    256 columns (the finishing kernel)."""
+    from .test_gpu import check_act_backward_bias_grad
+
+    gpu = EmulatedGpu(host_kernels)
+    check_act_backward_bias_grad(gpu.be, [(1, 1), (37, 13), (2049, 3), (600, 300)])
+    assert "act_backward_bias_grad_partial_f32" in gpu.launches and "bias_grad_finish_f32" in gpu.launches
+
+
 def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernels):
     """The one-launch column sums (the last block adds the chunks) against the same partial
     kernel with finish = 0 followed by bias_grad_finish: byte for byte, float32 and

@@ -33,6 +33,7 @@ class NumpyBackend:
     bias_act_forward = staticmethod(numpy_ops.bias_act_forward)
     act_backward = staticmethod(numpy_ops.act_backward)
     bias_grad = staticmethod(numpy_ops.bias_grad)
+    act_backward_bias_grad = staticmethod(numpy_ops.act_backward_bias_grad)
     gemm_bias = staticmethod(numpy_ops.gemm_bias)
     gemm_bias_relu = staticmethod(numpy_ops.gemm_bias_relu)
     gemm_drelu_bias_grad = staticmethod(numpy_ops.gemm_drelu_bias_grad)

@@ -668,6 +668,29 @@ class CupyBackend:
         if n == 0:
             out.fill(0)
             return out
+        return self._column_sums("bias_grad_partial", d, (d,), out)
+
+    def act_backward_bias_grad(self, d, saved, act: Activation, out, db):
+        """out = d * f'(saved) and db = its column sums in one pass over d (reduce.cu's
+        act_backward_bias_grad_partial: act_backward's values, summed as bias_grad sums
+        them: the bits of the two ops); see numpy_ops.act_backward_bias_grad."""
+        dtype = d.dtype
+        self._check("act_backward_bias_grad", dtype, d=d, saved=saved, out=out)
+        self._check("act_backward_bias_grad", _math(dtype), db=db)
+        if saved.shape != d.shape or out.shape != d.shape or d.ndim != 2 or db.shape != (d.shape[1],):
+            raise ValueError(f"act_backward_bias_grad: d {d.shape}, saved {saved.shape}, out {out.shape}, "
+                             f"db {db.shape} do not fit")  # fmt: skip
+        if act.name == "identity" and out is d:  # f' = 1: the column sums alone
+            return self.bias_grad(d, db)
+        if d.shape[0] == 0 or d.shape[1] == 0:
+            return self.bias_grad(self.act_backward(d, saved, act, out), db)
+        front = (d, saved, out, np.int32(act.info.kernel_id), _math(dtype).type(act.alpha))
+        return self._column_sums("act_backward_bias_grad_partial", d, front, db)
+
+    def _column_sums(self, kernel: str, d, front: tuple, out):
+        """out (m,) = the column sums of the (n, m) values `kernel` (a reduce.cu column-sum
+        pass, called with its `front` arguments first) sums over d's shape, n, m > 0."""
+        n, m = d.shape
         # up to ~1024 blocks of (32, 8) threads to fill the GPU; each chunk keeps >= 256 rows
         # (32 per thread) so the finishing pass stays small. A function of the shape only.
         tiles = math.ceil(m / 32)
@@ -675,9 +698,9 @@ class CupyBackend:
         rows_per_chunk = math.ceil(n / chunks)
         partial = out if chunks == 1 else self._scratch("bias_grad", (chunks, m), out.dtype)
         finish = chunks > 1 and m <= BLOCK  # the last block sums the chunks: one launch
-        self._function("bias_grad_partial", dtype)(
+        self._function(kernel, d.dtype)(
             (tiles, chunks), (32, 8),
-            (d, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk), np.int32(finish),
+            (*front, partial, np.int32(n), np.int32(m), np.int32(rows_per_chunk), np.int32(finish),
              self._counter("bias_grad", (tiles, chunks)), out),
         )  # fmt: skip
         if chunks > 1 and not finish:

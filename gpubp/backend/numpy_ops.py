@@ -338,6 +338,14 @@ def bias_grad(d, out):
     return out
 
 
+def act_backward_bias_grad(d, saved, act: Activation, out, db):
+    """out = d * f'(.) (act_backward) and db = its column sums (bias_grad), in one op: a
+    layer's backward before its weight gradient. d, saved, out: (N, n), out may be d;
+    db: (n,). The GPU does both in one pass over d (its sums are of the values it writes)."""
+    act_backward(d, saved, act, out)
+    return bias_grad(out, db)
+
+
 _ONES: dict = {}
 
 

@@ -33,6 +33,7 @@ OPS = (
     "accuracy_count_batched", "sum_squares_batched", "step_guard_norm_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "step_guard_scaled_norm", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
     "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows", "mlp_forward_backward", "sum_shares",
+    "act_backward_bias_grad",
 )  # fmt: skip
 # the ops that return whether they ran (a fused product: False where the GPU has no
 # algorithm for it); the NumPy reference always runs, so a recorded call says True
