@@ -49,7 +49,7 @@ def test_run_reports_every_figure():
     assert "| t | float32 |" in B.markdown(report)
     # per op: every op of an Adam step was seen, and ops + rest add up to the profiled pass
     ops = g["ops_us"]
-    assert {"gemm", "bias_act_forward", "act_backward", "bias_grad", "loss_forward_backward", "adam_step"} <= set(ops)
+    assert {"gemm", "bias_act_forward", "act_backward_bias_grad", "loss_forward_backward", "adam_step"} <= set(ops)
     assert all(v >= 0 for v in ops.values())
     table = B.markdown(report).split("Where a step's time goes")[1]
     assert "| t | float32 | " in table and "adam_step" in table and "uncaptured" in table.split("\n")[0]
