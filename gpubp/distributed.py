@@ -598,7 +598,8 @@ class Watchdog:
         still here, say what is known and end."""
         end = time.monotonic() + self.SUPERVISED_GRACE_S
         dead = self.world.dead_ranks()
-        while not (dead and not all(self.world.supervised[r] for r in dead)) and time.monotonic() < end:
+        # an unsupervised dead rank has no parent to name it: say it at once
+        while not any(not self.world.supervised[r] for r in dead) and time.monotonic() < end:
             time.sleep(0.2)
             dead = self.world.dead_ranks()
         reason = self.world.MPI.Get_error_string(error.Get_error_class())

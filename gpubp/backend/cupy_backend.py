@@ -176,11 +176,17 @@ ELEMENTWISE = {
 # update, skipped or not (low: (M, P) raw uint16, the bits of bf16 or fp16). One pass over
 # the parameters less than the update plus a cast (wide bf16 on an H100: the cast was 437 us
 # of a 7427 us step).
-for _rule in ("sgd", "adam"):
-    for _store in ("bf16", "f16"):
-        _ins, _outs, _body, _name = ELEMENTWISE[_rule]
-        ELEMENTWISE[f"{_rule}_{_store}"] = (_ins, f"{_outs}, raw uint16 low",
-                                            f"{_body}low[i] = {_store}_from_float(p).bits;", f"{_name}_{_store}")  # fmt: skip
+ELEMENTWISE |= {
+    f"{rule}_{store}": (
+        ins,
+        f"{outs}, raw uint16 low",
+        f"{body}low[i] = {store}_from_float(p).bits;",
+        f"{name}_{store}",
+    )
+    for rule in ("sgd", "adam")
+    for ins, outs, body, name in [ELEMENTWISE[rule]]
+    for store in ("bf16", "f16")
+}
 # the headers (kernels/) whose text an ELEMENTWISE kernel takes as its preamble
 PREAMBLES = {name: "precision.cuh" for name in ELEMENTWISE if name.endswith(("_bf16", "_f16"))}
 
