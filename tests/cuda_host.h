@@ -10,6 +10,8 @@
 //                        barriers of the warp's 32 threads (all lanes must take part, as
 //                        the full mask says)
 //   __shared__           static storage: one block runs at a time, so it is that block's
+//   extern __shared__    (dynamic shared memory) host_dynamic_shared, HOST_DYNAMIC_SHARED_BYTES
+//                        of it, the same way; a kernel names it through its own macro
 //   __threadfence        a sequentially consistent fence; atomicAdd a real atomic
 // A barrier that waits for more than BARRIER_SECONDS (threads that never arrive: a
 // __syncthreads or a shuffle not reached by all) breaks: every wait returns from then on
@@ -46,6 +48,11 @@ template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }  // CUDA's device min and max
 template <typename T>
 inline T max(T a, T b) { return a < b ? b : a; }
+
+// the dynamic shared memory of the running block (the launcher's size is at most this: its
+// backend checks, tests/kernel_params.py)
+#define HOST_DYNAMIC_SHARED_BYTES (256 * 1024)
+alignas(16) inline unsigned char host_dynamic_shared[HOST_DYNAMIC_SHARED_BYTES];
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

@@ -7,10 +7,15 @@ took 392 (about a plain GEMM's time), while on narrow it paid (fused x 1.18). Th
 for the bench cases' layer shapes, each way of that layer's backward work:
 - plain:     gemm D' W^T alone (the floor);
 - fused:     gemm_drelu_bias_grad (DRELU_BGRAD);
-- unfused:   gemm, act_backward (relu), bias_grad: gpubp's separate kernels;
+- unfused:   gemm, then act_backward_bias_grad (relu' and the bias gradient in one pass:
+             the model's unfused backward since 2026-11-27);
+- 2 kernels: gemm, act_backward (relu), bias_grad: the unfused backward before;
 - drelu:     cuBLASLt DRELU alone (the mask applied in the epilogue, no bias gradient),
              then bias_grad: the epilogue without its reduction;
-and the forward layer: gemm + bias_act_forward against gemm_bias_relu (RELU_AUX_BIAS).
+and the forward layer: gemm + bias_act_forward against gemm_bias_relu (RELU_AUX_BIAS) and
+against cuBLASLt's RELU_BIAS (the same output, no mask: a backward that reads relu' from
+the output would not need one; float32's fused forward took 2.4x its plain GEMMs on
+narrow, and whether the mask or the epilogue costs it decides what float32 can fuse).
 Each: the median of 5 timings of `reps` launches between CUDA events, after a warm-up.
 It decides a static rule (which product where), measured once, as BIAS_GRAD_MAX_CHUNKS
 was: results differ in their bits, so the choice cannot be a per-run autotune.
@@ -24,6 +29,7 @@ import numpy as np
 
 SHAPES = {"narrow": (262144, 64, 64), "mnist-1024": (1024, 512, 512), "wide": (8192, 4096, 4096)}
 EPILOGUE_DRELU = 136  # cublasLtEpilogue_t CUBLASLT_EPILOGUE_DRELU: DRELU (8) | AUX (128)
+EPILOGUE_RELU_BIAS = 6  # CUBLASLT_EPILOGUE_RELU_BIAS: RELU (2) | BIAS (4), no mask
 
 
 def median_ms(timer, fn, reps: int) -> float:
@@ -78,10 +84,21 @@ def time_shape(be, precision: str, store, m: int, k: int, n: int) -> list[str]:
     x, wf, z = dev((m, k)), dev((k, n)), dev((m, n))
     bias = cp.zeros(n, store if precision == "bf16" else np.float32)
     bias32, fmask = cp.zeros(n, np.float32), cp.zeros((m, relu_mask_bytes(n)), np.uint8)
+
+    def fwd_relu_bias():  # row_major_plan's mapping as drelu's: cuBLASLt's A is wf, its B is x
+        plan = cublaslt.row_major_plan(lt, x, wf, z, bias, None, EPILOGUE_RELU_BIAS, False, False, False,
+                                       lambda a: a.data.ptr, _CUDA_TYPE[store], None, _CUDA_TYPE[bias.dtype])  # fmt: skip
+        if plan is None or not plan.run(wf.data.ptr, x.data.ptr, z.data.ptr, stream):
+            raise RuntimeError("no RELU_BIAS algorithm")
+
     ways = {
         "plain": lambda: be.gemm(d, w, out, trans_b=True),
         "fused": lambda: be.gemm_drelu_bias_grad(d, w, mask, out, db, trans_b=True),
         "unfused": lambda: (
+            be.gemm(d, w, out, trans_b=True),
+            be.act_backward_bias_grad(out, saved, relu, out, db32),
+        ),  # fmt: skip
+        "2 kernels": lambda: (
             be.gemm(d, w, out, trans_b=True),
             be.act_backward(out, saved, relu, out),
             be.bias_grad(out, out=db32),
@@ -89,6 +106,7 @@ def time_shape(be, precision: str, store, m: int, k: int, n: int) -> list[str]:
         "drelu": drelu_only,
         "fwd unfused": lambda: (be.gemm(x, wf, z), be.bias_act_forward(z, bias32, relu, z)),
         "fwd fused": lambda: be.gemm_bias_relu(x, wf, bias, z, fmask),
+        "fwd relu-bias": fwd_relu_bias,
     }
     cells = []
     for name, fn in ways.items():

@@ -84,7 +84,18 @@ def numpy_backend_of_gpu(function, n_sm: int, poison: bool = False):
     FakeCupy.empty = staticmethod(empty)
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cupy, be.n_sm = FakeCupy(), n_sm
-    be._function = lambda base, dtype: (
-        lambda grid, block, args: function(cupy_backend.kernel_name(base, dtype), grid, block, args)
-    )
+    be.shared_optin = HOST_DYNAMIC_SHARED_BYTES  # what tests/cuda_host.h gives a block
+
+    def launcher(base, dtype):
+        def launch(grid, block, args, shared_mem=0):
+            assert 0 <= shared_mem <= HOST_DYNAMIC_SHARED_BYTES, (base, shared_mem)
+            return function(cupy_backend.kernel_name(base, dtype), grid, block, args)
+
+        return launch
+
+    be._function = launcher
     return be
+
+
+# tests/cuda_host.h's dynamic shared memory (the block's extern __shared__), in bytes
+HOST_DYNAMIC_SHARED_BYTES = 256 * 1024

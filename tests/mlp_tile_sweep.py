@@ -1,15 +1,15 @@
 """Choosing the fused MLP kernel's tiling on a GPU (as BIAS_GRAD_MAX_CHUNKS was chosen):
 the captured training step of bench cases with train.fused_mlp = true, for several
 values of cupy_backend.MLP_TILES (tiles a batch is cut into), MLP_MAX_ROWS (rows a tile
-at most) and MLP_ROWS_PER_THREAD (rows a thread takes in the products), against the
-default step (fused products, no fused MLP), all timed in the same rounds
+at most), MLP_ROWS_PER_THREAD and MLP_COLS_PER_THREAD (a thread's register tile in the
+products), against the default step (no fused MLP), all timed in the same rounds
 (bench.steps_ms). A tuning aid, not a speed claim: the claim is
 `gpubp bench`'s "mlp x" column once the constants are chosen.
 
     python3 tests/mlp_tile_sweep.py [CASE ...]      (default: tiny narrow)
 
-Prints, per case, a line per distinct launch: rows per tile, blocks, rows per thread,
-us/step, and the default step over it (> 1: the fused MLP is faster).
+Prints, per case, a line per distinct launch: rows per tile, blocks, rows and columns
+per thread, us/step, and the default step over it (> 1: the fused MLP is faster).
 """
 
 from __future__ import annotations
@@ -29,35 +29,41 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     backend = backend or C.CupyBackend()
     warmup, gpu_steps = case.counts("gpu")
     warmup, steps = max(warmup, 3), steps or gpu_steps
-    settings = [(t, r, rt) for t in (8, 16, 32, 64, 128) for r in (4, 8, 16) for rt in (1, 2, 4)]
-    saved = C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD
+    settings = [(t, r, rt, ct) for t in (16, 32, 64) for r in (16, 32, 64) for rt in (2, 4) for ct in (1, 4)]
+    names = ("MLP_TILES", "MLP_MAX_ROWS", "MLP_ROWS_PER_THREAD", "MLP_COLS_PER_THREAD")
+    saved = tuple(getattr(C, name) for name in names)
+
+    def use(setting):
+        for name, value in zip(names, setting):
+            setattr(C, name, value)
+
     saves_z = [make_activation(case.activation).saves == "input"] * (len(case.sizes) - 2) + [False]
-    grids = {}  # setting -> (rows a tile, blocks, rows a thread): each distinct launch once
+    grids = {}  # setting -> (rows a tile, blocks, rows a thread, columns a thread at most): each launch once
     try:
         for setting in settings:
-            C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = setting
+            use(setting)
             r = C.mlp_tile_rows(case.sizes, saves_z, 4, case.batch)
             if r == 0:
                 print(f"{case.name}: the network does not fit the fused MLP kernel", flush=True)
                 return
-            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r))
+            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r), setting[3])
             if key not in grids.values():
                 grids[setting] = key
         dataset = B._dataset(case)
         runs = {"default": B.TrainerStep(case, backend, "float32", True, 10**5, dataset)}
         for setting in grids:
-            C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = setting
+            use(setting)
             step = runs[setting] = B.TrainerStep(case, backend, "float32", True, 10**5, dataset, fused_mlp=True)
             assert step.trainer.model.fused_mlp_fits(case.batch)
             for _ in range(3):  # plain, captured, replayed: the graph holds this setting's launch
                 step()
         ms = B.steps_ms(runs, backend.synchronize, warmup, steps)
     finally:
-        C.MLP_TILES, C.MLP_MAX_ROWS, C.MLP_ROWS_PER_THREAD = saved
+        use(saved)
     print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us", flush=True)
-    for setting, (r, blocks, rt) in grids.items():
-        print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2} rows a thread {setting[2]}: {r:>2} rows a tile, "
-              f"{blocks:>4} blocks, {rt} rows a thread: {1e3 * ms[setting]:9.1f} us/step, "
+    for setting, (r, blocks, rt, ct) in grids.items():
+        print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2}: {r:>2} rows a tile, {blocks:>4} blocks, "
+              f"{rt} rows x {ct} columns a thread: {1e3 * ms[setting]:9.1f} us/step, "
               f"default / this {ms['default'] / ms[setting]:.2f}", flush=True)  # fmt: skip
     runs.clear()
     gc.collect()

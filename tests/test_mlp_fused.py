@@ -123,20 +123,30 @@ def test_blocks_that_take_several_tiles_and_the_same_bits_every_launch(host_kern
     assert out2.tobytes() == out.tobytes() and g2.tobytes() == g.tobytes()
 
 
-def test_rows_per_thread_change_nothing_but_the_speed(host_kernels, monkeypatch):  # noqa: F811
-    """MLP_ROWS_PER_THREAD 1, 2, 4 (kernels/mlp.cu's rt: rows a thread takes in the
-    products): each element is summed in the same order, so the same bits; a network
-    with a pre-activation kept (gelu) and one of 8-row tiles, rt 4 on a 2-row tile."""
+def test_rows_and_columns_per_thread_change_nothing_but_the_speed(host_kernels, monkeypatch):  # noqa: F811
+    """MLP_ROWS_PER_THREAD 1, 2, 4 and MLP_COLS_PER_THREAD 1, 2, 4 (kernels/mlp.cu's rt and
+    ct_max: the register tiles of the products): each element is summed in the same order,
+    so the same bits. A network with a pre-activation kept (gelu) and one of 8-row tiles
+    (rt 4 on a 2-row tile); then, in two tiles of 32 rows (MLP_TILES = 1: the most rows
+    that fit), 64- and 128-wide layers whose products take tiles of 4 rows by 2 or 4
+    columns (and W's 128 x 128 staged in two chunks), for which the reference checks the
+    tiles' indices."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(7)
-    for sizes, act, n in [([5, 12, 7, 3], "gelu", 100), ([4, 9, 2], "relu", 50)]:
-        args = problem(rng, sizes, act, "softmax_cross_entropy", n, np.float32)
+    for sizes, act, n, tiles in [([5, 12, 7, 3], "gelu", 100, 32), ([4, 9, 2], "relu", 50, 32),
+                                 ([16, 64, 128, 128, 8], "relu", 64, 1)]:  # fmt: skip
+        monkeypatch.setattr(cupy_backend, "MLP_TILES", tiles)
+        args = problem(rng, sizes, act, "mse", n, np.float32)
         got = []
-        for rt in (1, 2, 4):
+        for rt, ct in [(1, 1), (2, 1), (4, 1), (4, 2), (1, 4), (4, 4)]:
             monkeypatch.setattr(cupy_backend, "MLP_ROWS_PER_THREAD", rt)
+            monkeypatch.setattr(cupy_backend, "MLP_COLS_PER_THREAD", ct)
             out, g, _ = fused(gpu, sizes, *args)
             got.append(out.tobytes() + g.tobytes())
-        assert got[0] == got[1] == got[2], sizes
+        assert all(b == got[0] for b in got), sizes
+        v_ref, g_ref = reference(sizes, *args)
+        assert_close(out, np.asarray(v_ref), sizes, n, np.float32, (sizes, "loss"))
+        assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -204,39 +214,76 @@ def test_networks_the_kernel_does_not_take_are_left_to_the_ops(host_kernels):  #
 
 def test_the_tile_rule_fits_the_kernel():
     """mlp_tile_rows: about MLP_TILES tiles, powers of two up to MLP_MAX_ROWS, within the
-    kernel's shared memory; the launcher's constants are the kernel's."""
-    rows = cupy_backend.mlp_tile_rows
+    tile's budget; mlp_shared: the launch's shared memory within the two budgets, its
+    weights' stage holding at least a row of each layer; the launcher's constants are the
+    kernel's."""
+    rows, shared = cupy_backend.mlp_tile_rows, cupy_backend.mlp_shared
     assert rows([64, 128, 10], (0, 0), 4, 128) == 4  # tiny: 32 tiles of 4 rows
+    assert shared([64, 128, 10], (0, 0), 4, 4) == ((4 * 458 + 64 * 129) * 4, 64 * 129)  # its W_0 staged whole
     assert rows([64, 128, 10], (0, 0), 4, 1) == 1
     assert rows([64, 128, 10], (0, 0), 4, 129) == 8
-    assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == 8  # narrow: 15 rows of 2052 bytes fit 32 KiB
-    assert rows([128] * 9, (1,) * 8, 8, 4096) == 1  # only 1 row of 9 + 8 + 2 float64 rows of 128 fits
+    assert rows([64] * 6, (0,) * 5, 4, 262144) == 64  # narrow: 64 rows of 2048 bytes, 128 KiB
+    assert shared([64] * 6, (0,) * 5, 4, 64) == (131072 + 64 * 65 * 4, 64 * 65)
+    assert rows([64] * 6 + [1], (0,) * 6, 4, 262144) == 32  # 63 rows of 2052 bytes fit
+    assert rows([128] * 9, (1,) * 8, 8, 4096) == 4  # 7 rows of 9 + 8 + 2 float64 rows of 128 fit
+    assert shared([128] * 9, (1,) * 8, 8, 4)[1] == 33024 // 8  # 32 of W's 128 rows a chunk
     assert rows([128] * 10, (0,) * 9, 4, 64) == 0 and rows([4, 129, 2], (0, 0), 4, 64) == 0
+    budget = cupy_backend.MLP_SHARED_BYTES + cupy_backend.MLP_WEIGHT_BYTES
     for sizes in ([64, 128, 10], [128] * 9, [3, 128, 128, 1], [100, 100, 100]):
         for itemsize in (4, 8):
             for n in (1, 100, 5000):
-                r = rows(sizes, (1,) * (len(sizes) - 1), itemsize, n)
+                saves_z = (1,) * (len(sizes) - 1)
+                r = rows(sizes, saves_z, itemsize, n)
                 assert r * (2 * sum(sizes) - sizes[0] + 2 * max(sizes)) * itemsize <= cupy_backend.MLP_SHARED_BYTES
                 assert r >= 1 and r & (r - 1) == 0, (sizes, itemsize, n, r)  # a power of two: rt divides it
+                size, stage = shared(sizes, saves_z, itemsize, r)
+                assert size <= budget and stage >= max(sizes) + 1, (sizes, itemsize, n)
     source = kernels.read_source("mlp.cu")
-    for name in ("MLP_THREADS", "MLP_SHARED_BYTES", "MLP_WEIGHT_BYTES", "MLP_MAX_LAYERS"):
+    for name in ("MLP_THREADS", "MLP_MAX_LAYERS"):
         assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
+    for name, most in (("MLP_ROWS_PER_THREAD", "MLP_MAX_RT"), ("MLP_COLS_PER_THREAD", "MLP_MAX_CT")):
+        assert 1 <= getattr(cupy_backend, name) <= int(re.search(rf"#define {most} (\d+)", source).group(1))
 
 
-def test_the_kernel_fits_static_shared_memory():
-    """The tile buffer and the kernel's other __shared__ arrays stay under the 48 KiB a
-    kernel may hold statically (more would need an opt-in the launcher does not make):
-    the sizes NVRTC gives the .shared variables of the compiled kernel."""
+# an A100's shared memory for a block (cudaDevAttrMaxSharedMemoryPerBlockOptin: 163 KiB; an
+# H100's is 227 KiB): the GPUs the fused MLP's budget is for
+A100_SHARED_OPTIN = 166912
+
+
+def test_the_kernel_fits_an_a100s_shared_memory():
+    """The kernel's static __shared__ arrays (the loss's warp sums, last_block's flag: the
+    sizes NVRTC gives the compiled kernel's .shared variables) and the launcher's largest
+    dynamic shared memory stay within what an A100 gives a block; the tile is dynamic
+    (extern), so it is not among the static arrays."""
     from .test_kernels_cpu import need_nvrtc
 
     need_nvrtc()
     ptx = kernels.nvrtc_ptx("mlp.cu")
     shared = re.findall(r"\.shared \.align \d+ \.\w+ (\S+?)(?:\[(\d+)\])?;", ptx)
-    common = sum(int(size or 1) for name, size in shared if "mlp_fused" not in name)  # last_block's flag
-    for t in "fd":  # the float and double kernels' own arrays: the tile, the weights, the loss's warp sums
-        own = sum(int(size) for name, size in shared if f"mlp_fusedI{t}E" in name)
-        tile_and_weights = cupy_backend.MLP_SHARED_BYTES + cupy_backend.MLP_WEIGHT_BYTES
-        assert own >= tile_and_weights and own + common <= 48 * 1024, (t, own, common)
+    assert re.search(r"\.extern \.shared \.align 16 \.b8 mlp_dynamic_shared\[\];", ptx), "the tile is not dynamic"
+    budget = cupy_backend.MLP_SHARED_BYTES + cupy_backend.MLP_WEIGHT_BYTES
+    for t in "fd":  # the float and double kernels
+        static = sum(
+            int(size or 1)
+            for name, size in shared
+            if name != "mlp_dynamic_shared[]" and ("mlp_fused" not in name or f"mlp_fusedI{t}E" in name)
+        )
+        assert 0 < static <= cupy_backend.MLP_STATIC_BYTES, (t, static)
+    assert budget + cupy_backend.MLP_STATIC_BYTES <= A100_SHARED_OPTIN
+
+
+def test_a_gpu_with_less_shared_memory_leaves_the_network_to_the_ops(host_kernels):  # noqa: F811
+    """A GPU that gives a block less than the tile's shared memory (mlp_shared): the
+    launcher takes the network only where its tile fits (mlp_fits), and the tile's rows
+    (so the bits) are the same as on a larger GPU."""
+    gpu = EmulatedGpu(host_kernels)
+    relu = [make_activation("relu")] * 5
+    size, _ = cupy_backend.mlp_shared([64] * 6, (0,) * 5, 4, 64)
+    gpu.be.shared_optin = size + cupy_backend.MLP_STATIC_BYTES
+    assert gpu.be.mlp_fits([64] * 6, relu, np.float32, 262144)
+    gpu.be.shared_optin -= 1
+    assert not gpu.be.mlp_fits([64] * 6, relu, np.float32, 262144)
+    assert gpu.be.mlp_fits([64] * 6, relu, np.float32, 128)  # 4 rows a tile: small enough
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,5 +405,6 @@ def test_the_tile_sweep_script_runs(capsys):
 
     mlp_tile_sweep.sweep("tiny", RecordingBackend(), steps=5)
     out = capsys.readouterr().out
-    # 128 rows: tiles of 1, 2, 4, 8 and 16 rows, each with 1, 2 and 4 rows a thread where it has them
-    assert "default step" in out and out.count("rows a tile") == 1 + 2 + 3 + 3 + 3
+    # 128 rows: tiles of 2, 4 and 8 rows (64, 32, 16 tiles), each with 2 and 4 rows a thread
+    # (2 only on the 2-row tiles) and with 1 and 4 columns a thread
+    assert "default step" in out and out.count("rows a tile") == (1 + 2 + 2) * 2

@@ -36,7 +36,8 @@ def run_kernel(be, sizes, acts, loss, params, x, y):
     return float(out.get()), g.get()
 
 
-LARGE = [([64, 64, 64, 64, 64, 64, 1], "relu", "mse", 20000, "identity"),  # narrow's network, many tiles a block
+LARGE = [([64, 64, 64, 64, 64, 64, 1], "relu", "mse", 20000, "identity"),  # many tiles a block (32 rows)
+         ([64] * 6, "relu", "mse", 8192, "identity"),  # narrow's network: 64-row tiles, 4 x 4 register tiles, 147 KiB
          ([64, 128, 10], "relu", "softmax_cross_entropy", 4096, "identity")]  # fmt: skip
 
 

@@ -67,41 +67,67 @@ def loss_group_width(c: int) -> int:
     return min(32, 1 << max(0, int(c) - 1).bit_length())
 
 
-# the fused MLP kernel (kernels/mlp.cu): its block and shared-memory size (as there), the
-# networks it takes (layers, widths: a width of 128 is tiny-cuda-nn's widest too), and the
-# launcher's rule for the rows per tile and the grid (see mlp_tile_rows)
+# the fused MLP kernel (kernels/mlp.cu): its block, the budgets of its (dynamic) shared
+# memory, the networks it takes (layers, widths: a width of 128 is tiny-cuda-nn's widest
+# too), and the launcher's rule for the rows per tile and the grid (see mlp_tile_rows)
 MLP_THREADS = 256
-MLP_SHARED_BYTES = 32768  # the tile's activations; 14080 more stage the weights (mlp.cu's MLP_WEIGHT_BYTES)
-MLP_WEIGHT_BYTES = 14080
+# the tile's activations and gradients at most: 128 KiB, 64 rows of narrow's float32
+# network (a block's gradient share is read and written once a tile, and each product's
+# weights staged once a tile: the more rows, the fewer times). With the weights' stage the
+# block asks for at most 160.25 KiB, which an A100 (163 KiB) and an H100 (227 KiB) give
+# a block; a GPU that gives less leaves such a network to the separate ops (the rows, and
+# so the bits, do not depend on the GPU)
+MLP_SHARED_BYTES = 131072
+MLP_WEIGHT_BYTES = 33024  # the weights' stage at most: 64 rows of a 128-wide layer (129 with the padding) in float32
+MLP_STATIC_BYTES = 2304  # the kernel's static shared memory at most (the loss's warp sums, last_block's flag)
 MLP_MAX_LAYERS = 8
 MLP_MAX_WIDTH = 128
-MLP_MAX_ROWS = 16  # rows per tile at most
+MLP_MAX_ROWS = 64  # rows per tile at most
 MLP_TILES = 32  # a batch is cut into about this many tiles, more once a tile has MLP_MAX_ROWS
 MLP_MAX_BLOCKS = 512  # blocks at most (each then takes several tiles), so at most this many shares
 # rows a thread takes in the forward products and D' W^T (1, 2 or 4, at most the tile's rows;
 # kernels/mlp.cu's rt): one weight read for them all. The same bits whatever it is. 4: the
 # fastest of 1, 2, 4 on an H100 for tiny (49.7 against 51.3 us/step) and narrow (1.5 to 3x)
-# in tests/mlp_tile_sweep.py (docs/benchmarks.md); MLP_TILES and MLP_MAX_ROWS as they were
-# (tiny: 32 tiles of 4 rows, the sweep's best grid)
+# in tests/mlp_tile_sweep.py (docs/benchmarks.md); MLP_TILES as it was (tiny: 32 tiles of 4
+# rows, the sweep's best grid)
 MLP_ROWS_PER_THREAD = 4
+# columns a thread takes at most in the products (1, 2 or 4; mlp.cu's ct_max, tile_cols):
+# one activation read for them all, and with the rows a register tile of up to 4 x 4 sums.
+# The same bits whatever it is. 4: chosen on the CPU (a shared read per 2 multiply-adds
+# in place of 5 per 4); tests/mlp_tile_sweep.py times 1, 2, 4 on a GPU
+MLP_COLS_PER_THREAD = 4
+
+
+def mlp_row_values(sizes, saves_z) -> int:
+    """Values a tile row takes in the fused MLP's shared memory: every layer's output, the
+    pre-activations of the layers whose f' reads them (saves_z), and two gradient rows of
+    the widest layer."""
+    return sum(sizes) + sum(w for w, z in zip(sizes[1:], saves_z) if z) + 2 * max(sizes)
 
 
 def mlp_tile_rows(sizes, saves_z, itemsize: int, n: int) -> int:
     """Rows per tile of the fused MLP kernel for a batch of n rows, or 0 where the network
     does not fit it (too many layers, a layer wider than MLP_MAX_WIDTH, or not one row in
-    shared memory). A tile holds, per row, every layer's output, the pre-activations of the
-    layers whose f' reads them (saves_z), and two gradient rows of the widest layer. The
-    rows: the power of two that cuts n into about MLP_TILES tiles, at most MLP_MAX_ROWS and
-    what fits (a power of two too). A function of the network and n alone (the results'
-    bits depend on it)."""
+    MLP_SHARED_BYTES). The rows: the power of two that cuts n into about MLP_TILES tiles,
+    at most MLP_MAX_ROWS and what fits (a power of two too). A function of the network and
+    n alone (the results' bits depend on it)."""
     if len(sizes) - 1 > MLP_MAX_LAYERS or max(sizes) > MLP_MAX_WIDTH:
         return 0
-    per_row = (sum(sizes) + sum(w for w, z in zip(sizes[1:], saves_z) if z) + 2 * max(sizes)) * itemsize
-    fit = MLP_SHARED_BYTES // per_row
+    fit = MLP_SHARED_BYTES // (mlp_row_values(sizes, saves_z) * itemsize)
     if fit == 0:
         return 0
     want = 1 << max(0, math.ceil(n / MLP_TILES) - 1).bit_length()  # the power of two >= n / MLP_TILES
     return min(want, MLP_MAX_ROWS, 1 << (fit.bit_length() - 1))  # powers of two: rows per thread divide it
+
+
+def mlp_shared(sizes, saves_z, itemsize: int, rows: int) -> tuple[int, int]:
+    """(bytes of dynamic shared memory, values of the weights' stage) of a fused MLP launch
+    of `rows` rows per tile: the tile, then a stage that holds the widest layer's whole W
+    (row stride n_out + 1) where MLP_WEIGHT_BYTES allows, else as many of its rows as that
+    does (at least one)."""
+    stage = max(a * (b + 1) for a, b in zip(sizes[:-1], sizes[1:]))
+    stage = max(min(stage, MLP_WEIGHT_BYTES // itemsize), max(sizes[1:]) + 1)
+    return (rows * mlp_row_values(sizes, saves_z) + stage) * itemsize, stage
 
 
 def _ROW(i: str, w: str) -> str:  # noqa: N802 (reads as the C it writes)
@@ -327,6 +353,8 @@ class CupyBackend:
         self.device.use()
         self.out_of_memory_errors = (cupy.cuda.memory.OutOfMemoryError, MemoryError)
         self.n_sm = self.device.attributes["MultiProcessorCount"]
+        # the most shared memory a block may have (opt-in past 48 KiB): the fused MLP's limit
+        self.shared_optin = self.device.attributes["MaxSharedMemoryPerBlockOptin"]
         self.handle = self.device.cublas_handle
         cublas.setPointerMode(self.handle, _POINTER_MODE_HOST)
         self.tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in)
@@ -865,23 +893,34 @@ class CupyBackend:
         key = ("mlp_shares", _address(grads), grid, p, dtype)
         shares = grads.reshape(1, p) if grid == 1 else self._kept(key, lambda: self._cupy.empty((grid, p), dtype))
         t, alpha = dtype.type, max(_leaky_slopes(activations), default=0.0)
-        self._function("mlp_fused", dtype)(
+        shared, stage = mlp_shared(sizes, saves_z, dtype.itemsize, rows)
+        kernel = self._function("mlp_fused", dtype)
+        if getattr(kernel, "max_dynamic_shared_size_bytes", shared) < shared:  # (48 KiB less the static, at first)
+            kernel.max_dynamic_shared_size_bytes = shared  # the opt-in past it (within shared_optin: _mlp_rows)
+        kernel(
             (grid,), (MLP_THREADS,),
             (x, labels, targets, perm, start, np.int32(window is not None), params, shares, np.int64(p), dims,
-             np.int32(len(sizes) - 1), np.int32(n), np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)), t(alpha),
-             np.int32(loss.info.kernel_id), t(loss.label_smoothing), t(loss.huber_delta), t(1.0 / divisor),
-             self._scratch("mlp_loss", grid, dtype), self._counter("mlp_fused", grid), out, t(divisor)),
+             np.int32(len(sizes) - 1), np.int32(n), np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)),
+             np.int32(MLP_COLS_PER_THREAD), np.int32(stage), t(alpha), np.int32(loss.info.kernel_id),
+             t(loss.label_smoothing), t(loss.huber_delta), t(1.0 / divisor), self._scratch("mlp_loss", grid, dtype),
+             self._counter("mlp_fused", grid), out, t(divisor)),
+            shared_mem=shared,
         )  # fmt: skip
         return shares
 
     def _mlp_rows(self, sizes, activations, dtype, n: int) -> int:
         """The fused MLP kernel's rows per tile for this network and batch (mlp_tile_rows),
         0 where it does not take them: not float32 or float64, two leaky_relu slopes, an
-        empty batch, or what mlp_tile_rows refuses."""
+        empty batch, what mlp_tile_rows refuses, or a tile (mlp_shared) larger than this
+        GPU's shared memory for a block."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64) or n == 0 or len(_leaky_slopes(activations)) > 1:
             return 0
-        return mlp_tile_rows(sizes, [a.saves == "input" for a in activations], dtype.itemsize, n)
+        saves_z = [a.saves == "input" for a in activations]
+        rows = mlp_tile_rows(sizes, saves_z, dtype.itemsize, n)
+        if rows and mlp_shared(sizes, saves_z, dtype.itemsize, rows)[0] + MLP_STATIC_BYTES > self.shared_optin:
+            return 0  # a GPU that gives a block less shared memory than this tile needs
+        return rows
 
     def mlp_fits(self, sizes, activations, dtype, n: int) -> bool:
         """Whether mlp_forward_backward runs (not None) for this network, dtype and batch rows."""
