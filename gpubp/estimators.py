@@ -305,7 +305,9 @@ class _MLPBase(BaseEstimator):
         """Network outputs (n, n_out) in float64 for validated features X (n, F). Rows go
         through the network in blocks of a fixed size per device (the last one padded with
         zeros): a GEMM's rounding can depend on its row count, and a fixed shape makes each
-        row's output independent of the other rows predicted with it."""
+        row's output independent of the other rows predicted with it, where the BLAS rounds
+        a row the same wherever it stands in the block (OpenBLAS 0.3.31's float32 products
+        on an AMD EPYC do not: there the last bits follow the row's place)."""
         meta, arrays = self._state
         model = self._device_model()
         be = model.backend

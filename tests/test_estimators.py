@@ -109,19 +109,40 @@ def test_predict_proba_is_softmax_of_the_network_and_sums_to_1():
     assert est.score(x, labels) >= 0.95  # well separated blobs
 
 
+def blas_rows_independent(dtype) -> bool:
+    """Whether this NumPy's BLAS gives a product's row the same bits wherever the row
+    stands in its matrix (a fixed shape, the rows rolled). OpenBLAS 0.3.31's float32
+    products on an AMD EPYC (its Haswell kernels) do not: a row's last bits follow its
+    place modulo 64."""
+    rng = np.random.default_rng(0)
+    a, w = rng.normal(size=(256, 18)).astype(dtype), rng.normal(size=(18, 27)).astype(dtype)
+    return all(np.array_equal(np.roll(a @ w, s, axis=0), np.roll(a, s, axis=0) @ w) for s in (1, 5, 17, 64))
+
+
 def test_predictions_do_not_depend_on_the_other_rows():
-    """predict(X)[rows] == predict(X[rows]) exactly: the forward pass runs in blocks of
-    a fixed row count, so BLAS picks the same kernel (and rounding) for every row."""
+    """predict(X)[rows] == predict(X[rows]) exactly where the BLAS allows it: the forward
+    pass runs in blocks of a fixed row count, so BLAS picks the same kernel (and rounding)
+    for every block, and a row's output depends on its place in the block alone; where the
+    BLAS's rounding follows a row's place too (blas_rows_independent), within the rounding
+    of the two float32 evaluations: each of the two layers' sums (f and width terms) off by
+    at most (f + width) eps of its terms, so 4 (f + width) eps of the outputs' scale."""
     rng = np.random.default_rng(11)
+    exact = blas_rows_independent(np.float32)
     for trial in range(5):
         n, f = int(rng.integers(20, 600)), int(rng.integers(1, 30))
         x, y = rng.normal(size=(n, f)), rng.normal(size=n)
         width = int(rng.integers(5, 300))
         est = gpubp.MLPRegressor(hidden_layer_sizes=(width,), max_iter=2, random_state=trial, device="cpu").fit(x, y)
         full = est.predict(x)
+        tol = 4 * (f + width) * float(np.finfo(np.float32).eps) * (np.abs(full).max() + 1.0)
         for _ in range(3):
             rows = np.sort(rng.choice(n, int(rng.integers(1, n)), replace=False))
-            np.testing.assert_array_equal(est.predict(x[rows]), full[rows])
+            part = est.predict(x[rows])
+            if exact:
+                np.testing.assert_array_equal(part, full[rows])
+            else:
+                assert np.abs(part - full[rows]).max() <= tol, (trial, np.abs(part - full[rows]).max(), tol)
+                assert np.array_equal(est.predict(x[rows]), part)  # the same rows again: the same bits
 
 
 def test_partial_fit_continues_the_model():
