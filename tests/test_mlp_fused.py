@@ -286,6 +286,21 @@ def test_a_gpu_with_less_shared_memory_leaves_the_network_to_the_ops(host_kernel
     assert gpu.be.mlp_fits([64] * 6, relu, np.float32, 128)  # 4 rows a tile: small enough
 
 
+def test_the_launch_raises_the_kernels_shared_memory_once(host_kernels, monkeypatch):  # noqa: F811
+    """A launch that needs more dynamic shared memory than the kernel was allowed sets its
+    max_dynamic_shared_size_bytes first (CuPy's attribute; past 48 KiB the GPU needs it),
+    once per size it grows to: a smaller tile later leaves it, so no launch inside a
+    capture sets it again."""
+    monkeypatch.setattr(cupy_backend, "MLP_TILES", 1)  # one tile of all the rows
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(9)
+    sizes = [64] * 6
+    for n in (64, 8):
+        acts, loss, params, x, y = problem(rng, sizes, "relu", "mse", n, np.float32)
+        fused(gpu, sizes, acts, loss, params, x, y)
+        assert gpu.be._dynamic_shared == {"mlp_fused_f32": cupy_backend.mlp_shared(sizes, (0,) * 5, 4, 64)[0]}, n
+
+
 # ---------------------------------------------------------------------------------------
 # the model and the training step
 

@@ -895,8 +895,12 @@ class CupyBackend:
         t, alpha = dtype.type, max(_leaky_slopes(activations), default=0.0)
         shared, stage = mlp_shared(sizes, saves_z, dtype.itemsize, rows)
         kernel = self._function("mlp_fused", dtype)
-        if getattr(kernel, "max_dynamic_shared_size_bytes", shared) < shared:  # (48 KiB less the static, at first)
-            kernel.max_dynamic_shared_size_bytes = shared  # the opt-in past it (within shared_optin: _mlp_rows)
+        # the kernel's dynamic shared memory at most (48 KiB less the static until set): raised
+        # where this launch needs more (within shared_optin: _mlp_rows), once, before any capture
+        allowed = self.__dict__.setdefault("_dynamic_shared", {})
+        if allowed.get(kernel_name("mlp_fused", dtype), 0) < shared:
+            kernel.max_dynamic_shared_size_bytes = shared
+            allowed[kernel_name("mlp_fused", dtype)] = shared
         kernel(
             (grid,), (MLP_THREADS,),
             (x, labels, targets, perm, start, np.int32(window is not None), params, shares, np.int64(p), dims,
