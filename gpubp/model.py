@@ -384,17 +384,24 @@ class MLP:
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
+            # an identity layer (no skip connection): D' = D, D's own buffer (dz[k] is dx[k+1]),
+            # so no pass over it
+            identity = act.name == "identity" and not self.is_residual[k]
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:
-                be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)          (n, n_{k+1})
+                if not identity:
+                    be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)      (n, n_{k+1})
                 # dW_k = x_k^T D' and db_k = sum_rows D' in one product (False: not run)
                 if not be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32):
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
             else:
-                # D' = D * f_k'(.) and db_k = sum_rows D' in one pass    (n, n_{k+1}), (n_{k+1},)
-                be.act_backward_bias_grad(D, saved, act, Dz, db)
+                if identity:
+                    be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
+                else:
+                    # D' = D * f_k'(.) and db_k = sum_rows D' in one pass  (n, n_{k+1}), (n_{k+1},)
+                    be.act_backward_bias_grad(D, saved, act, Dz, db)
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
