@@ -74,6 +74,13 @@ class _Workspace:
     done: list = None
 
 
+def gradient_passes_through(act, residual: bool) -> bool:
+    """Whether a layer's D' = D * f'(.) is D itself: an identity layer (f' = 1) not under
+    a skip connection, whose D' buffer is D's own (the workspaces' dz[k] is dx[k+1]), so
+    the backward pass makes no pass over D for it."""
+    return act.name == "identity" and not residual
+
+
 def param_layout(sizes) -> tuple[list, int]:
     """([(offset of W_k, offset of b_k, n_k, n_{k+1}), ...], P): the flat buffer's layout,
     W_k (n_k x n_{k+1}, row-major) then b_k, layer after layer; P parameters in all."""
@@ -384,9 +391,7 @@ class MLP:
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
-            # an identity layer (no skip connection): D' = D, D's own buffer (dz[k] is dx[k+1]),
-            # so no pass over it
-            identity = act.name == "identity" and not self.is_residual[k]
+            identity = gradient_passes_through(act, self.is_residual[k])  # D' is D: no pass over it
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:

@@ -28,7 +28,7 @@ from .backend import get_backend
 from .backend.threads import blas_one_thread, num_threads, run_blocks
 from .init import init_weight
 from .losses import make_loss
-from .model import DTYPES, MLP, _Workspace, layer_views, param_layout
+from .model import DTYPES, MLP, _Workspace, gradient_passes_through, layer_views, param_layout
 
 # A CPU step's block of models: at most about this many bytes of buffers. Measured (two
 # threads, steps back to back, the update inside each block): fewer, larger blocks pay,
@@ -200,7 +200,8 @@ class MLPStack:
             saved = (ws.z[k] if ws.z[k] is not None else ws.a[k])[sl]
             D, Dz = ws.dx[k + 1][sl], ws.dz[k][sl]
             xk = x0 if k == 0 and x0.ndim == 2 else ws.x[k][sl]  # a shared batch: (n, n_in)
-            be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)
+            if not gradient_passes_through(act, self.is_residual[k]):  # (else D' is D, in its buffer)
+                be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)
             be.gemm_batched(xk, Dz, out=dW, trans_a=True)  # dW_k = x_k^T D'
             be.bias_grad_batched(Dz, out=db)  # db_k = 1^T D'
             if k > 0:
