@@ -5,6 +5,7 @@ launches a test supplies (tests/test_gpu_contract.py, tests/test_kernels_emulate
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -97,5 +98,12 @@ def numpy_backend_of_gpu(function, n_sm: int, poison: bool = False):
     return be
 
 
-# tests/cuda_host.h's dynamic shared memory (the block's extern __shared__), in bytes
-HOST_DYNAMIC_SHARED_BYTES = 256 * 1024
+def host_dynamic_shared_bytes() -> int:
+    """tests/cuda_host.h's dynamic shared memory (the block's extern __shared__), in bytes:
+    its HOST_DYNAMIC_SHARED_BYTES, read from there so that the two cannot differ."""
+    with open(os.path.join(os.path.dirname(__file__), "cuda_host.h")) as f:
+        a, b = re.search(r"#define HOST_DYNAMIC_SHARED_BYTES \((\d+) \* (\d+)\)", f.read()).groups()
+    return int(a) * int(b)
+
+
+HOST_DYNAMIC_SHARED_BYTES = host_dynamic_shared_bytes()
