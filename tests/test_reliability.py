@@ -301,6 +301,7 @@ def test_memory_estimate_matches_what_numpy_allocates(tmp_path, overrides, domin
     steps (the model, optimizer, data and workspaces; not the temporaries of an op).
     Only NumPy's array buffers count (its tracemalloc domain): the modules that train()
     imports the first time (numba's, where installed: some 20 MiB) are not the run's."""
+    import gc
     import tracemalloc
 
     cfg = load_config(None, SMALL + overrides + ["train.steps=3", "train.eval_every=0", "train.eval_batch_size=16"])
@@ -308,6 +309,7 @@ def test_memory_estimate_matches_what_numpy_allocates(tmp_path, overrides, domin
     try:
         t = T.Trainer(cfg, str(tmp_path / "a"), device="cpu", quiet=True)
         t.train()
+        gc.collect()  # what the run holds: not its garbage in reference cycles not yet collected
         arrays = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
         held = sum(s.size for s in tracemalloc.take_snapshot().filter_traces([arrays]).statistics("filename"))
     finally:
