@@ -19,8 +19,6 @@ and b_k (M, n_{k+1}) are views into them.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .activations import SAVES_INPUT, make_activation
@@ -306,16 +304,16 @@ class StackOptimizer:
 
     What changes from one update to the next lives on the device too, and `update`
     reads only that: `vectors` (n_vectors, M, 1), this update's per-model numbers
-    (`step_vectors`: SGD's learning rate; Adam's 1 - lr wd, lr / (1 - b1^t) and
+    (`step_table`: SGD's learning rate; Adam's 1 - lr wd, lr / (1 - b1^t) and
     sqrt(1 - b2^t)), and `first_step` (0-d bool, SGD's momentum start). `step` fills
     them from the host each update; the trainer's step (gpubp/step.py) fills them on the
     device from precomputed tables, so a captured CUDA graph replays a new step each time
-    (fp16: from per-step `rate_rows` and per-update `count_rows` and a device count of the
+    (fp16: from per-step `rate_table` and per-update `count_table` and a device count of the
     updates taken, backend.update_vectors)."""
 
     state_names: tuple[str, ...] = ()
     vector_names: tuple[str, ...] = ("lr",)
-    bias_corrected = False  # Adam: vectors from rate_rows and count_rows (backend.update_vectors)
+    bias_corrected = False  # Adam: vectors from rate_table and count_table (backend.update_vectors)
     reads_first_step = True  # SGD's momentum start; Adam's update never reads first_step
 
     def __init__(self, stack: MLPStack, lr):
@@ -345,22 +343,30 @@ class StackOptimizer:
     def _hyper(self, value, name: str) -> np.ndarray:
         return np.array([float(v) for v in _per_model(value, self.stack.count, name)])
 
-    def step_vectors(self, t: int, lr) -> np.ndarray:
-        """(n_vectors, M) float64: what update number t (1-based) reads, lr (M,) the models'
-        learning rates; computed with the Python-float arithmetic of numpy_ops (the same bits)."""
-        return np.array([[float(x) for x in lr]])
+    # The tables below are built a chunk of steps at a time (gpubp/step.py: 1024 rows per
+    # upload) with the arithmetic of an eager step's Python floats (numpy_ops: the same
+    # bits): NumPy's float64 +, -, *, / and sqrt round as Python's do (IEEE), so those run
+    # on whole tables; powers stay Python's (libm's pow; NumPy's own may differ in the last bit).
 
-    def rate_rows(self, lr) -> np.ndarray:
-        """(2, M) float64, what a step's vectors take from its learning rates lr (M,) (the
-        schedule's, by step): lr and 1 - lr wd (Python floats, as step_vectors)."""
-        wd = getattr(self, "weight_decay", np.zeros(len(lr))).tolist()
-        lr = [float(x) for x in lr]
-        return np.array([lr, [1.0 - lr[i] * wd[i] for i in range(len(lr))]])
+    def _lr_table(self, lrs) -> np.ndarray:
+        """(k, M) float64 of k rows of the models' learning rates."""
+        return np.array(lrs, dtype=np.float64).reshape(len(lrs), self.stack.count)
 
-    def count_rows(self, t: int) -> np.ndarray:
-        """(2, M) float64, what update number t (1-based) takes from t: Adam's 1 - b1^t and
-        sqrt(1 - b2^t); ones for SGD (its vectors do not depend on t)."""
-        return np.ones((2, self.stack.count))
+    def step_table(self, t: int, lrs) -> np.ndarray:
+        """(k, n_vectors, M) float64: what updates t, t + 1, .., t + k - 1 (1-based) read,
+        lrs k rows of the models' learning rates (M,), the schedule's by step."""
+        return self._lr_table(lrs)[:, None, :]
+
+    def rate_table(self, lrs) -> np.ndarray:
+        """(k, 2, M) float64, what the steps' vectors take from their learning rates lrs (k
+        rows of (M,), the schedule's, by step): lr and 1 - lr wd."""
+        lr = self._lr_table(lrs)
+        return np.stack([lr, 1.0 - lr * getattr(self, "weight_decay", np.zeros(self.stack.count))], axis=1)
+
+    def count_table(self, t: int, k: int) -> np.ndarray:
+        """(k, 2, M) float64, what updates t .. t + k - 1 (1-based) take from their number:
+        Adam's 1 - b1^t and sqrt(1 - b2^t); ones for SGD (its vectors do not depend on t)."""
+        return np.ones((k, 2, self.stack.count))
 
     def step(self, grads=None, grad_scale=None, skip=None) -> None:
         """Update every model (grads: the stack's own gradient views, or None); grad_scale
@@ -377,7 +383,7 @@ class StackOptimizer:
         `first_step`) from the host; `update` then takes it, for all models at once or
         block by block (MLPStack.forward_backward's `then`)."""
         self.steps += 1
-        host = self.step_vectors(self.steps, self.lr)[..., None]  # (n_vectors, M, 1): one host-to-device copy
+        host = self.step_table(self.steps, [self.lr])[0, ..., None]  # (n_vectors, M, 1): one host-to-device copy
         self.vectors[...] = self.backend.asarray(host, dtype=self.stack.dtype)
         self.first_step[...] = self.steps == 1
 
@@ -475,18 +481,22 @@ class StackAdam(StackOptimizer):
         self._b2c, self._eps, self._wd = self._vec(1.0 - self.beta2), self._vec(self.eps), self._vec(self.weight_decay)
         self._decay_on = bool(np.any(self.weight_decay))
 
-    def step_vectors(self, t: int, lr) -> np.ndarray:
+    def step_table(self, t: int, lrs) -> np.ndarray:
         """Rows lr_decay = 1 - lr wd, step_size = lr / (1 - b1^t), bias2_sqrt = sqrt(1 - b2^t):
-        per model, the Python-float arithmetic of numpy_ops.adam_step (the same bits: float64
-        division is IEEE's, in NumPy as in Python). numpy_ops.update_vectors forms the same
-        rows on the device from rate_rows (by step) and count_rows (by update)."""
-        rates, counts = self.rate_rows(lr), self.count_rows(t)
-        return np.array([rates[1], rates[0] / counts[0], counts[1]])
+        per update and model, the Python-float arithmetic of numpy_ops.adam_step (the same
+        bits: float64 division is IEEE's, in NumPy as in Python). numpy_ops.update_vectors
+        forms the same rows on the device from rate_table (by step) and count_table (by update)."""
+        rates, counts = self.rate_table(lrs), self.count_table(t, len(lrs))
+        return np.stack([rates[:, 1], rates[:, 0] / counts[:, 0], counts[:, 1]], axis=1)
 
-    def count_rows(self, t: int) -> np.ndarray:
-        """(2, M) float64: 1 - b1^t and sqrt(1 - b2^t) for update number t (Python floats)."""
-        b1, b2 = self.beta1.tolist(), self.beta2.tolist()
-        return np.array([[1.0 - b**t for b in b1], [math.sqrt(1.0 - b**t) for b in b2]])
+    def count_table(self, t: int, k: int) -> np.ndarray:
+        """(k, 2, M) float64: 1 - b1^u and sqrt(1 - b2^u) for updates u = t .. t + k - 1."""
+        betas = self.beta1.tolist() + self.beta2.tolist()  # (2 M,)
+        distinct = {b: i for i, b in enumerate(dict.fromkeys(betas))}  # a sweep's models share their betas
+        powers = np.array([[b**u for u in range(t, t + k)] for b in distinct])  # (distinct betas, k)
+        counts = 1.0 - powers[[distinct[b] for b in betas]].reshape(2, -1, k).transpose(2, 0, 1)
+        counts[:, 1] = np.sqrt(counts[:, 1])
+        return counts
 
     def _update(self, p, g, scale, skip, rows, low):
         vec = self.vectors

@@ -46,16 +46,17 @@ CHUNK = 1024  # steps per table upload
 class StepState:
     """The device-side per-step state; see the module docstring.
 
-    opt: a StackOptimizer (the single-model optimizer's `rule_opt`); lrs(s): the models'
-    learning rates (M,) at step s (0-based); offset(s): where step s's batch starts in
-    its epoch's order. Tables, K = CHUNK rows (one per step):
-        vectors (K, R, M, 1)  opt.step_vectors   -> opt.vectors
+    opt: a StackOptimizer (the single-model optimizer's `rule_opt`); lr_rows(s, k): the
+    models' learning rates at steps s .. s + k - 1 (0-based), (k, M) (rows of Python floats
+    or an array: one call per upload); offset(s): where step s's batch starts in its
+    epoch's order. Tables, K = CHUNK rows (one per step):
+        vectors (K, R, M, 1)  opt.step_table     -> opt.vectors
         first   (K,) bool     update number == 1 -> opt.first_step
         where   (K, 2) int64  the step index, the batch's start -> step (the guard's first
                               bad step), offset: 0-d views of one row buffer (one select)"""
 
-    def __init__(self, backend, opt, lrs, offset, total_steps: int, chunk: int = CHUNK):
-        self.backend, self.opt, self.lrs, self.offset_of = backend, opt, lrs, offset
+    def __init__(self, backend, opt, lr_rows, offset, total_steps: int, chunk: int = CHUNK):
+        self.backend, self.opt, self.lr_rows, self.offset_of = backend, opt, lr_rows, offset
         self.total_steps = int(total_steps)
         k = max(1, min(int(chunk), self.total_steps))
         self.vectors = backend.zeros((k, *opt.vectors.shape), opt.vectors.dtype)
@@ -71,8 +72,8 @@ class StepState:
     def count_updates(self) -> None:
         """Count the updates taken on the device (fp16: a skipped step takes none and the run
         goes on). Tables, K rows:
-            rates  (K, 2, M) float64  opt.rate_rows(lr of step base + r)   by pos
-            counts (K, 2, M) float64  opt.count_rows(t0 + 1 + r)           by updates - t0
+            rates  (K, 2, M) float64  opt.rate_table: row r, lr of step base + r   by pos
+            counts (K, 2, M) float64  opt.count_table: row r, update t0 + 1 + r  by updates - t0
         and 0-d int64 `updates` (updates taken; the host's opt.steps at the start) and `t0`
         (the updates taken when the tables were written: one device read per upload)."""
         be, k, m = self.backend, self.first.shape[0], self.opt.vectors.shape[1]
@@ -98,14 +99,14 @@ class StepState:
             return
         k = min(self.first.shape[0], self.total_steps - step)
         be = self.backend
+        lrs = self.lr_rows(step, k)
         if self.counted:  # at most k updates in k steps: counts for t = updates + 1 .. updates + k
             updates = self.updates_taken()
-            rates = np.stack([self.opt.rate_rows(self.lrs(step + j)) for j in range(k)])
-            self.rates[:k] = be.asarray(rates)
-            self.counts[:k] = be.asarray(np.stack([self.opt.count_rows(updates + 1 + j) for j in range(k)]))
+            self.rates[:k] = be.asarray(self.opt.rate_table(lrs))
+            self.counts[:k] = be.asarray(self.opt.count_table(updates + 1, k))
             self.t0[...] = updates
         else:
-            vectors = np.stack([self.opt.step_vectors(updates + 1 + j, self.lrs(step + j)) for j in range(k)])
+            vectors = self.opt.step_table(updates + 1, lrs)
             self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
             self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
         where = np.array([(step + j, self.offset_of(step + j)) for j in range(k)], dtype=np.int64).reshape(k, 2)

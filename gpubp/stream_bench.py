@@ -64,7 +64,7 @@ def make_step(model, opt, split, batch: int, total_steps: int) -> Step:
     spe = -(-split.n // batch)
     streamed = isinstance(split, stream.StreamSplit)
     offset = split.ring_offset if streamed else (lambda s: (s % spe) * batch)
-    state = StepState(be, opt.rule_opt, lambda s: [1e-3], offset, total_steps)
+    state = StepState(be, opt.rule_opt, lambda s, k: [[1e-3]] * k, offset, total_steps)
     buffers = {}
 
     def buffer(name, src, n):

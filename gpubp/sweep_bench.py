@@ -137,7 +137,7 @@ def sweep_step(case: SweepCase, backend, graph: bool, batches: int = 8):
         scale=backend.zeros((m,), stack.dtype), running=backend.zeros((m,), np.float64),
     )  # fmt: skip
     total = 1024  # one table upload (gpubp.step.CHUNK); the steps wrap around after it
-    state = StepState(backend, opt, lambda s: [1e-3] * m, lambda s: (s % batches) * b, total)
+    state = StepState(backend, opt, lambda s, k: [[1e-3] * m] * k, lambda s: (s % batches) * b, total)
     fn = SweepStep(g, state, backend.zeros((m,), np.bool_), backend.graph_capturer() if graph else None)
     count = [0]
 
@@ -192,7 +192,7 @@ def sequential_graph_step(case: SweepCase, backend, graph: bool = True, batches:
         opt = Adam(model, lr=1e-3)
         rows = Dataset(x[i * n : (i + 1) * n].astype(np.float64), y[i * n : (i + 1) * n], case.sizes[-1], "bench")
         train = DeviceSplit(model, rows, Standardizer.identity(f), rows.y)  # x unchanged: (x - 0) / 1
-        state = StepState(backend, opt.rule_opt, lambda s: [1e-3], lambda s: (s % batches) * b, total)
+        state = StepState(backend, opt.rule_opt, lambda s, k: [[1e-3]] * k, lambda s: (s % batches) * b, total)
         fns.append(Step(model, opt, FiniteGuard(backend, model.dtype), backend.zeros((), np.float64), train, b, n,
                         0.0, state, _batch_buffers(backend), LOCAL, lambda: False,
                         backend.graph_capturer() if graph else None))  # fmt: skip

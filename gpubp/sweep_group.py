@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from .errors import ConfigError
+from .schedules import lr_schedule
 from .stack import MLPStack, make_stack_optimizer
 from .trainer import prepare, resolve_auto
 
@@ -72,6 +73,15 @@ class Group:
         t = cfg.train
         self.steps_per_epoch = math.ceil(self.n_train / t.batch_size)
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.steps_per_epoch
+        # each member's schedule (steps, 0-based -> learning rates), one per distinct set of
+        # arguments: a sweep's seeds share their rate's, and lr_rows calls each once a chunk
+        distinct: dict = {}
+        self.schedule_of = []  # member -> its index in self.schedules
+        for x in members:
+            lr = lr_schedule(x.cfg.optimizer, x.cfg.schedule, self.total_steps)
+            key = tuple(lr.keywords.items())
+            self.schedule_of.append(distinct.setdefault(key, (len(distinct), lr))[0])
+        self.schedules = [lr for _, lr in distinct.values()]
         count = len(members)
         self.running = be.zeros(count, np.float64)
         self.n_running = 0
@@ -88,6 +98,12 @@ class Group:
         self.model_cfg = [self.stack.member(i).config_dict() if i == 0 else None for i in range(count)]
         for i in range(1, count):
             self.model_cfg[i] = dict(self.model_cfg[0], seed=self.stack.seeds[i], init=self.stack.inits[i])
+
+    def lr_rows(self, step: int, k: int) -> np.ndarray:
+        """(k, M) float64: each model's learning rate at steps step .. step + k - 1 (0-based),
+        from its own schedule."""
+        steps = np.arange(step, step + k)
+        return np.stack([lr(steps) for lr in self.schedules], axis=1)[:, self.schedule_of]
 
     # ---- evaluation
 

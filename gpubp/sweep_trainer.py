@@ -40,7 +40,6 @@ import numpy as np
 from .checkpoint import atomic_write, atomic_write_text, remove_temporaries, save_checkpoint
 from .config import dump_toml, format_size
 from .errors import CheckpointError, DeviceRuntimeError, Interrupted, UsageError
-from .schedules import lr_at
 from .step import StepState
 from .sweep import Sweep, dump_sweep_toml
 from .sweep_group import Group
@@ -253,7 +252,7 @@ class SweepTrainer:
         scope.enter_context(np.errstate(all="ignore"))
         # the per-step numbers (each model's learning rate, Adam's bias corrections, the step
         # index) as device tables, as the single-run trainer's step reads them (gpubp/step.py)
-        state = StepState(be, opt, lambda s: self._lrs(g, s), lambda s: (s % g.steps_per_epoch) * t.batch_size,
+        state = StepState(be, opt, g.lr_rows, lambda s: (s % g.steps_per_epoch) * t.batch_size,
                           g.total_steps)  # fmt: skip
         # the whole step as one function of device state (gpubp/sweep_step.py), captured as a
         # CUDA graph per batch shape on the GPU unless train.cuda_graph is false (graph_note says why not)
@@ -292,18 +291,9 @@ class SweepTrainer:
             bar.close()
         g.final_step = step
 
-    def _lrs(self, g: Group, step: int) -> list:
-        """Each model's learning rate at step `step` (0-based), from its own schedule."""
-        out = []
-        for m in g.members:
-            s = m.cfg.schedule
-            out.append(lr_at(step, m.cfg.optimizer.lr, s.name, g.total_steps, s.warmup_steps, s.step_size, s.gamma,
-                             s.min_lr))  # fmt: skip
-        return out
-
     def _log_eval(self, g: Group, step: int) -> None:
         be = g.backend
-        g.opt.lr[:] = self._lrs(g, step - 1)  # the rates of the step just taken
+        g.opt.lr[:] = g.lr_rows(step - 1, 1)[0]  # the rates of the step just taken
         epoch = (step - 1) // g.steps_per_epoch
         first_bad = be.to_numpy(g.first_bad)
         self._note_divergence(g, first_bad)

@@ -61,7 +61,7 @@ from .errors import (
 from .model import MLP
 from .optim import OPTIMIZER_CLASSES, make_optimizer
 from .precision import get_precision
-from .schedules import lr_at
+from .schedules import lr_schedule
 from .step import Step, StepState
 from .stream import StreamSplit
 from .stream import budget as stream_budget
@@ -616,6 +616,7 @@ class Trainer:
         t = cfg.train
         self.steps_per_epoch = math.ceil(self.n_train / t.batch_size)
         self.total_steps = t.steps if t.steps > 0 else t.epochs * self.steps_per_epoch
+        self._lr_table = lr_schedule(o, cfg.schedule, self.total_steps)  # steps (0-based) -> their learning rates
         self.step = 0
         self.best_value = None
         self.best_step = None
@@ -825,11 +826,6 @@ class Trainer:
             scope.close()
             bar.close()
 
-    def _lr(self, step: int) -> float:
-        """The schedule's learning rate at step `step` (0-based)."""
-        o, sch = self.cfg.optimizer, self.cfg.schedule
-        return lr_at(step, o.lr, sch.name, self.total_steps, sch.warmup_steps, sch.step_size, sch.gamma, sch.min_lr)
-
     def make_step(self, interrupted=lambda: False) -> Step:
         """The step function (gpubp/step.py) over this run's buffers: captured as a CUDA
         graph per batch shape on the GPU unless train.cuda_graph is false or the run
@@ -852,7 +848,9 @@ class Trainer:
         offset = lambda s: (s % self.steps_per_epoch) * bs  # noqa: E731  where step s's batch starts in the order
         if isinstance(train, StreamSplit) and not host_batch:  # in the ring of a streamed split's chunks
             offset = train.ring_offset
-        state = StepState(be, self.opt.rule_opt, lambda s: [self._lr(s)], offset, self.total_steps)
+        state = StepState(
+            be, self.opt.rule_opt, lambda s, k: self._lr_table(np.arange(s, s + k))[:, None], offset, self.total_steps
+        )
         return Step(self.model, self.opt, self.guard, self.running_loss, train, bs, self.n_train,
                     self.cfg.optimizer.clip_grad_norm, state, self._batch_buffer, self.dist, interrupted,
                     capturer() if self.graph_note is None else None, host_batch)  # fmt: skip
@@ -942,7 +940,7 @@ class Trainer:
         train_loss = self.run.backend.to_float(self.running_loss) / max(self.n_running, 1)
         self.running_loss[...] = 0.0
         self.n_running = 0
-        self.opt.lr = self._lr(self.step - 1)  # the rate of the step just taken
+        self.opt.lr = float(self._lr_table(self.step - 1))  # the rate of the step just taken
         record = {"step": self.step, "epoch": epoch + 1, "lr": self.opt.lr, "train_loss": train_loss}
         record.update(self.guard.scaler_record())  # fp16: skipped steps so far, the loss scale
         val = self.evaluate("val", report=self.step == self.total_steps)  # the last one with the report

@@ -154,6 +154,36 @@ def test_schedules():
     assert_close(lr_at(110, 0.1, "cosine", total_steps=110, warmup_steps=10, min_lr=0.01), 0.01)
 
 
+@pytest.mark.parametrize("name", ["constant", "step", "cosine"])
+def test_schedule_tables_are_the_python_float_formula_bit_for_bit(name):
+    """lr_table (the step tables take a chunk of steps at once) gives, bit for bit, the
+    formula evaluated step by step in Python floats: in warmup, after it, past the end
+    (cosine holds its last value), with rates and spans that round differently."""
+    import math
+
+    from gpubp.schedules import lr_table
+
+    lr, total, warmup, step_size, gamma, min_lr = 0.0737, 997, 13, 7, 0.83, 0.0031
+
+    def python_float(t):  # the schedule's formula (module docstring), step by step
+        if t < warmup:
+            return lr * (t + 1) / warmup
+        s = t - warmup
+        if name == "constant":
+            return lr
+        if name == "step":
+            return lr * gamma ** (s // step_size)
+        span = max(total - warmup, 1)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(s, span) / span))
+
+    steps = np.r_[np.arange(0, 400), np.arange(950, 1100)]
+    table = lr_table(steps, lr, name, total, warmup, step_size, gamma, min_lr)
+    assert table.tolist() == [python_float(int(t)) for t in steps]
+    assert lr_at(500, lr, name, total, warmup, step_size, gamma, min_lr) == python_float(500)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_table(steps, lr, "linear")
+
+
 def test_schedule_matches_torch_cosine():
     torch = pytest.importorskip("torch")
     p = torch.zeros(1, requires_grad=True)

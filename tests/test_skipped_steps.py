@@ -94,7 +94,7 @@ def reference_run(case: str, count: str = "updates"):
         d = g * f(1.0 / scale)  # unscale_: grads *= 1 / S (float32; exact for a power of two)
         taken += 1
         t = taken if count == "updates" else s + 1
-        lr = tr._lr(s)  # the scheduler steps every iteration: the rate of the global step
+        lr = float(tr._lr_table(s))  # the scheduler steps every iteration: the rate of the global step
         if o.name == "sgd":  # torch.optim.SGD, momentum_buffer created by the first step() called
             if t == 1:  # (t = step + 1: that step was skipped, so never)
                 m[...] = d
@@ -132,7 +132,7 @@ def test_run_with_skipped_steps_equals_the_gradscaler_reference_bitwise(overflow
 @pytest.mark.parametrize("case", ["adamw", "sgd"])
 def test_without_overflow_the_counted_run_is_the_tables_run_bitwise(monkeypatch, case):
     """No skipped step: the device's count is the step count, and the run equals, bit for
-    bit, the same run reading the host's precomputed vectors (StackAdam.step_vectors, as
+    bit, the same run reading the host's precomputed vectors (StackAdam.step_table, as
     float32 runs do): update_vectors forms the same numbers on the device."""
     from gpubp import step as S
 
@@ -182,7 +182,7 @@ def test_gradscaler_and_torch_adam_agree(overflowing, monkeypatch):
     for s, (g, scale) in enumerate(seen):
         assert scaler.get_scale() == scale, s  # the same scale each step
         for group in opt.param_groups:
-            group["lr"] = run._lr(s)
+            group["lr"] = float(run._lr_table(s))
         opt.zero_grad()
         with np.errstate(all="ignore"):
             c = torch.from_numpy(g / np.float32(scale))
@@ -256,7 +256,7 @@ def test_resumed_fp16_run_with_skipped_steps_repeats_the_uninterrupted_one(overf
 
 @pytest.mark.parametrize("rule", ["adam", "sgd"])
 def test_update_vectors_gives_the_host_bits_and_counts(rule):
-    """update_vectors (rates by step, corrections by update) = StackOptimizer.step_vectors
+    """update_vectors (rates by step, corrections by update) = StackOptimizer.step_table
     (t = updates + 1, lr of the step) bit for bit, over rates and update numbers that
     round differently; first_step is SGD's t == 1; the counter moves unless skipped."""
     from gpubp.backend import NumpyBackend
@@ -271,8 +271,8 @@ def test_update_vectors_gives_the_host_bits_and_counts(rule):
     k = 12
     lrs = [rng.uniform(1e-5, 0.5, 3) for _ in range(k)]
     t0 = 37
-    rates = np.stack([opt.rate_rows(lr) for lr in lrs])
-    counts = np.stack([opt.count_rows(t0 + 1 + r) for r in range(k)])
+    rates = opt.rate_table(lrs)
+    counts = opt.count_table(t0 + 1, k)
     updates, pos, t0_arr = np.asarray(t0).copy(), np.zeros((), np.int64), np.asarray(t0)
     vectors, first = np.zeros_like(opt.vectors), np.zeros((), np.bool_)
     for j in range(k):
@@ -280,7 +280,7 @@ def test_update_vectors_gives_the_host_bits_and_counts(rule):
         skip = np.asarray(j % 3 == 1)
         t = int(updates) + 1
         numpy_ops.update_vectors(rates, pos, counts, t0_arr, updates, skip, vectors, first, opt.bias_corrected)
-        expected = np.asarray(opt.step_vectors(t, lrs[j])[..., None], dtype=vectors.dtype)
+        expected = np.asarray(opt.step_table(t, [lrs[j]])[0, ..., None], dtype=vectors.dtype)
         assert np.array_equal(vectors, expected), j
         assert not first and int(updates) == t - (1 if skip else 0)
     zero = np.zeros((), np.int64)

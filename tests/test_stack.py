@@ -292,3 +292,35 @@ def test_update_block_by_block_inside_the_pass_is_the_whole_update(monkeypatch, 
     np.testing.assert_array_equal(stacks[0].flat_params, stacks[1].flat_params)
     for name in opts[0].state_names:
         np.testing.assert_array_equal(getattr(opts[0], name), getattr(opts[1], name))
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw", "sgd"])
+def test_step_tables_hold_the_python_float_arithmetic(rule):
+    """The step tables (gpubp/step.py uploads them 1024 rows at a time), built as whole
+    NumPy tables, hold bit for bit what an eager step's Python floats give row by row:
+    SGD's lr; Adam's 1 - lr wd, lr / (1 - b1^t) and sqrt(1 - b2^t) (Python's ** and
+    math.sqrt), over rates, betas and update numbers (1 and large) that round differently."""
+    import math
+
+    stack = MLPStack([3, 4, 2], count=3, backend=get_backend("cpu"), seed=0)
+    wd = [0.0, 0.01, 0.37]
+    b1, b2 = [0.9, 0.8, 0.95], [0.999, 0.99, 0.9999]
+    if rule == "sgd":
+        opt = make_stack_optimizer(stack, "sgd", [0.1, 0.3, 0.7], momentum=0.9, weight_decay=wd)
+    else:
+        opt = make_stack_optimizer(stack, rule, [1e-3, 0.3, 7e-5], betas=list(zip(b1, b2)), weight_decay=wd)
+    rng = np.random.default_rng(3)
+    for t0, k in ((1, 40), (99_990, 17)):
+        lrs = [rng.uniform(1e-5, 0.5, 3).tolist() for _ in range(k)]
+        steps, rates, counts = opt.step_table(t0, lrs), opt.rate_table(lrs), opt.count_table(t0, k)
+        assert steps.shape == (k, len(opt.vector_names), 3) and rates.shape == counts.shape == (k, 2, 3)
+        for j, lr in enumerate(lrs):
+            t = t0 + j
+            decay = [1.0 - a * d for a, d in zip(lr, wd)]
+            assert rates[j].tolist() == [lr, decay], (t0, j)
+            if rule == "sgd":
+                assert steps[j].tolist() == [lr] and counts[j].tolist() == [[1.0] * 3] * 2, (t0, j)
+            else:
+                corr = [[1.0 - b**t for b in b1], [math.sqrt(1.0 - b**t) for b in b2]]
+                assert counts[j].tolist() == corr, (t0, j)
+                assert steps[j].tolist() == [decay, [a / c for a, c in zip(lr, corr[0])], corr[1]], (t0, j)

@@ -101,7 +101,7 @@ def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     original = Step.run
 
     def host_lr_run(self, step):
-        self.opt.lr = self.state.lrs(step)[0]
+        self.opt.lr = float(self.state.lr_rows(step, 1)[0][0])
         return original(self, step)
 
     monkeypatch.setattr(stack.StackSGD, "_update", update)
@@ -271,3 +271,12 @@ def test_select_rows_reads_pos_when_it_runs():
     pos[...] = 3
     numpy_ops.select_rows((vectors, first, where), pos, outs)
     assert np.array_equal(outs[0], vectors[3]) and outs[1] and np.array_equal(outs[2], [6, 7])
+
+
+def test_the_table_timing_script_runs():
+    """tests/step_table_timing.py (the host's cost of a step-table upload, single run and
+    sweep) runs on this checkout's API."""
+    from . import step_table_timing
+
+    times = step_table_timing.main()
+    assert [label.split(" ")[0] for label, _ in times] == ["tiny", "a"] and all(ms > 0 for _, ms in times)

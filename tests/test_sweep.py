@@ -128,6 +128,33 @@ def test_sgd_momentum_grid_lr_seed_wd_is_bitwise_the_single_runs(tmp_path):
     )
 
 
+def test_each_distinct_schedule_is_computed_once_per_table_of_steps(tmp_path, monkeypatch):
+    """The step tables' learning rates (Group.lr_rows, 1024 steps per upload): one
+    schedule call per distinct (rate, schedule) for the whole chunk, not one per model and
+    step (a 64-model sweep once spent about half a second of Python per upload there);
+    each model still gets its own rates, those of a single run (lr_at, step by step)."""
+    from gpubp import schedules
+    from gpubp.sweep_group import Group
+
+    path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [0.01, 0.05, 0.2]\n"train.seed" = [0, 1, 2, 3]\n')
+    cfg = load_config(path)
+    (members,) = cfg.sweep.groups()
+    group = Group(0, members, "cpu", lambda *a: None)
+    calls = []
+    real = schedules.lr_table
+    monkeypatch.setattr(schedules, "lr_table", lambda t, *a, **kw: calls.append(len(t)) or real(t, *a, **kw))
+    group.schedules = [  # the group's own schedules, their calls counted
+        type(lr)(schedules.lr_table, *lr.args, **lr.keywords) for lr in group.schedules
+    ]
+    rows = group.lr_rows(5, 1024)
+    assert calls == [1024] * 3 and rows.shape == (1024, 12)
+    for i, m in enumerate(members):
+        s = m.cfg.schedule
+        expected = [schedules.lr_at(t, m.cfg.optimizer.lr, s.name, group.total_steps, s.warmup_steps, s.step_size,
+                                    s.gamma, s.min_lr) for t in range(5, 5 + 1024)]  # fmt: skip
+        assert rows[:, i].tolist() == expected, i
+
+
 def test_adamw_grid_with_residual_layers_float32_is_bitwise_the_single_runs(tmp_path):
     path = _config(tmp_path, '[sweep]\n"optimizer.lr" = [1e-3, 1e-2]\n"train.seed" = [1, 2]\n"optimizer.weight_decay" = [0, 0.1]\n',
                    opt="adamw", momentum=0.0, hidden="16, 16", residual="true", dtype="float32")  # fmt: skip

@@ -800,7 +800,7 @@ def update_vectors(rates, pos, counts, t0, updates, skip, vectors, first_step, b
         updates   += 1 unless skip
 
     lr / c1 is divided in float64 and then rounded once to vectors' dtype, as the host's
-    Python floats are stored (StackAdam.step_vectors): the same bits."""
+    Python floats are stored (StackAdam.step_table): the same bits."""
     lr, decay = rates[int(pos)]
     u = int(updates)
     if bias_corrected:
