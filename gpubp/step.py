@@ -48,8 +48,9 @@ class StepState:
 
     opt: a StackOptimizer (the single-model optimizer's `rule_opt`); lr_rows(s, k): the
     models' learning rates at steps s .. s + k - 1 (0-based), (k, M) (rows of Python floats
-    or an array: one call per upload); offset(s): where step s's batch starts in its
-    epoch's order. Tables, K = CHUNK rows (one per step):
+    or an array: one call per upload); offset(steps): where each step's batch starts in its
+    epoch's order (steps: an int64 array; integer arithmetic, one call per upload).
+    Tables, K = CHUNK rows (one per step):
         vectors (K, R, M, 1)  opt.step_table     -> opt.vectors
         first   (K,) bool     update number == 1 -> opt.first_step
         where   (K, 2) int64  the step index, the batch's start -> step (the guard's first
@@ -109,7 +110,8 @@ class StepState:
             vectors = self.opt.step_table(updates + 1, lrs)
             self.vectors[:k] = be.asarray(vectors[..., None], dtype=self.vectors.dtype)
             self.first[:k] = be.asarray(np.arange(updates + 1, updates + 1 + k) == 1)
-        where = np.array([(step + j, self.offset_of(step + j)) for j in range(k)], dtype=np.int64).reshape(k, 2)
+        steps = np.arange(step, step + k, dtype=np.int64)
+        where = np.stack([steps, np.asarray(self.offset_of(steps), dtype=np.int64)], axis=1)  # (k, 2)
         self.where[:k] = be.asarray(where)
         self.pos[...] = 0
         self.base, self.rows, self.host_pos = step, k, 0
