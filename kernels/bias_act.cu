@@ -16,10 +16,18 @@ __device__ void bias_act_forward(S* z, const typename Math<S>::type* b, S* a, lo
                                  typename Math<S>::type alpha) {
   typedef typename Math<S>::type T;
   const bool keep_z = a != z;
-  GRID_STRIDE_LOOP(i, total) {
-    T v = load(z[i]) + b[column_of(i, n_cols)];
-    if (keep_z) z[i] = store_math<S>(v);
-    a[i] = store_math<S>(act_forward(kind, v, alpha));
+  GRID_STRIDE_UNROLLED(i0, stride, total) {
+    T v[ELEM_UNROLL];  // x W + b of the pass's elements: every load first
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+      const long long i = i0 + u * stride;
+      v[u] = i < total ? load(z[i]) + b[column_of(i, n_cols)] : T(0);
+    }
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+      const long long i = i0 + u * stride;
+      if (i >= total) break;
+      if (keep_z) z[i] = store_math<S>(v[u]);
+      a[i] = store_math<S>(act_forward(kind, v[u], alpha));
+    }
   }
 }
 
@@ -27,7 +35,20 @@ __device__ void bias_act_forward(S* z, const typename Math<S>::type* b, S* a, lo
 template <typename S>
 __device__ void act_backward(const S* d, const S* saved, S* out, long long total, int kind,
                              typename Math<S>::type alpha) {
-  GRID_STRIDE_LOOP(i, total) { out[i] = store_math<S>(load(d[i]) * act_grad(kind, load(saved[i]), alpha)); }
+  typedef typename Math<S>::type T;
+  GRID_STRIDE_UNROLLED(i0, stride, total) {
+    T dv[ELEM_UNROLL], sv[ELEM_UNROLL];  // the pass's loads first (out may be d)
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+      const long long i = i0 + u * stride;
+      dv[u] = i < total ? load(d[i]) : T(0);
+      sv[u] = i < total ? load(saved[i]) : T(0);
+    }
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+      const long long i = i0 + u * stride;
+      if (i >= total) break;
+      out[i] = store_math<S>(dv[u] * act_grad(kind, sv[u], alpha));
+    }
+  }
 }
 
 // T: the storage type, S: the name suffix (f32, f64, bf16, f16)

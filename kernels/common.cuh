@@ -37,6 +37,18 @@ __device__ __forceinline__ int column_of(long long i, int n) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
        i += (long long)gridDim.x * blockDim.x)
 
+// The same visits, ELEM_UNROLL at a time: a pass of the loop takes i0 + u * stride for
+// u < ELEM_UNROLL (those below n), so that a kernel can issue all of their loads before
+// any of their stores. One element at a time, each load waits for the previous element's
+// store (an output may alias the inputs as far as the compiler knows): one load in flight
+// per thread, about half the HBM's rate (narrow's bias_act_forward on an H100: 78 us a
+// 262144 x 64 float32 layer, whose traffic is about 45 us). Each element's arithmetic is
+// unchanged, so are its bits.
+#define ELEM_UNROLL 4
+#define GRID_STRIDE_UNROLLED(i0, stride, n)                                                                    \
+  for (long long stride = (long long)gridDim.x * blockDim.x, i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x; \
+       i0 < (n); i0 += ELEM_UNROLL * stride)
+
 // Sum of v over the block, in a fixed tree order (no atomics: the same inputs give
 // the same bits on every run). blockDim.x must be a power of two <= 1024; `shared`
 // holds blockDim.x values. The result is valid in thread 0.

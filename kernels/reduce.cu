@@ -13,22 +13,37 @@
 
 // ---- column sums: pass 1 over row chunks, pass 2 over chunks -----------------------
 // block (32, 8): threadIdx.x picks the column of a 32-wide tile, threadIdx.y strides the
-// rows of chunk blockIdx.y, summing value(i) of each element i = r * n_cols + col it
-// visits; the 8 row threads' sums are added in a fixed order into partial[chunk, col]
-// (partial: (n_chunks, n_cols), or the output when n_chunks == 1). finish (n_cols <= 256:
-// one block's threads cover the columns): the block that finishes last (last_block;
-// count its counter) does pass 2 itself, in bias_grad_finish's order.
-template <typename T, typename Value>
-__device__ void column_sums(Value value, T* partial, int n_rows, int n_cols, int rows_per_chunk, int finish,
-                            unsigned int* count, T* out) {
+// rows of chunk blockIdx.y, summing value(i, fetch(i)) of each element i = r * n_cols + col
+// it visits, in row order; the 8 row threads' sums are added in a fixed order into
+// partial[chunk, col] (partial: (n_chunks, n_cols), or the output when n_chunks == 1).
+// finish (n_cols <= 256: one block's threads cover the columns): the block that finishes
+// last (last_block; count its counter) does pass 2 itself, in bias_grad_finish's order.
+// A thread fetches ELEM_UNROLL of its rows (fetch: the loads) before it uses them (value:
+// the arithmetic, and any store): a store between two rows' loads would keep the second
+// load waiting for it (common.cuh GRID_STRIDE_UNROLLED). The sums' order is the rows'.
+template <typename T, typename Fetch, typename Value>
+__device__ void column_sums(Fetch fetch, Value value, T* partial, int n_rows, int n_cols, int rows_per_chunk,
+                            int finish, unsigned int* count, T* out) {
   typedef typename Acc<T>::type A;
+  typedef decltype(fetch(0LL)) Fetched;
   __shared__ A tile[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
   const int row0 = blockIdx.y * rows_per_chunk;
   const int row1 = min(n_rows, row0 + rows_per_chunk);
   A s = A(0);
   if (col < n_cols)
-    for (int r = row0 + threadIdx.y; r < row1; r += 8) s += value((long long)r * n_cols + col);
+    for (int r0 = row0 + threadIdx.y; r0 < row1; r0 += 8 * ELEM_UNROLL) {
+      Fetched got[ELEM_UNROLL];
+      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+        const int r = r0 + 8 * u;
+        got[u] = r < row1 ? fetch((long long)r * n_cols + col) : Fetched();
+      }
+      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+        const int r = r0 + 8 * u;
+        if (r >= row1) break;
+        s += value((long long)r * n_cols + col, got[u]);
+      }
+    }
   tile[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < n_cols) {
@@ -50,7 +65,9 @@ template <typename S>
 __device__ void bias_grad_partial(const S* d, typename Math<S>::type* partial, int n_rows, int n_cols,
                                   int rows_per_chunk, int finish, unsigned int* count,
                                   typename Math<S>::type* out) {
-  column_sums([&](long long i) { return load(d[i]); }, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);
+  typedef typename Math<S>::type T;
+  column_sums([&](long long i) { return load(d[i]); }, [](long long, T v) { return v; }, partial, n_rows, n_cols,
+              rows_per_chunk, finish, count, out);
 }
 
 // bias_grad_partial over D' = D * f'(saved), which it writes to dz as it goes (act_backward's
@@ -61,12 +78,17 @@ __device__ void act_backward_bias_grad_partial(const S* d, const S* saved, S* dz
                                                typename Math<S>::type alpha, typename Math<S>::type* partial,
                                                int n_rows, int n_cols, int rows_per_chunk, int finish,
                                                unsigned int* count, typename Math<S>::type* out) {
-  auto value = [&](long long i) {
-    const S v = store_math<S>(load(d[i]) * act_grad(kind, load(saved[i]), alpha));
+  typedef typename Math<S>::type T;
+  struct Pair {
+    T d, saved;
+  };
+  auto fetch = [&](long long i) { return Pair{load(d[i]), load(saved[i])}; };
+  auto value = [&](long long i, Pair p) {
+    const S v = store_math<S>(p.d * act_grad(kind, p.saved, alpha));
     dz[i] = v;
     return load(v);
   };
-  column_sums(value, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);
+  column_sums(fetch, value, partial, n_rows, n_cols, rows_per_chunk, finish, count, out);
 }
 
 // out[j] = sum_c partial[c, j], c in order
