@@ -24,8 +24,6 @@
 
 #define MLP_THREADS 256          // threads per block (the launcher's)
 #define MLP_MAX_LAYERS 8
-#define MLP_MAX_RT 4             // rows per thread in the products at most
-#define MLP_MAX_CT 4             // columns per thread in the products at most
 
 // The block's shared memory is dynamic (the launcher's size, up to the budgets of
 // cupy_backend.MLP_SHARED_BYTES for the tile and MLP_WEIGHT_BYTES for the weights, more than
@@ -38,10 +36,11 @@ extern __shared__ __align__(16) unsigned char mlp_dynamic_shared[];
 #define MLP_DYNAMIC_SHARED host_dynamic_shared
 #endif
 
-// The batch's row b in x, labels, targets: perm[start[0] + b] (windowed: the rows of a
-// resident split in the epoch's order, read where they lie, with no gather before), else b.
-__device__ __forceinline__ long long batch_row(const long long* perm, const long long* start, long long b) {
-  return perm != nullptr ? perm[start[0] + b] : b;
+// The batch's row b in x, labels, targets: perm[first + b] (windowed: the rows of a resident
+// split in the epoch's order, read where they lie, with no gather before; first = start[0],
+// read once by the kernel), else b.
+__device__ __forceinline__ long long batch_row(const long long* perm, long long first, long long b) {
+  return perm != nullptr ? perm[first + b] : b;
 }
 
 // Register tiles. A product's outputs go to the block's threads as items of rt rows by c
@@ -63,7 +62,7 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // x: (n, n_0); labels: (n,) (cross-entropy) or targets: (n, n_L); shares: (gridDim.x, p).
 // windowed (perm not null): x, labels, targets are a whole split, and the batch's n rows
 // are perm[start[0] .. start[0] + n) (the step's gather_windows, folded in).
-// rt (1..MLP_MAX_RT, dividing rows): rows a thread takes in the forward products and in
+// rt (1, 2 or 4, dividing rows): rows a thread takes in the forward products and in
 // D' W^T; ct_max (1, 2 or 4): columns a thread takes at most (tile_cols), in those and in
 // the weight gradient's A^T D' (there: rows i and columns j). Each element's sum has the
 // same order whatever rt and ct_max are (over i, then + b; over the tile's rows), so they
@@ -77,13 +76,119 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // chunks change the speed, not the bits.
 // wtile[(i - i0) ld + j] = W[i, j] for i0 <= i < i1 (W: (., no) row-major), every thread
 // loading, after the block is done with what wtile held before (the barrier before) and
-// before anyone reads it (the one after)
+// before anyone reads it (the one after). A thread issues the loads of ELEM_UNROLL values
+// (common.cuh) before it stores any: one at a time, each global load waited for the
+// previous value's store (wtile may alias W as far as the compiler knows), a latency each.
 template <typename T>
 __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T* wtile, int ld) {
+  const int count = (i1 - i0) * no, nt = blockDim.x;
+  const T* src = W + (long long)i0 * no;
   __syncthreads();
-  for (int e = threadIdx.x; e < (i1 - i0) * no; e += blockDim.x) wtile[e / no * ld + e % no] = W[(long long)i0 * no + e];
+  for (int e0 = threadIdx.x; e0 < count; e0 += ELEM_UNROLL * nt) {
+    T v[ELEM_UNROLL];
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) v[u] = e0 + u * nt < count ? src[e0 + u * nt] : T(0);
+    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+      const int e = e0 + u * nt;
+      if (e < count) wtile[e / no * ld + e % no] = v[u];
+    }
+  }
   __syncthreads();
 }
+
+// The products' items, one function each, with its register tile's rows and columns as
+// template parameters (RT, CT in 1, 2, 4; MLP_TILE_CALL picks the instance at run time):
+// with them known, the loops carry no predicate per row and column and read shared
+// memory at fixed offsets. Over runtime bounds (up to 4 x 4, each term predicated) the
+// forward product's inner loop took 71 instructions per 16 multiply-adds, 90 with its
+// operands loaded first; this one takes 240 per 128, unrolled four times (docs/benchmarks.md).
+
+// Forward: z[r0 + q, j0 + m cols] = (the partial sum) + sum_{i0 <= i < i1} A_k[r0 + q, i] W[i, j0 + m cols]
+// (+ b[j] in W's last chunk, i1 = ni), into partial (z_k's place, or A_{k+1}'s until
+// mlp_activate); item e: rows r0 = e / cols * RT .. + RT - 1, columns j0 = e % cols + m cols.
+template <typename T, int RT, int CT>
+__device__ __forceinline__ void forward_items(const T* a_k, const T* wtile, const T* b, T* partial, int ni, int no,
+                                              int ld, int i0, int i1, int items, int cols) {
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int r0 = e / cols * RT, j0 = e % cols;
+    const T* a = a_k + r0 * ni;
+    T z[RT][CT], bias[CT];  // bias: b[j] of the item's columns, loaded during the sums
+    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m)
+      z[q][m] = i0 > 0 ? partial[(r0 + q) * no + j0 + m * cols] : T(0);
+    UNROLL for (int m = 0; m < CT; ++m) bias[m] = i1 == ni ? b[j0 + m * cols] : T(0);
+    const T* wrow = wtile + j0;  // row i - i0 of the stage, at the item's first column
+    for (int i = i0; i < i1; ++i, wrow += ld) {
+      T w[CT], av[RT];  // each weight read once for the RT rows, each activation once for the CT columns
+      UNROLL for (int m = 0; m < CT; ++m) w[m] = wrow[m * cols];
+      UNROLL for (int q = 0; q < RT; ++q) av[q] = a[q * ni + i];
+      UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) z[q][m] += av[q] * w[m];
+    }
+    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m)
+      partial[(r0 + q) * no + j0 + m * cols] = i1 < ni ? z[q][m] : z[q][m] + bias[m];
+  }
+}
+
+// Backward: E[r0 + q, i0 + h0 + m cols] = sum_j D'[r0 + q, j] W[i0 + h0 + m cols, j] (W's
+// rows i0.. staged); item e: rows r0 = e / cols * RT .., columns h0 = e % cols + m cols.
+template <typename T, int RT, int CT>
+__device__ __forceinline__ void input_grad_items(const T* D, const T* wtile, T* E, int ni, int no, int ld, int i0,
+                                                 int items, int cols) {
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int r0 = e / cols * RT, h0 = e % cols;
+    const T* d = D + r0 * no;
+    const T* wcol = wtile + h0 * ld;  // the stage's row h0 (W's row i0 + h0)
+    T s[RT][CT];
+    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) s[q][m] = T(0);
+    for (int j = 0; j < no; ++j) {
+      T w[CT], dv[RT];
+      UNROLL for (int m = 0; m < CT; ++m) w[m] = wcol[m * cols * ld + j];
+      UNROLL for (int q = 0; q < RT; ++q) dv[q] = d[q * no + j];
+      UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) s[q][m] += dv[q] * w[m];
+    }
+    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) E[(r0 + q) * ni + i0 + h0 + m * cols] = s[q][m];
+  }
+}
+
+// Weight gradient: dW[i0 + u ic, j0 + m jc] (+)= sum_{r < valid} A_k[r, i] D'[r, j] (the
+// block's first tile writes its share, later ones add); item e: i0 = e / jc, j0 = e % jc.
+// The share's sums so far are loaded before the sums: after each store, one at a time,
+// they were a global load's latency each.
+template <typename T, int IT, int JT>
+__device__ __forceinline__ void weight_grad_items(const T* a_k, const T* D, T* dW, int ni, int no, int ic, int jc,
+                                                  int valid, bool first) {
+  for (int e = threadIdx.x; e < ic * jc; e += blockDim.x) {
+    const int i0 = e / jc, j0 = e % jc;
+    T s[IT][JT], before[IT][JT];
+    UNROLL for (int u = 0; u < IT; ++u) UNROLL for (int m = 0; m < JT; ++m) {
+      s[u][m] = T(0);
+      before[u][m] = first ? T(0) : dW[(i0 + u * ic) * no + j0 + m * jc];
+    }
+    for (int r = 0; r < valid; ++r) {
+      T av[IT], dv[JT];
+      UNROLL for (int u = 0; u < IT; ++u) av[u] = a_k[r * ni + i0 + u * ic];
+      UNROLL for (int m = 0; m < JT; ++m) dv[m] = D[r * no + j0 + m * jc];
+      UNROLL for (int u = 0; u < IT; ++u) UNROLL for (int m = 0; m < JT; ++m) s[u][m] += av[u] * dv[m];
+    }
+    UNROLL for (int u = 0; u < IT; ++u) UNROLL for (int m = 0; m < JT; ++m) {
+      const int o = (i0 + u * ic) * no + j0 + m * jc;
+      dW[o] = first ? s[u][m] : before[u][m] + s[u][m];
+    }
+  }
+}
+
+// FN<T, rt, ct>(args...) for rt, ct in 1, 2, 4 (the launcher checks rt and ct_max, and
+// tile_cols halves ct_max: nothing else reaches here)
+#define MLP_TILE_CALL(FN, rt, ct, ...)                          \
+  switch ((rt) * 8 + (ct)) {                                    \
+    case 1 * 8 + 1: FN<T, 1, 1>(__VA_ARGS__); break;            \
+    case 1 * 8 + 2: FN<T, 1, 2>(__VA_ARGS__); break;            \
+    case 1 * 8 + 4: FN<T, 1, 4>(__VA_ARGS__); break;            \
+    case 2 * 8 + 1: FN<T, 2, 1>(__VA_ARGS__); break;            \
+    case 2 * 8 + 2: FN<T, 2, 2>(__VA_ARGS__); break;            \
+    case 2 * 8 + 4: FN<T, 2, 4>(__VA_ARGS__); break;            \
+    case 4 * 8 + 1: FN<T, 4, 1>(__VA_ARGS__); break;            \
+    case 4 * 8 + 2: FN<T, 4, 2>(__VA_ARGS__); break;            \
+    case 4 * 8 + 4: FN<T, 4, 4>(__VA_ARGS__); break;            \
+  }
 
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
@@ -98,16 +203,19 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   const int* width = dims;
   const int* kind = dims + L + 1;
   const int* saves_z = dims + 2 * L + 1;
-  T* act[MLP_MAX_LAYERS + 1];  // A_k: (R, n_k)
-  T* saved[MLP_MAX_LAYERS];    // what f_k' reads: z_k, or A_{k+1}
+  // The tile's arrays as offsets in smem, not pointers: a pointer read back from an array
+  // (local memory) is a generic one, and every access through it a 64-bit generic load or
+  // store; smem + offset stays a shared-memory address (LDS/STS)
+  int act_at[MLP_MAX_LAYERS + 1];  // A_k: (R, n_k) at smem + act_at[k]
+  int saved_at[MLP_MAX_LAYERS];    // what f_k' reads: z_k, or A_{k+1}
   int off = 0, widest = 0;
   for (int k = 0; k <= L; ++k) {
-    act[k] = smem + off;
+    act_at[k] = off;
     off += rows * width[k];
     widest = max(widest, width[k]);
   }
   for (int k = 0; k < L; ++k) {
-    saved[k] = saves_z[k] ? smem + off : act[k + 1];
+    saved_at[k] = saves_z[k] ? off : act_at[k + 1];
     if (saves_z[k]) off += rows * width[k + 1];
   }
   T* D = smem + off;         // (R, n_{k+1}) dLoss/dA_{k+1}, then D' in place
@@ -118,57 +226,52 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   const long long tiles = ((long long)n + rows - 1) / rows;
   A rows_loss = A(0);  // lane 0: this warp's rows' losses, in row order
   bool first = true;   // the block's first tile writes its share, later ones add to it
+  // What the loops below would otherwise load again after every store (the compiler cannot
+  // tell the stores from these loads), each a global load's latency: read once
+  const long long first_row = perm != nullptr ? start[0] : 0;
+  const int n0 = width[0], tile_values = rows * n0;
+  T* const a_0 = smem + act_at[0];
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long row0 = tile * rows;
     const int valid = (int)min((long long)rows, (long long)n - row0);  // rows of this tile in the batch
-    for (int e = t; e < rows * width[0]; e += nt) {  // A_0 = the tile's rows of x (past n: 0)
-      const int r = e / width[0];
-      act[0][e] = r < valid ? x[batch_row(perm, start, row0 + r) * width[0] + e % width[0]] : T(0);
+    // A_0 = the tile's rows of x (past n: 0), ELEM_UNROLL values at a time: their rows'
+    // places (perm's loads), then their loads, then their stores
+    for (int e0 = t; e0 < tile_values; e0 += ELEM_UNROLL * nt) {
+      long long from[ELEM_UNROLL];  // x's index of value e, or -1 (past the tile or the batch)
+      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+        const int e = e0 + u * nt, r = e / n0;
+        from[u] = e < tile_values && r < valid ? batch_row(perm, first_row, row0 + r) * n0 + e % n0 : -1;
+      }
+      T v[ELEM_UNROLL];
+      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) v[u] = from[u] >= 0 ? x[from[u]] : T(0);
+      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) if (e0 + u * nt < tile_values) a_0[e0 + u * nt] = v[u];
     }
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
       const int ni = width[k], no = width[k + 1], ld = no + 1, chunk = wtile_size / ld;
+      const int kind_k = kind[k];
       const T* W = params + w_off;
       const T* b = W + (long long)ni * no;
-      T* partial = saved[k];  // z's partial sums between chunks: z_k's place, or A_{k+1}'s
+      const T* a_k = smem + act_at[k];
+      T* const a_next = smem + act_at[k + 1];
+      T* const partial = smem + saved_at[k];  // z's partial sums between chunks: z_k's place, or A_{k+1}'s
       const int ct = tile_cols(groups, no, nt, ct_max), cols = no / ct;
       for (int i0 = 0; i0 < ni; i0 += chunk) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
         const int i1 = min(ni, i0 + chunk);
         stage_rows(W, no, i0, i1, wtile, ld);
-        for (int e = t; e < groups * cols; e += nt) {
-          const int r0 = e / cols * rt, j0 = e % cols;  // rows r0 .. r0 + rt - 1, columns j0 + m cols
-          const T* a = act[k] + r0 * ni;
-          T z[MLP_MAX_RT][MLP_MAX_CT];
-          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m)
-            z[q][m] = (q < rt && m < ct && i0 > 0) ? partial[(r0 + q) * no + j0 + m * cols] : T(0);
-          for (int i = i0; i < i1; ++i) {
-            T w[MLP_MAX_CT];  // each read once for the rt rows
-            UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) w[m] = m < ct ? wtile[(i - i0) * ld + j0 + m * cols] : T(0);
-            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) {
-              const T aq = a[q * ni + i];  // read once for the ct columns
-              UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) if (m < ct) z[q][m] += aq * w[m];
-            }
-          }
-          UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) if (q < rt && m < ct) {
-            const int j = j0 + m * cols, o = (r0 + q) * no + j;
-            if (i1 < ni) {
-              partial[o] = z[q][m];  // the sum so far; the next chunk goes on from it
-            } else {
-              const T zq = z[q][m] + b[j];
-              if (saves_z[k]) saved[k][o] = zq;
-              act[k + 1][o] = act_forward(kind[k], zq, alpha);
-            }
-          }
-        }
+        MLP_TILE_CALL(forward_items, rt, ct, a_k, wtile, b, partial, ni, no, ld, i0, i1, groups * cols, cols)
         __syncthreads();
       }
+      // A_{k+1} = f_k(z_k): from z_k's place (kept), or in place
+      for (int e = t; e < rows * no; e += nt) a_next[e] = act_forward(kind_k, partial[e], alpha);
+      __syncthreads();
       w_off += (long long)ni * no + no;
     }
     for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
       if (r < valid) {
-        const long long row = batch_row(perm, start, row0 + r);
-        const T l = loss_row<T>(loss_kind, act[L] + r * c, loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0,
+        const long long row = batch_row(perm, first_row, row0 + r);
+        const T l = loss_row<T>(loss_kind, smem + act_at[L] + r * c, loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0,
                                 targets + row * c, D + r * c, c, smoothing, delta, grad_scale, nullptr);
         if (lane == 0) rows_loss += A(l);
       } else {
@@ -180,7 +283,10 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       const int ni = width[k], no = width[k + 1];
       w_off -= (long long)ni * no + no;
       const T* W = params + w_off;
-      for (int e = t; e < rows * no; e += nt) D[e] *= act_grad(kind[k], saved[k][e], alpha);  // D' = D * f_k'
+      const int kind_k = kind[k];
+      const T* a_k = smem + act_at[k];
+      const T* saved_k = smem + saved_at[k];
+      for (int e = t; e < rows * no; e += nt) D[e] *= act_grad(kind_k, saved_k[e], alpha);  // D' = D * f_k'
       __syncthreads();
       T* dW = share + w_off;
       // dW[i, j] += sum_r A_k[r, i] D'[r, j], a thread taking it rows i (ic apart) by jt
@@ -188,27 +294,13 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       // (a padded row's activations, from x = 0, are never multiplied in)
       const int jt = tile_cols(ni, no, nt, ct_max), jc = no / jt;
       const int it = tile_cols(jc, ni, nt, ct_max), ic = ni / it;
-      for (int e = t; e < ic * jc; e += nt) {
-        const int i0 = e / jc, j0 = e % jc;
-        T s[MLP_MAX_CT][MLP_MAX_CT];
-        UNROLL for (int u = 0; u < MLP_MAX_CT; ++u) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) s[u][m] = T(0);
-        for (int r = 0; r < valid; ++r) {
-          T av[MLP_MAX_CT], dv[MLP_MAX_CT];
-          UNROLL for (int u = 0; u < MLP_MAX_CT; ++u) av[u] = u < it ? act[k][r * ni + i0 + u * ic] : T(0);
-          UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) dv[m] = m < jt ? D[r * no + j0 + m * jc] : T(0);
-          UNROLL for (int u = 0; u < MLP_MAX_CT; ++u) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m)
-            if (u < it && m < jt) s[u][m] += av[u] * dv[m];
-        }
-        UNROLL for (int u = 0; u < MLP_MAX_CT; ++u) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) if (u < it && m < jt) {
-          const int o = (i0 + u * ic) * no + j0 + m * jc;
-          dW[o] = first ? s[u][m] : dW[o] + s[u][m];
-        }
-      }
+      MLP_TILE_CALL(weight_grad_items, it, jt, a_k, D, dW, ni, no, ic, jc, valid, first)
       T* db = dW + (long long)ni * no;
       for (int j = t; j < no; j += nt) {  // db[j] += sum_r D'[r, j]
+        const T before = first ? T(0) : db[j];
         T s = T(0);
         for (int r = 0; r < valid; ++r) s += D[r * no + j];
-        db[j] = first ? s : db[j] + s;
+        db[j] = first ? s : before + s;
       }
       if (k > 0) {
         const int ld = no + 1, chunk = wtile_size / ld;
@@ -216,22 +308,7 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
           const int i1 = min(ni, i0 + chunk), ci = i1 - i0;
           const int ct = tile_cols(groups, ci, nt, ct_max), cols = ci / ct;
           stage_rows(W, no, i0, i1, wtile, ld);
-          for (int e = t; e < groups * cols; e += nt) {
-            const int r0 = e / cols * rt, h0 = e % cols;  // rows r0 .. r0 + rt - 1, columns i0 + h0 + m cols
-            const T* d = D + r0 * no;
-            T s[MLP_MAX_RT][MLP_MAX_CT];
-            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) s[q][m] = T(0);
-            for (int j = 0; j < no; ++j) {
-              T w[MLP_MAX_CT];  // each read once for the rt rows
-              UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) w[m] = m < ct ? wtile[(h0 + m * cols) * ld + j] : T(0);
-              UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) if (q < rt) {
-                const T dq = d[q * no + j];  // read once for the ct columns
-                UNROLL for (int m = 0; m < MLP_MAX_CT; ++m) if (m < ct) s[q][m] += dq * w[m];
-              }
-            }
-            UNROLL for (int q = 0; q < MLP_MAX_RT; ++q) UNROLL for (int m = 0; m < MLP_MAX_CT; ++m)
-              if (q < rt && m < ct) E[(r0 + q) * ni + i0 + h0 + m * cols] = s[q][m];
-          }
+          MLP_TILE_CALL(input_grad_items, rt, ct, D, wtile, E, ni, no, ld, i0, groups * cols, cols)
           __syncthreads();
         }
       }

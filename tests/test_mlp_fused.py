@@ -123,30 +123,75 @@ def test_blocks_that_take_several_tiles_and_the_same_bits_every_launch(host_kern
     assert out2.tobytes() == out.tobytes() and g2.tobytes() == g.tobytes()
 
 
+def tile_cols(groups: int, n: int, ct_max: int) -> int:
+    """kernels/mlp.cu's tile_cols (MLP_THREADS threads): the columns a thread takes."""
+    c = ct_max
+    while c > 1 and not (n % c == 0 and groups * (n // c) >= cupy_backend.MLP_THREADS):
+        c //= 2
+    return c
+
+
+def tile_instances(sizes, saves_z, n: int, rt_most: int, ct_max: int) -> set:
+    """Which of kernels/mlp.cu's product instances (MLP_TILE_CALL) a float32 launch runs,
+    from the kernel's own rules: (product, rows or i a thread, columns a thread)."""
+    rows = cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n)
+    rt, stage = min(rt_most, rows), cupy_backend.mlp_shared(sizes, saves_z, 4, rows)[1]
+    groups, taken = rows // rt, set()
+    for k, (ni, no) in enumerate(zip(sizes[:-1], sizes[1:])):
+        taken.add(("forward", rt, tile_cols(groups, no, ct_max)))
+        jt = tile_cols(ni, no, ct_max)
+        taken.add(("weight", tile_cols(no // jt, ni, ct_max), jt))
+        chunk = stage // (no + 1)
+        for i0 in range(0, ni, chunk) if k > 0 else ():
+            taken.add(("input", rt, tile_cols(groups, min(ni, i0 + chunk) - i0, ct_max)))
+    return taken
+
+
 def test_rows_and_columns_per_thread_change_nothing_but_the_speed(host_kernels, monkeypatch):  # noqa: F811
-    """MLP_ROWS_PER_THREAD 1, 2, 4 and MLP_COLS_PER_THREAD 1, 2, 4 (kernels/mlp.cu's rt and
-    ct_max: the register tiles of the products): each element is summed in the same order,
-    so the same bits. A network with a pre-activation kept (gelu) and one of 8-row tiles
-    (rt 4 on a 2-row tile); then, in two tiles of 32 rows (MLP_TILES = 1: the most rows
-    that fit), 64- and 128-wide layers whose products take tiles of 4 rows by 2 or 4
-    columns (and W's 128 x 128 staged in two chunks), for which the reference checks the
-    tiles' indices."""
+    """MLP_ROWS_PER_THREAD and MLP_COLS_PER_THREAD each 1, 2, 4 (kernels/mlp.cu's rt and
+    ct_max: the register tiles of the products, each pair a compiled instance of its own):
+    each element is summed in the same order, so the same bits. A network with a
+    pre-activation kept (gelu) and one of 8-row tiles (rt 4 on a 2-row tile); then, in two
+    tiles of 32 rows (MLP_TILES = 1: the most rows that fit), 64- and 128-wide layers whose
+    products take tiles of 4 rows by 2 or 4 columns (and W's 128 x 128 staged in two
+    chunks), for which the reference checks the tiles' indices; then widths whose weight
+    gradients take the remaining shapes (odd, 9 and 42 columns). Between them they run
+    every instance of the three products (tile_instances, asserted)."""
     gpu = EmulatedGpu(host_kernels)
     rng = np.random.default_rng(7)
+    pairs = [(rt, ct) for rt in cupy_backend.MLP_TILE_SIZES for ct in cupy_backend.MLP_TILE_SIZES]
+    taken = set()
     for sizes, act, n, tiles in [([5, 12, 7, 3], "gelu", 100, 32), ([4, 9, 2], "relu", 50, 32),
-                                 ([16, 64, 128, 128, 8], "relu", 64, 1)]:  # fmt: skip
+                                 ([16, 64, 128, 128, 8], "relu", 64, 1), ([5, 128, 64, 42, 3], "relu", 40, 32),
+                                 ([18, 128, 9], "relu", 40, 32)]:  # fmt: skip
         monkeypatch.setattr(cupy_backend, "MLP_TILES", tiles)
         args = problem(rng, sizes, act, "mse", n, np.float32)
+        saves_z = tuple(int(a.saves == "input") for a in args[0])
         got = []
-        for rt, ct in [(1, 1), (2, 1), (4, 1), (4, 2), (1, 4), (4, 4)]:
+        for rt, ct in pairs:
             monkeypatch.setattr(cupy_backend, "MLP_ROWS_PER_THREAD", rt)
             monkeypatch.setattr(cupy_backend, "MLP_COLS_PER_THREAD", ct)
             out, g, _ = fused(gpu, sizes, *args)
             got.append(out.tobytes() + g.tobytes())
+            taken |= tile_instances(sizes, saves_z, n, rt, ct)
         assert all(b == got[0] for b in got), sizes
         v_ref, g_ref = reference(sizes, *args)
         assert_close(out, np.asarray(v_ref), sizes, n, np.float32, (sizes, "loss"))
         assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"))
+    assert taken == {(p, a, b) for p in ("forward", "weight", "input") for a, b in pairs}
+
+
+def test_the_launcher_refuses_a_tile_the_kernel_has_no_instance_for(host_kernels, monkeypatch):  # noqa: F811
+    """MLP_ROWS_PER_THREAD = 3 (or MLP_COLS_PER_THREAD = 8) would reach no product instance
+    in the kernel (nothing computed, no error from the GPU): the launcher says so instead."""
+    gpu = EmulatedGpu(host_kernels)
+    args = problem(np.random.default_rng(3), [4, 8, 2], "relu", "mse", 16, np.float32)
+    for name, value in (("MLP_ROWS_PER_THREAD", 3), ("MLP_COLS_PER_THREAD", 8)):
+        with monkeypatch.context() as m:
+            m.setattr(cupy_backend, name, value)
+            with pytest.raises(ValueError, match=f"{name} {value}"):
+                fused(gpu, [4, 8, 2], *args)
+    assert gpu.launches == []
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -241,8 +286,11 @@ def test_the_tile_rule_fits_the_kernel():
     source = kernels.read_source("mlp.cu")
     for name in ("MLP_THREADS", "MLP_MAX_LAYERS"):
         assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
-    for name, most in (("MLP_ROWS_PER_THREAD", "MLP_MAX_RT"), ("MLP_COLS_PER_THREAD", "MLP_MAX_CT")):
-        assert 1 <= getattr(cupy_backend, name) <= int(re.search(rf"#define {most} (\d+)", source).group(1))
+    # the products' instances (MLP_TILE_CALL): every pair of the sizes the launcher lets through
+    instances = {(int(r), int(c)) for r, c in re.findall(r"case (\d) \* 8 \+ (\d): FN<T, \1, \2>", source)}
+    assert instances == {(r, c) for r in cupy_backend.MLP_TILE_SIZES for c in cupy_backend.MLP_TILE_SIZES}
+    for name in ("MLP_ROWS_PER_THREAD", "MLP_COLS_PER_THREAD"):
+        assert getattr(cupy_backend, name) in cupy_backend.MLP_TILE_SIZES, name
 
 
 # an A100's shared memory for a block (cudaDevAttrMaxSharedMemoryPerBlockOptin: 163 KiB; an

@@ -96,6 +96,8 @@ MLP_ROWS_PER_THREAD = 4
 # The same bits whatever it is. 4: chosen on the CPU (a shared read per 2 multiply-adds
 # in place of 5 per 4); tests/mlp_tile_sweep.py times 1, 2, 4 on a GPU
 MLP_COLS_PER_THREAD = 4
+# what both may be: mlp.cu compiles its products for these rows and columns a thread (MLP_TILE_CALL)
+MLP_TILE_SIZES = (1, 2, 4)
 
 
 def mlp_row_values(sizes, saves_z) -> int:
@@ -870,6 +872,9 @@ class CupyBackend:
             return None
         op = "mlp_forward_backward"
         self._check(op, dtype, x=x, params=params, grads=grads)
+        if MLP_ROWS_PER_THREAD not in MLP_TILE_SIZES or MLP_COLS_PER_THREAD not in MLP_TILE_SIZES:
+            raise ValueError(f"{op}: MLP_ROWS_PER_THREAD {MLP_ROWS_PER_THREAD} and MLP_COLS_PER_THREAD "
+                             f"{MLP_COLS_PER_THREAD} must each be one of {MLP_TILE_SIZES} (kernels/mlp.cu's tiles)")  # fmt: skip
         n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # model.param_layout's P
         if x.shape != (n_x, sizes[0]) or params.shape != (p,) or p != n_params or len(activations) != len(sizes) - 1:
             raise ValueError(f"{op}: x {x.shape}, params {params.shape} do not fit the widths {sizes}")
