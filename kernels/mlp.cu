@@ -76,18 +76,21 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // chunks change the speed, not the bits.
 // wtile[(i - i0) ld + j] = W[i, j] for i0 <= i < i1 (W: (., no) row-major), every thread
 // loading, after the block is done with what wtile held before (the barrier before) and
-// before anyone reads it (the one after). A thread issues the loads of ELEM_UNROLL values
-// (common.cuh) before it stores any: one at a time, each global load waited for the
-// previous value's store (wtile may alias W as far as the compiler knows), a latency each.
+// before anyone reads it (the one after). A thread issues the loads of MLP_STAGE_UNROLL
+// values before it stores any: one at a time, each global load waited for the previous
+// value's store (wtile may alias W as far as the compiler knows), a latency each, and the
+// whole block waits at the barrier after (nothing else runs meanwhile: the stage is the
+// block's alone). 8: a 64 x 64 float32 W in two rounds of loads, tiny's 64 x 128 in four.
+#define MLP_STAGE_UNROLL 8
 template <typename T>
 __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T* wtile, int ld) {
   const int count = (i1 - i0) * no, nt = blockDim.x;
   const T* src = W + (long long)i0 * no;
   __syncthreads();
-  for (int e0 = threadIdx.x; e0 < count; e0 += ELEM_UNROLL * nt) {
-    T v[ELEM_UNROLL];
-    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) v[u] = e0 + u * nt < count ? src[e0 + u * nt] : T(0);
-    UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
+  for (int e0 = threadIdx.x; e0 < count; e0 += MLP_STAGE_UNROLL * nt) {
+    T v[MLP_STAGE_UNROLL];
+    UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) v[u] = e0 + u * nt < count ? src[e0 + u * nt] : T(0);
+    UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) {
       const int e = e0 + u * nt;
       if (e < count) wtile[e / no * ld + e % no] = v[u];
     }
