@@ -158,27 +158,40 @@ def test_rows_and_columns_per_thread_change_nothing_but_the_speed(host_kernels, 
     gradients take the remaining shapes (odd, 9 and 42 columns). Between them they run
     every instance of the three products (tile_instances, asserted)."""
     gpu = EmulatedGpu(host_kernels)
+    taken = every_tile_instance(lambda sizes, args: fused(gpu, sizes, *args)[:2], monkeypatch)
+    assert taken == {(p, a, b) for p in ("forward", "weight", "input") for a, b in TILE_PAIRS}
+
+
+# (rows, columns) a thread: every pair the launcher takes; the networks (widths, hidden
+# activation, rows, MLP_TILES) whose launches at every pair run every product instance
+TILE_PAIRS = [(rt, ct) for rt in cupy_backend.MLP_TILE_SIZES for ct in cupy_backend.MLP_TILE_SIZES]
+TILE_NETWORKS = [([5, 12, 7, 3], "gelu", 100, 32), ([4, 9, 2], "relu", 50, 32), ([16, 64, 128, 128, 8], "relu", 64, 1),
+                 ([5, 128, 64, 42, 3], "relu", 40, 32), ([18, 128, 9], "relu", 40, 32)]  # fmt: skip
+
+
+def every_tile_instance(run, monkeypatch) -> set:
+    """run(sizes, args) -> (loss, gradient) of one float32 launch, for each of TILE_NETWORKS
+    at each of TILE_PAIRS: the same bits at every pair, and within the module docstring's
+    bound of the reference. Returns the product instances run (tile_instances)."""
     rng = np.random.default_rng(7)
-    pairs = [(rt, ct) for rt in cupy_backend.MLP_TILE_SIZES for ct in cupy_backend.MLP_TILE_SIZES]
     taken = set()
-    for sizes, act, n, tiles in [([5, 12, 7, 3], "gelu", 100, 32), ([4, 9, 2], "relu", 50, 32),
-                                 ([16, 64, 128, 128, 8], "relu", 64, 1), ([5, 128, 64, 42, 3], "relu", 40, 32),
-                                 ([18, 128, 9], "relu", 40, 32)]:  # fmt: skip
+    for sizes, act, n, tiles in TILE_NETWORKS:
         monkeypatch.setattr(cupy_backend, "MLP_TILES", tiles)
         args = problem(rng, sizes, act, "mse", n, np.float32)
         saves_z = tuple(int(a.saves == "input") for a in args[0])
         got = []
-        for rt, ct in pairs:
+        for rt, ct in TILE_PAIRS:
             monkeypatch.setattr(cupy_backend, "MLP_ROWS_PER_THREAD", rt)
             monkeypatch.setattr(cupy_backend, "MLP_COLS_PER_THREAD", ct)
-            out, g, _ = fused(gpu, sizes, *args)
-            got.append(out.tobytes() + g.tobytes())
+            out, g = run(sizes, args)
+            got.append(np.asarray(out).tobytes() + np.asarray(g).tobytes())
             taken |= tile_instances(sizes, saves_z, n, rt, ct)
         assert all(b == got[0] for b in got), sizes
         v_ref, g_ref = reference(sizes, *args)
-        assert_close(out, np.asarray(v_ref), sizes, n, np.float32, (sizes, "loss"))
-        assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"))
-    assert taken == {(p, a, b) for p in ("forward", "weight", "input") for a, b in pairs}
+        tiny = float(np.finfo(np.float32).tiny)  # (the GPU's -ftz=true flushes float32 subnormals to 0)
+        assert_close(out, np.asarray(v_ref), sizes, n, np.float32, (sizes, "loss"), tiny)
+        assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"), tiny)
+    return taken
 
 
 def test_the_launcher_refuses_a_tile_the_kernel_has_no_instance_for(host_kernels, monkeypatch):  # noqa: F811

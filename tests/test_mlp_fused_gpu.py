@@ -13,7 +13,7 @@ import pytest
 import gpubp.trainer as T
 from gpubp.config import load_config
 
-from .test_mlp_fused import CASES, assert_close, problem, reference
+from .test_mlp_fused import CASES, assert_close, every_tile_instance, problem, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -62,6 +62,13 @@ def test_the_kernel_repeats_bitwise_on_the_gpu(be):
     for _ in range(5):
         again = run_kernel(be, sizes, *args)
         assert again[0] == first[0] and again[1].tobytes() == first[1].tobytes()
+
+
+def test_every_tile_instance_gives_the_same_bits_on_the_gpu(be, monkeypatch):
+    """The products' instances (rows and columns a thread 1, 2, 4: MLP_TILE_CALL) as the GPU
+    compiles them: each element summed in the same order, contracted to the same FMAs,
+    so the same bits at every pair, as on the host."""
+    every_tile_instance(lambda sizes, args: run_kernel(be, sizes, *args), monkeypatch)
 
 
 def test_a_fused_run_trains_as_the_unfused_one(gpu):
