@@ -67,6 +67,10 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // the weight gradient's A^T D' (there: rows i and columns j). Each element's sum has the
 // same order whatever rt and ct_max are (over i, then + b; over the tile's rows), so they
 // change the speed, not the bits.
+// resident: 1 where wtile_size holds every layer's W (sum of n_k (n_{k+1} + 1) values, the
+// launcher's choice where this GPU's shared memory takes it beside the tile): each W is
+// staged once per block, before the tiles, and never again (0: once per tile and product,
+// into one stage). The same sums in the same order either way: the speed, not the bits.
 // Shared memory (dynamic, rows x per-row values then wtile_size values): R x width each:
 // A_0..A_L, then z_k for each layer that saves it, then D and E (R x max width): the
 // gradient carried down and the next one. Then wtile: rows i0 .. i1 - 1 of W_k (row
@@ -105,9 +109,10 @@ __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T
 // forward product's inner loop took 71 instructions per 16 multiply-adds, 90 with its
 // operands loaded first; this one takes 240 per 128, unrolled four times (docs/benchmarks.md).
 
-// Forward: z[r0 + q, j0 + m cols] = (the partial sum) + sum_{i0 <= i < i1} A_k[r0 + q, i] W[i, j0 + m cols]
-// (+ b[j] in W's last chunk, i1 = ni), into partial (z_k's place, or A_{k+1}'s until
-// mlp_activate); item e: rows r0 = e / cols * RT .. + RT - 1, columns j0 = e % cols + m cols.
+// Forward: z[r0 + q, j0 + m cols] = (the partial sum)
+//                                   + sum_{i0 <= i < i1} A_k[r0 + q, i] W[i, j0 + m cols]
+// (+ b[j] in W's last chunk, i1 = ni), into partial (z_k's place, or A_{k+1}'s until the
+// activation pass); item e: rows r0 = e / cols * RT .. + RT - 1, columns j0 = e % cols + m cols.
 template <typename T, int RT, int CT>
 __device__ __forceinline__ void forward_items(const T* a_k, const T* wtile, const T* b, T* partial, int ni, int no,
                                               int ld, int i0, int i1, int items, int cols) {
@@ -147,7 +152,8 @@ __device__ __forceinline__ void input_grad_items(const T* D, const T* wtile, T* 
       UNROLL for (int q = 0; q < RT; ++q) dv[q] = d[q * no + j];
       UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) s[q][m] += dv[q] * w[m];
     }
-    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m) E[(r0 + q) * ni + i0 + h0 + m * cols] = s[q][m];
+    UNROLL for (int q = 0; q < RT; ++q) UNROLL for (int m = 0; m < CT; ++m)
+      E[(r0 + q) * ni + i0 + h0 + m * cols] = s[q][m];
   }
 }
 
@@ -196,7 +202,7 @@ __device__ __forceinline__ void weight_grad_items(const T* a_k, const T* D, T* d
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
                           const long long* start, const T* params, T* shares, long long p, const int* dims,
-                          int n_layers, int n, int rows, int rt, int ct_max, int wtile_size, T alpha, int loss_kind,
+                          int n_layers, int n, int rows, int rt, int ct_max, int wtile_size, int resident, T alpha, int loss_kind,
                           T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,
                           T divisor) {
   typedef typename Acc<T>::type A;
@@ -224,6 +230,14 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   T* D = smem + off;         // (R, n_{k+1}) dLoss/dA_{k+1}, then D' in place
   T* E = D + rows * widest;  // (R, n_k)     D' W_k^T
   T* wtile = E + rows * widest;
+  int stage_at[MLP_MAX_LAYERS];  // resident: W_k's stage at wtile + stage_at[k] (row stride n_{k+1} + 1)
+  for (int k = 0, at = 0; k < L; ++k) {
+    stage_at[k] = resident ? at : 0;
+    at += width[k] * (width[k + 1] + 1);
+  }
+  if (resident)
+    for (int k = 0, w_at = 0; k < L; w_at += width[k] * width[k + 1] + width[k + 1], ++k)
+      stage_rows(params + w_at, width[k + 1], 0, width[k], wtile + stage_at[k], width[k + 1] + 1);
   T* share = shares + (long long)blockIdx.x * p;
   const int c = width[L], groups = rows / rt;  // groups: the products' row groups of rt rows
   const long long tiles = ((long long)n + rows - 1) / rows;
@@ -252,8 +266,9 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
-      const int ni = width[k], no = width[k + 1], ld = no + 1, chunk = wtile_size / ld;
+      const int ni = width[k], no = width[k + 1], ld = no + 1, chunk = resident ? ni : wtile_size / ld;
       const int kind_k = kind[k];
+      const T* stage = wtile + stage_at[k];
       const T* W = params + w_off;
       const T* b = W + (long long)ni * no;
       const T* a_k = smem + act_at[k];
@@ -262,8 +277,8 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       const int ct = tile_cols(groups, no, nt, ct_max), cols = no / ct;
       for (int i0 = 0; i0 < ni; i0 += chunk) {  // z[r, j] = sum_i A_k[r, i] W[i, j] + b[j]
         const int i1 = min(ni, i0 + chunk);
-        stage_rows(W, no, i0, i1, wtile, ld);
-        MLP_TILE_CALL(forward_items, rt, ct, a_k, wtile, b, partial, ni, no, ld, i0, i1, groups * cols, cols)
+        if (!resident) stage_rows(W, no, i0, i1, wtile, ld);
+        MLP_TILE_CALL(forward_items, rt, ct, a_k, stage, b, partial, ni, no, ld, i0, i1, groups * cols, cols)
         __syncthreads();
       }
       // A_{k+1} = f_k(z_k): from z_k's place (kept), or in place
@@ -274,8 +289,9 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
       if (r < valid) {
         const long long row = batch_row(perm, first_row, row0 + r);
-        const T l = loss_row<T>(loss_kind, smem + act_at[L] + r * c, loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0,
-                                targets + row * c, D + r * c, c, smoothing, delta, grad_scale, nullptr);
+        const int label = loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0;
+        const T l = loss_row<T>(loss_kind, smem + act_at[L] + r * c, label, targets + row * c, D + r * c, c,
+                                smoothing, delta, grad_scale, nullptr);
         if (lane == 0) rows_loss += A(l);
       } else {
         for (int j = lane; j < c; j += 32) D[r * c + j] = T(0);
@@ -306,12 +322,13 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
         db[j] = first ? s : before + s;
       }
       if (k > 0) {
-        const int ld = no + 1, chunk = wtile_size / ld;
+        const int ld = no + 1, chunk = resident ? ni : wtile_size / ld;
+        const T* stage = wtile + stage_at[k];
         for (int i0 = 0; i0 < ni; i0 += chunk) {  // E[r, i] = sum_j D'[r, j] W[i, j], i in the chunk
           const int i1 = min(ni, i0 + chunk), ci = i1 - i0;
           const int ct = tile_cols(groups, ci, nt, ct_max), cols = ci / ct;
-          stage_rows(W, no, i0, i1, wtile, ld);
-          MLP_TILE_CALL(input_grad_items, rt, ct, D, wtile, E, ni, no, ld, i0, groups * cols, cols)
+          if (!resident) stage_rows(W, no, i0, i1, wtile, ld);
+          MLP_TILE_CALL(input_grad_items, rt, ct, D, stage, E, ni, no, ld, i0, groups * cols, cols)
           __syncthreads();
         }
       }
@@ -345,11 +362,11 @@ __device__ void sum_shares(const T* shares, int n_shares, long long p, T* g) {
                                            const long long* perm, const long long* start, int windowed,   \
                                            const T* params, T* shares, long long p, const int* dims,      \
                                            int n_layers, int n, int rows, int rt, int ct_max,             \
-                                           int wtile_size, T alpha, int loss_kind, T smoothing, T delta,  \
-                                           T grad_scale, T* loss_partial, unsigned int* count,            \
-                                           T* loss_out, T divisor) {                                      \
+                                           int wtile_size, int resident, T alpha, int loss_kind,          \
+                                           T smoothing, T delta, T grad_scale, T* loss_partial,           \
+                                           unsigned int* count, T* loss_out, T divisor) {                 \
     mlp_fused<T>(x, labels, targets, windowed ? perm : nullptr, start, params, shares, p, dims, n_layers,  \
-                 n, rows, rt, ct_max, wtile_size, alpha, loss_kind, smoothing, delta, grad_scale,          \
+                 n, rows, rt, ct_max, wtile_size, resident, alpha, loss_kind, smoothing, delta, grad_scale, \
                  loss_partial, count, loss_out, divisor);                                                  \
   }                                                                                                        \
   extern "C" __global__ void sum_shares_##S(const T* shares, int n_shares, long long p, T* g) {             \

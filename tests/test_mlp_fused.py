@@ -359,7 +359,38 @@ def test_the_launch_raises_the_kernels_shared_memory_once(host_kernels, monkeypa
     for n in (64, 8):
         acts, loss, params, x, y = problem(rng, sizes, "relu", "mse", n, np.float32)
         fused(gpu, sizes, acts, loss, params, x, y)
-        assert gpu.be._dynamic_shared == {"mlp_fused_f32": cupy_backend.mlp_shared(sizes, (0,) * 5, 4, 64)[0]}, n
+        size, stage = cupy_backend.mlp_shared(sizes, (0,) * 5, 4, 64)
+        resident = size + (cupy_backend.mlp_weight_values(sizes) - stage) * 4  # every W staged (fits 256 KiB)
+        assert gpu.be._dynamic_shared == {"mlp_fused_f32": resident}, n
+
+
+def test_weights_staged_once_per_block_or_per_tile_give_the_same_bits(host_kernels, monkeypatch):  # noqa: F811
+    """Where a block's shared memory holds every layer's W beside the tile, the launcher
+    has the kernel stage them once per block (resident); where it holds one stage only,
+    once per tile and product (W's 128 x 128 there in two chunks). The same sums in the
+    same order: the same bits; each launch asks for its own mode's shared memory. Networks
+    of one tile a block, of many (3 blocks at most), and with a pre-activation kept."""
+    rng = np.random.default_rng(11)
+    for sizes, act, n, tiles, blocks in [([16, 64, 128, 128, 8], "relu", 64, 1, 512), ([64] * 6, "relu", 700, 32, 3),
+                                         ([5, 12, 7, 3], "gelu", 100, 32, 512)]:  # fmt: skip
+        monkeypatch.setattr(cupy_backend, "MLP_TILES", tiles)
+        monkeypatch.setattr(cupy_backend, "MLP_MAX_BLOCKS", blocks)
+        args = problem(rng, sizes, act, "mse", n, np.float32)
+        saves_z = tuple(int(a.saves == "input") for a in args[0])
+        size, stage = cupy_backend.mlp_shared(sizes, saves_z, 4, cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n))
+        whole = cupy_backend.mlp_weight_values(sizes)
+        assert whole > stage
+        got = {}
+        for optin, shared in ((size + cupy_backend.MLP_STATIC_BYTES, size), (None, size + (whole - stage) * 4)):
+            gpu = EmulatedGpu(host_kernels)
+            gpu.be.shared_optin = optin or gpu.be.shared_optin  # None: the host's 256 KiB
+            out, g, shares = fused(gpu, sizes, *args)
+            assert gpu.be._dynamic_shared == {"mlp_fused_f32": shared}, (sizes, optin)
+            assert shares.shape[0] == min(blocks, -(-n // cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n)))
+            got[optin is None] = out.tobytes() + g.tobytes()
+        assert got[True] == got[False], sizes
+        v_ref, g_ref = reference(sizes, *args)
+        assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"))
 
 
 # ---------------------------------------------------------------------------------------

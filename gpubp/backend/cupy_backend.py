@@ -132,6 +132,12 @@ def mlp_shared(sizes, saves_z, itemsize: int, rows: int) -> tuple[int, int]:
     return (rows * mlp_row_values(sizes, saves_z) + stage) * itemsize, stage
 
 
+def mlp_weight_values(sizes) -> int:
+    """Values of every layer's W staged at once in the fused MLP's shared memory (row
+    stride n_out + 1, as mlp_shared's stage): the kernel's resident mode."""
+    return sum(a * (b + 1) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
 def _ROW(i: str, w: str) -> str:  # noqa: N802 (reads as the C it writes)
     """C for i / w (i >= 0, w > 0 int64): unsigned 32-bit division where both fit it."""
     return f"(({i}) < 4294967296LL && ({w}) < 4294967296LL ? (long long)((unsigned int)({i}) / (unsigned int)({w})) : ({i}) / ({w}))"
@@ -897,6 +903,13 @@ class CupyBackend:
         shares = grads.reshape(1, p) if grid == 1 else self._kept(key, lambda: self._cupy.empty((grid, p), dtype))
         t, alpha = dtype.type, max(_leaky_slopes(activations), default=0.0)
         shared, stage = mlp_shared(sizes, saves_z, dtype.itemsize, rows)
+        # resident: every layer's W staged once per block where this GPU's shared memory
+        # holds them all beside the tile (narrow's five 64 x 64 on an H100, not on an A100),
+        # not once per tile and product: the same sums (the same bits), fewer stages
+        whole = mlp_weight_values(sizes)
+        resident = shared + (whole - stage) * dtype.itemsize + MLP_STATIC_BYTES <= self.shared_optin
+        if resident:
+            shared, stage = shared + (whole - stage) * dtype.itemsize, whole
         kernel = self._function("mlp_fused", dtype)
         # the kernel's dynamic shared memory at most (48 KiB less the static until set): raised
         # where this launch needs more (within shared_optin: _mlp_rows), once, before any capture
@@ -908,7 +921,7 @@ class CupyBackend:
             (grid,), (MLP_THREADS,),
             (x, labels, targets, perm, start, np.int32(window is not None), params, shares, np.int64(p), dims,
              np.int32(len(sizes) - 1), np.int32(n), np.int32(rows), np.int32(min(MLP_ROWS_PER_THREAD, rows)),
-             np.int32(MLP_COLS_PER_THREAD), np.int32(stage), t(alpha), np.int32(loss.info.kernel_id),
+             np.int32(MLP_COLS_PER_THREAD), np.int32(stage), np.int32(resident), t(alpha), np.int32(loss.info.kernel_id),
              t(loss.label_smoothing), t(loss.huber_delta), t(1.0 / divisor), self._scratch("mlp_loss", grid, dtype),
              self._counter("mlp_fused", grid), out, t(divisor)),
             shared_mem=shared,
