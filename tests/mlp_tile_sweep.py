@@ -2,14 +2,16 @@
 the captured training step of bench cases with train.fused_mlp = true, for several
 values of cupy_backend.MLP_TILES (tiles a batch is cut into), MLP_MAX_ROWS (rows a tile
 at most), MLP_ROWS_PER_THREAD and MLP_COLS_PER_THREAD (a thread's register tile in the
-products), against the default step (no fused MLP), all timed in the same rounds
+products) and MLP_RESIDENT_WEIGHTS (every W staged once per block where it fits, or once
+per tile), against the default step (no fused MLP), all timed in the same rounds
 (bench.steps_ms). A tuning aid, not a speed claim: the claim is
 `gpubp bench`'s "mlp x" column once the constants are chosen.
 
     python3 tests/mlp_tile_sweep.py [CASE ...]      (default: tiny narrow)
 
 Prints, per case, a line per distinct launch: rows per tile, blocks, rows and columns
-per thread, us/step, and the default step over it (> 1: the fused MLP is faster).
+per thread, whether the weights were resident, us/step, and the default step over it
+(> 1: the fused MLP is faster).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     backend = backend or C.CupyBackend()
     warmup, gpu_steps = case.counts("gpu")
     warmup, steps = max(warmup, 3), steps or gpu_steps
-    settings = [(t, r, rt, ct) for t in (16, 32, 64) for r in (16, 32, 64) for rt in (2, 4) for ct in (1, 4)]
-    names = ("MLP_TILES", "MLP_MAX_ROWS", "MLP_ROWS_PER_THREAD", "MLP_COLS_PER_THREAD")
+    settings = [(t, r, rt, ct, w) for t in (16, 32, 64) for r in (16, 32, 64) for rt in (2, 4) for ct in (1, 4)
+                for w in (True, False)]  # fmt: skip
+    names = ("MLP_TILES", "MLP_MAX_ROWS", "MLP_ROWS_PER_THREAD", "MLP_COLS_PER_THREAD", "MLP_RESIDENT_WEIGHTS")
     saved = tuple(getattr(C, name) for name in names)
 
     def use(setting):
@@ -38,7 +41,7 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
             setattr(C, name, value)
 
     saves_z = [make_activation(case.activation).saves == "input"] * (len(case.sizes) - 2) + [False]
-    grids = {}  # setting -> (rows a tile, blocks, rows a thread, columns a thread at most): each launch once
+    grids = {}  # setting -> (rows a tile, blocks, rows a thread, columns a thread at most, resident): each launch once
     try:
         for setting in settings:
             use(setting)
@@ -46,7 +49,7 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
             if r == 0:
                 print(f"{case.name}: the network does not fit the fused MLP kernel", flush=True)
                 return
-            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r), setting[3])
+            key = (r, min(-(-case.batch // r), C.MLP_MAX_BLOCKS), min(C.MLP_ROWS_PER_THREAD, r), *setting[3:])
             if key not in grids.values():
                 grids[setting] = key
         dataset = B._dataset(case)
@@ -61,9 +64,10 @@ def sweep(case_name: str, backend=None, steps: int | None = None) -> None:
     finally:
         use(saved)
     print(f"{case.name} (batch {case.batch}, float32): default step {1e3 * ms['default']:.1f} us", flush=True)
-    for setting, (r, blocks, rt, ct) in grids.items():
+    for setting, (r, blocks, rt, ct, resident) in grids.items():
         print(f"  tiles {setting[0]:>3} max rows {setting[1]:>2}: {r:>2} rows a tile, {blocks:>4} blocks, "
-              f"{rt} rows x {ct} columns a thread: {1e3 * ms[setting]:9.1f} us/step, "
+              f"{rt} rows x {ct} columns a thread, weights {'resident if they fit' if resident else 'per tile'}: "
+              f"{1e3 * ms[setting]:9.1f} us/step, "
               f"default / this {ms['default'] / ms[setting]:.2f}", flush=True)  # fmt: skip
     runs.clear()
     gc.collect()

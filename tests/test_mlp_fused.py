@@ -368,8 +368,9 @@ def test_weights_staged_once_per_block_or_per_tile_give_the_same_bits(host_kerne
     """Where a block's shared memory holds every layer's W beside the tile, the launcher
     has the kernel stage them once per block (resident); where it holds one stage only,
     once per tile and product (W's 128 x 128 there in two chunks). The same sums in the
-    same order: the same bits; each launch asks for its own mode's shared memory. Networks
-    of one tile a block, of many (3 blocks at most), and with a pre-activation kept."""
+    same order: the same bits; each launch asks for its own mode's shared memory
+    (MLP_RESIDENT_WEIGHTS = False: per tile, whatever fits). Networks of one tile a block,
+    of many (3 blocks at most), and with a pre-activation kept."""
     rng = np.random.default_rng(11)
     for sizes, act, n, tiles, blocks in [([16, 64, 128, 128, 8], "relu", 64, 1, 512), ([64] * 6, "relu", 700, 32, 3),
                                          ([5, 12, 7, 3], "gelu", 100, 32, 512)]:  # fmt: skip
@@ -380,15 +381,17 @@ def test_weights_staged_once_per_block_or_per_tile_give_the_same_bits(host_kerne
         size, stage = cupy_backend.mlp_shared(sizes, saves_z, 4, cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n))
         whole = cupy_backend.mlp_weight_values(sizes)
         assert whole > stage
-        got = {}
-        for optin, shared in ((size + cupy_backend.MLP_STATIC_BYTES, size), (None, size + (whole - stage) * 4)):
+        got = []
+        for optin, allowed, shared in ((size + cupy_backend.MLP_STATIC_BYTES, True, size), (None, False, size),
+                                       (None, True, size + (whole - stage) * 4)):  # fmt: skip
+            monkeypatch.setattr(cupy_backend, "MLP_RESIDENT_WEIGHTS", allowed)
             gpu = EmulatedGpu(host_kernels)
             gpu.be.shared_optin = optin or gpu.be.shared_optin  # None: the host's 256 KiB
             out, g, shares = fused(gpu, sizes, *args)
-            assert gpu.be._dynamic_shared == {"mlp_fused_f32": shared}, (sizes, optin)
+            assert gpu.be._dynamic_shared == {"mlp_fused_f32": shared}, (sizes, optin, allowed)
             assert shares.shape[0] == min(blocks, -(-n // cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n)))
-            got[optin is None] = out.tobytes() + g.tobytes()
-        assert got[True] == got[False], sizes
+            got.append(out.tobytes() + g.tobytes())
+        assert got[0] == got[1] == got[2], sizes
         v_ref, g_ref = reference(sizes, *args)
         assert_close(g, g_ref, sizes, n, np.float32, (sizes, "gradient"))
 
@@ -515,5 +518,6 @@ def test_the_tile_sweep_script_runs(capsys):
     mlp_tile_sweep.sweep("tiny", RecordingBackend(), steps=5)
     out = capsys.readouterr().out
     # 128 rows: tiles of 2, 4 and 8 rows (64, 32, 16 tiles), each with 2 and 4 rows a thread
-    # (2 only on the 2-row tiles) and with 1 and 4 columns a thread
-    assert "default step" in out and out.count("rows a tile") == (1 + 2 + 2) * 2
+    # (2 only on the 2-row tiles), with 1 and 4 columns a thread, weights resident or not
+    assert "default step" in out and out.count("rows a tile") == (1 + 2 + 2) * 2 * 2
+    assert out.count("weights per tile") == out.count("weights resident if they fit") == (1 + 2 + 2) * 2

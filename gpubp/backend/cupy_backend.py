@@ -98,6 +98,10 @@ MLP_ROWS_PER_THREAD = 4
 MLP_COLS_PER_THREAD = 4
 # what both may be: mlp.cu compiles its products for these rows and columns a thread (MLP_TILE_CALL)
 MLP_TILE_SIZES = (1, 2, 4)
+# every layer's W staged once per block where the GPU's shared memory holds them beside the
+# tile (mlp.cu's resident mode), else once per tile and product. The same bits either way;
+# more shared memory a block may mean fewer blocks an SM: tests/mlp_tile_sweep.py times both
+MLP_RESIDENT_WEIGHTS = True
 
 
 def mlp_row_values(sizes, saves_z) -> int:
@@ -907,7 +911,9 @@ class CupyBackend:
         # holds them all beside the tile (narrow's five 64 x 64 on an H100, not on an A100),
         # not once per tile and product: the same sums (the same bits), fewer stages
         whole = mlp_weight_values(sizes)
-        resident = shared + (whole - stage) * dtype.itemsize + MLP_STATIC_BYTES <= self.shared_optin
+        resident = (
+            MLP_RESIDENT_WEIGHTS and shared + (whole - stage) * dtype.itemsize + MLP_STATIC_BYTES <= self.shared_optin
+        )
         if resident:
             shared, stage = shared + (whole - stage) * dtype.itemsize, whole
         kernel = self._function("mlp_fused", dtype)
