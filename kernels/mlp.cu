@@ -107,7 +107,7 @@ __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T
 // with them known, the loops carry no predicate per row and column and read shared
 // memory at fixed offsets. Over runtime bounds (up to 4 x 4, each term predicated) the
 // forward product's inner loop took 71 instructions per 16 multiply-adds, 90 with its
-// operands loaded first; this one takes 240 per 128, unrolled four times (docs/benchmarks.md).
+// operands loaded first; this one about 240 per 128, unrolled four times (docs/benchmarks.md).
 
 // Forward: z[r0 + q, j0 + m cols] = (the partial sum)
 //                                   + sum_{i0 <= i < i1} A_k[r0 + q, i] W[i, j0 + m cols]
