@@ -132,8 +132,10 @@ def tile_cols(groups: int, n: int, ct_max: int) -> int:
 
 
 def tile_instances(sizes, saves_z, n: int, rt_most: int, ct_max: int) -> set:
-    """Which of kernels/mlp.cu's product instances (MLP_TILE_CALL) a float32 launch runs,
-    from the kernel's own rules: (product, rows or i a thread, columns a thread)."""
+    """Which of kernels/mlp.cu's product instances (MLP_TILE_CALL) a float32 launch with
+    its weights staged per tile (MLP_RESIDENT_WEIGHTS = False: a W too large for the stage
+    goes in chunks) runs, from the kernel's own rules: (product, rows or i a thread,
+    columns a thread)."""
     rows = cupy_backend.mlp_tile_rows(sizes, saves_z, 4, n)
     rt, stage = min(rt_most, rows), cupy_backend.mlp_shared(sizes, saves_z, 4, rows)[1]
     groups, taken = rows // rt, set()
@@ -171,8 +173,11 @@ TILE_NETWORKS = [([5, 12, 7, 3], "gelu", 100, 32), ([4, 9, 2], "relu", 50, 32), 
 
 def every_tile_instance(run, monkeypatch) -> set:
     """run(sizes, args) -> (loss, gradient) of one float32 launch, for each of TILE_NETWORKS
-    at each of TILE_PAIRS: the same bits at every pair, and within the module docstring's
-    bound of the reference. Returns the product instances run (tile_instances)."""
+    at each of TILE_PAIRS, the weights staged per tile (so in chunks where W is larger
+    than the stage, whatever the GPU's shared memory): the same bits at every pair, and
+    within the module docstring's bound of the reference. Returns the product instances
+    run (tile_instances)."""
+    monkeypatch.setattr(cupy_backend, "MLP_RESIDENT_WEIGHTS", False)
     rng = np.random.default_rng(7)
     taken = set()
     for sizes, act, n, tiles in TILE_NETWORKS:

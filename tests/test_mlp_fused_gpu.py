@@ -71,6 +71,23 @@ def test_every_tile_instance_gives_the_same_bits_on_the_gpu(be, monkeypatch):
     every_tile_instance(lambda sizes, args: run_kernel(be, sizes, *args), monkeypatch)
 
 
+def test_resident_weights_give_the_per_tile_bits_on_the_gpu(be, monkeypatch):
+    """The weights staged once per block (MLP_RESIDENT_WEIGHTS, where this GPU's shared
+    memory holds them beside the tile: an H100's does for both networks) and once per tile
+    and product: the same sums in the same order, the same bits."""
+    from gpubp.backend import cupy_backend
+
+    rng = np.random.default_rng(2)
+    for sizes, act, loss_name, n, output in LARGE[:2]:
+        args = problem(rng, sizes, act, loss_name, n, np.float32, output)
+        got = []
+        for resident in (True, False):
+            monkeypatch.setattr(cupy_backend, "MLP_RESIDENT_WEIGHTS", resident)
+            v, g = run_kernel(be, sizes, *args)
+            got.append((v, g.tobytes()))
+        assert got[0] == got[1], sizes
+
+
 def test_a_fused_run_trains_as_the_unfused_one(gpu):
     """digits, 300 steps: train.fused_mlp = true (captured) against the default products;
     the same accuracy within 2 points (different summation orders, the same training)."""
