@@ -78,27 +78,32 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // which the padding puts in different banks). A forward element's sum over i runs across
 // the chunks in order (its partial sum kept in its output's place in between), so the
 // chunks change the speed, not the bits.
+// dst[to(e)] = src[from(e)] (0 where from(e) < 0) for e < count, the block's threads taking
+// U values a pass: the U indices, then the U loads, then the stores. One at a time, each
+// global load waited for the previous value's store (dst may alias src as far as the
+// compiler knows), a latency each, and the whole block waits at the barrier after.
+template <int U, typename T, typename From, typename To>
+__device__ __forceinline__ void block_gather(const T* src, From from, T* dst, To to, int count) {
+  const int nt = blockDim.x;
+  for (int e0 = threadIdx.x; e0 < count; e0 += U * nt) {
+    long long f[U];
+    UNROLL for (int u = 0; u < U; ++u) f[u] = e0 + u * nt < count ? from(e0 + u * nt) : -1LL;
+    T v[U];
+    UNROLL for (int u = 0; u < U; ++u) v[u] = f[u] >= 0 ? src[f[u]] : T(0);
+    UNROLL for (int u = 0; u < U; ++u) if (e0 + u * nt < count) dst[to(e0 + u * nt)] = v[u];
+  }
+}
+
 // wtile[(i - i0) ld + j] = W[i, j] for i0 <= i < i1 (W: (., no) row-major), every thread
-// loading, after the block is done with what wtile held before (the barrier before) and
-// before anyone reads it (the one after). A thread issues the loads of MLP_STAGE_UNROLL
-// values before it stores any: one at a time, each global load waited for the previous
-// value's store (wtile may alias W as far as the compiler knows), a latency each, and the
-// whole block waits at the barrier after (nothing else runs meanwhile: the stage is the
-// block's alone). 8: a 64 x 64 float32 W in two rounds of loads, tiny's 64 x 128 in four.
+// loading (block_gather, MLP_STAGE_UNROLL values a pass), after the block is done with
+// what wtile held before (the barrier before) and before anyone reads it (the one after).
+// 8: a 64 x 64 float32 W in two rounds of loads, tiny's 64 x 128 in four.
 #define MLP_STAGE_UNROLL 8
 template <typename T>
 __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T* wtile, int ld) {
-  const int count = (i1 - i0) * no, nt = blockDim.x;
-  const T* src = W + (long long)i0 * no;
   __syncthreads();
-  for (int e0 = threadIdx.x; e0 < count; e0 += MLP_STAGE_UNROLL * nt) {
-    T v[MLP_STAGE_UNROLL];
-    UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) v[u] = e0 + u * nt < count ? src[e0 + u * nt] : T(0);
-    UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) {
-      const int e = e0 + u * nt;
-      if (e < count) wtile[e / no * ld + e % no] = v[u];
-    }
-  }
+  block_gather<MLP_STAGE_UNROLL>(W + (long long)i0 * no, [](int e) { return (long long)e; }, wtile,
+                                 [=](int e) { return e / no * ld + e % no; }, (i1 - i0) * no);
   __syncthreads();
 }
 
@@ -202,9 +207,9 @@ __device__ __forceinline__ void weight_grad_items(const T* a_k, const T* D, T* d
 template <typename T>
 __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const long long* perm,
                           const long long* start, const T* params, T* shares, long long p, const int* dims,
-                          int n_layers, int n, int rows, int rt, int ct_max, int wtile_size, int resident, T alpha, int loss_kind,
-                          T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count, T* loss_out,
-                          T divisor) {
+                          int n_layers, int n, int rows, int rt, int ct_max, int wtile_size, int resident, T alpha,
+                          int loss_kind, T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count,
+                          T* loss_out, T divisor) {
   typedef typename Acc<T>::type A;
   __shared__ A shared[MLP_THREADS];
   T* smem = (T*)MLP_DYNAMIC_SHARED;
@@ -251,18 +256,11 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long row0 = tile * rows;
     const int valid = (int)min((long long)rows, (long long)n - row0);  // rows of this tile in the batch
-    // A_0 = the tile's rows of x (past n: 0), ELEM_UNROLL values at a time: their rows'
-    // places (perm's loads), then their loads, then their stores
-    for (int e0 = t; e0 < tile_values; e0 += ELEM_UNROLL * nt) {
-      long long from[ELEM_UNROLL];  // x's index of value e, or -1 (past the tile or the batch)
-      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) {
-        const int e = e0 + u * nt, r = e / n0;
-        from[u] = e < tile_values && r < valid ? batch_row(perm, first_row, row0 + r) * n0 + e % n0 : -1;
-      }
-      T v[ELEM_UNROLL];
-      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) v[u] = from[u] >= 0 ? x[from[u]] : T(0);
-      UNROLL for (int u = 0; u < ELEM_UNROLL; ++u) if (e0 + u * nt < tile_values) a_0[e0 + u * nt] = v[u];
-    }
+    // A_0 = the tile's rows of x (past n: 0), ELEM_UNROLL values a pass: their rows' places
+    // (perm's loads), then their loads, then their stores
+    block_gather<ELEM_UNROLL>(
+        x, [=](int e) { return e / n0 < valid ? batch_row(perm, first_row, row0 + e / n0) * n0 + e % n0 : -1LL; }, a_0,
+        [](int e) { return e; }, tile_values);
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
