@@ -20,7 +20,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu")
+KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu", "gather.cu")
 HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh", "loss.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options
@@ -76,14 +76,15 @@ def read_source(name: str) -> str:
     return expand(name)
 
 
-# the instantiation lists of common.cuh / precision.cuh and the suffixes they give
-_TYPE_LISTS = {"FOR_FLOAT_TYPES": ("f32", "f64"), "FOR_LOW_TYPES": ("bf16", "f16")}
+# the instantiation lists of common.cuh / precision.cuh / gather.cu and the suffixes they give
+_TYPE_LISTS = {"FOR_FLOAT_TYPES": ("f32", "f64"), "FOR_LOW_TYPES": ("bf16", "f16"),
+               "FOR_WORD_TYPES": ("w1", "w2", "w4", "w8", "w16")}  # fmt: skip
 
 
 def kernel_names(name: str) -> list[str]:
     """The extern "C" entry points a source defines: written directly, or by an
     instantiation macro `#define M(T, S)` (names with ##S) applied by FOR_FLOAT_TYPES(M)
-    (suffixes f32, f64) and/or FOR_LOW_TYPES(M) (bf16, f16)."""
+    (suffixes f32, f64) and/or FOR_LOW_TYPES(M) (bf16, f16), or FOR_WORD_TYPES(M) (w1 .. w16)."""
     text = read_source(name)
     names = set(re.findall(r'extern "C" __global__ void (\w+)\(', text))
     for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):

@@ -33,6 +33,11 @@ __device__ __forceinline__ int column_of(long long i, int n) {
   return i <= 0xFFFFFFFFLL ? (int)((unsigned int)i % (unsigned int)n) : (int)(i % n);
 }
 
+// i / n, the same way (the row of a row-major element i, n columns)
+__device__ __forceinline__ long long row_of(long long i, int n) {
+  return i <= 0xFFFFFFFFLL ? (long long)((unsigned int)i / (unsigned int)n) : i / n;
+}
+
 #define GRID_STRIDE_LOOP(i, n)                                              \
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
        i += (long long)gridDim.x * blockDim.x)

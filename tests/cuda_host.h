@@ -54,6 +54,11 @@ inline T max(T a, T b) { return a < b ? b : a; }
 #define HOST_DYNAMIC_SHARED_BYTES (256 * 1024)
 alignas(16) inline unsigned char host_dynamic_shared[HOST_DYNAMIC_SHARED_BYTES];
 
+// CUDA's 16-byte vector type (gather.cu's widest word)
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };

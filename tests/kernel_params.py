@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 C_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64,
-           "unsigned int": np.uint32, "bool": np.bool_, "bf16_t": np.uint16, "f16_t": np.float16}  # fmt: skip
+           "unsigned int": np.uint32, "unsigned char": np.uint8, "bool": np.bool_, "bf16_t": np.uint16, "f16_t": np.float16}  # fmt: skip
 SUFFIX_TYPE = {"f32": "float", "f64": "double", "bf16": "bf16_t", "f16": "f16_t"}
 
 

@@ -1,5 +1,5 @@
 """The GPU backend's data-moving CuPy elementwise kernels (cupy_backend.ELEMENTWISE: the
-step's table selects, the batch gathers, the index windows, the step advance), built
+step's table selects, the index windows, the step advance), built
 and run on the host, through the backend's own launchers, against the NumPy reference.
 
 What CuPy makes of an ElementwiseKernel is a loop over i in [0, size) around the body,
@@ -171,25 +171,6 @@ def poisoned(like, rows=None):
     shape = like.shape if rows is None else (rows, *like.shape[1:])
     fill = np.iinfo(like.dtype).max if like.dtype.kind == "u" else (True if like.dtype == np.bool_ else -1)
     return np.full(shape, fill, like.dtype)
-
-
-def test_gather_windows_runs_as_the_reference(host_backend):
-    """A batch's features and targets in one launch (two placeholder types), one pair
-    alone (the one-table kernel), and a pair with no columns: each out equals the
-    reference's rows perm[start : start + n], start read from its array."""
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(300).astype(np.int64)
-    x32, y64 = rng.normal(size=(300, 7)).astype(np.float32), rng.normal(size=(300, 3))
-    labels, x16 = rng.integers(0, 9, 300).astype(np.int32), rng.integers(0, 65535, (300, 4)).astype(PR.BF16)
-    h16 = rng.normal(size=(300, 6)).astype(np.float16)
-    for srcs in [(x32, y64), (x32, labels), (x16, labels), (h16, y64), (labels,), (y64,), (x32, np.zeros((300, 0)))]:
-        for start, n in [(0, 1), (123, 37), (300 - 64, 64)]:
-            outs = tuple(poisoned(s, n) for s in srcs)
-            got = host_backend.gather_windows(srcs, perm, np.array(start, np.int64), outs)
-            want = numpy_ops.gather_windows(srcs, perm, np.array(start), tuple(np.empty_like(o) for o in outs))
-            assert got is outs
-            for o, w, s in zip(outs, want, srcs):
-                assert np.array_equal(o, w) and np.array_equal(w, s[perm[start : start + n]]), (s.dtype, start, n)
 
 
 def test_select_rows_runs_as_the_reference(host_backend):

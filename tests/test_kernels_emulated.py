@@ -283,6 +283,54 @@ def test_bias_act_forward_and_act_backward(host_kernels):
     assert np.array_equal(a_dev, a_ref)  # z + b in float, max(., 0), rounded once: bit for bit
 
 
+def test_gather_windows_moves_the_rows_bytes_in_the_widest_word_that_fits(host_kernels):
+    """A batch's rows perm[start .. start + n) of one or two splits (gather.cu), each case
+    reaching one word size: the widest of 16, 8, 4, 2, 1 bytes that divides both pairs' row
+    bytes and their four addresses (a split that starts one element into its buffer takes a
+    narrower one). Rows past what the emulator's 8192 threads take in a pass run several
+    passes, the last one short. A copy: the outputs are the NumPy reference's bytes, NaN
+    payloads and all (each first split's first value is all one bits: a NaN where it is a
+    float)."""
+    from gpubp import precision as PR
+
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(11)
+
+    def split(rows, tail, dtype, offset=0):
+        size = rows * int(np.prod(tail)) + offset
+        if np.dtype(dtype).kind == "f":
+            a = rng.normal(size=size).astype(dtype)
+        else:
+            a = rng.integers(-100, 100, size=size).astype(dtype)
+        return a[offset:].reshape((rows, *tail))
+
+    cases = [  # (word, pairs of (row shape, dtype, offset into the buffer))
+        (16, [((64,), np.float32, 0), ((64,), np.float32, 0)]),  # narrow: 256-byte rows
+        (16, [((64,), np.float32, 0)]),  # one pair
+        (8, [((6,), np.float32, 0), ((2,), np.float64, 0)]),  # 24- and 16-byte rows
+        (4, [((64,), np.float32, 0), ((), np.int32, 0)]),  # tiny: features and labels
+        (4, [((64,), np.float32, 1), ((64,), np.float32, 0)]),  # a split one float into its buffer
+        (2, [((3,), PR.BF16, 0), ((5,), PR.BF16, 0)]),  # bf16 rows of odd widths (6 and 10 bytes)
+        (1, [((7,), np.int8, 0), ((1,), np.float32, 0)]),  # 7-byte rows
+        (4, [((), np.int32, 0)]),  # labels alone
+        (8, [((3,), np.float64, 0), ((0,), np.float64, 0)]),  # a pair with no columns: the other alone
+    ]
+    for word, spec in cases:
+        for m, n in ((50, 37), (1200, 1100)):
+            srcs = [split(m, tail, dt, off) for tail, dt, off in spec]
+            srcs[0].reshape(-1)[:1].view(np.uint8)[:] = 0xFF
+            perm = rng.permutation(m + 40).astype(np.int64) % m
+            start = np.array(rng.integers(0, 41), np.int64)
+            refs = numpy_ops.gather_windows(srcs, perm, start, [np.empty((n, *s.shape[1:]), s.dtype) for s in srcs])
+            outs = [np.full((n, *s.shape[1:]), 0x55, s.dtype) if s.dtype.kind != "f" else np.full((n, *s.shape[1:]), np.nan, s.dtype)
+                    for s in srcs]  # fmt: skip
+            gpu.launches.clear()
+            assert gpu.be.gather_windows(srcs, perm, start, outs) is outs
+            assert gpu.launches == [f"gather_windows_w{word}"], (spec, gpu.launches)
+            for out, ref in zip(outs, refs):
+                assert out.tobytes() == ref.tobytes(), (spec, m, n)
+
+
 def test_bias_grad_over_row_chunks(host_kernels):
     """Column sums with (32, 8) blocks over 1 to 19 row chunks (a 2-D grid), the chunks
     summed in order by the last block (one launch, up to 256 columns) or by the finishing

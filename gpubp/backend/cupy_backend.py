@@ -51,6 +51,8 @@ _GEMM_DEFAULT = -1
 _POINTER_MODE_HOST = 0
 
 BLOCK = 256  # threads per block of the elementwise kernels
+# gather.cu's word sizes in bytes, the widest first (gather_windows_w16 .. _w1)
+GATHER_WORDS = (16, 8, 4, 2, 1)
 # row chunks of the column-sum kernel at most: 256 was the fastest of 32..1024 on an H200
 # (docs/gpu-verification.md); more make the ordered second pass the longer one
 BIAS_GRAD_MAX_CHUNKS = 256
@@ -142,11 +144,6 @@ def mlp_weight_values(sizes) -> int:
     return sum(a * (b + 1) for a, b in zip(sizes[:-1], sizes[1:]))
 
 
-def _ROW(i: str, w: str) -> str:  # noqa: N802 (reads as the C it writes)
-    """C for i / w (i >= 0, w > 0 int64): unsigned 32-bit division where both fit it."""
-    return f"(({i}) < 4294967296LL && ({w}) < 4294967296LL ? (long long)((unsigned int)({i}) / (unsigned int)({w})) : ({i}) / ({w}))"
-
-
 # CuPy elementwise kernels of the stacked and step-state ops: name -> (inputs, outputs,
 # body, kernel name), made on first use (CupyBackend._stacked_kernel)
 ELEMENTWISE = {
@@ -159,21 +156,6 @@ ELEMENTWISE = {
     # running (0-d or (M,)) += loss; pos += 1 by the first thread
     "advance": ("T loss", "U running, raw int64 pos", "running = running + (U)loss; if (i == 0) pos[0] += 1;",
                 "gpubp_step_advance"),
-    # i runs over out's N * width elements, row-major (the row i / width in 32 bits where
-    # it fits: a 64-bit division per element made narrow's gather 4x its copy time, H100)
-    "gather_window": ("raw T src, raw int64 perm, raw int64 start, int64 width", "T out",
-                      f"const long long q = {_ROW('i', 'width')}; out = src[perm[start[0] + q] * width + (i - q * width)]",
-                      "gpubp_gather_window"),  # fmt: skip
-    # a batch's features and targets: i runs over n wx + n wy elements, xo's then yo's (size=)
-    "gather_window2": (
-        "raw T xs, raw U ys, raw int64 perm, raw int64 start, int64 n, int64 wx, int64 wy", "raw T xo, raw U yo",
-        f"""
-        const long long nx = n * wx;
-        if (i < nx) {{ const long long q = {_ROW('i', 'wx')}; xo[i] = xs[perm[start[0] + q] * wx + (i - q * wx)]; }}
-        else {{ const long long j = i - nx, q = {_ROW('j', 'wy')}; yo[j] = ys[perm[start[0] + q] * wy + (j - q * wy)]; }}
-        """,
-        "gpubp_gather_windows",
-    ),
     "window": ("raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"),
     # i runs over out's M * N elements, row-major
     "window_rows": ("raw I perm, raw int64 start, int64 n, int64 width", "I out",
@@ -1135,7 +1117,9 @@ class CupyBackend:
 
     def gather_windows(self, srcs, perm, start, outs):
         """outs[k][i] = srcs[k][perm[start + i]] for one or two pairs (a batch's x and
-        target), in one launch; see numpy_ops.gather_windows."""
+        target), in one launch of gather.cu's kernel; see numpy_ops.gather_windows. The
+        rows move as words of the widest size (16, 8, 4, 2, 1 bytes) that divides both
+        pairs' row bytes and all their addresses."""
         if len(srcs) != len(outs) or len(srcs) not in (1, 2):
             raise ValueError(f"gather_windows: one or two (src, out) pairs, got {len(srcs)} and {len(outs)}")
         if perm.dtype != np.int64 or start.dtype != np.int64 or start.size != 1:
@@ -1148,18 +1132,19 @@ class CupyBackend:
                 raise TypeError(f"gather_windows: src {src.dtype} and out {out.dtype} differ")
             if out.shape[0] != n:
                 raise ValueError(f"gather_windows: every out has the same rows, got {out.shape[0]} and {n}")
-        if n == 0:
+        # the pairs with bytes to move, as bytes (the kernel's pointers); a lone pair goes twice, its second width 0
+        pairs = [(src.view(np.uint8), out.view(np.uint8)) for src, out in zip(srcs, outs) if out.size]
+        if n == 0 or not pairs:
             return outs
-        widths = [out.size // n for out in outs]
-        if len(outs) == 1 or 0 in widths:  # one pair, or one with nothing to move (no width to divide by)
-            for src, out, w in zip(srcs, outs, widths):
-                if w:
-                    self._stacked_kernel("gather_window")(src, perm, start, np.int64(w), out)
-            return outs
-        (xs, ys), (xo, yo), (wx, wy) = srcs, outs, widths
-        self._stacked_kernel("gather_window2")(
-            xs, ys, perm, start, np.int64(n), np.int64(wx), np.int64(wy), xo, yo, size=n * (wx + wy)
-        )
+        row_bytes = [out.size // n for _, out in pairs]
+        word = next(w for w in GATHER_WORDS
+                    if all(b % w == 0 for b in row_bytes) and all(_address(a) % w == 0 for pair in pairs for a in pair))  # fmt: skip
+        widths = [b // word for b in row_bytes] + [0]
+        (xs, xo), (ys, yo) = pairs[0], pairs[-1]
+        total = n * (widths[0] + widths[1])
+        fn = self._function(f"gather_windows_w{word}", None)
+        fn((self._blocks(total),), (BLOCK,),
+           (xs, ys, perm, start, np.int64(n), np.int32(widths[0]), np.int32(widths[1]), xo, yo))  # fmt: skip
         return outs
 
     # ------------------------------------------------------------------ device-side step state (gpubp/step.py)
