@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -178,6 +179,8 @@ class OpProfile:
         self.backend = backend
         self.totals = {"gemm": 0.0, "kernels": 0.0}
         self.per_op = dict.fromkeys(("gemm", *self.OPS), 0.0)
+        # each product by its op and shape (product_shape): [milliseconds, calls]
+        self.per_product: dict[str, list] = {}
         self._saved = {}
 
     def __enter__(self):
@@ -196,11 +199,18 @@ class OpProfile:
 
     def _wrap(self, fn, name, category):
         timer = self.backend.timer()
+        signature = inspect.signature(fn) if category == "gemm" else None
 
         def timed(*args, **kwargs):
             out, ms = self.measure(fn, args, kwargs, timer)
             self.totals[category] += ms
             self.per_op[name] += ms
+            if signature is not None and ms > 0:
+                entry = self.per_product.setdefault(
+                    f"{name} {product_shape(signature.bind(*args, **kwargs))}", [0.0, 0]
+                )
+                entry[0] += ms
+                entry[1] += 1
             return out
 
         return timed
@@ -217,6 +227,19 @@ class OpProfile:
                 delattr(self.backend, name)
             else:
                 setattr(self.backend, name, value)
+
+
+def product_shape(bound) -> str:
+    """'NT 262144x64x64': a product's transposes (op(a), op(b)) and m x n x k, out = op(a)
+    op(b) an (m, n) matrix summed over k, from the bound arguments of a GEMM op (a, b,
+    out, trans_a, trans_b: every one of OpProfile.GEMMS). A weight gradient is the one
+    whose k is the batch."""
+    args = bound.arguments
+    a, out = args["a"], args["out"]
+    ta, tb = bool(args.get("trans_a", False)), bool(args.get("trans_b", False))
+    m, n = out.shape
+    k = a.shape[0] if ta else a.shape[1]
+    return f"{'TN'[not ta]}{'TN'[not tb]} {m}x{n}x{k}"
 
 
 class GraphOpProfile(OpProfile):
@@ -414,6 +437,9 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
     # microseconds per step of each op (each timed alone), and the rest of the step
     ops_us = {name: 1e3 * t / n_prof for name, t in prof.per_op.items() if t > 0}
     ops_us["host and launch"] = max(0.0, 1e3 * prof_total / n_prof - sum(ops_us.values()))
+    # the products by op and shape, slowest first: microseconds per step, and per call
+    products_us = {key: {"us": 1e3 * t / n_prof, "calls_per_step": calls / n_prof, "us_per_call": 1e3 * t / calls}
+                   for key, (t, calls) in sorted(prof.per_product.items(), key=lambda kv: -kv[1][0])}  # fmt: skip
     out = _figures(case, ms["graph"])
     no_graph, unfused, mlp = ms.get("plain"), ms.get("unfused"), ms.get("mlp")
     gemm_us = sum(ops_us.get(name, 0.0) for name in OpProfile.GEMMS) or None
@@ -432,6 +458,7 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
         "share": share,
         "ops_us": ops_us,
+        "products_us": products_us,  # {"gemm NT 262144x64x64": {us, calls_per_step, us_per_call}}
         "graph_ops_us": graph_ops,  # {"default"/"fused MLP": {op: us}} of each op as a graph of its own
         "peak_mem_mib": peak / 2**20,
     }
@@ -816,11 +843,27 @@ def per_op_table(report: dict) -> list[str]:
     for r in rows:
         ops = r["gpubp"]["ops_us"]
         lines.append(f"| {r['case']} | {r['precision']} | " + " | ".join(_fmt(ops.get(n), ".1f") for n in names) + " |")
+    lines += product_table(report)
     lines += graph_op_table(report)
     modes = [f"{r['case']} {r['precision']}: {r['torch_compile']['mode']}" for r in report["results"]
              if r["torch_compile"].get("mode")]  # fmt: skip
     if modes:
         lines += ["", "torch.compile mode kept (the fastest of " + ", ".join(COMPILE_MODES) + "): " + "; ".join(modes)]
+    return lines
+
+
+def product_table(report: dict) -> list[str]:
+    """Markdown lines: the products of the per-op pass by op and shape (transposes of a and
+    b, m x n x k), per case and precision: microseconds per step, calls per step, per call."""
+    rows = [(r, key, v) for r in report["results"] for key, v in (r["gpubp"].get("products_us") or {}).items()]
+    if not rows:
+        return []
+    lines = ["", "The products of that pass by op and shape (out = op(a) op(b), m x n summed over k; N: as "
+             "stored, T: transposed; a weight gradient's k is the batch), slowest first:", "",
+             "| case | precision | product | us per step | calls per step | us per call |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r, key, v in rows:
+        lines.append(f"| {r['case']} | {r['precision']} | {key} | {v['us']:.1f} | {v['calls_per_step']:g} | "
+                     f"{v['us_per_call']:.1f} |")  # fmt: skip
     return lines
 
 

@@ -59,6 +59,15 @@ def test_run_reports_every_figure():
     # the wide target's figures: the sum of the step's GEMM times (the per-op table's) and step / that sum
     assert g["gemm_us"] == ops["gemm"] > 0
     assert g["step_over_gemm"] == pytest.approx(1e3 * g["ms_per_step"] / ops["gemm"], rel=1e-12)
+    # the products by shape: z_k = A_k W_k (NN, batch x n_{k+1} over n_k), dW_k = A_k^T D' (TN,
+    # n_k x n_{k+1} over the batch), D' W_k^T (NT, batch x n_k over n_{k+1}; none for the first layer)
+    products = g["products_us"]
+    assert set(products) == {"gemm NN 32x16x8", "gemm NN 32x4x16", "gemm TN 8x16x32", "gemm TN 16x4x32",
+                             "gemm NT 32x16x4"}  # fmt: skip
+    assert all(v["calls_per_step"] == 1 and v["us_per_call"] == pytest.approx(v["us"]) for v in products.values())
+    assert sum(v["us"] for v in products.values()) == pytest.approx(ops["gemm"], rel=1e-9)
+    assert list(products) == sorted(products, key=lambda k: -products[k]["us"])  # slowest first
+    assert "| t | float32 | gemm TN 8x16x32 |" in table.split("The products")[1]
 
 
 def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
@@ -81,6 +90,11 @@ def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
     assert "act_backward" not in ops  # the ReLU layers' D' in their products, the identity layer's is D
     assert g["gemm_us"] == pytest.approx(sum(ops.get(name, 0.0) for name in B.OpProfile.GEMMS))
     assert ops["gemm_bias"] > 0 and ops["gemm_bias_grad"] > 0  # the identity output layer's
+    # the fused products by shape: two ReLU layers forward, the second's D' W^T gives the first's D'
+    products = g["products_us"]
+    assert {"gemm_bias_relu NN 32x16x8", "gemm_bias_relu NN 32x16x16", "gemm_bias NN 32x4x16",
+            "gemm_drelu_bias_grad NT 32x16x16"} <= set(products)  # fmt: skip
+    assert sum(v["us"] for v in products.values()) == pytest.approx(g["gemm_us"], rel=1e-9)
     md = B.markdown(report)
     assert f"| {g['fusion_speedup']:.2f} |" in md and "gemm_drelu_bias_grad" in md.split("Where a step's time goes")[1]
     monkeypatch.setattr(NumpyBackend, "gemm_epilogues", False)  # the CPU's default: nothing fused, no third run

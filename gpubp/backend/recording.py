@@ -89,6 +89,7 @@ class RecordingBackend:
                 return None
             raise CaptureError(f"{name} returns a new array inside a captured step")
 
+        call.__signature__ = signature  # the op's own parameters (the bench's profile binds them)
         return call
 
     def _guarded(self, name, fn):
