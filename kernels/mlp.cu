@@ -24,6 +24,7 @@
 
 #define MLP_THREADS 256          // threads per block (the launcher's)
 #define MLP_MAX_LAYERS 8
+#define MLP_MAX_ROWS 64          // rows per tile at most (the launcher's; the tile's row table)
 
 // The block's shared memory is dynamic (the launcher's size, up to the budgets of
 // cupy_backend.MLP_SHARED_BYTES for the tile and MLP_WEIGHT_BYTES for the weights, more than
@@ -73,23 +74,25 @@ __device__ __forceinline__ int tile_cols(int groups, int n, int threads, int ct_
 // into one stage). The same sums in the same order either way: the speed, not the bits.
 // Shared memory (dynamic, rows x per-row values then wtile_size values): R x width each:
 // A_0..A_L, then z_k for each layer that saves it, then D and E (R x max width): the
-// gradient carried down and the next one. Then wtile: rows i0 .. i1 - 1 of W_k (row
-// stride n_{k+1} + 1: the backward product's threads read one column of different rows,
-// which the padding puts in different banks). A forward element's sum over i runs across
-// the chunks in order (its partial sum kept in its output's place in between), so the
-// chunks change the speed, not the bits.
-// dst[to(e)] = src[from(e)] (0 where from(e) < 0) for e < count, the block's threads taking
-// U values a pass: the U indices, then the U loads, then the stores. One at a time, each
-// global load waited for the previous value's store (dst may alias src as far as the
+// gradient carried down and the next one (E first holds the tile's targets, for the loss).
+// Then wtile: rows i0 .. i1 - 1 of W_k (row stride n_{k+1} + 1: the backward product's
+// threads read one column of different rows, which the padding puts in different banks).
+// A forward element's sum over i runs across the chunks in order (its partial sum kept in
+// its output's place in between), so the chunks change the speed, not the bits. The
+// tile's row table (its rows' places in x and their labels) is static shared memory,
+// beside the loss's sums.
+// dst[to(e)] = *at(e) (0 where at(e) is null) for e < count, the block's threads taking
+// U values a pass: the U addresses, then the U loads, then the stores. One at a time, each
+// global load waited for the previous value's store (dst may alias the source as far as the
 // compiler knows), a latency each, and the whole block waits at the barrier after.
-template <int U, typename T, typename From, typename To>
-__device__ __forceinline__ void block_gather(const T* src, From from, T* dst, To to, int count) {
+template <int U, typename T, typename At, typename To>
+__device__ __forceinline__ void block_gather(At at, T* dst, To to, int count) {
   const int nt = blockDim.x;
   for (int e0 = threadIdx.x; e0 < count; e0 += U * nt) {
-    long long f[U];
-    UNROLL for (int u = 0; u < U; ++u) f[u] = e0 + u * nt < count ? from(e0 + u * nt) : -1LL;
+    const T* f[U];
+    UNROLL for (int u = 0; u < U; ++u) f[u] = e0 + u * nt < count ? at(e0 + u * nt) : nullptr;
     T v[U];
-    UNROLL for (int u = 0; u < U; ++u) v[u] = f[u] >= 0 ? src[f[u]] : T(0);
+    UNROLL for (int u = 0; u < U; ++u) v[u] = f[u] != nullptr ? *f[u] : T(0);
     UNROLL for (int u = 0; u < U; ++u) if (e0 + u * nt < count) dst[to(e0 + u * nt)] = v[u];
   }
 }
@@ -102,8 +105,9 @@ __device__ __forceinline__ void block_gather(const T* src, From from, T* dst, To
 template <typename T>
 __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T* wtile, int ld) {
   __syncthreads();
-  block_gather<MLP_STAGE_UNROLL>(W + (long long)i0 * no, [](int e) { return (long long)e; }, wtile,
-                                 [=](int e) { return e / no * ld + e % no; }, (i1 - i0) * no);
+  const T* from = W + (long long)i0 * no;
+  block_gather<MLP_STAGE_UNROLL>([=](int e) { return from + e; }, wtile, [=](int e) { return e / no * ld + e % no; },
+                                 (i1 - i0) * no);
   __syncthreads();
 }
 
@@ -211,7 +215,14 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
                           int loss_kind, T smoothing, T delta, T grad_scale, T* loss_partial, unsigned int* count,
                           T* loss_out, T divisor) {
   typedef typename Acc<T>::type A;
-  __shared__ A shared[MLP_THREADS];
+  __shared__ union {
+    A sums[MLP_THREADS];  // after the tiles: the warps' loss sums, then the last block's sum
+    struct {
+      long long row[MLP_MAX_ROWS];  // during a tile: its rows' places in x (-1 past n)
+      int label[MLP_MAX_ROWS];      // and their labels (cross-entropy)
+    } tile;
+  } st;
+  A* const shared = st.sums;
   T* smem = (T*)MLP_DYNAMIC_SHARED;
   const int L = n_layers, t = threadIdx.x, nt = blockDim.x, lane = t % 32, warp = t / 32, n_warps = nt / 32;
   const int* width = dims;
@@ -233,7 +244,7 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     if (saves_z[k]) off += rows * width[k + 1];
   }
   T* D = smem + off;         // (R, n_{k+1}) dLoss/dA_{k+1}, then D' in place
-  T* E = D + rows * widest;  // (R, n_k)     D' W_k^T
+  T* E = D + rows * widest;  // (R, n_k)     D' W_k^T (before the first: the tile's targets)
   T* wtile = E + rows * widest;
   int stage_at[MLP_MAX_LAYERS];  // resident: W_k's stage at wtile + stage_at[k] (row stride n_{k+1} + 1)
   for (int k = 0, at = 0; k < L; ++k) {
@@ -251,16 +262,39 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   // What the loops below would otherwise load again after every store (the compiler cannot
   // tell the stores from these loads), each a global load's latency: read once
   const long long first_row = perm != nullptr ? start[0] : 0;
-  const int n0 = width[0], tile_values = rows * n0;
-  T* const a_0 = smem + act_at[0];
+  const int n0 = width[0], tile_values = rows * n0, a0_at = act_at[0];
+  const bool cross_entropy = loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long row0 = tile * rows;
     const int valid = (int)min((long long)rows, (long long)n - row0);  // rows of this tile in the batch
-    // A_0 = the tile's rows of x (past n: 0), ELEM_UNROLL values a pass: their rows' places
-    // (perm's loads), then their loads, then their stores
-    block_gather<ELEM_UNROLL>(
-        x, [=](int e) { return e / n0 < valid ? batch_row(perm, first_row, row0 + e / n0) * n0 + e % n0 : -1LL; }, a_0,
-        [](int e) { return e; }, tile_values);
+    // The tile's rows: their places in x (perm's loads, one a row) and their labels, then
+    // A_0 = their rows of x (past n: 0) and an elementwise loss's targets into E (free until
+    // the first D' W^T), every value one load from an address in the row table,
+    // MLP_STAGE_UNROLL a pass. Read as the rows were needed, a warp's loss loaded a row's
+    // place and then its targets, two latencies a row and one row after another (narrow: 8
+    // rows a warp a tile), and A_0 two a pass of 4 values a thread, with 1 block an SM idle
+    // meanwhile
+    for (int r = t; r < rows; r += nt) {
+      const long long row = r < valid ? batch_row(perm, first_row, row0 + r) : -1LL;
+      st.tile.row[r] = row;
+      if (cross_entropy) st.tile.label[r] = row >= 0 ? labels[row] : 0;
+    }
+    __syncthreads();
+    const long long* const row_at = st.tile.row;
+    const int e_at = (int)(E - smem);
+    block_gather<MLP_STAGE_UNROLL>(
+        [=](int e) {
+          const long long row = row_at[e / n0];
+          return row < 0 ? nullptr : x + row * n0 + e % n0;
+        },
+        smem, [=](int e) { return a0_at + e; }, tile_values);
+    if (!cross_entropy)
+      block_gather<MLP_STAGE_UNROLL>(
+          [=](int e) {
+            const long long row = row_at[e / c];
+            return row < 0 ? nullptr : targets + row * c + e % c;
+          },
+          smem, [=](int e) { return e_at + e; }, rows * c);
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
@@ -285,11 +319,10 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
       w_off += (long long)ni * no + no;
     }
     for (int r = warp; r < rows; r += n_warps) {  // the loss: a warp per row
-      if (r < valid) {
-        const long long row = batch_row(perm, first_row, row0 + r);
-        const int label = loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY ? labels[row] : 0;
-        const T l = loss_row<T>(loss_kind, smem + act_at[L] + r * c, label, targets + row * c, D + r * c, c,
-                                smoothing, delta, grad_scale, nullptr);
+      if (r < valid) {  // its targets: row r of E (gathered with A_0)
+        const int label = cross_entropy ? st.tile.label[r] : 0;
+        const T l = loss_row<T>(loss_kind, smem + act_at[L] + r * c, label, E + r * c, D + r * c, c, smoothing, delta,
+                                grad_scale, nullptr);
         if (lane == 0) rows_loss += A(l);
       } else {
         for (int j = lane; j < c; j += 32) D[r * c + j] = T(0);

@@ -201,7 +201,8 @@ def every_tile_instance(run, monkeypatch) -> set:
 
 def test_the_launcher_refuses_a_tile_the_kernel_has_no_instance_for(host_kernels, monkeypatch):  # noqa: F811
     """MLP_ROWS_PER_THREAD = 3 (or MLP_COLS_PER_THREAD = 8) would reach no product instance
-    in the kernel (nothing computed, no error from the GPU): the launcher says so instead."""
+    in the kernel (nothing computed, no error from the GPU), and tiles of more rows than the
+    kernel's row table holds would write past it: the launcher says so instead."""
     gpu = EmulatedGpu(host_kernels)
     args = problem(np.random.default_rng(3), [4, 8, 2], "relu", "mse", 16, np.float32)
     for name, value in (("MLP_ROWS_PER_THREAD", 3), ("MLP_COLS_PER_THREAD", 8)):
@@ -209,7 +210,33 @@ def test_the_launcher_refuses_a_tile_the_kernel_has_no_instance_for(host_kernels
             m.setattr(cupy_backend, name, value)
             with pytest.raises(ValueError, match=f"{name} {value}"):
                 fused(gpu, [4, 8, 2], *args)
+    many = cupy_backend.MLP_ROW_TABLE * 2
+    args = problem(np.random.default_rng(3), [4, 8, 2], "relu", "mse", many * cupy_backend.MLP_TILES, np.float32)
+    with monkeypatch.context() as m:
+        m.setattr(cupy_backend, "MLP_MAX_ROWS", many)
+        with pytest.raises(ValueError, match=f"{many} rows a tile .* row table holds {many // 2}"):
+            fused(gpu, [4, 8, 2], *args)
     assert gpu.launches == []
+
+
+def test_sum_shares_adds_the_shares_in_block_order(host_kernels):  # noqa: F811
+    """sum_shares (common.cuh's sum_of_shares, SHARES_UNROLL loads at a time) is the
+    in-order sum shares[0] + shares[1] + ... of each element, bit for bit (NumPy's float32
+    adds, row by row), for share counts around the batch of loads (1 to 40), a column of
+    -0.0 staying -0.0 (an add of 0 for a share past the end would make it +0.0)."""
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(9)
+    for n_shares in (1, 2, 16, 17, 18, 32, 33, 40):
+        scale = 10.0 ** rng.integers(-6, 7, 300)  # columns of other magnitudes: the order shows in the roundings
+        shares = (rng.normal(size=(n_shares, 300)) * scale).astype(np.float32)
+        shares[:, 7] = -0.0
+        want = shares[0].copy()
+        for b in range(1, n_shares):
+            want += shares[b]
+        g = np.full(300, np.nan, np.float32)
+        gpu.be.sum_shares(shares, g)
+        assert g.tobytes() == want.tobytes(), n_shares
+        assert np.signbit(g[7]), n_shares
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -304,6 +331,8 @@ def test_the_tile_rule_fits_the_kernel():
     source = kernels.read_source("mlp.cu")
     for name in ("MLP_THREADS", "MLP_MAX_LAYERS"):
         assert int(re.search(rf"#define {name} (\d+)", source).group(1)) == getattr(cupy_backend, name), name
+    assert int(re.search(r"#define MLP_MAX_ROWS (\d+)", source).group(1)) == cupy_backend.MLP_ROW_TABLE
+    assert cupy_backend.MLP_MAX_ROWS <= cupy_backend.MLP_ROW_TABLE
     # the products' instances (MLP_TILE_CALL): every pair of the sizes the launcher lets through
     instances = {(int(r), int(c)) for r, c in re.findall(r"case (\d) \* 8 \+ (\d): FN<T, \1, \2>", source)}
     assert instances == {(r, c) for r in cupy_backend.MLP_TILE_SIZES for c in cupy_backend.MLP_TILE_SIZES}

@@ -81,10 +81,12 @@ MLP_THREADS = 256
 # so the bits, do not depend on the GPU)
 MLP_SHARED_BYTES = 131072
 MLP_WEIGHT_BYTES = 33024  # the weights' stage at most: 64 rows of a 128-wide layer (129 with the padding) in float32
-MLP_STATIC_BYTES = 2304  # the kernel's static shared memory at most (the loss's warp sums, last_block's flag)
+# the kernel's static shared memory at most (the loss's warp sums or the tile's row table, last_block's flag)
+MLP_STATIC_BYTES = 2304
 MLP_MAX_LAYERS = 8
 MLP_MAX_WIDTH = 128
-MLP_MAX_ROWS = 64  # rows per tile at most
+MLP_MAX_ROWS = 64  # rows per tile at most (tests/mlp_tile_sweep.py times fewer)
+MLP_ROW_TABLE = 64  # the rows a tile's row table holds (kernels/mlp.cu's MLP_MAX_ROWS): MLP_MAX_ROWS at most
 MLP_TILES = 32  # a batch is cut into about this many tiles, more once a tile has MLP_MAX_ROWS
 MLP_MAX_BLOCKS = 512  # blocks at most (each then takes several tiles), so at most this many shares
 # rows a thread takes in the forward products and D' W^T (1, 2 or 4, at most the tile's rows;
@@ -867,6 +869,9 @@ class CupyBackend:
         if MLP_ROWS_PER_THREAD not in MLP_TILE_SIZES or MLP_COLS_PER_THREAD not in MLP_TILE_SIZES:
             raise ValueError(f"{op}: MLP_ROWS_PER_THREAD {MLP_ROWS_PER_THREAD} and MLP_COLS_PER_THREAD "
                              f"{MLP_COLS_PER_THREAD} must each be one of {MLP_TILE_SIZES} (kernels/mlp.cu's tiles)")  # fmt: skip
+        if rows > MLP_ROW_TABLE:
+            raise ValueError(f"{op}: {rows} rows a tile (MLP_MAX_ROWS {MLP_MAX_ROWS}) where kernels/mlp.cu's row "
+                             f"table holds {MLP_ROW_TABLE}")  # fmt: skip
         n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))  # model.param_layout's P
         if x.shape != (n_x, sizes[0]) or params.shape != (p,) or p != n_params or len(activations) != len(sizes) - 1:
             raise ValueError(f"{op}: x {x.shape}, params {params.shape} do not fit the widths {sizes}")
