@@ -272,8 +272,8 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     // the first D' W^T), every value one load from an address in the row table,
     // MLP_STAGE_UNROLL a pass. Read as the rows were needed, a warp's loss loaded a row's
     // place and then its targets, two latencies a row and one row after another (narrow: 8
-    // rows a warp a tile), and A_0 two a pass of 4 values a thread, with 1 block an SM idle
-    // meanwhile
+    // rows a warp a tile), and A_0 two a pass of 4 values a thread; narrow's SM, which
+    // holds one block, idled meanwhile
     for (int r = t; r < rows; r += nt) {
       const long long row = r < valid ? batch_row(perm, first_row, row0 + r) : -1LL;
       st.tile.row[r] = row;

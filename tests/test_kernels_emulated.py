@@ -322,8 +322,7 @@ def test_gather_windows_moves_the_rows_bytes_in_the_widest_word_that_fits(host_k
             perm = rng.permutation(m + 40).astype(np.int64) % m
             start = np.array(rng.integers(0, 41), np.int64)
             refs = numpy_ops.gather_windows(srcs, perm, start, [np.empty((n, *s.shape[1:]), s.dtype) for s in srcs])
-            outs = [np.full((n, *s.shape[1:]), 0x55, s.dtype) if s.dtype.kind != "f" else np.full((n, *s.shape[1:]), np.nan, s.dtype)
-                    for s in srcs]  # fmt: skip
+            outs = [np.full((n, *s.shape[1:]), np.nan if s.dtype.kind == "f" else 0x55, s.dtype) for s in srcs]
             gpu.launches.clear()
             assert gpu.be.gather_windows(srcs, perm, start, outs) is outs
             assert gpu.launches == [f"gather_windows_w{word}"], (spec, gpu.launches)

@@ -123,7 +123,9 @@ def test_step_advance_adds_the_loss_and_counts_once(shape):
 def test_gather_windows_is_index_window_then_gather_rows():
     """One launch for a batch's rows, features and targets together: (N, F) float32 with
     (N, C) float64 targets or int32 labels (N,), bf16 and fp16 features, one pair alone, a
-    pair with no columns: the bits of the reference (a gather moves values, it computes nothing)."""
+    pair with no columns: the bits of the reference (a gather moves values, it computes nothing).
+    Its words (kernels/gather.cu): 16 bytes for 64 float32 features and targets (narrow's),
+    8 for float64 rows of 3, 4 and 2 for the others."""
     from gpubp import precision as PR
     from gpubp.backend import numpy_ops
     from gpubp.backend.cupy_backend import CupyBackend
@@ -134,7 +136,9 @@ def test_gather_windows_is_index_window_then_gather_rows():
     x32, x16 = rng.normal(size=(1000, 13)).astype(np.float32), rng.integers(0, 65535, (1000, 5)).astype(PR.BF16)
     y64, labels = rng.normal(size=(1000, 3)), rng.integers(0, 9, 1000).astype(np.int32)
     h16 = rng.normal(size=(1000, 6)).astype(np.float16)
-    for srcs in [(x32, y64), (x32, labels), (x16, labels), (h16, y64), (labels,), (x32,), (x32, np.zeros((1000, 0)))]:
+    x64w, y64w = rng.normal(size=(2, 1000, 64)).astype(np.float32)
+    for srcs in [(x32, y64), (x32, labels), (x16, labels), (h16, y64), (labels,), (x32,), (x32, np.zeros((1000, 0))),
+                 (x64w, y64w), (y64,)]:  # fmt: skip
         # poisoned: an unwritten element shows (bf16 bit patterns are < 65535 here)
         outs = tuple(be.xp.full((37, *s.shape[1:]), 65535 if s.dtype == PR.BF16 else -1, s.dtype) for s in srcs)
         got = be.gather_windows(tuple(be.asarray(s) for s in srcs), be.asarray(perm), be.xp.array(np.int64(501)), outs)
