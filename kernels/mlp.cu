@@ -262,7 +262,7 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
   // What the loops below would otherwise load again after every store (the compiler cannot
   // tell the stores from these loads), each a global load's latency: read once
   const long long first_row = perm != nullptr ? start[0] : 0;
-  const int n0 = width[0], tile_values = rows * n0, a0_at = act_at[0];
+  const int n0 = width[0], a0_at = act_at[0];
   const bool cross_entropy = loss_kind == LOSS_SOFTMAX_CROSS_ENTROPY;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long row0 = tile * rows;
@@ -281,20 +281,17 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     }
     __syncthreads();
     const long long* const row_at = st.tile.row;
-    const int e_at = (int)(E - smem);
-    block_gather<MLP_STAGE_UNROLL>(
-        [=](int e) {
-          const long long row = row_at[e / n0];
-          return row < 0 ? nullptr : x + row * n0 + e % n0;
-        },
-        smem, [=](int e) { return a0_at + e; }, tile_values);
-    if (!cross_entropy)
+    // smem[at + r w + j] = src[row_at[r] w + j] (0 past n), r < rows, j < w
+    auto gather_rows = [=](const T* src, int w, int at) {
       block_gather<MLP_STAGE_UNROLL>(
           [=](int e) {
-            const long long row = row_at[e / c];
-            return row < 0 ? nullptr : targets + row * c + e % c;
+            const long long row = row_at[e / w];
+            return row < 0 ? nullptr : src + row * w + e % w;
           },
-          smem, [=](int e) { return e_at + e; }, rows * c);
+          smem, [=](int e) { return at + e; }, rows * w);
+    };
+    gather_rows(x, n0, a0_at);
+    if (!cross_entropy) gather_rows(targets, c, (int)(E - smem));
     __syncthreads();
     long long w_off = 0;  // W_k's offset in params
     for (int k = 0; k < L; ++k) {
