@@ -20,7 +20,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu", "gather.cu")
+KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu", "gather.cu", "layer.cu")
 HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh", "loss.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options
@@ -81,14 +81,19 @@ _TYPE_LISTS = {"FOR_FLOAT_TYPES": ("f32", "f64"), "FOR_LOW_TYPES": ("bf16", "f16
                "FOR_WORD_TYPES": ("w1", "w2", "w4", "w8", "w16")}  # fmt: skip
 
 
+# how a kernel's entry point starts, before its name: extern "C" __global__ void, with or
+# without __launch_bounds__(...) (layer.cu's)
+KERNEL_DECLARATION = r'extern "C" __global__ void\s+(?:__launch_bounds__\([^)]*\)\s+)?'
+
+
 def kernel_names(name: str) -> list[str]:
     """The extern "C" entry points a source defines: written directly, or by an
     instantiation macro `#define M(T, S)` (names with ##S) applied by FOR_FLOAT_TYPES(M)
     (suffixes f32, f64) and/or FOR_LOW_TYPES(M) (bf16, f16), or FOR_WORD_TYPES(M) (w1 .. w16)."""
     text = read_source(name)
-    names = set(re.findall(r'extern "C" __global__ void (\w+)\(', text))
+    names = set(re.findall(KERNEL_DECLARATION + r"(\w+)\(", text))
     for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
-        bases = re.findall(r'extern "C" __global__ void ([\w#]+)\(', body)
+        bases = re.findall(KERNEL_DECLARATION + r"([\w#]+)\(", body)
         for type_list, suffixes in _TYPE_LISTS.items():
             if re.search(rf"^{type_list}\({macro}\)", text, re.MULTILINE):
                 for suffix in suffixes:

@@ -10,8 +10,11 @@
 // indexes stay in registers); nothing on a host build
 #if defined(__CUDACC_RTC__) || defined(__CUDACC__)
 #define UNROLL _Pragma("unroll")
+#define UNROLL_BY(n) _Pragma(PRAGMA_TEXT(unroll n))  // a runtime-bound loop, n passes at a time
+#define PRAGMA_TEXT(x) #x
 #else
 #define UNROLL
+#define UNROLL_BY(n)
 #endif
 
 // sums of float run in float, of double in double, of int in long long

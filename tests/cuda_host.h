@@ -34,6 +34,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))  // as CUDA defines it
 
 using std::exp;
 using std::expm1;
@@ -54,9 +56,12 @@ inline T max(T a, T b) { return a < b ? b : a; }
 #define HOST_DYNAMIC_SHARED_BYTES (256 * 1024)
 alignas(16) inline unsigned char host_dynamic_shared[HOST_DYNAMIC_SHARED_BYTES];
 
-// CUDA's 16-byte vector type (gather.cu's widest word)
+// CUDA's 16-byte vector types (gather.cu's widest word; layer.cu's four k of a row)
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
 };
 
 struct dim3 {

@@ -23,12 +23,12 @@ def kernel_params(file: str, name: str) -> list[tuple[str, bool, str]]:
     from gpubp import kernels
 
     text = kernels.read_source(file)
-    found = [(m, None) for m in re.findall(rf'extern "C" __global__ void {name}\(([^)]*)\)', text)]
+    found = [(m, None) for m in re.findall(kernels.KERNEL_DECLARATION + rf"{name}\(([^)]*)\)", text)]
     for macro, body in re.findall(r"#define (\w+)\(T, S\)((?:[^\n]*\\\n)*[^\n]*)", text):
         for type_list, suffixes in kernels._TYPE_LISTS.items():
             if not re.search(rf"^{type_list}\({macro}\)", text, re.MULTILINE):
                 continue
-            for pattern, params in re.findall(r'extern "C" __global__ void ([\w#]+)\(([^)]*)\)', body):
+            for pattern, params in re.findall(kernels.KERNEL_DECLARATION + r"([\w#]+)\(([^)]*)\)", body):
                 found += [
                     (params, sfx) for sfx in suffixes if pattern.replace("##S##", sfx).replace("##S", sfx) == name
                 ]
