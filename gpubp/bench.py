@@ -166,12 +166,12 @@ class OpProfile:
     """Wraps a backend's ops to time each one (CUDA events on the GPU): totals by
     category ("gemm" or "kernels") and by op name, in milliseconds."""
 
-    OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "bias_act_forward", "act_backward",
+    OPS = ("gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "gemm_bias_act", "layer_backward", "bias_act_forward", "act_backward",
            "bias_grad", "act_backward_bias_grad", "loss_forward_backward", "sgd_step", "adam_step", "sum_squares", "step_guard", "step_guard_norm",
            "step_guard_scaled", "step_guard_scaled_norm", "cast", "add", "gather_rows", "gather_windows", "select_rows", "index_window", "step_advance",
            "accuracy_count", "mlp_forward_backward", "sum_shares")  # fmt: skip
-    # products: cuBLAS, and cuBLASLt with a fused epilogue
-    GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad")
+    # products: cuBLAS, cuBLASLt with a fused epilogue, and a narrow layer's own kernel (layer.cu)
+    GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "gemm_bias_act")
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
     ALIASES = {"sgd_step_batched": "sgd_step", "adam_step_batched": "adam_step"}
 

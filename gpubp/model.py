@@ -153,6 +153,10 @@ class MLP:
         # the separate kernels (0.82x to 1.00x of the step, docs/benchmarks.md); not float64
         # (the default, "auto", also keeps the backward's DRELU_BGRAD to the widths where it pays)
         self.drelu_bgrad_max_width = DRELU_BGRAD_MAX_WIDTH if gemm_epilogues is None else None
+        # a narrow layer's forward and backward as one kernel each of our own where the
+        # backend has them (the GPU's kernels/layer.cu: float32), unless fused products are
+        # turned off (gemm_epilogues False); the NumPy backend has none (the same arithmetic)
+        self.layer_kernels = gemm_epilogues is not False
         if gemm_epilogues is None:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False)) and self.precision.low
         self.gemm_epilogues = bool(gemm_epilogues)
@@ -288,12 +292,27 @@ class MLP:
         limit = self.drelu_bgrad_max_width
         return not self.precision.loss_scaling and (limit is None or self.sizes[k + 1] <= limit)
 
+    def _layer_kernel(self, k: int) -> bool:
+        """Layer k's forward (product, bias, activation) and backward (D', dW, db, D' W^T)
+        may each run as one kernel of the backend's own (be.gemm_bias_act,
+        be.layer_backward; where its layer_fits takes the layer)."""
+        fits = getattr(self.backend, "layer_fits", None)
+        return self.layer_kernels and fits is not None and fits(self.sizes[k], self.sizes[k + 1], self.store_dtype,
+                                                                 self.precision.tf32)  # fmt: skip
+
+    def _layer_grads(self, k: int):
+        """Layer k's dW_k and db_k as one vector (W_k's gradient, then b_k's, adjacent in
+        the gradient buffer: param_layout)."""
+        w_off, b_off, _, fan_out = self.layout[k]
+        return self.flat_grads[w_off : b_off + fan_out]
+
     @property
     def fuses_products(self) -> bool:
         """Whether any product runs with a fused epilogue: every layer's weight gradient
         takes its bias gradient along, a ReLU layer its bias and ReLU, an identity layer
-        its bias."""
-        return self._epilogues
+        its bias (cuBLASLt); or a narrow layer's forward and backward are one kernel each
+        (_layer_kernel)."""
+        return self._epilogues or any(self._layer_kernel(k) for k in range(self.n_layers))
 
     def as_input(self, x):
         """A (N, n_in) contiguous backend array of the model's dtype."""
@@ -351,6 +370,11 @@ class MLP:
             one_product = ws.fused[k] or (
                 act.name == "identity" and self._epilogues and be.gemm_bias(ws.x[k], W, b_out, ws.a[k], tf32=tf32)
             )
+            # a narrow layer: z_k = x_k W_k + b_k (kept where f' reads it), a_k = f_k(z_k) in
+            # one kernel (False where the backend has none for it)
+            one_product = one_product or (
+                self._layer_kernel(k) and be.gemm_bias_act(ws.x[k], W, b, act, ws.a[k], ws.z[k], tf32=tf32)
+            )
             if not one_product:
                 z = ws.z[k] if ws.z[k] is not None else ws.a[k]
                 self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
@@ -392,6 +416,10 @@ class MLP:
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
             identity = gradient_passes_through(act, self.is_residual[k])  # D' is D: no pass over it
+            # D' W_k^T, the gradient carried down, is wanted (a layer below, or the input's
+            # gradient); carried: layer_backward wrote it (else a product below does)
+            carry = k > 0 or input_grad
+            carried = False
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:
@@ -401,6 +429,16 @@ class MLP:
                 if not be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32):
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
+            elif (
+                self._layer_kernel(k)
+                and not self.is_residual[k]  # (its carried D adds to D' W_k^T, and D' is not kept)
+                and be.layer_backward(
+                    D, saved, ws.x[k], W, act, self._layer_grads(k), ws.dx[k] if carry else None, tf32=tf32
+                )
+            ):
+                # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
+                # kernel (D' kept in shared memory), plus the sum of its blocks' shares
+                carried = carry
             else:
                 if identity:
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
@@ -421,7 +459,7 @@ class MLP:
                 )
                 if ws.done[k - 1] and low_db is not db:
                     be.cast(low_db, db)  # db_{k-1} widened to float32
-            if (k > 0 and not ws.done[k - 1]) or (k == 0 and input_grad):
+            if carry and not carried and not (k > 0 and ws.done[k - 1]):
                 # D <- D' W_k^T, plus D itself through a residual layer's skip (dx[k] is D's buffer)
                 beta = 1.0 if self.is_residual[k] else 0.0
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)

@@ -10,7 +10,9 @@ Covered: every kernel of the backend (KERNELS_USED), a multi-chunk bias gradient
 mean finished by the loss kernel's last block (1 to 2100 rows), a one-output model
 (GEMV products), a batch of one row (GEMV in the other orientation), a residual model,
 both optimizers, gradient clipping and the divergence guard of the trainer; the fused MLP
-kernel (one block, many tiles a block, its shares summed both ways).
+kernel (one block, many tiles a block, its shares summed both ways); the narrow layer's
+forward and backward kernels (layer.cu: the float32 models' layers, and ragged shapes: a
+partial k stage, a partial row tile, blocks that take several tiles).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ cupy.cuda.set_pinned_memory_allocator(None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpubp  # noqa: E402
+from gpubp.activations import make_activation  # noqa: E402
 from gpubp.backend import cupy_backend  # noqa: E402
 from gpubp.backend.cupy_backend import CupyBackend  # noqa: E402
 from gpubp.cli import main  # noqa: E402
@@ -40,6 +43,18 @@ for dtype in (np.float32, np.float64):
         out = be.empty(m, dtype)
         be.bias_grad(d, out)
         assert np.allclose(be.to_numpy(out), be.to_numpy(d).sum(0), rtol=1e-4, atol=1e-3)
+
+for n, k, m in [(1, 1, 1), (130, 60, 64), (20, 64, 33), (37, 3, 10), (9000, 64, 64)]:
+    x, w, b = (be.asarray(rng.normal(size=s).astype(np.float32)) for s in ((n, k), (k, m), m))
+    a, z = be.empty((n, m), np.float32), be.empty((n, m), np.float32)
+    assert be.gemm_bias_act(x, w, b, make_activation("gelu"), a, z)
+    assert np.allclose(be.to_numpy(z), be.to_numpy(x) @ be.to_numpy(w) + be.to_numpy(b), rtol=1e-4, atol=1e-4)
+    grad, e = be.empty(k * m + m, np.float32), be.empty((n, k), np.float32)
+    gelu = make_activation("gelu")
+    assert be.layer_backward(a, z, x, w, gelu, grad, e)  # D = a, f'(z); 9000 rows: blocks of several tiles
+    dz = be.to_numpy(be.act_backward(a, z, gelu, be.empty((n, m), np.float32)))
+    assert np.allclose(be.to_numpy(grad)[k * m :], dz.sum(0), rtol=1e-3, atol=1e-3)
+    assert np.allclose(be.to_numpy(e), dz @ be.to_numpy(w).T, rtol=1e-3, atol=1e-3)
 
 for sizes, loss, rows, residual in [
     ([4, 16, 1], "mse", 2048, False),  # one output: D' W^T and x^T D' are GEMVs

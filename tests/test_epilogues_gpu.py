@@ -208,6 +208,30 @@ def test_a_fused_model_step_agrees_with_the_unfused_one(gpu, dtype):
     assert rel <= rtol, f"gradients differ by {rel:.2e} (relative 2-norm) > {rtol:.2e}"
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_a_narrow_float32_model_runs_its_layers_in_the_layer_kernels(gpu, act):
+    """float32 under "auto" (no cuBLASLt epilogues): each layer of at most 64 inputs and
+    outputs runs z = x W + b, a = f(z) as one kernel and D', dW, db, D' W^T as another
+    (kernels/layer.cu; GELU keeps z for its f'). Loss and gradients against the model with
+    fused products off, within the float32 reorder bound of the test above (1e-4)."""
+    sizes = [64, 64, 64, 10]
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((8192, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 8192)
+    kw = dict(activation=act, loss="softmax_cross_entropy", seed=5, backend=gpu)
+    auto, plain = MLP(sizes, **kw), MLP(sizes, gemm_epilogues=False, **kw)
+    assert auto.fuses_products and not auto.gemm_epilogues and not plain.fuses_products
+    results = []
+    for model in (auto, plain):
+        loss = model.forward_backward(model.as_input(x), model.as_target(y, len(x)))
+        results.append((gpu.to_float(loss), gpu.to_numpy(model.flat_grads)))
+    (la, ga), (lp, gp) = results
+    assert abs(la - lp) <= 1e-4 * abs(lp)
+    rel = np.linalg.norm(ga - gp) / np.linalg.norm(gp)
+    assert rel <= 1e-4, f"gradients differ by {rel:.2e} (relative 2-norm)"
+    assert not np.array_equal(ga, gp)  # another order of sums than cuBLAS's: the kernels ran
+
+
 @pytest.mark.parametrize("m,k,n", [(262144, 64, 64), (4096, 512, 512), (1024, 512, 10)])
 def test_the_fused_products_repeat_bitwise(gpu, m, k, n):
     """docs/architecture.md promises two runs the same bits (no atomics). The bias

@@ -181,6 +181,130 @@ def test_act_backward_bias_grad_is_the_two_ops_bitwise(gpu):
     check_act_backward_bias_grad(gpu, [(1, 1), (31, 33), (2049, 3), (262144, 64), (4096, 1000)])
 
 
+def check_gemm_bias_act(be, shapes, names=tuple(ACTIVATIONS), seed: int = 7) -> None:
+    """be.gemm_bias_act (kernels/layer.cu: a narrow float32 layer's z = x W + b and
+    a = f(z) in one kernel) over `shapes` (n, K, N) and the activations `names`:
+    - small integers (every product and sum exact in float32): z is NumPy's float64
+      x W + b, exactly (any indexing slip shows);
+    - normal values: |z - ref| <= 2 (K + 1) eps (|x| |W| + |b|) + 2^-126, the rounding of
+      a sum of K + 1 terms in any order (-ftz: a flushed subnormal), and a = f(z) byte for
+      byte as be.bias_act_forward gives it from the kernel's z (the same activation code);
+    - with z and without (f' reading a): a alone is written then.
+    Then the layers it refuses (nothing written, False): float64, TF32, more than
+    LAYER_MAX_WIDTH inputs or outputs. Shared by the GPU and the host-run kernels
+    (tests/test_kernels_emulated.py)."""
+    from gpubp.backend.cupy_backend import LAYER_MAX_WIDTH
+
+    rng = np.random.default_rng(seed)
+    f32, eps = np.float32, float(np.finfo(np.float32).eps)
+    for (n, k, m), name in [(s, a) for s in shapes for a in names]:
+        act = make_activation(name)
+        for values in ("integers", "normal"):
+            if values == "integers":
+                x, w, b = (rng.integers(-3, 4, size=s).astype(f32) for s in ((n, k), (k, m), m))
+            else:
+                x, w, b = (
+                    rng.normal(size=(n, k)).astype(f32),
+                    rng.normal(size=(k, m)).astype(f32),
+                    rng.normal(size=m).astype(f32),
+                )
+            ref = x.astype(np.float64) @ w + b
+            for keep_z in (True, False):
+                out, z = poisoned(be, (n, m), f32), poisoned(be, (n, m), f32) if keep_z else None
+                assert be.gemm_bias_act(be.asarray(x), be.asarray(w), be.asarray(b), act, out, z) is True
+                what = f"{name} {(n, k, m)} {values} z {keep_z}"
+                if keep_z:
+                    got = be.to_numpy(z).astype(np.float64)
+                    if values == "integers":
+                        assert np.array_equal(got, ref), what
+                    else:
+                        bound = 2 * (k + 1) * eps * (np.abs(x).astype(np.float64) @ np.abs(w) + np.abs(b)) + FTZ[f32]
+                        assert (np.abs(got - ref) <= bound).all(), what
+                    a_ref = poisoned(be, (n, m), f32)
+                    be.bias_act_forward(be.asarray(be.to_numpy(z)), be.zeros(m, f32), act, a_ref)
+                    assert be.to_numpy(out).tobytes() == be.to_numpy(a_ref).tobytes(), what
+                elif values == "integers":  # a = f(the exact z), as the elementwise kernel computes it
+                    a_ref = poisoned(be, (n, m), f32)
+                    be.bias_act_forward(be.asarray(ref.astype(f32)), be.zeros(m, f32), act, a_ref)
+                    assert be.to_numpy(out).tobytes() == be.to_numpy(a_ref).tobytes(), what
+    act = make_activation("relu")
+    for n, k, m, dt, tf32 in [(5, 4, 3, np.float64, False), (5, 4, 3, f32, True), (5, LAYER_MAX_WIDTH + 1, 3, f32, False),
+                              (5, 4, LAYER_MAX_WIDTH + 1, f32, False)]:  # fmt: skip
+        x, w, b = (be.asarray(rng.normal(size=s).astype(dt)) for s in ((n, k), (k, m), m))
+        out = poisoned(be, (n, m), dt)
+        assert be.gemm_bias_act(x, w, b, act, out, tf32=tf32) is False, (n, k, m, dt, tf32)
+        assert np.isnan(be.to_numpy(out)).all()
+
+
+def check_layer_backward(be, shapes, names=tuple(ACTIVATIONS), seed: int = 8) -> None:
+    """be.layer_backward (kernels/layer.cu: a narrow float32 layer's D' = D f'(saved),
+    dW = x^T D', db = 1^T D' and E = D' W^T in one kernel, then its blocks' shares summed)
+    over `shapes` (n, K, N) and the activations `names`, against float64 sums of D'_ref =
+    be.act_backward's (the elementwise kernel: the same d * f'(saved), so the same bits):
+    - ReLU and identity on small integers: every product and sum exact, so dW, db and E are
+      the float64 ones exactly (a wrong row, column or share shows);
+    - normal values: each of the n-term sums (dW, db) and N-term sums (E) within
+      2 (terms + 1) eps sum |terms| + 2^-126 (any order's rounding; -ftz);
+    - without E (the first layer): E's buffer untouched.
+    Then the layers it refuses (nothing written, False): float64, TF32, more than
+    LAYER_MAX_WIDTH inputs or outputs. Shared by the GPU and the host-run kernels."""
+    from gpubp.backend.cupy_backend import LAYER_MAX_WIDTH
+
+    rng = np.random.default_rng(seed)
+    f32, eps = np.float32, float(np.finfo(np.float32).eps)
+    for (n, k, m), name in [(s, a) for s in shapes for a in names]:
+        act = make_activation(name)
+        for values in ("integers", "normal") if name in ("relu", "identity") else ("normal",):
+            if values == "integers":
+                d, saved, x, w = (rng.integers(-3, 4, size=s).astype(f32) for s in ((n, m), (n, m), (n, k), (k, m)))
+            else:
+                d, x, w = (rng.normal(size=s).astype(f32) for s in ((n, m), (n, k), (k, m)))
+                saved = rng.normal(size=(n, m)).astype(f32)
+                if name in ("relu", "sigmoid", "softplus", "elu", "tanh"):  # f' reads the output: in its range
+                    saved = be.to_numpy(be.bias_act_forward(be.asarray(saved), be.zeros(m, f32), act,
+                                                            poisoned(be, (n, m), f32)))  # fmt: skip
+            dz = be.to_numpy(be.act_backward(be.asarray(d), be.asarray(saved), act, poisoned(be, (n, m), f32)))
+            dz = dz.astype(np.float64)
+            x64, w64 = x.astype(np.float64), w.astype(np.float64)
+            want = {"dW": x64.T @ dz, "db": dz.sum(0), "E": dz @ w64.T}
+            bound = {"dW": 2 * (n + 1) * eps * (np.abs(x64).T @ np.abs(dz)),
+                     "db": 2 * (n + 1) * eps * np.abs(dz).sum(0), "E": 2 * (m + 1) * eps * (np.abs(dz) @ np.abs(w64).T)}  # fmt: skip
+            for with_e in (True, False):
+                grad, e = poisoned(be, k * m + m, f32), poisoned(be, (n, k), f32)
+                ok = be.layer_backward(be.asarray(d), be.asarray(saved), be.asarray(x), be.asarray(w), act, grad,
+                                       e if with_e else None)  # fmt: skip
+                assert ok is True
+                g = be.to_numpy(grad).astype(np.float64)
+                got = {"dW": g[: k * m].reshape(k, m), "db": g[k * m :], "E": be.to_numpy(e).astype(np.float64)}
+                for part in ("dW", "db", "E") if with_e else ("dW", "db"):
+                    what = f"{name} {(n, k, m)} {values} {part} (E {with_e})"
+                    if values == "integers":
+                        assert np.array_equal(got[part], want[part]), what
+                    else:
+                        assert (np.abs(got[part] - want[part]) <= bound[part] + FTZ[f32]).all(), what
+                if not with_e:
+                    assert np.isnan(got["E"]).all()
+    act = make_activation("relu")
+    for n, k, m, dt, tf32 in [(5, 4, 3, np.float64, False), (5, 4, 3, f32, True), (5, LAYER_MAX_WIDTH + 1, 3, f32, False),
+                              (5, 4, LAYER_MAX_WIDTH + 1, f32, False)]:  # fmt: skip
+        d, saved, x, w = (be.asarray(rng.normal(size=s).astype(dt)) for s in ((n, m), (n, m), (n, k), (k, m)))
+        grad, e = poisoned(be, k * m + m, dt), poisoned(be, (n, k), dt)
+        assert be.layer_backward(d, saved, x, w, act, grad, e, tf32=tf32) is False, (n, k, m, dt, tf32)
+        assert np.isnan(be.to_numpy(grad)).all() and np.isnan(be.to_numpy(e)).all()
+
+
+def test_layer_backward_is_dprime_its_products_and_sums(gpu):
+    # one row; odd widths; partial tiles; narrow's layer: 256 blocks of 32 tiles each
+    check_layer_backward(gpu, [(1, 1, 1), (37, 3, 10), (300, 64, 64), (20000, 33, 64)])
+    check_layer_backward(gpu, [(262144, 64, 64)], ("relu", "identity"))
+
+
+def test_gemm_bias_act_is_the_product_bias_and_activation(gpu):
+    # one element; odd widths; k in two stages, the second partial; narrow's layer (2048 row tiles)
+    check_gemm_bias_act(gpu, [(1, 1, 1), (37, 3, 10), (130, 60, 64), (20, 64, 33)])
+    check_gemm_bias_act(gpu, [(262144, 64, 64)], ("relu", "gelu"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sum_squares(gpu, dtype):
     rng = np.random.default_rng(3)

@@ -361,6 +361,74 @@ def test_act_backward_bias_grad_is_the_two_kernels_bitwise(host_kernels):
     assert "act_backward_bias_grad_partial_f32" in gpu.launches and "bias_grad_finish_f32" in gpu.launches
 
 
+def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, monkeypatch):
+    """A narrow layer's forward and backward, one kernel each (layer.cu), run on the host:
+    the GPU tests' own checks (tests/test_gpu.py) over one element, odd widths, k in two
+    stages (the second partial), several row tiles with a partial one, and, with the
+    backward's grid cut to 3 blocks, blocks that take several tiles (the next tile's loads
+    in flight during a tile's sums) and shares summed over blocks; every activation on the
+    small shapes. The launchers' block tiles are the kernel's."""
+    import re
+
+    from gpubp.backend import cupy_backend as C
+
+    from .test_gpu import check_gemm_bias_act, check_layer_backward
+
+    source = kernels.read_source("layer.cu")
+    define = {name: int(v) for name, v in re.findall(r"#define (LAYER_\w+) (\d+)", source)}
+    # 16 x 16 threads, each TM rows by TN columns (forward); BR rows a tile, up to BW wide (backward)
+    assert C.LAYER_THREADS == define["LAYER_THREADS"] == 16 * 16
+    assert (C.LAYER_ROWS, C.LAYER_COLS) == (16 * define["LAYER_TM"], 16 * define["LAYER_TN"])
+    assert (C.LAYER_BACK_ROWS, C.LAYER_MAX_WIDTH) == (define["LAYER_BR"], define["LAYER_BW"])
+    assert C.LAYER_MAX_WIDTH <= C.LAYER_COLS
+    gpu = EmulatedGpu(host_kernels)
+    check_gemm_bias_act(gpu.be, [(1, 1, 1), (37, 3, 10)])
+    check_gemm_bias_act(gpu.be, [(300, 60, 64), (20, 64, 33)], ("relu", "gelu"))
+    check_layer_backward(gpu.be, [(1, 1, 1), (37, 3, 10)])
+    monkeypatch.setattr(C, "LAYER_MAX_BLOCKS", 3)
+    check_layer_backward(gpu.be, [(300, 64, 64), (170, 33, 7)], ("relu", "identity", "gelu"))
+    assert set(gpu.launches) >= {"layer_forward_f32", "layer_backward_f32", "sum_shares_f32"}
+
+
+def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
+    """MLP on a backend that has layer.cu (the NumPy backend plus the host-run kernel's
+    launchers): each layer of at most LAYER_MAX_WIDTH inputs and outputs runs its forward as
+    one launch (z kept for GELU's f') and its backward as one (plus the sum of its shares),
+    the others gemm and bias_act_forward, act_backward_bias_grad and gemm.
+    Loss and gradients against the NumPy model's, which sums in another order: per layer a
+    product's rounding of at most 2 K eps relative (K <= 130 terms here), carried through
+    L = 4 layers: 2 L K eps, norm-wise. Turned off (gemm_epilogues False, or TF32): no
+    launch, and the NumPy model's bits."""
+    from gpubp.backend import NumpyBackend
+    from gpubp.model import MLP
+
+    gpu = EmulatedGpu(host_kernels)
+    be = NumpyBackend()
+    be.layer_fits, be.gemm_bias_act, be.layer_backward = gpu.be.layer_fits, gpu.be.gemm_bias_act, gpu.be.layer_backward
+    sizes = [6, 40, 130, 40, 3]  # 6 -> 40 and 40 -> 3 fit; 40 -> 130 (outputs) and 130 -> 40 (inputs) do not
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(150, 6)), rng.integers(0, 3, 150)
+    kw = dict(activation="gelu", loss="softmax_cross_entropy", seed=4)
+    want = MLP(sizes, backend=NumpyBackend(), **kw).loss_and_grads(x, y)
+    model = MLP(sizes, backend=be, **kw)
+    assert model.fuses_products
+    got = model.loss_and_grads(x, y)
+    # forward: layers 0 and 3; backward: layer 3 (D' W^T carried down), then layer 0 (none)
+    assert gpu.launches == ["layer_forward_f32"] * 2 + ["layer_backward_f32", "sum_shares_f32"] * 2
+    tol = 2 * 4 * 130 * float(np.finfo(np.float32).eps)
+    assert abs(got[0] - want[0]) <= tol * abs(want[0])
+    for g, w in zip(got[1], want[1]):
+        assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w)
+    assert any(not np.array_equal(g, w) for g, w in zip(got[1], want[1]))  # another order of sums: it did run
+    gpu.launches.clear()
+    for off in (MLP(sizes, backend=be, gemm_epilogues=False, **kw), MLP(sizes, backend=be, dtype="tf32", **kw)):
+        assert not off.fuses_products
+        ref = MLP(sizes, backend=NumpyBackend(), dtype=off.precision.name, **kw).loss_and_grads(x, y)
+        loss, grads = off.loss_and_grads(x, y)
+        assert loss == ref[0] and all(np.array_equal(g, w) for g, w in zip(grads, ref[1]))
+    assert gpu.launches == []
+
+
 def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernels):
     """The one-launch column sums (the last block adds the chunks) against the same partial
     kernel with finish = 0 followed by bias_grad_finish: byte for byte, float32 and

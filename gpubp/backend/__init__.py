@@ -38,6 +38,11 @@ class NumpyBackend:
     gemm_bias_relu = staticmethod(numpy_ops.gemm_bias_relu)
     gemm_drelu_bias_grad = staticmethod(numpy_ops.gemm_drelu_bias_grad)
     gemm_bias_grad = staticmethod(numpy_ops.gemm_bias_grad)
+    # a narrow layer's forward and backward, one op each: the GPU's own kernels
+    # (kernels/layer.cu), which a model calls where the backend's layer_fits takes the layer
+    # (this backend has no layer_fits: the same arithmetic as the separate ops)
+    gemm_bias_act = staticmethod(numpy_ops.gemm_bias_act)
+    layer_backward = staticmethod(numpy_ops.layer_backward)
     loss_forward_backward = staticmethod(numpy_ops.loss_forward_backward)
     accuracy_count = staticmethod(numpy_ops.accuracy_count)
     sgd_step = staticmethod(numpy_ops.sgd_step)

@@ -108,6 +108,22 @@ MLP_TILE_SIZES = (1, 2, 4)
 MLP_RESIDENT_WEIGHTS = True
 
 
+# a narrow layer's forward (product, bias, activation) and backward (D', dW, db, D' W^T),
+# one kernel each (kernels/layer.cu): their block, the forward's block tile (LAYER_BM rows,
+# LAYER_BN columns), the backward's rows a tile (LAYER_BR) and blocks at most (each then
+# takes several tiles: so many shares of dW and db to sum, set by the rows alone, not by
+# the GPU), and the layers they take: at most 64 inputs and outputs (the backward keeps a
+# thread's 4 x 4 of dW in registers; a wider layer is cuBLAS's, where it reaches its rate).
+# narrow's layers (64 x 64 float32 at 262144 rows) took 102 us a product and 78 of
+# bias_act_forward on an H100, their traffic about 43 each (docs/benchmarks.md)
+LAYER_THREADS = 256
+LAYER_ROWS = 128
+LAYER_COLS = 64
+LAYER_BACK_ROWS = 32
+LAYER_MAX_BLOCKS = 256
+LAYER_MAX_WIDTH = 64
+
+
 def mlp_row_values(sizes, saves_z) -> int:
     """Values a tile row takes in the fused MLP's shared memory: every layer's output, the
     pre-activations of the layers whose f' reads them (saves_z), and two gradient rows of
@@ -289,6 +305,11 @@ def _address(a) -> int:
     return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
+def _overlap(p, q) -> bool:
+    """Whether two arrays' bytes share an address."""
+    return _address(p) < _address(q) + q.nbytes and _address(q) < _address(p) + p.nbytes
+
+
 def _math(dtype) -> np.dtype:
     """The type kernels compute in (and take scalars in) for a storage dtype: float32 for
     the 16-bit ones, else the dtype itself."""
@@ -335,6 +356,7 @@ class CupyBackend:
 
     name = "gpu"
     optimizer_scratch_rows = 0  # the fused update kernels need no working space
+    tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in, per instance)
 
     def __init__(self, device_id: int | None = None):
         """device_id None: the current device (0 unless a data-parallel rank chose its own)."""
@@ -645,6 +667,80 @@ class CupyBackend:
         return self._lt_product("gemm_drelu_bias_grad", cublaslt.EPILOGUE_DRELU_BGRAD, a, b, out, db, mask, trans_a, trans_b,
                                 tf32)  # fmt: skip
 
+    # ------------------------------------------------------------------ narrow layers (kernels/layer.cu)
+
+    def layer_fits(self, n_in: int, n_out: int, dtype, tf32: bool = False) -> bool:
+        """Whether gemm_bias_act and layer_backward run a layer of n_in inputs and n_out
+        outputs in `dtype` storage here: float32 multiplied in float32 (not TF32), both
+        widths at most LAYER_MAX_WIDTH."""
+        narrow = 0 < n_in <= LAYER_MAX_WIDTH and 0 < n_out <= LAYER_MAX_WIDTH
+        return narrow and np.dtype(dtype) == np.float32 and not (tf32 or self.tf32)
+
+    def gemm_bias_act(self, a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
+        """z = a b + bias (where z is given), out = f(a b + bias), in one launch for a
+        narrow float32 layer (layer_fits); see numpy_ops.gemm_bias_act. False,
+        nothing done, where the layer does not fit: the caller runs gemm and
+        bias_act_forward. out and z must not overlap a."""
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"gemm_bias_act: a {a.shape} and b {b.shape} must be matrices")
+        (n, k), n_out = a.shape, b.shape[1]
+        if not self.layer_fits(k, n_out, a.dtype, tf32) or n >= 2**31:
+            return False
+        f32 = np.dtype(np.float32)
+        self._check("gemm_bias_act", f32, a=a, b=b, bias=bias, out=out, **({"z": z} if z is not None else {}))
+        if (
+            b.shape[0] != k
+            or bias.shape != (n_out,)
+            or out.shape != (n, n_out)
+            or (z is not None and z.shape != out.shape)
+        ):
+            raise ValueError(f"gemm_bias_act: a {a.shape}, b {b.shape}, bias {bias.shape}, out {out.shape}"
+                             + (f", z {z.shape}" if z is not None else "") + " do not fit")  # fmt: skip
+        for name, c in (("out", out), ("z", z)):
+            if c is not None and _overlap(c, a):
+                raise ValueError(f"gemm_bias_act: {name} overlaps a (other blocks still read it)")
+        if n == 0:
+            return True
+        self._function("layer_forward", f32)(
+            (-(-n // LAYER_ROWS),), (LAYER_THREADS,),
+            (a, b, bias, z if z is not None else out, out, np.int32(n), np.int32(k), np.int32(n_out),
+             np.int32(z is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
+        )  # fmt: skip
+        return True
+
+    def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False) -> bool:
+        """A narrow float32 layer's backward pass in one launch of kernels/layer.cu (and the
+        sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
+        1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
+        done, where the layer does not fit (layer_fits): the caller runs the separate ops.
+        e must not overlap d, saved or x (other blocks still read them)."""
+        if x.ndim != 2 or w.ndim != 2:
+            raise ValueError(f"layer_backward: x {x.shape} and w {w.shape} must be matrices")
+        (n, k), n_out = x.shape, w.shape[1]
+        if not self.layer_fits(k, n_out, x.dtype, tf32) or n >= 2**31:
+            return False
+        f32, op = np.dtype(np.float32), "layer_backward"
+        self._check(op, f32, d=d, saved=saved, x=x, w=w, grad=grad, **({"e": e} if e is not None else {}))
+        p = k * n_out + n_out  # dW's values, then db's
+        if (d.shape != (n, n_out) or saved.shape != d.shape or w.shape != (k, n_out) or grad.shape != (p,)
+                or (e is not None and e.shape != x.shape)):  # fmt: skip
+            raise ValueError(f"{op}: d {d.shape}, saved {saved.shape}, x {x.shape}, w {w.shape}, grad {grad.shape}"
+                             + (f", e {e.shape}" if e is not None else "") + " do not fit")  # fmt: skip
+        if e is not None and any(_overlap(e, a) for a in (d, saved, x)):
+            raise ValueError(f"{op}: e overlaps d, saved or x (other blocks still read them)")
+        if n == 0:
+            grad.fill(0)
+            return True
+        grid = min(-(-n // LAYER_BACK_ROWS), LAYER_MAX_BLOCKS)
+        shares = self._kept(("layer_shares", grid, p), lambda: self._cupy.empty((grid, p), f32))
+        self._function(op, f32)(
+            (grid,), (LAYER_THREADS,),
+            (d, saved, x, w, e if e is not None else d, shares, np.int32(n), np.int32(k), np.int32(n_out),
+             np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
+        )  # fmt: skip
+        self._sum_shares(shares, grad)  # in block order
+        return True
+
     # ------------------------------------------------------------------ activations
 
     def bias_act_forward(self, z, b, act: Activation, out):
@@ -945,10 +1041,15 @@ class CupyBackend:
         if shares.ndim != 2 or shares.shape[1] != g.size:
             raise ValueError(f"sum_shares: shares {shares.shape} do not fit g {g.shape}")
         if shares.shape[0] > 1 or _address(shares) != _address(g):  # (one share: g itself, or a copy)
-            self._function("sum_shares", g.dtype)(
-                (self._blocks(g.size),), (BLOCK,), (shares, np.int32(shares.shape[0]), np.int64(g.size), g)
-            )
+            self._sum_shares(shares, g)
         return g
+
+    def _sum_shares(self, shares, g) -> None:
+        """sum_shares' launch, its arguments checked (layer_backward's too: the bench's
+        per-op timing wraps the public op, and would count this part twice)."""
+        self._function("sum_shares", g.dtype)(
+            (self._blocks(g.size),), (BLOCK,), (shares, np.int32(shares.shape[0]), np.int64(g.size), g)
+        )
 
     # ------------------------------------------------------------------ optimizers
 

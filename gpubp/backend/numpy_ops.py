@@ -126,6 +126,44 @@ def gemm_bias_relu(a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=Fal
     return True
 
 
+def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
+    """z = a b + 1 bias^T;  out = f(z): a layer's forward in one op (on the GPU one
+    kernel for a narrow float32 layer, kernels/layer.cu).
+
+    a: (M, K), b: (K, N), bias: (N,), out: (M, N), z: (M, N) or None (f' takes out:
+    act.saves != "input"), all of one float dtype. Here the unfused gemm and
+    bias_act_forward, bit for bit; the GPU's kernel sums each output's K terms in order,
+    a fused multiply-add each, then adds the bias. Returns True (the GPU returns False,
+    having done nothing, where it has no kernel for the layer)."""
+    v = z if z is not None else out
+    gemm(a, b, v, tf32=tf32)  # z = a b                           (M, N)
+    bias_act_forward(v, bias, act, out)  # z += 1 bias^T, out = f(z)
+    return True
+
+
+def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False) -> bool:
+    """D' = d * f'(saved);  grad = (x^T D' (K, N) row-major, then 1^T D' (N,));  e = D' w^T:
+    a layer's backward pass in one op (on the GPU one kernel for a narrow float32 layer,
+    kernels/layer.cu, D' never leaving shared memory).
+
+    d, saved: (M, N), x: (M, K), w: (K, N), grad: (K N + N,) (a model's W_k and b_k, in
+    its gradient buffer), e: (M, K) or None, all of one float dtype. Here the separate ops,
+    bit for bit of the unfused model's backward. Returns True (the GPU returns False,
+    having done nothing, where it has no kernel for the layer)."""
+    k, n = w.shape
+    dw, db = grad[: k * n].reshape(k, n), grad[k * n :]
+    if act.name == "identity":  # D' is D
+        dz = d
+        bias_grad(dz, db)  # db = 1^T D'                              (N,)
+    else:
+        dz = np.empty_like(d)
+        act_backward_bias_grad(d, saved, act, dz, db)  # D' = d * f'(saved), db = 1^T D'
+    gemm(x, dz, dw, trans_a=True, tf32=tf32)  # dW = x^T D'            (K, N)
+    if e is not None:
+        gemm(dz, w, e, trans_b=True, tf32=tf32)  # e = D' W^T           (M, K)
+    return True
+
+
 def gemm_drelu_bias_grad(a, b, mask, out, db, trans_a=False, trans_b=False, tf32=False) -> bool:
     """out = (op(a) op(b)) * mask;  db = 1^T out  (DRELU_BGRAD).
 

@@ -33,14 +33,21 @@ OPS = (
     "accuracy_count_batched", "sum_squares_batched", "step_guard_norm_batched", "sgd_step_batched", "adam_step_batched",
     "cast", "add", "step_guard_scaled", "step_guard_scaled_norm", "index_window_batched", "update_vectors", "gemm_bias", "gemm_bias_relu",
     "gemm_drelu_bias_grad", "gemm_bias_grad", "step_advance", "gather_windows", "mlp_forward_backward", "sum_shares",
-    "act_backward_bias_grad",
+    "act_backward_bias_grad", "gemm_bias_act", "layer_backward",
 )  # fmt: skip
 # the ops that return whether they ran (a fused product: False where the GPU has no
 # algorithm for it); the NumPy reference always runs, so a recorded call says True
-RETURN_DONE = ("gemm_bias", "gemm_bias_relu", "gemm_drelu_bias_grad", "gemm_bias_grad")
+RETURN_DONE = (
+    "gemm_bias",
+    "gemm_bias_relu",
+    "gemm_drelu_bias_grad",
+    "gemm_bias_grad",
+    "gemm_bias_act",
+    "layer_backward",
+)
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
-HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer", "mlp_fits")
+HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer", "mlp_fits", "layer_fits")
 MEMORY = ("empty", "zeros", "asarray")
 HOST_READS = ("to_numpy", "to_float", "synchronize")
 
