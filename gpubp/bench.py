@@ -171,7 +171,8 @@ class OpProfile:
            "step_guard_scaled", "step_guard_scaled_norm", "cast", "add", "gather_rows", "gather_windows", "select_rows", "index_window", "step_advance",
            "accuracy_count", "mlp_forward_backward", "sum_shares")  # fmt: skip
     # products: cuBLAS, cuBLASLt with a fused epilogue, and a narrow layer's own kernel (layer.cu)
-    GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "gemm_bias_act")
+    GEMMS = ("gemm", "gemm_bias_relu", "gemm_bias", "gemm_drelu_bias_grad", "gemm_bias_grad", "gemm_bias_act",
+             "layer_backward")  # fmt: skip
     # the optimizers run the stacked update (a model is a stack of one): timed under the update's name
     ALIASES = {"sgd_step_batched": "sgd_step", "adam_step_batched": "adam_step"}
 
@@ -232,9 +233,13 @@ class OpProfile:
 def product_shape(bound) -> str:
     """'NT 262144x64x64': a product's transposes (op(a), op(b)) and m x n x k, out = op(a)
     op(b) an (m, n) matrix summed over k, from the bound arguments of a GEMM op (a, b,
-    out, trans_a, trans_b: every one of OpProfile.GEMMS). A weight gradient is the one
-    whose k is the batch."""
+    out, trans_a, trans_b: every one of OpProfile.GEMMS but layer_backward, whose two
+    products are named by the layer's rows, inputs and outputs). A weight gradient is the
+    one whose k is the batch."""
     args = bound.arguments
+    if "out" not in args:  # layer_backward: x^T D' and D' W^T of a layer, 'layer 262144x64x64' (rows x in x out)
+        (rows, n_in), n_out = args["x"].shape, args["w"].shape[1]
+        return f"layer {rows}x{n_in}x{n_out}"
     a, out = args["a"], args["out"]
     ta, tb = bool(args.get("trans_a", False)), bool(args.get("trans_b", False))
     m, n = out.shape

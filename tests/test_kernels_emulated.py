@@ -390,15 +390,36 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
     assert set(gpu.launches) >= {"layer_forward_f32", "layer_backward_f32", "sum_shares_f32"}
 
 
+def test_the_layer_launchers_refuse_overlaps_and_take_an_empty_batch(host_kernels):
+    """An output that overlaps an input another block may still read is refused (one
+    line naming them); an empty batch launches nothing, and its gradient is 0."""
+    from gpubp.activations import make_activation
+
+    gpu, relu, f32 = EmulatedGpu(host_kernels), make_activation("relu"), np.float32
+    buf = np.zeros(64, f32)
+    x, w, b = buf[:12].reshape(4, 3), np.ones((3, 4), f32), np.ones(4, f32)
+    with pytest.raises(ValueError, match="out overlaps a, b or bias"):
+        gpu.be.gemm_bias_act(x, w, b, relu, buf[10:26].reshape(4, 4))
+    d, wd = np.ones((4, 4), f32), buf[20:32].reshape(3, 4)
+    with pytest.raises(ValueError, match="e overlaps d, saved, x or w"):
+        gpu.be.layer_backward(d, d, x, wd, relu, np.zeros(16, f32), buf[24:36].reshape(4, 3))
+    empty, grad = np.zeros((0, 3), f32), np.full(16, np.nan, f32)
+    assert gpu.be.gemm_bias_act(empty, w, b, relu, np.zeros((0, 4), f32)) is True
+    assert gpu.be.layer_backward(np.zeros((0, 4), f32), np.zeros((0, 4), f32), empty, w, relu, grad) is True
+    assert gpu.launches == [] and not grad.any()
+
+
 def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
     """MLP on a backend that has layer.cu (the NumPy backend plus the host-run kernel's
     launchers): each layer of at most LAYER_MAX_WIDTH inputs and outputs runs its forward as
     one launch (z kept for GELU's f') and its backward as one (plus the sum of its shares),
     the others gemm and bias_act_forward, act_backward_bias_grad and gemm.
     Loss and gradients against the NumPy model's, which sums in another order: per layer a
-    product's rounding of at most 2 K eps relative (K <= 130 terms here), carried through
-    L = 4 layers: 2 L K eps, norm-wise. Turned off (gemm_epilogues False, or TF32): no
-    launch, and the NumPy model's bits."""
+    product's rounding of at most 2 T eps relative (T <= 150 terms here: 130 inputs, 150
+    rows), carried through L = 4 layers: 2 L T eps, norm-wise. The same with the input's
+    gradient (layer 0's D' W^T from the kernel) and with a residual layer (its forward in
+    the kernel, its backward the separate ops: the skip's D adds to D' W^T). Turned off
+    (gemm_epilogues False, or TF32): no launch, and the NumPy model's bits."""
     from gpubp.backend import NumpyBackend
     from gpubp.model import MLP
 
@@ -415,11 +436,22 @@ def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
     got = model.loss_and_grads(x, y)
     # forward: layers 0 and 3; backward: layer 3 (D' W^T carried down), then layer 0 (none)
     assert gpu.launches == ["layer_forward_f32"] * 2 + ["layer_backward_f32", "sum_shares_f32"] * 2
-    tol = 2 * 4 * 130 * float(np.finfo(np.float32).eps)
+    tol = 2 * 4 * 150 * float(np.finfo(np.float32).eps)
     assert abs(got[0] - want[0]) <= tol * abs(want[0])
     for g, w in zip(got[1], want[1]):
         assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w)
     assert any(not np.array_equal(g, w) for g, w in zip(got[1], want[1]))  # another order of sums: it did run
+    for sizes_r, residual in ((sizes, False), ([6, 40, 40, 3], True)):
+        gpu.launches.clear()
+        ref = MLP(sizes_r, backend=NumpyBackend(), residual=residual, **kw)
+        mine = MLP(sizes_r, backend=be, residual=residual, **kw)
+        dx_ref, dx = ref.input_grad(x, y), mine.input_grad(x, y)
+        assert np.linalg.norm(dx - dx_ref) <= tol * np.linalg.norm(dx_ref) and not np.array_equal(dx, dx_ref)
+        assert all(np.linalg.norm(g - w) <= tol * np.linalg.norm(w) for g, w in zip(mine.grads, ref.grads))
+        # input_grad: layer 0's backward carries D' W_0^T too; residual: layer 1 (40 -> 40)
+        # runs its forward in the kernel, its backward as the separate ops
+        assert gpu.launches.count("layer_backward_f32") == 2
+        assert gpu.launches.count("layer_forward_f32") == (3 if residual else 2)
     gpu.launches.clear()
     for off in (MLP(sizes, backend=be, gemm_epilogues=False, **kw), MLP(sizes, backend=be, dtype="tf32", **kw)):
         assert not off.fuses_products

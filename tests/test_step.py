@@ -86,6 +86,23 @@ def test_captured_run_equals_the_plain_run_bitwise(case):
     assert_same_run(plain, captured)
 
 
+def test_a_captured_step_records_the_narrow_layer_ops(monkeypatch):
+    """Where the backend runs a layer in its own kernels (layer_fits: the GPU's
+    kernels/layer.cu), a captured step records gemm_bias_act and layer_backward like any
+    op (layer_backward's output is the gradient it is given) and replays the plain run
+    bitwise; their NumPy references are the separate ops, so it is also the run without."""
+    from gpubp.backend import NumpyBackend
+
+    case = "adam-cosine-warmup-clip"
+    without = run(case, "cpu")
+    monkeypatch.setattr(NumpyBackend, "layer_fits", lambda self, n_in, n_out, dtype, tf32=False: True, raising=False)
+    plain, rec = run(case, "cpu"), RecordingBackend()
+    captured = run(case, rec)
+    assert {"gemm_bias_act", "layer_backward"} <= {fn.__name__ for fn, _, _ in rec.graphs[0]}
+    assert_same_run(plain, captured)
+    assert_same_run(without, plain)
+
+
 def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     """The old way (the host sets opt.lr each step, the update takes it as a Python float):
     right when every step runs, wrong when the step is captured once and replayed."""

@@ -34,6 +34,9 @@ KERNELS_USED = (
     "mlp_fused", "sum_shares",
 )  # fmt: skip
 
+# the kernels that exist for float32 only (each as _f32): the narrow layers' (layer.cu)
+F32_KERNELS_USED = ("layer_forward", "layer_backward")
+
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
 LOW_KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "accuracy_rows", "loss_rows", "cast_f32", "add",
@@ -672,15 +675,16 @@ class CupyBackend:
     def layer_fits(self, n_in: int, n_out: int, dtype, tf32: bool = False) -> bool:
         """Whether gemm_bias_act and layer_backward run a layer of n_in inputs and n_out
         outputs in `dtype` storage here: float32 multiplied in float32 (not TF32), both
-        widths at most LAYER_MAX_WIDTH."""
+        widths at most LAYER_MAX_WIDTH, and GPUBP_GEMM_EPILOGUES=0 not set."""
         narrow = 0 < n_in <= LAYER_MAX_WIDTH and 0 < n_out <= LAYER_MAX_WIDTH
-        return narrow and np.dtype(dtype) == np.float32 and not (tf32 or self.tf32)
+        off = os.environ.get("GPUBP_GEMM_EPILOGUES", "").strip() == "0"  # every fused product off (gemm_epilogues)
+        return narrow and not off and np.dtype(dtype) == np.float32 and not (tf32 or self.tf32)
 
     def gemm_bias_act(self, a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
         """z = a b + bias (where z is given), out = f(a b + bias), in one launch for a
         narrow float32 layer (layer_fits); see numpy_ops.gemm_bias_act. False,
         nothing done, where the layer does not fit: the caller runs gemm and
-        bias_act_forward. out and z must not overlap a."""
+        bias_act_forward. out and z must not overlap a, b or bias."""
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"gemm_bias_act: a {a.shape} and b {b.shape} must be matrices")
         (n, k), n_out = a.shape, b.shape[1]
@@ -697,8 +701,8 @@ class CupyBackend:
             raise ValueError(f"gemm_bias_act: a {a.shape}, b {b.shape}, bias {bias.shape}, out {out.shape}"
                              + (f", z {z.shape}" if z is not None else "") + " do not fit")  # fmt: skip
         for name, c in (("out", out), ("z", z)):
-            if c is not None and _overlap(c, a):
-                raise ValueError(f"gemm_bias_act: {name} overlaps a (other blocks still read it)")
+            if c is not None and any(_overlap(c, r) for r in (a, b, bias)):
+                raise ValueError(f"gemm_bias_act: {name} overlaps a, b or bias (other blocks still read them)")
         if n == 0:
             return True
         self._function("layer_forward", f32)(
@@ -713,7 +717,7 @@ class CupyBackend:
         sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
         1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
         done, where the layer does not fit (layer_fits): the caller runs the separate ops.
-        e must not overlap d, saved or x (other blocks still read them)."""
+        e must not overlap d, saved, x or w (other blocks still read them)."""
         if x.ndim != 2 or w.ndim != 2:
             raise ValueError(f"layer_backward: x {x.shape} and w {w.shape} must be matrices")
         (n, k), n_out = x.shape, w.shape[1]
@@ -726,8 +730,8 @@ class CupyBackend:
                 or (e is not None and e.shape != x.shape)):  # fmt: skip
             raise ValueError(f"{op}: d {d.shape}, saved {saved.shape}, x {x.shape}, w {w.shape}, grad {grad.shape}"
                              + (f", e {e.shape}" if e is not None else "") + " do not fit")  # fmt: skip
-        if e is not None and any(_overlap(e, a) for a in (d, saved, x)):
-            raise ValueError(f"{op}: e overlaps d, saved or x (other blocks still read them)")
+        if e is not None and any(_overlap(e, a) for a in (d, saved, x, w)):
+            raise ValueError(f"{op}: e overlaps d, saved, x or w (other blocks still read them)")
         if n == 0:
             grad.fill(0)
             return True

@@ -83,8 +83,9 @@ class RecordingBackend:
             if self.recording is None:
                 return fn(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
-            if "out" in signature.parameters or "outs" in signature.parameters:
-                out = bound.arguments.get("out", bound.arguments.get("outs"))
+            outs = [p for p in ("out", "outs", "grad") if p in signature.parameters]  # (grad: layer_backward's)
+            if outs:
+                out = bound.arguments.get(outs[0])
                 if out is None:
                     raise CaptureError(f"{name} returns a new array inside a captured step: pass out=")
                 self.recording.append((fn, args, kwargs))
