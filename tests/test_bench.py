@@ -102,6 +102,24 @@ def test_a_fusing_model_is_also_timed_without_its_fused_products(monkeypatch):
     assert not g["fused_products"] and g["ms_per_step_unfused"] is None and g["fusion_speedup"] is None
 
 
+def test_the_narrow_layer_kernels_are_timed_as_products(monkeypatch):
+    """Where the backend runs narrow layers in its own kernels (layer_fits: the GPU's
+    layer.cu, stood in for here), the row times the step without them too (fused x), and
+    gemm_bias_act and layer_backward are the step's products: in the GEMM sum, by shape
+    (a forward by its NN product, a backward by the layer's rows x inputs x outputs)."""
+    from gpubp.backend import NumpyBackend
+    from gpubp.backend.recording import RecordingBackend
+
+    monkeypatch.setattr(NumpyBackend, "layer_fits", lambda self, n_in, n_out, dtype, tf32=False: True, raising=False)
+    case = B.Case("t", [8, 16, 16, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adamw")
+    g = B.run([case], RecordingBackend(), with_torch=False, log=lambda m: None)["results"][0]["gpubp"]
+    assert g["fused_products"] and g["ms_per_step_unfused"] > 0
+    assert set(g["products_us"]) == {"gemm_bias_act NN 32x16x8", "gemm_bias_act NN 32x16x16",
+                                     "gemm_bias_act NN 32x4x16", "layer_backward layer 32x8x16",
+                                     "layer_backward layer 32x16x16", "layer_backward layer 32x16x4"}  # fmt: skip
+    assert g["gemm_us"] == pytest.approx(g["ops_us"]["gemm_bias_act"] + g["ops_us"]["layer_backward"])
+
+
 def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch):
     """On the GPU (GRAPH_PROFILE_DEVICES; the recording backend stands in) each op of one
     uncaptured step is captured REPEAT times into a graph of its own and timed by one
