@@ -409,6 +409,22 @@ def test_the_layer_launchers_refuse_overlaps_and_take_an_empty_batch(host_kernel
     assert gpu.launches == [] and not grad.any()
 
 
+def test_the_layer_timing_script_runs_every_part(host_kernels, capsys):
+    """tests/layer_timing.py (a GPU-visit aid) on the host-run kernels, at a small shape:
+    every part runs (a visit's device time is too short for a script that fails)."""
+    from gpubp.backend import NumpyBackend, numpy_ops
+
+    from . import layer_timing
+
+    gpu = EmulatedGpu(host_kernels)
+    be = gpu.be
+    be.gemm, be.timer, be.describe = numpy_ops.gemm, NumpyBackend().timer, lambda: "host-run kernels"
+    layer_timing.main(be, shape=(40, 8, 8), grids=(1, 2), reps=1)
+    out = capsys.readouterr().out
+    assert "failed" not in out and out.count("\n") == 1 + 4 + 2, out
+    assert gpu.launches.count("layer_backward_f32") > 0 and gpu.launches.count("layer_forward_f32") > 0
+
+
 def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
     """MLP on a backend that has layer.cu (the NumPy backend plus the host-run kernel's
     launchers): each layer of at most LAYER_MAX_WIDTH inputs and outputs runs its forward as
