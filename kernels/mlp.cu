@@ -111,6 +111,59 @@ __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T
   __syncthreads();
 }
 
+// A 16-byte word of T (a 16-byte load, LDG.128): 4 float or 2 double, value c of it
+template <typename T> struct Word16;
+template <> struct Word16<float> {
+  typedef float4 type;
+  static constexpr int n = 4;
+  __device__ static __forceinline__ float at(const float4& w, int c) {
+    return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
+  }
+};
+template <> struct Word16<double> {
+  typedef double2 type;
+  static constexpr int n = 2;
+  __device__ static __forceinline__ double at(const double2& w, int c) { return c == 0 ? w.x : w.y; }
+};
+
+// Every layer's W into its resident stage (row stride n_{k+1} + 1), once, before the
+// tiles: the layers' loads one after another with no barrier between them (one after all),
+// and a layer whose W starts on a 16-byte boundary with a whole number of 16-byte words
+// loads a word where it loaded a value (4 float32, 2 float64), MLP_STAGE_UNROLL words a
+// pass. With stage_rows a layer took a barrier pair and a round of loads per 8 values a
+// thread: tiny (64 x 128 and 128 x 10) 5 rounds and 4 barriers, now 2 and 1; narrow (five
+// 64 x 64) 10 and 10, now 5 and 1. A copy: the same bits. (The pass's 8 words raise the
+// kernel's registers from 94 to 117, float32: still two blocks of 256 threads an SM.)
+template <typename T>
+__device__ __forceinline__ void stage_resident(const T* params, const int* width, int L, T* wtile,
+                                               const int* stage_at) {
+  typedef Word16<T> W16;
+  const int t = threadIdx.x, nt = blockDim.x;
+  for (int k = 0, w_at = 0; k < L; w_at += width[k] * width[k + 1] + width[k + 1], ++k) {
+    const int no = width[k + 1], count = width[k] * no, ld = no + 1, words = count / W16::n;
+    const T* from = params + w_at;
+    T* const to = wtile + stage_at[k];
+    if (count % W16::n == 0 && ((unsigned long long)from) % 16 == 0) {
+      const typename W16::type* word = (const typename W16::type*)from;
+      for (int q0 = t; q0 < words; q0 += MLP_STAGE_UNROLL * nt) {
+        typename W16::type w[MLP_STAGE_UNROLL];  // the pass's loads first
+        UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) if (q0 + u * nt < words) w[u] = word[q0 + u * nt];
+        UNROLL for (int u = 0; u < MLP_STAGE_UNROLL; ++u) {
+          if (q0 + u * nt >= words) break;
+          UNROLL for (int c = 0; c < W16::n; ++c) {
+            const int e = (q0 + u * nt) * W16::n + c;
+            to[e / no * ld + e % no] = W16::at(w[u], c);
+          }
+        }
+      }
+    } else {
+      block_gather<MLP_STAGE_UNROLL>([=](int e) { return from + e; }, to, [=](int e) { return e / no * ld + e % no; },
+                                     count);
+    }
+  }
+  __syncthreads();
+}
+
 // The products' items, one function each, with its register tile's rows and columns as
 // template parameters (RT, CT in 1, 2, 4; MLP_TILE_CALL picks the instance at run time):
 // with them known, the loops carry no predicate per row and column and read shared
@@ -251,9 +304,7 @@ __device__ void mlp_fused(const T* x, const int* labels, const T* targets, const
     stage_at[k] = resident ? at : 0;
     at += width[k] * (width[k + 1] + 1);
   }
-  if (resident)
-    for (int k = 0, w_at = 0; k < L; w_at += width[k] * width[k + 1] + width[k + 1], ++k)
-      stage_rows(params + w_at, width[k + 1], 0, width[k], wtile + stage_at[k], width[k + 1] + 1);
+  if (resident) stage_resident(params, width, L, wtile, stage_at);
   T* share = shares + (long long)blockIdx.x * p;
   const int c = width[L], groups = rows / rt;  // groups: the products' row groups of rt rows
   const long long tiles = ((long long)n + rows - 1) / rows;

@@ -56,12 +56,16 @@ inline T max(T a, T b) { return a < b ? b : a; }
 #define HOST_DYNAMIC_SHARED_BYTES (256 * 1024)
 alignas(16) inline unsigned char host_dynamic_shared[HOST_DYNAMIC_SHARED_BYTES];
 
-// CUDA's 16-byte vector types (gather.cu's widest word; layer.cu's four k of a row)
+// CUDA's 16-byte vector types (gather.cu's widest word; layer.cu's four k of a row; mlp.cu's
+// resident weights' words)
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 struct alignas(16) float4 {
   float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
 };
 
 struct dim3 {
