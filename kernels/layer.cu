@@ -8,14 +8,14 @@
 // where f' takes it) written once.
 //
 // Block tile: LAYER_BM rows x all N <= LAYER_BN columns of the output (block b: rows
-// b LAYER_BM ..), K in stages of LAYER_BK: the stage's x rows and W rows in shared memory, then each
-// thread's LAYER_TM x LAYER_TN sums in registers, rows ty + 16 q and columns tx + 16 m
-// (tx = t % 16, ty = t / 16):
+// b LAYER_BM ..), K in stages of LAYER_BK: the stage's x rows and W rows in shared memory,
+// then each thread's LAYER_TM x LAYER_TN sums in registers, rows ty + 16 q and columns
+// tx + 16 m (tx = t % 16, ty = t / 16):
 // - a W row's 16 columns of a half warp are 16 consecutive words (no bank conflict), as are
 //   the columns its outputs go to (coalesced stores);
 // - a thread reads its rows' x four k at a time (16-byte shared loads); the row stride
-//   LAYER_LDX = LAYER_BK + 4 keeps rows 16-byte aligned and puts a warp's two rows (ty, ty + 1)
-//   in different banks.
+//   LAYER_LDX = LAYER_BK + 4 keeps rows 16-byte aligned and puts a warp's two rows
+//   (ty, ty + 1) in different banks.
 // Per four k a thread makes 8 16-byte loads of x and 16 loads of W for 128 multiply-adds.
 // Each output's sum runs over k = 0..K-1 in order, a fused multiply-add a term from 0, then
 // + b[j]: the grid changes the speed, not the bits.
@@ -115,9 +115,9 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
 //   dW = x^T D',  db = 1^T D'             (K, N), (N,): this block's rows' part, its share
 //   E = D' W^T                            (n, K)   where write_e (the gradient carried down)
 // D' never leaves shared memory: D, saved and x are read once and E written once, where
-// the separate ops (act_backward_bias_grad, then cuBLAS's x^T D' and D' W^T) read and write
-// D' four times more (narrow float32 on an H100: some 330 us a layer recorded for them,
-// their traffic about 150).
+// the separate ops (act_backward_bias_grad, then cuBLAS's x^T D' and D' W^T) also write D'
+// and read it twice, and x^T D' reads x (narrow float32 on an H100: some 330 us a layer
+// recorded for them; the kernel's traffic is about 86 us).
 // Block b takes the row tiles b, b + G, b + 2 G, ... (G = gridDim.x: the launcher's
 // min(tiles, LAYER_MAX_BLOCKS), set by n alone) and keeps its dW and db sums in registers
 // over them: a thread dW[4 ty .. 4 ty + 3, 4 tx .. 4 tx + 3] (a 16-byte shared load of x's
