@@ -17,6 +17,13 @@
 #define UNROLL_BY(n)
 #endif
 
+// Value c of a 16-byte word (c a constant once its loop is unrolled): float4's x, y, z, w
+// (layer.cu's four k of a row), double2's x, y (mlp.cu's resident weights' words)
+__device__ __forceinline__ float word_part(const float4& w, int c) {
+  return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
+}
+__device__ __forceinline__ double word_part(const double2& w, int c) { return c == 0 ? w.x : w.y; }
+
 // sums of float run in float, of double in double, of int in long long
 template <typename T> struct Acc { typedef T type; };
 template <> struct Acc<int> { typedef long long type; };

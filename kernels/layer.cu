@@ -32,10 +32,6 @@
 #define LAYER_X_LOADS (LAYER_BM * LAYER_BK / LAYER_THREADS)  // x values a thread stages: 16
 #define LAYER_W_LOADS (LAYER_BK * LAYER_BN / LAYER_THREADS)  // W values a thread stages: 8
 
-__device__ __forceinline__ float quad_part(const float4& v, int u) {
-  return u == 0 ? v.x : u == 1 ? v.y : u == 2 ? v.z : v.w;
-}
-
 // x: (n, K), W: (K, N), b: (N,) row-major; a: (n, N) = f(x W + b); z: (n, N) = x W + b where
 // keep_z (f' takes z), else not written (f' takes a). a and z must not overlap x (another
 // block may still read it). N <= LAYER_BN. Grid: ceil(n / LAYER_BM) blocks of LAYER_THREADS
@@ -90,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
         float w[LAYER_TN];
         UNROLL for (int m = 0; m < LAYER_TN; ++m) w[m] = wcol[(kq + u) * LAYER_BN + 16 * m];
         UNROLL for (int q = 0; q < LAYER_TM; ++q) UNROLL for (int m = 0; m < LAYER_TN; ++m)
-          acc[q][m] = fmaf(quad_part(xq[q], u), w[m], acc[q][m]);
+          acc[q][m] = fmaf(word_part(xq[q], u), w[m], acc[q][m]);
       }
     }
   }
@@ -184,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
       const float4 xq = *(const float4*)(xs + r * LAYER_LDB + 4 * ty);
       const float4 dq = *(const float4*)(ds + r * LAYER_LDB + 4 * tx);
       UNROLL for (int u = 0; u < 4; ++u) UNROLL for (int m = 0; m < 4; ++m)
-        gw[u][m] = fmaf(quad_part(xq, u), quad_part(dq, m), gw[u][m]);
+        gw[u][m] = fmaf(word_part(xq, u), word_part(dq, m), gw[u][m]);
     }
     if (t < LAYER_BW)  // db[t] += D'[r, t], the rows in order
       for (int r = 0; r < valid; ++r) gb += ds[r * LAYER_LDB + t];
@@ -196,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
         UNROLL for (int q = 0; q < LAYER_ER; ++q) dq[q] = *(const float4*)(ds + (ty + 16 * q) * LAYER_LDB + j);
         UNROLL for (int m = 0; m < 4; ++m) wq[m] = *(const float4*)(ws + (tx + 16 * m) * LAYER_LDB + j);
         UNROLL for (int v = 0; v < 4; ++v) UNROLL for (int q = 0; q < LAYER_ER; ++q) UNROLL for (int m = 0; m < 4; ++m)
-          acc[q][m] = fmaf(quad_part(dq[q], v), quad_part(wq[m], v), acc[q][m]);
+          acc[q][m] = fmaf(word_part(dq[q], v), word_part(wq[m], v), acc[q][m]);
       }
       UNROLL for (int q = 0; q < LAYER_ER; ++q) {
         const long long row = tile * LAYER_BR + ty + 16 * q;

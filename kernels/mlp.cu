@@ -111,19 +111,16 @@ __device__ __forceinline__ void stage_rows(const T* W, int no, int i0, int i1, T
   __syncthreads();
 }
 
-// A 16-byte word of T (a 16-byte load, LDG.128): 4 float or 2 double, value c of it
+// A 16-byte word of T (a 16-byte load, LDG.128): 4 float or 2 double (common.cuh's
+// word_part reads value c of it)
 template <typename T> struct Word16;
 template <> struct Word16<float> {
   typedef float4 type;
   static constexpr int n = 4;
-  __device__ static __forceinline__ float at(const float4& w, int c) {
-    return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
-  }
 };
 template <> struct Word16<double> {
   typedef double2 type;
   static constexpr int n = 2;
-  __device__ static __forceinline__ double at(const double2& w, int c) { return c == 0 ? w.x : w.y; }
 };
 
 // Every layer's W into its resident stage (row stride n_{k+1} + 1), once, before the
@@ -152,7 +149,7 @@ __device__ __forceinline__ void stage_resident(const T* params, const int* width
           if (q0 + u * nt >= words) break;
           UNROLL for (int c = 0; c < W16::n; ++c) {
             const int e = (q0 + u * nt) * W16::n + c;
-            to[e / no * ld + e % no] = W16::at(w[u], c);
+            to[e / no * ld + e % no] = word_part(w[u], c);
           }
         }
       }
