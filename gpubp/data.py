@@ -656,15 +656,19 @@ class DeviceSplit:
         xb = be.gather_rows(self.x, idx, buffer("x", self.x, n))
         return xb, be.gather_rows(self.target, idx, buffer("y", self.target, n))
 
-    def batch_window(self, perm, start, n: int, buffer):
+    def batch_window(self, perm, start, n: int, buffer, target: bool = True):
         """(x, target) of rows perm[start : start + n] (perm, start on the device): one
-        launch for both, into buffer(name, like, rows)."""
-        return window_batch(self, perm, start, n, buffer)
+        launch for both, into buffer(name, like, rows); target=False: x alone, (x, None)."""
+        return window_batch(self, perm, start, n, buffer, target)
 
 
-def window_batch(split, perm, start, n: int, buffer):
+def window_batch(split, perm, start, n: int, buffer, target: bool = True):
     """A split's (x, target) of rows perm[start : start + n], gathered on the device into
-    buffer(name, like, rows) (DeviceSplit and stream.StreamSplit: their x and target)."""
+    buffer(name, like, rows) (DeviceSplit and stream.StreamSplit: their x and target);
+    target=False: x alone, (x, None) (the loss reads the targets where they lie)."""
+    if not target:
+        (xb,) = split.backend.gather_windows((split.x,), perm, start, (buffer("x", split.x, n),))
+        return xb, None
     outs = (buffer("x", split.x, n), buffer("y", split.target, n))
     xb, yb = split.backend.gather_windows((split.x, split.target), perm, start, outs)
     return xb, yb

@@ -465,7 +465,7 @@ class MLP:
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
-                         loss_out=None, params_rounded: bool = False):  # fmt: skip
+                         loss_out=None, params_rounded: bool = False, target_window=None):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -476,9 +476,12 @@ class MLP:
         fused_mlp: the whole pass as one op where the network fits it (_fused_forward_backward).
         params_rounded: params_low already holds the parameters in 16 bits (the trainer's
         step, whose update writes it: numpy_stacked.rounded), so no cast first.
+        target_window (perm, start): target is a whole split's, the batch's rows of it
+        perm[start : start + N] (the training step's: the loss reads them where they lie).
         """
         self.grad_shares = None
-        if self.fused_mlp and not input_grad and on_layer is None:
+        # (a window's fused MLP is forward_backward_rows': this target is no batch)
+        if self.fused_mlp and not input_grad and on_layer is None and target_window is None:
             loss = self._fused_forward_backward(x, target, loss_out)
             if loss is not None:
                 return loss
@@ -486,7 +489,7 @@ class MLP:
         if not params_rounded:
             self._round_params()
         out = self._forward(x, ws)
-        kw = {}
+        kw = {} if target_window is None else {"window": target_window}
         if self.loss_scale is not None:
             kw["loss_scale"] = self.loss_scale if scaled else self._unit_scale()
         loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out, **kw)

@@ -1,8 +1,9 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
-    gather     x, y = rows perm[offset : offset + n]                 (gather_windows)
-    forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers
+    gather     x, y = rows perm[offset : offset + n]                 (gather_windows; y: labels only)
+    forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers (targets
+               (n, c): the loss reads rows perm[offset : offset + n] of the split's in place)
     (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
                MLP reads the rows where they lie, and leaves grads in shares the guard sums
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
@@ -41,6 +42,14 @@ from __future__ import annotations
 import numpy as np
 
 CHUNK = 1024  # steps per table upload
+
+
+def reads_targets_in_place(loss) -> bool:
+    """Whether the step's loss reads the batch's targets where they lie in the split (rows
+    perm[offset : offset + n]: targets (n, c), as many bytes a row as the outputs, whose
+    copy would be a read and a write of them more) rather than gathered with x (labels:
+    4 bytes a row, which ride x's launch and spare the loss a dependent load)."""
+    return loss.info.target != "labels"
 
 
 class StepState:
@@ -257,8 +266,13 @@ class Step(ShapeGraphs):
         if self.model.fused_mlp:
             loss = self.model.forward_backward_rows(train.x, train.target, self.perm, st.offset, n, self.loss)
         if loss is None:
-            xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer)  # rows perm[offset : offset + n]
-            loss = self.model.forward_backward(xb, yb, loss_out=self.loss, params_rounded=self.fold_cast)
+            # rows perm[offset : offset + n]: x gathered; targets (n, c) read where they lie
+            # by the loss (no copy of them first); labels (4 bytes a row) ride x's gather
+            in_place = reads_targets_in_place(self.model.loss)
+            xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer, target=not in_place)
+            loss = self.model.forward_backward(xb, train.target if in_place else yb, loss_out=self.loss,
+                                               params_rounded=self.fold_cast,
+                                               target_window=(self.perm, st.offset) if in_place else None)  # fmt: skip
         self._finish(loss)
 
     def _finish(self, loss) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from .conftest import run_cli
-from .kernel_params import assert_launch_fits, numpy_backend_of_gpu
+from .kernel_params import assert_launch_fits, kernel_params, numpy_backend_of_gpu
 
 
 def binding_signatures(module: str, names) -> dict[str, list[tuple[str, str]]]:
@@ -506,12 +506,25 @@ def test_a_batchs_loss_is_one_launch(dtype):
         # 16 rows a block (10 columns: a group of 16 lanes a row, two rows a warp) up to
         # LOSS_MAX_BLOCKS, whatever the GPU's SM count (the mean's bits)
         assert name == f"loss_rows_{suffix}" and grid == (min(-(-n // 16), cupy_backend.LOSS_MAX_BLOCKS),)
-        assert args[8] == 16  # width
         assert block == (256,)
         assert_launch_fits("loss.cu", name, args)
+        arg = {pname: a for (_, _, pname), a in zip(kernel_params("loss.cu", name), args)}
+        assert arg["width"] == 16 and arg["windowed"] == 0
         finish, partial, count, written, div = args[-5:]
         assert finish == 1 and partial.shape == grid and count.dtype == np.uint32 and written is out
         assert div == mt.type(divisor)
+        # the training step's batch: the targets of a whole split, rows perm[start + i]
+        launched.clear()
+        perm, start = np.arange(n + 7, dtype=np.int64)[::-1].copy(), np.array(3, np.int64)
+        split = np.zeros((n + 7,) + target.shape[1:], target.dtype)
+        be.loss_forward_backward(x, split, make_loss(loss_name), grad=grad, out=out, window=(perm, start))
+        ((name, grid, block, args),) = launched
+        assert_launch_fits("loss.cu", name, args)
+        arg = {pname: a for (_, _, pname), a in zip(kernel_params("loss.cu", name), args)}
+        assert arg["windowed"] == 1 and arg["perm"] is perm and arg["start"] is start
+        assert (arg["labels"] if loss_name == "softmax_cross_entropy" else arg["targets"]) is split
+        with pytest.raises(ValueError, match="differ|do not fit"):  # a split's rows, unwindowed
+            be.loss_forward_backward(x, split, make_loss(loss_name), grad=grad, out=out)
     if dtype in ("float32", "float64"):  # the sweep's loss (no 16-bit stacks)
         launched.clear()
         x3 = np.zeros((3, 50, 4), storage)

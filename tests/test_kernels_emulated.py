@@ -143,7 +143,8 @@ def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype, monkey
     (groups of 1 to 32 lanes, a warp's last rows past the batch's end; 300: a lane's
     columns in three rounds of loss.cuh's LOSS_UNROLL = 4 loads, the last one partial); against the
     reference. Two launches give the same bits, and a row's gradient has the bits of a
-    whole warp a row (width 32: the butterfly's first levels add nothing)."""
+    whole warp a row (width 32: the butterfly's first levels add nothing), and of the
+    targets read through a window of a split (the training step's batch)."""
     from gpubp.backend import cupy_backend
 
     gpu = EmulatedGpu(host_kernels)
@@ -179,6 +180,15 @@ def test_the_loss_kernel_finishes_its_own_mean(host_kernels, name, dtype, monkey
             whole = np.full_like(x, np.nan)
             gpu.be.loss_forward_backward(x, t, loss, whole, out=np.full((), np.nan, dtype))
         assert whole.tobytes() == grad.tobytes(), (n, c)
+        # the step's batch read where it lies: t's rows scattered in a split of 2 n + 5 rows,
+        # rows perm[start + i]; the same values in the same order, so the same bits
+        perm = rng.permutation(2 * n + 5).astype(np.int64)
+        start = np.array(n // 2 + 1, np.int64)
+        split = np.full((2 * n + 5,) + t.shape[1:], 7, t.dtype)  # (7: any label or value past the window)
+        split[perm[int(start) : int(start) + n]] = t
+        windowed, w_out = np.full_like(x, np.nan), np.full((), np.nan, dtype)
+        gpu.be.loss_forward_backward(x, split, loss, windowed, out=w_out, window=(perm, start))
+        assert windowed.tobytes() == grad.tobytes() and w_out.tobytes() == out.tobytes(), (n, c)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -644,6 +654,8 @@ GPU_TESTS = [
     ("test_precision_gpu", "test_step_guard_scaled_matches_the_reference", {}),
     ("test_precision_gpu", "test_step_guard_scaled_norm_matches_the_reference", {}),
     ("test_stack_gpu", "test_gpu_step_guard_norm_batched_matches_numpy", {}),
+    ("test_step_gpu", "test_the_loss_reads_a_windows_targets_where_they_lie", {"name": "mse", "dtype": "bf16"}),
+    ("test_step_gpu", "test_the_loss_reads_a_windows_targets_where_they_lie", {"name": "huber", "dtype": "float32"}),
 ]
 
 
@@ -651,6 +663,11 @@ GPU_TESTS = [
 @pytest.mark.parametrize("module, name, kwargs", GPU_TESTS, ids=[f"{m}.{n}" for m, n, _ in GPU_TESTS])
 def test_gpu_test_on_the_host_kernels(host_kernels, module, name, kwargs):
     import importlib
+    import inspect
 
     test = getattr(importlib.import_module(f"tests.{module}"), name)
-    test(EmulatedGpu(host_kernels).be, **kwargs)
+    be = EmulatedGpu(host_kernels).be
+    if "be" in inspect.signature(test).parameters:  # (its GPU backend an optional argument)
+        test(be=be, **kwargs)
+    else:
+        test(be, **kwargs)

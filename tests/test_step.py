@@ -103,6 +103,39 @@ def test_a_captured_step_records_the_narrow_layer_ops(monkeypatch):
     assert_same_run(without, plain)
 
 
+@pytest.mark.parametrize("extra", [[], ["model.dtype=bf16"], ["train.fused_mlp=true"]])
+def test_a_regression_step_reads_its_targets_where_they_lie(extra, monkeypatch):
+    """Targets (n, c) are not gathered: the step gathers x alone and the loss reads rows
+    perm[offset : offset + n] of the split's targets (a window read when it runs). The
+    same values in the same order: the run of the step that gathers them, bitwise, and
+    the captured run replays it (a frozen window would read one batch's targets forever).
+    The fused MLP reads its own window (forward_backward_rows) and is unchanged."""
+    import gpubp.step as S
+
+    cfg = BASE + ["data.dataset=regression", "loss.name=mse", "optimizer.name=adam", "optimizer.lr=0.01",
+                  "train.steps=60", "train.eval_every=20"] + extra  # fmt: skip
+
+    def train(device):
+        trainer = T.Trainer(load_config(None, cfg), None, device=device, quiet=True)
+        trainer.summary = trainer.train()
+        return trainer
+
+    rec = RecordingBackend()
+    captured, plain = train(rec), train("cpu")
+    calls = [(fn.__name__, args, kwargs) for fn, args, kwargs in rec.graphs[0]]
+    gathers = [args for name, args, _ in calls if name == "gather_windows"]
+    losses = [kwargs for name, _, kwargs in calls if name == "loss_forward_backward"]
+    if "train.fused_mlp=true" in extra:
+        assert not gathers and not losses and "mlp_forward_backward" in [name for name, _, _ in calls]
+    else:
+        assert [len(srcs) for srcs, *_ in gathers] == [1]  # x alone
+        assert len(losses) == 1 and losses[0]["window"] is not None
+    monkeypatch.setattr(S, "reads_targets_in_place", lambda loss: False)
+    gathered = train("cpu")
+    assert_same_run(plain, captured)
+    assert_same_run(gathered, plain)
+
+
 def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     """The old way (the host sets opt.lr each step, the update takes it as a Python float):
     right when every step runs, wrong when the step is captured once and replayed."""

@@ -148,6 +148,40 @@ def test_gather_windows_is_index_window_then_gather_rows():
             assert np.array_equal(be.to_numpy(o), w) and np.array_equal(w, s[perm[501:538]]), (s.dtype, s.shape)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bf16"])
+@pytest.mark.parametrize("name", ["mse", "huber", "softmax_cross_entropy"])
+def test_the_loss_reads_a_windows_targets_where_they_lie(name, dtype, be=None):
+    """The step's loss on rows perm[start + i] of a split's targets (window) against the
+    same loss on those rows gathered first: the same values in the same order, the same
+    bits, at two starts. (be: a backend; the GPU's by default, tests/test_kernels_emulated.py
+    passes its host-run one.)"""
+    from gpubp import precision as PR
+    from gpubp.backend.cupy_backend import CupyBackend, _math
+    from gpubp.losses import make_loss
+
+    be = be if be is not None else CupyBackend()
+    rng = np.random.default_rng(7)
+    storage = PR.BF16 if dtype == "bf16" else np.dtype(dtype)
+    mt = _math(storage)
+    loss, (n, c, rows) = make_loss(name), (300, 64, 1000)
+    x = np.empty((n, c), storage)
+    PR.store(rng.normal(size=(n, c)).astype(np.float32), x)
+    x = be.asarray(x)
+    if name != "softmax_cross_entropy":
+        split = rng.normal(size=(rows, c)).astype(mt)
+    else:
+        split = rng.integers(0, c, rows).astype(np.int32)
+    perm = rng.permutation(rows).astype(np.int64)
+    dev_split, dev_perm = be.asarray(split), be.asarray(perm)
+    for s in (101, 650):
+        grad, out = be.empty((n, c), storage), be.empty((), mt)
+        be.loss_forward_backward(x, dev_split, loss, grad, out=out, window=(dev_perm, be.asarray(np.array(s))))
+        want_grad, want = be.empty((n, c), storage), be.empty((), mt)
+        be.loss_forward_backward(x, be.asarray(split[perm[s : s + n]]), loss, want_grad, out=want)
+        assert be.to_numpy(out).tobytes() == be.to_numpy(want).tobytes(), s
+        assert be.to_numpy(grad).tobytes() == be.to_numpy(want_grad).tobytes(), s
+
+
 def test_select_rows_gives_the_references_rows_two_tables_a_launch():
     """The step's tables: Adam's vectors (K, 3, 1, 1) with (K, 2) int64 where-rows, SGD's
     with a (K,) bool first-step table too (a 0-d out), one table alone."""

@@ -867,14 +867,20 @@ class CupyBackend:
         out = self._cupy.empty((), dtype=g.dtype) if out is None else out
         return self._sum(g, True, 1, out, "sum", g.dtype)
 
-    def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None, out=None):
+    def loss_forward_backward(self, x, target, loss: Loss, grad=None, loss_scale=None, out=None, window=None):
         """Mean loss (0-d, `out` when given) and grad = dL/dx; see numpy_ops.loss_forward_backward.
         16-bit x, grad: float32 targets, value and row losses; grad = round(dL/dx S), S =
-        loss_scale (a device float32, fp16) or 1."""
+        loss_scale (a device float32, fp16) or 1. window (perm, start): the targets' rows
+        perm[start + i] of a whole split's, read by the kernel where they lie."""
         dtype = x.dtype
         mt = _math(dtype)  # the type of the targets, the value and the scalars
         n, c = x.shape
-        labels, targets, divisor = self._loss_targets("loss_forward_backward", target, loss, n, c, mt)
+        if window is not None:
+            perm, start = window
+            if perm.dtype != np.int64 or perm.ndim != 1 or start.dtype != np.int64 or start.size != 1:
+                raise TypeError("loss_forward_backward: the window's perm is int64 (P,), its start one int64")
+        rows = n if window is None else target.shape[0]  # the targets' rows
+        labels, targets, divisor = self._loss_targets("loss_forward_backward", target, loss, n, c, mt, rows)
         self._check("loss_forward_backward", dtype, x=x, **({"grad": grad} if grad is not None else {}))
         if grad is not None and grad.shape != x.shape:
             raise ValueError(f"loss_forward_backward: grad {grad.shape} differs from x {x.shape}")
@@ -884,20 +890,22 @@ class CupyBackend:
             return out
         row_loss = self._scratch("loss_rows", n, mt)
         # value, gradient and the batch mean in one launch
-        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out)
+        self._loss_rows(x, labels, targets, grad, row_loss, c, loss, divisor, loss_scale, out, window)
         return out
 
-    def _loss_targets(self, op: str, target, loss: Loss, n: int, c: int, mt) -> tuple:
+    def _loss_targets(self, op: str, target, loss: Loss, n: int, c: int, mt, rows=None) -> tuple:
         """(labels, targets, divisor) of the loss kernels for the outputs (n, c): int32
-        labels (n,) or targets (n, c) of `mt` (the other one a dummy pointer of its type),
-        and what the batch mean divides by (numpy_ops.loss_divisor)."""
+        labels (rows,) or targets (rows, c) of `mt` (the other one a dummy pointer of its
+        type; rows: n, or a whole split's where the batch is a window of it), and what the
+        batch mean divides by (numpy_ops.loss_divisor)."""
+        rows = n if rows is None else rows
         if loss.info.target == "labels":
             self._check(op, np.int32, labels=target)
-            if target.shape != (n,):
+            if target.shape != (rows,):
                 raise ValueError(f"{op}: labels {target.shape} do not fit the outputs {(n, c)}")
             return target, self._unit_scale(mt), n  # targets unused: a pointer of its type
         self._check(op, mt, targets=target)
-        if target.shape != (n, c):
+        if target.shape != (rows, c):
             raise ValueError(f"{op}: targets {target.shape} differ from the outputs {(n, c)}")
         return self._unit_scale(np.int32), target, n * c
 
@@ -910,14 +918,18 @@ class CupyBackend:
         return out
 
     def _loss_rows(self, x2, labels, targets, grad, row_loss, c: int, loss: Loss, divisor, loss_scale=None,
-                   out=None):  # fmt: skip
+                   out=None, window=None):  # fmt: skip
         """Launch loss_rows over x2's rows (kernels/loss.cu): row_loss, and grad unless None;
         with `out` (0-d) also out = sum(row_loss) / divisor (block partials, finished by the
-        kernel's last block)."""
+        kernel's last block); window (perm, start): the targets' rows perm[start + i]."""
         dtype, mt, n = x2.dtype, _math(x2.dtype), x2.shape[0]
         finish = out is not None
         width = loss_group_width(c)
-        args = (x2, labels, targets, grad if grad is not None else x2, np.int32(grad is not None), row_loss,
+        windowed = window is not None
+        if not windowed:  # (pointers of their types, unread)
+            window = (self._constant(0, (1,), np.int64), self._constant(0, (), np.int64))
+        args = (x2, labels, targets, *window, np.int32(windowed), grad if grad is not None else x2,
+                np.int32(grad is not None), row_loss,
                 np.int32(n), np.int32(c), np.int32(width), np.int32(loss.info.kernel_id),
                 mt.type(loss.label_smoothing), mt.type(loss.huber_delta), mt.type(1.0 / divisor if divisor else 0.0))  # fmt: skip
         if dtype in PR.LOW:

@@ -411,12 +411,15 @@ def loss_divisor(loss: Loss, n: int, c: int) -> int:
 LOSS_BLOCK = 32768  # elements per block of rows in loss_forward_backward
 
 
-def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None, out=None):
+def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None, out=None, window=None):
     """Mean loss over the batch, and grad = dL/dx when grad is not None.
 
     x: (N, C) network output; target: (N,) integer labels for softmax_cross_entropy,
     (N, C) values otherwise; grad: (N, C) or None. Returns a 0-d array of x.dtype
     (`out`, when given: a captured step writes only into buffers it holds).
+    window (perm, start): target is a whole split's, and row i's is its row
+    perm[start + i] (perm int64, start a 0-d int64, read when the op runs: the training
+    step's batch, its targets read where they lie instead of gathered first).
     Rows go through loss_sum in blocks of about LOSS_BLOCK elements, so that the
     formulas' temporaries stay small (a large batch would otherwise allocate, and
     page-fault, several arrays of its size); the blocks' sums are added in order.
@@ -425,6 +428,9 @@ def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None, out
     value; grad = round(dL/dx * loss_scale), loss_scale a 0-d float32 array (fp16's
     dynamic loss scale; None: 1). The value is never scaled.
     """
+    if window is not None:
+        perm, start = window
+        target = target[perm[int(start) : int(start) + x.shape[0]]]
     if x.dtype in PR.LOW:
         gf = None if grad is None else np.empty(grad.shape, np.float32)
         value = loss_forward_backward(PR.to_float32(x), target, loss, gf)
