@@ -238,7 +238,7 @@ def product_shape(bound) -> str:
     one whose k is the batch."""
     args = bound.arguments
     if "out" not in args:  # layer_backward: x^T D' and D' W^T of a layer, 'layer 262144x64x64' (rows x in x out)
-        (rows, n_in), n_out = args["x"].shape, args["w"].shape[1]
+        rows, (n_in, n_out) = args["d"].shape[0], args["w"].shape  # (x: a split's where a window is given)
         return f"layer {rows}x{n_in}x{n_out}"
     a, out = args["a"], args["out"]
     ta, tb = bool(args.get("trans_a", False)), bool(args.get("trans_b", False))

@@ -300,6 +300,14 @@ class MLP:
         return self.layer_kernels and fits is not None and fits(self.sizes[k], self.sizes[k + 1], self.store_dtype,
                                                                  self.precision.tf32)  # fmt: skip
 
+    def takes_input_window(self) -> bool:
+        """Whether forward_backward can read its batch's x where it lies in a split
+        (x_window): the first layer runs in the backend's layer kernels, which read x's
+        rows through the window, forward and backward (_layer_kernel; not a fused product's
+        layer, whose cuBLAS product reads x's rows in order, nor a residual one, whose skip
+        adds x itself)."""
+        return self._layer_kernel(0) and not self._epilogues and not self.is_residual[0]
+
     def _layer_grads(self, k: int):
         """Layer k's dW_k and db_k as one vector (W_k's gradient, then b_k's, adjacent in
         the gradient buffer: param_layout)."""
@@ -353,11 +361,13 @@ class MLP:
             kw["tf32"] = True
         return self.backend.gemm(a, b, out=out, **kw)
 
-    def _forward(self, x, ws: _Workspace):
+    def _forward(self, x, ws: _Workspace, window=None):
         """x_{k+1} = f_k(x_k W_k + b_k) (+ x_k), saving what the backward pass reads.
         Mixed precision: x is rounded to 16 bits first; W_k is read from params_low
         (call _round_params before), b_k in float32 (a fused product's b_k: 16-bit too,
-        from params_low, the only bias type cuBLASLt takes with a 16-bit out)."""
+        from params_low, the only bias type cuBLASLt takes with a 16-bit out).
+        window (perm, start): x is a whole split's, the batch its rows perm[start + i],
+        read by the first layer's kernel (takes_input_window); ws.x[0] is then the split."""
         be = self.backend
         ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None else x
         tf32 = self.precision.tf32
@@ -373,8 +383,11 @@ class MLP:
             # a narrow layer: z_k = x_k W_k + b_k (kept where f' reads it), a_k = f_k(z_k) in
             # one kernel (False where the backend has none for it)
             one_product = one_product or (
-                self._layer_kernel(k) and be.gemm_bias_act(ws.x[k], W, b, act, ws.a[k], ws.z[k], tf32=tf32)
+                self._layer_kernel(k)
+                and be.gemm_bias_act(ws.x[k], W, b, act, ws.a[k], ws.z[k], tf32=tf32, window=window if k == 0 else None)
             )
+            if not one_product and k == 0 and window is not None:  # (takes_input_window said it would run)
+                raise RuntimeError("the first layer's kernel refused a window of the split")
             if not one_product:
                 z = ws.z[k] if ws.z[k] is not None else ws.a[k]
                 self._gemm(ws.x[k], W, z)  # z_k = x_k W_k          (n, n_{k+1})
@@ -403,10 +416,11 @@ class MLP:
 
     # ---------------------------------------------------------------- backward
 
-    def _backward(self, ws: _Workspace, input_grad: bool = False, on_layer=None) -> None:
+    def _backward(self, ws: _Workspace, input_grad: bool = False, on_layer=None, window=None) -> None:
         """Reverse mode from D = ws.dx[l]: fills self.grads (overwriting), and
         ws.dx[0] = dLoss/dx_0 when input_grad. `on_layer(k)`, if given, is called as
-        soon as dW_k and db_k are issued (data parallel: their all-reduce can start)."""
+        soon as dW_k and db_k are issued (data parallel: their all-reduce can start).
+        window: _forward's (x_0 the rows perm[start + i] of the split ws.x[0])."""
         be, tf32 = self.backend, self.precision.tf32
         ws.done[:] = [False] * self.n_layers
         for k in reversed(range(self.n_layers)):
@@ -420,6 +434,7 @@ class MLP:
             # gradient); carried: layer_backward wrote it (else a product below does)
             carry = k > 0 or input_grad
             carried = False
+            e, w = (ws.dx[k] if carry else None), (window if k == 0 else None)  # (layer_backward's E, window)
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:
@@ -432,14 +447,14 @@ class MLP:
             elif (
                 self._layer_kernel(k)
                 and not self.is_residual[k]  # (its carried D adds to D' W_k^T, and D' is not kept)
-                and be.layer_backward(
-                    D, saved, ws.x[k], W, act, self._layer_grads(k), ws.dx[k] if carry else None, tf32=tf32
-                )
+                and be.layer_backward(D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w)
             ):
                 # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
                 # kernel (D' kept in shared memory), plus the sum of its blocks' shares
                 carried = carry
             else:
+                if k == 0 and window is not None:  # (takes_input_window said it would run)
+                    raise RuntimeError("the first layer's backward kernel refused a window of the split")
                 if identity:
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                 else:
@@ -465,7 +480,8 @@ class MLP:
                 self._gemm(Dz, W, ws.dx[k], trans_b=True, beta=beta)  # (n, n_k)
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
-                         loss_out=None, params_rounded: bool = False, target_window=None):  # fmt: skip
+                         loss_out=None, params_rounded: bool = False, target_window=None,
+                         x_window=None):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -478,6 +494,8 @@ class MLP:
         step, whose update writes it: numpy_stacked.rounded), so no cast first.
         target_window (perm, start): target is a whole split's, the batch's rows of it
         perm[start : start + N] (the training step's: the loss reads them where they lie).
+        x_window (perm, start, N): x is a whole split's too, read where it lies by the first
+        layer's kernels (only where takes_input_window; not with input_grad).
         """
         self.grad_shares = None
         # (a window's fused MLP is forward_backward_rows': this target is no batch)
@@ -485,15 +503,20 @@ class MLP:
             loss = self._fused_forward_backward(x, target, loss_out)
             if loss is not None:
                 return loss
-        ws = self._workspace(x.shape[0])
+        window = None
+        if x_window is not None:
+            if input_grad or not self.takes_input_window():
+                raise ValueError("x_window: the first layer must run in the layer kernels, without input_grad")
+            *window, n = x_window
+        ws = self._workspace(x.shape[0] if window is None else n)
         if not params_rounded:
             self._round_params()
-        out = self._forward(x, ws)
+        out = self._forward(x, ws, window)
         kw = {} if target_window is None else {"window": target_window}
         if self.loss_scale is not None:
             kw["loss_scale"] = self.loss_scale if scaled else self._unit_scale()
         loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out, **kw)
-        self._backward(ws, input_grad=input_grad, on_layer=on_layer)
+        self._backward(ws, input_grad=input_grad, on_layer=on_layer, window=window)
         return loss
 
     def fused_mlp_fits(self, n: int) -> bool:

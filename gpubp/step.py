@@ -3,7 +3,8 @@
     select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows; y: labels only)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers (targets
-               (n, c): the loss reads rows perm[offset : offset + n] of the split's in place)
+               (n, c): the loss reads rows perm[offset : offset + n] of the split's in place;
+               where the first layer runs in the layer kernels, x too, and nothing is gathered)
     (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
                MLP reads the rows where they lie, and leaves grads in shares the guard sums
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
@@ -265,6 +266,12 @@ class Step(ShapeGraphs):
         train, loss = self.train, None
         if self.model.fused_mlp:
             loss = self.model.forward_backward_rows(train.x, train.target, self.perm, st.offset, n, self.loss)
+        if loss is None and self.model.takes_input_window():
+            # rows perm[offset : offset + n] read where they lie by the first layer's kernels
+            # and the loss: no gather at all
+            window = (self.perm, st.offset)
+            loss = self.model.forward_backward(train.x, train.target, loss_out=self.loss, params_rounded=self.fold_cast,
+                                               target_window=window, x_window=(*window, n))  # fmt: skip
         if loss is None:
             # rows perm[offset : offset + n]: x gathered; targets (n, c) read where they lie
             # by the loss (no copy of them first); labels (4 bytes a row) ride x's gather

@@ -37,13 +37,22 @@
 // block may still read it). N <= LAYER_BN. Grid: ceil(n / LAYER_BM) blocks of LAYER_THREADS
 // threads. Two blocks an SM at least: at most 128 registers a thread (119; 163 before the
 // stage's loads shared one address: tests/sass_loops.py).
-extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
-    layer_forward_f32(const float* x, const float* W, const float* b, float* z, float* a, int n, int K, int N,
-                      int keep_z, int kind, float alpha) {
+// WINDOWED (layer_forward_rows_f32, a network's first layer in the training step): x's row r
+// is row perm[start[0] + r] of a whole split's x (the batch read where it lies, no gather
+// first); the block's rows' places are read once, into shared memory.
+template <bool WINDOWED>
+__device__ __forceinline__ void layer_forward(const float* x, const long long* perm, const long long* start,
+                                              const float* W, const float* b, float* z, float* a, int n, int K,
+                                              int N, int keep_z, int kind, float alpha) {
   __shared__ __align__(16) float xs[LAYER_BM * LAYER_LDX];  // x[row0 + r, k0 + kk] at r LDX + kk
   __shared__ float ws[LAYER_BK * LAYER_BN];                  // W[k0 + kk, j] at kk BN + j
+  __shared__ long long places[WINDOWED ? LAYER_BM : 1];      // WINDOWED: x's row of row0 + r (-1: past n)
   const int t = threadIdx.x, tx = t % 16, ty = t / 16;
   const long long row0 = (long long)blockIdx.x * LAYER_BM;
+  if (WINDOWED) {
+    if (t < LAYER_BM) places[t] = row0 + t < n ? perm[start[0] + row0 + t] : -1LL;
+    __syncthreads();
+  }
   float acc[LAYER_TM][LAYER_TN];
   UNROLL for (int q = 0; q < LAYER_TM; ++q) UNROLL for (int m = 0; m < LAYER_TN; ++m) acc[q][m] = 0.0f;
   for (int k0 = 0; k0 < K; k0 += LAYER_BK) {
@@ -52,7 +61,13 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
     // thread t takes x[row0 + t / BK + u (THREADS / BK), k0 + t % BK] and
     // W[k0 + t / BN + u (THREADS / BN), t % BN]: a warp one x row's 32 consecutive k
     float xv[LAYER_X_LOADS], wv[LAYER_W_LOADS];
-    {
+    if (WINDOWED) {
+      const int r = t / LAYER_BK, k = k0 + t % LAYER_BK;
+      UNROLL for (int u = 0; u < LAYER_X_LOADS; ++u) {
+        const long long p = places[r + u * (LAYER_THREADS / LAYER_BK)];
+        xv[u] = p >= 0 && k < K ? x[p * K + k] : 0.0f;
+      }
+    } else {
       const long long r = row0 + t / LAYER_BK;
       const int k = k0 + t % LAYER_BK;
       const float* from = x + r * K + k;
@@ -106,6 +121,19 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
+    layer_forward_f32(const float* x, const float* W, const float* b, float* z, float* a, int n, int K, int N,
+                      int keep_z, int kind, float alpha) {
+  layer_forward<false>(x, nullptr, nullptr, W, b, z, a, n, K, N, keep_z, kind, alpha);
+}
+
+extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
+    layer_forward_rows_f32(const float* x, const long long* perm, const long long* start, const float* W,
+                           const float* b, float* z, float* a, int n, int K, int N, int keep_z, int kind,
+                           float alpha) {
+  layer_forward<true>(x, perm, start, W, b, z, a, n, K, N, keep_z, kind, alpha);
+}
+
 // The same layer's backward pass, one kernel, for K, N <= LAYER_BW:
 //   D' = D * f'(saved)                    (n, N)   (identity: D itself)
 //   dW = x^T D',  db = 1^T D'             (K, N), (N,): this block's rows' part, its share
@@ -130,9 +158,13 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
 #define LAYER_LDB (LAYER_BW + 4)                          // the tile's and W's row stride
 #define LAYER_B_LOADS (LAYER_BR * LAYER_BW / LAYER_THREADS)  // values a thread loads of D, saved, x: 8
 #define LAYER_ER (LAYER_BR / 16)                          // rows of E a thread: 2
-extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
-    layer_backward_f32(const float* D, const float* saved, const float* x, const float* W, float* E, float* shares,
-                       int n, int K, int N, int write_e, int kind, float alpha) {
+// WINDOWED (layer_backward_rows_f32, as layer_forward_rows_f32): x's row r is row
+// perm[start[0] + r] of a whole split's x, its place loaded with the tile's values.
+template <bool WINDOWED>
+__device__ __forceinline__ void layer_backward(const float* D, const float* saved, const float* x,
+                                               const long long* perm, const long long* start, const float* W,
+                                               float* E, float* shares, int n, int K, int N, int write_e, int kind,
+                                               float alpha) {
   __shared__ __align__(16) float ds[LAYER_BR * LAYER_LDB];  // D'[r, j] of the tile
   __shared__ __align__(16) float xs[LAYER_BR * LAYER_LDB];  // x[r, i] of the tile
   __shared__ __align__(16) float ws[LAYER_BW * LAYER_LDB];  // W[i, j], once per block
@@ -151,6 +183,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
   // thread t loads the tile's rows t / BW + u (THREADS / BW), column t % BW, of D, saved
   // and x (0 past n, N, K): a warp 32 consecutive columns of a row
   const int lr = t / LAYER_BW, lc = t % LAYER_BW;
+  const long long first = WINDOWED ? start[0] : 0;  // the window's first place in perm
   float dv[LAYER_B_LOADS], sv[LAYER_B_LOADS], xv[LAYER_B_LOADS];
   auto load = [&](long long tile) {
     UNROLL for (int u = 0; u < LAYER_B_LOADS; ++u) {
@@ -158,7 +191,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
       const bool in = row < n;
       dv[u] = in && lc < N ? D[row * N + lc] : 0.0f;
       sv[u] = in && lc < N && kind != ACT_IDENTITY ? saved[row * N + lc] : 0.0f;
-      xv[u] = in && lc < K ? x[row * K + lc] : 0.0f;
+      const long long xr = WINDOWED && in ? perm[first + row] : row;  // x's row
+      xv[u] = in && lc < K ? x[xr * K + lc] : 0.0f;
     }
   };
   float gw[4][4], gb = 0.0f;
@@ -207,4 +241,17 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
   UNROLL for (int u = 0; u < 4; ++u) UNROLL for (int m = 0; m < 4; ++m)
     if (4 * ty + u < K && 4 * tx + m < N) share[(4 * ty + u) * N + 4 * tx + m] = gw[u][m];
   if (t < N) share[K * N + t] = gb;
+}
+
+extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
+    layer_backward_f32(const float* D, const float* saved, const float* x, const float* W, float* E, float* shares,
+                       int n, int K, int N, int write_e, int kind, float alpha) {
+  layer_backward<false>(D, saved, x, nullptr, nullptr, W, E, shares, n, K, N, write_e, kind, alpha);
+}
+
+extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
+    layer_backward_rows_f32(const float* D, const float* saved, const float* x, const long long* perm,
+                            const long long* start, const float* W, float* E, float* shares, int n, int K, int N,
+                            int write_e, int kind, float alpha) {
+  layer_backward<true>(D, saved, x, perm, start, W, E, shares, n, K, N, write_e, kind, alpha);
 }

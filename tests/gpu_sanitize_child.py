@@ -12,7 +12,9 @@ mean finished by the loss kernel's last block (1 to 2100 rows), a one-output mod
 both optimizers, gradient clipping and the divergence guard of the trainer; the fused MLP
 kernel (one block, many tiles a block, its shares summed both ways); the narrow layer's
 forward and backward kernels (layer.cu: the float32 models' layers, and ragged shapes: a
-partial k stage, a partial row tile, blocks that take several tiles).
+partial k stage, a partial row tile, blocks that take several tiles), also on a window of
+a split (the training step's first layer); the trainer's steps, which read their batch's
+rows where they lie (the regression run: x by the layer kernels, the targets by the loss).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ for n, k, m in [(1, 1, 1), (130, 60, 64), (20, 64, 33), (37, 3, 10), (9000, 64, 
     dz = be.to_numpy(be.act_backward(a, z, gelu, be.empty((n, m), np.float32)))
     assert np.allclose(be.to_numpy(grad)[k * m :], dz.sum(0), rtol=1e-3, atol=1e-3)
     assert np.allclose(be.to_numpy(e), dz @ be.to_numpy(w).T, rtol=1e-3, atol=1e-3)
+    # the first layer's pair on a window of a split (its rows perm[5 + i]; the split 2 n + 7 rows)
+    perm, start = be.asarray(rng.permutation(2 * n + 7).astype(np.int64)), be.asarray(np.array(5, np.int64))
+    split = be.asarray(rng.normal(size=(2 * n + 7, k)).astype(np.float32))
+    assert be.gemm_bias_act(split, w, b, gelu, a, z, window=(perm, start))
+    assert be.layer_backward(a, z, split, w, gelu, grad, None, window=(perm, start))
 
 for sizes, loss, rows, residual in [
     ([4, 16, 1], "mse", 2048, False),  # one output: D' W^T and x^T D' are GEMVs

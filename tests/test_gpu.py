@@ -293,6 +293,42 @@ def check_layer_backward(be, shapes, names=tuple(ACTIVATIONS), seed: int = 8) ->
         assert np.isnan(be.to_numpy(grad)).all() and np.isnan(be.to_numpy(e)).all()
 
 
+def check_layer_windows(be, shapes, names=("relu", "gelu", "identity"), seed: int = 9) -> None:
+    """The layer kernels on a window of a split (layer_forward_rows, layer_backward_rows: x's
+    row i is row perm[start + i] of the split's; the training step's first layer) against
+    the same kernels on those rows gathered first: the same values in the same order, so
+    the same bits (a, z, dW and db, E), at two starts; a window past the batch's rows
+    reads no row of the split beyond them (the split's other rows are NaN). Shared by the
+    GPU and the host-run kernels (tests/test_kernels_emulated.py)."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    for (n, k, m), name in [(s, a) for s in shapes for a in names]:
+        act, rows = make_activation(name), 2 * n + 9
+        perm = rng.permutation(rows).astype(np.int64)
+        w, b = rng.normal(size=(k, m)).astype(f32), rng.normal(size=m).astype(f32)
+        d, saved = rng.normal(size=(n, m)).astype(f32), rng.normal(size=(n, m)).astype(f32)
+        dw, db, dd, ds = (be.asarray(v) for v in (w, b, d, saved))
+        for s in (0, n + 9):
+            split = np.full((rows, k), np.nan, f32)
+            x = rng.normal(size=(n, k)).astype(f32)
+            split[perm[s : s + n]] = x
+            window = (be.asarray(perm), be.asarray(np.array(s, np.int64)))
+            got, want = [], []
+            for xs, win, into in ((be.asarray(split), window, got), (be.asarray(x), None, want)):
+                a, z = poisoned(be, (n, m), f32), poisoned(be, (n, m), f32)
+                assert be.gemm_bias_act(xs, dw, db, act, a, z, window=win) is True
+                grad, e = poisoned(be, k * m + m, f32), poisoned(be, (n, k), f32)
+                assert be.layer_backward(dd, ds, xs, dw, act, grad, e, window=win) is True
+                into += [be.to_numpy(v).tobytes() for v in (a, z, grad, e)]
+            assert got == want, (name, (n, k, m), s)
+
+
+def test_the_layer_kernels_read_a_window_of_a_split_as_its_gathered_rows(gpu):
+    # odd widths, partial tiles; narrow's layer (2048 forward row tiles, 256 backward blocks)
+    check_layer_windows(gpu, [(37, 3, 10), (300, 64, 64)])
+    check_layer_windows(gpu, [(262144, 64, 64)], ("relu",))
+
+
 def test_layer_backward_is_dprime_its_products_and_sums(gpu):
     # one row; odd widths; partial tiles; narrow's layer: 256 blocks of 32 tiles each
     check_layer_backward(gpu, [(1, 1, 1), (37, 3, 10), (300, 64, 64), (20000, 33, 64)])

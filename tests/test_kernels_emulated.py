@@ -382,7 +382,7 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
 
     from gpubp.backend import cupy_backend as C
 
-    from .test_gpu import check_gemm_bias_act, check_layer_backward
+    from .test_gpu import check_gemm_bias_act, check_layer_backward, check_layer_windows
 
     source = kernels.read_source("layer.cu")
     define = {name: int(v) for name, v in re.findall(r"#define (LAYER_\w+) (\d+)", source)}
@@ -397,7 +397,9 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
     check_layer_backward(gpu.be, [(1, 1, 1), (37, 3, 10)])
     monkeypatch.setattr(C, "LAYER_MAX_BLOCKS", 3)
     check_layer_backward(gpu.be, [(300, 64, 64), (170, 33, 7)], ("relu", "identity", "gelu"))
-    assert set(gpu.launches) >= {"layer_forward_f32", "layer_backward_f32", "sum_shares_f32"}
+    check_layer_windows(gpu.be, [(170, 33, 7)])  # (the first layer's kernels on a window of a split)
+    assert set(gpu.launches) >= {"layer_forward_f32", "layer_backward_f32", "sum_shares_f32", "layer_forward_rows_f32",
+                                 "layer_backward_rows_f32"}  # fmt: skip
 
 
 def test_the_layer_launchers_refuse_overlaps_and_take_an_empty_batch(host_kernels):
@@ -444,8 +446,9 @@ def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
     product's rounding of at most 2 T eps relative (T <= 150 terms here: 130 inputs, 150
     rows), carried through L = 4 layers: 2 L T eps, norm-wise. The same with the input's
     gradient (layer 0's D' W^T from the kernel) and with a residual layer (its forward in
-    the kernel, its backward the separate ops: the skip's D adds to D' W^T). Turned off
-    (gemm_epilogues False, or TF32): no launch, and the NumPy model's bits."""
+    the kernel, its backward the separate ops: the skip's D adds to D' W^T). The batch as
+    a window of a split (the training step's): the same bits. Turned off (gemm_epilogues
+    False, or TF32): no launch, and the NumPy model's bits."""
     from gpubp.backend import NumpyBackend
     from gpubp.model import MLP
 
@@ -467,6 +470,18 @@ def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
     for g, w in zip(got[1], want[1]):
         assert np.linalg.norm(g - w) <= tol * np.linalg.norm(w)
     assert any(not np.array_equal(g, w) for g, w in zip(got[1], want[1]))  # another order of sums: it did run
+    # the training step's batch read where it lies: x and the labels a window of a split
+    # (the first layer's kernels and the loss): the bits of the gathered batch
+    assert model.takes_input_window()
+    got_grads = [g.copy() for g in got[1]]  # (loss_and_grads gives the model's own buffers)
+    perm, start = rng.permutation(400).astype(np.int64), np.array(123, np.int64)
+    xs, ys = np.full((400, 6), np.nan, np.float32), np.full(400, 7, np.int32)
+    xs[perm[123:273]], ys[perm[123:273]] = model.as_input(x), model.as_target(y, 150)
+    gpu.launches.clear()
+    loss_w = float(model.forward_backward(xs, ys, target_window=(perm, start), x_window=(perm, start, 150)))
+    assert gpu.launches[:1] == ["layer_forward_rows_f32"] and gpu.launches[-2:] == ["layer_backward_rows_f32",
+                                                                                       "sum_shares_f32"]  # fmt: skip
+    assert loss_w == got[0] and all(np.array_equal(g, w) for g, w in zip(model.grads, got_grads))
     for sizes_r, residual in ((sizes, False), ([6, 40, 40, 3], True)):
         gpu.launches.clear()
         ref = MLP(sizes_r, backend=NumpyBackend(), residual=residual, **kw)

@@ -86,19 +86,29 @@ def test_captured_run_equals_the_plain_run_bitwise(case):
     assert_same_run(plain, captured)
 
 
-def test_a_captured_step_records_the_narrow_layer_ops(monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["data.dataset=regression", "loss.name=mse"]])
+def test_a_captured_step_records_the_narrow_layer_ops(extra, monkeypatch):
     """Where the backend runs a layer in its own kernels (layer_fits: the GPU's
     kernels/layer.cu), a captured step records gemm_bias_act and layer_backward like any
     op (layer_backward's output is the gradient it is given) and replays the plain run
-    bitwise; their NumPy references are the separate ops, so it is also the run without."""
+    bitwise; their NumPy references are the separate ops, so it is also the run without.
+    The first layer's pair and the loss read the batch's rows where they lie (a window of
+    the split, read when they run): the step gathers nothing."""
     from gpubp.backend import NumpyBackend
 
     case = "adam-cosine-warmup-clip"
-    without = run(case, "cpu")
+    without = run(case, "cpu", extra)
     monkeypatch.setattr(NumpyBackend, "layer_fits", lambda self, n_in, n_out, dtype, tf32=False: True, raising=False)
-    plain, rec = run(case, "cpu"), RecordingBackend()
-    captured = run(case, rec)
-    assert {"gemm_bias_act", "layer_backward"} <= {fn.__name__ for fn, _, _ in rec.graphs[0]}
+    plain, rec = run(case, "cpu", extra), RecordingBackend()
+    captured = run(case, rec, extra)
+    calls = [(fn.__name__, kwargs) for fn, _, kwargs in rec.graphs[0]]
+    names = [name for name, _ in calls]
+    assert {"gemm_bias_act", "layer_backward"} <= set(names) and "gather_windows" not in names
+    windows = {name: [kw.get("window") is not None for n, kw in calls if n == name]
+               for name in ("gemm_bias_act", "layer_backward", "loss_forward_backward")}  # fmt: skip
+    # the first layer (its forward first, its backward last), and the loss
+    assert windows == {"gemm_bias_act": [True, False, False], "layer_backward": [False, False, True],
+                       "loss_forward_backward": [True]}  # fmt: skip
     assert_same_run(plain, captured)
     assert_same_run(without, plain)
 

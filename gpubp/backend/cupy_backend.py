@@ -35,7 +35,7 @@ KERNELS_USED = (
 )  # fmt: skip
 
 # the kernels that exist for float32 only (each as _f32): the narrow layers' (layer.cu)
-F32_KERNELS_USED = ("layer_forward", "layer_backward")
+F32_KERNELS_USED = ("layer_forward", "layer_backward", "layer_forward_rows", "layer_backward_rows")
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
 LOW_KERNELS_USED = (
@@ -680,16 +680,18 @@ class CupyBackend:
         off = os.environ.get("GPUBP_GEMM_EPILOGUES", "").strip() == "0"  # every fused product off (gemm_epilogues)
         return narrow and not off and np.dtype(dtype) == np.float32 and not (tf32 or self.tf32)
 
-    def gemm_bias_act(self, a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
+    def gemm_bias_act(self, a, b, bias, act: Activation, out, z=None, tf32=False, window=None) -> bool:
         """z = a b + bias (where z is given), out = f(a b + bias), in one launch for a
         narrow float32 layer (layer_fits); see numpy_ops.gemm_bias_act. False,
         nothing done, where the layer does not fit: the caller runs gemm and
-        bias_act_forward. out and z must not overlap a, b or bias."""
+        bias_act_forward. out and z must not overlap a, b or bias. window (perm,
+        start): a is a whole split's x, and row i's is its row perm[start + i]."""
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"gemm_bias_act: a {a.shape} and b {b.shape} must be matrices")
-        (n, k), n_out = a.shape, b.shape[1]
+        k, n_out, n = a.shape[1], b.shape[1], out.shape[0]
         if not self.layer_fits(k, n_out, a.dtype, tf32) or n >= 2**31:
             return False
+        rows = self._layer_window("gemm_bias_act", window, a, n)
         f32 = np.dtype(np.float32)
         self._check("gemm_bias_act", f32, a=a, b=b, bias=bias, out=out, **({"z": z} if z is not None else {}))
         if (
@@ -705,29 +707,44 @@ class CupyBackend:
                 raise ValueError(f"gemm_bias_act: {name} overlaps a, b or bias (other blocks still read them)")
         if n == 0:
             return True
-        self._function("layer_forward", f32)(
+        self._function("layer_forward" if window is None else "layer_forward_rows", f32)(
             (-(-n // LAYER_ROWS),), (LAYER_THREADS,),
-            (a, b, bias, z if z is not None else out, out, np.int32(n), np.int32(k), np.int32(n_out),
+            (a, *rows, b, bias, z if z is not None else out, out, np.int32(n), np.int32(k), np.int32(n_out),
              np.int32(z is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
         )  # fmt: skip
         return True
 
-    def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False) -> bool:
+    @staticmethod
+    def _layer_window(op: str, window, x, n: int) -> tuple:
+        """The layer kernels' window arguments: () for x's own rows (x: (n, K)), else
+        (perm, start) checked (x: a whole split's, int64 perm and one int64 start)."""
+        if window is None:
+            if x.shape[0] != n:
+                raise ValueError(f"{op}: x {x.shape} does not fit the batch's {n} rows")
+            return ()
+        perm, start = window
+        if perm.dtype != np.int64 or perm.ndim != 1 or start.dtype != np.int64 or start.size != 1:
+            raise TypeError(f"{op}: the window's perm is int64 (P,), its start one int64")
+        return (perm, start)
+
+    def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None) -> bool:
         """A narrow float32 layer's backward pass in one launch of kernels/layer.cu (and the
         sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
         1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
         done, where the layer does not fit (layer_fits): the caller runs the separate ops.
-        e must not overlap d, saved, x or w (other blocks still read them)."""
-        if x.ndim != 2 or w.ndim != 2:
-            raise ValueError(f"layer_backward: x {x.shape} and w {w.shape} must be matrices")
-        (n, k), n_out = x.shape, w.shape[1]
+        e must not overlap d, saved, x or w (other blocks still read them). window (perm,
+        start): x is a whole split's, and row i's is its row perm[start + i]."""
+        if x.ndim != 2 or w.ndim != 2 or d.ndim != 2:
+            raise ValueError(f"layer_backward: d {d.shape}, x {x.shape} and w {w.shape} must be matrices")
+        k, n_out, n = x.shape[1], w.shape[1], d.shape[0]
         if not self.layer_fits(k, n_out, x.dtype, tf32) or n >= 2**31:
             return False
         f32, op = np.dtype(np.float32), "layer_backward"
+        rows = self._layer_window(op, window, x, n)
         self._check(op, f32, d=d, saved=saved, x=x, w=w, grad=grad, **({"e": e} if e is not None else {}))
         p = k * n_out + n_out  # dW's values, then db's
         if (d.shape != (n, n_out) or saved.shape != d.shape or w.shape != (k, n_out) or grad.shape != (p,)
-                or (e is not None and e.shape != x.shape)):  # fmt: skip
+                or (e is not None and e.shape != (n, k))):  # fmt: skip
             raise ValueError(f"{op}: d {d.shape}, saved {saved.shape}, x {x.shape}, w {w.shape}, grad {grad.shape}"
                              + (f", e {e.shape}" if e is not None else "") + " do not fit")  # fmt: skip
         if e is not None and any(_overlap(e, a) for a in (d, saved, x, w)):
@@ -737,9 +754,9 @@ class CupyBackend:
             return True
         grid = min(-(-n // LAYER_BACK_ROWS), LAYER_MAX_BLOCKS)
         shares = self._kept(("layer_shares", grid, p), lambda: self._cupy.empty((grid, p), f32))
-        self._function(op, f32)(
+        self._function(op if window is None else "layer_backward_rows", f32)(
             (grid,), (LAYER_THREADS,),
-            (d, saved, x, w, e if e is not None else d, shares, np.int32(n), np.int32(k), np.int32(n_out),
+            (d, saved, x, *rows, w, e if e is not None else d, shares, np.int32(n), np.int32(k), np.int32(n_out),
              np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
         )  # fmt: skip
         self._sum_shares(shares, grad)  # in block order

@@ -126,7 +126,7 @@ def gemm_bias_relu(a, b, bias, out, mask, trans_a=False, trans_b=False, tf32=Fal
     return True
 
 
-def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
+def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False, window=None) -> bool:
     """z = a b + 1 bias^T;  out = f(z): a layer's forward in one op (on the GPU one
     kernel for a narrow float32 layer, kernels/layer.cu).
 
@@ -134,14 +134,26 @@ def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False) -> bool:
     act.saves != "input"), all of one float dtype. Here the unfused gemm and
     bias_act_forward, bit for bit; the GPU's kernel sums each output's K terms in order,
     a fused multiply-add each, then adds the bias. Returns True (the GPU returns False,
-    having done nothing, where it has no kernel for the layer)."""
+    having done nothing, where it has no kernel for the layer).
+    window (perm, start): a is a whole split's x, row i's its row perm[start + i] (perm
+    int64, start a 0-d int64 read when the op runs: the training step's batch, read where
+    it lies by a network's first layer)."""
+    a = _window_rows(a, window, out.shape[0])
     v = z if z is not None else out
     gemm(a, b, v, tf32=tf32)  # z = a b                           (M, N)
     bias_act_forward(v, bias, act, out)  # z += 1 bias^T, out = f(z)
     return True
 
 
-def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False) -> bool:
+def _window_rows(x, window, n: int):
+    """x's rows perm[start : start + n] where window = (perm, start) is given, else x."""
+    if window is None:
+        return x
+    perm, start = window
+    return x[perm[int(start) : int(start) + n]]
+
+
+def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None) -> bool:
     """D' = d * f'(saved);  grad = (x^T D' (K, N) row-major, then 1^T D' (N,));  e = D' w^T:
     a layer's backward pass in one op (on the GPU one kernel for a narrow float32 layer,
     kernels/layer.cu, D' never leaving shared memory).
@@ -149,7 +161,9 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False) ->
     d, saved: (M, N), x: (M, K), w: (K, N), grad: (K N + N,) (a model's W_k and b_k, in
     its gradient buffer), e: (M, K) or None, all of one float dtype. Here the separate ops,
     bit for bit of the unfused model's backward. Returns True (the GPU returns False,
-    having done nothing, where it has no kernel for the layer)."""
+    having done nothing, where it has no kernel for the layer). window: as gemm_bias_act's
+    (x a whole split's)."""
+    x = _window_rows(x, window, d.shape[0])
     k, n = w.shape
     dw, db = grad[: k * n].reshape(k, n), grad[k * n :]
     if act.name == "identity":  # D' is D
@@ -428,9 +442,7 @@ def loss_forward_backward(x, target, loss: Loss, grad=None, loss_scale=None, out
     value; grad = round(dL/dx * loss_scale), loss_scale a 0-d float32 array (fp16's
     dynamic loss scale; None: 1). The value is never scaled.
     """
-    if window is not None:
-        perm, start = window
-        target = target[perm[int(start) : int(start) + x.shape[0]]]
+    target = _window_rows(target, window, x.shape[0])
     if x.dtype in PR.LOW:
         gf = None if grad is None else np.empty(grad.shape, np.float32)
         value = loss_forward_backward(PR.to_float32(x), target, loss, gf)
