@@ -31,9 +31,9 @@ def forwards(monkeypatch):
     calls = []
     inner = MLP._forward
 
-    def counted(self, x, ws):
-        calls.append(x.shape[0])
-        return inner(self, x, ws)
+    def counted(self, x, ws, window=None):
+        calls.append(x.shape[0] if window is None else ws.a[0].shape[0])  # (a window: x is a split)
+        return inner(self, x, ws, window)
 
     monkeypatch.setattr(MLP, "_forward", counted)
     return calls
