@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .activations import SAVES_INPUT, Activation, make_activation
+from .activations import SAVES_INPUT, SAVES_OUTPUT, Activation, make_activation
 from .backend import get_backend
 from .backend.numpy_ops import relu_mask_bytes
 from .init import init_weight
@@ -79,6 +79,9 @@ def gradient_passes_through(act, residual: bool) -> bool:
     a skip connection, whose D' buffer is D's own (the workspaces' dz[k] is dx[k+1]), so
     the backward pass makes no pass over D for it."""
     return act.name == "identity" and not residual
+
+
+IDENTITY = make_activation("identity")  # (a layer whose D' came with the layer above's kernel)
 
 
 def param_layout(sizes) -> tuple[list, int]:
@@ -308,6 +311,16 @@ class MLP:
         adds x itself)."""
         return self._layer_kernel(0) and not self._epilogues and not self.is_residual[0]
 
+    def _primes_below(self, k: int) -> bool:
+        """Layer k's backward kernel writes the layer below's D' = (D' W_k^T) * f_{k-1}'(x_k)
+        (layer_backward's e_act): both layers run in the layer kernels, neither under a skip
+        connection (so x_k is a_{k-1}, f_{k-1}'s saved output), and f_{k-1}' reads the
+        output (relu, tanh, ...; not gelu's z). Layer k-1's kernel then reads no saved
+        output: a read of an (n, n_k) matrix less."""
+        return (k > 0 and self._layer_kernel(k) and self._layer_kernel(k - 1)
+                and not self.is_residual[k] and not self.is_residual[k - 1]
+                and self.activations[k - 1].saves == SAVES_OUTPUT)  # fmt: skip
+
     def _layer_grads(self, k: int):
         """Layer k's dW_k and db_k as one vector (W_k's gradient, then b_k's, adjacent in
         the gradient buffer: param_layout)."""
@@ -423,18 +436,20 @@ class MLP:
         window: _forward's (x_0 the rows perm[start + i] of the split ws.x[0])."""
         be, tf32 = self.backend, self.precision.tf32
         ws.done[:] = [False] * self.n_layers
+        primed = [False] * self.n_layers  # D' came with the layer above's kernel (_primes_below)
         for k in reversed(range(self.n_layers)):
-            act = self.activations[k]
+            act = IDENTITY if primed[k] else self.activations[k]
             W = self.params_low[2 * k]
             dW, db = self.grads[2 * k], self.grads[2 * k + 1]
             saved = ws.z[k] if ws.z[k] is not None else ws.a[k]
             D, Dz = ws.dx[k + 1], ws.dz[k]
-            identity = gradient_passes_through(act, self.is_residual[k])  # D' is D: no pass over it
+            identity = primed[k] or gradient_passes_through(act, self.is_residual[k])  # D' is D: no pass over it
             # D' W_k^T, the gradient carried down, is wanted (a layer below, or the input's
             # gradient); carried: layer_backward wrote it (else a product below does)
             carry = k > 0 or input_grad
             carried = False
             e, w = (ws.dx[k] if carry else None), (window if k == 0 else None)  # (layer_backward's E, window)
+            e_act = self.activations[k - 1] if self._primes_below(k) else None  # E = the layer below's D' then
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:
@@ -447,11 +462,16 @@ class MLP:
             elif (
                 self._layer_kernel(k)
                 and not self.is_residual[k]  # (its carried D adds to D' W_k^T, and D' is not kept)
-                and be.layer_backward(D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w)
+                and be.layer_backward(
+                    D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w, e_act=e_act
+                )
             ):
                 # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
-                # kernel (D' kept in shared memory), plus the sum of its blocks' shares
+                # kernel (D' kept in shared memory), plus the sum of its blocks' shares;
+                # with e_act, D' W_k^T * f_{k-1}'(x_k): the layer below's D'
                 carried = carry
+                if k > 0:
+                    primed[k - 1] = e_act is not None
             else:
                 if k == 0 and window is not None:  # (takes_input_window said it would run)
                     raise RuntimeError("the first layer's backward kernel refused a window of the split")

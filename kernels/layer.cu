@@ -138,6 +138,11 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
 //   D' = D * f'(saved)                    (n, N)   (identity: D itself)
 //   dW = x^T D',  db = 1^T D'             (K, N), (N,): this block's rows' part, its share
 //   E = D' W^T                            (n, K)   where write_e (the gradient carried down)
+//   E = (D' W^T) * g'(x)                           where e_kind is the layer below's activation g
+//                                                  (x = its output, which its g' reads: relu,
+//                                                  tanh, ...): the layer below's D', which then
+//                                                  needs no read of its saved output (the same
+//                                                  product as act_backward's, so the same bits)
 // D' never leaves shared memory: D, saved and x are read once and E written once, where
 // the separate ops (act_backward_bias_grad, then cuBLAS's x^T D' and D' W^T) also write D'
 // and read it twice, and x^T D' reads x (narrow float32 on an H100: some 330 us a layer
@@ -164,7 +169,7 @@ template <bool WINDOWED>
 __device__ __forceinline__ void layer_backward(const float* D, const float* saved, const float* x,
                                                const long long* perm, const long long* start, const float* W,
                                                float* E, float* shares, int n, int K, int N, int write_e, int kind,
-                                               float alpha) {
+                                               float alpha, int e_kind, float e_alpha) {
   __shared__ __align__(16) float ds[LAYER_BR * LAYER_LDB];  // D'[r, j] of the tile
   __shared__ __align__(16) float xs[LAYER_BR * LAYER_LDB];  // x[r, i] of the tile
   __shared__ __align__(16) float ws[LAYER_BW * LAYER_LDB];  // W[i, j], once per block
@@ -231,8 +236,13 @@ __device__ __forceinline__ void layer_backward(const float* D, const float* save
       UNROLL for (int q = 0; q < LAYER_ER; ++q) {
         const long long row = tile * LAYER_BR + ty + 16 * q;
         if (row >= n) break;
-        UNROLL for (int m = 0; m < 4; ++m)
-          if (tx + 16 * m < K) E[row * K + tx + 16 * m] = acc[q][m];
+        UNROLL for (int m = 0; m < 4; ++m) {
+          const int i = tx + 16 * m;
+          if (i < K)  // (x[r, i] is the layer below's output: its g' takes it)
+            E[row * K + i] = e_kind == ACT_IDENTITY
+                                 ? acc[q][m]
+                                 : acc[q][m] * act_grad(e_kind, xs[(ty + 16 * q) * LAYER_LDB + i], e_alpha);
+        }
       }
     }
   }
@@ -245,13 +255,13 @@ __device__ __forceinline__ void layer_backward(const float* D, const float* save
 
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
     layer_backward_f32(const float* D, const float* saved, const float* x, const float* W, float* E, float* shares,
-                       int n, int K, int N, int write_e, int kind, float alpha) {
-  layer_backward<false>(D, saved, x, nullptr, nullptr, W, E, shares, n, K, N, write_e, kind, alpha);
+                       int n, int K, int N, int write_e, int kind, float alpha, int e_kind, float e_alpha) {
+  layer_backward<false>(D, saved, x, nullptr, nullptr, W, E, shares, n, K, N, write_e, kind, alpha, e_kind, e_alpha);
 }
 
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
     layer_backward_rows_f32(const float* D, const float* saved, const float* x, const long long* perm,
                             const long long* start, const float* W, float* E, float* shares, int n, int K, int N,
-                            int write_e, int kind, float alpha) {
-  layer_backward<true>(D, saved, x, perm, start, W, E, shares, n, K, N, write_e, kind, alpha);
+                            int write_e, int kind, float alpha, int e_kind, float e_alpha) {
+  layer_backward<true>(D, saved, x, perm, start, W, E, shares, n, K, N, write_e, kind, alpha, e_kind, e_alpha);
 }

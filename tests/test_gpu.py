@@ -323,6 +323,39 @@ def check_layer_windows(be, shapes, names=("relu", "gelu", "identity"), seed: in
             assert got == want, (name, (n, k, m), s)
 
 
+def check_layer_backward_primes_below(be, shapes, names=("relu", "leaky_relu", "tanh", "sigmoid"), seed=10) -> None:
+    """layer_backward's e_act (the layer below's activation g, whose g' reads x, its
+    output): E = (D' W^T) * g'(x), byte for byte the E of a launch without, then
+    be.act_backward(E, x, g) (the same product); the rest (dW, db) unchanged. x within g's
+    range (g of normal values); a window of a split too. Shared by the GPU and the
+    host-run kernels."""
+    rng = np.random.default_rng(seed)
+    f32, relu = np.float32, make_activation("relu")
+    for (n, k, m), name in [(s, a) for s in shapes for a in names]:
+        g = make_activation(name)
+        d, saved, w = (rng.normal(size=s).astype(f32) for s in ((n, m), (n, m), (k, m)))
+        x = be.bias_act_forward(be.asarray(rng.normal(size=(n, k)).astype(f32)), be.zeros(k, f32), g,
+                                poisoned(be, (n, k), f32))  # fmt: skip
+        dd, ds, dw = be.asarray(d), be.asarray(np.maximum(saved, 0)), be.asarray(w)
+        perm = rng.permutation(n).astype(np.int64)
+        split = be.asarray(be.to_numpy(x)[np.argsort(perm)])  # row perm[i] of split is x's row i
+        for xs, win in ((x, None), (split, (be.asarray(perm), be.asarray(np.array(0, np.int64))))):
+            runs = []
+            for e_act in (g, None):
+                grad, e = poisoned(be, k * m + m, f32), poisoned(be, (n, k), f32)
+                assert be.layer_backward(dd, ds, xs, dw, relu, grad, e, window=win, e_act=e_act) is True
+                if e_act is None:
+                    be.act_backward(e, x, g, e)
+                runs.append([be.to_numpy(v).tobytes() for v in (grad, e)])
+            assert runs[0] == runs[1], (name, (n, k, m), win is not None)
+
+
+def test_layer_backward_writes_the_layer_belows_dprime(gpu):
+    # odd widths, partial tiles; narrow's layer (256 blocks of 32 tiles each)
+    check_layer_backward_primes_below(gpu, [(37, 3, 10), (300, 64, 64)])
+    check_layer_backward_primes_below(gpu, [(262144, 64, 64)], ("relu",))
+
+
 def test_the_layer_kernels_read_a_window_of_a_split_as_its_gathered_rows(gpu):
     # odd widths, partial tiles; narrow's layer (2048 forward row tiles, 256 backward blocks)
     check_layer_windows(gpu, [(37, 3, 10), (300, 64, 64)])

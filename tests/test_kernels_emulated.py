@@ -382,7 +382,12 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
 
     from gpubp.backend import cupy_backend as C
 
-    from .test_gpu import check_gemm_bias_act, check_layer_backward, check_layer_windows
+    from .test_gpu import (
+        check_gemm_bias_act,
+        check_layer_backward,
+        check_layer_backward_primes_below,
+        check_layer_windows,
+    )
 
     source = kernels.read_source("layer.cu")
     define = {name: int(v) for name, v in re.findall(r"#define (LAYER_\w+) (\d+)", source)}
@@ -398,6 +403,7 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
     monkeypatch.setattr(C, "LAYER_MAX_BLOCKS", 3)
     check_layer_backward(gpu.be, [(300, 64, 64), (170, 33, 7)], ("relu", "identity", "gelu"))
     check_layer_windows(gpu.be, [(170, 33, 7)])  # (the first layer's kernels on a window of a split)
+    check_layer_backward_primes_below(gpu.be, [(170, 33, 7)])  # (E as the layer below's D')
     assert set(gpu.launches) >= {"layer_forward_f32", "layer_backward_f32", "sum_shares_f32", "layer_forward_rows_f32",
                                  "layer_backward_rows_f32"}  # fmt: skip
 
@@ -500,6 +506,53 @@ def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
         loss, grads = off.loss_and_grads(x, y)
         assert loss == ref[0] and all(np.array_equal(g, w) for g, w in zip(grads, ref[1]))
     assert gpu.launches == []
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_layers_kernel_writes_the_dprime_of_the_layer_below(host_kernels, activation, monkeypatch):
+    """A model whose layers all run in layer.cu with an activation whose f' reads its
+    output: each layer's backward kernel writes the layer below's D' = (D' W^T) * f'(x)
+    (e_act), and the layer below's kernel reads no saved output (identity kind). The loss
+    and every gradient byte for byte those of the model without (each kernel's E, then
+    its own D'), and of the input's gradient; not for GELU (f' reads z)."""
+    from gpubp.activations import make_activation
+    from gpubp.backend import NumpyBackend
+    from gpubp.model import MLP
+
+    kinds = []  # each layer_backward launch's (kind, e_kind)
+
+    class Spy(EmulatedGpu):
+        def _launch(self, name, grid, block, args):
+            if name == "layer_backward_f32":
+                kinds.append((int(args[10]), int(args[12])))
+            return super()._launch(name, grid, block, args)
+
+    gpu = Spy(host_kernels)
+    be = NumpyBackend()
+    be.layer_fits, be.gemm_bias_act, be.layer_backward = gpu.be.layer_fits, gpu.be.gemm_bias_act, gpu.be.layer_backward
+    sizes = [6, 40, 33, 3]
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(150, 6)), rng.normal(size=(150, 3))
+    runs = []
+    for primes in (True, False):
+        kinds.clear()
+        with monkeypatch.context() as m:
+            if not primes:
+                m.setattr(MLP, "_primes_below", lambda self, k: False)
+            model = MLP(sizes, backend=be, activation=activation, loss="mse", seed=4)
+            loss, grads = model.loss_and_grads(x, y)
+            runs.append((loss, [g.copy() for g in grads], model.input_grad(x, y)))
+            kid = make_activation(activation).info.kernel_id
+            # the output layer (identity) then the hidden ones, top down (then input_grad's pass)
+            want = [(0, kid), (0, kid), (0, 0)] if primes else [(0, 0), (kid, 0), (kid, 0)]
+            assert kinds[:3] == want, (primes, kinds)
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert np.array_equal(runs[0][2], runs[1][2])
+    gelu = MLP(sizes, backend=be, activation="gelu", loss="mse", seed=4)
+    kinds.clear()
+    gelu.loss_and_grads(x, y)
+    assert [e for _, e in kinds] == [0, 0, 0]
 
 
 def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernels):

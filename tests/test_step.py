@@ -109,6 +109,11 @@ def test_a_captured_step_records_the_narrow_layer_ops(extra, monkeypatch):
     # the first layer (its forward first, its backward last), and the loss
     assert windows == {"gemm_bias_act": [True, False, False], "layer_backward": [False, False, True],
                        "loss_forward_backward": [True]}  # fmt: skip
+    # each layer's backward above a ReLU layer writes that layer's D' (e_act), and the ReLU
+    # layer's own takes it as it is (identity)
+    backward = [(kw.get("e_act"), args[4]) for fn, args, kw in rec.graphs[0] if fn.__name__ == "layer_backward"]
+    assert [(e and e.name, act.name) for e, act in backward] == [("relu", "identity"), ("relu", "identity"),
+                                                                  (None, "identity")]  # fmt: skip
     assert_same_run(plain, captured)
     assert_same_run(without, plain)
 

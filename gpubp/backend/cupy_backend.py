@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import kernels as K
 from .. import precision as PR
-from ..activations import Activation
+from ..activations import SAVES_OUTPUT, Activation
 from ..errors import DeviceRuntimeError
 from ..losses import Loss
 from . import cublas_direct, cublaslt
@@ -727,13 +727,15 @@ class CupyBackend:
             raise TypeError(f"{op}: the window's perm is int64 (P,), its start one int64")
         return (perm, start)
 
-    def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None) -> bool:
+    def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None,
+                       e_act=None) -> bool:  # fmt: skip
         """A narrow float32 layer's backward pass in one launch of kernels/layer.cu (and the
         sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
         1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
         done, where the layer does not fit (layer_fits): the caller runs the separate ops.
         e must not overlap d, saved, x or w (other blocks still read them). window (perm,
-        start): x is a whole split's, and row i's is its row perm[start + i]."""
+        start): x is a whole split's, and row i's is its row perm[start + i]. e_act: the
+        layer below's activation, whose f' reads x (its output): e = (D' w^T) * f'(x)."""
         if x.ndim != 2 or w.ndim != 2 or d.ndim != 2:
             raise ValueError(f"layer_backward: d {d.shape}, x {x.shape} and w {w.shape} must be matrices")
         k, n_out, n = x.shape[1], w.shape[1], d.shape[0]
@@ -749,6 +751,8 @@ class CupyBackend:
                              + (f", e {e.shape}" if e is not None else "") + " do not fit")  # fmt: skip
         if e is not None and any(_overlap(e, a) for a in (d, saved, x, w)):
             raise ValueError(f"{op}: e overlaps d, saved, x or w (other blocks still read them)")
+        if e_act is not None and (e is None or e_act.saves != SAVES_OUTPUT):
+            raise ValueError(f"{op}: e_act ({e_act.name}) needs e, and an f' that reads the output")
         if n == 0:
             grad.fill(0)
             return True
@@ -757,7 +761,8 @@ class CupyBackend:
         self._function(op if window is None else "layer_backward_rows", f32)(
             (grid,), (LAYER_THREADS,),
             (d, saved, x, *rows, w, e if e is not None else d, shares, np.int32(n), np.int32(k), np.int32(n_out),
-             np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
+             np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha),
+             np.int32(0 if e_act is None else e_act.info.kernel_id), f32.type(0.0 if e_act is None else e_act.alpha)),
         )  # fmt: skip
         self._sum_shares(shares, grad)  # in block order
         return True

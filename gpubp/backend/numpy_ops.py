@@ -153,7 +153,7 @@ def _window_rows(x, window, n: int):
     return x[perm[int(start) : int(start) + n]]
 
 
-def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None) -> bool:
+def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None, e_act=None) -> bool:
     """D' = d * f'(saved);  grad = (x^T D' (K, N) row-major, then 1^T D' (N,));  e = D' w^T:
     a layer's backward pass in one op (on the GPU one kernel for a narrow float32 layer,
     kernels/layer.cu, D' never leaving shared memory).
@@ -162,7 +162,9 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
     its gradient buffer), e: (M, K) or None, all of one float dtype. Here the separate ops,
     bit for bit of the unfused model's backward. Returns True (the GPU returns False,
     having done nothing, where it has no kernel for the layer). window: as gemm_bias_act's
-    (x a whole split's)."""
+    (x a whole split's). e_act: the layer below's activation g, whose g' reads its output
+    (e_act.saves == "output"), which x is: e = (D' w^T) * g'(x), the layer below's D'
+    (act_backward's product)."""
     x = _window_rows(x, window, d.shape[0])
     k, n = w.shape
     dw, db = grad[: k * n].reshape(k, n), grad[k * n :]
@@ -175,6 +177,8 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
     gemm(x, dz, dw, trans_a=True, tf32=tf32)  # dW = x^T D'            (K, N)
     if e is not None:
         gemm(dz, w, e, trans_b=True, tf32=tf32)  # e = D' W^T           (M, K)
+        if e_act is not None:
+            act_backward(e, x, e_act, out=e)  # e *= g'(x): the layer below's D'
     return True
 
 
