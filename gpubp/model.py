@@ -72,6 +72,7 @@ class _Workspace:
     mask: list = None
     fused: list = None
     done: list = None
+    shares: object = None  # (S, P): every layer's gradient shares, where the step's guard sums them
 
 
 def gradient_passes_through(act, residual: bool) -> bool:
@@ -321,6 +322,18 @@ class MLP:
                 and not self.is_residual[k] and not self.is_residual[k - 1]
                 and self.activations[k - 1].saves == SAVES_OUTPUT)  # fmt: skip
 
+    def _layer_shares(self, ws: _Workspace, n: int):
+        """The (S, P) buffer into which every layer's backward kernel writes its blocks'
+        gradient shares, unsummed (layer_backward's shares; the step's guard sums them in
+        its norm's launch, one pass for the model where each layer's own sum was a launch),
+        or None where a layer runs another way (so its gradient goes to self.grads)."""
+        if self._epilogues or not all(self._layer_kernel(k) and not self.is_residual[k] for k in range(self.n_layers)):
+            return None
+        if ws.shares is None:
+            rows = getattr(self.backend, "layer_share_rows", lambda n: 1)(n)
+            ws.shares = self.backend.empty((rows, self.flat_grads.size), self.store_dtype)
+        return ws.shares
+
     def _layer_grads(self, k: int):
         """Layer k's dW_k and db_k as one vector (W_k's gradient, then b_k's, adjacent in
         the gradient buffer: param_layout)."""
@@ -429,11 +442,12 @@ class MLP:
 
     # ---------------------------------------------------------------- backward
 
-    def _backward(self, ws: _Workspace, input_grad: bool = False, on_layer=None, window=None) -> None:
+    def _backward(self, ws: _Workspace, input_grad: bool = False, on_layer=None, window=None, shares=None) -> None:
         """Reverse mode from D = ws.dx[l]: fills self.grads (overwriting), and
         ws.dx[0] = dLoss/dx_0 when input_grad. `on_layer(k)`, if given, is called as
         soon as dW_k and db_k are issued (data parallel: their all-reduce can start).
-        window: _forward's (x_0 the rows perm[start + i] of the split ws.x[0])."""
+        window: _forward's (x_0 the rows perm[start + i] of the split ws.x[0]). shares
+        (_layer_shares'): the gradient goes there instead, unsummed."""
         be, tf32 = self.backend, self.precision.tf32
         ws.done[:] = [False] * self.n_layers
         primed = [False] * self.n_layers  # D' came with the layer above's kernel (_primes_below)
@@ -450,6 +464,7 @@ class MLP:
             carried = False
             e, w = (ws.dx[k] if carry else None), (window if k == 0 else None)  # (layer_backward's E, window)
             e_act = self.activations[k - 1] if self._primes_below(k) else None  # E = the layer below's D' then
+            into = None if shares is None else (shares, self.layout[k][0])  # (its dW_k, db_k columns)
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             elif self._epilogues:
@@ -463,7 +478,7 @@ class MLP:
                 self._layer_kernel(k)
                 and not self.is_residual[k]  # (its carried D adds to D' W_k^T, and D' is not kept)
                 and be.layer_backward(
-                    D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w, e_act=e_act
+                    D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w, e_act=e_act, shares=into
                 )
             ):
                 # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
@@ -473,8 +488,8 @@ class MLP:
                 if k > 0:
                     primed[k - 1] = e_act is not None
             else:
-                if k == 0 and window is not None:  # (takes_input_window said it would run)
-                    raise RuntimeError("the first layer's backward kernel refused a window of the split")
+                if (k == 0 and window is not None) or shares is not None:  # (the caller was told it would run)
+                    raise RuntimeError(f"layer {k}'s backward kernel refused its batch")
                 if identity:
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                 else:
@@ -501,7 +516,7 @@ class MLP:
 
     def forward_backward(self, x, target, input_grad: bool = False, on_layer=None, scaled: bool = True,
                          loss_out=None, params_rounded: bool = False, target_window=None,
-                         x_window=None):  # fmt: skip
+                         x_window=None, keep_shares: bool = False):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
         x: (N, n_in) backend array of the model's dtype; target as from as_target.
@@ -516,6 +531,9 @@ class MLP:
         perm[start : start + N] (the training step's: the loss reads them where they lie).
         x_window (perm, start, N): x is a whole split's too, read where it lies by the first
         layer's kernels (only where takes_input_window; not with input_grad).
+        keep_shares: where every layer runs in the layer kernels, the gradient is left in
+        their blocks' shares (self.grad_shares, (S, P)) for the caller to sum (the step's
+        guard, as forward_backward_rows' fused MLP); else in self.grads as always.
         """
         self.grad_shares = None
         # (a window's fused MLP is forward_backward_rows': this target is no batch)
@@ -536,7 +554,10 @@ class MLP:
         if self.loss_scale is not None:
             kw["loss_scale"] = self.loss_scale if scaled else self._unit_scale()
         loss = self.backend.loss_forward_backward(out, target, self.loss, grad=ws.dx[-1], out=loss_out, **kw)
-        self._backward(ws, input_grad=input_grad, on_layer=on_layer, window=window)
+        keep = keep_shares and not input_grad and on_layer is None
+        shares = self._layer_shares(ws, ws.a[0].shape[0]) if keep else None
+        self._backward(ws, input_grad=input_grad, on_layer=on_layer, window=window, shares=shares)
+        self.grad_shares = shares
         return loss
 
     def fused_mlp_fits(self, n: int) -> bool:

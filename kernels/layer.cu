@@ -152,9 +152,11 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
 // over them: a thread dW[4 ty .. 4 ty + 3, 4 tx .. 4 tx + 3] (a 16-byte shared load of x's
 // row and one of D''s a row of the tile, for 16 multiply-adds), threads t < LAYER_BW db[t].
 // Each sum runs over the block's rows in order (a fused multiply-add a term from 0; db an
-// add a row). The block's share shares[b] = dW (K N values, row-major) then db (N) is
-// written once, at the end; the launcher sums the shares in block order (mlp.cu's
-// sum_shares): the same bits on every run and GPU. E[r, i], rows ty + 16 q, columns
+// add a row). The block's share, dW (K N values, row-major) then db (N), is written once,
+// at the end, from shares + b share_stride (K N + N for the layer's own shares; a whole
+// model's row where every layer's go into one (G, P) buffer); the launcher, or the step's
+// guard, sums the shares in block order (common.cuh's sum_of_shares): the same bits on
+// every run and GPU. E[r, i], rows ty + 16 q, columns
 // tx + 16 m, sums over j in order, a 16-byte shared load of D''s row and one of W's row i
 // serving four j.
 // While a tile's sums run, the next tile's D, saved and x are on their way to registers.
@@ -168,8 +170,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
 template <bool WINDOWED>
 __device__ __forceinline__ void layer_backward(const float* D, const float* saved, const float* x,
                                                const long long* perm, const long long* start, const float* W,
-                                               float* E, float* shares, int n, int K, int N, int write_e, int kind,
-                                               float alpha, int e_kind, float e_alpha) {
+                                               float* E, float* shares, long long share_stride, int n, int K, int N,
+                                               int write_e, int kind, float alpha, int e_kind, float e_alpha) {
   __shared__ __align__(16) float ds[LAYER_BR * LAYER_LDB];  // D'[r, j] of the tile
   __shared__ __align__(16) float xs[LAYER_BR * LAYER_LDB];  // x[r, i] of the tile
   __shared__ __align__(16) float ws[LAYER_BW * LAYER_LDB];  // W[i, j], once per block
@@ -247,7 +249,7 @@ __device__ __forceinline__ void layer_backward(const float* D, const float* save
     }
   }
   // the block's share: dW (K x N, row-major), then db (N)
-  float* share = shares + (long long)blockIdx.x * (K * N + N);
+  float* share = shares + (long long)blockIdx.x * share_stride;
   UNROLL for (int u = 0; u < 4; ++u) UNROLL for (int m = 0; m < 4; ++m)
     if (4 * ty + u < K && 4 * tx + m < N) share[(4 * ty + u) * N + 4 * tx + m] = gw[u][m];
   if (t < N) share[K * N + t] = gb;
@@ -255,13 +257,16 @@ __device__ __forceinline__ void layer_backward(const float* D, const float* save
 
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
     layer_backward_f32(const float* D, const float* saved, const float* x, const float* W, float* E, float* shares,
-                       int n, int K, int N, int write_e, int kind, float alpha, int e_kind, float e_alpha) {
-  layer_backward<false>(D, saved, x, nullptr, nullptr, W, E, shares, n, K, N, write_e, kind, alpha, e_kind, e_alpha);
+                       long long share_stride, int n, int K, int N, int write_e, int kind, float alpha, int e_kind,
+                       float e_alpha) {
+  layer_backward<false>(D, saved, x, nullptr, nullptr, W, E, shares, share_stride, n, K, N, write_e, kind, alpha,
+                        e_kind, e_alpha);
 }
 
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 2)
     layer_backward_rows_f32(const float* D, const float* saved, const float* x, const long long* perm,
-                            const long long* start, const float* W, float* E, float* shares, int n, int K, int N,
-                            int write_e, int kind, float alpha, int e_kind, float e_alpha) {
-  layer_backward<true>(D, saved, x, perm, start, W, E, shares, n, K, N, write_e, kind, alpha, e_kind, e_alpha);
+                            const long long* start, const float* W, float* E, float* shares, long long share_stride,
+                            int n, int K, int N, int write_e, int kind, float alpha, int e_kind, float e_alpha) {
+  layer_backward<true>(D, saved, x, perm, start, W, E, shares, share_stride, n, K, N, write_e, kind, alpha, e_kind,
+                       e_alpha);
 }

@@ -63,6 +63,8 @@ for n, k, m in [(1, 1, 1), (130, 60, 64), (20, 64, 33), (37, 3, 10), (9000, 64, 
     assert be.gemm_bias_act(split, w, b, gelu, a, z, window=(perm, start))
     assert be.layer_backward(a, z, split, w, gelu, grad, None, window=(perm, start))
     assert be.layer_backward(a, z, x, w, gelu, grad, e, e_act=make_activation("relu"))  # E: the D' of a ReLU below
+    held = be.empty((be.layer_share_rows(n), k * m + m + 5), np.float32)  # a model's shares: this layer's at 5
+    assert be.layer_backward(a, z, x, w, gelu, grad, e, shares=(held, 5))
 
 for sizes, loss, rows, residual in [
     ([4, 16, 1], "mse", 2048, False),  # one output: D' W^T and x^T D' are GEMVs

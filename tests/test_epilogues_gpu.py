@@ -213,7 +213,8 @@ def test_a_narrow_float32_model_runs_its_layers_in_the_layer_kernels(gpu, act):
     """float32 under "auto" (no cuBLASLt epilogues): each layer of at most 64 inputs and
     outputs runs z = x W + b, a = f(z) as one kernel and D', dW, db, D' W^T as another
     (kernels/layer.cu; GELU keeps z for its f'). Loss and gradients against the model with
-    fused products off, within the float32 reorder bound of the test above (1e-4)."""
+    fused products off, within the float32 reorder bound of the test above (1e-4); with
+    the shares left to the guard (the step's), the same bits."""
     sizes = [64, 64, 64, 10]
     rng = np.random.default_rng(8)
     x = rng.standard_normal((8192, 64)).astype(np.float32)
@@ -230,6 +231,18 @@ def test_a_narrow_float32_model_runs_its_layers_in_the_layer_kernels(gpu, act):
     rel = np.linalg.norm(ga - gp) / np.linalg.norm(gp)
     assert rel <= 1e-4, f"gradients differ by {rel:.2e} (relative 2-norm)"
     assert not np.array_equal(ga, gp)  # another order of sums than cuBLAS's: the kernels ran
+    # the training step's way: the layers' shares left unsummed, the guard's launch sums
+    # them (in block order, as each layer's own sum did): the same bits, the same norm
+    auto.flat_grads.fill(np.nan)
+    auto.forward_backward(auto.as_input(x), auto.as_target(y, len(x)), keep_shares=True)
+    assert auto.grad_shares is not None and auto.grad_shares.shape == (256, auto.flat_grads.size)
+    f32 = np.float32
+    state = [gpu.asarray(np.array(-1, np.int64)), gpu.zeros((), np.bool_), gpu.zeros((), f32), gpu.zeros((), f32)]
+    sq, sq_want = gpu.zeros((), f32), gpu.zeros((), f32)
+    gpu.step_guard_norm(gpu.zeros((), f32), auto.flat_grads, sq, 0, 0.0, *state, shares=auto.grad_shares)
+    assert gpu.to_numpy(auto.flat_grads).tobytes() == ga.tobytes()
+    gpu.step_guard_norm(gpu.zeros((), f32), gpu.asarray(ga), sq_want, 0, 0.0, *state)
+    assert gpu.to_numpy(sq).tobytes() == gpu.to_numpy(sq_want).tobytes()
 
 
 @pytest.mark.parametrize("m,k,n", [(262144, 64, 64), (4096, 512, 512), (1024, 512, 10)])

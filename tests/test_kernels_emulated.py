@@ -524,7 +524,8 @@ def test_a_layers_kernel_writes_the_dprime_of_the_layer_below(host_kernels, acti
     class Spy(EmulatedGpu):
         def _launch(self, name, grid, block, args):
             if name == "layer_backward_f32":
-                kinds.append((int(args[10]), int(args[12])))
+                arg = {pname: a for (_, _, pname), a in zip(kernel_params(self.files[name], name), args)}
+                kinds.append((int(arg["kind"]), int(arg["e_kind"])))
             return super()._launch(name, grid, block, args)
 
     gpu = Spy(host_kernels)
@@ -553,6 +554,46 @@ def test_a_layers_kernel_writes_the_dprime_of_the_layer_below(host_kernels, acti
     kinds.clear()
     gelu.loss_and_grads(x, y)
     assert [e for _, e in kinds] == [0, 0, 0]
+
+
+def test_a_models_layer_shares_go_to_the_guard_unsummed(host_kernels):
+    """Every layer in layer.cu and keep_shares (the training step's): each layer's backward
+    writes its blocks' shares into one (S, P) buffer at its own columns and sums nothing;
+    the guard's norm launch (step_guard_norm, shares) then gives the gradient of the
+    per-layer sums byte for byte (the same sum of shares in block order), S = 5 shares
+    here (150 rows, tiles of 32), and the same squared norm."""
+    from gpubp.backend import NumpyBackend
+    from gpubp.model import MLP
+
+    gpu = EmulatedGpu(host_kernels)
+    be = NumpyBackend()
+    for name in ("layer_fits", "gemm_bias_act", "layer_backward", "layer_share_rows"):
+        setattr(be, name, getattr(gpu.be, name))
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(150, 6)), rng.normal(size=(150, 3))
+    model = MLP([6, 40, 33, 3], backend=be, activation="relu", loss="mse", seed=4)
+    xb, yb = model.as_input(x), model.as_target(y, 150)
+    model.forward_backward(xb, yb)
+    want = model.flat_grads.copy()
+    assert model.grad_shares is None
+    gpu.launches.clear()
+    model.flat_grads[...] = np.nan
+    model.forward_backward(xb, yb, keep_shares=True)
+    shares = model.grad_shares
+    assert shares.shape == (5, want.size) and "sum_shares_f32" not in gpu.launches
+    assert np.isnan(model.flat_grads).all()  # (left for the guard)
+    f32 = np.float32
+    state = [np.array(-1, np.int64), np.array(False), np.zeros((), f32), np.zeros((), f32)]
+    sq = np.zeros((), f32)
+    gpu.be.step_guard_norm(np.zeros((), f32), model.flat_grads, sq, 0, 0.0, *state, shares=shares)
+    assert model.flat_grads.tobytes() == want.tobytes()
+    sq_want = np.zeros((), f32)
+    gpu.be.step_guard_norm(np.zeros((), f32), want.copy(), sq_want, 0, 0.0, *[a.copy() for a in state])
+    assert sq.tobytes() == sq_want.tobytes()
+    # a layer that runs another way (130 outputs): the gradient goes to self.grads as before
+    wide = MLP([6, 130, 3], backend=be, activation="relu", loss="mse", seed=4)
+    wide.forward_backward(wide.as_input(x), wide.as_target(y, 150), keep_shares=True)
+    assert wide.grad_shares is None
 
 
 def test_bias_grads_last_block_finish_has_the_finishing_kernels_bits(host_kernels):

@@ -727,15 +727,22 @@ class CupyBackend:
             raise TypeError(f"{op}: the window's perm is int64 (P,), its start one int64")
         return (perm, start)
 
+    def layer_share_rows(self, n: int) -> int:
+        """S, the shares (blocks) of layer_backward for a batch of n rows: n's alone."""
+        return max(1, min(-(-n // LAYER_BACK_ROWS), LAYER_MAX_BLOCKS))
+
     def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None,
-                       e_act=None) -> bool:  # fmt: skip
+                       e_act=None, shares=None) -> bool:  # fmt: skip
         """A narrow float32 layer's backward pass in one launch of kernels/layer.cu (and the
         sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
         1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
         done, where the layer does not fit (layer_fits): the caller runs the separate ops.
         e must not overlap d, saved, x or w (other blocks still read them). window (perm,
         start): x is a whole split's, and row i's is its row perm[start + i]. e_act: the
-        layer below's activation, whose f' reads x (its output): e = (D' w^T) * f'(x)."""
+        layer below's activation, whose f' reads x (its output): e = (D' w^T) * f'(x).
+        shares (buffer, o): the blocks' shares go to buffer[:, o : o + K N + N] (buffer
+        (layer_share_rows(n), P) float32, a whole model's) and are not summed; grad is left
+        as it was (the caller sums the buffer: the step's guard)."""
         if x.ndim != 2 or w.ndim != 2 or d.ndim != 2:
             raise ValueError(f"layer_backward: d {d.shape}, x {x.shape} and w {w.shape} must be matrices")
         k, n_out, n = x.shape[1], w.shape[1], d.shape[0]
@@ -753,18 +760,30 @@ class CupyBackend:
             raise ValueError(f"{op}: e overlaps d, saved, x or w (other blocks still read them)")
         if e_act is not None and (e is None or e_act.saves != SAVES_OUTPUT):
             raise ValueError(f"{op}: e_act ({e_act.name}) needs e, and an f' that reads the output")
-        if n == 0:
+        grid = self.layer_share_rows(n)
+        if shares is not None:
+            buffer, o = shares
+            self._check(op, f32, shares=buffer)
+            if buffer.ndim != 2 or buffer.shape[0] != grid or not 0 <= o <= buffer.shape[1] - p:
+                raise ValueError(f"{op}: shares {buffer.shape} at {o} do not fit {grid} shares of {p} values")
+            if n == 0:
+                buffer[:, o : o + p] = 0
+                return True
+            into, stride = buffer.reshape(-1)[o:], buffer.shape[1]  # (a 1-d view: the kernel's pointer)
+        elif n == 0:
             grad.fill(0)
             return True
-        grid = min(-(-n // LAYER_BACK_ROWS), LAYER_MAX_BLOCKS)
-        shares = self._kept(("layer_shares", grid, p), lambda: self._cupy.empty((grid, p), f32))
+        else:
+            into = self._kept(("layer_shares", grid, p), lambda: self._cupy.empty((grid, p), f32))
+            stride = p
         self._function(op if window is None else "layer_backward_rows", f32)(
             (grid,), (LAYER_THREADS,),
-            (d, saved, x, *rows, w, e if e is not None else d, shares, np.int32(n), np.int32(k), np.int32(n_out),
-             np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha),
+            (d, saved, x, *rows, w, e if e is not None else d, into, np.int64(stride), np.int32(n), np.int32(k),
+             np.int32(n_out), np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha),
              np.int32(0 if e_act is None else e_act.info.kernel_id), f32.type(0.0 if e_act is None else e_act.alpha)),
         )  # fmt: skip
-        self._sum_shares(shares, grad)  # in block order
+        if shares is None:
+            self._sum_shares(into, grad)  # in block order
         return True
 
     # ------------------------------------------------------------------ activations

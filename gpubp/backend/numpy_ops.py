@@ -153,7 +153,8 @@ def _window_rows(x, window, n: int):
     return x[perm[int(start) : int(start) + n]]
 
 
-def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None, e_act=None) -> bool:
+def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None, e_act=None,
+                   shares=None) -> bool:  # fmt: skip
     """D' = d * f'(saved);  grad = (x^T D' (K, N) row-major, then 1^T D' (N,));  e = D' w^T:
     a layer's backward pass in one op (on the GPU one kernel for a narrow float32 layer,
     kernels/layer.cu, D' never leaving shared memory).
@@ -164,7 +165,10 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
     having done nothing, where it has no kernel for the layer). window: as gemm_bias_act's
     (x a whole split's). e_act: the layer below's activation g, whose g' reads its output
     (e_act.saves == "output"), which x is: e = (D' w^T) * g'(x), the layer below's D'
-    (act_backward's product)."""
+    (act_backward's product). shares (buffer, o): grad's values also as the first of
+    buffer's shares, columns o .. o + K N + N - 1, any others 0 (the GPU: its blocks'
+    shares, unsummed; the caller sums the buffer: the step's guard. The model asks this
+    backend for one share, since a -0 plus 0 would sum to +0)."""
     x = _window_rows(x, window, d.shape[0])
     k, n = w.shape
     dw, db = grad[: k * n].reshape(k, n), grad[k * n :]
@@ -179,6 +183,10 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
         gemm(dz, w, e, trans_b=True, tf32=tf32)  # e = D' W^T           (M, K)
         if e_act is not None:
             act_backward(e, x, e_act, out=e)  # e *= g'(x): the layer below's D'
+    if shares is not None:
+        buffer, o = shares
+        buffer[:, o : o + grad.size] = 0
+        buffer[0, o : o + grad.size] = grad
     return True
 
 
