@@ -534,6 +534,38 @@ def test_a_batchs_loss_is_one_launch(dtype):
         assert args[-5] == 0
 
 
+def test_a_window_is_an_int64_order_and_one_int64_start():
+    """Every op that reads a batch through a window (perm, start) of a split refuses
+    another index type before it launches (a kernel would read int32 as int64 pairs)."""
+    from gpubp.activations import make_activation
+    from gpubp.losses import make_loss
+
+    launched = []
+    be = _launching_backend(launched)
+    f32, relu = np.float32, make_activation("relu")
+    x, w, b, out = np.zeros((9, 4), f32), np.zeros((4, 3), f32), np.zeros(3, f32), np.zeros((5, 3), f32)
+    good = (np.arange(9, dtype=np.int64), np.array(2, np.int64))
+
+    def run(op, window):
+        if op == "gemm_bias_act":
+            return be.gemm_bias_act(x, w, b, relu, out, window=window)
+        if op == "layer_backward":
+            return be.layer_backward(out, out, x, w, relu, np.zeros(15, f32), window=window)
+        if op == "loss_forward_backward":
+            return be.loss_forward_backward(out, np.zeros((9, 3), f32), make_loss("mse"), window=window)
+        return be.gather_windows((x,), *window, (np.zeros((5, 4), f32),))
+
+    for window in [(good[0].astype(np.int32), good[1]), (good[0], good[1].astype(np.int32)),
+                   (good[0][None], good[1]), (good[0], np.zeros(2, np.int64))]:  # fmt: skip
+        for op in ("gemm_bias_act", "layer_backward", "loss_forward_backward", "gather_windows"):
+            with pytest.raises(TypeError, match="int64"):
+                run(op, window)
+    assert launched == []
+    assert be.gemm_bias_act(x, w, b, relu, out, window=good) and [name for name, *_ in launched] == [
+        "layer_forward_rows_f32"
+    ]
+
+
 @pytest.mark.parametrize("bias_corrected", [True, False])
 def test_update_vectors_launch_matches_the_kernel_signature(bias_corrected):
     """The launcher hands update_vectors_f32 its arguments in the order and types of the

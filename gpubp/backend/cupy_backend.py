@@ -298,6 +298,17 @@ def kernel_name(base: str, dtype) -> str:
     return f"{base}_{_SUFFIX[np.dtype(dtype)]}"
 
 
+def _checked_window(op: str, window) -> tuple:
+    """() for no window, else its (perm, start): the rows perm[start + i] of a whole split
+    (int64 perm (P,), one int64 start on the device), checked."""
+    if window is None:
+        return ()
+    perm, start = window
+    if perm.dtype != np.int64 or perm.ndim != 1 or start.dtype != np.int64 or start.size != 1:
+        raise TypeError(f"{op}: the window's perm is int64 (P,), its start one int64")
+    return (perm, start)
+
+
 def _leaky_slopes(activations) -> set:
     """The leaky_relu slopes of a network's layers (the fused MLP kernel takes one)."""
     return {a.alpha for a in activations if a.name == "leaky_relu"}
@@ -717,15 +728,10 @@ class CupyBackend:
     @staticmethod
     def _layer_window(op: str, window, x, n: int) -> tuple:
         """The layer kernels' window arguments: () for x's own rows (x: (n, K)), else
-        (perm, start) checked (x: a whole split's, int64 perm and one int64 start)."""
-        if window is None:
-            if x.shape[0] != n:
-                raise ValueError(f"{op}: x {x.shape} does not fit the batch's {n} rows")
-            return ()
-        perm, start = window
-        if perm.dtype != np.int64 or perm.ndim != 1 or start.dtype != np.int64 or start.size != 1:
-            raise TypeError(f"{op}: the window's perm is int64 (P,), its start one int64")
-        return (perm, start)
+        (perm, start) checked (x: a whole split's)."""
+        if window is None and x.shape[0] != n:
+            raise ValueError(f"{op}: x {x.shape} does not fit the batch's {n} rows")
+        return _checked_window(op, window)
 
     def layer_share_rows(self, n: int) -> int:
         """S, the shares (blocks) of layer_backward for a batch of n rows: n's alone."""
@@ -916,10 +922,7 @@ class CupyBackend:
         dtype = x.dtype
         mt = _math(dtype)  # the type of the targets, the value and the scalars
         n, c = x.shape
-        if window is not None:
-            perm, start = window
-            if perm.dtype != np.int64 or perm.ndim != 1 or start.dtype != np.int64 or start.size != 1:
-                raise TypeError("loss_forward_backward: the window's perm is int64 (P,), its start one int64")
+        _checked_window("loss_forward_backward", window)
         rows = n if window is None else target.shape[0]  # the targets' rows
         labels, targets, divisor = self._loss_targets("loss_forward_backward", target, loss, n, c, mt, rows)
         self._check("loss_forward_backward", dtype, x=x, **({"grad": grad} if grad is not None else {}))
@@ -1285,8 +1288,7 @@ class CupyBackend:
         pairs' row bytes and all their addresses."""
         if len(srcs) != len(outs) or len(srcs) not in (1, 2):
             raise ValueError(f"gather_windows: one or two (src, out) pairs, got {len(srcs)} and {len(outs)}")
-        if perm.dtype != np.int64 or start.dtype != np.int64 or start.size != 1:
-            raise TypeError("gather_windows: perm and start are int64, start one value")
+        _checked_window("gather_windows", (perm, start))
         n = outs[0].shape[0]
         for src, out in zip(srcs, outs):
             if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
