@@ -304,13 +304,19 @@ class MLP:
         return self.layer_kernels and fits is not None and fits(self.sizes[k], self.sizes[k + 1], self.store_dtype,
                                                                  self.precision.tf32)  # fmt: skip
 
+    def _unskipped_layer_kernel(self, k: int) -> bool:
+        """Layer k runs in the backend's layer kernels (_layer_kernel) and not under a skip
+        connection: its x is the layer below's output as it is, and its backward carries
+        no D of its own past the kernel (a residual layer's adds to D' W_k^T)."""
+        return self._layer_kernel(k) and not self.is_residual[k]
+
     def takes_input_window(self) -> bool:
         """Whether forward_backward can read its batch's x where it lies in a split
         (x_window): the first layer runs in the backend's layer kernels, which read x's
         rows through the window, forward and backward (_layer_kernel; not a fused product's
         layer, whose cuBLAS product reads x's rows in order, nor a residual one, whose skip
         adds x itself)."""
-        return self._layer_kernel(0) and not self._epilogues and not self.is_residual[0]
+        return self._unskipped_layer_kernel(0) and not self._epilogues
 
     def _primes_below(self, k: int) -> bool:
         """Layer k's backward kernel writes the layer below's D' = (D' W_k^T) * f_{k-1}'(x_k)
@@ -318,8 +324,7 @@ class MLP:
         connection (so x_k is a_{k-1}, f_{k-1}'s saved output), and f_{k-1}' reads the
         output (relu, tanh, ...; not gelu's z). Layer k-1's kernel then reads no saved
         output: a read of an (n, n_k) matrix less."""
-        return (k > 0 and self._layer_kernel(k) and self._layer_kernel(k - 1)
-                and not self.is_residual[k] and not self.is_residual[k - 1]
+        return (k > 0 and self._unskipped_layer_kernel(k) and self._unskipped_layer_kernel(k - 1)
                 and self.activations[k - 1].saves == SAVES_OUTPUT)  # fmt: skip
 
     def _layer_shares(self, ws: _Workspace, n: int):
@@ -327,7 +332,7 @@ class MLP:
         gradient shares, unsummed (layer_backward's shares; the step's guard sums them in
         its norm's launch, one pass for the model where each layer's own sum was a launch),
         or None where a layer runs another way (so its gradient goes to self.grads)."""
-        if self._epilogues or not all(self._layer_kernel(k) and not self.is_residual[k] for k in range(self.n_layers)):
+        if self._epilogues or not all(map(self._unskipped_layer_kernel, range(self.n_layers))):
             return None
         if ws.shares is None:
             rows = getattr(self.backend, "layer_share_rows", lambda n: 1)(n)
@@ -474,12 +479,8 @@ class MLP:
                 if not be.gemm_bias_grad(ws.x[k], Dz, dW, db, trans_a=True, tf32=tf32):
                     be.bias_grad(Dz, out=db)  # db_k = sum_rows D'                  (n_{k+1},)
                     self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'  (n_k, n_{k+1})
-            elif (
-                self._layer_kernel(k)
-                and not self.is_residual[k]  # (its carried D adds to D' W_k^T, and D' is not kept)
-                and be.layer_backward(
-                    D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w, e_act=e_act, shares=into
-                )
+            elif self._unskipped_layer_kernel(k) and be.layer_backward(
+                D, saved, ws.x[k], W, act, self._layer_grads(k), e, tf32=tf32, window=w, e_act=e_act, shares=into
             ):
                 # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
                 # kernel (D' kept in shared memory), plus the sum of its blocks' shares;
