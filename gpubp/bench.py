@@ -334,7 +334,7 @@ class TrainerStep:
     one copy of n_train indices to the device, left out of the timed steps)."""
 
     def __init__(self, case: Case, backend, dtype: str, graph: bool, total_steps: int, dataset, epilogues=None,
-                 fused_mlp=False):  # fmt: skip
+                 fused_mlp="auto"):  # fmt: skip
         from .config import load_config
         from .data import epoch_permutation
         from .trainer import Trainer
@@ -345,7 +345,7 @@ class TrainerStep:
                      f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
                      f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
                      f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={epilogues}",
-                     f"train.fused_mlp={str(bool(fused_mlp)).lower()}", "data.val_fraction=0", "data.test_fraction=0",
+                     f"train.fused_mlp={_setting(fused_mlp)}", "data.val_fraction=0", "data.test_fraction=0",
                      "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
         self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
         self.step_fn = self.trainer.make_step()
@@ -363,6 +363,11 @@ class TrainerStep:
         return int(sum(p.total_bytes() for p in pools.values()))
 
 
+def _setting(value) -> str:
+    """A config override's value of an auto/true/false key: "auto", "true" or "false"."""
+    return "auto" if value == "auto" else str(bool(value)).lower()
+
+
 # train.gemm_epilogues of the bench's step (and of `gpubp train`): "auto", fused products in
 # bf16 and fp16 only (tests force true to time a fusing float32 model on the CPU)
 EPILOGUES = "auto"
@@ -377,7 +382,8 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
     the uncaptured one (train.cuda_graph = false) and, where the model fuses products
     (the GPU's default), the captured step without (train.gemm_epilogues
     = false), and on the GPU, where the network fits the fused MLP kernel, the captured
-    step with it (train.fused_mlp = true), timed in the same rounds (steps_ms); then a
+    step the other way (train.fused_mlp true where "auto" left it out, false where "auto"
+    took it), timed in the same rounds (steps_ms); then a
     profiled pass of the uncaptured step (each op timed alone)."""
     import gc
 
@@ -404,8 +410,10 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         fused = graph.trainer.model.fuses_products
         if fused:  # the same step without the fused products, timed in the same rounds
             runs["unfused"] = TrainerStep(case, backend, precision, True, total, dataset, epilogues=False)
+        # does the default step ("auto") run the fused MLP? then the other way is the separate ops
+        mlp_default = graph.trainer.model.runs_fused_mlp(case.batch)
         if with_fused_mlp and backend.name in FUSED_MLP_DEVICES and graph.trainer.model.fused_mlp_fits(case.batch):
-            runs["mlp"] = TrainerStep(case, backend, precision, True, total, dataset, fused_mlp=True)
+            runs["mlp"] = TrainerStep(case, backend, precision, True, total, dataset, fused_mlp=not mlp_default)
         ms = steps_ms(runs, backend.synchronize, warmup, steps)
         plain = runs.get("plain", graph)
         # a further pass of the uncaptured step, instrumented: where the time of a step goes
@@ -423,7 +431,7 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         # step, and the fused MLP's where it was timed), one timing pass each
         graph_ops = {}
         if captured and backend.name in GRAPH_PROFILE_DEVICES:
-            for label, fused_mlp in (("default", False), ("fused MLP", True)):
+            for label, fused_mlp in (("separate ops", False), ("fused MLP", True)):
                 if fused_mlp and "mlp" not in runs:
                     continue
                 step = TrainerStep(case, backend, precision, False, total, dataset, fused_mlp=fused_mlp)
@@ -446,7 +454,9 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
     products_us = {key: {"us": 1e3 * t / n_prof, "calls_per_step": calls / n_prof, "us_per_call": 1e3 * t / calls}
                    for key, (t, calls) in sorted(prof.per_product.items(), key=lambda kv: -kv[1][0])}  # fmt: skip
     out = _figures(case, ms["graph"])
-    no_graph, unfused, mlp = ms.get("plain"), ms.get("unfused"), ms.get("mlp")
+    no_graph, unfused, other = ms.get("plain"), ms.get("unfused"), ms.get("mlp")
+    # the captured step with the fused MLP and without (one of them the default step)
+    mlp, separate = (ms["graph"], other) if mlp_default else (other, ms["graph"])
     gemm_us = sum(ops_us.get(name, 0.0) for name in OpProfile.GEMMS) or None
     out |= {
         "captured": captured,
@@ -457,14 +467,15 @@ def bench_gpubp(case: Case, backend, precision: str, with_fused_mlp: bool = True
         "fused_products": fused,
         "ms_per_step_unfused": unfused,
         "fusion_speedup": unfused / ms["graph"] if unfused else None,
-        "ms_per_step_fused_mlp": mlp,
-        "fused_mlp_speedup": ms["graph"] / mlp if mlp else None,  # > 1: the fused MLP is the faster
+        "fused_mlp_default": mlp_default,  # the default step ("auto") is the fused MLP's
+        "ms_per_step_fused_mlp": mlp if other else None,
+        "fused_mlp_speedup": separate / mlp if other else None,  # > 1: the fused MLP is the faster
         "gemm_us": gemm_us,  # the sum of the step's GEMM times, fused ones too (each timed alone), per step
         "step_over_gemm": 1e3 * ms["graph"] / gemm_us if gemm_us else None,
         "share": share,
         "ops_us": ops_us,
         "products_us": products_us,  # {"gemm NT 262144x64x64": {us, calls_per_step, us_per_call}}
-        "graph_ops_us": graph_ops,  # {"default"/"fused MLP": {op: us}} of each op as a graph of its own
+        "graph_ops_us": graph_ops,  # {"separate ops"/"fused MLP": {op: us}} of each op as a graph of its own
         "peak_mem_mib": peak / 2**20,
     }
     return out
@@ -655,7 +666,8 @@ def run(cases: list[Case], backend, with_torch: bool = True, with_compile: bool 
     `compile_precisions`: torch.compile only in rows of these (all when empty);
     partial(report): after each row but the last, the report so far (its "partial" key
     says how far), so that a run cut short by a time limit leaves its rows behind;
-    with_fused_mlp: time the fused MLP beside the default step where it applies (bench_gpubp)."""
+    with_fused_mlp: time the other way of train.fused_mlp beside the default step where the
+    network fits the fused MLP (bench_gpubp)."""
     device = backend.name
     reason = torch_unavailable() if with_torch else "--no-torch"
     if reason and with_torch:
@@ -718,6 +730,11 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _mlp_x(g: dict, spec: str) -> str:
+    """The row's "mlp x", starred where the default step is the fused MLP's (a blank beside it else)."""
+    return _fmt(g.get("fused_mlp_speedup"), spec) + ("*" if g.get("fused_mlp_default") else " ")
+
+
 def _us(ms) -> str:
     """Milliseconds as microseconds: one decimal below 10 ms, whole above."""
     if ms is None:
@@ -749,7 +766,7 @@ def format_row(row: dict) -> str:
     pk = row.get("share_of_gemm_peak")
     return (f"{row['case']:<11} {row['precision']:<8} {_us(g['ms_per_step']):>9} {_us(g['ms_per_step_no_graph']):>9} "
             f"{_fmt(g['graph_speedup'], '>7.2f')} {_fmt(g.get('fusion_speedup'), '>7.2f')} "
-            f"{_fmt(g.get('fused_mlp_speedup'), '>6.2f')} {g['samples_per_s']:>10.4g} "
+            f"{_mlp_x(g, '>5.2f')} {g['samples_per_s']:>10.4g} "
             f"{g['tflops']:>8.3g} "
             f"{_fmt(pk and 100 * pk, '>6.1f')} {_fmt(g['gemm_us'], '>9.1f')} {_fmt(g['step_over_gemm'], '>6.2f')} "
             f"{_us(_torch_ms(row, 'torch_eager')):>9} {_us(_torch_ms(row, 'torch_compile')):>10} "
@@ -765,9 +782,11 @@ the same step uncaptured (`train.cuda_graph = false`), timed in the same rounds;
 x**, no graph / us/step; **fused x**, the captured step without fused products
 (`train.gemm_epilogues = false`: bias and ReLU, ReLU' and the bias gradient as kernels of
 their own) over us/step, timed in the same rounds (empty: no layer fuses); **mlp x**,
-us/step over the captured step with the fused MLP kernel (`train.fused_mlp = true`: the
-forward pass, loss and backward pass as one kernel, kernels/mlp.cu), timed in the same
-rounds (GPU only; empty: the network does not fit the kernel). Times: blocks of consecutive steps from a drained device to the
+the captured step with the separate ops over the captured step with the fused MLP kernel
+(the forward pass, loss and backward pass as one kernel, kernels/mlp.cu), both timed in the
+same rounds, one of them the default step (`train.fused_mlp = "auto"`; marked * where that
+is the fused MLP's); > 1: the fused MLP is the faster (GPU only; empty: the network does
+not fit the kernel). Times: blocks of consecutive steps from a drained device to the
 end of a device synchronize, host clock (host overhead and launch gaps included), the
 median of the blocks' means; PyTorch's the same way, on one resident batch.
 **TFLOP/s** counts 6 x weights x batch per step (of the captured step); **% peak**, of a
@@ -817,7 +836,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['case']} | {row['precision']} | {_us(g['ms_per_step'])} | {_us(g['ms_per_step_no_graph'])} | "
             f"{_fmt(g['graph_speedup'], '.2f')} | {_fmt(g.get('fusion_speedup'), '.2f')} | "
-            f"{_fmt(g.get('fused_mlp_speedup'), '.2f')} | {g['samples_per_s']:.4g} | "
+            f"{_mlp_x(g, '.2f')} | {g['samples_per_s']:.4g} | "
             f"{g['tflops']:.3g} | "
             f"{_fmt(pk and 100 * pk, '.1f')} | {_fmt(g['gemm_us'], '.1f')} | {_fmt(g['step_over_gemm'], '.2f')} | "
             f"{t('torch_eager')} | {t('torch_compile')} | "
@@ -874,7 +893,7 @@ def product_table(report: dict) -> list[str]:
 
 def graph_op_table(report: dict) -> list[str]:
     """Markdown lines: microseconds of each op of a step as a CUDA graph of its own
-    (GraphOpProfile), per case, precision and step (default, fused MLP), and their sum."""
+    (GraphOpProfile), per case, precision and step (separate ops, fused MLP), and their sum."""
     rows = [(r, label, ops) for r in report["results"] for label, ops in (r["gpubp"].get("graph_ops_us") or {}).items()]
     if not rows:
         return []

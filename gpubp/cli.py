@@ -477,7 +477,10 @@ B_PRECISIONS = ("float32", "tf32", "bf16", "float64")  # gpubp.bench.PRECISIONS 
 @click.option("--compile-precision", "compile_precisions", multiple=True, type=click.Choice(B_PRECISIONS),
               help="torch.compile only in rows of these precisions (repeatable; default all).")  # fmt: skip
 @click.option(
-    "--no-fused-mlp", is_flag=True, help="Skip timing the fused MLP (train.fused_mlp) beside the default step."
+    "--no-fused-mlp",
+    is_flag=True,
+    help="Skip timing the other way of train.fused_mlp beside the default step (the fused MLP, or the separate "
+    'ops where "auto" took the fused MLP).',
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing --json / --markdown files.")
 @handle_errors

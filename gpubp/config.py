@@ -193,11 +193,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "kernels",
         ),
         "fused_mlp": _f(
-            "bool",
-            False,
+            "auto_bool",
+            "auto",
             "GPU: run the whole forward pass, loss and backward pass as one kernel (kernels/mlp.cu, as tiny-cuda-nn's "
             "fully fused MLP) where the network fits it: at most 8 layers of width <= 128, no residual layers, "
-            "float32 or float64; other networks and precisions keep the separate ops",
+            "float32 or float64; other networks and precisions keep the separate ops. auto: in float32 where the batch "
+            "is small enough that every tile of rows runs at once, on a multiprocessor of its own, with a few "
+            "microseconds of products each (tiny's 128 rows, not narrow's 262144); true: wherever it fits; "
+            "false: never",
         ),
     },
 }

@@ -131,7 +131,7 @@ class MLP:
         residual: bool = False,
         backend=None,
         gemm_epilogues: bool | None = None,
-        fused_mlp: bool = False,
+        fused_mlp: bool | str = False,
     ):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
@@ -166,8 +166,11 @@ class MLP:
         self.gemm_epilogues = bool(gemm_epilogues)
         self.loss: Loss = make_loss(loss, label_smoothing, huber_delta)
         # the whole forward and backward pass as one op (be.mlp_forward_backward: one kernel
-        # on the GPU where the network is narrow enough), when asked; see _fused_forward_backward
-        self.fused_mlp = bool(fused_mlp)
+        # on the GPU where the network is narrow enough), when asked (True), or "auto": where
+        # the backend says it pays (train.fused_mlp's default); see runs_fused_mlp
+        if fused_mlp != "auto" and not isinstance(fused_mlp, bool):
+            raise ValueError(f'fused_mlp must be True, False or "auto", got {fused_mlp!r}')
+        self.fused_mlp = fused_mlp
         self.grad_shares = None  # the last forward_backward's gradient, still in shares (S, P), or None
         # a layer is residual when asked for, hidden, and width-preserving
         self.is_residual = [
@@ -525,7 +528,7 @@ class MLP:
         fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.
         loss_out: a 0-d buffer the loss is written to (a captured step allocates nothing).
-        fused_mlp: the whole pass as one op where the network fits it (_fused_forward_backward).
+        fused_mlp: the whole pass as one op where it runs (runs_fused_mlp, _fused_forward_backward).
         params_rounded: params_low already holds the parameters in 16 bits (the trainer's
         step, whose update writes it: numpy_stacked.rounded), so no cast first.
         target_window (perm, start): target is a whole split's, the batch's rows of it
@@ -538,7 +541,7 @@ class MLP:
         """
         self.grad_shares = None
         # (a window's fused MLP is forward_backward_rows': this target is no batch)
-        if self.fused_mlp and not input_grad and on_layer is None and target_window is None:
+        if not input_grad and on_layer is None and target_window is None and self.runs_fused_mlp(x.shape[0]):
             loss = self._fused_forward_backward(x, target, loss_out)
             if loss is not None:
                 return loss
@@ -567,20 +570,30 @@ class MLP:
         return (not any(self.is_residual) and self.precision.name in DTYPES
                 and self.backend.mlp_fits(self.sizes, self.activations, self.dtype, n))  # fmt: skip
 
+    def runs_fused_mlp(self, n: int) -> bool:
+        """Whether a training pass of n rows runs the fused MLP: the network fits it
+        (fused_mlp_fits) and it was asked for (fused_mlp True), or fused_mlp is "auto" and the
+        backend says it pays for this network and batch (the GPU's mlp_pays: float32, small
+        batches of narrow networks; the NumPy backend has none, so "auto" is off there)."""
+        if not self.fused_mlp or not self.fused_mlp_fits(n):
+            return False
+        pays = getattr(self.backend, "mlp_pays", None) if self.fused_mlp == "auto" else lambda *args: True
+        return pays is not None and bool(pays(self.sizes, self.activations, self.dtype, n))
+
     def step_workspace(self, n: int):
         """The buffers a captured step of n rows uses, kept alive for its graph: the
         workspace, or None where the fused MLP runs (it has none)."""
-        if self.fused_mlp and self.fused_mlp_fits(n):
+        if self.runs_fused_mlp(n):
             return None
         return self._workspace(n)
 
     def _fused_forward_backward(self, x, target, loss_out, window=None):
         """The fused MLP (fused_mlp): the loss (0-d, loss_out when given), and the gradient
         in self.grads or, with a window, left in shares (self.grad_shares); None where it
-        does not run: a residual layer, a precision other than float32 and float64 (tf32
+        does not run (runs_fused_mlp): not asked, "auto" where it does not pay, a residual layer, a precision other than float32 and float64 (tf32
         and the 16-bit ones keep their GEMMs), or a network the backend's op does not take
         (the GPU kernel's widths, layers, shared memory)."""
-        if not self.fused_mlp_fits(x.shape[0] if window is None else window[2]):
+        if not self.runs_fused_mlp(x.shape[0] if window is None else window[2]):
             return None
         out = loss_out if loss_out is not None else self.backend.zeros((), self.dtype)
         shares = self.backend.mlp_forward_backward(x, target, self.flat_params, self.flat_grads, self.sizes,
@@ -600,8 +613,8 @@ class MLP:
         (no gather before), and the gradient is left in shares (self.grad_shares, (S, P),
         one per block of the kernel; one share may be self.grads itself) for the caller to
         sum: the step's guard does, in its norm's launch. Returns the loss (0-d), or None
-        where the fused MLP does not run (not asked, or the network does not fit it): the
-        caller then gathers the rows and calls forward_backward."""
+        where the fused MLP does not run (runs_fused_mlp: not asked, "auto" where it does not
+        pay, or a network it does not take): the caller then reads the rows another way."""
         self.grad_shares = None
         if not self.fused_mlp:
             return None

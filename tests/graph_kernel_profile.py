@@ -7,7 +7,8 @@ from Nsight Systems. Run by tests/run_gpu_profile.sh, in two modes:
         gpubp bench's step of CASE (bench.TrainerStep), 20 steps of warm-up (plain,
         capture, replays), then STEPS steps between cudaProfilerStart and Stop, so the
         report holds those steps' kernels alone, each graph node on its own.
-        PROFILE_FUSED_MLP=1 in the environment: the step with train.fused_mlp = true.
+        PROFILE_FUSED_MLP=1 in the environment: the step with train.fused_mlp = true;
+        else false (the separate ops, whatever "auto" would take).
     python3 tests/graph_kernel_profile.py table CASE STEPS KERN_SUM.csv TRACE.csv
         the table from `nsys stats -r cuda_gpu_kern_sum,cuda_gpu_trace --format csv`:
         per kernel, launches and microseconds per step and its share of the kernel

@@ -2,7 +2,7 @@
 
 The H100 visit of 2026-11-26 measured tiny's captured step at 55 us with 10 kernels and
 50 us with the fused MLP's 4: the kernel count barely moves it, so something else sets
-the pace. Per bench case and step (default, fused MLP), three loops of N steps:
+the pace. Per bench case and step (separate ops, fused MLP), three loops of N steps:
 - issue: the host's time to issue them (step_fn.run, graph launch included), no sync;
 - total: issue to the device's end (a synchronize after the loop);
 - replay only: the shape's graph launched N times by itself (no step bookkeeping; the
@@ -43,7 +43,7 @@ def main(names, backend=None, n: int = 300) -> None:
     sync = backend.synchronize
     for case in B.find_cases(names):
         dataset = B._dataset(case)
-        for label, fused in (("default", False), ("fused MLP", True)):
+        for label, fused in (("separate ops", False), ("fused MLP", True)):
             # replays first, on a step of their own: the device's position in the step
             # tables (StepState, CHUNK rows) advances with each replay and nothing but
             # Step.run uploads the next rows, so 5 steps and 3 n replays must fit the rows
@@ -63,7 +63,7 @@ def main(names, backend=None, n: int = 300) -> None:
                 graphs[key] = lambda: None
             host, _ = min(loops(step, n, sync) for _ in range(3))
             graphs.update(kept)
-            print(f"{case.name:10s} {label:9s}: issue {issue:7.1f} us/step, total {total:7.1f} us/step; replay only: "
+            print(f"{case.name:10s} {label:12s}: issue {issue:7.1f} us/step, total {total:7.1f} us/step; replay only: "
                   f"issue {r_issue:6.1f}, total {r_total:6.1f} us/step; host only {host:6.1f} us/step "
                   f"(graph note: {step.graph_note})", flush=True)  # fmt: skip
 

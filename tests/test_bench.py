@@ -123,7 +123,7 @@ def test_the_narrow_layer_kernels_are_timed_as_products(monkeypatch):
 def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch):
     """On the GPU (GRAPH_PROFILE_DEVICES; the recording backend stands in) each op of one
     uncaptured step is captured REPEAT times into a graph of its own and timed by one
-    replay: the row's graph_ops_us, for the default step and the fused MLP's, and their
+    replay: the row's graph_ops_us, for the separate ops' step and the fused MLP's, and their
     table in the report. Every op of the step is there, each capture holds REPEAT calls."""
     from gpubp.backend.recording import RecordingBackend
 
@@ -135,7 +135,7 @@ def test_a_captured_step_is_profiled_op_by_op_as_graphs_of_their_own(monkeypatch
     case = B.Case("t", [8, 16, 4], 32, steps=4, warmup=2, loss="softmax_cross_entropy", optimizer="adam")
     report = B.run([case], rec, with_torch=False, log=lambda m: None)
     g = report["results"][0]["gpubp"]
-    default, fused = g["graph_ops_us"]["default"], g["graph_ops_us"]["fused MLP"]
+    default, fused = g["graph_ops_us"]["separate ops"], g["graph_ops_us"]["fused MLP"]
     assert {"gemm", "bias_act_forward", "loss_forward_backward", "adam_step", "step_guard_norm"} <= set(default)
     assert "mlp_forward_backward" in fused and "gemm" not in fused
     assert all(t > 0 for t in [*default.values(), *fused.values()])
@@ -162,9 +162,11 @@ def test_a_long_op_is_captured_fewer_times():
 
 def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypatch):
     """On the GPU (FUSED_MLP_DEVICES; the recording backend stands in) the row also times
-    the captured step with train.fused_mlp = true in the same rounds where the network
-    fits the kernel: "mlp x", the default step over it, in the row and both tables; a
-    network it does not take (wider than the kernel's 128 here) has none."""
+    the captured step the other way in the same rounds where the network fits the kernel:
+    with the fused MLP where the default ("auto") leaves it out, without where "auto" takes
+    it. "mlp x", the separate ops' step over the fused MLP's, in the row and both tables,
+    starred where the default step is the fused MLP's; a network it does not take (wider
+    than the kernel's 128 here) has none."""
     from gpubp.backend.recording import RecordingBackend
 
     monkeypatch.setattr(B, "FUSED_MLP_DEVICES", ("cpu",))
@@ -174,9 +176,23 @@ def test_on_the_gpu_a_network_the_fused_mlp_takes_is_timed_with_it_too(monkeypat
     g = report["results"][0]["gpubp"]
     assert g["ms_per_step_fused_mlp"] > 0
     assert g["fused_mlp_speedup"] == pytest.approx(g["ms_per_step"] / g["ms_per_step_fused_mlp"], rel=1e-12)
-    assert f"| {g['fused_mlp_speedup']:.2f} |" in B.markdown(report)
-    assert f" {g['fused_mlp_speedup']:>6.2f} " in B.format_row(report["results"][0])
+    assert f"| {g['fused_mlp_speedup']:.2f}  |" in B.markdown(report) and not g["fused_mlp_default"]
+    assert f" {g['fused_mlp_speedup']:>5.2f}  " in B.format_row(report["results"][0])
     assert any(fn.__name__ == "mlp_forward_backward" for graph in rec.graphs for fn, _, _ in graph)
+    # "auto" takes the fused MLP (the GPU's mlp_pays for a small batch): the default step is
+    # the fused MLP's, the other run the separate ops', and "mlp x" the one over the other
+    rec.inner.mlp_pays = lambda sizes, activations, dtype, n: True
+    rec.graphs.clear()
+    report = B.run([case], rec, with_torch=False, log=lambda m: None, precisions=["float32"])
+    g = report["results"][0]["gpubp"]
+    assert g["fused_mlp_default"] and g["ms_per_step_fused_mlp"] == g["ms_per_step"]
+    separate = g["fused_mlp_speedup"] * g["ms_per_step"]  # the other run's time
+    assert separate > 0 and f"| {g['fused_mlp_speedup']:.2f}* |" in B.markdown(report)
+    assert f" {g['fused_mlp_speedup']:>5.2f}* " in B.format_row(report["results"][0])
+    names = [[fn.__name__ for fn, _, _ in graph] for graph in rec.graphs]
+    assert ["select_rows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched"] in names  # captured: fused
+    assert any("gemm" in graph and "mlp_forward_backward" not in graph for graph in names)  # and the separate ops
+    del rec.inner.mlp_pays
     off = B.run([case], rec, with_torch=False, log=lambda m: None, precisions=["float32"], with_fused_mlp=False)
     assert off["results"][0]["gpubp"]["fused_mlp_speedup"] is None  # gpubp bench --no-fused-mlp
     wide = B.Case("w", [8, 200, 4], 32, steps=10, warmup=2, loss="mse", optimizer="adam")

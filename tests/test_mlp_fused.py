@@ -17,6 +17,7 @@ it in float32 (4 L (n + W) eps <= 0.03 in every case here) and by far in float64
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -488,6 +489,44 @@ def test_the_model_keeps_its_ops_where_the_kernel_does_not_apply(host_kernels): 
     assert "mlp_fused_f32" not in gpu.launches
 
 
+def test_auto_takes_the_fused_mlp_for_one_wave_of_small_tiles(host_kernels):  # noqa: F811
+    """MLP(fused_mlp="auto") (train.fused_mlp's default): the GPU backend's mlp_pays takes
+    a float32 batch where every tile of rows has its own block, at most one a
+    multiprocessor, and a tile's products (forward, weight gradient, D' W^T but the
+    first layer's) are at most MLP_AUTO_TILE_FMAS multiply-adds; the model then runs the
+    fused pass (one mlp_fused launch) exactly there, and the separate ops elsewhere. The
+    tile rows here from the kernel's rule itself: the power of two >= n / 32, at most 64.
+    The NumPy backend has no mlp_pays: "auto" keeps its ops."""
+    sizes, n_sm = [64, 128, 10], 132  # tiny's network on an H100's multiprocessors
+
+    def expected(n, sizes=sizes, sm=n_sm, dtype=np.float32):
+        rows = min(64, 1 << max(0, math.ceil(math.log2(n / 32))))
+        work = rows * (3 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) - sizes[0] * sizes[1])
+        return dtype == np.float32 and -(-n // rows) <= sm and work <= cupy_backend.MLP_AUTO_TILE_FMAS
+
+    rng = np.random.default_rng(12)
+    cases = [(128, sizes, n_sm, "float32"), (512, sizes, n_sm, "float32"), (1024, sizes, n_sm, "float32"),
+             (128, sizes, 16, "float32"), (128, sizes, n_sm, "float64"), (262144, [64] * 6, n_sm, "float32"),
+             (8448, [8, 16, 4], n_sm, "float32"), (8512, [8, 16, 4], n_sm, "float32"),
+             (200, [8, 16, 4], n_sm, "float32")]  # fmt: skip
+    seen = set()
+    for n, net, sm, dtype in cases:
+        gpu, model = gpu_model(host_kernels, net, fused_mlp="auto", loss="softmax_cross_entropy", dtype=dtype)
+        gpu.be.n_sm = sm
+        want = expected(n, net, sm, np.dtype(dtype))
+        seen.add(want)
+        assert model.runs_fused_mlp(n) == want and model.fused_mlp_fits(n), (n, net, sm, dtype)
+        if n <= 512:  # the pass itself: fused where "auto" said so (run on the host: small batches)
+            model.backend.gemm = lambda *a, **k: numpy_ops.gemm(*a, **{n: v for n, v in k.items() if n != "tf32"})
+            x, y = rng.normal(size=(n, net[0])).astype(dtype), rng.integers(0, net[-1], n)
+            model.loss_and_grads(x, y)
+            assert ("mlp_fused_" + ("f32" if dtype == "float32" else "f64") in gpu.launches) == want, (n, net, sm)
+    assert seen == {True, False}
+    assert not MLP(sizes, fused_mlp="auto").runs_fused_mlp(128)  # the NumPy backend: no mlp_pays
+    with pytest.raises(ValueError, match='fused_mlp must be True, False or "auto"'):
+        MLP(sizes, fused_mlp="yes")
+
+
 def test_the_captured_step_is_four_ops():
     """train.fused_mlp: the tiny bench network's captured step records four ops (select,
     the fused pass reading the batch's rows where they lie, the guard with the shares'
@@ -540,18 +579,24 @@ def test_the_issue_timing_script_runs(capsys):
 
     step_issue_timing.main(["tiny"], RecordingBackend(), n=3)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["tiny       default  ", "tiny       fused MLP"]
+    assert [line.split(":")[0] for line in lines] == ["tiny       separate ops", "tiny       fused MLP   "]
     assert all("replay only" in line and "host only" in line and "graph note: None" in line for line in lines)
 
 
 def test_the_tile_sweep_script_runs(capsys):
     """tests/mlp_tile_sweep.py (a GPU visit's tuning aid) on the recording backend: a line
-    per distinct launch, the default step beside them."""
+    per distinct launch, the separate ops' step beside them; then a line per batch, the
+    separate ops' step against the fused MLP's, and what "auto" takes (the separate ops on
+    the NumPy backend, which has no mlp_pays)."""
     from . import mlp_tile_sweep
 
     mlp_tile_sweep.sweep("tiny", RecordingBackend(), steps=5)
     out = capsys.readouterr().out
     # 128 rows: tiles of 2, 4 and 8 rows (64, 32, 16 tiles), each with 2 and 4 rows a thread
     # (2 only on the 2-row tiles), with 1 and 4 columns a thread, weights resident or not
-    assert "default step" in out and out.count("rows a tile") == (1 + 2 + 2) * 2 * 2
+    assert "separate ops' step" in out and out.count("rows a tile") == (1 + 2 + 2) * 2 * 2
     assert out.count("weights per tile") == out.count("weights resident if they fit") == (1 + 2 + 2) * 2
+    mlp_tile_sweep.batches("tiny", RecordingBackend(), steps=2, sizes=(16, 64))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["tiny at     16 rows", "tiny at     64 rows"]
+    assert all("separate / fused" in line and line.endswith("auto takes the separate ops") for line in lines)

@@ -105,6 +105,14 @@ MLP_ROWS_PER_THREAD = 4
 MLP_COLS_PER_THREAD = 4
 # what both may be: mlp.cu compiles its products for these rows and columns a thread (MLP_TILE_CALL)
 MLP_TILE_SIZES = (1, 2, 4)
+# train.fused_mlp = "auto" (mlp_pays): the fused MLP takes a float32 step where its launch is
+# one wave of single-tile blocks, each tile's products at most this many multiply-adds: at
+# about 2 issued instructions a multiply-add (tests/sass_loops.py's count) that is 2^15 warp
+# instructions, some 8192 cycles of an SM's four schedulers, about 5 us at 1.7 GHz, where the
+# separate ops' dozen launches cost a few us each in a graph (tiny: 14 of them, 55.3 us a step
+# on an H100, and 1.10x that with the fused MLP at 4-row tiles, 2026-11-26). An estimate from
+# the instruction count; tests/mlp_tile_sweep.py's batch sweep times where the two cross
+MLP_AUTO_TILE_FMAS = 1 << 19
 # every layer's W staged once per block where the GPU's shared memory holds them beside the
 # tile (mlp.cu's resident mode), else once per tile and product. The same bits either way;
 # more shared memory a block may mean fewer blocks an SM: tests/mlp_tile_sweep.py times both
@@ -1094,6 +1102,20 @@ class CupyBackend:
     def mlp_fits(self, sizes, activations, dtype, n: int) -> bool:
         """Whether mlp_forward_backward runs (not None) for this network, dtype and batch rows."""
         return self._mlp_rows(sizes, activations, dtype, n) > 0
+
+    def mlp_pays(self, sizes, activations, dtype, n: int) -> bool:
+        """train.fused_mlp = "auto": whether the fused MLP is the faster way for this network
+        and batch. float32 (float64's products are cuBLAS's on the tensor cores), and a launch
+        whose time is one tile's: every tile its own block, at most one a multiprocessor, and
+        a tile's products (forward, weight gradient, D' W^T but the first layer's) at most
+        MLP_AUTO_TILE_FMAS multiply-adds. Small batches of narrow networks (tiny: 32 tiles of
+        4 rows); not narrow's 262144 rows, where cuBLAS's tensor cores win (0.21x, H100)."""
+        sizes = [int(w) for w in sizes]
+        rows = self._mlp_rows(sizes, activations, dtype, n) if np.dtype(dtype) == np.float32 else 0
+        if not rows:
+            return False
+        products = 3 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) - sizes[0] * sizes[1]
+        return -(-n // rows) <= min(self.n_sm, MLP_MAX_BLOCKS) and rows * products <= MLP_AUTO_TILE_FMAS
 
     def sum_shares(self, shares, g):
         """g = the sum of the gradient's shares (S, P) in order; see numpy_ops.sum_shares."""

@@ -47,7 +47,7 @@ RETURN_DONE = (
 )
 # the backend's callables that touch no device memory: anything else not listed above is
 # refused inside a capture, so a new op must be added to OPS (or it would run once, at capture)
-HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer", "mlp_fits", "layer_fits")
+HOST_ONLY = ("describe", "memory_peak", "memory_reset", "timer", "mlp_fits", "mlp_pays", "layer_fits")
 MEMORY = ("empty", "zeros", "asarray")
 HOST_READS = ("to_numpy", "to_float", "synchronize")
 
