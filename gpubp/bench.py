@@ -345,7 +345,7 @@ class TrainerStep:
                      f"optimizer.name={case.optimizer}", "optimizer.lr=0.001", f"train.batch_size={case.batch}",
                      f"train.steps={int(total_steps)}", "train.seed=0", "train.early_stopping_patience=0",
                      f"train.cuda_graph={str(bool(graph)).lower()}", f"train.gemm_epilogues={epilogues}",
-                     f"train.fused_mlp={_setting(fused_mlp)}", "data.val_fraction=0", "data.test_fraction=0",
+                     f"train.fused_mlp={str(fused_mlp).lower()}", "data.val_fraction=0", "data.test_fraction=0",
                      "data.standardize=false", "data.standardize_targets=false"]  # fmt: skip
         self.trainer = Trainer(load_config(None, overrides), None, device=backend, quiet=True, dataset=dataset)
         self.step_fn = self.trainer.make_step()
@@ -361,11 +361,6 @@ class TrainerStep:
         """Device bytes of the graphs' own memory pools (CudaGraphCapturer.pools; 0 without)."""
         pools = getattr(self.step_fn.capturer, "pools", None) or {}
         return int(sum(p.total_bytes() for p in pools.values()))
-
-
-def _setting(value) -> str:
-    """A config override's value of an auto/true/false key: "auto", "true" or "false"."""
-    return "auto" if value == "auto" else str(bool(value)).lower()
 
 
 # train.gemm_epilogues of the bench's step (and of `gpubp train`): "auto", fused products in

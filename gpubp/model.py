@@ -541,7 +541,7 @@ class MLP:
         """
         self.grad_shares = None
         # (a window's fused MLP is forward_backward_rows': this target is no batch)
-        if not input_grad and on_layer is None and target_window is None and self.runs_fused_mlp(x.shape[0]):
+        if self.fused_mlp and not input_grad and on_layer is None and target_window is None:
             loss = self._fused_forward_backward(x, target, loss_out)
             if loss is not None:
                 return loss
@@ -577,7 +577,9 @@ class MLP:
         batches of narrow networks; the NumPy backend has none, so "auto" is off there)."""
         if not self.fused_mlp or not self.fused_mlp_fits(n):
             return False
-        pays = getattr(self.backend, "mlp_pays", None) if self.fused_mlp == "auto" else lambda *args: True
+        if self.fused_mlp is True:
+            return True
+        pays = getattr(self.backend, "mlp_pays", None)
         return pays is not None and bool(pays(self.sizes, self.activations, self.dtype, n))
 
     def step_workspace(self, n: int):
@@ -590,9 +592,10 @@ class MLP:
     def _fused_forward_backward(self, x, target, loss_out, window=None):
         """The fused MLP (fused_mlp): the loss (0-d, loss_out when given), and the gradient
         in self.grads or, with a window, left in shares (self.grad_shares); None where it
-        does not run (runs_fused_mlp): not asked, "auto" where it does not pay, a residual layer, a precision other than float32 and float64 (tf32
-        and the 16-bit ones keep their GEMMs), or a network the backend's op does not take
-        (the GPU kernel's widths, layers, shared memory)."""
+        does not run (runs_fused_mlp, the one place that decides): not asked, "auto" where it
+        does not pay, a residual layer, a precision other than float32 and float64 (tf32 and
+        the 16-bit ones keep their GEMMs), or a network the backend's op does not take (the
+        GPU kernel's widths, layers, shared memory)."""
         if not self.runs_fused_mlp(x.shape[0] if window is None else window[2]):
             return None
         out = loss_out if loss_out is not None else self.backend.zeros((), self.dtype)

@@ -264,7 +264,7 @@ class Step(ShapeGraphs):
         st.select()
         # the fused MLP reads rows perm[offset : offset + n] where they lie; else they are gathered
         train, loss = self.train, None
-        if self.model.runs_fused_mlp(n):
+        if self.model.fused_mlp:  # (None where it does not run: runs_fused_mlp)
             loss = self.model.forward_backward_rows(train.x, train.target, self.perm, st.offset, n, self.loss)
         if loss is None and self.model.takes_input_window():
             # rows perm[offset : offset + n] read where they lie by the first layer's kernels
