@@ -188,9 +188,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "GPU: run each layer's bias and ReLU inside its forward GEMM, its ReLU gradient and bias gradient inside "
             "the backward GEMMs (cuBLASLt epilogues); auto: where they pay, bf16 and fp16 (float32 and tf32 measured "
             "no faster on an H100), a ReLU layer's backward only up to 2048 outputs (wider, it cost more than its "
-            "GEMM on an H100), and in float32 a layer of at most 64 inputs and outputs as one kernel forward and "
-            "one backward (kernels/layer.cu); true: every layer, every precision but float64; false: separate "
-            "kernels",
+            "GEMM on an H100), and in float32 and bf16 a layer of at most 64 inputs and outputs as one kernel "
+            "forward and one backward (kernels/layer.cu; bf16 on the tensor cores, layer_tc.cu); true: cuBLASLt's "
+            "epilogues for every layer, every precision but float64; false: separate kernels",
         ),
         "fused_mlp": _f(
             "auto_bool",

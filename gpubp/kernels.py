@@ -20,7 +20,8 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu", "gather.cu", "layer.cu")
+KERNEL_FILES = ("bias_act.cu", "reduce.cu", "loss.cu", "optim.cu", "cast.cu", "mlp.cu", "gather.cu", "layer.cu",
+                "layer_tc.cu")  # fmt: skip
 HEADER_FILES = ("common.cuh", "activations.cuh", "precision.cuh", "loss.cuh")
 NVRTC_OPTIONS = ("-std=c++17",)  # what the backend asks for
 # what CuPy's compiler module appends to every NVRTC compile, after the caller's options

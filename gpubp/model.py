@@ -158,9 +158,10 @@ class MLP:
         # (the default, "auto", also keeps the backward's DRELU_BGRAD to the widths where it pays)
         self.drelu_bgrad_max_width = DRELU_BGRAD_MAX_WIDTH if gemm_epilogues is None else None
         # a narrow layer's forward and backward as one kernel each of our own where the
-        # backend has them (the GPU's kernels/layer.cu: float32), unless fused products are
-        # turned off (gemm_epilogues False); the NumPy backend has none (the same arithmetic)
-        self.layer_kernels = gemm_epilogues is not False
+        # backend has them (the GPU's kernels/layer.cu, float32, and layer_tc.cu, bf16), under
+        # "auto" (gemm_epilogues None; True asks for cuBLASLt's fused products, False for
+        # none); the NumPy backend has none (the same arithmetic)
+        self.layer_kernels = gemm_epilogues is None
         if gemm_epilogues is None:
             gemm_epilogues = bool(getattr(self.backend, "gemm_epilogues", False)) and self.precision.low
         self.gemm_epilogues = bool(gemm_epilogues)
@@ -285,11 +286,17 @@ class MLP:
         float32 or 16-bit storage (float64 has no cuBLASLt epilogues)."""
         return self.gemm_epilogues and np.dtype(self.store_dtype) != np.float64
 
+    def _lt(self, k: int) -> bool:
+        """Layer k runs in cuBLASLt's fused products (_epilogues), where it does not run in
+        the backend's layer kernels (_layer_kernel: a narrow layer under "auto", bf16 among
+        them)."""
+        return self._epilogues and not self._layer_kernel(k)
+
     def _fusable(self, k: int) -> bool:
         """Layer k's ReLU runs in its products (forward, and the backward one of the layer
-        above): a ReLU layer without a skip connection (a residual layer's D' is not its
-        output's gradient alone)."""
-        return self._epilogues and self.activations[k].name == "relu" and not self.is_residual[k]
+        above): a ReLU layer in cuBLASLt's products (_lt) without a skip connection (a
+        residual layer's D' is not its output's gradient alone)."""
+        return self._lt(k) and self.activations[k].name == "relu" and not self.is_residual[k]
 
     def _drelu_bgrad(self, k: int) -> bool:
         """Whether ReLU layer k's backward (ReLU' and db_k) may ride the product of the layer
@@ -302,7 +309,7 @@ class MLP:
     def _layer_kernel(self, k: int) -> bool:
         """Layer k's forward (product, bias, activation) and backward (D', dW, db, D' W^T)
         may each run as one kernel of the backend's own (be.gemm_bias_act,
-        be.layer_backward; where its layer_fits takes the layer)."""
+        be.layer_backward; under "auto", where its layer_fits takes the layer)."""
         fits = getattr(self.backend, "layer_fits", None)
         return self.layer_kernels and fits is not None and fits(self.sizes[k], self.sizes[k + 1], self.store_dtype,
                                                                  self.precision.tf32)  # fmt: skip
@@ -315,11 +322,11 @@ class MLP:
 
     def takes_input_window(self) -> bool:
         """Whether forward_backward can read its batch's x where it lies in a split
-        (x_window): the first layer runs in the backend's layer kernels, which read x's
-        rows through the window, forward and backward (_layer_kernel; not a fused product's
-        layer, whose cuBLAS product reads x's rows in order, nor a residual one, whose skip
-        adds x itself)."""
-        return self._unskipped_layer_kernel(0) and not self._epilogues
+        (x_window): the first layer runs in the backend's float32 layer kernels, which read
+        x's rows through the window, forward and backward (_layer_kernel; not a residual
+        layer, whose skip adds x itself, nor a 16-bit one, whose kernels read x gathered
+        and rounded)."""
+        return self._unskipped_layer_kernel(0) and not self.precision.low
 
     def _primes_below(self, k: int) -> bool:
         """Layer k's backward kernel writes the layer below's D' = (D' W_k^T) * f_{k-1}'(x_k)
@@ -334,12 +341,13 @@ class MLP:
         """The (S, P) buffer into which every layer's backward kernel writes its blocks'
         gradient shares, unsummed (layer_backward's shares; the step's guard sums them in
         its norm's launch, one pass for the model where each layer's own sum was a launch),
-        or None where a layer runs another way (so its gradient goes to self.grads)."""
-        if self._epilogues or not all(map(self._unskipped_layer_kernel, range(self.n_layers))):
+        or None where a layer runs another way (so its gradient goes to self.grads). Of the
+        gradient's dtype (float32 for the 16-bit storage too)."""
+        if not all(map(self._unskipped_layer_kernel, range(self.n_layers))):
             return None
         if ws.shares is None:
             rows = getattr(self.backend, "layer_share_rows", lambda n: 1)(n)
-            ws.shares = self.backend.empty((rows, self.flat_grads.size), self.store_dtype)
+            ws.shares = self.backend.empty((rows, self.flat_grads.size), self.dtype)
         return ws.shares
 
     def _layer_grads(self, k: int):
@@ -412,10 +420,10 @@ class MLP:
             ws.fused[k] = ws.mask[k] is not None and be.gemm_bias_relu(ws.x[k], W, b_out, ws.a[k], ws.mask[k],
                                                                         tf32=tf32)  # fmt: skip
             one_product = ws.fused[k] or (
-                act.name == "identity" and self._epilogues and be.gemm_bias(ws.x[k], W, b_out, ws.a[k], tf32=tf32)
+                act.name == "identity" and self._lt(k) and be.gemm_bias(ws.x[k], W, b_out, ws.a[k], tf32=tf32)
             )
             # a narrow layer: z_k = x_k W_k + b_k (kept where f' reads it), a_k = f_k(z_k) in
-            # one kernel (False where the backend has none for it)
+            # one kernel (False where the backend has none for it; b_k float32 in bf16 too)
             one_product = one_product or (
                 self._layer_kernel(k)
                 and be.gemm_bias_act(ws.x[k], W, b, act, ws.a[k], ws.z[k], tf32=tf32, window=window if k == 0 else None)
@@ -469,13 +477,13 @@ class MLP:
             # D' W_k^T, the gradient carried down, is wanted (a layer below, or the input's
             # gradient); carried: layer_backward wrote it (else a product below does)
             carry = k > 0 or input_grad
-            carried = False
+            carried = kernel = False  # (kernel: layer_backward ran: D' never left it)
             e, w = (ws.dx[k] if carry else None), (window if k == 0 else None)  # (layer_backward's E, window)
             e_act = self.activations[k - 1] if self._primes_below(k) else None  # E = the layer below's D' then
             into = None if shares is None else (shares, self.layout[k][0])  # (its dW_k, db_k columns)
             if ws.done[k]:  # D' and db_k came with the layer above's product
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
-            elif self._epilogues:
+            elif self._lt(k):
                 if not identity:
                     be.act_backward(D, saved, act, out=Dz)  # D' = D * f_k'(.)      (n, n_{k+1})
                 # dW_k = x_k^T D' and db_k = sum_rows D' in one product (False: not run)
@@ -488,7 +496,7 @@ class MLP:
                 # D' = D * f_k'(.), dW_k = x_k^T D', db_k = sum_rows D' and D' W_k^T in one
                 # kernel (D' kept in shared memory), plus the sum of its blocks' shares;
                 # with e_act, D' W_k^T * f_{k-1}'(x_k): the layer below's D'
-                carried = carry
+                carried, kernel = carry, True
                 if k > 0:
                     primed[k - 1] = e_act is not None
             else:
@@ -502,7 +510,7 @@ class MLP:
                 self._gemm(ws.x[k], Dz, dW, trans_a=True)  # dW_k = x_k^T D'      (n_k, n_{k+1})
             if on_layer is not None:
                 on_layer(k)
-            if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and self._drelu_bgrad(k - 1):
+            if k > 0 and ws.fused[k - 1] and not self.is_residual[k] and not kernel and self._drelu_bgrad(k - 1):
                 # the ReLU layer below, in one product: D'_{k-1} = (D' W_k^T) * mask_{k-1}
                 # and db_{k-1} = sum_rows D'_{k-1} (its act_backward and bias_grad); not
                 # under a skip connection, whose D adds to D' W_k^T before the ReLU's f

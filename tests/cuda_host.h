@@ -8,7 +8,7 @@
 //   __syncthreads        a barrier of the block's threads
 //   __shfl_xor_sync      lanes exchange through a per-warp slot array between two
 //                        barriers of the warp's 32 threads (all lanes must take part, as
-//                        the full mask says)
+//                        the full mask says); warp_all_words (host only) the same way
 //   __shared__           static storage: one block runs at a time, so it is that block's
 //   extern __shared__    (dynamic shared memory) host_dynamic_shared, HOST_DYNAMIC_SHARED_BYTES
 //                        of it, the same way; a kernel names it through its own macro
@@ -114,6 +114,7 @@ struct BlockRun {  // what the threads of the running block share
   Barrier* block;
   std::vector<Barrier*> warps;
   std::vector<unsigned long long> slots;  // 32 per warp: one shuffle value per lane
+  std::vector<unsigned> words;            // 32 x WARP_WORDS per warp: warp_all_words
 };
 inline BlockRun* g_run = nullptr;
 
@@ -136,6 +137,19 @@ T __shfl_xor_sync(unsigned, T v, int offset) {
   return out;
 }
 
+// Host only: all[l * count + i] = lane l's mine[i] for every lane l of the warp, i < count
+// (<= WARP_WORDS), in one exchange (layer_tc.cu's host mma: the warp's fragments, where a
+// shuffle a word would take 48 warp barriers an mma)
+#define WARP_WORDS 8
+inline void warp_all_words(const unsigned* mine, int count, unsigned* all) {
+  const int t = linear_thread(), warp = t / 32, lane = t % 32;
+  unsigned* slot = &g_run->words[32 * WARP_WORDS * warp];
+  std::memcpy(&slot[lane * count], mine, count * sizeof(unsigned));
+  g_run->warps[warp]->wait();
+  std::memcpy(all, slot, 32 * count * sizeof(unsigned));
+  g_run->warps[warp]->wait();
+}
+
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
@@ -155,7 +169,7 @@ int launch(dim3 grid, dim3 block, unsigned seed, F kernel) {
   std::shuffle(order.begin(), order.end(), std::mt19937(seed));
   Barrier bar(n), done(n);
   std::deque<Barrier> warp_bars;  // (a deque: a barrier holds a mutex and cannot move)
-  BlockRun run{&bar, {}, std::vector<unsigned long long>(32 * n_warps)};
+  BlockRun run{&bar, {}, std::vector<unsigned long long>(32 * n_warps), std::vector<unsigned>(32 * WARP_WORDS * n_warps)};
   for (int w = 0; w < n_warps; ++w) {
     warp_bars.emplace_back(std::min(32, n - 32 * w));
     run.warps.push_back(&warp_bars.back());

@@ -86,6 +86,7 @@ def numpy_backend_of_gpu(function, n_sm: int, poison: bool = False):
     be = cupy_backend.CupyBackend.__new__(cupy_backend.CupyBackend)
     be._cupy, be.n_sm = FakeCupy(), n_sm
     be.shared_optin = HOST_DYNAMIC_SHARED_BYTES  # what tests/cuda_host.h gives a block
+    be.compute_capability = 90  # an H100's: the host runs layer_tc.cu's mma too (its emulation)
 
     def launcher(base, dtype):
         def launch(grid, block, args, shared_mem=0):

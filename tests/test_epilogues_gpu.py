@@ -208,28 +208,33 @@ def test_a_fused_model_step_agrees_with_the_unfused_one(gpu, dtype):
     assert rel <= rtol, f"gradients differ by {rel:.2e} (relative 2-norm) > {rtol:.2e}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_a_narrow_float32_model_runs_its_layers_in_the_layer_kernels(gpu, act):
-    """float32 under "auto" (no cuBLASLt epilogues): each layer of at most 64 inputs and
-    outputs runs z = x W + b, a = f(z) as one kernel and D', dW, db, D' W^T as another
-    (kernels/layer.cu; GELU keeps z for its f'). Loss and gradients against the model with
-    fused products off, within the float32 reorder bound of the test above (1e-4); with
-    the shares left to the guard (the step's), the same bits."""
+def test_a_narrow_model_runs_its_layers_in_the_layer_kernels(gpu, act, dtype):
+    """float32 and bf16 under "auto": each layer of at most 64 inputs and outputs runs
+    z = x W + b, a = f(z) as one kernel and D', dW, db, D' W^T as another (kernels/layer.cu,
+    layer_tc.cu on the tensor cores; GELU keeps z for its f'), no cuBLASLt product. Loss and
+    gradients against the model with fused products off, within the reorder bound of the
+    test above (float32 1e-4; bf16 2 sqrt(6 L) u, L = 3: the kernels round each result
+    once, the unfused ops twice); with the shares left to the guard (the step's), the same
+    bits."""
     sizes = [64, 64, 64, 10]
     rng = np.random.default_rng(8)
     x = rng.standard_normal((8192, 64)).astype(np.float32)
     y = rng.integers(0, 10, 8192)
-    kw = dict(activation=act, loss="softmax_cross_entropy", seed=5, backend=gpu)
+    kw = dict(activation=act, loss="softmax_cross_entropy", seed=5, backend=gpu, dtype=dtype)
     auto, plain = MLP(sizes, **kw), MLP(sizes, gemm_epilogues=False, **kw)
-    assert auto.fuses_products and not auto.gemm_epilogues and not plain.fuses_products
+    assert auto.fuses_products and not plain.fuses_products
+    assert all(auto._layer_kernel(k) and not auto._lt(k) for k in range(auto.n_layers))
     results = []
     for model in (auto, plain):
         loss = model.forward_backward(model.as_input(x), model.as_target(y, len(x)))
         results.append((gpu.to_float(loss), gpu.to_numpy(model.flat_grads)))
     (la, ga), (lp, gp) = results
-    assert abs(la - lp) <= 1e-4 * abs(lp)
+    rtol = 2 * np.sqrt(6 * 3) * 2.0**-8 if dtype == "bf16" else 1e-4
+    assert abs(la - lp) <= rtol * abs(lp)
     rel = np.linalg.norm(ga - gp) / np.linalg.norm(gp)
-    assert rel <= 1e-4, f"gradients differ by {rel:.2e} (relative 2-norm)"
+    assert rel <= rtol, f"gradients differ by {rel:.2e} (relative 2-norm)"
     assert not np.array_equal(ga, gp)  # another order of sums than cuBLAS's: the kernels ran
     # the training step's way: the layers' shares left unsummed, the guard's launch sums
     # them (in block order, as each layer's own sum did): the same bits, the same norm

@@ -350,6 +350,134 @@ def check_layer_backward_primes_below(be, shapes, names=("relu", "leaky_relu", "
             assert runs[0] == runs[1], (name, (n, k, m), win is not None)
 
 
+BF16_NAN = 0x7FC0  # a bf16 quiet NaN's bits: a 16-bit buffer's poison
+BF16_HALF_ULP = 2.0**-8  # |bf16(v) - v| <= 2^-8 |v|: 8 significant bits, rounded to nearest
+
+
+def check_layer_bf16(be, shapes, names=tuple(ACTIVATIONS), seed: int = 11) -> None:
+    """be.gemm_bias_act and be.layer_backward on bfloat16 storage (kernels/layer_tc.cu: the
+    products on the tensor cores, float32 sums) over `shapes` (n, K, N), against float64
+    sums of the kernels' own bf16 inputs (numpy_ops' 16-bit rounding: each result rounded
+    once from its float32 value):
+    - small integers (x, W, D, saved in -1..1, b in -2..2: every product and sum exact in
+      float32, every result exact in bf16): z, dW, db and E are the float64 ones exactly,
+      a is numpy_ops.gemm_bias_act's byte for byte (a wrong row, column, fragment lane or
+      share shows);
+    - normal values: the float32 sums within 2 (terms + 1) eps32 sum |terms| (any order,
+      the tensor cores' included), a result rounded to bf16 within 2^-8 of its value more;
+      D' (the products' input) byte for byte be.act_backward's (the same d f'(saved),
+      rounded once), and E with the layer below's g (e_act) = bf16((D' W^T) g'(x));
+    - without z, without E: those buffers untouched.
+    Then what they refuse (nothing written, False): fp16, wider than LAYER_MAX_WIDTH, and
+    bf16 on a GPU without bf16 tensor cores (compute capability below 8.0)."""
+    from gpubp import precision as PR
+    from gpubp.backend.cupy_backend import LAYER_MAX_WIDTH
+
+    rng = np.random.default_rng(seed)
+    f32, bf, eps = np.float32, PR.BF16, float(np.finfo(np.float32).eps)
+
+    def low(v):  # host float32 values -> bf16 bits, and their float64 values
+        bits = PR.bf16_bits(np.asarray(v, f32))
+        return bits, PR.to_float32(bits).astype(np.float64)
+
+    def poison(shape):
+        return be.asarray(np.full(shape, BF16_NAN, np.uint16))
+
+    def wide(a):
+        return PR.to_float32(be.to_numpy(a)).astype(np.float64)
+
+    for (n, k, m), name in [(s, a) for s in shapes for a in names]:
+        act = make_activation(name)
+        for values in ("integers", "normal") if name in ("relu", "identity") else ("normal",):
+            draw = (lambda s: rng.integers(-1, 2, size=s)) if values == "integers" else (lambda s: rng.normal(size=s))
+            (x, x64), (w, w64) = low(draw((n, k))), low(draw((k, m)))
+            b = (2 * draw(m) if values == "integers" else draw(m)).astype(f32)
+            what = f"{name} {(n, k, m)} {values}"
+            # forward: v = x W + b (float32 sums), z = bf16(v), a = bf16(f(v))
+            v64 = x64 @ w64 + b
+            sums = 2 * (k + 1) * eps * (np.abs(x64) @ np.abs(w64) + np.abs(b)) + FTZ[f32]
+            a_ref, z_ref = np.empty((n, m), bf), np.empty((n, m), bf)
+            numpy_ops.gemm_bias_act(x, w, b, act, a_ref, z_ref)
+            for keep_z in (True, False):
+                a, z = poison((n, m)), poison((n, m))
+                ok = be.gemm_bias_act(be.asarray(x), be.asarray(w), be.asarray(b), act, a, z if keep_z else None)
+                assert ok is True, what
+                if not keep_z:
+                    assert (be.to_numpy(z) == BF16_NAN).all(), what
+                if values == "integers":
+                    assert be.to_numpy(a).tobytes() == a_ref.tobytes(), what
+                    if keep_z:
+                        assert np.array_equal(wide(z), v64), what
+                    continue
+                if keep_z:
+                    assert (np.abs(wide(z) - v64) <= sums + BF16_HALF_ULP * (np.abs(v64) + sums)).all(), what
+                # a = bf16(f(v)), a_ref = bf16(f(v_ref)): f's slope at most 1.2 (gelu's 1.13)
+                fa = PR.to_float32(a_ref).astype(np.float64)
+                tol = 1.2 * sums + 2 * BF16_HALF_ULP * (np.abs(fa) + 1.2 * sums) + FTZ[f32]
+                assert (np.abs(wide(a) - fa) <= tol).all(), what
+            # backward
+            (d, _), (saved, _) = low(draw((n, m))), low(draw((n, m)))
+            if values == "normal" and name in ("relu", "sigmoid", "softplus", "elu", "tanh"):  # f' reads the output
+                saved = be.to_numpy(be.bias_act_forward(be.asarray(saved), be.zeros(m, f32), act, poison((n, m))))
+            dz = wide(be.act_backward(be.asarray(d), be.asarray(saved), act, poison((n, m))))  # D', rounded once
+            want = {"dW": x64.T @ dz, "db": dz.sum(0), "E": dz @ w64.T}
+            bound = {"dW": 2 * (n + 1) * eps * (np.abs(x64).T @ np.abs(dz)), "db": 2 * (n + 1) * eps * np.abs(dz).sum(0),
+                     "E": 2 * (m + 1) * eps * (np.abs(dz) @ np.abs(w64).T)}  # fmt: skip
+            for with_e in (True, False):
+                grad, e = poisoned(be, k * m + m, f32), poison((n, k))
+                ok = be.layer_backward(be.asarray(d), be.asarray(saved), be.asarray(x), be.asarray(w), act, grad,
+                                       e if with_e else None)  # fmt: skip
+                assert ok is True, what
+                g = be.to_numpy(grad).astype(np.float64)
+                got = {"dW": g[: k * m].reshape(k, m), "db": g[k * m :]}
+                if with_e:
+                    got["E"] = wide(e)
+                else:
+                    assert (be.to_numpy(e) == BF16_NAN).all(), what
+                for part in got:
+                    if values == "integers":
+                        assert np.array_equal(got[part], want[part]), f"{what} {part}"
+                    else:
+                        tol = (
+                            bound[part]
+                            + FTZ[f32]
+                            + (BF16_HALF_ULP * (np.abs(want[part]) + bound[part]) if part == "E" else 0)
+                        )
+                        assert (np.abs(got[part] - want[part]) <= tol).all(), f"{what} {part}"
+            if values == "normal" and k > 0:  # E as the layer below's D': (D' W^T) g'(x), g = tanh
+                tanh = make_activation("tanh")
+                xt, xt64 = low(np.tanh(rng.normal(size=(n, k))))
+                gp = be.to_numpy(be.act_backward(be.asarray(np.ones((n, k), f32)), be.asarray(xt64.astype(f32)), tanh,
+                                                 poisoned(be, (n, k), f32))).astype(np.float64)  # fmt: skip
+                grad, e = poisoned(be, k * m + m, f32), poison((n, k))
+                assert be.layer_backward(be.asarray(d), be.asarray(saved), be.asarray(xt), be.asarray(w), act, grad, e,
+                                         e_act=tanh) is True  # fmt: skip
+                e_ref = want["E"] * gp  # (and the float32 product's own rounding)
+                e_bound = bound["E"] * np.abs(gp) + eps * np.abs(e_ref) + FTZ[f32]
+                tol = e_bound + BF16_HALF_ULP * (np.abs(e_ref) + e_bound)
+                assert (np.abs(wide(e) - e_ref) <= tol).all(), f"{what} E with e_act"
+    relu = make_activation("relu")
+    cases = [(5, 4, 3, PR.F16, 90), (5, LAYER_MAX_WIDTH + 1, 3, bf, 90), (5, 4, LAYER_MAX_WIDTH + 1, bf, 90),
+             (5, 4, 3, bf, 75)]  # fmt: skip
+    cc = be.compute_capability
+    try:
+        for n, k, m, dt, be.compute_capability in cases:
+            x, w, d = (be.asarray(np.zeros(s, dt)) for s in ((n, k), (k, m), (n, m)))
+            out, grad = poison((n, m)).view(dt), poisoned(be, k * m + m, f32)
+            assert be.gemm_bias_act(x, w, be.zeros(m, f32), relu, out) is False, (n, k, m, dt)
+            assert be.layer_backward(d, d, x, w, relu, grad) is False, (n, k, m, dt)
+            assert (be.to_numpy(out).view(np.uint16) == BF16_NAN).all() and np.isnan(be.to_numpy(grad)).all()
+    finally:
+        be.compute_capability = cc
+
+
+def test_bf16_layer_kernels_are_the_products_on_the_tensor_cores(gpu):
+    # one element; odd widths; several row tiles and blocks; narrow's layer (2048 forward
+    # row tiles, 256 backward blocks of 32 tiles each)
+    check_layer_bf16(gpu, [(1, 1, 1), (37, 3, 10), (300, 64, 64), (20000, 33, 64)])
+    check_layer_bf16(gpu, [(262144, 64, 64)], ("relu",))
+
+
 def test_layer_backward_writes_the_layer_belows_dprime(gpu):
     # odd widths, partial tiles; narrow's layer (256 blocks of 32 tiles each)
     check_layer_backward_primes_below(gpu, [(37, 3, 10), (300, 64, 64)])

@@ -91,6 +91,9 @@ def test_every_kernel_the_backend_launches_exists():
     from gpubp.backend.cupy_backend import F32_KERNELS_USED
 
     assert not {f"{k}_f32" for k in F32_KERNELS_USED} - defined
+    from gpubp.backend.cupy_backend import BF16_KERNELS_USED
+
+    assert not {f"{k}_bf16" for k in BF16_KERNELS_USED} - defined
 
 
 def test_every_mixed_precision_kernel_the_backend_launches_exists():

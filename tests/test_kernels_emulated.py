@@ -408,6 +408,29 @@ def test_the_layer_kernels_are_the_products_bias_and_activation(host_kernels, mo
                                  "layer_backward_rows_f32"}  # fmt: skip
 
 
+def test_the_bf16_layer_kernels_are_the_products_on_the_tensor_cores(host_kernels, monkeypatch):
+    """layer_tc.cu's bf16 layer kernels run on the host (the mma's fragments exchanged by
+    shuffles): the GPU test's own checks (tests/test_gpu.py) over one element, odd widths
+    (K and N padded to whole mma tiles), several forward row tiles with a partial one, and,
+    with the backward's grid cut to 3 blocks, blocks that take several tiles and shares
+    summed over blocks; every activation on the small shapes. Its tiles are layer.cu's, so
+    the launchers' grids (and the model's shares) serve both."""
+    import re
+
+    from gpubp.backend import cupy_backend as C
+
+    from .test_gpu import check_layer_bf16
+
+    define = {name: int(v) for name, v in re.findall(r"#define (TC_\w+) (\d+)", kernels.read_source("layer_tc.cu"))}
+    assert (C.LAYER_THREADS, C.LAYER_ROWS, C.LAYER_BACK_ROWS, C.LAYER_MAX_WIDTH) == (
+        define["TC_THREADS"], define["TC_FWD_ROWS"], define["TC_BACK_ROWS"], define["TC_W"])  # fmt: skip
+    gpu = EmulatedGpu(host_kernels)
+    check_layer_bf16(gpu.be, [(1, 1, 1), (37, 3, 10)])
+    monkeypatch.setattr(C, "LAYER_MAX_BLOCKS", 3)
+    check_layer_bf16(gpu.be, [(300, 64, 64), (170, 33, 7)], ("relu", "identity", "gelu"))
+    assert {"layer_forward_bf16", "layer_backward_bf16", "sum_shares_f32"} <= set(gpu.launches)
+
+
 def test_the_layer_launchers_refuse_overlaps_and_take_an_empty_batch(host_kernels):
     """An output that overlaps an input another block may still read is refused (one
     line naming them); an empty batch launches nothing, and its gradient is 0."""
@@ -437,10 +460,13 @@ def test_the_layer_timing_script_runs_every_part(host_kernels, capsys):
     gpu = EmulatedGpu(host_kernels)
     be = gpu.be
     be.gemm, be.timer, be.describe = numpy_ops.gemm, NumpyBackend().timer, lambda: "host-run kernels"
+    for op in ("gemm_bias_relu", "gemm_bias_grad", "gemm_drelu_bias_grad"):  # (cuBLASLt's: the references)
+        setattr(be, op, getattr(numpy_ops, op))
     layer_timing.main(be, shape=(40, 8, 8), grids=(1, 2), reps=1)
     out = capsys.readouterr().out
-    assert "failed" not in out and out.count("\n") == 1 + 4 + 2, out
-    assert gpu.launches.count("layer_backward_f32") > 0 and gpu.launches.count("layer_forward_f32") > 0
+    assert "failed" not in out and out.count("\n") == 2 * (1 + 4 + 2), out
+    for name in ("layer_backward_f32", "layer_forward_f32", "layer_backward_bf16", "layer_forward_bf16"):
+        assert gpu.launches.count(name) > 0, name
 
 
 def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
@@ -505,6 +531,59 @@ def test_a_model_runs_its_narrow_float32_layers_in_one_kernel(host_kernels):
         ref = MLP(sizes, backend=NumpyBackend(), dtype=off.precision.name, **kw).loss_and_grads(x, y)
         loss, grads = off.loss_and_grads(x, y)
         assert loss == ref[0] and all(np.array_equal(g, w) for g, w in zip(grads, ref[1]))
+    assert gpu.launches == []
+
+
+def test_a_bf16_model_runs_its_narrow_layers_on_the_tensor_cores(host_kernels):
+    """A bf16 MLP on a backend that has layer_tc.cu (the NumPy backend plus the host-run
+    kernels' launchers), under "auto": each layer of at most LAYER_MAX_WIDTH inputs and
+    outputs runs forward and backward as one launch each (bf16 storage, float32 sums and
+    gradient), the others the separate ops. Loss and gradients against the NumPy bf16
+    model's, which rounds each product before its bias and activation (the kernels round
+    once): tests/test_epilogues.py's bound for fused against unfused bf16 products,
+    2 sqrt(6 L) u relative (u = 2^-8, L = 4 layers). Every layer in the kernels
+    (keep_shares, the training step's): the float32 shares summed by the guard give the
+    per-layer sums' bits. gemm_epilogues True (cuBLASLt's fused products) or False: no
+    launch."""
+    from gpubp.backend import NumpyBackend
+    from gpubp.model import MLP
+
+    gpu = EmulatedGpu(host_kernels)
+    be = NumpyBackend()
+    for name in ("layer_fits", "gemm_bias_act", "layer_backward", "layer_share_rows"):
+        setattr(be, name, getattr(gpu.be, name))
+    sizes = [6, 40, 130, 40, 3]  # 6 -> 40 and 40 -> 3 fit; 40 -> 130 and 130 -> 40 do not
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(150, 6)), rng.integers(0, 3, 150)
+    kw = dict(dtype="bf16", loss="softmax_cross_entropy", seed=4)
+    want = MLP(sizes, backend=NumpyBackend(), **kw).loss_and_grads(x, y)
+    model = MLP(sizes, backend=be, **kw)
+    assert model.fuses_products and not model.takes_input_window()
+    got = model.loss_and_grads(x, y)
+    assert gpu.launches == ["layer_forward_bf16"] * 2 + ["layer_backward_bf16", "sum_shares_f32"] * 2
+    rtol = 2 * np.sqrt(6 * 4) * 2.0**-8
+    assert abs(got[0] - want[0]) <= rtol * abs(want[0])
+    for g, w in zip(got[1], want[1]):
+        assert np.linalg.norm(g - w) <= rtol * np.linalg.norm(w)
+    assert any(not np.array_equal(g, w) for g, w in zip(got[1], want[1]))  # it did run
+    # every layer in the kernels: the shares (float32) left to the guard, then summed by it
+    narrow = MLP([6, 40, 33, 3], backend=be, activation="tanh", **kw)
+    xb, yb = narrow.as_input(x), narrow.as_target(y, 150)
+    narrow.forward_backward(xb, yb)
+    per_layer = narrow.flat_grads.copy()
+    gpu.launches.clear()
+    narrow.forward_backward(xb, yb, keep_shares=True)
+    assert narrow.grad_shares.dtype == np.float32 and narrow.grad_shares.shape == (5, per_layer.size)
+    assert "sum_shares_f32" not in gpu.launches
+    f32 = np.float32
+    state = [np.array(-1, np.int64), np.array(False), np.zeros((), f32), np.zeros((), f32)]
+    gpu.be.step_guard_norm(np.zeros((), f32), narrow.flat_grads, np.zeros((), f32), 0, 0.0, *state,
+                           shares=narrow.grad_shares)  # fmt: skip
+    assert narrow.flat_grads.tobytes() == per_layer.tobytes()
+    gpu.launches.clear()
+    for setting in (True, False):
+        model = MLP(sizes, backend=be, gemm_epilogues=setting, **kw)
+        model.loss_and_grads(x, y)
     assert gpu.launches == []
 
 

@@ -119,6 +119,25 @@ def test_a_captured_step_records_the_narrow_layer_ops(extra, monkeypatch):
     assert_same_run(without, plain)
 
 
+def test_a_captured_bf16_step_records_the_tensor_core_layer_ops(monkeypatch):
+    """bf16 layers in the backend's own kernels (the GPU's layer_tc.cu): the captured step
+    records gemm_bias_act and layer_backward, gathers and rounds x first (those kernels
+    take no window), leaves the float32 gradient in its layers' shares for the guard, and
+    replays the plain run bitwise."""
+    from gpubp.backend import NumpyBackend
+
+    case = "adamw-cosine-bf16"
+    monkeypatch.setattr(NumpyBackend, "layer_fits", lambda self, n_in, n_out, dtype, tf32=False: True, raising=False)
+    plain, rec = run(case, "cpu"), RecordingBackend()
+    captured = run(case, rec)
+    calls = [(fn.__name__, args, kwargs) for fn, args, kwargs in rec.graphs[0]]
+    names = [name for name, _, _ in calls]
+    assert names.count("gemm_bias_act") == names.count("layer_backward") == 3
+    assert "gather_windows" in names and not any(kw.get("window") for n, _, kw in calls if n != "loss_forward_backward")
+    assert all(kw["shares"][0].dtype == np.float32 for n, _, kw in calls if n == "layer_backward")
+    assert_same_run(plain, captured)
+
+
 @pytest.mark.parametrize("extra", [[], ["model.dtype=bf16"], ["train.fused_mlp=true"]])
 def test_a_regression_step_reads_its_targets_where_they_lie(extra, monkeypatch):
     """Targets (n, c) are not gathered: the step gathers x alone and the loss reads rows

@@ -36,6 +36,8 @@ KERNELS_USED = (
 
 # the kernels that exist for float32 only (each as _f32): the narrow layers' (layer.cu)
 F32_KERNELS_USED = ("layer_forward", "layer_backward", "layer_forward_rows", "layer_backward_rows")
+# and for bfloat16 only (each as _bf16): the narrow layers' on the tensor cores (layer_tc.cu)
+BF16_KERNELS_USED = ("layer_forward", "layer_backward")
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
 LOW_KERNELS_USED = (
@@ -379,6 +381,7 @@ class CupyBackend:
     name = "gpu"
     optimizer_scratch_rows = 0  # the fused update kernels need no working space
     tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in, per instance)
+    compute_capability = 0  # the device's, as 10 major + minor (90: an H100)
 
     def __init__(self, device_id: int | None = None):
         """device_id None: the current device (0 unless a data-parallel rank chose its own)."""
@@ -395,6 +398,7 @@ class CupyBackend:
         self.n_sm = self.device.attributes["MultiProcessorCount"]
         # the most shared memory a block may have (opt-in past 48 KiB): the fused MLP's limit
         self.shared_optin = self.device.attributes["MaxSharedMemoryPerBlockOptin"]
+        self.compute_capability = int(self.device.compute_capability)
         self.handle = self.device.cublas_handle
         cublas.setPointerMode(self.handle, _POINTER_MODE_HOST)
         self.tf32 = False  # float32 GEMMs on tensor cores in TF32 (opt-in)
@@ -693,26 +697,35 @@ class CupyBackend:
 
     def layer_fits(self, n_in: int, n_out: int, dtype, tf32: bool = False) -> bool:
         """Whether gemm_bias_act and layer_backward run a layer of n_in inputs and n_out
-        outputs in `dtype` storage here: float32 multiplied in float32 (not TF32), both
-        widths at most LAYER_MAX_WIDTH, and GPUBP_GEMM_EPILOGUES=0 not set."""
+        outputs in `dtype` storage here: both widths at most LAYER_MAX_WIDTH, float32
+        multiplied in float32 (not TF32; layer.cu) or bfloat16 on a GPU with bf16 tensor
+        cores (compute capability 8.0 on; layer_tc.cu), and GPUBP_GEMM_EPILOGUES=0 not set."""
         narrow = 0 < n_in <= LAYER_MAX_WIDTH and 0 < n_out <= LAYER_MAX_WIDTH
         off = os.environ.get("GPUBP_GEMM_EPILOGUES", "").strip() == "0"  # every fused product off (gemm_epilogues)
-        return narrow and not off and np.dtype(dtype) == np.float32 and not (tf32 or self.tf32)
+        dtype = np.dtype(dtype)
+        kernel = (dtype == np.float32 and not (tf32 or self.tf32)) or (
+            dtype == PR.BF16 and self.compute_capability >= 80
+        )
+        return narrow and not off and kernel
 
     def gemm_bias_act(self, a, b, bias, act: Activation, out, z=None, tf32=False, window=None) -> bool:
         """z = a b + bias (where z is given), out = f(a b + bias), in one launch for a
-        narrow float32 layer (layer_fits); see numpy_ops.gemm_bias_act. False,
-        nothing done, where the layer does not fit: the caller runs gemm and
-        bias_act_forward. out and z must not overlap a, b or bias. window (perm,
-        start): a is a whole split's x, and row i's is its row perm[start + i]."""
+        narrow float32 or bfloat16 layer (layer_fits; bias float32); see
+        numpy_ops.gemm_bias_act. False, nothing done, where the layer does not fit: the
+        caller runs gemm and bias_act_forward. out and z must not overlap a, b or bias.
+        window (perm, start; float32 only): a is a whole split's x, and row i's is its row
+        perm[start + i]."""
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"gemm_bias_act: a {a.shape} and b {b.shape} must be matrices")
         k, n_out, n = a.shape[1], b.shape[1], out.shape[0]
         if not self.layer_fits(k, n_out, a.dtype, tf32) or n >= 2**31:
             return False
+        dtype, f32 = np.dtype(a.dtype), np.dtype(np.float32)
+        if window is not None and dtype != f32:
+            raise ValueError("gemm_bias_act: a window of the split's rows takes float32 x only (layer.cu)")
         rows = self._layer_window("gemm_bias_act", window, a, n)
-        f32 = np.dtype(np.float32)
-        self._check("gemm_bias_act", f32, a=a, b=b, bias=bias, out=out, **({"z": z} if z is not None else {}))
+        self._check("gemm_bias_act", dtype, a=a, b=b, out=out, **({"z": z} if z is not None else {}))
+        self._check("gemm_bias_act", f32, bias=bias)
         if (
             b.shape[0] != k
             or bias.shape != (n_out,)
@@ -726,7 +739,7 @@ class CupyBackend:
                 raise ValueError(f"gemm_bias_act: {name} overlaps a, b or bias (other blocks still read them)")
         if n == 0:
             return True
-        self._function("layer_forward" if window is None else "layer_forward_rows", f32)(
+        self._function("layer_forward" if window is None else "layer_forward_rows", dtype)(
             (-(-n // LAYER_ROWS),), (LAYER_THREADS,),
             (a, *rows, b, bias, z if z is not None else out, out, np.int32(n), np.int32(k), np.int32(n_out),
              np.int32(z is not None), np.int32(act.info.kernel_id), f32.type(act.alpha)),
@@ -747,12 +760,13 @@ class CupyBackend:
 
     def layer_backward(self, d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None,
                        e_act=None, shares=None) -> bool:  # fmt: skip
-        """A narrow float32 layer's backward pass in one launch of kernels/layer.cu (and the
-        sum of its blocks' shares): D' = d * f'(saved), grad = (x^T D' row-major, then
-        1^T D'), and e = D' w^T where given; see numpy_ops.layer_backward. False, nothing
-        done, where the layer does not fit (layer_fits): the caller runs the separate ops.
-        e must not overlap d, saved, x or w (other blocks still read them). window (perm,
-        start): x is a whole split's, and row i's is its row perm[start + i]. e_act: the
+        """A narrow float32 or bfloat16 layer's backward pass in one launch of
+        kernels/layer.cu or layer_tc.cu (and the sum of its blocks' shares): D' = d *
+        f'(saved), grad = (x^T D' row-major, then 1^T D'; float32), and e = D' w^T where
+        given; see numpy_ops.layer_backward. False, nothing done, where the layer does not
+        fit (layer_fits): the caller runs the separate ops. e must not overlap d, saved, x
+        or w (other blocks still read them). window (perm, start; float32 only): x is a
+        whole split's, and row i's is its row perm[start + i]. e_act: the
         layer below's activation, whose f' reads x (its output): e = (D' w^T) * f'(x).
         shares (buffer, o): the blocks' shares go to buffer[:, o : o + K N + N] (buffer
         (layer_share_rows(n), P) float32, a whole model's) and are not summed; grad is left
@@ -762,9 +776,12 @@ class CupyBackend:
         k, n_out, n = x.shape[1], w.shape[1], d.shape[0]
         if not self.layer_fits(k, n_out, x.dtype, tf32) or n >= 2**31:
             return False
-        f32, op = np.dtype(np.float32), "layer_backward"
+        dtype, f32, op = np.dtype(x.dtype), np.dtype(np.float32), "layer_backward"
+        if window is not None and dtype != f32:
+            raise ValueError(f"{op}: a window of the split's rows takes float32 x only (layer.cu)")
         rows = self._layer_window(op, window, x, n)
-        self._check(op, f32, d=d, saved=saved, x=x, w=w, grad=grad, **({"e": e} if e is not None else {}))
+        self._check(op, dtype, d=d, saved=saved, x=x, w=w, **({"e": e} if e is not None else {}))
+        self._check(op, f32, grad=grad)
         p = k * n_out + n_out  # dW's values, then db's
         if (d.shape != (n, n_out) or saved.shape != d.shape or w.shape != (k, n_out) or grad.shape != (p,)
                 or (e is not None and e.shape != (n, k))):  # fmt: skip
@@ -790,7 +807,7 @@ class CupyBackend:
         else:
             into = self._kept(("layer_shares", grid, p), lambda: self._cupy.empty((grid, p), f32))
             stride = p
-        self._function(op if window is None else "layer_backward_rows", f32)(
+        self._function(op if window is None else "layer_backward_rows", dtype)(
             (grid,), (LAYER_THREADS,),
             (d, saved, x, *rows, w, e if e is not None else d, into, np.int64(stride), np.int32(n), np.int32(k),
              np.int32(n_out), np.int32(e is not None), np.int32(act.info.kernel_id), f32.type(act.alpha),

@@ -133,12 +133,23 @@ def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False, window=N
     a: (M, K), b: (K, N), bias: (N,), out: (M, N), z: (M, N) or None (f' takes out:
     act.saves != "input"), all of one float dtype. Here the unfused gemm and
     bias_act_forward, bit for bit; the GPU's kernel sums each output's K terms in order,
-    a fused multiply-add each, then adds the bias. Returns True (the GPU returns False,
-    having done nothing, where it has no kernel for the layer).
+    a fused multiply-add each, then adds the bias. Or a, b, out, z of 16-bit storage and
+    bias float32 (on the GPU bfloat16, layer_tc.cu's tensor cores): v = the float32 sum of
+    the products + bias, z = v and out = f(v) each rounded once (cuBLASLt's epilogues'
+    rounding; the unfused ops round the product first). Returns True (the GPU returns
+    False, having done nothing, where it has no kernel for the layer).
     window (perm, start): a is a whole split's x, row i's its row perm[start + i] (perm
     int64, start a 0-d int64 read when the op runs: the training step's batch, read where
     it lies by a network's first layer)."""
     a = _window_rows(a, window, out.shape[0])
+    if out.dtype in PR.LOW:
+        v = np.empty(out.shape, np.float32)
+        gemm(a, b, v)  # v = a b, float32 sums                 (M, N)
+        v += bias  # + 1 bias^T
+        if z is not None:
+            PR.store(v, z)
+        PR.store(act_forward(v, act, np.empty_like(v)), out)  # out = f(v), rounded once
+        return True
     v = z if z is not None else out
     gemm(a, b, v, tf32=tf32)  # z = a b                           (M, N)
     bias_act_forward(v, bias, act, out)  # z += 1 bias^T, out = f(z)
@@ -161,7 +172,10 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
 
     d, saved: (M, N), x: (M, K), w: (K, N), grad: (K N + N,) (a model's W_k and b_k, in
     its gradient buffer), e: (M, K) or None, all of one float dtype. Here the separate ops,
-    bit for bit of the unfused model's backward. Returns True (the GPU returns False,
+    bit for bit of the unfused model's backward. Or d, saved, x, w, e of 16-bit storage and
+    grad float32 (the GPU's layer_tc.cu, bfloat16): D' = d f'(saved) rounded once, the
+    products' input; db the float32 sum of those values, dW = x^T D' in float32, and e
+    with e_act = (D' w^T) g'(x) in float32, rounded once. Returns True (the GPU returns False,
     having done nothing, where it has no kernel for the layer). window: as gemm_bias_act's
     (x a whole split's). e_act: the layer below's activation g, whose g' reads its output
     (e_act.saves == "output"), which x is: e = (D' w^T) * g'(x), the layer below's D'
@@ -180,9 +194,13 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
         act_backward_bias_grad(d, saved, act, dz, db)  # D' = d * f'(saved), db = 1^T D'
     gemm(x, dz, dw, trans_a=True, tf32=tf32)  # dW = x^T D'            (K, N)
     if e is not None:
-        gemm(dz, w, e, trans_b=True, tf32=tf32)  # e = D' W^T           (M, K)
+        # 16-bit e with e_act: the product and g'(x) in float32, rounded once
+        ef = np.empty(e.shape, np.float32) if e.dtype in PR.LOW and e_act is not None else e
+        gemm(dz, w, ef, trans_b=True, tf32=tf32)  # e = D' W^T           (M, K)
         if e_act is not None:
-            act_backward(e, x, e_act, out=e)  # e *= g'(x): the layer below's D'
+            act_backward(ef, PR.to_float32(x) if ef is not e else x, e_act, out=ef)  # e *= g'(x): the layer below's D'
+            if ef is not e:
+                PR.store(ef, e)
     if shares is not None:
         buffer, o = shares
         buffer[:, o : o + grad.size] = 0
