@@ -322,11 +322,11 @@ class MLP:
 
     def takes_input_window(self) -> bool:
         """Whether forward_backward can read its batch's x where it lies in a split
-        (x_window): the first layer runs in the backend's float32 layer kernels, which read
-        x's rows through the window, forward and backward (_layer_kernel; not a residual
-        layer, whose skip adds x itself, nor a 16-bit one, whose kernels read x gathered
-        and rounded)."""
-        return self._unskipped_layer_kernel(0) and not self.precision.low
+        (x_window): the first layer runs in the backend's layer kernels, which read x's
+        rows through the window, forward and backward (_layer_kernel; not a residual layer,
+        whose skip adds x itself). A 16-bit layer's kernels round the split's float32 rows
+        as they load them: no gather and no cast first."""
+        return self._unskipped_layer_kernel(0)
 
     def _primes_below(self, k: int) -> bool:
         """Layer k's backward kernel writes the layer below's D' = (D' W_k^T) * f_{k-1}'(x_k)
@@ -409,9 +409,10 @@ class MLP:
         (call _round_params before), b_k in float32 (a fused product's b_k: 16-bit too,
         from params_low, the only bias type cuBLASLt takes with a 16-bit out).
         window (perm, start): x is a whole split's, the batch its rows perm[start + i],
-        read by the first layer's kernel (takes_input_window); ws.x[0] is then the split."""
+        read (and rounded to 16 bits) by the first layer's kernel (takes_input_window);
+        ws.x[0] is then the split."""
         be = self.backend
-        ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None else x
+        ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None and window is None else x
         tf32 = self.precision.tf32
         for k, act in enumerate(self.activations):
             W, b, b_out = self.params_low[2 * k], self.params[2 * k + 1], self.params_low[2 * k + 1]

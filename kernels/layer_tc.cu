@@ -17,6 +17,11 @@
 // float32, E = bf16((D' W^T) g'(x)), g'(x) taken in float32. Each sum's order is the tensor
 // cores' own; the grid is set by the rows alone and every block's share is summed in block
 // order, so the bits are the same on every run of a given GPU.
+//
+// WINDOWED (layer_forward_rows_bf16, layer_backward_rows_bf16: a network's first layer in
+// the training step, as layer.cu's _rows_f32): x's row r is row perm[start[0] + r] of a
+// whole split's float32 x, rounded to bf16 as it is loaded: the bits of the batch gathered,
+// then rounded by cast.cu (no gather and no cast first).
 #include "common.cuh"
 #include "activations.cuh"
 #include "precision.cuh"
@@ -39,6 +44,11 @@ __device__ __forceinline__ unsigned int pair_at(const bf16_t* p) {
   return w;
 #endif
 }
+
+// x's value as the products' input: a bf16 x as it is, a float32 one (a window of the
+// split) rounded to nearest even, as cast.cu rounds it
+__device__ __forceinline__ bf16_t as_bf16(bf16_t v) { return v; }
+__device__ __forceinline__ bf16_t as_bf16(float v) { return bf16_from_float(v); }
 
 // One warp's C (16 x 8) += A (16 x 16) B (16 x 8), bf16 inputs, float32 sums. Lane
 // l = 4 g + q holds (two bf16 a word, the lower column or k in the low half)
@@ -106,22 +116,36 @@ __device__ __forceinline__ void b_fragment(unsigned int* b, const bf16_t* p, int
 // N) = bf16(x W + b) where keep_z (f' takes z), else not written. a and z must not overlap
 // x or W. K, N <= TC_W. Grid: ceil(n / TC_FWD_ROWS) blocks of TC_THREADS threads; warp w
 // takes the block's rows 16 w .. 16 w + 15, all N columns (N / 8 mma tiles, K / 16 steps).
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-    layer_forward_bf16(const bf16_t* x, const bf16_t* W, const float* b, bf16_t* z, bf16_t* a, int n, int K, int N,
-                       int keep_z, int kind, float alpha) {
+// TX: bf16_t, or float for WINDOWED (x a whole split's, row r of the batch its row
+// perm[start[0] + r]; the block's rows' places read once, into shared memory).
+template <bool WINDOWED, typename TX>
+__device__ __forceinline__ void layer_forward_tc(const TX* x, const long long* perm, const long long* start,
+                                                 const bf16_t* W, const float* b, bf16_t* z, bf16_t* a, int n, int K,
+                                                 int N, int keep_z, int kind, float alpha) {
   __shared__ __align__(16) bf16_t xs[TC_FWD_ROWS * TC_LD];  // x[row0 + r, k] at r LD + k; then a's rows
   __shared__ __align__(16) bf16_t wt[TC_W * TC_LD];         // W[k, j] at j LD + k (W^T: B's columns)
   __shared__ __align__(16) bf16_t zs[TC_FWD_ROWS * TC_LD];  // z's rows (keep_z)
+  __shared__ long long places[WINDOWED ? TC_FWD_ROWS : 1];  // WINDOWED: x's row of row0 + r (-1: past n)
   const int t = threadIdx.x, lane = t % 32, warp = t / 32, g = lane / 4, q = lane % 4;
   const long long row0 = (long long)blockIdx.x * TC_FWD_ROWS;
   const int kp = (K + 15) / 16 * 16, np = (N + 7) / 8 * 8;  // K and N padded with 0 to whole mma tiles
   const bf16_t zero = {0};
+  if (WINDOWED) {
+    if (t < TC_FWD_ROWS) places[t] = row0 + t < n ? perm[start[0] + row0 + t] : -1LL;
+    __syncthreads();
+  }
   // the stage: x's rows (0 past n and K) and W^T (0 past K and N), each pass's loads first
   for (int e0 = t; e0 < TC_FWD_ROWS * kp; e0 += TC_COPY_UNROLL * TC_THREADS) {
     bf16_t v[TC_COPY_UNROLL];
     UNROLL for (int u = 0; u < TC_COPY_UNROLL; ++u) {
       const int e = e0 + u * TC_THREADS, r = e / kp, k = e % kp;
-      v[u] = e < TC_FWD_ROWS * kp && row0 + r < n && k < K ? x[(row0 + r) * K + k] : zero;
+      const bool in = e < TC_FWD_ROWS * kp && k < K;
+      if (WINDOWED) {
+        const long long p = in ? places[r] : -1LL;
+        v[u] = p >= 0 ? as_bf16(x[p * K + k]) : zero;
+      } else {
+        v[u] = in && row0 + r < n ? as_bf16(x[(row0 + r) * K + k]) : zero;
+      }
     }
     UNROLL for (int u = 0; u < TC_COPY_UNROLL; ++u) {
       const int e = e0 + u * TC_THREADS;
@@ -174,6 +198,20 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    layer_forward_bf16(const bf16_t* x, const bf16_t* W, const float* b, bf16_t* z, bf16_t* a, int n, int K, int N,
+                       int keep_z, int kind, float alpha) {
+  layer_forward_tc<false>(x, nullptr, nullptr, W, b, z, a, n, K, N, keep_z, kind, alpha);
+}
+
+// x: a whole split's float32 (P, K); row r of the batch is its row perm[start[0] + r]
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    layer_forward_rows_bf16(const float* x, const long long* perm, const long long* start, const bf16_t* W,
+                            const float* b, bf16_t* z, bf16_t* a, int n, int K, int N, int keep_z, int kind,
+                            float alpha) {
+  layer_forward_tc<true>(x, perm, start, W, b, z, a, n, K, N, keep_z, kind, alpha);
+}
+
 // D, saved: (n, N), x: (n, K), W: (K, N) bf16 row-major; E: (n, K) bf16 where write_e;
 // shares: (gridDim.x, share_stride) float32, block b's dW (K N, row-major) then db (N) from
 // shares + b share_stride. kind: f (saved: z or a, as its f' reads; identity: D' = D);
@@ -184,10 +222,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 // (v < 4), and of E rows 16 (w / 4) .. and columns 8 (2 (w % 4) + v) .. (v < 2); threads
 // t < N db[t], a tile's rows in order. While a tile's products run, the next tile's D,
 // saved and x are on their way to registers.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-    layer_backward_bf16(const bf16_t* D, const bf16_t* saved, const bf16_t* x, const bf16_t* W, bf16_t* E,
-                        float* shares, long long share_stride, int n, int K, int N, int write_e, int kind,
-                        float alpha, int e_kind, float e_alpha) {
+// TX, WINDOWED: as layer_forward_tc's (x's row of the tile's row loaded with its values).
+template <bool WINDOWED, typename TX>
+__device__ __forceinline__ void layer_backward_tc(const bf16_t* D, const bf16_t* saved, const TX* x,
+                                                  const long long* perm, const long long* start, const bf16_t* W,
+                                                  bf16_t* E, float* shares, long long share_stride, int n, int K,
+                                                  int N, int write_e, int kind, float alpha, int e_kind,
+                                                  float e_alpha) {
   __shared__ __align__(16) bf16_t ws[TC_W * TC_LD];          // W[i, j] at i LD + j (E's B: W's rows)
   __shared__ __align__(16) bf16_t ds[TC_BACK_ROWS * TC_LD];  // D'[r, j] at r LD + j (E's A)
   __shared__ __align__(16) bf16_t dt[TC_W * TC_LD];          // D'[r, j] at j LD + r (dW's B: D''s columns)
@@ -212,6 +253,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
   // thread t loads the tile's rows lr + 4 u, column lc, of D, saved and x (0 past n, N, K):
   // a warp 32 consecutive columns of a row
   const int lr = t / TC_W, lc = t % TC_W;
+  const long long first = WINDOWED ? start[0] : 0;  // the window's first place in perm
   bf16_t dv[TC_BACK_LOADS], sv[TC_BACK_LOADS], xv[TC_BACK_LOADS];
   auto load = [&](long long tile) {
     UNROLL for (int u = 0; u < TC_BACK_LOADS; ++u) {
@@ -219,7 +261,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
       const bool in = row < n;
       dv[u] = in && lc < N ? D[row * N + lc] : zero;
       sv[u] = in && lc < N && kind != ACT_IDENTITY ? saved[row * N + lc] : zero;
-      xv[u] = in && lc < K ? x[row * K + lc] : zero;
+      const long long xr = WINDOWED && in && lc < K ? perm[first + row] : row;  // x's row
+      xv[u] = in && lc < K ? as_bf16(x[xr * K + lc]) : zero;
     }
   };
   float gw[4][4], gb = 0.0f;  // dW's tiles (v, fragment) and db[t]
@@ -294,4 +337,22 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     if (i < K && j < N) share[i * N + j] = gw[v][u];
   }
   if (t < N) share[K * N + t] = gb;
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    layer_backward_bf16(const bf16_t* D, const bf16_t* saved, const bf16_t* x, const bf16_t* W, bf16_t* E,
+                        float* shares, long long share_stride, int n, int K, int N, int write_e, int kind,
+                        float alpha, int e_kind, float e_alpha) {
+  layer_backward_tc<false>(D, saved, x, nullptr, nullptr, W, E, shares, share_stride, n, K, N, write_e, kind, alpha,
+                           e_kind, e_alpha);
+}
+
+// x: a whole split's float32 (P, K); row r of the batch is its row perm[start[0] + r]
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    layer_backward_rows_bf16(const bf16_t* D, const bf16_t* saved, const float* x, const long long* perm,
+                             const long long* start, const bf16_t* W, bf16_t* E, float* shares,
+                             long long share_stride, int n, int K, int N, int write_e, int kind, float alpha,
+                             int e_kind, float e_alpha) {
+  layer_backward_tc<true>(D, saved, x, perm, start, W, E, shares, share_stride, n, K, N, write_e, kind, alpha, e_kind,
+                          e_alpha);
 }

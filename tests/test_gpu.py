@@ -293,34 +293,46 @@ def check_layer_backward(be, shapes, names=tuple(ACTIVATIONS), seed: int = 8) ->
         assert np.isnan(be.to_numpy(grad)).all() and np.isnan(be.to_numpy(e)).all()
 
 
-def check_layer_windows(be, shapes, names=("relu", "gelu", "identity"), seed: int = 9) -> None:
+def check_layer_windows(be, shapes, names=("relu", "gelu", "identity"), seed: int = 9, low: bool = False) -> None:
     """The layer kernels on a window of a split (layer_forward_rows, layer_backward_rows: x's
     row i is row perm[start + i] of the split's; the training step's first layer) against
     the same kernels on those rows gathered first: the same values in the same order, so
     the same bits (a, z, dW and db, E), at two starts; a window past the batch's rows
-    reads no row of the split beyond them (the split's other rows are NaN). Shared by the
-    GPU and the host-run kernels (tests/test_kernels_emulated.py)."""
+    reads no row of the split beyond them (the split's other rows are NaN). low: bfloat16
+    layers (layer_tc.cu), whose window is of a float32 split, rounded as it is loaded:
+    against the rows gathered, then rounded by be.cast (the step's way without a window).
+    Shared by the GPU and the host-run kernels (tests/test_kernels_emulated.py)."""
+    from gpubp import precision as PR
+
     rng = np.random.default_rng(seed)
     f32 = np.float32
+
+    def stored(v):  # host float32 values in the layer's storage
+        return be.asarray(PR.bf16_bits(v) if low else v)
+
+    def out(shape):  # a poisoned output of the layer's storage
+        return be.asarray(np.full(shape, BF16_NAN, np.uint16)) if low else poisoned(be, shape, f32)
+
     for (n, k, m), name in [(s, a) for s in shapes for a in names]:
         act, rows = make_activation(name), 2 * n + 9
         perm = rng.permutation(rows).astype(np.int64)
         w, b = rng.normal(size=(k, m)).astype(f32), rng.normal(size=m).astype(f32)
         d, saved = rng.normal(size=(n, m)).astype(f32), rng.normal(size=(n, m)).astype(f32)
-        dw, db, dd, ds = (be.asarray(v) for v in (w, b, d, saved))
+        (dw, dd, ds), db = (stored(v) for v in (w, d, saved)), be.asarray(b)
         for s in (0, n + 9):
             split = np.full((rows, k), np.nan, f32)
             x = rng.normal(size=(n, k)).astype(f32)
             split[perm[s : s + n]] = x
             window = (be.asarray(perm), be.asarray(np.array(s, np.int64)))
+            gathered = be.cast(be.asarray(x), be.empty((n, k), PR.BF16)) if low else be.asarray(x)
             got, want = [], []
-            for xs, win, into in ((be.asarray(split), window, got), (be.asarray(x), None, want)):
-                a, z = poisoned(be, (n, m), f32), poisoned(be, (n, m), f32)
+            for xs, win, into in ((be.asarray(split), window, got), (gathered, None, want)):
+                a, z = out((n, m)), out((n, m))
                 assert be.gemm_bias_act(xs, dw, db, act, a, z, window=win) is True
-                grad, e = poisoned(be, k * m + m, f32), poisoned(be, (n, k), f32)
+                grad, e = poisoned(be, k * m + m, f32), out((n, k))
                 assert be.layer_backward(dd, ds, xs, dw, act, grad, e, window=win) is True
                 into += [be.to_numpy(v).tobytes() for v in (a, z, grad, e)]
-            assert got == want, (name, (n, k, m), s)
+            assert got == want, (name, (n, k, m), s, low)
 
 
 def check_layer_backward_primes_below(be, shapes, names=("relu", "leaky_relu", "tanh", "sigmoid"), seed=10) -> None:
@@ -476,6 +488,9 @@ def test_bf16_layer_kernels_are_the_products_on_the_tensor_cores(gpu):
     # row tiles, 256 backward blocks of 32 tiles each)
     check_layer_bf16(gpu, [(1, 1, 1), (37, 3, 10), (300, 64, 64), (20000, 33, 64)])
     check_layer_bf16(gpu, [(262144, 64, 64)], ("relu",))
+    # and on a window of a float32 split: the rows gathered and rounded first, bit for bit
+    check_layer_windows(gpu, [(37, 3, 10), (300, 64, 64)], low=True)
+    check_layer_windows(gpu, [(262144, 64, 64)], ("relu",), low=True)
 
 
 def test_layer_backward_writes_the_layer_belows_dprime(gpu):

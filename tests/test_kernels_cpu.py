@@ -88,12 +88,9 @@ def test_every_kernel_the_backend_launches_exists():
 
     missing = {f"{k}_{s}" for k in KERNELS_USED for s in ("f32", "f64")} - defined
     assert not missing, missing
-    from gpubp.backend.cupy_backend import F32_KERNELS_USED
+    from gpubp.backend.cupy_backend import LAYER_KERNELS_USED
 
-    assert not {f"{k}_f32" for k in F32_KERNELS_USED} - defined
-    from gpubp.backend.cupy_backend import BF16_KERNELS_USED
-
-    assert not {f"{k}_bf16" for k in BF16_KERNELS_USED} - defined
+    assert not {f"{k}_{s}" for k in LAYER_KERNELS_USED for s in ("f32", "bf16")} - defined
 
 
 def test_every_mixed_precision_kernel_the_backend_launches_exists():

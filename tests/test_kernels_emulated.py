@@ -413,13 +413,14 @@ def test_the_bf16_layer_kernels_are_the_products_on_the_tensor_cores(host_kernel
     shuffles): the GPU test's own checks (tests/test_gpu.py) over one element, odd widths
     (K and N padded to whole mma tiles), several forward row tiles with a partial one, and,
     with the backward's grid cut to 3 blocks, blocks that take several tiles and shares
-    summed over blocks; every activation on the small shapes. Its tiles are layer.cu's, so
-    the launchers' grids (and the model's shares) serve both."""
+    summed over blocks; every activation on the small shapes; a window of a float32 split
+    as its rows gathered and rounded. Its tiles are layer.cu's, so the launchers' grids
+    (and the model's shares) serve both."""
     import re
 
     from gpubp.backend import cupy_backend as C
 
-    from .test_gpu import check_layer_bf16
+    from .test_gpu import check_layer_bf16, check_layer_windows
 
     define = {name: int(v) for name, v in re.findall(r"#define (TC_\w+) (\d+)", kernels.read_source("layer_tc.cu"))}
     assert (C.LAYER_THREADS, C.LAYER_ROWS, C.LAYER_BACK_ROWS, C.LAYER_MAX_WIDTH) == (
@@ -428,7 +429,9 @@ def test_the_bf16_layer_kernels_are_the_products_on_the_tensor_cores(host_kernel
     check_layer_bf16(gpu.be, [(1, 1, 1), (37, 3, 10)])
     monkeypatch.setattr(C, "LAYER_MAX_BLOCKS", 3)
     check_layer_bf16(gpu.be, [(300, 64, 64), (170, 33, 7)], ("relu", "identity", "gelu"))
-    assert {"layer_forward_bf16", "layer_backward_bf16", "sum_shares_f32"} <= set(gpu.launches)
+    check_layer_windows(gpu.be, [(170, 33, 7)], low=True)  # (a window of a float32 split, rounded as loaded)
+    assert {"layer_forward_bf16", "layer_backward_bf16", "sum_shares_f32", "layer_forward_rows_bf16",
+            "layer_backward_rows_bf16"} <= set(gpu.launches)  # fmt: skip
 
 
 def test_the_layer_launchers_refuse_overlaps_and_take_an_empty_batch(host_kernels):
@@ -558,7 +561,7 @@ def test_a_bf16_model_runs_its_narrow_layers_on_the_tensor_cores(host_kernels):
     kw = dict(dtype="bf16", loss="softmax_cross_entropy", seed=4)
     want = MLP(sizes, backend=NumpyBackend(), **kw).loss_and_grads(x, y)
     model = MLP(sizes, backend=be, **kw)
-    assert model.fuses_products and not model.takes_input_window()
+    assert model.fuses_products and model.takes_input_window()  # (its first layer reads a float32 window)
     got = model.loss_and_grads(x, y)
     assert gpu.launches == ["layer_forward_bf16"] * 2 + ["layer_backward_bf16", "sum_shares_f32"] * 2
     rtol = 2 * np.sqrt(6 * 4) * 2.0**-8

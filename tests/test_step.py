@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 
 import gpubp.trainer as T
+from gpubp import precision as PR
 from gpubp import stack
 from gpubp.backend.recording import CaptureError, RecordingBackend
 from gpubp.config import load_config
 from gpubp.data import epoch_permutation
+from gpubp.model import MLP
 from gpubp.step import Step
 
 # 240 training rows in batches of 64: 4 steps an epoch, the last of 48 rows (two shapes);
@@ -121,9 +123,10 @@ def test_a_captured_step_records_the_narrow_layer_ops(extra, monkeypatch):
 
 def test_a_captured_bf16_step_records_the_tensor_core_layer_ops(monkeypatch):
     """bf16 layers in the backend's own kernels (the GPU's layer_tc.cu): the captured step
-    records gemm_bias_act and layer_backward, gathers and rounds x first (those kernels
-    take no window), leaves the float32 gradient in its layers' shares for the guard, and
-    replays the plain run bitwise."""
+    records gemm_bias_act and layer_backward, whose first layer's pair reads the split's
+    float32 rows where they lie and rounds them (no gather, no cast), leaves the float32
+    gradient in its layers' shares for the guard, and replays the plain run bitwise. And
+    that run is the one that gathers and casts x first (the bits of rows rounded once)."""
     from gpubp.backend import NumpyBackend
 
     case = "adamw-cosine-bf16"
@@ -133,9 +136,16 @@ def test_a_captured_bf16_step_records_the_tensor_core_layer_ops(monkeypatch):
     calls = [(fn.__name__, args, kwargs) for fn, args, kwargs in rec.graphs[0]]
     names = [name for name, _, _ in calls]
     assert names.count("gemm_bias_act") == names.count("layer_backward") == 3
-    assert "gather_windows" in names and not any(kw.get("window") for n, _, kw in calls if n != "loss_forward_backward")
+    assert "gather_windows" not in names and "cast" not in names
+    windows = {name: [kw.get("window") is not None for n, _, kw in calls if n == name]
+               for name in ("gemm_bias_act", "layer_backward")}  # fmt: skip
+    assert windows == {"gemm_bias_act": [True, False, False], "layer_backward": [False, False, True]}
+    first = next(args for n, args, kw in calls if n == "gemm_bias_act")
+    assert first[0].dtype == np.float32 and first[4].dtype == PR.BF16  # the split's x, a bf16 a_0
     assert all(kw["shares"][0].dtype == np.float32 for n, _, kw in calls if n == "layer_backward")
     assert_same_run(plain, captured)
+    monkeypatch.setattr(MLP, "takes_input_window", lambda self: False)
+    assert_same_run(run(case, "cpu"), plain)  # gathered and cast first
 
 
 @pytest.mark.parametrize("extra", [[], ["model.dtype=bf16"], ["train.fused_mlp=true"]])

@@ -34,10 +34,9 @@ KERNELS_USED = (
     "mlp_fused", "sum_shares",
 )  # fmt: skip
 
-# the kernels that exist for float32 only (each as _f32): the narrow layers' (layer.cu)
-F32_KERNELS_USED = ("layer_forward", "layer_backward", "layer_forward_rows", "layer_backward_rows")
-# and for bfloat16 only (each as _bf16): the narrow layers' on the tensor cores (layer_tc.cu)
-BF16_KERNELS_USED = ("layer_forward", "layer_backward")
+# the narrow layers' kernels, each as _f32 (layer.cu) and _bf16 (layer_tc.cu, the tensor
+# cores); _rows: x a window of a whole float32 split
+LAYER_KERNELS_USED = ("layer_forward", "layer_backward", "layer_forward_rows", "layer_backward_rows")
 
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
 LOW_KERNELS_USED = (
@@ -713,18 +712,17 @@ class CupyBackend:
         narrow float32 or bfloat16 layer (layer_fits; bias float32); see
         numpy_ops.gemm_bias_act. False, nothing done, where the layer does not fit: the
         caller runs gemm and bias_act_forward. out and z must not overlap a, b or bias.
-        window (perm, start; float32 only): a is a whole split's x, and row i's is its row
-        perm[start + i]."""
+        window (perm, start): a is a whole split's float32 x, and row i's is its row
+        perm[start + i] (bfloat16: rounded as the kernel loads it, cast's rounding)."""
         if a.ndim != 2 or b.ndim != 2:
             raise ValueError(f"gemm_bias_act: a {a.shape} and b {b.shape} must be matrices")
         k, n_out, n = a.shape[1], b.shape[1], out.shape[0]
-        if not self.layer_fits(k, n_out, a.dtype, tf32) or n >= 2**31:
+        dtype, f32 = np.dtype(out.dtype), np.dtype(np.float32)  # (the storage: out's)
+        if not self.layer_fits(k, n_out, dtype, tf32) or n >= 2**31:
             return False
-        dtype, f32 = np.dtype(a.dtype), np.dtype(np.float32)
-        if window is not None and dtype != f32:
-            raise ValueError("gemm_bias_act: a window of the split's rows takes float32 x only (layer.cu)")
         rows = self._layer_window("gemm_bias_act", window, a, n)
-        self._check("gemm_bias_act", dtype, a=a, b=b, out=out, **({"z": z} if z is not None else {}))
+        self._check("gemm_bias_act", dtype, b=b, out=out, **({"z": z} if z is not None else {}))
+        self._check("gemm_bias_act", dtype if window is None else f32, a=a)
         self._check("gemm_bias_act", f32, bias=bias)
         if (
             b.shape[0] != k
@@ -765,8 +763,9 @@ class CupyBackend:
         f'(saved), grad = (x^T D' row-major, then 1^T D'; float32), and e = D' w^T where
         given; see numpy_ops.layer_backward. False, nothing done, where the layer does not
         fit (layer_fits): the caller runs the separate ops. e must not overlap d, saved, x
-        or w (other blocks still read them). window (perm, start; float32 only): x is a
-        whole split's, and row i's is its row perm[start + i]. e_act: the
+        or w (other blocks still read them). window (perm, start): x is a whole split's
+        float32 x, and row i's is its row perm[start + i] (bfloat16: rounded as the kernel
+        loads it). e_act: the
         layer below's activation, whose f' reads x (its output): e = (D' w^T) * f'(x).
         shares (buffer, o): the blocks' shares go to buffer[:, o : o + K N + N] (buffer
         (layer_share_rows(n), P) float32, a whole model's) and are not summed; grad is left
@@ -774,13 +773,12 @@ class CupyBackend:
         if x.ndim != 2 or w.ndim != 2 or d.ndim != 2:
             raise ValueError(f"layer_backward: d {d.shape}, x {x.shape} and w {w.shape} must be matrices")
         k, n_out, n = x.shape[1], w.shape[1], d.shape[0]
-        if not self.layer_fits(k, n_out, x.dtype, tf32) or n >= 2**31:
+        dtype, f32, op = np.dtype(d.dtype), np.dtype(np.float32), "layer_backward"  # (the storage: d's)
+        if not self.layer_fits(k, n_out, dtype, tf32) or n >= 2**31:
             return False
-        dtype, f32, op = np.dtype(x.dtype), np.dtype(np.float32), "layer_backward"
-        if window is not None and dtype != f32:
-            raise ValueError(f"{op}: a window of the split's rows takes float32 x only (layer.cu)")
         rows = self._layer_window(op, window, x, n)
-        self._check(op, dtype, d=d, saved=saved, x=x, w=w, **({"e": e} if e is not None else {}))
+        self._check(op, dtype, d=d, saved=saved, w=w, **({"e": e} if e is not None else {}))
+        self._check(op, dtype if window is None else f32, x=x)
         self._check(op, f32, grad=grad)
         p = k * n_out + n_out  # dW's values, then db's
         if (d.shape != (n, n_out) or saved.shape != d.shape or w.shape != (k, n_out) or grad.shape != (p,)

@@ -140,8 +140,9 @@ def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False, window=N
     False, having done nothing, where it has no kernel for the layer).
     window (perm, start): a is a whole split's x, row i's its row perm[start + i] (perm
     int64, start a 0-d int64 read when the op runs: the training step's batch, read where
-    it lies by a network's first layer)."""
-    a = _window_rows(a, window, out.shape[0])
+    it lies by a network's first layer); a 16-bit layer's a is then the float32 split,
+    its rows rounded to the storage first (the GPU's kernel rounds them as it loads them)."""
+    a = _window_rows(a, window, out.shape[0], out.dtype)
     if out.dtype in PR.LOW:
         v = np.empty(out.shape, np.float32)
         gemm(a, b, v)  # v = a b, float32 sums                 (M, N)
@@ -156,12 +157,15 @@ def gemm_bias_act(a, b, bias, act: Activation, out, z=None, tf32=False, window=N
     return True
 
 
-def _window_rows(x, window, n: int):
-    """x's rows perm[start : start + n] where window = (perm, start) is given, else x."""
+def _window_rows(x, window, n: int, storage=None):
+    """x's rows perm[start : start + n] where window = (perm, start) is given, else x.
+    storage: a layer's, where a 16-bit one takes the rows of a float32 split rounded to it
+    (as float32 values), as its kernel rounds x while it loads it (cast's rounding)."""
     if window is None:
         return x
     perm, start = window
-    return x[perm[int(start) : int(start) + n]]
+    rows = x[perm[int(start) : int(start) + n]]
+    return PR.round_to(rows, storage) if storage in PR.LOW else rows
 
 
 def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, window=None, e_act=None,
@@ -183,7 +187,7 @@ def layer_backward(d, saved, x, w, act: Activation, grad, e=None, tf32=False, wi
     buffer's shares, columns o .. o + K N + N - 1, any others 0 (the GPU: its blocks'
     shares, unsummed; the caller sums the buffer: the step's guard. The model asks this
     backend for one share, since a -0 plus 0 would sum to +0)."""
-    x = _window_rows(x, window, d.shape[0])
+    x = _window_rows(x, window, d.shape[0], d.dtype)
     k, n = w.shape
     dw, db = grad[: k * n].reshape(k, n), grad[k * n :]
     if act.name == "identity":  # D' is D
