@@ -656,19 +656,38 @@ class DeviceSplit:
         xb = be.gather_rows(self.x, idx, buffer("x", self.x, n))
         return xb, be.gather_rows(self.target, idx, buffer("y", self.target, n))
 
-    def batch_window(self, perm, start, n: int, buffer, target: bool = True):
+    def batch_window(self, perm, start, n: int, buffer, target: bool = True, x_dtype=None):
         """(x, target) of rows perm[start : start + n] (perm, start on the device): one
-        launch for both, into buffer(name, like, rows); target=False: x alone, (x, None)."""
-        return window_batch(self, perm, start, n, buffer, target)
+        launch for both, into buffer(name, like, rows, dtype); target=False: x alone, (x,
+        None); x_dtype: see window_batch."""
+        return window_batch(self, perm, start, n, buffer, target, x_dtype)
 
 
-def window_batch(split, perm, start, n: int, buffer, target: bool = True):
+def batch_buffers(backend):
+    """buffer(name, like, rows, dtype=None) -> a kept (rows, *like.shape[1:]) array of dtype
+    (like's where None), one per (name, rows, dtype): a step's batch buffers (a captured
+    step reads and writes the same ones every replay)."""
+    cache: dict = {}
+
+    def buffer(name, like, rows, dtype=None):
+        dtype = np.dtype(like.dtype if dtype is None else dtype)
+        if (name, rows, dtype) not in cache:
+            cache[name, rows, dtype] = backend.empty((rows, *like.shape[1:]), dtype)
+        return cache[name, rows, dtype]
+
+    return buffer
+
+
+def window_batch(split, perm, start, n: int, buffer, target: bool = True, x_dtype=None):
     """A split's (x, target) of rows perm[start : start + n], gathered on the device into
-    buffer(name, like, rows) (DeviceSplit and stream.StreamSplit: their x and target);
-    target=False: x alone, (x, None) (the loss reads the targets where they lie)."""
+    buffer(name, like, rows, dtype) (DeviceSplit and stream.StreamSplit: their x and
+    target); target=False: x alone, (x, None) (the loss reads the targets where they lie).
+    x_dtype: x's dtype in the batch (a bf16 or fp16 model's storage: rounded as gathered),
+    else the split's."""
+    xo = buffer("x", split.x, n, x_dtype)
     if not target:
-        (xb,) = split.backend.gather_windows((split.x,), perm, start, (buffer("x", split.x, n),))
+        (xb,) = split.backend.gather_windows((split.x,), perm, start, (xo,))
         return xb, None
-    outs = (buffer("x", split.x, n), buffer("y", split.target, n))
+    outs = (xo, buffer("y", split.target, n))
     xb, yb = split.backend.gather_windows((split.x, split.target), perm, start, outs)
     return xb, yb

@@ -410,9 +410,11 @@ class MLP:
         from params_low, the only bias type cuBLASLt takes with a 16-bit out).
         window (perm, start): x is a whole split's, the batch its rows perm[start + i],
         read (and rounded to 16 bits) by the first layer's kernel (takes_input_window);
-        ws.x[0] is then the split."""
+        ws.x[0] is then the split. A 16-bit x (the step's batch, rounded as gathered) is
+        the rounded x already."""
         be = self.backend
-        ws.x[0] = be.cast(x, ws.x0) if ws.x0 is not None and window is None else x
+        rounded = ws.x0 is None or window is not None or x.dtype == self.store_dtype
+        ws.x[0] = x if rounded else be.cast(x, ws.x0)
         tf32 = self.precision.tf32
         for k, act in enumerate(self.activations):
             W, b, b_out = self.params_low[2 * k], self.params[2 * k + 1], self.params_low[2 * k + 1]
@@ -532,7 +534,8 @@ class MLP:
                          x_window=None, keep_shares: bool = False):  # fmt: skip
         """Loss (a 0-d backend array: no host sync) and gradients into self.grads.
 
-        x: (N, n_in) backend array of the model's dtype; target as from as_target.
+        x: (N, n_in) backend array of the model's dtype (bf16, fp16: or of the 16-bit
+        storage, already rounded: the step's gather); target as from as_target.
         on_layer(k): called once layer k's gradients are issued (see _backward).
         fp16 (loss_scale set) and `scaled`: the gradients are S times the true ones, S =
         loss_scale (the trainer unscales them in the update); scaled=False: S = 1.

@@ -273,10 +273,12 @@ class Step(ShapeGraphs):
             loss = self.model.forward_backward(train.x, train.target, loss_out=self.loss, params_rounded=self.fold_cast,
                                                target_window=window, x_window=(*window, n), keep_shares=True)  # fmt: skip
         if loss is None:
-            # rows perm[offset : offset + n]: x gathered; targets (n, c) read where they lie
-            # by the loss (no copy of them first); labels (4 bytes a row) ride x's gather
+            # rows perm[offset : offset + n]: x gathered (bf16, fp16: rounded to the model's
+            # storage as it moves, no cast after); targets (n, c) read where they lie by the
+            # loss (no copy of them first); labels (4 bytes a row) ride x's gather
             in_place = reads_targets_in_place(self.model.loss)
-            xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer, target=not in_place)
+            xb, yb = train.batch_window(self.perm, st.offset, n, self.buffer, target=not in_place,
+                                        x_dtype=self.model.store_dtype)  # fmt: skip
             loss = self.model.forward_backward(xb, train.target if in_place else yb, loss_out=self.loss,
                                                params_rounded=self.fold_cast, keep_shares=True,
                                                target_window=(self.perm, st.offset) if in_place else None)  # fmt: skip

@@ -155,12 +155,12 @@ class StreamSplit:
         g = epoch * self.chunks_per_epoch + j
         return (g % 2) * self.chunk + (o - j * self.chunk)
 
-    def batch_window(self, perm, start, n: int, buffer, target: bool = True):
+    def batch_window(self, perm, start, n: int, buffer, target: bool = True, x_dtype=None):
         """(x, target) of ring rows perm[start : start + n], gathered on the device (as
         DeviceSplit.batch_window)."""
         from .data import window_batch
 
-        return window_batch(self, perm, start, n, buffer, target)
+        return window_batch(self, perm, start, n, buffer, target, x_dtype)
 
     def new_epoch(self, epoch: int, perm: np.ndarray) -> None:
         """Epoch `epoch`'s order (host int64 (n,)); older epochs' orders are dropped."""

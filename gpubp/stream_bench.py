@@ -65,13 +65,7 @@ def make_step(model, opt, split, batch: int, total_steps: int) -> Step:
     streamed = isinstance(split, stream.StreamSplit)
     offset = split.ring_offset if streamed else (lambda s: (s % spe) * batch)
     state = StepState(be, opt.rule_opt, lambda s, k: [[1e-3]] * k, offset, total_steps)
-    buffers = {}
-
-    def buffer(name, src, n):
-        if (name, n) not in buffers:
-            buffers[name, n] = be.empty((n, *src.shape[1:]), src.dtype)
-        return buffers[name, n]
-
+    buffer = D.batch_buffers(be)
     capturer = getattr(be, "graph_capturer", None)
     guard = FiniteGuard(be, model.dtype, model.loss_scale)
     return Step(model, opt, guard, be.zeros((), np.float64), split, batch, split.n, 0.0, state, buffer,

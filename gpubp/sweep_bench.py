@@ -173,7 +173,7 @@ def sequential_graph_step(case: SweepCase, backend, graph: bool = True, batches:
     backward, guard, update), captured once per batch shape and replayed when `graph`
     (a capturer of its own per model, as M runs have), else plain. Model i has the rows
     of sweep_step's model i (`batches` batches), its seed i order and init, Adam at lr 1e-3."""
-    from .data import Dataset, DeviceSplit, Standardizer, epoch_permutation
+    from .data import Dataset, DeviceSplit, Standardizer, batch_buffers, epoch_permutation
     from .distributed import LOCAL
     from .model import MLP
     from .optim import Adam
@@ -194,7 +194,7 @@ def sequential_graph_step(case: SweepCase, backend, graph: bool = True, batches:
         train = DeviceSplit(model, rows, Standardizer.identity(f), rows.y)  # x unchanged: (x - 0) / 1
         state = StepState(backend, opt.rule_opt, lambda s, k: [[1e-3]] * k, lambda s: (s % batches) * b, total)
         fns.append(Step(model, opt, FiniteGuard(backend, model.dtype), backend.zeros((), np.float64), train, b, n,
-                        0.0, state, _batch_buffers(backend), LOCAL, lambda: False,
+                        0.0, state, batch_buffers(backend), LOCAL, lambda: False,
                         backend.graph_capturer() if graph else None))  # fmt: skip
     count = [0]
 
@@ -209,18 +209,6 @@ def sequential_graph_step(case: SweepCase, backend, graph: bool = True, batches:
 
     step.steps = fns  # tests look at their models and captures
     return step
-
-
-def _batch_buffers(backend):
-    """buffer(name, like, rows) -> a kept array, as Trainer._batch_buffer (one run's batch)."""
-    cache: dict = {}
-
-    def buffer(name, src, n):
-        if (name, n) not in cache:
-            cache[name, n] = backend.empty((n, *src.shape[1:]), src.dtype)
-        return cache[name, n]
-
-    return buffer
 
 
 def torch_func_step(case: SweepCase, device: str):

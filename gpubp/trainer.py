@@ -889,12 +889,11 @@ class Trainer:
         with contextlib.suppress(OSError):
             os.rmdir(self.out_dir)
 
-    def _batch_buffer(self, name, src, n):
-        key = (name, n)
-        cache = self.__dict__.setdefault("_buffers", {})
-        if key not in cache:
-            cache[key] = self.run.backend.empty((n, *src.shape[1:]), src.dtype)
-        return cache[key]
+    def _batch_buffer(self, name, src, n, dtype=None):
+        """The step's batch buffers (data.batch_buffers), made on first use."""
+        if "_buffers" not in self.__dict__:
+            self._buffers = D.batch_buffers(self.run.backend)
+        return self._buffers(name, src, n, dtype)
 
     def _check_finite(self) -> None:
         """TrainingError naming the first non-finite step, if there was one."""

@@ -340,6 +340,50 @@ def test_gather_windows_moves_the_rows_bytes_in_the_widest_word_that_fits(host_k
                 assert out.tobytes() == ref.tobytes(), (spec, m, n)
 
 
+def test_a_rounded_gather_is_the_gather_then_the_cast(host_kernels):
+    """The step's gather for a bf16 or fp16 model (gather.cu's _w4_bf16, _w4_f16): float32
+    rows of x into the 16-bit storage, rounded as they move, and the other pair's 4-byte
+    words copied: the bytes of numpy_ops' gather then cast (the step's way before), with
+    values that round both ways, ties (to even), NaN, infinities, float32 subnormals and
+    fp16's overflow, over one pass and several. What it refuses: another pair whose rows
+    are not 4-byte words, a float64 x into 16 bits."""
+    from gpubp import precision as PR
+
+    gpu = EmulatedGpu(host_kernels)
+    rng = np.random.default_rng(12)
+    special = np.array([1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11, np.nan, -np.inf, 1e-40, -3e-39,
+                        70000.0, 65519.0, 65520.0, -0.0], np.float32)  # fmt: skip
+    for low, suffix in ((PR.BF16, "bf16"), (PR.F16, "f16")):
+        for m, n, k in ((50, 37, 7), (1200, 1100, 9)):
+            x = rng.normal(size=(m, k)).astype(np.float32)
+            x.reshape(-1)[: special.size] = special
+            perm = rng.permutation(m + 40).astype(np.int64) % m
+            start = np.array(rng.integers(0, 41), np.int64)
+            others = [(), (rng.integers(0, 9, m).astype(np.int32),), (rng.normal(size=(m, 3)).astype(np.float32),),
+                      (rng.normal(size=(m, 2)),)]  # fmt: skip
+            for other in others:
+                srcs = (x, *other)
+                outs_of = [low, *(o.dtype for o in other)]
+                refs = numpy_ops.gather_windows(
+                    srcs, perm, start, [np.empty((n, *s.shape[1:]), d) for s, d in zip(srcs, outs_of)]
+                )
+                outs = [np.full((n, *s.shape[1:]), 0x55, d) for s, d in zip(srcs, outs_of)]
+                gpu.launches.clear()
+                assert gpu.be.gather_windows(srcs, perm, start, outs) is outs
+                assert gpu.launches == [f"gather_windows_w4_{suffix}"]
+                for out, ref in zip(outs, refs):
+                    assert out.tobytes() == ref.tobytes(), (suffix, m, n, len(other))
+                want = np.empty((n, k), low)
+                numpy_ops.cast(x[perm[int(start) : int(start) + n]], want)  # (the reference is the cast's bits)
+                assert refs[0].tobytes() == want.tobytes()
+    x, perm, start = np.zeros((5, 2), np.float32), np.arange(5, dtype=np.int64), np.array(0, np.int64)
+    with pytest.raises(ValueError, match="4-byte words"):
+        gpu.be.gather_windows((x, np.zeros((5, 3), np.int8)), perm, start, (np.empty((5, 2), PR.BF16),
+                                                                             np.empty((5, 3), np.int8)))  # fmt: skip
+    with pytest.raises(TypeError, match="differ"):
+        gpu.be.gather_windows((x.astype(np.float64),), perm, start, (np.empty((5, 2), PR.BF16),))
+
+
 def test_bias_grad_over_row_chunks(host_kernels):
     """Column sums with (32, 8) blocks over 1 to 19 row chunks (a 2-D grid), the chunks
     summed in order by the last block (one launch, up to 256 columns) or by the finishing

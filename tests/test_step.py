@@ -181,6 +181,30 @@ def test_a_regression_step_reads_its_targets_where_they_lie(extra, monkeypatch):
     assert_same_run(gathered, plain)
 
 
+@pytest.mark.parametrize("case", ["adamw-cosine-bf16", "adam-step-fp16"])
+def test_a_16bit_steps_gather_rounds_x_as_it_moves(case, monkeypatch):
+    """bf16 and fp16 (separate ops): the step gathers the batch's float32 rows straight into
+    the model's 16-bit storage (gather_windows with a 16-bit out: gather.cu's _w4_bf16 and
+    _w4_f16 on the GPU), and the model casts nothing. The bits of the gather and then the
+    cast: the run whose gather moves float32 rows (the model's cast after), bitwise."""
+    from gpubp.data import DeviceSplit
+
+    plain, rec = run(case, "cpu"), RecordingBackend()
+    captured = run(case, rec)
+    calls = [(fn.__name__, args) for fn, args, _ in rec.graphs[0]]
+    gathers = [args for name, args in calls if name == "gather_windows"]
+    low = captured.model.store_dtype
+    assert len(gathers) == 1 and gathers[0][0][0].dtype == np.float32 and gathers[0][3][0].dtype == low
+    assert "cast" not in [name for name, _ in calls]
+    assert_same_run(plain, captured)
+    window = DeviceSplit.batch_window
+    monkeypatch.setattr(DeviceSplit, "batch_window", lambda self, *a, x_dtype=None, **kw: window(self, *a, **kw))
+    cast_after = RecordingBackend()
+    gathered = run(case, cast_after)
+    assert "cast" in [fn.__name__ for fn, _, _ in cast_after.graphs[0]]  # (the patch took)
+    assert_same_run(gathered, plain)
+
+
 def test_the_comparison_catches_a_frozen_learning_rate(monkeypatch):
     """The old way (the host sets opt.lr each step, the update takes it as a Python float):
     right when every step runs, wrong when the step is captured once and replayed."""

@@ -125,7 +125,8 @@ def test_gather_windows_is_index_window_then_gather_rows():
     (N, C) float64 targets or int32 labels (N,), bf16 and fp16 features, one pair alone, a
     pair with no columns: the bits of the reference (a gather moves values, it computes nothing).
     Its words (kernels/gather.cu): 16 bytes for 64 float32 features and targets (narrow's),
-    8 for float64 rows of 3, 4 and 2 for the others."""
+    8 for float64 rows of 3, 4 and 2 for the others. And float32 features into bf16 or
+    fp16 (rounded as they move: the gather then the cast, byte for byte)."""
     from gpubp import precision as PR
     from gpubp.backend import numpy_ops
     from gpubp.backend.cupy_backend import CupyBackend
@@ -146,6 +147,17 @@ def test_gather_windows_is_index_window_then_gather_rows():
         want = numpy_ops.gather_windows(srcs, perm, np.array(501), tuple(np.empty_like(s[:37]) for s in srcs))
         for s, o, w in zip(srcs, outs, want):
             assert np.array_equal(be.to_numpy(o), w) and np.array_equal(w, s[perm[501:538]]), (s.dtype, s.shape)
+    # float32 x rounded to a 16-bit storage as it moves (a bf16 or fp16 model's step): the
+    # gather, then the cast, byte for byte
+    for low, other in ((PR.BF16, labels), (PR.F16, y64), (PR.BF16, None)):
+        srcs = (x32,) if other is None else (x32, other)
+        dts = (low,) + tuple(o.dtype for o in srcs[1:])
+        outs = tuple(be.xp.full((37, *s.shape[1:]), -1, d) for s, d in zip(srcs, dts))
+        be.gather_windows(tuple(be.asarray(s) for s in srcs), be.asarray(perm), be.xp.array(np.int64(501)), outs)
+        want = numpy_ops.gather_windows(srcs, perm, np.array(501), tuple(np.empty((37, *s.shape[1:]), d)
+                                                                          for s, d in zip(srcs, dts)))  # fmt: skip
+        for o, w in zip(outs, want):
+            assert be.to_numpy(o).tobytes() == w.tobytes(), (low, len(srcs))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bf16"])

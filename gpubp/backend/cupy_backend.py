@@ -41,6 +41,7 @@ LAYER_KERNELS_USED = ("layer_forward", "layer_backward", "layer_forward_rows", "
 # the kernels mixed precision adds (gpubp/precision.py), each as _bf16 and _f16
 LOW_KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "accuracy_rows", "loss_rows", "cast_f32", "add",
+    "gather_windows_w4",  # (the step's gather: float32 x rounded as it moves)
 )  # fmt: skip
 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", PR.BF16: "bf16", PR.F16: "f16"}
@@ -1322,29 +1323,38 @@ class CupyBackend:
         """outs[k][i] = srcs[k][perm[start + i]] for one or two pairs (a batch's x and
         target), in one launch of gather.cu's kernel; see numpy_ops.gather_windows. The
         rows move as words of the widest size (16, 8, 4, 2, 1 bytes) that divides both
-        pairs' row bytes and all their addresses."""
+        pairs' row bytes and all their addresses. A float32 x into a bf16 or fp16 out is
+        rounded as it moves (4-byte words; the other pair's row bytes a multiple of 4)."""
         if len(srcs) != len(outs) or len(srcs) not in (1, 2):
             raise ValueError(f"gather_windows: one or two (src, out) pairs, got {len(srcs)} and {len(outs)}")
         _checked_window("gather_windows", (perm, start))
         n = outs[0].shape[0]
-        for src, out in zip(srcs, outs):
+        rounded = srcs[0].dtype == np.float32 and outs[0].dtype in PR.LOW and outs[0].size > 0  # x to 16 bits
+        for k, (src, out) in enumerate(zip(srcs, outs)):
             if not (src.flags.c_contiguous and out.flags.c_contiguous) or src.shape[1:] != out.shape[1:]:
                 raise ValueError(f"gather_windows: src {src.shape} rows do not fit out {out.shape}")
-            if src.dtype != out.dtype:
-                raise TypeError(f"gather_windows: src {src.dtype} and out {out.dtype} differ")
+            if src.dtype != out.dtype and not (k == 0 and rounded):
+                raise TypeError(f"gather_windows: src {src.dtype} and out {out.dtype} differ (or float32 x to 16 bits)")
             if out.shape[0] != n:
                 raise ValueError(f"gather_windows: every out has the same rows, got {out.shape[0]} and {n}")
         # the pairs with bytes to move, as bytes (the kernel's pointers); a lone pair goes twice, its second width 0
-        pairs = [(src.view(np.uint8), out.view(np.uint8)) for src, out in zip(srcs, outs) if out.size]
+        moved = [(src, out) for src, out in zip(srcs, outs) if out.size]
+        pairs = [(src.view(np.uint8), out.view(np.uint8)) for src, out in moved]
         if n == 0 or not pairs:
             return outs
-        row_bytes = [out.size // n for _, out in pairs]
-        word = next(w for w in GATHER_WORDS
-                    if all(b % w == 0 for b in row_bytes) and all(_address(a) % w == 0 for pair in pairs for a in pair))  # fmt: skip
+        row_bytes = [out.size // n * src.itemsize for src, out in moved]  # (a rounded x: its float32 source's)
+        if rounded:
+            if any(b % 4 for b in row_bytes) or any(_address(a) % 4 for a in pairs[-1]):
+                raise ValueError("gather_windows: a rounded x's other pair moves as 4-byte words")
+            word, name = 4, f"gather_windows_w4_{_SUFFIX[outs[0].dtype]}"
+        else:
+            word = next(w for w in GATHER_WORDS
+                        if all(b % w == 0 for b in row_bytes) and all(_address(a) % w == 0 for pair in pairs for a in pair))  # fmt: skip
+            name = f"gather_windows_w{word}"
         widths = [b // word for b in row_bytes] + [0]
         (xs, xo), (ys, yo) = pairs[0], pairs[-1]
         total = n * (widths[0] + widths[1])
-        fn = self._function(f"gather_windows_w{word}", None)
+        fn = self._function(name, None)
         fn((self._blocks(total),), (BLOCK,),
            (xs, ys, perm, start, np.int64(n), np.int32(widths[0]), np.int32(widths[1]), xo, yo))  # fmt: skip
         return outs

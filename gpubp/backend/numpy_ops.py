@@ -845,10 +845,16 @@ def gather_windows(srcs, perm, start, outs):
     features and its targets, one launch on the GPU) from a window of an epoch's order,
     with no index buffer between (index_window and gather_rows in one).
     srcs: sequence of (M, ...); perm: (P,) integers; start: 0-d int64 array (read when
-    the op runs); outs: sequence of (N, ...), one per src. Returns outs."""
+    the op runs); outs: sequence of (N, ...), one per src, of its dtype, or for a float32
+    x a 16-bit out: its rows rounded as they move (cast's rounding: the step's gather for
+    a bf16 or fp16 model). Returns outs."""
     s = int(start)
     for src, out in zip(srcs, outs, strict=True):
-        np.take(src, perm[s : s + out.shape[0]], axis=0, out=out)
+        rows = perm[s : s + out.shape[0]]
+        if out.dtype == src.dtype:
+            np.take(src, rows, axis=0, out=out)
+        else:
+            cast(np.take(src, rows, axis=0), out)
     return outs
 
 
