@@ -1,6 +1,7 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
-    select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows)
+    select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows;
+               where the guard advances, its launch selects instead: see advance)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows; y: labels only)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers (targets
                (n, c): the loss reads rows perm[offset : offset + n] of the split's in place;
@@ -8,7 +9,9 @@
     (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
                MLP reads the rows where they lie, and leaves grads in shares the guard sums
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
-               running_loss += loss, pos += 1 in the same launch unless fp16: see advance)
+               unless fp16, the step's advance in the same launch with its select folded in:
+               vectors, first <- tables[pos]; running_loss += loss; pos += 1;
+               (step, offset) <- where[pos], the next step's, so no select launch at all)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip, low)                          reads vectors, first; bf16/fp16:
                params_low = the updated params in 16 bits (what the next forward reads: no cast)
@@ -123,6 +126,7 @@ class StepState:
         steps = np.arange(step, step + k, dtype=np.int64)
         where = np.stack([steps, np.asarray(self.offset_of(steps), dtype=np.int64)], axis=1)  # (k, 2)
         self.where[:k] = be.asarray(where)
+        self.where_row[...] = be.asarray(where[0])  # the first step's (a guard's advance selects the next ones)
         self.pos[...] = 0
         self.base, self.rows, self.host_pos = step, k, 0
 
@@ -137,6 +141,18 @@ class StepState:
                 tables.insert(1, self.first)
                 outs.insert(1, self.opt.first_step)
         self.backend.select_rows(tables, self.pos, outs)  # two tables per launch on the GPU
+
+    def guard_advance(self, running) -> tuple:
+        """The guard's advance with this step's select folded in (numpy_ops.step_advance_selecting):
+        (running, pos, now, ahead), now = this step's optimizer numbers (read by the update,
+        after the guard), ahead = where the next step starts (read by its batch and guard
+        first; a chunk's first step's is written by ensure). Not counted: those read the
+        optimizer's numbers from `count`, after the guard."""
+        assert not self.counted, "a counted step selects its own rows"
+        now = [(self.vectors, self.opt.vectors)]
+        if self.opt.reads_first_step:
+            now.append((self.first, self.opt.first_step))
+        return running, self.pos, now, [(self.where, self.where_row)]
 
     def count(self, skip) -> None:
         """On the device, after the guard (counted only): the update's numbers from this
@@ -201,6 +217,9 @@ class Step(ShapeGraphs):
         self.backend = be = model.backend
         if guard.loss_scale is not None:  # fp16: a skipped step is no update (see the module docstring)
             state.count_updates()
+        # the guard's launch advances the step and selects the rows (nothing after it reads pos),
+        # except in fp16, whose update's numbers come after the guard, from pos
+        self.folds = not state.counted and guard.loss_scale is None
         self._init_shapes(None if host_batch else capturer)
         self.host_batch = host_batch
         # bf16/fp16: the update writes params_low (the parameters in 16 bits) as it goes, so
@@ -237,7 +256,8 @@ class Step(ShapeGraphs):
             batch = self.perm_host[b * self.batch_size : b * self.batch_size + n]
             idx = self.dist.rows(batch)  # this rank's slice of the global batch
             xb, yb = self.train.batch(idx, self.buffer)
-            self.state.select()
+            if not self.folds:
+                self.state.select()
             loss, stop = self.dist.forward_backward(self.model, xb, yb, n, self.interrupted)
             self._finish(loss)
         else:
@@ -261,7 +281,8 @@ class Step(ShapeGraphs):
     def _body(self, n: int) -> None:
         """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
         st = self.state
-        st.select()
+        if not self.folds:  # (else the previous step's guard, or the upload, selected this step's rows)
+            st.select()
         # the fused MLP reads rows perm[offset : offset + n] where they lie; else they are gathered
         train, loss = self.train, None
         if self.model.fused_mlp:  # (None where it does not run: runs_fused_mlp)
@@ -285,13 +306,13 @@ class Step(ShapeGraphs):
         self._finish(loss)
 
     def _finish(self, loss) -> None:
-        """guard + clip, update, running loss, advance. The guard's launch advances too,
-        except in fp16 (the scaled guard; its update's numbers come after it, from pos)."""
+        """guard + clip, update, running loss, advance. The guard's launch advances and
+        selects too (`folds`), except in fp16 (the scaled guard; its update's numbers come
+        after it, from pos)."""
         st = self.state
-        fold = not st.counted and self.guard.loss_scale is None  # nothing after the guard reads pos then
         self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares,
-                         advance=(self.running, st.pos) if fold else None)  # fmt: skip
+                         advance=st.guard_advance(self.running) if self.folds else None)  # fmt: skip
         st.count(self.guard.skip)
         self.opt.update(self.guard.scale, self.guard.skip, low=self.model.flat_params_low if self.fold_cast else None)
-        if not fold:
+        if not self.folds:
             st.advance(self.running, loss)

@@ -518,8 +518,8 @@ class FiniteGuard:
         """Before the update of step `step` (0-based): the loss (0-d) and the flat gradients
         (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
         that global norm (through `scale`). shares: the gradient still in shares (S, P)
-        (the fused MLP's), summed into grads first; advance (running, pos): the step's
-        step_advance in the same launch. One launch on the GPU (step_guard_norm; fp16:
+        (the fused MLP's), summed into grads first; advance (running, pos, now, ahead): the
+        step's step_advance_selecting in the same launch (StepState.guard_advance). One launch on the GPU (step_guard_norm; fp16:
         step_guard_scaled_norm, which never has shares nor advance)."""
         be = self.backend
         if self.loss_scale is not None:

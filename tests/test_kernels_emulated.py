@@ -228,6 +228,16 @@ def test_the_guard_runs_in_the_block_that_finishes_the_norm(host_kernels, dtype)
     assert int(ref[0]) == 4 and int(dev[0]) == 4
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_the_guards_advance_selects_this_steps_rows_and_the_next_steps_start(host_kernels, first):
+    """tests/test_step_gpu.py's test on the host-run kernels, in one launch a step."""
+    from .test_step_gpu import test_the_guards_advance_selects_this_steps_rows_and_the_next_steps_start as gpu_test
+
+    gpu = EmulatedGpu(host_kernels)
+    gpu_test(first, be=gpu.be)
+    assert gpu.launches == ["step_guard_norm_f32"] * 4  # nothing selected apart
+
+
 def test_a_kernel_that_skips_a_barrier_is_reported_not_hung(host_kernels, tmp_path):
     """The emulation can fail: a block whose threads do not all reach __syncthreads breaks
     the barrier (after its timeout) and the launch says so."""

@@ -527,11 +527,11 @@ def test_auto_takes_the_fused_mlp_for_one_wave_of_small_tiles(host_kernels):  # 
         MLP(sizes, fused_mlp="yes")
 
 
-def test_the_captured_step_is_four_ops():
-    """train.fused_mlp: the tiny bench network's captured step records four ops (select,
-    the fused pass reading the batch's rows where they lie, the guard with the shares'
-    sum and the step's advance, the update) where the unfused one records 14 (10 with the
-    GPU's fused products); on the GPU each of the four is one kernel."""
+def test_the_captured_step_is_three_ops():
+    """train.fused_mlp: the tiny bench network's captured step records three ops (the fused
+    pass reading the batch's rows where they lie, the guard with the shares' sum and the
+    step's advance and select, the update) where the unfused one records 13 (9 with the
+    GPU's fused products); on the GPU each of the three is one kernel."""
     from gpubp import bench as B
 
     (case,) = B.find_cases(["tiny"])
@@ -544,10 +544,11 @@ def test_the_captured_step_is_four_ops():
         names[fused_on] = [fn.__name__ for fn, _, _ in rec.graphs[0]]
     # unfused: the layers' ops; the ReLU layer's D' and db in one (act_backward_bias_grad),
     # the identity output layer's db alone (its D' is D)
-    assert len(names[False]) == 14 and names[False].count("act_backward_bias_grad") == 1
+    assert len(names[False]) == 13 and names[False].count("act_backward_bias_grad") == 1
+    assert "select_rows" not in names[False]  # the guard's launch selects
     assert names[False].count("bias_grad") == 1 and "act_backward" not in names[False]
     names = names[True]
-    assert names == ["select_rows", "mlp_forward_backward", "step_guard_norm", "adam_step_batched"]
+    assert names == ["mlp_forward_backward", "step_guard_norm", "adam_step_batched"]
 
 
 def test_a_cpu_run_with_fused_mlp_is_the_reference_op(monkeypatch):

@@ -392,6 +392,21 @@ def test_select_rows_reads_pos_when_it_runs():
     assert np.array_equal(outs[0], vectors[3]) and outs[1] and np.array_equal(outs[2], [6, 7])
 
 
+def test_the_guards_advance_selects_around_the_count():
+    """step_advance_selecting: the now rows at pos as it was, the ahead rows at pos + 1,
+    and none past the table's end (the host uploads the next chunk's first row)."""
+    from gpubp.backend import numpy_ops
+
+    vectors, where = np.arange(12.0).reshape(3, 2, 2), np.arange(6, dtype=np.int64).reshape(3, 2)
+    outs, running, pos = (np.zeros((2, 2)), np.zeros(2, np.int64)), np.zeros(()), np.array(1, np.int64)
+    numpy_ops.step_advance_selecting(running, np.array(0.5), pos, [(vectors, outs[0])], [(where, outs[1])])
+    assert np.array_equal(outs[0], vectors[1]) and np.array_equal(outs[1], [4, 5]) and pos == 2 and running == 0.5
+    numpy_ops.step_advance_selecting(running, np.array(0.5), pos, [(vectors, outs[0])], [(where, outs[1])])
+    assert np.array_equal(outs[0], vectors[2]) and np.array_equal(outs[1], [4, 5]) and pos == 3 and running == 1
+    with pytest.raises(ValueError, match="at most 2 now and 1 ahead"):
+        numpy_ops.step_advance_selecting(running, np.array(0.5), pos, [], [(where, outs[1])] * 2)
+
+
 def test_the_table_timing_script_runs():
     """tests/step_table_timing.py (the host's cost of a step-table upload, single run and
     sweep) runs on this checkout's API."""

@@ -194,6 +194,59 @@ def test_the_loss_reads_a_windows_targets_where_they_lie(name, dtype, be=None):
         assert be.to_numpy(grad).tobytes() == be.to_numpy(want_grad).tobytes(), s
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_the_guards_advance_selects_this_steps_rows_and_the_next_steps_start(first, be=None):
+    """step_guard_norm's advance with the step's select folded in (StepState.guard_advance):
+    the update's numbers of the row at pos (float32 (R, M, 1); SGD: and first_step, a
+    bool), then pos + 1, then the next step's (step, offset) at the new pos, not past the
+    table's last row; the guard reads the step index before the next one is selected (a
+    NaN at step 2: first_bad is that step's). Against the tables' rows and
+    numpy_ops.step_advance_selecting. (be: the GPU's by default; tests/test_kernels_emulated.py
+    passes its host-run one.)"""
+    from gpubp.backend import numpy_ops
+    from gpubp.backend.cupy_backend import CupyBackend
+
+    be = be if be is not None else CupyBackend()
+    rng = np.random.default_rng(5)
+    k = 4
+    tables = {"vectors": rng.normal(size=(k, 3, 1, 1)).astype(np.float32), "first": np.arange(k) == 0,
+              "where": np.stack([np.arange(k) + 10, rng.integers(0, 1000, k)], axis=1).astype(np.int64)}  # fmt: skip
+
+    def state(zeros, asarray):
+        tabs = {name: asarray(t) for name, t in tables.items()}
+        outs = {name: zeros(t.shape[1:], t.dtype) for name, t in tables.items()}
+        outs["where"][...] = tabs["where"][0]  # as StepState.ensure writes it
+        now = [(tabs["vectors"], outs["vectors"])] + ([(tabs["first"], outs["first"])] if first else [])
+        guard = [zeros((), np.int64), zeros((), np.bool_), zeros((), np.float32), zeros((), np.float32)]
+        guard[0][...] = -1
+        return outs, guard, (zeros((), np.float64), zeros((), np.int64), now, [(tabs["where"], outs["where"])])
+
+    ref_outs, ref_guard, ref_adv = state(np.zeros, np.asarray)
+    outs, guard, adv = state(be.zeros, be.asarray)
+    for step in range(k):
+        g, loss = rng.normal(size=3000).astype(np.float32), np.array(np.float32(0.25))
+        g[7] = np.nan if step == 2 else g[7]
+        numpy_ops.step_guard_norm(loss, g, np.zeros((), np.float32), ref_outs["where"][0, ...], 1.0, *ref_guard,
+                                  advance=ref_adv)  # fmt: skip
+        be.step_guard_norm(be.asarray(loss), be.asarray(g), be.zeros((), np.float32), outs["where"][0, ...], 1.0,
+                           *guard, advance=adv)  # fmt: skip
+        got = {name: be.to_numpy(o) for name, o in outs.items()}
+        assert int(be.to_numpy(adv[1])) == step + 1 and float(be.to_numpy(adv[0])) == 0.25 * (step + 1), step
+        assert int(be.to_numpy(guard[0])) == int(ref_guard[0]) == (-1 if step < 2 else 12), step
+        assert got["vectors"].tobytes() == tables["vectors"][step].tobytes(), step
+        assert bool(got["first"]) == (first and step == 0), step
+        # the next step's start; after the last row nothing (the host uploads the next tables)
+        assert np.array_equal(got["where"], tables["where"][min(step + 1, k - 1)]), step
+        for name in tables:
+            assert got[name].tobytes() == ref_outs[name].tobytes(), (name, step)
+    with pytest.raises(ValueError, match="at most 2"):
+        be.step_guard_norm(be.asarray(loss), be.asarray(g), be.zeros((), np.float32), 0, 1.0, *guard,
+                           advance=(*adv[:2], adv[2] * 3, adv[3]))  # fmt: skip
+    with pytest.raises(ValueError, match="rows do not fit"):
+        be.step_guard_norm(be.asarray(loss), be.asarray(g), be.zeros((), np.float32), 0, 1.0, *guard,
+                           advance=(*adv[:3], [(adv[3][0][0], outs["vectors"])]))  # fmt: skip
+
+
 def test_select_rows_gives_the_references_rows_two_tables_a_launch():
     """The step's tables: Adam's vectors (K, 3, 1, 1) with (K, 2) int64 where-rows, SGD's
     with a (K,) bool first-step table too (a 0-d out), one table alone."""

@@ -1207,8 +1207,8 @@ class CupyBackend:
                         advance=None):  # fmt: skip
         """grad_sq = |g|^2 and the step's verdict in one launch (the block that finishes the
         sum runs the guard); shares (S, P): g summed from them first, in the same launch;
-        advance (running, pos): step_advance(running, loss, pos) too, by that block. See
-        numpy_ops.step_guard_norm."""
+        advance (running, pos) or (running, pos, now, ahead): step_advance_selecting too,
+        by that block. See numpy_ops.step_guard_norm."""
         dtype = norm.dtype
         self._check_guard("step_guard_norm", dtype, g, loss=loss, grad_sq=grad_sq, first_bad=first_bad, skip=skip,
                           norm=norm, scale=scale)  # fmt: skip
@@ -1221,18 +1221,42 @@ class CupyBackend:
         blocks, partial = self._sum_grid(g.size, dtype, 1 if shares.shape[0] > 1 else 4)
         if advance is None:
             running, pos = self._constant(0, (1,), np.float64), self._constant(0, (1,), np.int64)  # (not written)
+            now, ahead = (), ()
         else:
-            running, pos = advance
+            running, pos, now, ahead = (*advance, (), ())[:4]
             self._check("step_guard_norm", np.float64, running=running)
             self._check("step_guard_norm", np.int64, pos=pos)
             if running.size != 1 or pos.size != 1:
                 raise ValueError("step_guard_norm: advance's running and pos must hold one value each")
+        rows = self._row_bytes("step_guard_norm", now, 2) + self._row_bytes("step_guard_norm", ahead, 1)
+        ahead_rows = ahead[0][0].shape[0] if ahead else 0
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
             (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),
              grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale,
-             np.int32(advance is not None), running, pos),
+             np.int32(advance is not None), running, pos, *rows, np.int64(ahead_rows)),
         )  # fmt: skip
+
+    @staticmethod
+    def _check_row(op: str, table, out) -> None:
+        """out can take a row of table: table (K, *out.shape), both C-contiguous, one dtype."""
+        if not (table.flags.c_contiguous and out.flags.c_contiguous) or table.shape[1:] != out.shape:
+            raise ValueError(f"{op}: table {table.shape} rows do not fit out {out.shape}")
+        if table.dtype != out.dtype:
+            raise TypeError(f"{op}: table {table.dtype} and out {out.dtype} differ")
+
+    def _row_bytes(self, op: str, pairs, most: int) -> list:
+        """(table, out, out's bytes) as bytes for each of `most` (table, out) row selections
+        (optim.cu's select_row_bytes), (a byte, a byte, 0) where fewer are given."""
+        pairs = list(pairs)
+        if len(pairs) > most:
+            raise ValueError(f"{op}: at most {most} table rows to select here, got {len(pairs)}")
+        args = []
+        for table, out in pairs:
+            self._check_row(op, table, out)
+            args += [table.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8), np.int32(out.nbytes)]
+        unused = self._constant(0, (1,), np.uint8)
+        return args + [unused, unused, np.int32(0)] * (most - len(pairs))
 
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
                           skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
@@ -1369,10 +1393,7 @@ class CupyBackend:
         if pos.dtype != np.int64 or pos.size != 1:
             raise TypeError("select_rows: pos is one int64")
         for table, out in zip(tables, outs):
-            if not (table.flags.c_contiguous and out.flags.c_contiguous) or table.shape[1:] != out.shape:
-                raise ValueError(f"select_rows: table {table.shape} rows do not fit out {out.shape}")
-            if table.dtype != out.dtype:
-                raise TypeError(f"select_rows: table {table.dtype} and out {out.dtype} differ")
+            self._check_row("select_rows", table, out)
         pairs = [(t, o) for t, o in zip(tables, outs) if o.size]
         for k in range(0, len(pairs) - 1, 2):
             (a, out_a), (b, out_b) = pairs[k], pairs[k + 1]

@@ -774,14 +774,15 @@ def step_guard_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, sca
     grad_sq), then step_guard(loss, grad_sq, ...): the step's verdict from its gradients,
     one launch on the GPU (the block that finishes the sum runs the guard). shares: the
     gradient still in shares (S, P) (mlp_forward_backward's), first summed into g
-    (sum_shares), in the same launch. advance (running, pos): then step_advance(running,
-    loss, pos), the step's bookkeeping, in the same launch too."""
+    (sum_shares), in the same launch. advance (running, pos) or (running, pos, now,
+    ahead): then the step's bookkeeping in the same launch too (step_advance_selecting:
+    the step's select folded in, no launch of its own)."""
     if shares is not None:
         sum_shares(shares, g)
     sum_squares(g, out=grad_sq)
     step_guard(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale)
     if advance is not None:
-        step_advance(advance[0], loss, advance[1])
+        step_advance_selecting(advance[0], loss, *advance[1:])
 
 
 def step_guard_scaled_norm(loss, g, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
@@ -877,6 +878,27 @@ def step_advance(running, loss, pos):
     place, one launch on the GPU."""
     np.add(running, loss, out=running)
     np.add(pos, 1, out=pos)
+
+
+def step_advance_selecting(running, loss, pos, now=(), ahead=()):
+    """step_advance with the step's select_rows folded in, around it:
+
+        outs = tables[pos]      for (table, out) in now: what the rest of this step reads
+                                (the update's numbers), at the row of this step
+        running += loss;  pos += 1
+        outs = tables[pos]      for (table, out) in ahead, where the table has that row:
+                                what the next step reads first (where its batch starts)
+
+    So a step whose guard advances needs no select of its own: the host writes the ahead
+    rows of a chunk's first step when it uploads the tables (StepState.ensure). now:
+    at most two pairs, ahead at most one (the GPU kernel's arguments)."""
+    if len(now) > 2 or len(ahead) > 1:
+        raise ValueError(f"step_advance_selecting: at most 2 now and 1 ahead pairs, got {len(now)} and {len(ahead)}")
+    select_rows([t for t, _ in now], pos, [o for _, o in now])
+    step_advance(running, loss, pos)
+    for table, out in ahead:
+        if int(pos) < table.shape[0]:
+            select_rows([table], pos, [out])
 
 
 def update_vectors(rates, pos, counts, t0, updates, skip, vectors, first_step, bias_corrected):
