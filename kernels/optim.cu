@@ -71,13 +71,6 @@ __device__ __forceinline__ void guard_verdict(T loss, T grad_sq, long long step,
   }
 }
 
-// out = table[row], one row of a per-step table (gpubp/step.py) as its bytes, row_bytes a
-// row (0: no table); one thread, a few bytes (the update's numbers, where a batch starts)
-__device__ __forceinline__ void select_row_bytes(const unsigned char* table, unsigned char* out, int row_bytes,
-                                                 long long row) {
-  for (int b = 0; b < row_bytes; ++b) out[b] = table[row * row_bytes + b];
-}
-
 template <typename T>
 __device__ void step_guard(const T* loss, const T* grad_sq, const long long* step, T max_norm, long long* first_bad,
                            bool* skip, T* norm, T* scale) {
@@ -155,8 +148,9 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
   }                                                                                                             \
   /* grad_sq = sum g^2 (common.cuh's one-launch sum), then step_guard in the block that finished it; */        \
   /* shares not g itself: g is first summed from its shares (n_shares, n) (mlp.cu), g[i] written; */          \
-  /* advance: that block's thread 0 ends the step's bookkeeping too (step_advance_selecting): */               \
-  /* now rows at pos (the update's numbers), running += loss, pos += 1, the ahead row at the new pos */           \
+  /* advance: that block ends the step's bookkeeping too (step_advance_selecting): the now rows */          \
+  /* at pos (the update's numbers), running += loss, pos += 1, the ahead row at the new pos; a byte */         \
+  /* of the rows a thread (one load latency for them all), after the verdict has read the step */             \
   extern "C" __global__ void step_guard_norm_##S(const T* loss, T* g, const T* shares, int n_shares, long long n,  \
                                                   T* partial, unsigned int* count, T* grad_sq,                  \
                                                   const long long* step, T max_norm, long long* first_bad,      \
@@ -167,15 +161,18 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
                                                   int now_b_bytes, const unsigned char* ahead,                  \
                                                   unsigned char* ahead_out, int ahead_bytes, long long ahead_rows) { \
     auto value = [=](long long i) { return shares != g ? sum_of_shares(shares, n_shares, n, i, g) : g[i]; };       \
-    if (!sum_all_of<T, T>(value, n, 1, partial, count, grad_sq, T(1)) || threadIdx.x != 0) return;            \
-    step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale); /* reads step before ahead */  \
-    if (advance) {                                                                                              \
-      const long long p = pos[0];                                                                               \
-      select_row_bytes(now_a, now_a_out, now_a_bytes, p);                                                       \
-      select_row_bytes(now_b, now_b_out, now_b_bytes, p);                                                       \
+    if (!sum_all_of<T, T>(value, n, 1, partial, count, grad_sq, T(1))) return;                                 \
+    const long long p = advance ? pos[0] : 0; /* every thread, before thread 0 moves it */                     \
+    step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale); /* thread 0 */                \
+    if (!advance) return;                                                                                       \
+    __syncthreads(); /* the verdict has read the step index the ahead row overwrites */                        \
+    const int b = threadIdx.x;                                                                                  \
+    if (b < now_a_bytes) now_a_out[b] = now_a[p * now_a_bytes + b];                                            \
+    if (b < now_b_bytes) now_b_out[b] = now_b[p * now_b_bytes + b];                                            \
+    if (b < ahead_bytes && p + 1 < ahead_rows) ahead_out[b] = ahead[(p + 1) * ahead_bytes + b];                \
+    if (b == 0) {                                                                                               \
       running[0] += (double)loss[0];                                                                            \
       pos[0] = p + 1;                                                                                           \
-      if (p + 1 < ahead_rows) select_row_bytes(ahead, ahead_out, ahead_bytes, p + 1);                           \
     }                                                                                                           \
   }                                                                                                             \
   extern "C" __global__ void step_guard_norm_batched_##S(const T* loss, const T* g, long long p, T* grad_sq,      \

@@ -1247,13 +1247,16 @@ class CupyBackend:
 
     def _row_bytes(self, op: str, pairs, most: int) -> list:
         """(table, out, out's bytes) as bytes for each of `most` (table, out) row selections
-        (optim.cu's select_row_bytes), (a byte, a byte, 0) where fewer are given."""
+        (a byte a thread of one block: at most BLOCK bytes a row), (a byte, a byte, 0) where
+        fewer are given."""
         pairs = list(pairs)
         if len(pairs) > most:
             raise ValueError(f"{op}: at most {most} table rows to select here, got {len(pairs)}")
         args = []
         for table, out in pairs:
             self._check_row(op, table, out)
+            if out.nbytes > BLOCK:
+                raise ValueError(f"{op}: a row of {out.nbytes} bytes; at most {BLOCK}, a byte a thread")
             args += [table.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8), np.int32(out.nbytes)]
         unused = self._constant(0, (1,), np.uint8)
         return args + [unused, unused, np.int32(0)] * (most - len(pairs))
