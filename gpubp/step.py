@@ -1,7 +1,7 @@
 """One training step as a function of device state alone, and its capture as a CUDA graph.
 
-    select     vectors, first, (step, offset) <- tables[pos]    what this step reads (select_rows;
-               where the guard advances, its launch selects instead: see advance)
+    (select)   vectors, first, (step, offset) = tables[pos]     what this step reads: selected by the
+               previous step's advance (ahead) or, a chunk's first step, by the upload (ensure)
     gather     x, y = rows perm[offset : offset + n]                 (gather_windows; y: labels only)
     forward    loss, grads = model.forward_backward(x, y)            into preallocated buffers (targets
                (n, c): the loss reads rows perm[offset : offset + n] of the split's in place;
@@ -9,13 +9,14 @@
     (fused)    loss, shares = model.forward_backward_rows(split, perm, offset, n): the fused
                MLP reads the rows where they lie, and leaves grads in shares the guard sums
     guard      first_bad, skip, norm, scale = step_guard(loss, |g|^2, step, max_norm)  (step_guard_norm;
-               unless fp16, the step's advance in the same launch with its select folded in:
-               vectors, first <- tables[pos]; running_loss += loss; pos += 1;
-               (step, offset) <- where[pos], the next step's, so no select launch at all)
+               unless fp16, the step's advance in the same launch (step_advance_selecting):
+               vectors, first <- tables[pos] (this step's, for the update); running_loss += loss;
+               pos += 1; (step, offset) <- where[pos] (the next step's)
     (fp16)     vectors, first <- rates[pos], counts[updates - t0];  updates += !skip
     update     opt.update(scale, skip, low)                          reads vectors, first; bf16/fp16:
                params_low = the updated params in 16 bits (what the next forward reads: no cast)
-    (fp16)     advance: running_loss += loss;  pos += 1   (step_advance; else in the guard's launch)
+    (fp16)     advance: running_loss += loss;  pos += 1;  (step, offset) <- where[pos]   (step_advance,
+               ahead; else in the guard's launch)
 
 Everything that changes from one step to the next (the learning rate of the schedule,
 Adam's bias corrections, SGD's first step, the step index, where the batch starts in
@@ -126,33 +127,29 @@ class StepState:
         steps = np.arange(step, step + k, dtype=np.int64)
         where = np.stack([steps, np.asarray(self.offset_of(steps), dtype=np.int64)], axis=1)  # (k, 2)
         self.where[:k] = be.asarray(where)
-        self.where_row[...] = be.asarray(where[0])  # the first step's (a guard's advance selects the next ones)
         self.pos[...] = 0
         self.base, self.rows, self.host_pos = step, k, 0
+        tables, outs = zip(*self.pairs())  # the first step's rows (each step's advance selects the next ones)
+        be.select_rows(tables, self.pos, outs)
 
-    def select(self) -> None:
-        """On the device: this step's row of every table into the buffers the ops read
-        (counted: the optimizer's numbers come after the guard, from `count`)."""
-        tables, outs = [self.where], [self.where_row]  # step, offset
+    def pairs(self) -> list:
+        """(table, buffer the ops read) of each per-step table (counted: the optimizer's
+        numbers come after the guard, from `count`): a step's rows, selected at pos."""
+        pairs = []
         if not self.counted:
-            tables.insert(0, self.vectors)
-            outs.insert(0, self.opt.vectors)
+            pairs.append((self.vectors, self.opt.vectors))
             if self.opt.reads_first_step:  # (Adam's update does not)
-                tables.insert(1, self.first)
-                outs.insert(1, self.opt.first_step)
-        self.backend.select_rows(tables, self.pos, outs)  # two tables per launch on the GPU
+                pairs.append((self.first, self.opt.first_step))
+        return [*pairs, (self.where, self.where_row)]  # step, offset
 
     def guard_advance(self, running) -> tuple:
-        """The guard's advance with this step's select folded in (numpy_ops.step_advance_selecting):
-        (running, pos, now, ahead), now = this step's optimizer numbers (read by the update,
-        after the guard), ahead = where the next step starts (read by its batch and guard
-        first; a chunk's first step's is written by ensure). Not counted: those read the
-        optimizer's numbers from `count`, after the guard."""
-        assert not self.counted, "a counted step selects its own rows"
-        now = [(self.vectors, self.opt.vectors)]
-        if self.opt.reads_first_step:
-            now.append((self.first, self.opt.first_step))
-        return running, self.pos, now, [(self.where, self.where_row)]
+        """The guard's advance (numpy_ops.step_advance_selecting): (running, pos, now, ahead),
+        now = this step's optimizer numbers (read by the update, after the guard), ahead =
+        where the next step starts (read by its batch and guard first). Not counted: those
+        read the optimizer's numbers from `count`, after the guard."""
+        assert not self.counted, "a counted step's update reads its numbers from count"
+        *now, where = self.pairs()
+        return running, self.pos, now, [where]
 
     def count(self, skip) -> None:
         """On the device, after the guard (counted only): the update's numbers from this
@@ -162,9 +159,9 @@ class StepState:
                                         self.opt.vectors, self.opt.first_step, self.opt.bias_corrected)  # fmt: skip
 
     def advance(self, running, loss) -> None:
-        """On the device, one launch: running += loss, pos += 1 (the host mirror follows
-        in Step.run)."""
-        self.backend.step_advance(running, loss, self.pos)
+        """On the device, one launch, the step's last op: running += loss, pos += 1, and the
+        next step's rows of every table (the host mirror follows in Step.run)."""
+        self.backend.step_advance(running, loss, self.pos, ahead=self.pairs())
 
 
 class ShapeGraphs:
@@ -217,8 +214,8 @@ class Step(ShapeGraphs):
         self.backend = be = model.backend
         if guard.loss_scale is not None:  # fp16: a skipped step is no update (see the module docstring)
             state.count_updates()
-        # the guard's launch advances the step and selects the rows (nothing after it reads pos),
-        # except in fp16, whose update's numbers come after the guard, from pos
+        # the guard's launch advances the step (nothing after it reads pos), except in fp16,
+        # whose update's numbers come after the guard, from pos
         self.folds = not state.counted and guard.loss_scale is None
         self._init_shapes(None if host_batch else capturer)
         self.host_batch = host_batch
@@ -256,8 +253,6 @@ class Step(ShapeGraphs):
             batch = self.perm_host[b * self.batch_size : b * self.batch_size + n]
             idx = self.dist.rows(batch)  # this rank's slice of the global batch
             xb, yb = self.train.batch(idx, self.buffer)
-            if not self.folds:
-                self.state.select()
             loss, stop = self.dist.forward_backward(self.model, xb, yb, n, self.interrupted)
             self._finish(loss)
         else:
@@ -280,9 +275,7 @@ class Step(ShapeGraphs):
 
     def _body(self, n: int) -> None:
         """The whole step on the device, `n` rows; everything it touches is a fixed buffer."""
-        st = self.state
-        if not self.folds:  # (else the previous step's guard, or the upload, selected this step's rows)
-            st.select()
+        st = self.state  # (its rows at pos: selected by the previous step's advance, or the upload)
         # the fused MLP reads rows perm[offset : offset + n] where they lie; else they are gathered
         train, loss = self.train, None
         if self.model.fused_mlp:  # (None where it does not run: runs_fused_mlp)
@@ -306,9 +299,9 @@ class Step(ShapeGraphs):
         self._finish(loss)
 
     def _finish(self, loss) -> None:
-        """guard + clip, update, running loss, advance. The guard's launch advances and
-        selects too (`folds`), except in fp16 (the scaled guard; its update's numbers come
-        after it, from pos)."""
+        """guard + clip, update, running loss, advance. The guard's launch advances too
+        (`folds`), except in fp16 (the scaled guard; its update's numbers come after it,
+        from pos)."""
         st = self.state
         self.guard.check(st.step, loss, self.model.flat_grads, self.grad_sq, self.clip, self.model.grad_shares,
                          advance=st.guard_advance(self.running) if self.folds else None)  # fmt: skip

@@ -1,7 +1,8 @@
 """A sweep's training step (M stacked models) as one function of device state, captured
 once per batch shape as gpubp/step.py's Step is for a single model.
 
-    select     vectors (R, M, 1), (first), step, offset <- tables[pos]   (StepState)
+    (select)   vectors (R, M, 1), (first), step, offset = tables[pos]   (StepState: selected by the
+               previous step's advance, or the upload)
     gather     idx = perm[:, offset : offset + n]   (M, n)     index_window_batched
                x, y = rows idx                      (M, n, F)  gather_rows
                (one seed: x, y = rows perm[0, offset : offset + n], (n, F), gather_windows)
@@ -11,7 +12,7 @@ once per batch shape as gpubp/step.py's Step is for a single model.
     update     opt.update(scale, skip)                                    reads vectors, first
                (guard and update per block of models, inside forward_backward's blocks:
                on the CPU each block's task runs them while its models are in cache)
-    advance    running += loss;  pos += 1                                step_advance
+    advance    running += loss;  pos += 1;  the next step's rows <- tables[pos]   step_advance
 
 Every array it touches is a fixed buffer: the epoch's orders (M, n_train) written by the
 host once an epoch, the loss and squared norms (M,), the guard's (M,) outputs of the
@@ -91,7 +92,6 @@ class SweepStep(ShapeGraphs):
         g, be, st = self.g, self.backend, self.state
         stack = g.stack
         idx, idx_rows, x, y, xv, yv = self._buffers(n)
-        st.select()
         train = g.data["train"]
         if self.shared:  # one order for every model: rows perm[offset : offset + n], one launch
             be.gather_windows((train.x, train.target), self.perm[0], st.offset, (x, y))

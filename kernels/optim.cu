@@ -71,6 +71,33 @@ __device__ __forceinline__ void guard_verdict(T loss, T grad_sq, long long step,
   }
 }
 
+// out = table[row], a row of a per-step table (gpubp/step.py) as its bytes (0: no table), a
+// byte a thread of the block: the row's loads in flight together (one thread's byte loop
+// would wait a load latency per byte, its stores possibly aliasing its next load)
+__device__ __forceinline__ void select_row_block(const unsigned char* table, unsigned char* out, int row_bytes,
+                                                 long long row) {
+  for (int b = threadIdx.x; b < row_bytes; b += blockDim.x) out[b] = table[row * row_bytes + b];
+}
+
+// The step's last op (numpy_ops.step_advance), one block: running[i] += loss[i] (the m
+// models' float64 sums), pos += 1, then each ahead table's row at the new pos where the
+// tables have it (what the next step reads first: it needs no select of its own)
+template <typename T>
+__device__ void step_advance(const T* loss, double* running, long long m, long long* pos, const unsigned char* a,
+                             unsigned char* a_out, int a_bytes, const unsigned char* b, unsigned char* b_out,
+                             int b_bytes, const unsigned char* c, unsigned char* c_out, int c_bytes,
+                             long long rows) {
+  for (long long i = threadIdx.x; i < m; i += blockDim.x) running[i] += (double)loss[i];
+  const long long p = pos[0] + 1;
+  __syncthreads();  // every thread has read pos before thread 0 moves it
+  if (threadIdx.x == 0) pos[0] = p;
+  if (p < rows) {
+    select_row_block(a, a_out, a_bytes, p);
+    select_row_block(b, b_out, b_bytes, p);
+    select_row_block(c, c_out, c_bytes, p);
+  }
+}
+
 template <typename T>
 __device__ void step_guard(const T* loss, const T* grad_sq, const long long* step, T max_norm, long long* first_bad,
                            bool* skip, T* norm, T* scale) {
@@ -149,8 +176,8 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
   /* grad_sq = sum g^2 (common.cuh's one-launch sum), then step_guard in the block that finished it; */        \
   /* shares not g itself: g is first summed from its shares (n_shares, n) (mlp.cu), g[i] written; */          \
   /* advance: that block ends the step's bookkeeping too (step_advance_selecting): the now rows */          \
-  /* at pos (the update's numbers), running += loss, pos += 1, the ahead row at the new pos; a byte */         \
-  /* of the rows a thread (one load latency for them all), after the verdict has read the step */             \
+  /* at pos (the update's numbers), running += loss, pos += 1, the ahead row at the new pos; the */          \
+  /* rows a byte a thread, after the verdict has read the step index */                                       \
   extern "C" __global__ void step_guard_norm_##S(const T* loss, T* g, const T* shares, int n_shares, long long n,  \
                                                   T* partial, unsigned int* count, T* grad_sq,                  \
                                                   const long long* step, T max_norm, long long* first_bad,      \
@@ -166,14 +193,20 @@ __device__ void update_vectors(const double* rates, const long long* pos, const 
     step_guard<T>(loss, grad_sq, step, max_norm, first_bad, skip, norm, scale); /* thread 0 */                \
     if (!advance) return;                                                                                       \
     __syncthreads(); /* the verdict has read the step index the ahead row overwrites */                        \
-    const int b = threadIdx.x;                                                                                  \
-    if (b < now_a_bytes) now_a_out[b] = now_a[p * now_a_bytes + b];                                            \
-    if (b < now_b_bytes) now_b_out[b] = now_b[p * now_b_bytes + b];                                            \
-    if (b < ahead_bytes && p + 1 < ahead_rows) ahead_out[b] = ahead[(p + 1) * ahead_bytes + b];                \
-    if (b == 0) {                                                                                               \
+    select_row_block(now_a, now_a_out, now_a_bytes, p);                                                         \
+    select_row_block(now_b, now_b_out, now_b_bytes, p);                                                         \
+    if (p + 1 < ahead_rows) select_row_block(ahead, ahead_out, ahead_bytes, p + 1);                             \
+    if (threadIdx.x == 0) {                                                                                     \
       running[0] += (double)loss[0];                                                                            \
       pos[0] = p + 1;                                                                                           \
     }                                                                                                           \
+  }                                                                                                             \
+  extern "C" __global__ void step_advance_##S(const T* loss, double* running, long long m, long long* pos,       \
+                                               const unsigned char* a, unsigned char* a_out, int a_bytes,       \
+                                               const unsigned char* b, unsigned char* b_out, int b_bytes,       \
+                                               const unsigned char* c, unsigned char* c_out, int c_bytes,       \
+                                               long long rows) {                                                \
+    step_advance<T>(loss, running, m, pos, a, a_out, a_bytes, b, b_out, b_bytes, c, c_out, c_bytes, rows);      \
   }                                                                                                             \
   extern "C" __global__ void step_guard_norm_batched_##S(const T* loss, const T* g, long long p, T* grad_sq,      \
                                                           const long long* step, const T* max_norm,             \

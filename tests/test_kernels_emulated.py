@@ -238,6 +238,16 @@ def test_the_guards_advance_selects_this_steps_rows_and_the_next_steps_start(hos
     assert gpu.launches == ["step_guard_norm_f32"] * 4  # nothing selected apart
 
 
+@pytest.mark.parametrize("shape", [(), (300,)])
+def test_the_step_advance_selects_the_next_rows(host_kernels, shape):
+    """tests/test_step_gpu.py's test of step_advance on the host-run kernels."""
+    from .test_step_gpu import test_step_advance_adds_the_loss_counts_once_and_selects_the_next_rows as gpu_test
+
+    gpu = EmulatedGpu(host_kernels)
+    gpu_test(shape, be=gpu.be)
+    assert gpu.launches == ["step_advance_f32"] * 8  # one a step
+
+
 def test_a_kernel_that_skips_a_barrier_is_reported_not_hung(host_kernels, tmp_path):
     """The emulation can fail: a block whose threads do not all reach __syncthreads breaks
     the barrier (after its timeout) and the launch says so."""

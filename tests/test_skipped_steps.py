@@ -54,12 +54,12 @@ def overflowing(monkeypatch):
     monkeypatch.setattr(PR, "LOSS_SCALE_INTERVAL", INTERVAL)
 
 
-def config(case: str, steps: int = STEPS, extra=()):
-    return load_config(None, BASE + CASES[case] + ["model.dtype=fp16", f"train.steps={steps}"] + list(extra))
+def config(case: str, steps: int = STEPS, extra=(), dtype: str = "fp16"):
+    return load_config(None, BASE + CASES[case] + [f"model.dtype={dtype}", f"train.steps={steps}"] + list(extra))
 
 
-def train(case: str, device="cpu", steps: int = STEPS, extra=()) -> T.Trainer:
-    trainer = T.Trainer(config(case, steps, extra), None, device=device, quiet=True)
+def train(case: str, device="cpu", steps: int = STEPS, extra=(), dtype: str = "fp16") -> T.Trainer:
+    trainer = T.Trainer(config(case, steps, extra, dtype), None, device=device, quiet=True)
     trainer.summary = trainer.train()
     return trainer
 
@@ -67,13 +67,16 @@ def train(case: str, device="cpu", steps: int = STEPS, extra=()) -> T.Trainer:
 # --------------------------------------------------------------------------- a NumPy reference
 
 
-def reference_run(case: str, count: str = "updates"):
+def reference_run(case: str, count: str = "updates", dtype: str = "fp16"):
     """The run written from torch's formulas (torch.optim.Adam/AdamW/SGD single-tensor
     rules, GradScaler's unscale / skip / update), in float32 NumPy: the model's forward and
     backward give the scaled gradients (the same batches, the same initial weights), the
     rest is this loop's own. count = "updates": t counts the updates taken (GradScaler);
-    "steps": t = step + 1 (what gpubp did before). Returns (params, updates, skipped, S)."""
-    cfg = config(case)
+    "steps": t = step + 1 (what gpubp did before). dtype "float32": no scale, no skip (each
+    step's rate, bias corrections and batch by the loop's own count). Returns (params,
+    updates, skipped, S)."""
+    cfg = config(case, dtype=dtype)
+    scaled = dtype == "fp16"
     tr = T.Trainer(cfg, None, device="cpu", quiet=True)
     model, split, o = tr.model, tr.run.splits["train"], cfg.optimizer
     f = np.float32
@@ -84,14 +87,15 @@ def reference_run(case: str, count: str = "updates"):
     for s in range(STEPS):
         epoch, b = divmod(s, tr.steps_per_epoch)
         idx = epoch_permutation(cfg.train.seed, epoch, tr.n_train)[b * batch : (b + 1) * batch]
-        model.loss_scale[...] = scale
+        if scaled:
+            model.loss_scale[...] = scale
         with np.errstate(all="ignore"):
             model.forward_backward(split.x[idx], split.target[idx])
         g = model.flat_grads
-        if not np.isfinite(g).all():  # GradScaler: found_inf -> no optimizer.step(); update(): scale *= 0.5
+        if scaled and not np.isfinite(g).all():  # GradScaler: found_inf -> no optimizer.step(); scale *= 0.5
             scale, good, skipped = scale * 0.5, 0, skipped + 1
             continue
-        d = g * f(1.0 / scale)  # unscale_: grads *= 1 / S (float32; exact for a power of two)
+        d = g * f(1.0 / scale) if scaled else g.copy()  # unscale_: grads *= 1 / S (float32; exact for 2^k)
         taken += 1
         t = taken if count == "updates" else s + 1
         lr = float(tr._lr_table(s))  # the scheduler steps every iteration: the rate of the global step
@@ -142,6 +146,23 @@ def test_without_overflow_the_counted_run_is_the_tables_run_bitwise(monkeypatch,
     tables = train(case, steps=60)
     assert not tables.step_fn.state.counted
     assert_same_run(counted, tables)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_float32_run_equals_the_reference_loop_bitwise(case, chunk, monkeypatch):
+    """Without a loss scale every step updates: the run's rows of the step tables (each
+    step's rate, bias corrections, SGD's first step, its batch), selected by the guard's
+    launch and the upload (gpubp/step.py), are the loop's own count of steps; with tables
+    of 7 steps too (each upload selects its first step's rows)."""
+    from gpubp import step as S
+
+    if chunk:
+        monkeypatch.setattr(S.StepState.__init__, "__defaults__", (chunk,))
+    run = train(case, dtype="float32")
+    params, taken, skipped, _ = reference_run(case, dtype="float32")
+    assert skipped == 0 and run.opt.steps == taken == STEPS
+    np.testing.assert_array_equal(run.model.flat_params, params)
 
 
 # --------------------------------------------------------------------------- torch

@@ -101,23 +101,38 @@ def test_graph_run_with_skipped_fp16_steps_equals_the_plain_run_bitwise(gpu, mon
     assert_same_run(host(captured), host(plain))
 
 
-@pytest.mark.parametrize("shape", [(), (5,)])
-def test_step_advance_adds_the_loss_and_counts_once(shape):
-    """One launch: running += loss (float64 += float32, as CuPy's add casts) and pos += 1
-    once, whatever the number of models; the NumPy reference's bits."""
+@pytest.mark.parametrize("shape", [(), (5,), (300,)])
+def test_step_advance_adds_the_loss_counts_once_and_selects_the_next_rows(shape, be=None):
+    """One launch of one block: running += loss (float64 += float32, the reference's add)
+    and pos += 1 once, whatever the number of models (300: past the block's threads); with
+    ahead tables (a sweep's step: vectors (K, 3, M, 1), SGD's first-step flags, the (step,
+    offset) rows), their rows at the new pos, and none past the tables' last row. Against
+    numpy_ops.step_advance and the tables themselves. (be: the GPU's by default;
+    tests/test_kernels_emulated.py passes its host-run one.)"""
     from gpubp.backend import numpy_ops
     from gpubp.backend.cupy_backend import CupyBackend
 
-    be = CupyBackend()
+    be = be if be is not None else CupyBackend()
     rng = np.random.default_rng(0)
-    running = rng.normal(size=shape)
-    loss = rng.normal(size=shape).astype(np.float32)
-    pos = np.array(41, np.int64)
-    r_gpu, p_gpu = be.xp.array(running), be.xp.array(pos)  # (asarray would make a 0-d array 1-d)
-    be.step_advance(r_gpu, be.xp.array(loss), p_gpu)
-    numpy_ops.step_advance(running, loss, pos)
-    assert r_gpu.shape == shape and np.array_equal(be.to_numpy(r_gpu), running)
-    assert int(be.to_numpy(p_gpu)) == 42 == int(pos)
+    m, k = (shape or (1,))[0], 4
+    tables = [rng.normal(size=(k, 3, m, 1)).astype(np.float32), np.arange(k) == 1,
+              rng.integers(0, 10**12, (k, 2)).astype(np.int64)]  # fmt: skip
+    for ahead in (False, True):
+        running, loss = rng.normal(size=shape), rng.normal(size=shape).astype(np.float32)
+        r_dev, p_dev = be.asarray(running.copy()).reshape(shape), be.zeros((), np.int64)
+        p_dev[...] = 1
+        pos = np.array(1, np.int64)
+        outs = [be.zeros(t.shape[1:], t.dtype) for t in tables]
+        pairs = list(zip([be.asarray(t) for t in tables], outs)) if ahead else []
+        for step in range(1, k + 1):
+            before = [be.to_numpy(o).copy() for o in outs]
+            be.step_advance(r_dev, be.asarray(loss).reshape(shape), p_dev, ahead=pairs)
+            numpy_ops.step_advance(running, loss, pos)
+            assert be.to_numpy(r_dev).shape == shape and be.to_numpy(r_dev).tobytes() == running.tobytes()
+            assert int(be.to_numpy(p_dev)) == step + 1 == int(pos)
+            for t, o, b in zip(tables, outs, before):
+                want = t[step + 1] if ahead and step + 1 < k else b  # past the last row: as it was
+                assert be.to_numpy(o).tobytes() == np.asarray(want).tobytes(), (step, t.dtype)
 
 
 def test_gather_windows_is_index_window_then_gather_rows():

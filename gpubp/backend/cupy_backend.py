@@ -31,7 +31,7 @@ from .numpy_ops import loss_divisor
 KERNELS_USED = (
     "bias_act_forward", "act_backward", "bias_grad_partial", "bias_grad_finish", "sum", "accuracy_rows",
     "loss_rows", "sgd_step", "adam_step", "step_guard", "step_guard_norm", "step_guard_norm_batched", "update_vectors",
-    "mlp_fused", "sum_shares",
+    "mlp_fused", "sum_shares", "step_advance",
 )  # fmt: skip
 
 # the narrow layers' kernels, each as _f32 (layer.cu) and _bf16 (layer_tc.cu, the tensor
@@ -184,9 +184,6 @@ ELEMENTWISE = {
     "select2": ("raw T a, raw U b, raw int64 pos, int64 wa, int64 wb", "raw T out_a, raw U out_b",
                 "if (i < wa) out_a[i] = a[pos[0] * wa + i]; else out_b[i - wa] = b[pos[0] * wb + (i - wa)];",
                 "gpubp_select_rows"),
-    # running (0-d or (M,)) += loss; pos += 1 by the first thread
-    "advance": ("T loss", "U running, raw int64 pos", "running = running + (U)loss; if (i == 0) pos[0] += 1;",
-                "gpubp_step_advance"),
     "window": ("raw I perm, raw int64 start", "I out", "out = perm[start[0] + i]", "gpubp_index_window"),
     # i runs over out's M * N elements, row-major
     "window_rows": ("raw I perm, raw int64 start, int64 n, int64 width", "I out",
@@ -1228,13 +1225,12 @@ class CupyBackend:
             self._check("step_guard_norm", np.int64, pos=pos)
             if running.size != 1 or pos.size != 1:
                 raise ValueError("step_guard_norm: advance's running and pos must hold one value each")
-        rows = self._row_bytes("step_guard_norm", now, 2) + self._row_bytes("step_guard_norm", ahead, 1)
-        ahead_rows = ahead[0][0].shape[0] if ahead else 0
+        rows = self._row_bytes("step_guard_norm", now, 2)[:-1] + self._row_bytes("step_guard_norm", ahead, 1)
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
             (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),
              grad_sq, self._step_array(step), dtype.type(max_norm), first_bad, skip, norm, scale,
-             np.int32(advance is not None), running, pos, *rows, np.int64(ahead_rows)),
+             np.int32(advance is not None), running, pos, *rows),
         )  # fmt: skip
 
     @staticmethod
@@ -1247,19 +1243,23 @@ class CupyBackend:
 
     def _row_bytes(self, op: str, pairs, most: int) -> list:
         """(table, out, out's bytes) as bytes for each of `most` (table, out) row selections
-        (a byte a thread of one block: at most BLOCK bytes a row), (a byte, a byte, 0) where
-        fewer are given."""
+        (optim.cu's select_row_block), (a byte, a byte, 0) where fewer are given, then the
+        tables' rows (0: none), which they share."""
         pairs = list(pairs)
         if len(pairs) > most:
             raise ValueError(f"{op}: at most {most} table rows to select here, got {len(pairs)}")
+        if len({table.shape[0] for table, _ in pairs}) > 1:
+            raise ValueError(f"{op}: the tables' rows differ: {[table.shape for table, _ in pairs]}")
         args = []
         for table, out in pairs:
             self._check_row(op, table, out)
-            if out.nbytes > BLOCK:
-                raise ValueError(f"{op}: a row of {out.nbytes} bytes; at most {BLOCK}, a byte a thread")
             args += [table.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8), np.int32(out.nbytes)]
         unused = self._constant(0, (1,), np.uint8)
-        return args + [unused, unused, np.int32(0)] * (most - len(pairs))
+        return [
+            *args,
+            *[unused, unused, np.int32(0)] * (most - len(pairs)),
+            np.int64(pairs[0][0].shape[0] if pairs else 0),
+        ]
 
     def step_guard_scaled(self, loss, grad_sq, step, max_norm, first_bad, skip, norm, scale, loss_scale, good_steps,
                           skipped, interval=PR.LOSS_SCALE_INTERVAL):  # fmt: skip
@@ -1408,13 +1408,17 @@ class CupyBackend:
             self._stacked_kernel("select")(table, pos, np.int64(out.size), out)
         return outs
 
-    def step_advance(self, running, loss, pos):
-        """running += loss and pos += 1 in one launch; see numpy_ops.step_advance."""
+    def step_advance(self, running, loss, pos, ahead=()):
+        """running += loss, pos += 1 and the ahead tables' rows at the new pos, in one launch
+        of one block (optim.cu's step_advance); see numpy_ops.step_advance."""
         if running.shape != loss.shape or pos.dtype != np.int64 or pos.size != 1:
             raise ValueError(
                 f"step_advance: running {running.shape} and loss {loss.shape} differ, or pos is not one int64"
             )
-        self._stacked_kernel("advance")(loss, running, pos)
+        self._check("step_advance", np.float64, running=running)
+        self._check("step_advance", loss.dtype, loss=loss)
+        rows = self._row_bytes("step_advance", ahead, 3)
+        self._function("step_advance", loss.dtype)((1,), (BLOCK,), (loss, running, np.int64(running.size), pos, *rows))
 
     def index_window(self, perm, start, out):
         """out[i] = perm[start + i]; see numpy_ops.index_window."""

@@ -872,16 +872,25 @@ def select_rows(tables, pos, outs):
     return outs
 
 
-def step_advance(running, loss, pos):
+def step_advance(running, loss, pos, ahead=()):
     """The step's last op: running += loss (the running loss sum: 0-d, or (M,) for M
     stacked models, in running's dtype) and pos += 1 (the tables' row, 0-d int64), in
-    place, one launch on the GPU."""
+    place, one launch on the GPU. ahead: (table, out) pairs (at most 3, tables of the same
+    rows), each out = table[pos] at the new pos where the tables have that row: the next
+    step's rows (gpubp/step.py: nothing after the advance reads them, so no step selects
+    its own; the host writes a chunk's first row when it uploads the tables)."""
+    if len(ahead) > 3:
+        raise ValueError(f"step_advance: at most 3 ahead pairs, got {len(ahead)}")
     np.add(running, loss, out=running)
     np.add(pos, 1, out=pos)
+    for table, out in ahead:
+        if int(pos) < table.shape[0]:
+            select_rows([table], pos, [out])
 
 
 def step_advance_selecting(running, loss, pos, now=(), ahead=()):
-    """step_advance with the step's select_rows folded in, around it:
+    """step_advance where the guard advances (before the update), this step's rows selected
+    too:
 
         outs = tables[pos]      for (table, out) in now: what the rest of this step reads
                                 (the update's numbers), at the row of this step
@@ -889,16 +898,11 @@ def step_advance_selecting(running, loss, pos, now=(), ahead=()):
         outs = tables[pos]      for (table, out) in ahead, where the table has that row:
                                 what the next step reads first (where its batch starts)
 
-    So a step whose guard advances needs no select of its own: the host writes the ahead
-    rows of a chunk's first step when it uploads the tables (StepState.ensure). now:
-    at most two pairs, ahead at most one (the GPU kernel's arguments)."""
+    now: at most two pairs, ahead at most one (the guard kernel's arguments)."""
     if len(now) > 2 or len(ahead) > 1:
         raise ValueError(f"step_advance_selecting: at most 2 now and 1 ahead pairs, got {len(now)} and {len(ahead)}")
     select_rows([t for t, _ in now], pos, [o for _, o in now])
-    step_advance(running, loss, pos)
-    for table, out in ahead:
-        if int(pos) < table.shape[0]:
-            select_rows([table], pos, [out])
+    step_advance(running, loss, pos, ahead)
 
 
 def update_vectors(rates, pos, counts, t0, updates, skip, vectors, first_step, bias_corrected):
