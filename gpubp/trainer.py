@@ -519,8 +519,9 @@ class FiniteGuard:
         (P,), whose squared norm goes to grad_sq (0-d); max_norm > 0 clips the gradient to
         that global norm (through `scale`). shares: the gradient still in shares (S, P)
         (the fused MLP's), summed into grads first; advance (running, pos, now, ahead): the
-        step's step_advance_selecting in the same launch (StepState.guard_advance). One launch on the GPU (step_guard_norm; fp16:
-        step_guard_scaled_norm, which never has shares nor advance)."""
+        step's step_advance_selecting in the same launch (StepState.guard_advance). One
+        launch on the GPU (step_guard_norm; fp16: step_guard_scaled_norm, which never has
+        shares nor advance)."""
         be = self.backend
         if self.loss_scale is not None:
             assert shares is None and advance is None, "fp16's guard neither sums shares nor advances"

@@ -1225,7 +1225,8 @@ class CupyBackend:
             self._check("step_guard_norm", np.int64, pos=pos)
             if running.size != 1 or pos.size != 1:
                 raise ValueError("step_guard_norm: advance's running and pos must hold one value each")
-        rows = self._row_bytes("step_guard_norm", now, 2)[:-1] + self._row_bytes("step_guard_norm", ahead, 1)
+        *now_rows, _ = self._row_bytes("step_guard_norm", now, 2)  # (the kernel bounds the ahead row alone)
+        rows = now_rows + self._row_bytes("step_guard_norm", ahead, 1)
         self._function("step_guard_norm", dtype)(
             (blocks,), (BLOCK,),
             (loss, g, shares, np.int32(shares.shape[0]), np.int64(g.size), partial, self._counter("sum", blocks),
